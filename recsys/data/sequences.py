@@ -1,0 +1,210 @@
+"""Dataset folders -> per-user sequence store -> HistoryBatch tensors.
+
+A dataset folder has the fixed-benchmark format (../shared/benchmarks/README.md): `events.parquet`
+(user, pos, item, cate, ts; sorted by user then pos) and `train/val/test.parquet` (user, pos, item, cate,
+label[, evidence]). Histories are never stored per row: the store keeps every event once in CSR layout
+(user u's events are `offsets[u]:offsets[u+1]`), and a batch gathers the last L events before each
+target's position with one vectorised index computation. Memory is O(events + rows), not O(rows x L).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from recsys.data.batch import HistoryBatch
+
+SPLITS = ("train", "val", "test")
+EVENT_COLUMNS = {"user": pa.int32(), "pos": pa.int32(), "item": pa.int32(), "cate": pa.int32(), "ts": pa.int64()}
+SAMPLE_COLUMNS = {"user": pa.int32(), "pos": pa.int32(), "item": pa.int32(), "cate": pa.int32(), "label": pa.int8()}
+
+
+class DatasetError(ValueError):
+    """A dataset folder is malformed; the message names the file, column and (first bad) row."""
+
+
+@dataclass
+class SequenceStore:
+    """Every user's time-ordered events, once. Ids are dense; 0 is padding."""
+
+    offsets: np.ndarray  # [U + 1] int64
+    item: np.ndarray     # [N] int64
+    cate: np.ndarray     # [N] int64
+    ts: np.ndarray       # [N] int64
+
+    @property
+    def n_users(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:  # [U]
+        return np.diff(self.offsets)
+
+    def user_events(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = self.offsets[user], self.offsets[user + 1]
+        return self.item[a:b], self.cate[a:b], self.ts[a:b]
+
+
+@dataclass
+class Samples:
+    """Training/evaluation rows: the target at `pos` of `user`'s sequence, and its label."""
+
+    user: np.ndarray   # [R] int64
+    pos: np.ndarray    # [R] int64
+    item: np.ndarray   # [R] int64
+    cate: np.ndarray   # [R] int64
+    label: np.ndarray  # [R] float32
+    evidence: list[np.ndarray] | None = None  # synthetic data only: positions that drove the label
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+@dataclass
+class Dataset:
+    store: SequenceStore
+    splits: dict[str, Samples]
+    n_items: int  # size of the item id space incl. padding 0
+    n_cates: int
+    meta: dict = field(default_factory=dict)
+
+
+def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...] = ()) -> pa.Table:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    table = pq.read_table(path)
+    names = set(table.column_names)
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DatasetError(f"{path}: missing column(s) {missing}; expected {list(columns)}")
+    extra = sorted(names - set(columns) - set(optional))
+    if extra:
+        raise DatasetError(f"{path}: unexpected column(s) {extra}; expected {list(columns)}")
+    for name, typ in columns.items():
+        col = table.column(name)
+        if not pa.types.is_integer(col.type):
+            raise DatasetError(f"{path}: column {name!r} has type {col.type}, expected {typ}")
+        if col.null_count:
+            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+            raise DatasetError(f"{path}: column {name!r} row {row}: null value")
+    return table
+
+
+def _check(path: Path, name: str, bad: np.ndarray, what: str) -> None:
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({int(bad.sum())} bad rows)")
+
+
+def load_store(path: Path) -> SequenceStore:
+    t = _read(path, EVENT_COLUMNS)
+    user = t.column("user").to_numpy().astype(np.int64)
+    pos = t.column("pos").to_numpy().astype(np.int64)
+    _check(path, "user", user < 0, "negative user id")
+    if len(user) and np.any(np.diff(user) < 0):
+        _check(path, "user", np.r_[False, np.diff(user) < 0], "events not sorted by user")
+    counts = np.bincount(user, minlength=int(user.max()) + 1 if len(user) else 0)
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    expected_pos = np.arange(len(user), dtype=np.int64) - offsets[user]
+    _check(path, "pos", pos != expected_pos, "pos must be 0, 1, 2, ... within each user in order")
+    item = t.column("item").to_numpy().astype(np.int64)
+    cate = t.column("cate").to_numpy().astype(np.int64)
+    _check(path, "item", item <= 0, "item ids start at 1 (0 is padding)")
+    _check(path, "cate", cate <= 0, "category ids start at 1 (0 is padding)")
+    return SequenceStore(offsets, item, cate, t.column("ts").to_numpy().astype(np.int64))
+
+
+def load_samples(path: Path, store: SequenceStore) -> Samples:
+    t = _read(path, SAMPLE_COLUMNS, optional=("evidence",))
+    user = t.column("user").to_numpy().astype(np.int64)
+    pos = t.column("pos").to_numpy().astype(np.int64)
+    label = t.column("label").to_numpy()
+    _check(path, "user", (user < 0) | (user >= store.n_users), f"user id outside 0..{store.n_users - 1}")
+    _check(path, "pos", (pos < 0) | (pos >= store.lengths[user]), "pos outside the user's sequence")
+    _check(path, "label", (label != 0) & (label != 1), "label must be 0 or 1")
+    item = t.column("item").to_numpy().astype(np.int64)
+    _check(path, "item", item <= 0, "item ids start at 1 (0 is padding)")
+    evidence = None
+    if "evidence" in t.column_names:
+        col = t.column("evidence").combine_chunks()
+        flat = col.values.to_numpy().astype(np.int64)
+        evidence = np.split(flat, col.offsets.to_numpy()[1:-1])
+    return Samples(user, pos, item, t.column("cate").to_numpy().astype(np.int64), label.astype(np.float32), evidence)
+
+
+def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
+    """Load a dataset folder (the fixed benchmark, or one written by recsys.data.prepare / synthetic)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: dataset folder not found")
+    store = load_store(folder / "events.parquet")
+    loaded = {s: load_samples(folder / f"{s}.parquet", store) for s in splits}
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    n_items = max([int(store.item.max(initial=0))] + [int(s.item.max(initial=0)) for s in loaded.values()]) + 1
+    n_cates = max([int(store.cate.max(initial=0))] + [int(s.cate.max(initial=0)) for s in loaded.values()]) + 1
+    n_items = max(n_items, int(meta.get("n_items", 0)))
+    n_cates = max(n_cates, int(meta.get("n_cates", 0)))
+    return Dataset(store, loaded, n_items, n_cates, meta)
+
+
+def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: int, trim: bool = True) -> HistoryBatch:
+    """Build the batch for `rows` of `samples`: the last `max_len` events before each target.
+
+    `trim`: cut the padded width to the longest history in this batch (same values, less padding).
+    """
+    user = samples.user[rows]
+    pos = samples.pos[rows]
+    n = np.minimum(pos, max_len)                                   # [B] history lengths
+    width = int(n.max(initial=0)) if trim else max_len
+    end = store.offsets[user] + pos                                # [B] one past the last history event
+    j = np.arange(width, dtype=np.int64)                           # column j = (j+1)-th most recent
+    valid = j[None, :] < n[:, None]                                # [B, W]
+    idx = np.where(valid, end[:, None] - 1 - j[None, :], 0)        # [B, W]
+    hist_item = np.where(valid, store.item[idx], 0)
+    hist_cate = np.where(valid, store.cate[idx], 0)
+    hist_pos = np.where(valid, j[None, :] + 1, 0)
+    return HistoryBatch(
+        user=torch.from_numpy(user),
+        target_item=torch.from_numpy(samples.item[rows]),
+        target_cate=torch.from_numpy(samples.cate[rows]),
+        hist_item=torch.from_numpy(hist_item),
+        hist_cate=torch.from_numpy(hist_cate),
+        hist_pos=torch.from_numpy(hist_pos),
+        hist_len=torch.from_numpy(n),
+        label=torch.from_numpy(samples.label[rows]),
+    )
+
+
+def batch_rows(n_rows: int, batch_size: int, shuffle: bool, seed: int | None = None, drop_last: bool = False) -> Iterator[np.ndarray]:
+    """Row indices per batch. Every row is visited once per pass; the last batch may be partial."""
+    order = np.random.default_rng(seed).permutation(n_rows) if shuffle else np.arange(n_rows)
+    stop = n_rows - (n_rows % batch_size if drop_last else 0)
+    for a in range(0, stop, batch_size):
+        yield order[a : a + batch_size]
+
+
+def iterate_batches(
+    store: SequenceStore,
+    samples: Samples,
+    max_len: int,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int | None = None,
+    drop_last: bool = False,
+) -> Iterator[HistoryBatch]:
+    for rows in batch_rows(len(samples), batch_size, shuffle, seed, drop_last):
+        yield assemble(store, samples, rows, max_len)
+
+
+def max_history(store: SequenceStore) -> int:
+    """The longest history any target can have: covers every user's full lifelong sequence."""
+    return int(store.lengths.max(initial=0))
