@@ -46,6 +46,17 @@ def test_assemble_equals_per_row_oracle(bench_dataset, L):
     assert b.label.tolist() == s.label[rows].tolist()
 
 
+def test_fixed_width_equals_trimmed_then_padded(bench_dataset):
+    ds = bench_dataset
+    rows = np.arange(0, 5000, 7)
+    a = assemble(ds.store, ds.splits["train"], rows, 3000, trim=True)
+    b = assemble(ds.store, ds.splits["train"], rows, 3000, trim=False)
+    assert b.hist_item.shape == (len(rows), 3000) and a.hist_item.shape[1] < 3000
+    w = a.hist_item.shape[1]
+    assert b.hist_item[:, :w].equal(a.hist_item) and not b.hist_item[:, w:].any()
+    assert b.hist_pos[:, :w].equal(a.hist_pos) and b.hist_len.equal(a.hist_len)
+
+
 def test_history_never_includes_target_or_future(bench_dataset):
     ds = bench_dataset
     s = ds.splits["val"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from numpy.lib.stride_tricks import sliding_window_view
 
 from recsys.data.batch import HistoryBatch
 
@@ -46,6 +49,13 @@ class SequenceStore:
     @property
     def lengths(self) -> np.ndarray:  # [U]
         return np.diff(self.offsets)
+
+    @cached_property
+    def reversed_padded(self) -> tuple[np.ndarray, np.ndarray]:
+        """item and cate reversed, then zero-padded by the longest sequence: the most-recent-first
+        history ending before store index e is the contiguous slice starting at N - e."""
+        pad = np.zeros(int(self.lengths.max(initial=0)) + 1, np.int64)
+        return np.concatenate([self.item[::-1], pad]), np.concatenate([self.cate[::-1], pad])
 
     def user_events(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         a, b = self.offsets[user], self.offsets[user + 1]
@@ -164,14 +174,18 @@ def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: 
     user = samples.user[rows]
     pos = samples.pos[rows]
     n = np.minimum(pos, max_len)                                   # [B] history lengths
-    width = int(n.max(initial=0)) if trim else max_len
-    end = store.offsets[user] + pos                                # [B] one past the last history event
-    j = np.arange(width, dtype=np.int64)                           # column j = (j+1)-th most recent
+    W = int(n.max(initial=0))
+    # Each history is one contiguous slice of the reversed store: copy fixed-width windows (a strided
+    # view, no per-row Python), then zero what lies beyond each row's length.
+    start = len(store.item) - (store.offsets[user] + pos)         # [B]
+    j = np.arange(W, dtype=np.int64)
     valid = j[None, :] < n[:, None]                                # [B, W]
-    idx = np.where(valid, end[:, None] - 1 - j[None, :], 0)        # [B, W]
-    hist_item = np.where(valid, store.item[idx], 0)
-    hist_cate = np.where(valid, store.cate[idx], 0)
-    hist_pos = np.where(valid, j[None, :] + 1, 0)
+    rev_item, rev_cate = store.reversed_padded
+    hist_item = sliding_window_view(rev_item, W)[start] * valid
+    hist_cate = sliding_window_view(rev_cate, W)[start] * valid
+    hist_pos = (j[None, :] + 1) * valid
+    if not trim and max_len > W:  # fixed width requested: pad the columns no row reaches
+        hist_item, hist_cate, hist_pos = (np.pad(a, ((0, 0), (0, max_len - W))) for a in (hist_item, hist_cate, hist_pos))
     return HistoryBatch(
         user=torch.from_numpy(user),
         target_item=torch.from_numpy(samples.item[rows]),
