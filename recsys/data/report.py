@@ -1,0 +1,79 @@
+"""What a loader read, kept, skipped and filtered: nothing leaves a load without being counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+class BadInputError(ValueError):
+    """A raw input is malformed; the message names the file, the row (1-based line or row number) and the column."""
+
+    def __init__(self, file: str, row: int | None, column: str | None, reason: str, value: str | None = None):
+        self.file, self.row, self.column, self.reason, self.value = file, row, column, reason, value
+        where = [file]
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        shown = "" if value is None else f" (value {value[:60]!r})"
+        super().__init__(f"{', '.join(where)}: {reason}{shown}")
+
+
+@dataclass
+class LoadReport:
+    """Counts of one load. `skipped`: bad rows dropped under `lenient=True`, per reason;
+    `filtered`: valid rows dropped by a documented rule (e.g. Taobao's time window), per rule.
+    rows_read = rows_kept + sum(skipped) + sum(filtered)."""
+
+    source: str = ""
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)  # the first few skipped rows, as error messages
+
+    MAX_EXAMPLES = 10
+
+    def skip(self, reason: str, n: int, example: BadInputError | None = None) -> None:
+        if n:
+            self.skipped[reason] += int(n)
+            if example is not None and len(self.examples) < self.MAX_EXAMPLES:
+                self.examples.append(str(example))
+
+    def filter(self, rule: str, n: int) -> None:
+        if n:
+            self.filtered[rule] += int(n)
+
+    def merge(self, other: "LoadReport") -> None:
+        self.rows_read += other.rows_read
+        self.rows_kept += other.rows_kept
+        self.skipped.update(other.skipped)
+        self.filtered.update(other.filtered)
+        self.examples.extend(other.examples[: max(0, self.MAX_EXAMPLES - len(self.examples))])
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def n_filtered(self) -> int:
+        return sum(self.filtered.values())
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "skipped": dict(sorted(self.skipped.items())),
+            "filtered": dict(sorted(self.filtered.items())),
+            "examples": list(self.examples),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: read {self.rows_read:,} rows, kept {self.rows_kept:,}, "
+                 f"skipped {self.n_skipped:,}, filtered {self.n_filtered:,}"]
+        lines += [f"  skipped ({n:,}): {r}" for r, n in sorted(self.skipped.items())]
+        lines += [f"  filtered ({n:,}): {r}" for r, n in sorted(self.filtered.items())]
+        lines += [f"  e.g. {e}" for e in self.examples]
+        return "\n".join(lines)
