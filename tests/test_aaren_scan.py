@@ -123,7 +123,8 @@ def test_triton_forward_backward_match_reference(triton_scan, L, D, scale):
     torch.testing.assert_close(m, rm, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(u, ru, rtol=1e-5, atol=1e-5)
     got = torch.autograd.grad((o * go).sum(), (s, v))
-    want = torch.autograd.grad((ro * go).sum(), (s, v))
+    # with one event the output is v itself: the reference graph never touches s
+    want = torch.autograd.grad((ro * go).sum(), (s, v), allow_unused=True, materialize_grads=True)
     for a, b in zip(got, want):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
