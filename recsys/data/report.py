@@ -1,9 +1,15 @@
-"""What a loader read, kept, skipped and filtered: nothing leaves a load without being counted."""
+"""Reports on data: what a loader read, kept, skipped and filtered (nothing leaves a load without being
+counted), and the statistics of a dataset folder."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
 
 
 class BadInputError(ValueError):
@@ -77,3 +83,52 @@ class LoadReport:
         lines += [f"  filtered ({n:,}): {r}" for r, n in sorted(self.filtered.items())]
         lines += [f"  e.g. {e}" for e in self.examples]
         return "\n".join(lines)
+
+
+def _grow(a: np.ndarray, n: int) -> np.ndarray:
+    return a if len(a) >= n else np.concatenate([a, np.zeros(n - len(a), dtype=a.dtype)])
+
+
+def describe(folder: str | Path, batch_rows: int = 1 << 20) -> dict:
+    """Statistics of a dataset folder (benchmark format), read in blocks: users, items and categories that
+    occur, events, per-user history length mean/max, and rows / positive rows per split."""
+    folder = Path(folder)
+    per_user = np.zeros(0, np.int64)
+    seen_item = np.zeros(0, bool)
+    seen_cate = np.zeros(0, bool)
+    for b in pq.ParquetFile(folder / "events.parquet").iter_batches(batch_size=batch_rows, columns=["user", "item", "cate"]):
+        user, item, cate = (b.column(c).to_numpy() for c in ("user", "item", "cate"))
+        if not len(user):
+            continue
+        c = np.bincount(user)
+        per_user = _grow(per_user, len(c))
+        per_user[: len(c)] += c
+        seen_item = _grow(seen_item, int(item.max()) + 1)
+        seen_item[item] = True
+        seen_cate = _grow(seen_cate, int(cate.max()) + 1)
+        seen_cate[cate] = True
+    lengths = per_user[per_user > 0]
+    out = {
+        "folder": str(folder),
+        "users": int(len(lengths)),
+        "items": int(seen_item.sum()),
+        "categories": int(seen_cate.sum()),
+        "events": int(lengths.sum()),
+        "history_length": {"mean": round(float(lengths.mean()), 2) if len(lengths) else 0.0,
+                           "max": int(lengths.max(initial=0))},
+        "rows": {},
+        "positive_rows": {},
+    }
+    for name in ("train", "val", "test"):
+        path = folder / f"{name}.parquet"
+        if path.is_file():
+            label = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+            out["rows"][name] = int(len(label))
+            out["positive_rows"][name] = int(label.sum())
+    meta = folder / "meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        out["source"] = m.get("source")
+        if "far_positive_share" in m:
+            out["far_positive_share"] = round(m["far_positive_share"], 4)
+    return out
