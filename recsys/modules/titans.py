@@ -1,0 +1,254 @@
+"""Titans neural long-term memory ("Titans: Learning to Memorize at Test Time", Behrouz et al. 2024).
+
+Per user, a small MLP memory M (depth >= 2 linear maps, SiLU between, no biases) is written at test time
+by gradient steps on the associative loss l_t(M) = ||M(k_t) - v_t||^2, with momentum and decay:
+
+    S_t = eta_t S_(t-1) - theta_t grad l_t(M'),      M_t = (1 - alpha_t) M_(t-1) + S_t,
+
+k_t = normalize(x_t W_K), v_t = x_t W_V, and eta, theta, alpha = sigmoid of linear maps of the event x_t.
+M_0 (the initial memory) and every map are outer parameters, learned by backprop through the updates.
+
+Chunking (the chunk size is part of the function): events are cut into chunks of `chunk_size`, counted
+from each user's first event, and every gradient in a chunk is taken at the chunk-start weights M' (so a
+chunk is one batch of matmuls). The recurrences are linear inside a chunk, so the chunk end is closed-form:
+with E_t = prod_{r<=t} eta_r and beta_t = prod_{r>t} (1 - alpha_r) over the chunk,
+    S_end = E_b S_0 - sum_i (E_b / E_i) theta_i g_i
+    M_end = beta_0' M_0 + (sum_t beta_t E_t) S_0 - sum_i [sum_{t>=i} beta_t E_t / E_i] theta_i g_i
+(beta_0' = prod_t (1 - alpha_t)), and each g_i is an outer product h_(i,j-1)^T delta_(i,j) per layer j, so
+every weighted sum of gradients is one batched matmul. Padding events are exact identities (eta = 1,
+theta = 0, alpha = 0 and no S added), which is how one loop over chunks serves ragged batches.
+
+Partial last chunk: the events after the last full chunk are applied, as one (shorter) chunk, when the
+memory is read, but not committed: `forward` reads after all events, and `step` keeps them in a buffer,
+commits a chunk when it holds `chunk_size` events and applies the buffer on the fly in `read`. So the
+read after events 1..T is the same in training and serving, for every T.
+
+Read: y = M_T(normalize(q W_Q)) for a query (the target item) [B, d_q] or candidates [B, C, d_q].
+Layout: x [B, L, d_in] chronological (oldest first), left-aligned, padded at the end; lengths [B].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.modules.seq import valid_mask
+
+
+@dataclass
+class MemoryState:
+    """Per-user memory; every tensor has the user batch as dim 0 (see state_codec)."""
+
+    weights: list[torch.Tensor]   # per layer j: [B, d_(j-1), d_j]  committed memory weights
+    momentum: list[torch.Tensor]  # per layer j: [B, d_(j-1), d_j]  surprise S
+    buffer: torch.Tensor          # [B, chunk_size, d_in]  events of the open chunk, zeros after `count`
+    count: torch.Tensor           # [B] int64  events in the buffer
+    n: torch.Tensor               # [B] int64  events seen
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.n.shape[0])
+
+
+@dataclass
+class _Features:
+    k: torch.Tensor            # [B, T, d_key] L2-normalised keys
+    v: torch.Tensor            # [B, T, d_key]
+    log_eta: torch.Tensor      # [B, T]  0 on padding
+    theta: torch.Tensor        # [B, T]  0 on padding
+    log_keep: torch.Tensor     # [B, T]  log(1 - alpha), 0 on padding
+    real: torch.Tensor         # [B, T]  1.0 for events, 0.0 for padding
+
+    def __getitem__(self, sl: slice) -> "_Features":
+        return _Features(*(t[:, sl] for t in (self.k, self.v, self.log_eta, self.theta, self.log_keep, self.real)))
+
+
+def _silu_grad(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+class NeuralMemory(nn.Module):
+    def __init__(self, d_in: int, d_key: int = 32, d_hidden: int = 32, depth: int = 2, chunk_size: int = 16,
+                 d_query: int | None = None, gate_bias: tuple[float, float, float] = (2.0, -2.0, -4.0)):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2 (a deep memory), got {depth}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.d_in, self.d_key, self.chunk_size = d_in, d_key, chunk_size
+        self.d_query = d_in if d_query is None else d_query
+        self.d_out = d_key
+        self.to_k = nn.Linear(d_in, d_key, bias=False)
+        self.to_v = nn.Linear(d_in, d_key)
+        self.to_q = nn.Linear(self.d_query, d_key, bias=False)
+        # eta (momentum), theta (step size), alpha (forgetting); the biases start them near
+        # 0.88, 0.12 and 0.02 so that a fresh memory neither explodes nor forgets at once
+        self.gates = nn.Linear(d_in, 3)
+        with torch.no_grad():
+            self.gates.bias.copy_(torch.tensor(gate_bias))
+        dims = [d_key] + [d_hidden] * (depth - 1) + [d_key]
+        self.init_weights = nn.ParameterList(
+            nn.Parameter(torch.randn(a, b) / a ** 0.5) for a, b in zip(dims[:-1], dims[1:]))
+
+    # ---- the memory MLP and its chunk update -------------------------------------------------------
+    @staticmethod
+    def memory(weights: list[torch.Tensor], k: torch.Tensor) -> torch.Tensor:
+        """M(k): weights [B, d_(j-1), d_j], k [B, T, d_key] -> [B, T, d_key]."""
+        h = k
+        for j, w in enumerate(weights):
+            h = h @ w
+            if j < len(weights) - 1:
+                h = F.silu(h)
+        return h
+
+    def features(self, x: torch.Tensor, real: torch.Tensor) -> _Features:
+        """x [B, T, d_in], real [B, T] bool -> keys, values and gates, padding turned into identities."""
+        r = real.to(x.dtype)
+        a_eta, a_theta, a_alpha = self.gates(x).unbind(-1)                   # [B, T] each
+        return _Features(
+            k=F.normalize(self.to_k(x), dim=-1),
+            v=self.to_v(x),
+            log_eta=F.logsigmoid(a_eta) * r,
+            theta=torch.sigmoid(a_theta) * r,
+            log_keep=F.logsigmoid(-a_alpha) * r,
+            real=r,
+        )
+
+    def chunk_update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor], f: _Features):
+        """One chunk, every gradient at the chunk-start `weights`. Returns (weights, momentum) at its end."""
+        # forward through the memory at the chunk-start weights, keeping what backprop needs
+        hs, zs = [f.k], []
+        for j, w in enumerate(weights):
+            z = hs[-1] @ w                                                    # [B, b, d_j]
+            zs.append(z)
+            if j < len(weights) - 1:
+                hs.append(F.silu(z))
+        delta = 2 * (zs[-1] - f.v)                                            # d l / d out  [B, b, d_key]
+        deltas = [delta]
+        for j in range(len(weights) - 1, 0, -1):
+            delta = (delta @ weights[j].transpose(1, 2)) * _silu_grad(zs[j - 1])
+            deltas.append(delta)
+        deltas.reverse()                                                      # deltas[j] pairs with hs[j]
+
+        b = f.k.shape[1]
+        log_e = torch.cumsum(f.log_eta, 1)                                    # [B, b]  log E_t
+        tri = torch.ones(b, b, dtype=torch.bool, device=f.k.device).tril()    # [t, i]: t >= i
+        # E_t / E_i for t >= i (exponent <= 0), masked before exp
+        ratio = torch.exp((log_e[:, :, None] - log_e[:, None, :]).masked_fill(~tri, float("-inf")))
+        cum_keep = torch.cumsum(f.log_keep, 1)
+        total_keep = cum_keep[:, -1:]                                         # [B, 1]
+        beta = torch.exp(total_keep - cum_keep) * f.real                      # [B, b]  prod_{r>t}(1-alpha_r), 0 on padding
+        coef_m = (beta[:, None, :] @ ratio).squeeze(1) * f.theta              # [B, b]
+        coef_s = ratio[:, -1] * f.theta                                       # [B, b]  E_b / E_i theta_i
+        s0_to_m = (beta * torch.exp(log_e)).sum(1)                            # [B]
+        keep_all = torch.exp(total_keep).squeeze(1)                           # [B]
+        e_all = torch.exp(log_e[:, -1])                                       # [B]
+        new_w, new_s = [], []
+        for w, s, h, d in zip(weights, momentum, hs, deltas):
+            g_m = (h * coef_m[..., None]).transpose(1, 2) @ d                # [B, d_(j-1), d_j]
+            g_s = (h * coef_s[..., None]).transpose(1, 2) @ d
+            new_w.append(keep_all[:, None, None] * w + s0_to_m[:, None, None] * s - g_m)
+            new_s.append(e_all[:, None, None] * s - g_s)
+        return new_w, new_s
+
+    def _read(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+        single = query.dim() == 2
+        if query.shape[-1] != self.d_query or query.dim() not in (2, 3):
+            raise ValueError(f"query must be [B, d_q] or [B, C, d_q] with d_q={self.d_query}, got {tuple(query.shape)}")
+        q = F.normalize(self.to_q(query if not single else query[:, None]), dim=-1)
+        y = self.memory(weights, q)
+        return y[:, 0] if single else y
+
+    # ---- parallel (training / state rebuild) -------------------------------------------------------
+    def _initial(self, B: int):
+        weights = [w.unsqueeze(0).expand(B, *w.shape) for w in self.init_weights]
+        return weights, [torch.zeros_like(w) for w in weights]
+
+    def _run_chunks(self, x: torch.Tensor, lengths: torch.Tensor):
+        B, L, _ = x.shape
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must be [B]={B}, got {tuple(lengths.shape)}")
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must be [B, L, d_in={self.d_in}], got {tuple(x.shape)}")
+        b = self.chunk_size
+        pad = (-L) % b
+        real = valid_mask(lengths, L + pad)
+        x = F.pad(x, (0, 0, 0, pad)).masked_fill(~real[..., None], 0.0)
+        f = self.features(x, real)
+        weights, momentum = self._initial(B)
+        for c in range(0, L + pad, b):
+            weights, momentum = self.chunk_update(weights, momentum, f[c:c + b])
+        return weights, momentum
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
+        after all events (the partial last chunk applied, as `read` does)."""
+        return self._read(self._run_chunks(x, lengths)[0], query)
+
+    def forward_state(self, x: torch.Tensor, lengths: torch.Tensor) -> MemoryState:
+        """The streaming state after all events: full chunks committed, the rest in the buffer."""
+        b = self.chunk_size
+        committed = torch.div(lengths, b, rounding_mode="floor") * b
+        weights, momentum = self._run_chunks(x, committed)
+        count = lengths - committed
+        j = torch.arange(b, device=x.device)
+        src = (committed[:, None] + j[None, :]).clamp(max=max(x.shape[1] - 1, 0))  # [B, b]
+        in_buf = j[None, :] < count[:, None]
+        if x.shape[1] == 0:
+            buffer = x.new_zeros(x.shape[0], b, self.d_in)
+        else:
+            buffer = torch.gather(x, 1, src[..., None].expand(-1, -1, self.d_in)).masked_fill(~in_buf[..., None], 0.0)
+        return MemoryState(weights=[w.contiguous() for w in weights], momentum=[s.contiguous() for s in momentum],
+                           buffer=buffer, count=count.to(torch.int64), n=lengths.to(torch.int64))
+
+    # ---- streaming (serving) -----------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None) -> MemoryState:
+        weights, momentum = self._initial(batch_size)
+        return MemoryState(
+            weights=[w.detach().to(device).clone() for w in weights],
+            momentum=[s.detach().to(device).clone() for s in momentum],
+            buffer=torch.zeros(batch_size, self.chunk_size, self.d_in, device=device),
+            count=torch.zeros(batch_size, dtype=torch.int64, device=device),
+            n=torch.zeros(batch_size, dtype=torch.int64, device=device),
+        )
+
+    def step(self, state: MemoryState, x_t: torch.Tensor, active: torch.Tensor | None = None) -> MemoryState:
+        """Buffer one event per user (x_t [B, d_in]); users whose buffer fills get their chunk applied,
+        exactly as in training. Rows with active[b] = False are returned unchanged."""
+        B, b = state.batch_size, self.chunk_size
+        if x_t.shape != (B, self.d_in):
+            raise ValueError(f"x_t must be [B, d_in]=[{B}, {self.d_in}], got {tuple(x_t.shape)}")
+        active = torch.ones(B, dtype=torch.bool, device=x_t.device) if active is None else active
+        if active.shape != (B,) or active.dtype != torch.bool:
+            raise ValueError(f"active must be a [B]={B} bool tensor, got {tuple(active.shape)} {active.dtype}")
+        rows = active.nonzero().squeeze(1)
+        buffer = state.buffer.index_put((rows, state.count[rows]), x_t[rows])
+        count = state.count + active.to(torch.int64)
+        full = count == b
+        weights, momentum = state.weights, state.momentum
+        if bool(full.any()):
+            ready = full.nonzero().squeeze(1)
+            every = len(ready) == B
+            chunk = buffer if every else buffer[ready]
+            f = self.features(chunk, torch.ones(chunk.shape[:2], dtype=torch.bool, device=chunk.device))
+            w_new, s_new = self.chunk_update(weights if every else [w[ready] for w in weights],
+                                             momentum if every else [s[ready] for s in momentum], f)
+            if every:
+                weights, momentum = w_new, s_new
+            else:
+                weights = [w.index_put((ready,), n) for w, n in zip(weights, w_new)]
+                momentum = [s.index_put((ready,), n) for s, n in zip(momentum, s_new)]
+            buffer = buffer.masked_fill(full[:, None, None], 0.0)
+            count = count.masked_fill(full, 0)
+        return MemoryState(weights=weights, momentum=momentum, buffer=buffer, count=count,
+                           n=state.n + active.to(torch.int64))
+
+    def read(self, state: MemoryState, query: torch.Tensor) -> torch.Tensor:
+        """Read after all events so far, the open chunk applied (not committed). query [B, (C,) d_q]."""
+        real = torch.arange(self.chunk_size, device=state.count.device)[None, :] < state.count[:, None]
+        weights, _ = self.chunk_update(state.weights, state.momentum, self.features(state.buffer, real))
+        return self._read(weights, query)

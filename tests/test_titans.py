@@ -1,0 +1,148 @@
+"""Titans neural memory: chunked closed-form updates against plain per-token / per-chunk loops,
+outer-parameter gradients against autograd of the loop, and step/read against the parallel forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys.modules.titans import MemoryState, NeuralMemory
+
+D_IN, D_Q = 10, 6
+
+
+def make(chunk_size, depth=2, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    # theta near 0.5 so that the memory moves a lot and a wrong update cannot hide
+    mem = NeuralMemory(D_IN, d_key=8, d_hidden=12, depth=depth, chunk_size=chunk_size, d_query=D_Q,
+                       gate_bias=(1.0, 0.0, -2.0))
+    return mem.to(dtype)
+
+
+def batch(dtype=torch.float64, B=4, L=11, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, D_IN, generator=g, dtype=dtype)
+    lengths = torch.tensor([L, 6, 0, 9])[:B]
+    query = torch.randn(B, 3, D_Q, generator=g, dtype=dtype)
+    return x, lengths, query
+
+
+def mlp(weights, k):
+    h = k
+    for j, w in enumerate(weights):
+        h = h @ w
+        if j < len(weights) - 1:
+            h = F.silu(h)
+    return h
+
+
+def loop_oracle(mem: NeuralMemory, x, length, query, chunk):
+    """One user, plain Python: for each chunk, every gradient (autograd) at the chunk-start weights,
+    then S and M updated token by token. chunk=1 is the per-token sequential update of the paper."""
+    weights = list(mem.init_weights)
+    momentum = [torch.zeros_like(w) for w in weights]
+    for c in range(0, length, chunk):
+        start = weights
+        grads, gates = [], []
+        for t in range(c, min(c + chunk, length)):
+            k = F.normalize(mem.to_k(x[t]), dim=-1)
+            v = mem.to_v(x[t])
+            loss = (mlp(start, k) - v).square().sum()
+            grads.append(torch.autograd.grad(loss, start, create_graph=True))
+            gates.append(torch.sigmoid(mem.gates(x[t])))
+        for g, (eta, theta, alpha) in zip(grads, gates):
+            momentum = [eta * s - theta * gj for s, gj in zip(momentum, g)]
+            weights = [(1 - alpha) * w + s for w, s in zip(weights, momentum)]
+    return mlp(weights, F.normalize(mem.to_q(query), dim=-1))
+
+
+def oracle_batch(mem, x, lengths, query, chunk):
+    return torch.stack([loop_oracle(mem, x[b], int(lengths[b]), query[b], chunk) for b in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("chunk,depth", [(1, 2), (4, 2), (3, 3), (16, 2)])
+def test_chunked_forward_equals_loop(chunk, depth):
+    mem = make(chunk, depth)
+    x, lengths, query = batch()
+    with torch.no_grad():
+        got = mem(x, lengths, query)
+    want = oracle_batch(mem, x, lengths, query, chunk).detach()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    empty = mem._read([w[None] for w in mem.init_weights], query[2:3])[0]
+    assert not torch.allclose(got[0], empty, atol=1e-3)  # the memory did move
+
+
+def test_chunk_size_changes_the_function():
+    x, lengths, query = batch()
+    with torch.no_grad():
+        a = make(1)(x, lengths, query)
+        b = make(4)(x, lengths, query)
+    assert not torch.allclose(a[0], b[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_outer_gradients_match_autograd_of_the_loop(chunk):
+    mem = make(chunk)
+    x, lengths, query = batch(B=3, L=9)
+    r = torch.randn(3, 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    params = list(mem.parameters())
+    got = torch.autograd.grad((mem(x, lengths, query) * r).sum(), params)
+    want = torch.autograd.grad((oracle_batch(mem, x, lengths, query, chunk) * r).sum(), params)
+    for (name, _), a, b in zip(mem.named_parameters(), got, want):
+        assert a.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def assert_state_close(a: MemoryState, b: MemoryState, tol=1e-5):
+    for x, y in zip(a.weights + a.momentum, b.weights + b.momentum):
+        torch.testing.assert_close(x, y, rtol=tol, atol=tol)
+    torch.testing.assert_close(a.buffer, b.buffer, rtol=0, atol=0)
+    assert torch.equal(a.count, b.count) and torch.equal(a.n, b.n)
+
+
+@torch.no_grad()
+def test_step_replay_equals_parallel_forward_fp32():
+    mem = make(4, dtype=torch.float32)
+    x, lengths, query = batch(torch.float32, L=13)
+    lengths = torch.tensor([13, 6, 0, 8])
+    B = 4
+    # users arrive out of lockstep: a random active pattern, each user's events in order
+    g = torch.Generator().manual_seed(3)
+    state = mem.init_state(B)
+    sent = torch.zeros(B, dtype=torch.int64)
+    while bool((sent < lengths).any()):
+        active = (torch.rand(B, generator=g) < 0.6) & (sent < lengths)
+        x_t = x[torch.arange(B), sent.clamp(max=12)]
+        state = mem.step(state, x_t, active)
+        sent += active
+        if int(sent[1]) == 3:  # a mid-stream read agrees with the forward on the prefix
+            torch.testing.assert_close(mem.read(state, query)[1], mem(x[1:2], sent[1:2], query[1:2])[0],
+                                       rtol=1e-5, atol=1e-5)
+    assert_state_close(state, mem.forward_state(x, lengths))
+    torch.testing.assert_close(mem.read(state, query), mem(x, lengths, query), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mem.read(state, query[:, 0]), mem(x, lengths, query[:, 0]), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_inactive_rows_are_unchanged():
+    mem = make(2, dtype=torch.float32)
+    x, lengths, _ = batch(torch.float32)
+    state = mem.forward_state(x, torch.tensor([3, 1, 0, 5]))   # counts 1, 1, 0, 1: the next event fills
+    active = torch.tensor([True, False, True, False])
+    new = mem.step(state, torch.randn(4, D_IN), active)
+    for a, b in zip(new.weights + new.momentum + [new.buffer, new.count, new.n],
+                    state.weights + state.momentum + [state.buffer, state.count, state.n]):
+        assert torch.equal(a[~active], b[~active])
+    assert not torch.equal(new.weights[0][0], state.weights[0][0])   # user 0 committed a chunk
+    assert torch.equal(new.count, torch.tensor([0, 1, 1, 1]))
+
+
+def test_bad_input_names_the_field():
+    mem = make(2)
+    with pytest.raises(ValueError, match="depth"):
+        NeuralMemory(4, depth=1)
+    with pytest.raises(ValueError, match="x_t"):
+        mem.step(mem.init_state(2), torch.zeros(2, D_IN + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="query"):
+        mem(torch.zeros(2, 3, D_IN, dtype=torch.float64), torch.tensor([1, 2]), torch.zeros(2, D_Q + 1))
