@@ -315,11 +315,11 @@ def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: 
                 if f.name == "event_id":
                     cols[f.name] = a.cast(pa.string())
                     continue
-                big = pa.types.is_unsigned_integer(a.type) and a.type.bit_width == 64
-                if big:
-                    rows.flag(_np(pc.fill_null(pc.greater(a, 2**63 - 1), False)), f.name, "overflows int64", a)
-                    a = pc.if_else(pa.array(~rows.bad), a, 0)
-                v = _np(pc.fill_null(a.cast(pa.int64(), safe=not big), 0))
+                if pa.types.is_unsigned_integer(a.type) and a.type.bit_width == 64:
+                    too_big = pc.greater(a, pa.scalar(2**63 - 1, a.type))
+                    rows.flag(_np(pc.fill_null(too_big, False)), f.name, "overflows int64", a)
+                    a = pc.if_else(pa.array(~rows.bad), a, pa.scalar(0, a.type))
+                v = _np(pc.fill_null(a.cast(pa.int64()), 0))
                 if f.name == "action":
                     rows.flag(~np.isin(v, [int(x) for x in Action]), f.name, f"unknown action (expected {[int(x) for x in Action]})", a)
                 else:
