@@ -16,7 +16,7 @@ it is recomputed from the merged, capped sequence (`updater.rebuild`). Time orde
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Protocol, Sequence
@@ -106,6 +106,7 @@ class ApplyReport:
     rebuilt_users: int = 0
     conflicts: int = 0     # CAS retries (another writer touched the user in between)
     late: list[Event] = field(default_factory=list)  # older than the dedup floor: rejected, not applied
+    by_user: dict[int, Counter] = field(default_factory=dict)  # applied / duplicates / outside_cap
 
 
 @dataclass
@@ -139,6 +140,11 @@ class _Plan:
     duplicates: int = 0
     late: list[Event] = field(default_factory=list)
     rebuilt: bool = False
+
+
+def _not_before(records: np.ndarray, hwm: tuple[int, int] | None) -> bool:
+    """The sorted records all come at or after the high-water mark (equal keys go after, as in Lua)."""
+    return hwm is None or not len(records) or (int(records["ts"][0]), int(records["tb"][0])) >= hwm
 
 
 class StateStore:
@@ -227,25 +233,37 @@ class StateStore:
             if not fresh:
                 continue
             current = (srev is not None and int(srev) == rev and state is not None) or rev == 0
-            in_order = hwm_ts is None or (int(rec["ts"][0]), int(rec["tb"][0])) >= (int(hwm_ts), int(hwm_tb))
-            (fast if current and in_order else slow).append((plan, state if rev else None))
+            hwm = None if hwm_ts is None else (int(hwm_ts), int(hwm_tb))
+            (fast if current and _not_before(rec, hwm) else slow).append((plan, state if rev else None, current, hwm))
 
-        if fast:
-            new = updater.apply([s for _, s in fast], [p.records for p, _ in fast])
-            self._check_states(new, len(fast))
-            for (p, _), s in zip(fast, new):
-                p.state = s
+        fold = [(p, s, p.records) for p, s, _, _ in fast]
+        rebuild = []
         if slow:
-            tails = self._read_tails([p.user_id for p, _ in slow])
-            merged = [self._merge(p, t) for (p, _), t in zip(slow, tails)]
-            new = updater.rebuild(merged)
-            self._check_states(new, len(slow))
-            for (p, _), s in zip(slow, new):
+            # Only now is it known which events fall outside the cap: those are neither placed nor
+            # folded, and if the rest is in order the state can still be folded forward.
+            tails = self._read_tails([p.user_id for p, _, _, _ in slow])
+            for (p, s, current, hwm), tail in zip(slow, tails):
+                placed, merged = self._place(p, tail)
+                if current and not len(placed):
+                    p.state = s
+                elif current and _not_before(placed, hwm):
+                    fold.append((p, s, placed))
+                else:
+                    rebuild.append((p, merged))
+        if fold:
+            new = updater.apply([s for _, s, _ in fold], [e for _, _, e in fold])
+            self._check_states(new, len(fold))
+            for (p, _, _), s in zip(fold, new):
+                p.state = s
+        if rebuild:
+            new = updater.rebuild([m for _, m in rebuild])
+            self._check_states(new, len(rebuild))
+            for (p, _), s in zip(rebuild, new):
                 p.state, p.rebuilt = s, True
         return plans
 
-    def _merge(self, plan: _Plan, tail: np.ndarray) -> np.ndarray:
-        """The sequence the Lua script will leave visible, computed the same way it places events."""
+    def _place(self, plan: _Plan, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(events placed, the sequence left visible), computed the way the Lua script places events."""
         new = plan.records
         if len(tail) >= self.cfg.seq_cap:
             first = (int(tail["ts"][0]), int(tail["tb"][0]))
@@ -253,7 +271,7 @@ class StateStore:
             plan.outside = int((~keep).sum())
             new = new[keep]
         both = np.concatenate([tail, new])
-        return both[np.lexsort((both["tb"], both["ts"]))][-self.cfg.seq_cap:]
+        return new, both[np.lexsort((both["tb"], both["ts"]))][-self.cfg.seq_cap:]
 
     def _commit(self, version: str, plans: list[_Plan], report: ApplyReport) -> list[int]:
         todo = [p for p in plans if len(p.records)]
@@ -287,6 +305,8 @@ class StateStore:
                 report.duplicates += p.duplicates
                 report.rebuilt_users += p.rebuilt
                 report.late += p.late
+                report.by_user[p.user_id] = Counter(applied=len(p.records) - p.outside, duplicates=p.duplicates,
+                                                    outside_cap=p.outside)
         return retry
 
     @staticmethod
