@@ -9,7 +9,8 @@ its item by popularity within the category.
 Hidden rule: a target row (user, pos, item) is positive iff an item of the target's *family* occurs in the
 user's history before `pos`. Positives are built from a history event: for a `far_fraction` of them the
 family's most recent occurrence lies more than `window` events back (so only a lifelong search sees it);
-negatives are items of the same category (hard negatives) whose family never occurred before `pos`.
+negatives are items whose family never occurred before `pos`: of the same category where possible (hard
+negatives), else by popularity, else uniform over families (long histories cover the popular ones).
 `evidence` lists the positions (ascending, the `max_evidence` most recent) of the history events of the
 target's family: exactly the events that make the label 1, empty for negatives.
 
@@ -170,6 +171,7 @@ def build_targets(world: World, cfg: SyntheticConfig, fam: np.ndarray, offsets: 
     pos_fam = fam[start + pick]
     last = index.last_before(t_user, pos_fam, t_pos)
     far = last < t_pos - w
+    n_fam = len(world.fam_cate)
     member = lambda f: np.minimum(f * fs + 1 + rng.integers(0, fs, len(f)), world.n_items)  # noqa: E731
     pos_item = member(pos_fam)
     # Negatives: same category first (hard), then any item; never a family the user has seen before pos.
@@ -182,15 +184,23 @@ def build_targets(world: World, cfg: SyntheticConfig, fam: np.ndarray, offsets: 
             if not len(open_):
                 break
             u = rng.random(len(open_))
-            item = items_in(world, cate[open_], u) if r < NEG_SAME_CATEGORY_ROUNDS else _draw(world.cum_all, u) + 1
-            f = (item - 1) // fs
+            if r < NEG_SAME_CATEGORY_ROUNDS:
+                f = (items_in(world, cate[open_], u) - 1) // fs
+            elif r < NEG_ROUNDS // 2:
+                f = _draw(world.cum_all, u) // fs
+            else:  # long histories cover the popular families: rare ones are the unseen ones
+                f = (u * n_fam).astype(np.int64)
             lo_, hi_ = index.range_before(t_user[open_], f, t_pos[open_])
             ok = (hi_ == lo_) & (f != pos_fam[open_]) & (neg_fam[open_, :slot] != f[:, None]).all(axis=1)
             neg_fam[open_[ok], slot] = f[ok]
             open_ = open_[~ok]
-        if len(open_):
-            raise ValueError(f"could not draw unseen negatives for {len(open_)} targets: the histories cover "
-                             f"almost every item family; raise n_items (now {cfg.n_items}) or lower events per user")
+        for t in open_:  # exact: any family unseen before pos
+            taken = np.r_[fam[start[t] : start[t] + t_pos[t]], pos_fam[t], neg_fam[t, :slot]]
+            free = np.setdiff1d(np.arange(n_fam), taken)
+            if not len(free):
+                raise ValueError(f"user {t_user[t]} has seen every item family before pos {t_pos[t]}: "
+                                 f"no unseen negative exists; raise n_items (now {cfg.n_items})")
+            neg_fam[t, slot] = free[rng.integers(len(free))]
         negs[:, slot] = member(neg_fam[:, slot])
     # Evidence: the most recent max_evidence occurrences of the positive's family before pos.
     lo, hi = index.range_before(t_user, pos_fam, t_pos)
