@@ -1,0 +1,110 @@
+"""ASGI plumbing under the routes: body-size cap, latency metrics, API-key check, error bodies.
+
+The body cap is a raw ASGI middleware so an oversized request is answered 413 before any JSON parsing or
+validation runs: by its Content-Length when declared, else by counting the streamed chunks.
+"""
+
+import hmac
+import json
+import time
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.metrics import ServiceMetrics
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw})
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return await _send_json(send, 400, {"detail": "Content-Length: not a non-negative integer"})
+            if int(declared) > self.max_bytes:
+                return await _send_json(send, 413, {"detail": f"body: {int(declared)} bytes exceeds the limit of "
+                                                              f"{self.max_bytes} bytes"})
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await _send_json(send, 413, {"detail": f"body: exceeds the limit of {self.max_bytes} bytes"})
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class RequestTimer:
+    """Latency histogram per (method, route template, status); unmatched paths share one label."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "<unmatched>"
+            self.metrics.request_seconds.labels(scope["method"], path, str(status)).observe(time.perf_counter() - t0)
+
+
+def check_api_key(expected: str | None, given: str | None) -> None:
+    if expected is None:
+        raise HTTPException(403, "X-API-Key: write endpoints are disabled: no API key is configured "
+                                 "(http.api_key or RECSYS_API_KEY)")
+    if not given:
+        raise HTTPException(401, "X-API-Key: header missing", headers={"WWW-Authenticate": "ApiKey"})
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(403, "X-API-Key: invalid key")
+
+
+def _field(loc) -> str:
+    return ".".join(str(p) for p in loc) or "<body>"
+
+
+async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # The input is not echoed back: it can be large, and it is the client's own data.
+    errors = [{"field": _field(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    message = "; ".join(f"{e['field']}: {e['msg']}" for e in errors[:5])
+    return JSONResponse(status_code=422, content={"detail": message, "errors": errors[:50]})

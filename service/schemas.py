@@ -1,0 +1,104 @@
+"""Request and response bodies of the HTTP API (pydantic; they are also the OpenAPI schema).
+
+Requests are strict: no string-to-int coercion, no unknown fields, ids non-negative and below 2^53 (the
+state store's Lua scripts hold numbers as doubles). List caps come from the config, so the request models
+are built per app by `request_models(...)`; a violation is a 422 naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+MAX_ID = 2**53 - 1
+
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Candidate(_Request):
+    item_id: Id
+    category_id: Id
+
+
+class Event(_Request):
+    event_id: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    action: int = Field(default=0, ge=0, le=127)
+    ts: int = Field(ge=0, le=MAX_ID, description="event time, ms since the epoch")
+
+
+class ReloadRequest(_Request):
+    bundle: str = Field(min_length=1, max_length=4096, description="model bundle folder on the server")
+    rebuild: bool = Field(default=True, description="rebuild every user's state for the new version first")
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    score: type[BaseModel]
+    events: type[BaseModel]
+
+
+def request_models(max_candidates: int, max_events: int) -> RequestModels:
+    score = create_model(
+        "ScoreRequest",
+        __base__=_Request,
+        user_id=(Id, ...),
+        candidates=(list[Candidate], Field(min_length=1, max_length=max_candidates)),
+        explain=(bool, Field(default=False, description="return each candidate's retrieved history events")),
+    )
+    events = create_model(
+        "EventsRequest",
+        __base__=_Request,
+        events=(list[Event], Field(min_length=1, max_length=max_events)),
+    )
+    return RequestModels(score=score, events=events)
+
+
+class RetrievedEvent(BaseModel):
+    position: int = Field(description="1 = the user's most recent event")
+    item_id: int
+    category_id: int
+    ts: int
+    score: float = Field(description="search-stage attention score")
+
+
+class ScoreResponse(BaseModel):
+    user_id: int
+    model_version: str
+    history_length: int
+    scores: list[float]
+    explanations: list[list[RetrievedEvent]] | None = None
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+
+
+class UserResponse(BaseModel):
+    user_id: int
+    history_length: int
+    last_event_ts: int | None
+    last_applied_event_id: str | None
+    state_version: str | None = Field(description="model version of the stored state, if current")
+    state_rev: int | None = Field(description="events-applied revision the stored state corresponds to")
+    rev: int
+
+
+class ReloadResponse(BaseModel):
+    model_version: str
+    previous_version: str | None
+    rebuilt_users: int
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None
