@@ -54,6 +54,8 @@ def init_ray(
         log_to_driver=log_to_driver,
         ignore_reinit_error=False,
     )
+    # Ray Data logs every dataset execution at INFO; our jobs report their own progress.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address is not None:
         # A cluster fixes its own CPUs and object store; passing them here is an error in Ray.
         ray.init(address=address, **common)
