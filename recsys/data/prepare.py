@@ -81,7 +81,8 @@ def split_of_events(offsets: np.ndarray, cfg: SplitConfig) -> np.ndarray:
     user = np.repeat(np.arange(len(n)), n)
     pos = np.arange(offsets[-1]) - offsets[user]
     from_end = n[user] - pos  # 1 = the user's last event
-    split = np.where(from_end <= n_test[user], 2, np.where(from_end <= n_test[user] + n_val[user], 1, 0)).astype(np.int8)
+    split = np.where(from_end <= n_test[user], 2, np.where(from_end <= n_test[user] + n_val[user], 1, 0))
+    split = split.astype(np.int8)
     split[pos < cfg.min_history] = -1
     return split
 

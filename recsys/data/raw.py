@@ -145,8 +145,9 @@ def _csv_blocks(path: Path, columns: list[str], header: bool, lenient: bool, rep
         rows.bad |= blank
         parts = pc.split_pattern(lines, ",")
         nfields = _np(pc.list_value_length(parts))
-        rows.flag(nfields < len(columns), None, f"missing fields: expected {len(columns)} ({', '.join(columns)})", lines)
-        rows.flag(nfields > len(columns), None, f"extra fields: expected {len(columns)} ({', '.join(columns)})", lines)
+        expected = f"expected {len(columns)} ({', '.join(columns)})"
+        rows.flag(nfields < len(columns), None, f"missing fields: {expected}", lines)
+        rows.flag(nfields > len(columns), None, f"extra fields: {expected}", lines)
         # Rows with a wrong field count are already flagged; pad them so field extraction stays in bounds.
         parts = pc.if_else(pa.array(nfields == len(columns)), parts, pa.scalar([""] * len(columns), parts.type))
         fields = {c: pc.utf8_trim_whitespace(pc.list_element(parts, i)) for i, c in enumerate(columns)}
@@ -163,7 +164,7 @@ def _event_ids(prefix: str, rows: _Rows, n: int) -> pa.Array:
     return pc.binary_join_element_wise(prefix, lines, ":")
 
 
-def _emit(report: LoadReport, rows: _Rows, keep: np.ndarray, cols: dict[str, pa.Array | np.ndarray]) -> pa.RecordBatch | None:
+def _emit(report: LoadReport, keep: np.ndarray, cols: dict[str, pa.Array | np.ndarray]) -> pa.RecordBatch | None:
     report.rows_kept += int(keep.sum())
     if not keep.any():
         return None
@@ -192,7 +193,7 @@ def read_movie_genres(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
         for row in reader:
             line = reader.line_num
             if len(row) != 3:
-                raise BadInputError(str(path), line, None, f"expected 3 fields ({', '.join(MOVIES_COLUMNS)}), got {len(row)}")
+                raise BadInputError(str(path), line, None, f"expected 3 fields {MOVIES_COLUMNS}, got {len(row)}")
             mid, genres = row[0].strip(), row[2].strip()
             if not mid.isdigit() or len(mid) > 18:
                 raise BadInputError(str(path), line, "movieId", "not a non-negative integer id", mid)
@@ -206,7 +207,8 @@ def read_movie_genres(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     order = np.argsort(ids_np, kind="stable")
     dup = np.flatnonzero(np.diff(ids_np[order]) == 0)
     if len(dup):
-        raise BadInputError(str(path), int(order[dup[0] + 1]) + 2, "movieId", "duplicate movie id", str(ids_np[order[dup[0]]]))
+        second = int(order[dup[0] + 1])  # 0-based data row of the repeat; line = row + 2 (header first)
+        raise BadInputError(str(path), second + 2, "movieId", "duplicate movie id", str(ids_np[second]))
     names = sorted(set(firsts))
     cate = np.searchsorted(np.asarray(names), np.asarray(firsts)) + 1
     return ids_np[order], cate[order].astype(np.int64), names
@@ -223,11 +225,12 @@ def read_movielens(folder: str | Path, *, lenient: bool = False, block_bytes: in
             n = len(rows.bad)
             user = _int_column(rows, "userId", f["userId"])
             item = _int_column(rows, "movieId", f["movieId"])
-            rows.flag(~_np(pc.match_substring_regex(f["rating"], r"^[0-9]+(\.[0-9]+)?$")), "rating", "not a number", f["rating"])
+            number = _np(pc.match_substring_regex(f["rating"], r"^[0-9]+(\.[0-9]+)?$"))
+            rows.flag(~number, "rating", "not a number", f["rating"])
             ts = _ts_column(rows, "timestamp", f["timestamp"])
             at = np.minimum(np.searchsorted(movie_ids, item), len(movie_ids) - 1)
             rows.flag(movie_ids[at] != item, "movieId", "movie not in movies.csv", f["movieId"])
-            batch = _emit(report, rows, ~rows.bad, {
+            batch = _emit(report, ~rows.bad, {
                 "event_id": _event_ids("ratings.csv", rows, n), "user_id": user, "item_id": item,
                 "category_id": movie_cate[at], "action": np.full(n, Action.RATE, np.int8), "ts": ts})
             if batch is not None:
@@ -245,8 +248,8 @@ def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = B
     """Taobao `UserBehavior.csv` (no header). Rows outside TAOBAO_WINDOW_S are dropped and counted as filtered;
     sorting each user by time is the preprocessing's job (recsys.data.prepare)."""
     path = Path(path)
-    names = np.asarray(sorted(TAOBAO_ACTIONS))
-    codes = np.asarray([TAOBAO_ACTIONS[k] for k in names], dtype=np.int8)
+    names = pa.array(sorted(TAOBAO_ACTIONS))
+    codes = np.asarray([TAOBAO_ACTIONS[k] for k in names.to_pylist()], dtype=np.int8)
 
     def produce(report: LoadReport) -> Iterator[pa.RecordBatch]:
         for rows, f in _csv_blocks(path, TAOBAO_COLUMNS, False, lenient, report, block_bytes):
@@ -254,14 +257,15 @@ def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = B
             user = _int_column(rows, "user_id", f["user_id"])
             item = _int_column(rows, "item_id", f["item_id"])
             cate = _int_column(rows, "category_id", f["category_id"])
-            kind = _np(f["behavior_type"]).astype(str)
-            at = np.minimum(np.searchsorted(names, kind), len(names) - 1)
-            rows.flag(names[at] != kind, "behavior_type", f"unknown behaviour type (expected one of {list(names)})", f["behavior_type"])
+            kind = pc.index_in(f["behavior_type"], value_set=names)
+            rows.flag(_np(kind.is_null()), "behavior_type", f"unknown behaviour type (expected one of {names})",
+                      f["behavior_type"])
+            at = _np(pc.fill_null(kind, 0))
             ts = _ts_column(rows, "timestamp", f["timestamp"])
             lo, hi = TAOBAO_WINDOW_S
             outside = ~rows.bad & ((ts < lo * 1000) | (ts >= hi * 1000))
             report.filter(TAOBAO_WINDOW_RULE, int(outside.sum()))
-            batch = _emit(report, rows, ~rows.bad & ~outside, {
+            batch = _emit(report, ~rows.bad & ~outside, {
                 "event_id": _event_ids(path.name, rows, n), "user_id": user, "item_id": item,
                 "category_id": cate, "action": codes[at], "ts": ts})
             if batch is not None:
@@ -283,7 +287,10 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> None:
             raise BadInputError(str(path), None, name, f"unexpected column (expected {EVENT_SCHEMA.names})")
     for f in EVENT_SCHEMA:
         got = schema.field(f.name).type
-        ok = (pa.types.is_string(got) or pa.types.is_large_string(got)) if f.name == "event_id" else pa.types.is_integer(got)
+        if f.name == "event_id":
+            ok = pa.types.is_string(got) or pa.types.is_large_string(got)
+        else:
+            ok = pa.types.is_integer(got)
         if not ok:
             raise BadInputError(str(path), None, f.name, f"wrong type: expected {f.type}, got {got}")
 
@@ -321,11 +328,12 @@ def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: 
                     a = pc.if_else(pa.array(~rows.bad), a, pa.scalar(0, a.type))
                 v = _np(pc.fill_null(a.cast(pa.int64()), 0))
                 if f.name == "action":
-                    rows.flag(~np.isin(v, [int(x) for x in Action]), f.name, f"unknown action (expected {[int(x) for x in Action]})", a)
+                    known = [int(x) for x in Action]
+                    rows.flag(~np.isin(v, known), f.name, f"unknown action (expected {known})", a)
                 else:
                     rows.flag(v < 0, f.name, "negative timestamp" if f.name == "ts" else "negative id", a)
                 cols[f.name] = v
-            out = _emit(report, rows, ~rows.bad, cols)
+            out = _emit(report, ~rows.bad, cols)
             if out is not None:
                 yield out
 

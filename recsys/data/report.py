@@ -96,7 +96,8 @@ def describe(folder: str | Path, batch_rows: int = 1 << 20) -> dict:
     per_user = np.zeros(0, np.int64)
     seen_item = np.zeros(0, bool)
     seen_cate = np.zeros(0, bool)
-    for b in pq.ParquetFile(folder / "events.parquet").iter_batches(batch_size=batch_rows, columns=["user", "item", "cate"]):
+    events = pq.ParquetFile(folder / "events.parquet")
+    for b in events.iter_batches(batch_size=batch_rows, columns=["user", "item", "cate"]):
         user, item, cate = (b.column(c).to_numpy() for c in ("user", "item", "cate"))
         if not len(user):
             continue

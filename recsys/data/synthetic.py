@@ -279,7 +279,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
                 counts = e_hi - e_lo
                 sub_off = np.concatenate([[0], np.cumsum(counts)])
                 sub_pos = ev_pos[np.repeat(e_lo - sub_off[:-1], counts) + np.arange(sub_off[-1])]
-                t = _split_table(t_user[sel] + a, t_pos[sel], pos_item[sel], negs[sel], world.item_cate, sub_off, sub_pos)
+                t = _split_table(t_user[sel] + a, t_pos[sel], pos_item[sel], negs[sel], world.item_cate,
+                                 sub_off, sub_pos)
                 writers[name].write_table(t)
                 rows[name] += t.num_rows
             far_rows += int(far.sum())
