@@ -211,3 +211,24 @@ def test_parquet_empty_and_narrow_ints(tmp_path):
     cols["user_id"] = np.arange(3, dtype=np.int32)  # narrower ints are fine
     t = read_parquet_events(parquet(tmp_path, cols, "n.parquet")).read_all()
     assert t.schema == EVENT_SCHEMA and t["user_id"].to_pylist() == [0, 1, 2]
+
+
+def test_crlf_line_endings_are_not_bad_rows(tmp_path):
+    d = movielens(tmp_path, "userId,movieId,rating,timestamp\r\n1,1,4.0,964982703\r\n2,2,3.5,964982800\r\n")
+    t = read_movielens(d).read_all()
+    assert t["ts"].to_pylist() == [964982703000, 964982800000]
+
+
+def test_prepare_records_the_lenient_report(tmp_path):
+    from recsys.data.prepare import prepare
+
+    rows = [f"{u},{10 * u + i % 4},{i % 3},pv,{T_IN + i}" for u in (1, 2) for i in range(12)]
+    p = taobao(tmp_path, *rows[:5], "1,2,3,pv,soon", "bad", *rows[5:], "1,2,3,pv,1505088000")
+    meta = prepare(read_taobao(p, lenient=True), tmp_path / "out", seed=0)
+    rep = meta["load_report"]
+    assert meta["n_events"] == 24 and rep["rows_read"] == 27
+    assert rep["skipped"] == {"timestamp: unparsable timestamp (expected integer Unix seconds)": 1,
+                              "missing fields: expected 5 (user_id, item_id, category_id, behavior_type, timestamp)": 1}
+    assert rep["filtered"] == {TAOBAO_WINDOW_RULE: 1}
+    with pytest.raises(BadInputError, match=r"row 6, column 'timestamp'"):
+        prepare(read_taobao(p), tmp_path / "strict", seed=0)
