@@ -101,8 +101,9 @@ def assert_state_close(a: MemoryState, b: MemoryState, tol=1e-5):
     assert torch.equal(a.count, b.count) and torch.equal(a.n, b.n)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @torch.no_grad()
-def test_step_replay_equals_parallel_forward_fp32():
+def test_step_replay_equals_parallel_forward_fp32(inplace):
     mem = make(4, dtype=torch.float32)
     x, lengths, query = batch(torch.float32, L=13)
     lengths = torch.tensor([13, 6, 0, 8])
@@ -114,7 +115,9 @@ def test_step_replay_equals_parallel_forward_fp32():
     while bool((sent < lengths).any()):
         active = (torch.rand(B, generator=g) < 0.6) & (sent < lengths)
         x_t = x[torch.arange(B), sent.clamp(max=12)]
-        state = mem.step(state, x_t, active)
+        new = mem.step(state, x_t, active, inplace=inplace)
+        assert (new is state) == inplace
+        state = new
         sent += active
         if int(sent[1]) == 3:  # a mid-stream read agrees with the forward on the prefix
             torch.testing.assert_close(mem.read(state, query)[1], mem(x[1:2], sent[1:2], query[1:2])[0],

@@ -216,36 +216,48 @@ class NeuralMemory(nn.Module):
             n=torch.zeros(batch_size, dtype=torch.int64, device=device),
         )
 
-    def step(self, state: MemoryState, x_t: torch.Tensor, active: torch.Tensor | None = None) -> MemoryState:
+    def step(self, state: MemoryState, x_t: torch.Tensor, active: torch.Tensor | None = None,
+             inplace: bool = False) -> MemoryState:
         """Buffer one event per user (x_t [B, d_in]); users whose buffer fills get their chunk applied,
-        exactly as in training. Rows with active[b] = False are returned unchanged."""
+        exactly as in training. Rows with active[b] = False are unchanged. `inplace=True` writes into
+        `state`'s tensors (the stream worker's batch): no copy of the per-user weights per call."""
         B, b = state.batch_size, self.chunk_size
         if x_t.shape != (B, self.d_in):
             raise ValueError(f"x_t must be [B, d_in]=[{B}, {self.d_in}], got {tuple(x_t.shape)}")
         active = torch.ones(B, dtype=torch.bool, device=x_t.device) if active is None else active
         if active.shape != (B,) or active.dtype != torch.bool:
             raise ValueError(f"active must be a [B]={B} bool tensor, got {tuple(active.shape)} {active.dtype}")
-        rows = active.nonzero().squeeze(1)
-        buffer = state.buffer.index_put((rows, state.count[rows]), x_t[rows])
+        every_active = bool(active.all())
+        rows = slice(None) if every_active else active.nonzero().squeeze(1)
+        slot = state.count[rows]
+        buffer = state.buffer if inplace else state.buffer.clone()
+        buffer[rows if not every_active else torch.arange(B, device=x_t.device), slot] = x_t[rows]
         count = state.count + active.to(torch.int64)
         full = count == b
         weights, momentum = state.weights, state.momentum
         if bool(full.any()):
             ready = full.nonzero().squeeze(1)
             every = len(ready) == B
-            chunk = buffer if every else buffer[ready]
+            take = (lambda t: t) if every else (lambda t: t[ready])
+            chunk = take(buffer)
             f = self.features(chunk, torch.ones(chunk.shape[:2], dtype=torch.bool, device=chunk.device))
-            w_new, s_new = self.chunk_update(weights if every else [w[ready] for w in weights],
-                                             momentum if every else [s[ready] for s in momentum], f)
-            if every:
+            w_new, s_new = self.chunk_update([take(w) for w in weights], [take(s) for s in momentum], f)
+            if inplace:
+                for t, n in zip(weights + momentum, w_new + s_new):
+                    t.index_copy_(0, ready, n)
+            elif every:
                 weights, momentum = w_new, s_new
             else:
-                weights = [w.index_put((ready,), n) for w, n in zip(weights, w_new)]
-                momentum = [s.index_put((ready,), n) for s, n in zip(momentum, s_new)]
-            buffer = buffer.masked_fill(full[:, None, None], 0.0)
-            count = count.masked_fill(full, 0)
-        return MemoryState(weights=weights, momentum=momentum, buffer=buffer, count=count,
-                           n=state.n + active.to(torch.int64))
+                weights = [w.index_copy(0, ready, n) for w, n in zip(weights, w_new)]
+                momentum = [m.index_copy(0, ready, n) for m, n in zip(momentum, s_new)]
+            buffer.index_fill_(0, ready, 0.0)
+            count.masked_fill_(full, 0)
+        n = state.n + active.to(torch.int64)
+        if inplace:
+            state.count.copy_(count)
+            state.n.copy_(n)
+            return state
+        return MemoryState(weights=weights, momentum=momentum, buffer=buffer, count=count, n=n)
 
     def read(self, state: MemoryState, query: torch.Tensor) -> torch.Tensor:
         """Read after all events so far, the open chunk applied (not committed). query [B, (C,) d_q]."""
