@@ -52,11 +52,13 @@ class EventStream:
 
 
 class _Rows:
-    """Validation of one block: the first failed check of a row decides its reason."""
+    """Validation of one block: the first failed check of a row decides its reason. Strict mode raises,
+    once all checks ran (`raise_first`), the error of the earliest bad row."""
 
     def __init__(self, file: str, first_row: int, n: int, lenient: bool, report: LoadReport):
         self.file, self.first_row, self.lenient, self.report = file, first_row, lenient, report
         self.bad = np.zeros(n, dtype=bool)
+        self.first_error: BadInputError | None = None
 
     def flag(self, mask: np.ndarray, column: str | None, reason: str, values: pa.Array | None = None) -> None:
         new = mask & ~self.bad
@@ -65,10 +67,16 @@ class _Rows:
         i = int(np.argmax(new))
         value = None if values is None else str(values[i].as_py())
         err = BadInputError(self.file, self.first_row + i, column, reason, value)
-        if not self.lenient:
-            raise err
-        self.report.skip(f"{column}: {reason}" if column else reason, int(new.sum()), err)
         self.bad |= new
+        if not self.lenient:
+            if self.first_error is None or err.row < self.first_error.row:
+                self.first_error = err
+            return
+        self.report.skip(f"{column}: {reason}" if column else reason, int(new.sum()), err)
+
+    def raise_first(self) -> None:
+        if self.first_error is not None:
+            raise self.first_error
 
 
 def _np(a: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -164,7 +172,9 @@ def _event_ids(prefix: str, rows: _Rows, n: int) -> pa.Array:
     return pc.binary_join_element_wise(prefix, lines, ":")
 
 
-def _emit(report: LoadReport, keep: np.ndarray, cols: dict[str, pa.Array | np.ndarray]) -> pa.RecordBatch | None:
+def _emit(report: LoadReport, rows: _Rows, keep: np.ndarray, cols: dict[str, pa.Array | np.ndarray]
+          ) -> pa.RecordBatch | None:
+    rows.raise_first()
     report.rows_kept += int(keep.sum())
     if not keep.any():
         return None
@@ -230,7 +240,7 @@ def read_movielens(folder: str | Path, *, lenient: bool = False, block_bytes: in
             ts = _ts_column(rows, "timestamp", f["timestamp"])
             at = np.minimum(np.searchsorted(movie_ids, item), len(movie_ids) - 1)
             rows.flag(movie_ids[at] != item, "movieId", "movie not in movies.csv", f["movieId"])
-            batch = _emit(report, ~rows.bad, {
+            batch = _emit(report, rows, ~rows.bad, {
                 "event_id": _event_ids("ratings.csv", rows, n), "user_id": user, "item_id": item,
                 "category_id": movie_cate[at], "action": np.full(n, Action.RATE, np.int8), "ts": ts})
             if batch is not None:
@@ -265,7 +275,7 @@ def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = B
             lo, hi = TAOBAO_WINDOW_S
             outside = ~rows.bad & ((ts < lo * 1000) | (ts >= hi * 1000))
             report.filter(TAOBAO_WINDOW_RULE, int(outside.sum()))
-            batch = _emit(report, ~rows.bad & ~outside, {
+            batch = _emit(report, rows, ~rows.bad & ~outside, {
                 "event_id": _event_ids(path.name, rows, n), "user_id": user, "item_id": item,
                 "category_id": cate, "action": codes[at], "ts": ts})
             if batch is not None:
@@ -333,7 +343,7 @@ def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: 
                 else:
                     rows.flag(v < 0, f.name, "negative timestamp" if f.name == "ts" else "negative id", a)
                 cols[f.name] = v
-            out = _emit(report, ~rows.bad, cols)
+            out = _emit(report, rows, ~rows.bad, cols)
             if out is not None:
                 yield out
 
