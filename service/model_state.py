@@ -41,8 +41,9 @@ class ServingModel:
         from recsys.bundle import load_bundle
 
         b = load_bundle(Path(path))
-        return cls(model=b.model, version=b.version, n_items=b.n_items, n_cates=b.n_cates,
-                   max_len=b.model.config.max_len)
+        ids = b.id_space
+        return cls(model=b.model, version=b.version, n_items=int(ids["n_items"]), n_cates=int(ids["n_cates"]),
+                   max_len=int(ids["max_len"]))
 
     @property
     def needs_state(self) -> bool:

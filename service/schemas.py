@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 MAX_ID = 2**53 - 1
 
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+# Stored events never use id 0: it is the padding id of every history.
+EventId = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 class _Request(BaseModel):
@@ -22,6 +24,7 @@ class _Request(BaseModel):
 
 
 class Candidate(_Request):
+    # Any id is accepted: ones outside the model's tables (0 included) score as out-of-vocabulary.
     item_id: Id
     category_id: Id
 
@@ -29,8 +32,8 @@ class Candidate(_Request):
 class Event(_Request):
     event_id: str = Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")
     user_id: Id
-    item_id: Id
-    category_id: Id
+    item_id: EventId
+    category_id: EventId
     action: int = Field(default=0, ge=0, le=127)
     ts: int = Field(ge=0, le=MAX_ID, description="event time, ms since the epoch")
 
@@ -63,11 +66,12 @@ def request_models(max_candidates: int, max_events: int) -> RequestModels:
 
 
 class RetrievedEvent(BaseModel):
+    """A history event the search stage kept for a candidate, in search-score order."""
+
     position: int = Field(description="1 = the user's most recent event")
     item_id: int
     category_id: int
     ts: int
-    score: float = Field(description="search-stage attention score")
 
 
 class ScoreResponse(BaseModel):

