@@ -83,5 +83,10 @@ def test_parquet_events_round_trip_and_dispatch(ml_dir, taobao_csv, tmp_path):
     assert len(batches) > 1 and pa_concat(batches).equals(t)
     assert back.report.rows_kept == t.num_rows
     assert open_raw(tmp_path / "ev.parquet").read_all().equals(t)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(t.slice(0, 40_000), parts / "part-0.parquet")
+    pq.write_table(t.slice(40_000), parts / "part-1.parquet")
+    assert open_raw(parts).read_all().equals(t)
     assert open_raw(ml_dir).read_all().equals(t)
     assert open_raw(taobao_csv).read_all().equals(read_taobao(taobao_csv).read_all())

@@ -53,7 +53,9 @@ class SyntheticConfig(StrictModel):
     window: int = Field(200, ge=1)
     max_evidence: int = Field(32, ge=1)         # most recent evidence positions kept per row
     split: SplitConfig = SplitConfig()
-    chunk_events: int = Field(1_000_000, ge=1000)  # events generated and written per chunk (bounds memory)
+    # Events generated and written per chunk (bounds memory). Chunks draw from their own seeded streams, so
+    # the data depends on it as on the seed.
+    chunk_events: int = Field(1_000_000, ge=1000)
     seed: int = 0
 
     @model_validator(mode="after")

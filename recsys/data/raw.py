@@ -306,58 +306,72 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> None:
 
 
 def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: int = 1 << 20) -> EventStream:
-    """Our own events in EVENT_SCHEMA (any integer width accepted, checked on cast). Rows are 1-based row
-    numbers in the file."""
+    """Our own events in EVENT_SCHEMA (any integer width accepted, checked on cast): one Parquet file, or a
+    folder of them (read in name order, e.g. a pipeline's part files). Rows are 1-based row numbers within
+    each file."""
     path = Path(path)
 
     def produce(report: LoadReport) -> Iterator[pa.RecordBatch]:
-        _check_nonempty(path)
-        try:
-            pf = pq.ParquetFile(path)
-        except pa.ArrowException as e:
-            raise BadInputError(str(path), None, None, f"not a readable Parquet file: {e}") from None
-        _check_parquet_schema(path, pf.schema_arrow)
-        if pf.metadata.num_rows == 0:
-            raise BadInputError(str(path), None, None, "file has no data rows")
-        row = 1
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=EVENT_SCHEMA.names):
-            n = batch.num_rows
-            rows = _Rows(str(path), row, n, lenient, report)
-            row += n
-            report.rows_read += n
-            cols = {}
-            for f in EVENT_SCHEMA:
-                a = batch.column(f.name)
-                rows.flag(_np(a.is_null()), f.name, "missing value")
-                if f.name == "event_id":
-                    cols[f.name] = a.cast(pa.string())
-                    continue
-                if pa.types.is_unsigned_integer(a.type) and a.type.bit_width == 64:
-                    too_big = pc.greater(a, pa.scalar(2**63 - 1, a.type))
-                    rows.flag(_np(pc.fill_null(too_big, False)), f.name, "overflows int64", a)
-                    a = pc.if_else(pa.array(~rows.bad), a, pa.scalar(0, a.type))
-                v = _np(pc.fill_null(a.cast(pa.int64()), 0))
-                if f.name == "action":
-                    known = [int(x) for x in Action]
-                    rows.flag(~np.isin(v, known), f.name, f"unknown action (expected {known})", a)
-                else:
-                    rows.flag(v < 0, f.name, "negative timestamp" if f.name == "ts" else "negative id", a)
-                cols[f.name] = v
-            out = _emit(report, rows, ~rows.bad, cols)
-            if out is not None:
-                yield out
+        if path.is_dir():
+            files = sorted(path.glob("*.parquet"))
+            if not files:
+                raise BadInputError(str(path), None, None, "folder has no .parquet files")
+        else:
+            files = [path]
+        for file in files:
+            yield from _parquet_file(file, lenient, batch_rows, report)
 
     return EventStream(str(path), produce)
 
 
+def _parquet_file(path: Path, lenient: bool, batch_rows: int, report: LoadReport) -> Iterator[pa.RecordBatch]:
+    _check_nonempty(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except pa.ArrowException as e:
+        raise BadInputError(str(path), None, None, f"not a readable Parquet file: {e}") from None
+    _check_parquet_schema(path, pf.schema_arrow)
+    if pf.metadata.num_rows == 0:
+        raise BadInputError(str(path), None, None, "file has no data rows")
+    row = 1
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=EVENT_SCHEMA.names):
+        n = batch.num_rows
+        rows = _Rows(str(path), row, n, lenient, report)
+        row += n
+        report.rows_read += n
+        cols = {}
+        for f in EVENT_SCHEMA:
+            a = batch.column(f.name)
+            rows.flag(_np(a.is_null()), f.name, "missing value")
+            if f.name == "event_id":
+                cols[f.name] = a.cast(pa.string())
+                continue
+            if pa.types.is_unsigned_integer(a.type) and a.type.bit_width == 64:
+                too_big = pc.greater(a, pa.scalar(2**63 - 1, a.type))
+                rows.flag(_np(pc.fill_null(too_big, False)), f.name, "overflows int64", a)
+                a = pc.if_else(pa.array(~rows.bad), a, pa.scalar(0, a.type))
+            v = _np(pc.fill_null(a.cast(pa.int64()), 0))
+            if f.name == "action":
+                known = [int(x) for x in Action]
+                rows.flag(~np.isin(v, known), f.name, f"unknown action (expected {known})", a)
+            else:
+                rows.flag(v < 0, f.name, "negative timestamp" if f.name == "ts" else "negative id", a)
+            cols[f.name] = v
+        out = _emit(report, rows, ~rows.bad, cols)
+        if out is not None:
+            yield out
+
+
 def open_raw(path: str | Path, *, lenient: bool = False) -> EventStream:
-    """Pick the loader from the path: a folder with ratings.csv (MovieLens), a .parquet file (our events),
-    any other file (Taobao UserBehavior.csv)."""
+    """Pick the loader from the path: a folder with ratings.csv (MovieLens), a .parquet file or a folder of
+    them (our events), any other file (Taobao UserBehavior.csv)."""
     path = Path(path)
     if path.is_dir():
         if (path / "ratings.csv").is_file():
             return read_movielens(path, lenient=lenient)
-        raise BadInputError(str(path), None, None, "folder has no ratings.csv (not a MovieLens folder)")
+        if any(path.glob("*.parquet")):
+            return read_parquet_events(path, lenient=lenient)
+        raise BadInputError(str(path), None, None, "folder has neither ratings.csv (MovieLens) nor .parquet files")
     if path.suffix == ".parquet":
         return read_parquet_events(path, lenient=lenient)
     return read_taobao(path, lenient=lenient)
