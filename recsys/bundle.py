@@ -1,0 +1,86 @@
+"""Model bundle: the folder training exports and serving loads (DESIGN section 2). Never pickle.
+
+  config.yaml        the ExperimentConfig the model was trained with
+  model.safetensors  every weight and buffer (tables as `<set>.<table>`)
+  metrics.json       validation/test metrics of these weights
+  id_space.json      n_items, n_cates, max_len, dataset source: which ids the tables cover
+  VERSION            content hash of weights + config (the model version serving keys its state by)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from recsys.config.base import validate
+from recsys.config.experiment import ExperimentConfig
+
+FILES = ("config.yaml", "model.safetensors", "metrics.json", "id_space.json", "VERSION")
+
+
+class BundleError(ValueError):
+    """A bundle folder is missing a file or does not match its own description."""
+
+
+@dataclass
+class Bundle:
+    model: nn.Module        # in eval mode
+    config: ExperimentConfig
+    metrics: dict
+    id_space: dict
+    version: str
+
+
+def _version(weights: bytes, config_text: str) -> str:
+    h = hashlib.sha256()
+    h.update(weights)
+    h.update(config_text.encode())
+    return h.hexdigest()[:16]
+
+
+def export_bundle(model: nn.Module, config: ExperimentConfig, out_dir: str | Path, metrics: dict, dataset=None) -> Path:
+    """Write `model` (its current weights) as a bundle folder; returns the folder."""
+    from recsys.models.common import state_tensors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config_text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=True)
+    (out / "config.yaml").write_text(config_text)
+    save_file(state_tensors(model), out / "model.safetensors")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    source = dataset.meta.get("source", config.data) if dataset is not None else config.data
+    id_space = {"n_items": model.rows["item"], "n_cates": model.rows["cate"], "max_len": config.model.max_len, "dataset": str(source)}
+    (out / "id_space.json").write_text(json.dumps(id_space, indent=2))
+    (out / "VERSION").write_text(_version((out / "model.safetensors").read_bytes(), config_text) + "\n")
+    return out
+
+
+def load_bundle(bundle_dir: str | Path) -> Bundle:
+    """-> the model in eval mode (plain, unsharded tables), its config, metrics, id space and version."""
+    from recsys.models import build_model
+    from recsys.models.common import load_state_tensors
+
+    d = Path(bundle_dir)
+    missing = [f for f in FILES if not (d / f).is_file()]
+    if missing:
+        raise BundleError(f"{d}: not a model bundle, missing {missing}")
+    config_text = (d / "config.yaml").read_text()
+    config = validate(ExperimentConfig, yaml.safe_load(config_text), str(d / "config.yaml"))
+    version = (d / "VERSION").read_text().strip()
+    weights_bytes = (d / "model.safetensors").read_bytes()
+    if _version(weights_bytes, config_text) != version:
+        raise BundleError(f"{d}: VERSION {version} does not match the weights and config (modified bundle?)")
+    id_space = json.loads((d / "id_space.json").read_text())
+    if config.model.embedding_backend == "fused":  # serving needs no process group: same tables, unsharded
+        config = config.model_copy(update={"model": config.model.model_copy(update={"embedding_backend": "sparse"})})
+    model = build_model(config.model, int(id_space["n_items"]), int(id_space["n_cates"]))
+    load_state_tensors(model, load_file(d / "model.safetensors"))
+    model.eval()
+    return Bundle(model, config, json.loads((d / "metrics.json").read_text()), id_space, version)

@@ -1,0 +1,35 @@
+"""A training run's whole config: where the data is, which model, how to train. `configs/*.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from recsys.config.base import StrictModel, load_yaml
+from recsys.config.model import ModelConfig
+from recsys.config.train import TrainConfig
+
+
+class ExperimentConfig(StrictModel):
+    data: str = Field(description="dataset folder (benchmark format); relative paths resolve against the shared dir")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    def data_path(self) -> Path:
+        from recsys.paths import shared_dir
+
+        p = Path(self.data)
+        return p if p.is_absolute() else shared_dir() / p
+
+
+def load_experiment(config: "ExperimentConfig | str | Path", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """A config object passes through (with overrides applied); a path is loaded and validated."""
+    if isinstance(config, ExperimentConfig):
+        if not overrides:
+            return config
+        from recsys.config.base import _merge, validate
+
+        return validate(ExperimentConfig, _merge(config.model_dump(), overrides), "<overrides>")
+    return load_yaml(config, ExperimentConfig, overrides)

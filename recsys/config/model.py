@@ -1,0 +1,33 @@
+"""The `model` section of a config: which model, its dimensions and its switches."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from recsys.config.base import StrictModel
+
+
+class ModelConfig(StrictModel):
+    name: Literal["dare", "twin", "din"] = "dare"
+    dim_rep: int = Field(16, ge=1, description="d_r: representation dim per field (item, category, position)")
+    dim_att: int = Field(16, ge=1, description="d_a: attention dim per field (DARE only; TWIN/DIN use dim_rep)")
+    top_k: int = Field(20, ge=1, description="events kept by the search stage (DARE, TWIN)")
+    max_len: int = Field(200, ge=1, description="history length L; the position table has max_len + 1 rows")
+    aux_loss: bool = Field(True, description="auxiliary soft-attention head over the whole history (DARE, TWIN)")
+    aux_weight: float = Field(1.0, ge=0.0)
+    mlp: list[int] = Field([200, 80], description="hidden sizes of the prediction MLP")
+    din_attention_mlp: list[int] = Field([36], description="hidden sizes of DIN's activation unit")
+    init_std: float = Field(0.01, gt=0.0, description="N(0, std) init of embeddings and Linear weights")
+    embedding_backend: Literal["sparse", "dense", "fused"] = "sparse"
+    aaren: bool = Field(False, description="add the Aaren streaming-attention summary to the MLP input")
+    titans: bool = Field(False, description="add the Titans neural-memory read to the MLP input")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if not self.mlp or any(h < 1 for h in self.mlp):
+            raise ValueError(f"mlp: at least one hidden layer, sizes >= 1 (got {self.mlp})")
+        if any(h < 1 for h in self.din_attention_mlp):
+            raise ValueError(f"din_attention_mlp: sizes must be >= 1 (got {self.din_attention_mlp})")
+        return self

@@ -1,0 +1,21 @@
+"""The `train` section: optimisation, validation cadence, model selection."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from recsys.config.base import StrictModel
+
+
+class TrainConfig(StrictModel):
+    seed: int = 1
+    batch_size: int = Field(2048, ge=1)
+    eval_batch_size: int = Field(4096, ge=1)
+    epochs: float = Field(2.0, gt=0.0, description="passes over the training rows (fractions allowed)")
+    lr: float = Field(0.01, gt=0.0, description="Adam learning rate of the dense weights")
+    embedding_lr: float = Field(0.01, gt=0.0, description="learning rate of the embedding tables")
+    l2: float = Field(1e-6, ge=0.0, description="L2 on non-embedding weights (Adam weight_decay)")
+    eval_every: int = Field(19, ge=1, description="validate every N steps (and at the end)")
+    patience: int | None = Field(None, ge=1, description="stop after this many validations without a better val AUC")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
+    progress: bool = True

@@ -1,0 +1,193 @@
+"""Embedding table sets through torchrec, with row-sparse updates.
+
+A `TableSet` owns named tables (e.g. DARE's `att_item, att_cate, att_pos, rep_item, rep_cate, rep_pos`) in
+one torchrec `EmbeddingCollection`, one feature per table. `tables({"att_item": ids, ...})` accepts id
+tensors of any shape and returns embeddings of shape `ids.shape + (dim,)`. Ids are deduplicated per table
+before the lookup: a 2048 x 200 history batch of a 10k-item catalogue touches a few thousand rows, so the
+lookup and its backward work on those rows only.
+
+How the tables learn (`backend`, measured in docs/models.md):
+- `sparse` (default): the collection's tables emit sparse row gradients and `torch.optim.SparseAdam` updates
+  only the rows of the batch (lazy Adam: moments of untouched rows are not decayed). Memory and time per
+  step scale with the rows touched, not the table size; this is what makes Taobao-sized tables cheap.
+- `dense`: the original DARE code's behaviour, dense gradients and dense Adam over every row.
+- `fused`: torchrec `DistributedModelParallel` shards the collection over a gloo process group with
+  fbgemm's fused TBE kernel, which applies row-wise Adagrad inside backward (fbgemm's CPU build has no fused
+  Adam). This is the multi-worker layout for Ray Train; on one CPU process it is slower than `sparse`.
+  On CPU only `compute_kernel="fused"` is correct (the dense kernel pools sequence embeddings).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+Backend = Literal["sparse", "dense", "fused"]
+BACKENDS: tuple[str, ...] = ("sparse", "dense", "fused")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    num_embeddings: int
+    dim: int
+
+
+class _Collection(nn.Module):
+    """The module DMP shards: one EmbeddingCollection, KJT in, dict of JaggedTensors out."""
+
+    def __init__(self, specs: list[TableSpec], init_std: float, device: torch.device) -> None:
+        super().__init__()
+        self.ec = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=s.name,
+                    num_embeddings=s.num_embeddings,
+                    embedding_dim=s.dim,
+                    feature_names=[s.name],
+                    init_fn=partial(nn.init.normal_, mean=0.0, std=init_std),
+                )
+                for s in specs
+            ],
+            device=device,
+        )
+
+    def forward(self, kjt: KeyedJaggedTensor):
+        return self.ec(kjt)
+
+
+class TableSet(nn.Module):
+    """Named embedding tables; id 0 is padding (a real row, masked by the models)."""
+
+    def __init__(self, specs: list[TableSpec], backend: Backend = "sparse", init_std: float = 0.01) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"embedding backend {backend!r}: expected one of {BACKENDS}")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate table names in {names}")
+        self.specs = {s.name: s for s in specs}
+        self.backend = backend
+        self.collection = _Collection(specs, init_std, torch.device("cpu"))
+        if backend == "sparse":
+            for emb in self.collection.ec.embeddings.values():
+                emb.sparse = True  # torchrec builds plain nn.Embedding tables; ask for row gradients
+        self._sharded: nn.Module | None = None
+
+    def shard(self, lr: float, eps: float = 1e-8, process_group=None) -> None:
+        """Switch a `fused` set to its DMP-sharded form (call once, before training).
+
+        `process_group`: the gloo group to shard over; a one-process group is created when none exists.
+        The current (seeded) weights are copied into the shards, so all backends start identical.
+        """
+        if self.backend != "fused":
+            raise ValueError(f"shard() is for the 'fused' backend, this set is {self.backend!r}")
+        import torch.distributed as dist
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from torchrec.distributed import DistributedModelParallel
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.types import ShardingEnv
+
+        if process_group is None:
+            if not dist.is_initialized():
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                dist.init_process_group("gloo", rank=0, world_size=1)
+            process_group = dist.group.WORLD
+        world = dist.get_world_size(process_group)
+        weights = {n: e.weight.detach().clone() for n, e in self.collection.ec.embeddings.items()}
+        sharder = EmbeddingCollectionSharder(
+            fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr, "eps": eps}
+        )
+        constraints = {n: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for n in self.specs}
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
+        plan = planner.collective_plan(self.collection, [sharder], process_group)
+        self._sharded = DistributedModelParallel(
+            self.collection,
+            device=torch.device("cpu"),
+            plan=plan,
+            sharders=[sharder],
+            env=ShardingEnv.from_process_group(process_group),
+        )
+        self.load_weights(weights)
+
+    @property
+    def sharded(self) -> bool:
+        return self._sharded is not None
+
+    def forward(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = list(ids)
+        uniq, inverse = [], []
+        for n in names:
+            if n not in self.specs:
+                raise KeyError(f"no embedding table {n!r}; tables: {list(self.specs)}")
+            u, inv = torch.unique(ids[n].reshape(-1), return_inverse=True)
+            uniq.append(u)
+            inverse.append(inv)
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=names,
+            values=torch.cat(uniq),
+            lengths=torch.tensor([len(u) for u in uniq], dtype=torch.int64),
+        )
+        out = (self._sharded or self.collection)(kjt)
+        return {n: out[n].values()[inv].reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
+
+    # --- weights as plain tensors (bundles and checkpoints never store ShardedTensors) ---
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Full tables as plain tensors, keyed by table name (gathered when sharded)."""
+        if not self.sharded:
+            return {n: e.weight.detach() for n, e in self.collection.ec.embeddings.items()}
+        out = {}
+        for key, st in self._sharded.state_dict().items():
+            name = key.split(".")[-2]
+            full = torch.empty(st.size()) if _rank() == 0 else None
+            st.gather(dst=0, out=full)
+            if full is not None:
+                out[name] = full
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        missing = set(self.specs) - set(weights)
+        if missing:
+            raise KeyError(f"embedding weights missing tables {sorted(missing)}")
+        for n, w in weights.items():
+            want = (self.specs[n].num_embeddings, self.specs[n].dim)
+            if tuple(w.shape) != want:
+                raise ValueError(f"embedding table {n!r}: weight shape {tuple(w.shape)}, expected {want}")
+        if not self.sharded:
+            with torch.no_grad():
+                for n, e in self.collection.ec.embeddings.items():
+                    e.weight.copy_(weights[n])
+            return
+        with torch.no_grad():
+            for key, st in self._sharded.state_dict().items():
+                w = weights[key.split(".")[-2]]
+                for shard in st.local_shards():
+                    (r, c), (h, d) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                    shard.tensor.copy_(w[r : r + h, c : c + d])
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Table parameters an outside optimizer must step (none when fused: backward updates them)."""
+        return [] if self.sharded else list(self.collection.parameters())
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

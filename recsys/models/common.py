@@ -1,0 +1,157 @@
+"""Pieces the CTR models share: MLP, init, the two-stage target attention of DARE/TWIN, loss, weights I/O.
+
+Two-stage target attention (DARE, arXiv 2410.02604; TWIN is the same with one coupled table set):
+  stage 1, search: score every history event i against the target t with attention embeddings,
+      s_i = <q_sem, k_sem,i> / sqrt(d_sem) + <q_pos, k_pos,i> / sqrt(d_pos)
+  (semantic part = item and category concatenated, position part scaled on its own), padding masked,
+  keep the top k (retrieval.topk; no gradient flows through the choice);
+  stage 2, aggregation: recompute the kept scores differentiably, w = softmax(s_kept),
+      h = sum_i w_i r_i over representation embeddings,  logit = MLP([v_t, h, v_t * h]).
+An auxiliary head does the same soft attention over the whole history (no top-k) with its own MLP and
+adds its loss, so every attention embedding gets gradient, not only the k kept ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import retrieval
+from recsys.data.batch import HistoryBatch
+from recsys.embeddings import TableSet
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class ModelOutput:
+    logit: torch.Tensor                  # [B] main head
+    aux_logit: torch.Tensor | None       # [B] auxiliary head, None when off
+    indices: torch.Tensor | None         # [B, k] retrieved history columns, -1 = empty slot (None for DIN)
+
+
+@dataclass
+class Fields:
+    """Embedded fields of one batch, as one vector per event and one for the target."""
+
+    target: torch.Tensor   # [B, D]
+    events: torch.Tensor   # [B, L, D]
+
+
+class MLP(nn.Module):
+    """Linear -> BatchNorm -> PReLU per hidden layer, then a linear output (DIN/DARE prediction tower)."""
+
+    def __init__(self, d_in: int, hidden: list[int], d_out: int = 1, batch_norm: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for h in hidden:
+            layers += [nn.Linear(d_in, h)] + ([nn.BatchNorm1d(h)] if batch_norm else []) + [nn.PReLU()]
+            d_in = h
+        layers.append(nn.Linear(d_in, d_out))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def init_weights(module: nn.Module, std: float) -> None:
+    """The original's init: N(0, std) on Linear weights, zero biases (tables are initialised by TableSet)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            nn.init.zeros_(m.bias)
+
+
+def ctr_input(v_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return torch.cat([v_t, h, v_t * h], dim=-1)  # [B, 3D]
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with invalid slots at weight 0; a row with no valid slot is all 0."""
+    scores = scores.masked_fill(~valid, NEG_INF)
+    w = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(w, nan=0.0)
+
+
+def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
+    """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
+    with torch.no_grad():
+        _, idx = retrieval.topk(att.target.detach(), att.events.detach(), lengths, k, segments)
+    return idx
+
+
+def gather_events(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D] or [L, D] (shared history), idx [B, k] with -1 holes -> [B, k, D] (holes read column 0)."""
+    safe = idx.clamp(min=0)
+    if x.dim() == 2:
+        return x[safe]
+    return torch.gather(x, 1, safe.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def aggregate(att: Fields, rep: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Stage 2: softmax over the kept scores (recomputed with gradient), h = sum_i w_i r_i. -> [B, D_r]."""
+    keys = gather_events(att.events, idx)                                        # [B, k, D_a]
+    s = retrieval.scaled_scores(att.target.unsqueeze(1), keys, segments).squeeze(1)  # [B, k]
+    w = masked_softmax(s, idx >= 0)                                              # [B, k]
+    values = gather_events(rep.events, idx)                                      # [B, k, D_r]
+    return torch.einsum("bk,bkd->bd", w, values)
+
+
+def soft_attention(att: Fields, rep: Fields, lengths: torch.Tensor | int, segments: list[int]) -> torch.Tensor:
+    """The auxiliary head's aggregation: softmax over every history event (no top-k). -> [B, D_r]."""
+    if att.events.dim() == 2:  # serving: [L, D] shared by the C candidates
+        s = retrieval.scaled_scores(att.target, att.events, segments)             # [C, L]
+        valid = torch.arange(att.events.shape[0])[None, :] < torch.as_tensor(lengths).reshape(1, 1)
+        return masked_softmax(s, valid) @ rep.events                              # [C, D_r]
+    s = retrieval.scaled_scores(att.target.unsqueeze(1), att.events, segments).squeeze(1)  # [B, L]
+    L = att.events.shape[1]
+    valid = torch.arange(L, device=s.device)[None, :] < lengths[:, None]
+    return torch.einsum("bl,bld->bd", masked_softmax(s, valid), rep.events)
+
+
+def bce_loss(out: ModelOutput, label: torch.Tensor, aux_weight: float) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(out.logit, label)
+    if out.aux_logit is not None and aux_weight > 0:
+        loss = loss + aux_weight * F.binary_cross_entropy_with_logits(out.aux_logit, label)
+    return loss
+
+
+def table_sets(model: nn.Module) -> dict[str, TableSet]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, TableSet)}
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter outside the embedding tables (these get Adam with L2)."""
+    table_ids = {id(p) for t in table_sets(model).values() for p in t.parameters()}
+    return [p for p in model.parameters() if id(p) not in table_ids]
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """All weights and buffers as plain named tensors (tables as `<set>.<table>`; works when sharded)."""
+    sets = table_sets(model)
+    out = {f"{s}.{n}": w.contiguous() for s, t in sets.items() for n, w in t.weights().items()}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not any(name.startswith(s + ".") for s in sets):
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def load_state_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    sets = table_sets(model)
+    expected = {n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if not any(n.startswith(s + ".") for s in sets)}
+    expected |= {f"{s}.{n}" for s, t in sets.items() for n in t.specs}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise KeyError(f"model weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+    for s, t in sets.items():
+        t.load_weights({n: state[f"{s}.{n}"] for n in t.specs})
+    own = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    with torch.no_grad():
+        for name in expected:
+            if name in own:
+                if own[name].shape != state[name].shape:
+                    raise ValueError(f"model weight {name!r}: shape {tuple(state[name].shape)}, expected {tuple(own[name].shape)}")
+                own[name].copy_(state[name])

@@ -1,0 +1,105 @@
+"""DARE: Decoupled Attention and Representation Embeddings for long-sequence CTR (arXiv 2410.02604).
+
+Two independent table sets: *attention* embeddings (dim d_a per field) only score history events against
+the target; *representation* embeddings (dim d_r per field) are what the kept events contribute. Coupling
+them (TWIN) makes one vector serve both roles, and the attention gradient dominates it; decoupling lets
+d_a be small (cheap search over a lifelong history) while d_r stays expressive.
+
+Per event and for the target, each set embeds (item, category, position); the target's position id is 0,
+history column j has position j + 1 (1 = most recent). Stage 1 scores with the split scale of
+common.search (semantic = item+category, 2 d_a dims; position, d_a dims); stage 2 and the auxiliary head
+are common.aggregate / common.soft_attention; the tower is MLP([v_t, h, v_t * h]) with v_t = the target's
+representation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recsys.config.model import ModelConfig
+from recsys.data.batch import HistoryBatch
+from recsys.embeddings import TableSet, TableSpec
+from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, init_weights, search, soft_attention
+
+FIELDS = ("item", "cate", "pos")
+
+
+class DARE(nn.Module):
+    def __init__(self, config: ModelConfig, n_items: int, n_cates: int) -> None:
+        super().__init__()
+        if config.aaren or config.titans:
+            which = [n for n in ("aaren", "titans") if getattr(config, n)]
+            raise NotImplementedError(
+                f"model.{'/'.join(which)}: the optional summary branches are not wired into {type(self).__name__} yet"
+            )
+        self.config = config
+        self.k = config.top_k
+        self.rows = {"item": n_items, "cate": n_cates, "pos": config.max_len + 1}
+        self.build_tables(config)
+        d_r = len(FIELDS) * config.dim_rep
+        self.mlp = MLP(3 * d_r, list(config.mlp))
+        self.aux_mlp = MLP(3 * d_r, list(config.mlp)) if config.aux_loss else None
+        init_weights(self, config.init_std)
+
+    def build_tables(self, config: ModelConfig) -> None:
+        self.att_tables = self._tables("att", config.dim_att, config)
+        self.rep_tables = self._tables("rep", config.dim_rep, config)
+        # split scale: semantic part (item + category) and position part, each over its own sqrt(dim)
+        self.segments = [2 * config.dim_att, config.dim_att]
+
+    def _tables(self, prefix: str, dim: int, config: ModelConfig) -> TableSet:
+        specs = [TableSpec(f"{prefix}_{f}" if prefix else f, self.rows[f], dim) for f in FIELDS]
+        return TableSet(specs, config.embedding_backend, config.init_std)
+
+    # --- embeddings ---
+
+    def _fields(self, tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:
+        """target ids [Q] per field, event ids [..., L] per field -> concatenated field vectors."""
+        name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
+        n_t = target["item"].numel()
+        ids = {name(f): torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS}
+        emb = tables(ids)
+        t = torch.cat([emb[name(f)][:n_t] for f in FIELDS], dim=-1)                            # [Q, 3d]
+        e = torch.cat([emb[name(f)][n_t:].reshape(*events[f].shape, -1) for f in FIELDS], dim=-1)  # [..., L, 3d]
+        return Fields(t, e)
+
+    def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> tuple[Fields, Fields]:
+        """-> (attention fields, representation fields)."""
+        return self._fields(self.att_tables, "att", target, events), self._fields(self.rep_tables, "rep", target, events)
+
+    # --- the model ---
+
+    def heads(self, att: Fields, rep: Fields, lengths: torch.Tensor | int) -> ModelOutput:
+        idx = search(att, lengths, self.k, self.segments)                  # [B, k] stage 1
+        h = aggregate(att, rep, idx, self.segments)                        # [B, 3 d_r] stage 2
+        logit = self.mlp(ctr_input(rep.target, h)).squeeze(-1)             # [B]
+        aux = None
+        if self.aux_mlp is not None:
+            h_all = soft_attention(att, rep, lengths, self.segments)       # [B, 3 d_r]
+            aux = self.aux_mlp(ctr_input(rep.target, h_all)).squeeze(-1)   # [B]
+        return ModelOutput(logit, aux, idx)
+
+    def forward(self, batch: HistoryBatch) -> ModelOutput:
+        target = {"item": batch.target_item, "cate": batch.target_cate, "pos": torch.zeros_like(batch.target_item)}
+        events = {"item": batch.hist_item, "cate": batch.hist_cate, "pos": batch.hist_pos}
+        att, rep = self.embed(target, events)
+        return self.heads(att, rep, batch.hist_len)
+
+    @torch.no_grad()
+    def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor) -> ModelOutput:
+        """Serving: C candidates of ONE user sharing one history (retrieval's serving layout).
+
+        hist_item, hist_cate [L]: the user's last L <= max_len events, most recent first, no padding;
+        cand_item, cand_cate [C]. -> logit [C], aux_logit [C] or None, indices [C, k]. Equals the batch
+        forward on the same rows in eval mode.
+        """
+        L = hist_item.shape[0]
+        if L > self.config.max_len:
+            raise ValueError(f"history of {L} events exceeds max_len={self.config.max_len}; pass the most recent {self.config.max_len}")
+        if hist_cate.shape != hist_item.shape or cand_cate.shape != cand_item.shape:
+            raise ValueError("hist_item/hist_cate and cand_item/cand_cate must have matching shapes")
+        target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
+        events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
+        att, rep = self.embed(target, events)                               # targets [C, D], events [L, D]
+        return self.heads(att, rep, L)
