@@ -59,3 +59,26 @@ def topk_reference(
         scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
         keep = torch.nn.functional.pad(keep, (0, pad), value=False)
     return scores.masked_fill(~keep, float("-inf")), order.masked_fill(~keep, -1)
+
+
+# The tie rule as one integer order: a score and its index packed into an int64 that sorts by
+# (score desc, index asc). Fast paths select on packed keys, which are unique per row, so any
+# top-k routine returns the reference's order without breaking ties itself.
+EMPTY_KEY = -(2**63) + 1  # below every packed score (also -inf): an empty slot
+_LOW = 2**31 - 1          # low half of a packed key = _LOW - index
+
+
+def pack_keys(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """fp32 scores and int indices (broadcastable, index < 2**31) -> int64 keys ordered as the reference ranks."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 maps -0.0 to +0.0: equal scores, equal keys
+    okey = bits ^ ((bits >> 31) & 0x7FFFFFFF)        # signed-int order == float order
+    return (okey.to(torch.int64) << 32) + (_LOW - index.to(torch.int64))
+
+
+def unpack_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_keys`: -> scores (fp32), indices (int64); EMPTY_KEY -> -inf, -1."""
+    empty = keys == EMPTY_KEY
+    okey = (keys >> 32).to(torch.int32)
+    bits = okey ^ ((okey >> 31) & 0x7FFFFFFF)
+    scores = bits.view(torch.float32).masked_fill(empty, float("-inf"))
+    return scores, (_LOW - (keys & 0xFFFFFFFF)).masked_fill(empty, -1)
