@@ -1,0 +1,236 @@
+"""Commands of `recsys`. Each one is a thin layer over a library function; heavy imports stay inside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from recsys.cli.errors import fail, friendly
+
+app = typer.Typer(
+    name="recsys",
+    help="Lifelong-sequence CTR models (DARE, TWIN, DIN, Aaren, Titans): data, training, serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+@friendly
+def generate(
+    out: Path = typer.Option(..., help="dataset folder to write (its files are replaced)"),
+    users: int = typer.Option(200, help="number of users"),
+    events_mean: float = typer.Option(1000.0, help="mean events per user (log-normal)"),
+    seed: int = typer.Option(0),
+    config: Optional[Path] = typer.Option(None, help="a SyntheticConfig YAML; the flags above override it"),
+) -> None:
+    """Generate the seeded synthetic lifelong dataset (benchmark format + evidence).
+
+    Example: recsys generate --out runs/synth --users 500 --events-mean 2000
+    """
+    from recsys.cli.progress import progress_bar
+    from recsys.config.base import load_yaml, validate
+    from recsys.config.data import SyntheticConfig
+    from recsys.data.synthetic import generate as gen
+
+    base = load_yaml(config, SyntheticConfig).model_dump() if config else {}
+    base.update(n_users=users, seed=seed)
+    base["events_per_user"] = {**base.get("events_per_user", {}), "mean": events_mean}
+    cfg = validate(SyntheticConfig, base, str(config or "<flags>"))
+    with progress_bar("generating events") as update:
+        meta = gen(cfg, out, progress=update)
+    _print_json(meta)
+
+
+@app.command()
+@friendly
+def prepare(
+    input: list[Path] = typer.Option(..., "--input", help="raw log(s): MovieLens folder, Taobao UserBehavior.csv, events Parquet"),
+    out: Path = typer.Option(..., help="dataset folder to write (its files are replaced)"),
+    seed: int = typer.Option(0, help="seed of the negative sampling"),
+    lenient: bool = typer.Option(False, help="skip and count bad rows instead of stopping at the first"),
+) -> None:
+    """Raw logs -> dataset folder, in this process (see `preprocess` for the Ray job).
+
+    Example: recsys prepare --input ../shared/data/movielens/ml-latest-small --out runs/ml
+    """
+    from recsys.data.prepare import prepare as prep
+    from recsys.data.raw import open_raw
+
+    if len(input) != 1:
+        fail("prepare takes one --input; use `recsys preprocess` (Ray) for several files")
+    _print_json(prep(open_raw(input[0], lenient=lenient), out, seed=seed))
+
+
+@app.command()
+@friendly
+def preprocess(
+    input: list[Path] = typer.Option(..., "--input", help="raw log file(s) or folder(s)"),
+    out: Path = typer.Option(..., help="dataset folder to write (replaced, never appended)"),
+    seed: int = typer.Option(0),
+    lenient: bool = typer.Option(False, help="skip and count bad rows"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join); default: local Ray"),
+) -> None:
+    """Raw logs -> dataset folder as a Ray Data job (same output as `prepare`).
+
+    Example: recsys preprocess --input ../shared/data/taobao-sample/UserBehavior.csv --out runs/taobao --lenient
+    """
+    from pipelines.preprocess import run_preprocess
+
+    _print_json(run_preprocess([str(p) for p in input], out, seed=seed, lenient=lenient, address=address))
+
+
+@app.command()
+@friendly
+def stats(folder: Path = typer.Argument(..., help="dataset folder")) -> None:
+    """Statistics of a dataset folder.
+
+    Example: recsys stats ../shared/benchmarks/ml-latest-small
+    """
+    from recsys.data.report import describe
+
+    if not (folder / "events.parquet").is_file():
+        fail(f"{folder}: not a dataset folder (no events.parquet)")
+    _print_json(describe(folder))
+
+
+@app.command()
+@friendly
+def train(
+    config: Path = typer.Option(..., help="experiment YAML, e.g. configs/dare.yaml"),
+    out: Path = typer.Option(Path("runs/train"), help="run folder (checkpoints, log, bundle)"),
+    data: Optional[Path] = typer.Option(None, help="dataset folder overriding the config's"),
+    seed: Optional[int] = typer.Option(None, help="seed overriding the config's"),
+    resume: bool = typer.Option(False, help="continue from the run folder's last checkpoint"),
+    ray: bool = typer.Option(False, "--ray", help="run as a Ray Train job"),
+    workers: int = typer.Option(2, help="Ray Train workers (with --ray)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (with --ray)"),
+    use_gpu: bool = typer.Option(False, help="Ray workers on GPUs (with --ray)"),
+) -> None:
+    """Train a model; the best checkpoint by validation AUC is exported as a bundle.
+
+    Example: recsys train --config configs/dare.yaml --out runs/dare
+    Example: recsys train --config configs/dare.yaml --ray --workers 2
+    """
+    from recsys.config.experiment import load_experiment
+
+    overrides: dict = {}
+    if data is not None:
+        overrides["data"] = str(data.resolve())
+    if seed is not None:
+        overrides["train"] = {"seed": seed}
+    cfg = load_experiment(config, overrides or None)
+    if ray:
+        from pipelines.train import run_train
+
+        result = run_train(cfg, out, workers=workers, address=address, use_gpu=use_gpu)
+        _print_json({k: v for k, v in result.items() if k != "history"})
+    else:
+        from recsys.train.trainer import train as run
+
+        _print_json(run(cfg, out, resume=resume).to_json())
+
+
+@app.command()
+@friendly
+def evaluate(
+    bundle: Path = typer.Option(..., help="model bundle folder"),
+    split: str = typer.Option("test", help="train, val or test"),
+    data: Optional[Path] = typer.Option(None, help="dataset folder (default: the bundle's)"),
+) -> None:
+    """Metrics of a bundle on a split: AUC, GAUC, logloss, per-category AUC.
+
+    Example: recsys evaluate --bundle runs/dare/bundle --split test
+    """
+    from recsys.train.trainer import evaluate as run
+
+    if split not in ("train", "val", "test"):
+        fail(f"--split: expected train, val or test, got {split!r}")
+    _print_json(run(bundle, split, data))
+
+
+def _service_config(config: Optional[Path], bundle: Optional[Path], host: Optional[str], port: Optional[int]):
+    from recsys.config.base import load_yaml
+    from recsys.config.http import ServiceConfig
+
+    cfg = load_yaml(config, ServiceConfig) if config else ServiceConfig()
+    http = cfg.http.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    update = {"http": http}
+    if bundle is not None:
+        if not bundle.is_dir():
+            fail(f"--bundle {bundle}: not a folder")
+        update["bundle"] = str(bundle.resolve())
+    return cfg.model_copy(update=update)
+
+
+@app.command()
+@friendly
+def serve(
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), e.g. configs/serve.yaml"),
+    bundle: Optional[Path] = typer.Option(None, help="model bundle to serve"),
+    host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, help="port (default 8000)"),
+    workers: int = typer.Option(1, help="uvicorn worker processes, or Ray Serve replicas"),
+    ray_serve: bool = typer.Option(False, "--ray-serve", help="run as a Ray Serve deployment"),
+) -> None:
+    """Run the scoring service (FastAPI) on embedded Redis or REDIS_URL.
+
+    Example: RECSYS_API_KEY=... recsys serve --bundle runs/dare/bundle --port 8000
+    """
+    from service.serve import serve as run
+
+    run(_service_config(config, bundle, host, port), workers=workers, ray_serve=ray_serve)
+
+
+@app.command("stream-worker")
+@friendly
+def stream_worker(
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig)"),
+    bundle: Optional[Path] = typer.Option(None, help="model bundle whose state the worker maintains"),
+    consumer: str = typer.Option("worker-1", help="consumer name in the group (unique per process)"),
+) -> None:
+    """Apply streamed events to per-user state in Redis (exactly-once effect).
+
+    Example: REDIS_URL=redis://127.0.0.1:6379/0 recsys stream-worker --bundle runs/dare/bundle
+    """
+    from service.worker import run_worker
+
+    run_worker(_service_config(config, bundle, None, None), consumer=consumer)
+
+
+@app.command()
+@friendly
+def demo(
+    data: Optional[Path] = typer.Option(None, help="MovieLens folder, Taobao CSV, events Parquet or a dataset folder; default: synthetic"),
+    out: Path = typer.Option(Path("runs/demo"), help="run folder"),
+    small: bool = typer.Option(False, help="a seconds-scale run (CI)"),
+) -> None:
+    """The main job end to end on embedded defaults: data, Ray preprocessing and training, evaluation,
+    bundle, service on embedded Redis, streamed events, live scores, latency, report.
+
+    Example: recsys demo --data ../shared/data/movielens/ml-latest-small
+    """
+    from recsys.cli.demo import run_demo
+
+    run_demo(data=data, out=out, small=small)
+
+
+@app.command()
+@friendly
+def report(run_dir: Path = typer.Argument(..., help="a demo or training run folder")) -> None:
+    """Write RUN_DIR/report.html (+ PNGs): learning curves, model table, recall@k, latency, attention.
+
+    Example: recsys report runs/demo
+    """
+    from recsys.cli.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
