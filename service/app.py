@@ -141,6 +141,11 @@ def _unavailable(runtime: Runtime, op: str, e: Exception) -> HTTPException:
     return HTTPException(503, f"state store unavailable ({type(e).__name__})")
 
 
+def _invalid(loc: tuple, msg: str) -> RequestValidationError:
+    """A 422 in the same shape as a schema violation, for checks the schema cannot express."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     runtime = Runtime(config)
     models = schemas.request_models(config.http.max_candidates, config.http.max_events)
@@ -163,8 +168,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.runtime = runtime
     app.add_exception_handler(RequestValidationError, validation_error)
 
-    @app.post("/v1/score", response_model=schemas.ScoreResponse,
-              responses={503: {"description": "no model loaded, or the state store is unavailable"}})
+    @app.post("/v1/score", response_model=schemas.ScoreResponse, responses=schemas.error_responses(503))
     async def score(req: ScoreRequest):
         scorer = runtime.scorer
         if scorer is None:
@@ -184,13 +188,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
                              "scores": res.scores, "explanations": res.explanations})
 
     @app.post("/v1/events", status_code=202, response_model=schemas.EventsResponse,
-              dependencies=[Depends(require_key)],
-              responses={401: {"description": "X-API-Key missing"}, 403: {"description": "X-API-Key invalid"}})
+              dependencies=[Depends(require_key)], responses=schemas.error_responses(401, 403, 503))
     async def events(req: EventsRequest):
-        try:
-            batch = [Event(e.event_id, e.user_id, e.item_id, e.category_id, e.action, e.ts) for e in req.events]
-        except ValueError as e:
-            raise HTTPException(422, f"events: {e}") from None
+        batch = []
+        for i, e in enumerate(req.events):
+            try:
+                batch.append(Event(e.event_id, e.user_id, e.item_id, e.category_id, e.action, e.ts))
+            except ValueError as err:  # the store's own checks, should they ever be stricter than the schema
+                name, _, msg = str(err).partition(": ")
+                raise _invalid(("body", "events", i, name), msg) from None
         try:
             await asyncio.to_thread(runtime.stream.append, batch)
         except redis.RedisError as e:
@@ -198,7 +204,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         runtime.metrics.events_ingested.inc(len(batch))
         return {"accepted": len(batch)}
 
-    @app.get("/v1/users/{user_id}", response_model=schemas.UserResponse)
+    @app.get("/v1/users/{user_id}", response_model=schemas.UserResponse, responses=schemas.error_responses(503))
     async def user(user_id: int = PathParam(ge=0, le=schemas.MAX_ID)):
         try:
             s = await asyncio.to_thread(runtime.store.summary, user_id)
@@ -232,17 +238,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return Response(runtime.metrics.render(), media_type=runtime.metrics.content_type)
 
     @app.post("/v1/admin/reload", response_model=schemas.ReloadResponse, dependencies=[Depends(require_key)],
-              responses={401: {"description": "X-API-Key missing"}, 403: {"description": "X-API-Key invalid"},
-                         409: {"description": "too many users to rebuild in-process"}})
+              responses=schemas.error_responses(401, 403, 409, 503))
     async def reload(req: schemas.ReloadRequest):
         path = Path(req.bundle)
         if not path.is_dir():
-            raise HTTPException(422, f"bundle: {req.bundle!r} is not a directory on the server")
+            raise _invalid(("body", "bundle"), f"{req.bundle!r} is not a directory on the server")
         async with runtime.reload_lock:
             try:
                 model = await asyncio.to_thread(ServingModel.from_bundle, path)
             except Exception as e:  # noqa: BLE001 - a broken bundle is the caller's input
-                raise HTTPException(422, f"bundle: cannot load {req.bundle!r}: {e}") from None
+                raise _invalid(("body", "bundle"), f"cannot load {req.bundle!r}: {e}") from None
             rebuilt = 0
             if req.rebuild:
                 try:

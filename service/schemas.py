@@ -10,13 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 MAX_ID = 2**53 - 1
 
-Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+
+def _integral(v):
+    # JSON Schema's "integer" includes 5.0; strings, booleans and 5.5 stay type errors.
+    return int(v) if type(v) is float and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Id = Annotated[Int, Field(ge=0, le=MAX_ID)]
 # Stored events never use id 0: it is the padding id of every history.
-EventId = Annotated[int, Field(ge=1, le=MAX_ID)]
+EventId = Annotated[Int, Field(ge=1, le=MAX_ID)]
 
 
 class _Request(BaseModel):
@@ -34,8 +41,8 @@ class Event(_Request):
     user_id: Id
     item_id: EventId
     category_id: EventId
-    action: int = Field(default=0, ge=0, le=127)
-    ts: int = Field(ge=0, le=MAX_ID, description="event time, ms since the epoch")
+    action: Int = Field(default=0, ge=0, le=127)
+    ts: Int = Field(ge=0, le=MAX_ID, description="event time, ms since the epoch")
 
 
 class ReloadRequest(_Request):
@@ -100,6 +107,31 @@ class ReloadResponse(BaseModel):
     model_version: str
     previous_version: str | None
     rebuilt_users: int
+
+
+class Error(BaseModel):
+    detail: str
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="where: body.candidates.3.item_id, path.user_id, header.X-API-Key, ...")
+    msg: str
+    type: str
+
+
+class ValidationErrorBody(BaseModel):
+    detail: str = Field(description="the first errors as one line, each starting with its field")
+    errors: list[FieldError]
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI `responses` for the error statuses a route can answer (422 is always possible)."""
+    text = {401: "X-API-Key missing", 403: "X-API-Key invalid, or writes disabled (no key configured)",
+            409: "conflict", 413: "body too large", 503: "no model loaded, or the state store is unavailable"}
+    out: dict = {422: {"model": ValidationErrorBody, "description": "invalid request; names the field"},
+                 413: {"model": Error, "description": text[413]}}
+    out.update({c: {"model": Error, "description": text[c]} for c in codes})
+    return out
 
 
 class Health(BaseModel):
