@@ -23,10 +23,10 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from recsys.data.batch import HistoryBatch
+from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
 
-SPLITS = ("train", "val", "test")
-EVENT_COLUMNS = {"user": pa.int32(), "pos": pa.int32(), "item": pa.int32(), "cate": pa.int32(), "ts": pa.int64()}
-SAMPLE_COLUMNS = {"user": pa.int32(), "pos": pa.int32(), "item": pa.int32(), "cate": pa.int32(), "label": pa.int8()}
+EVENT_COLUMNS = {f.name: f.type for f in DATASET_EVENTS_SCHEMA}
+SAMPLE_COLUMNS = {f.name: f.type for f in SPLIT_SCHEMA}
 
 
 class DatasetError(ValueError):
