@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import pytest
@@ -107,7 +106,6 @@ def triton_scan(monkeypatch):
     assert type(mod._scan_fwd).__name__ == "InterpretedFunction"
     yield mod.aaren_scan_triton
     # leave no interpreter-mode kernels behind for a later CUDA user in this process
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))
     sys.modules.pop(name, None)
 
 

@@ -25,6 +25,15 @@ import triton.language as tl
 _BIG = 1.0e30
 
 
+# Reductions are tl.reduce with the standard library's own combine functions, not tl.max / tl.sum:
+# those wrappers are @jit functions fixed as compiled or interpreted when triton is first imported, so
+# the interpreter tests would depend on import order; the interpreter recognises these combine
+# functions (numpy fast path) and the compiler inlines them, whichever mode triton was imported in.
+_add = tl.standard._sum_combine
+_max = tl.standard._elementwise_max
+_min = tl.standard._elementwise_min
+
+
 @triton.jit
 def _scan_fwd(s_ptr, v_ptr, o_ptr, m_ptr, u_ptr, L, D,
               BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -33,8 +42,8 @@ def _scan_fwd(s_ptr, v_ptr, o_ptr, m_ptr, u_ptr, L, D,
     cols = tl.arange(0, BLOCK_D)
     causal = rows[:, None] >= rows[None, :]                                   # [t, i]
     m_c = tl.full((1,), float("-inf"), tl.float32)
-    u_c = tl.zeros((1,), tl.float32)
-    w_c = tl.zeros((1, BLOCK_D), tl.float32)
+    u_c = tl.full((1,), 0.0, tl.float32)
+    w_c = tl.full((1, BLOCK_D), 0.0, tl.float32)
     for start in range(0, L, BLOCK_L):
         pos = start + rows
         in_l = pos < L
@@ -43,20 +52,20 @@ def _scan_fwd(s_ptr, v_ptr, o_ptr, m_ptr, u_ptr, L, D,
         v = tl.load(v_ptr + (n * L + pos)[:, None] * D + cols[None, :], mask=vmask, other=0.0).to(tl.float32)
         real = s > float("-inf")
         s_ti = tl.where(causal, s[None, :], float("-inf"))                    # [t, i]
-        m = tl.maximum(tl.max(s_ti, axis=1), m_c)                              # [t]
+        m = tl.maximum(tl.reduce(s_ti, 1, _max), m_c)                              # [t]
         m_safe = tl.where(m > float("-inf"), m, 0.0)
         p = tl.where(causal & real[None, :], tl.exp(s_ti - m_safe[:, None]), 0.0)
         carry = tl.exp(m_c - m_safe)                                           # 0 while m_c = -inf
-        u = u_c * carry + tl.sum(p, axis=1)
+        u = u_c * carry + tl.reduce(p, 1, _add)
         w = w_c * carry[:, None] + tl.dot(p, v, input_precision="ieee")
         o = tl.where(u[:, None] > 0, w / tl.where(u > 0, u, 1.0)[:, None], 0.0)
         tl.store(o_ptr + (n * L + pos)[:, None] * D + cols[None, :], o, mask=vmask)
         tl.store(m_ptr + n * L + pos, m, mask=in_l)
         tl.store(u_ptr + n * L + pos, u, mask=in_l)
         last = (rows == BLOCK_L - 1)
-        m_c = tl.max(tl.where(last, m, float("-inf")), axis=0, keep_dims=True)
-        u_c = tl.sum(tl.where(last, u, 0.0), axis=0, keep_dims=True)
-        w_c = tl.sum(tl.where(last[:, None], w, 0.0), axis=0, keep_dims=True)
+        m_c = tl.reduce(tl.where(last, m, float("-inf")), 0, _max, keep_dims=True)
+        u_c = tl.reduce(tl.where(last, u, 0.0), 0, _add, keep_dims=True)
+        w_c = tl.reduce(tl.where(last[:, None], w, 0.0), 0, _add, keep_dims=True)
 
 
 @triton.jit
@@ -67,9 +76,9 @@ def _scan_bwd(s_ptr, v_ptr, o_ptr, m_ptr, u_ptr, do_ptr, ds_ptr, dv_ptr, L, D,
     cols = tl.arange(0, BLOCK_D)
     causal = rows[:, None] >= rows[None, :]                                   # [t, i]
     ref = tl.full((1,), BIG, tl.float32)
-    c_do = tl.zeros((1, BLOCK_D), tl.float32)   # sum over later t of e^(ref - lse_t) do_t
-    c_d = tl.zeros((1,), tl.float32)            # sum over later t of e^(ref - lse_t) (do_t . o_t)
-    n_blocks = tl.cdiv(L, BLOCK_L)
+    c_do = tl.full((1, BLOCK_D), 0.0, tl.float32)   # sum over later t of e^(ref - lse_t) do_t
+    c_d = tl.full((1,), 0.0, tl.float32)            # sum over later t of e^(ref - lse_t) (do_t . o_t)
+    n_blocks = (L + BLOCK_L - 1) // BLOCK_L
     for b in range(0, n_blocks):
         start = (n_blocks - 1 - b) * BLOCK_L
         pos = start + rows
@@ -85,20 +94,20 @@ def _scan_bwd(s_ptr, v_ptr, o_ptr, m_ptr, u_ptr, do_ptr, ds_ptr, dv_ptr, L, D,
         real = s > float("-inf")
         seen = u > 0                                         # lse_t finite
         lse = tl.where(seen, m + tl.log(tl.where(seen, u, 1.0)), BIG)
-        dd = tl.sum(o * do, axis=1)                                            # [t]
+        dd = tl.reduce(o * do, 1, _add)                                            # [t]
         # mask before exp: for i > t the exponent may be huge
         p = tl.exp(tl.where(causal & real[None, :] & seen[:, None], s[None, :] - lse[:, None], float("-inf")))
         later = tl.where(real, tl.exp(s - ref), 0.0)                           # [i]
         dv = tl.dot(tl.trans(p), do, input_precision="ieee") + later[:, None] * c_do
-        dsum = tl.sum(p * dd[:, None], axis=0) + later * c_d
-        ds = tl.where(real, tl.sum(v * dv, axis=1) - dsum, 0.0)
+        dsum = tl.reduce(p * dd[:, None], 0, _add) + later * c_d
+        ds = tl.where(real, tl.reduce(v * dv, 1, _add) - dsum, 0.0)
         tl.store(dv_ptr + offs, dv, mask=vmask)
         tl.store(ds_ptr + n * L + pos, ds, mask=in_l)
-        new_ref = tl.minimum(ref, tl.min(lse, axis=0, keep_dims=True))
+        new_ref = tl.minimum(ref, tl.reduce(lse, 0, _min, keep_dims=True))
         scale = tl.exp(new_ref - ref)
         e = tl.where(seen, tl.exp(new_ref - lse), 0.0)                         # [t]
-        c_do = c_do * scale[:, None] + tl.sum(e[:, None] * do, axis=0, keep_dims=True)
-        c_d = c_d * scale + tl.sum(e * dd, axis=0, keep_dims=True)
+        c_do = c_do * scale[:, None] + tl.reduce(e[:, None] * do, 0, _add, keep_dims=True)
+        c_d = c_d * scale + tl.reduce(e * dd, 0, _add, keep_dims=True)
         ref = new_ref
 
 
