@@ -279,11 +279,8 @@ class StateStore:
         cfg = self.cfg
         for p in todo:
             k = self.keys.user(p.user_id)
-            args: list = [p.rev, version, p.state, cfg.seq_cap, cfg.seq_slack, cfg.dedup_window_ms,
-                          cfg.dedup_max_ids, len(p.records)]
-            raw = p.records.tobytes()
-            for j, eid in enumerate(p.eids):
-                args += [eid, raw[j * RECORD_BYTES:(j + 1) * RECORD_BYTES]]
+            args = [p.rev, version, p.state, cfg.seq_cap, cfg.seq_slack, cfg.dedup_window_ms,
+                    cfg.dedup_max_ids, len(p.records), p.records.tobytes(), *p.eids]
             self._apply_script(keys=[k.meta, k.seq, k.dedup, k.state(version)], args=args, client=pipe)
         replies = pipe.execute() if todo else []
         retry = []

@@ -24,7 +24,11 @@ from recsys.config.serve import ServeConfig
 from service.keys import KeySpace, partition_of
 from service.state import Event, StateStore, StateUpdater
 
-FIELDS = ("event_id", "user_id", "item_id", "category_id", "action", "ts")
+# One field per entry, values tab-separated in this order, event id last (it may contain tabs):
+# a sixth of the RESP elements of one-field-per-value, which is most of the cost of XADD/XREADGROUP in
+# redis-py (benchmarks/redis_state.py). Dead letters keep the original field.
+FIELD = b"e"
+ORDER = ("user_id", "item_id", "category_id", "action", "ts", "event_id")
 Entry = tuple[int, str, dict[bytes, bytes]]  # (partition, stream id, fields)
 
 
@@ -36,22 +40,25 @@ class EventRejected(ValueError):
         self.reason = reason
 
 
+def encode_event(e: Event) -> bytes:
+    return f"{e.user_id}\t{e.item_id}\t{e.category_id}\t{e.action}\t{e.ts}\t{e.event_id}".encode()
+
+
 def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> Event:
-    """Stream fields -> Event, or EventRejected naming the field."""
-    values: dict[str, str | int] = {}
-    for name in FIELDS:
-        raw = fields.get(name.encode())
-        if raw is None:
-            raise EventRejected(name, f"{name}: missing")
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError:
-            raise EventRejected(name, f"{name}: not UTF-8") from None
-        if name == "event_id":
-            if len(raw) > max_event_id_len:
-                raise EventRejected(name, f"event_id: {len(raw)} bytes, more than {max_event_id_len}")
-            values[name] = text
-            continue
+    """Stream entry fields -> Event, or EventRejected naming the field."""
+    raw = fields.get(FIELD)
+    if raw is None:
+        raise EventRejected("entry", f"entry: no field {FIELD.decode()!r}")
+    try:
+        parts = raw.decode().split("\t", len(ORDER) - 1)
+    except UnicodeDecodeError:
+        raise EventRejected("entry", "entry: not UTF-8") from None
+    if len(parts) != len(ORDER):
+        raise EventRejected("entry", f"entry: {len(parts)} tab-separated values, expected {len(ORDER)} ({', '.join(ORDER)})")
+    values: dict[str, str | int] = {"event_id": parts[-1]}
+    if len(parts[-1].encode()) > max_event_id_len:
+        raise EventRejected("event_id", f"event_id: {len(parts[-1].encode())} bytes, more than {max_event_id_len}")
+    for name, text in zip(ORDER[:-1], parts):
         try:
             values[name] = int(text)
         except ValueError:
@@ -60,11 +67,6 @@ def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> E
         return Event(**values)  # type: ignore[arg-type]
     except ValueError as e:
         raise EventRejected(str(e).split(":", 1)[0], str(e)) from None
-
-
-def event_fields(e: Event) -> dict[str, str]:
-    return {"event_id": e.event_id, "user_id": str(e.user_id), "item_id": str(e.item_id),
-            "category_id": str(e.category_id), "action": str(e.action), "ts": str(e.ts)}
 
 
 class EventStream:
@@ -79,20 +81,11 @@ class EventStream:
     def partition(self, user_id: int) -> int:
         return partition_of(user_id, self.cfg.stream.partitions)
 
-    def append(self, events: Sequence[Event | Mapping[str, str]]) -> list[str]:
-        """XADD each event to its user's partition (one round trip); returns the stream ids.
-
-        Raw field mappings are accepted too (they are validated by the worker, and rejected ones are
-        dead-lettered there); their partition comes from `user_id` when it parses, else partition 0.
-        """
+    def append(self, events: Sequence[Event]) -> list[str]:
+        """XADD each event to its user's partition (one round trip); returns the stream ids."""
         pipe = self.client.pipeline(transaction=False)
         for e in events:
-            fields = event_fields(e) if isinstance(e, Event) else dict(e)
-            try:
-                p = self.partition(int(fields["user_id"]))
-            except (KeyError, ValueError):
-                p = 0
-            pipe.xadd(self.partitions[p].events, fields)
+            pipe.xadd(self.partitions[self.partition(e.user_id)].events, {FIELD: encode_event(e)})
         return [i.decode() for i in pipe.execute()]
 
     def ensure_groups(self) -> None:

@@ -309,3 +309,14 @@ def test_embedded_redis_keeps_state_across_restart_and_crash(tmp_path):
             check_user(store, u, events)
         pid = handle.server_pid
     assert gone(pid)
+
+
+def test_one_user_batch_larger_than_lua_unpack_limits(backend):
+    # 9,000 events of one user in one script call: ZMSCORE/ZADD argument lists are sliced inside Lua.
+    store = store_for(backend)
+    events = [Event(f"big{i}", 4, 1 + i, 1, 0, 50_000 + i) for i in range(9_000)]
+    random.Random(6).shuffle(events)
+    rep = store.apply(HashChain(), events[:500])
+    rep = store.apply(HashChain(), events[500:])
+    assert rep.applied == 8_500 and rep.rebuilt_users == 1
+    check_user(store, 4, events)

@@ -19,7 +19,7 @@ import pytest
 
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
 from service.state import Event, StateStore
-from service.stream import EventRejected, EventStream, StreamWorker, event_fields, parse_entry
+from service.stream import FIELD, ORDER, EventRejected, EventStream, StreamWorker, encode_event, parse_entry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_state_store import (  # noqa: E402  (fixtures are used by name)
@@ -52,19 +52,24 @@ def check_exactly_once(cfg: ServeConfig, client, events: list[Event], users: int
     assert EventStream(client, cfg).backlog() == 0
 
 
+def entry(**over) -> dict[bytes, bytes]:
+    values = {"user_id": "1", "item_id": "2", "category_id": "3", "action": "0", "ts": "5", "event_id": "e1", **over}
+    return {FIELD: "\t".join(values[k] for k in ORDER).encode()}
+
+
 def test_parse_entry_names_the_bad_field():
-    good = event_fields(Event("e1", 1, 2, 3, 0, 5))
-    assert parse_entry({k.encode(): v.encode() for k, v in good.items()}) == Event("e1", 1, 2, 3, 0, 5)
-    cases = {"user_id": "-3", "item_id": "x", "ts": "1.5", "category_id": "0", "action": "999"}
+    assert parse_entry(entry()) == Event("e1", 1, 2, 3, 0, 5)
+    assert parse_entry(entry(event_id="a\tb")).event_id == "a\tb"
+    assert parse_entry({FIELD: encode_event(Event("x", 9, 8, 7, 1, 6))}) == Event("x", 9, 8, 7, 1, 6)
+    cases = {"user_id": "-3", "item_id": "x", "ts": "1.5", "category_id": "0", "action": "999", "event_id": "x" * 200}
     for name, value in cases.items():
-        fields = {k.encode(): v.encode() for k, v in {**good, name: value}.items()}
         with pytest.raises(EventRejected, match=name) as info:
-            parse_entry(fields)
+            parse_entry(entry(**{name: value}))
         assert info.value.reason == name
-    with pytest.raises(EventRejected, match="ts: missing"):
-        parse_entry({k.encode(): v.encode() for k, v in good.items() if k != "ts"})
-    with pytest.raises(EventRejected, match="event_id"):
-        parse_entry({**{k.encode(): v.encode() for k, v in good.items()}, b"event_id": b"x" * 200})
+    with pytest.raises(EventRejected, match="5 tab-separated values"):
+        parse_entry({FIELD: b"1\t2\t3\t4\t5"})
+    with pytest.raises(EventRejected, match="entry: no field"):
+        parse_entry({b"user_id": b"1"})
 
 
 def test_worker_applies_each_event_once_and_dead_letters_bad_ones(backend):
@@ -73,10 +78,11 @@ def test_worker_applies_each_event_once_and_dead_letters_bad_ones(backend):
     events = make_events(300, users=6, seed=21)
     stream = EventStream(client, cfg)
     sent = arrival(events, 21)
-    bad = [{"event_id": "b1", "user_id": "x"},
-           {**event_fields(events[0]), "event_id": "b2", "item_id": "-4"},
-           {**event_fields(events[1]), "event_id": "b3", "ts": "soon"}]
-    stream.append(sent[:200] + bad + sent[200:])
+    stream.append(sent[:200])
+    # Producers writing to Redis directly can send anything: rejected entries are dead-lettered, counted.
+    for bad in (entry(event_id="b1", user_id="x"), entry(event_id="b2", item_id="-4"), entry(event_id="b3", ts="soon")):
+        client.xadd(stream.partitions[1].events, bad)
+    stream.append(sent[200:])
     worker = StreamWorker(cfg, HashChain(), client=client, consumer="w")
     totals = worker.run(until_idle=True)
     assert totals.applied == 300 and totals.duplicates == len(sent) - 300
@@ -86,8 +92,9 @@ def test_worker_applies_each_event_once_and_dead_letters_bad_ones(backend):
     assert counters["rejected:user_id"] == counters["rejected:item_id"] == counters["rejected:ts"] == 1
     assert counters["applied"] == 300
     dead = stream.dead_letters()
-    assert sorted(d["event_id"] for d in dead) == ["b1", "b2", "b3"]
-    assert {d["event_id"]: d["reason"] for d in dead}["b2"] == "item_id"
+    assert sorted((d["e"].rsplit("\t", 1)[1], d["reason"]) for d in dead) == [
+        ("b1", "user_id"), ("b2", "item_id"), ("b3", "ts")]
+    assert all(d["error"].startswith(d["reason"] + ":") for d in dead)
 
     # The whole stream once more: all duplicates, nothing changes.
     applied, duplicates = totals.applied, totals.duplicates
@@ -180,7 +187,7 @@ def test_poison_entry_is_dead_lettered_after_max_deliveries(backend):
         except RuntimeError:
             failures += 1
     assert failures == cfg.stream.max_deliveries
-    assert [(d["event_id"], d["reason"]) for d in stream.dead_letters()] == [("poison", "max_deliveries")]
+    assert [(d["e"].rsplit("\t", 1)[1], d["reason"]) for d in stream.dead_letters()] == [("poison", "max_deliveries")]
     check_exactly_once(cfg, client, [good], 1)
 
 

@@ -3,38 +3,55 @@
 --
 -- KEYS: 1 meta (hash), 2 seq (string of 32-byte records), 3 dedup (zset eid -> ts), 4 state of ARGV[2]
 -- ARGV: 1 expected rev, 2 model version, 3 state bytes, 4 cap, 5 slack, 6 dedup window ms,
---       7 dedup max ids, 8 n, then n pairs (event id, 32-byte record), sorted by (ts, tb) ascending.
+--       7 dedup max ids, 8 n, 9 the n records concatenated, sorted by (ts, tb) ascending,
+--       10 .. 9+n their event ids.
 -- Record: <i8 ts, <i8 item, <i8 category, <u4 tb, i1 action, 3 pad. Numbers stay below 2^53.
 -- Returns {'ok', new rev, placed, outside} | {'conflict', rev} | {'dup', eid} | {'late', eid}.
--- Nothing is written unless 'ok'.
+-- Nothing is written unless 'ok'. Few redis.call()s: each costs more than the Lua around it.
 
 local REC = 32
-local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+local m = redis.call('HMGET', KEYS[1], 'rev', 'floor', 'hwm_ts', 'hwm_tb', 'n', 'outside')
+local rev = tonumber(m[1] or '0')
 if rev ~= tonumber(ARGV[1]) then
   return {'conflict', rev}
 end
+local floor, hts, htb = tonumber(m[2] or ''), tonumber(m[3] or ''), tonumber(m[4] or '')
+local n_total, outside_total = tonumber(m[5] or '0'), tonumber(m[6] or '0')
 
 local cap, slack = tonumber(ARGV[4]), tonumber(ARGV[5])
 local window, maxids, n = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local floor = tonumber(redis.call('HGET', KEYS[1], 'floor') or '')
+local blob = ARGV[9]
+if #blob ~= n * REC then
+  return redis.error_reply('records: ' .. #blob .. ' bytes for ' .. n .. ' events of 32 bytes')
+end
 
 local eids, recs, ts, tb = {}, {}, {}, {}
+for i = 1, n do
+  eids[i] = ARGV[9 + i]
+  recs[i] = string.sub(blob, (i - 1) * REC + 1, i * REC)
+  ts[i] = struct.unpack('<i8', recs[i], 1)
+  tb[i] = struct.unpack('<I4', recs[i], 25)
+end
+
+-- unpack() is bounded by the Lua C stack (~8000 values): large argument lists go in slices.
+local STEP = 1000
+local scores = {}
+for lo = 1, n, STEP do
+  local part = redis.call('ZMSCORE', KEYS[3], unpack(eids, lo, math.min(lo + STEP - 1, n)))
+  for j = 1, #part do
+    scores[lo + j - 1] = part[j]
+  end
+end
+
+-- The caller filtered with its snapshot at `rev`; a hit here means its plan (and state) is stale.
 local seen = {}
 for i = 1, n do
-  local eid, rec = ARGV[7 + 2 * i], ARGV[8 + 2 * i]
-  if #rec ~= REC then
-    return redis.error_reply('event ' .. i .. ': record has ' .. #rec .. ' bytes, expected 32')
+  if seen[eids[i]] or scores[i] then
+    return {'dup', eids[i]}
   end
-  -- The caller filtered with its snapshot at `rev`; a hit here means its plan (and state) is stale.
-  if seen[eid] or redis.call('ZSCORE', KEYS[3], eid) then
-    return {'dup', eid}
-  end
-  seen[eid] = true
-  eids[i], recs[i] = eid, rec
-  ts[i] = struct.unpack('<i8', rec, 1)
-  tb[i] = struct.unpack('<I4', rec, 25)
+  seen[eids[i]] = true
   if floor and ts[i] < floor then
-    return {'late', eid}
+    return {'late', eids[i]}
   end
   if i > 1 and (ts[i] < ts[i - 1] or (ts[i] == ts[i - 1] and tb[i] < tb[i - 1])) then
     return redis.error_reply('event ' .. i .. ': events must be sorted by (ts, tb)')
@@ -45,11 +62,19 @@ local function less(ats, atb, bts, btb)
   return ats < bts or (ats == bts and atb < btb)
 end
 
-local seq = redis.call('GET', KEYS[2]) or ''
-local L = #seq / REC
+-- The whole sequence (up to 352 KB at the default cap) is copied into Lua only when an event must be
+-- merged into the middle; appends read just the records they compare against.
+local seq = nil
+local L = redis.call('STRLEN', KEYS[2]) / REC
 local vis0 = math.max(L - cap, 0)  -- readers see records [vis0, L): the newest `cap`
 local function key_at(idx)          -- 0-based record index
-  return struct.unpack('<i8', seq, idx * REC + 1), struct.unpack('<I4', seq, idx * REC + 25)
+  local r
+  if seq then
+    r = string.sub(seq, idx * REC + 1, idx * REC + 28)
+  else
+    r = redis.call('GETRANGE', KEYS[2], idx * REC, idx * REC + 27)
+  end
+  return struct.unpack('<i8', r, 1), struct.unpack('<I4', r, 25)
 end
 
 -- Events older than the oldest visible record of a full sequence fall outside the cap: remembered
@@ -66,7 +91,7 @@ local outside = first - 1
 -- Events not older than the newest record are appended; older ones are merged into their time position
 -- (after equal keys, like a stable sort with the stored records first).
 local split = first
-if L > 0 then
+if L > 0 and first <= n then
   local lts, ltb = key_at(L - 1)
   while split <= n and less(ts[split], tb[split], lts, ltb) do
     split = split + 1
@@ -76,11 +101,17 @@ local tail = {}
 for i = split, n do
   tail[#tail + 1] = recs[i]
 end
+local placed = n - outside
+local newL = L + placed
 if split == first then
   if #tail > 0 then
     redis.call('APPEND', KEYS[2], table.concat(tail))
   end
+  if newL > cap + slack then
+    redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], (newL - cap) * REC, -1))
+  end
 else
+  seq = redis.call('GET', KEYS[2])
   local pieces, prev = {}, 0
   for i = first, split - 1 do
     local lo, hi = math.max(vis0, prev), L  -- upper bound of key i in [lo, hi)
@@ -95,50 +126,48 @@ else
   end
   pieces[#pieces + 1] = string.sub(seq, prev * REC + 1)
   pieces[#pieces + 1] = table.concat(tail)
-  redis.call('SET', KEYS[2], table.concat(pieces))
-end
-local placed = n - outside
-local newL = L + placed
-if newL > cap + slack then
-  redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], (newL - cap) * REC, -1))
+  local merged = table.concat(pieces)
+  if newL > cap + slack then
+    merged = string.sub(merged, (newL - cap) * REC + 1)
+  end
+  redis.call('SET', KEYS[2], merged)
 end
 
 -- High-water mark: the newest (ts, tb) ever applied and its event id.
-local hts, htb = tonumber(redis.call('HGET', KEYS[1], 'hwm_ts') or ''), tonumber(redis.call('HGET', KEYS[1], 'hwm_tb') or '')
-if n > 0 and (hts == nil or not less(ts[n], tb[n], hts, htb)) then
+local fields = {}
+if hts == nil or not less(ts[n], tb[n], hts, htb) then
   hts = ts[n]
-  redis.call('HSET', KEYS[1], 'hwm_ts', string.format('%d', ts[n]), 'hwm_tb', string.format('%d', tb[n]),
-    'hwm_eid', eids[n])
+  fields = {'hwm_ts', string.format('%d', ts[n]), 'hwm_tb', string.format('%d', tb[n]), 'hwm_eid', eids[n]}
 end
 
 -- Dedup window: every applied id with ts >= floor is in the zset; the floor only rises.
-for i = 1, n do
-  redis.call('ZADD', KEYS[3], string.format('%d', ts[i]), eids[i])
-end
-if hts ~= nil then
-  local lo = hts - window
-  if floor == nil or lo > floor then
-    floor = lo
+for lo = 1, n, STEP do
+  local zargs = {}
+  for i = lo, math.min(lo + STEP - 1, n) do
+    zargs[#zargs + 1] = string.format('%d', ts[i])
+    zargs[#zargs + 1] = eids[i]
   end
+  redis.call('ZADD', KEYS[3], unpack(zargs))
+end
+local new_floor = floor
+if new_floor == nil or hts - window > new_floor then
+  new_floor = hts - window
 end
 local card = redis.call('ZCARD', KEYS[3])
 if card > maxids then
   local cut = redis.call('ZRANGE', KEYS[3], card - maxids - 1, card - maxids - 1, 'WITHSCORES')
-  local s = tonumber(cut[2]) + 1
-  if floor == nil or s > floor then
-    floor = s
+  if tonumber(cut[2]) + 1 > new_floor then
+    new_floor = tonumber(cut[2]) + 1
   end
 end
-if floor ~= nil then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', floor))
-  redis.call('HSET', KEYS[1], 'floor', string.format('%d', floor))
+if new_floor ~= floor then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', new_floor))
+  fields[#fields + 1] = 'floor'
+  fields[#fields + 1] = string.format('%d', new_floor)
 end
 
-local new_rev = redis.call('HINCRBY', KEYS[1], 'rev', 1)
-redis.call('HINCRBY', KEYS[1], 'n', placed)
-if outside > 0 then
-  redis.call('HINCRBY', KEYS[1], 'outside', outside)
-end
+local new_rev = rev + 1
+redis.call('HSET', KEYS[1], 'rev', new_rev, 'n', n_total + placed, 'outside', outside_total + outside,
+  'srev:' .. ARGV[2], new_rev, unpack(fields))
 redis.call('SET', KEYS[4], ARGV[3])
-redis.call('HSET', KEYS[1], 'srev:' .. ARGV[2], new_rev)
 return {'ok', new_rev, placed, outside}

