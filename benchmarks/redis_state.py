@@ -106,8 +106,10 @@ def apply_rate(client: redis.Redis, prefix: str, users: int, per_user: int, batc
         pipe.execute()
     plain_s = time.perf_counter() - t
 
-    # Out of order: the same volume again, shuffled within each batch window and with 10% duplicates.
-    late = [Event(f"b{u}-{i}", u, 7, 7, 0, 1_000_000 + 10 * i + 5) for i in range(per_user // 10) for u in range(users)]
+    # Out of order: 10% more events, each between two stored ones of the newest 1,000, arriving shuffled.
+    first = max(per_user - 1_000, 0)
+    late = [Event(f"b{u}-{i}", u, 7, 7, 0, 1_000_000 + 10 * (first + 10 * i % (per_user - first)) + 5)
+            for i in range(per_user // 10) for u in range(users)]
     rng_order = np.random.default_rng(2).permutation(len(late))
     t = time.perf_counter()
     for i in range(0, len(late), batch):
@@ -115,14 +117,19 @@ def apply_rate(client: redis.Redis, prefix: str, users: int, per_user: int, batc
     ooo_s = time.perf_counter() - t
 
     keys = store.keys.user(0)
-    per_user_bytes = sum(client.memory_usage(k, samples=0) or 0 for k in (keys.meta, keys.seq, keys.dedup, keys.state("bench")))
+    parts = {"meta": keys.meta, "seq": keys.seq, "dedup": keys.dedup, "state": keys.state("bench")}
+    bytes_by_key = {name: client.memory_usage(k, samples=0) or 0 for name, k in parts.items()}
     return {
         "users": users, "events_per_user": per_user, "batch": batch,
         "apply_events_per_s": len(events) / apply_s,
         "plain_append_events_per_s": len(events) / plain_s,
         "plain_over_apply": (len(events) / plain_s) / (len(events) / apply_s),
+        "out_of_order_events": len(late),
         "out_of_order_events_per_s": len(late) / ooo_s,
-        "bytes_per_user_at_events": per_user_bytes,
+        "user0_history_len": store.summary(0).history_len,
+        "user0_seq_strlen": client.strlen(keys.seq),
+        "user0_bytes": sum(bytes_by_key.values()),
+        "user0_bytes_by_key": bytes_by_key,
     }
 
 
