@@ -35,6 +35,10 @@ class ServingModel:
     def __post_init__(self) -> None:
         check_version(self.version)
         self.model.eval()
+        # The auxiliary soft-attention head only exists to train attention embeddings: serving returns the
+        # main head, so skip its O(C x L) pass. (Until score_candidates offers this itself.)
+        if getattr(self.model, "aux_mlp", None) is not None:
+            self.model.aux_mlp = None
 
     @classmethod
     def from_bundle(cls, path: str | Path) -> "ServingModel":

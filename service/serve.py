@@ -43,7 +43,8 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
 
         from service.app import create_app
 
-        uvicorn.run(create_app(config), host=config.http.host, port=config.http.port, log_level="info")
+        uvicorn.run(create_app(config), host=config.http.host, port=config.http.port, log_level="info",
+                    access_log=config.http.access_log)
         return
     handle = None
     if config.serve.state.resolved_url() is None:
@@ -59,7 +60,8 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
 
             os.environ[CONFIG_ENV] = config.model_dump_json()
             uvicorn.run("service.serve:app_from_env", factory=True, workers=workers,
-                        host=config.http.host, port=config.http.port, log_level="info")
+                        host=config.http.host, port=config.http.port, log_level="info",
+                        access_log=config.http.access_log)
     finally:
         if handle is not None:
             handle.close()

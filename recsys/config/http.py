@@ -29,6 +29,8 @@ class HttpConfig(StrictModel):
     # Micro-batching: a request waits at most this long for others to share its state fetch and forward.
     batch_window_ms: float = Field(default=1.0, ge=0.0, le=100.0)
     max_batch: int = Field(default=32, ge=1)
+    # One log line per request costs about as much as a small forward: off unless asked for.
+    access_log: bool = False
     # Threads torch may use for a forward (None: torch's default).
     torch_threads: int | None = Field(default=None, ge=1)
 

