@@ -22,6 +22,7 @@ import redis
 
 from recsys.config.serve import ServeConfig
 from service.keys import KeySpace, partition_of
+from service.redis_conn import connect
 from service.state import Event, StateStore, StateUpdater
 
 # One field per entry, values tab-separated in this order, event id last (it may contain tabs):
@@ -160,8 +161,6 @@ class StreamWorker:
         self.updater = updater
         self._handle = None
         if client is None:
-            from service.redis_conn import connect
-
             self._handle = connect(cfg.state)
             client = self._handle.client
         self.client = client
@@ -341,11 +340,13 @@ class StreamWorker:
             pipe.execute()
 
     def _maybe_trim(self) -> None:
-        """Drop entries every consumer is done with: below both the oldest pending and the last delivered."""
         now = time.monotonic()
-        if now - self._last_trim < 1.0:
-            return
-        self._last_trim = now
+        if now - self._last_trim >= 1.0:
+            self._last_trim = now
+            self.trim()
+
+    def trim(self) -> None:
+        """Drop entries every consumer is done with: below both the oldest pending and the last delivered."""
         for p in self.partitions:
             key = self.stream.partitions[p].events
             groups = {g["name"].decode(): g for g in self.client.xinfo_groups(key)}

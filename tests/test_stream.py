@@ -6,7 +6,6 @@ Killed workers are real subprocesses running this file as a script (see `_worker
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
+from service.redis_conn import connect
 from service.state import Event, StateStore
 from service.stream import FIELD, ORDER, EventRejected, EventStream, StreamWorker, encode_event, parse_entry
 
@@ -223,3 +223,32 @@ def _worker_main(mode: str, cfg_json: str, consumer: str) -> None:
 
 if __name__ == "__main__":
     _worker_main(*sys.argv[1:4])
+
+
+def test_trim_drops_acknowledged_entries_and_keeps_pending_ones(backend):
+    client = backend[0]
+    cfg = serve_cfg(backend, partitions=1)
+    events = make_events(50, users=3, seed=25)
+    stream = EventStream(client, cfg)
+    stream.append(events[:40])
+    worker = StreamWorker(cfg, HashChain(), client=client, consumer="w")
+    worker.run(until_idle=True)
+    key = stream.partitions[0].events
+    stream.append(events[40:])
+    # A consumer that read one entry and died: its entry must survive the trim.
+    ghost = client.xreadgroup(cfg.stream.group, "ghost", {key: ">"}, count=1)[0][1][0][0]
+    worker.trim()
+    assert [i for i, _ in client.xrange(key)][0] == ghost and client.xlen(key) == 10
+    time.sleep(cfg.stream.claim_idle_ms / 1000 + 0.1)
+    worker.run(until_idle=True)
+    worker.trim()
+    assert client.xlen(key) == 0
+    check_exactly_once(cfg, client, events, 3)
+
+
+def test_redis_url_from_the_environment_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+    cfg = StateStoreConfig(data_dir=str(tmp_path / "unused"))
+    with connect(cfg) as handle:
+        assert not handle.embedded and handle.client.ping()
+    assert not (tmp_path / "unused").exists()
