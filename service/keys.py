@@ -49,6 +49,17 @@ class KeySpace:
         tag = f"{self.prefix}{{u:{user_id}}}"
         return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", dedup=f"{tag}:dedup", state_prefix=f"{tag}:st:")
 
+    def user_meta_pattern(self) -> str:
+        """SCAN MATCH pattern of every user's meta key (one per user with applied events)."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "{u:*}:meta"
+
+    def user_of(self, key: str | bytes) -> int:
+        """The user id in one of this key space's user keys."""
+        text = key.decode() if isinstance(key, bytes) else key
+        if not text.startswith(self.prefix + "{u:"):
+            raise ValueError(f"{text!r} is not a user key under prefix {self.prefix!r}")
+        return int(text[len(self.prefix) + 3:].split("}", 1)[0])
+
     def partition(self, p: int) -> PartitionKeys:
         tag = f"{self.prefix}{{s:{p}}}"
         return PartitionKeys(events=f"{tag}:events", dead=f"{tag}:dead", stats=f"{tag}:stats")

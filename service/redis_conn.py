@@ -37,7 +37,10 @@ class RedisHandle:
 
     @property
     def server_pid(self) -> int | None:
-        return self._embedded.pid or None if self._embedded is not None else None
+        """The embedded redis-server's pid, when this handle started it and it is running."""
+        if self._embedded is None:
+            return None
+        return self._embedded.pid or None
 
     def close(self) -> None:
         """Disconnect; an embedded server started here is saved, shut down, and waited for."""

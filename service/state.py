@@ -19,7 +19,7 @@ import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Protocol, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import redis
@@ -343,6 +343,11 @@ class StateStore:
     def read_users(self, user_ids: Sequence[int], version: str) -> list[UserView]:
         """Sequences and current states of `version` for many users in one round trip."""
         return self._read(user_ids, check_version(version))
+
+    def iter_user_ids(self) -> Iterator[int]:
+        """Every user with applied events (SCAN: no blocking, order undefined)."""
+        for key in self.client.scan_iter(match=self.keys.user_meta_pattern(), count=1000):
+            yield self.keys.user_of(key)
 
     def summary(self, user_id: int) -> UserSummary:
         k = self.keys.user(user_id)

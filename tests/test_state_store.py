@@ -320,3 +320,15 @@ def test_one_user_batch_larger_than_lua_unpack_limits(backend):
     rep = store.apply(HashChain(), events[500:])
     assert rep.applied == 8_500 and rep.rebuilt_users == 1
     check_user(store, 4, events)
+
+
+def test_iter_user_ids_finds_every_user_of_the_prefix_only(backend):
+    store = store_for(backend)
+    other = store_for((backend[0], backend[1], backend[2] + "x:"))
+    store.apply(HashChain(), make_events(40, users=4, seed=12))
+    other.apply(HashChain(), [Event("o", 99, 1, 1, 0, 1)])
+    try:
+        assert sorted(store.iter_user_ids()) == [0, 1, 2, 3]
+        assert list(other.iter_user_ids()) == [99]
+    finally:
+        drop_prefix(backend[0], backend[2] + "x:")
