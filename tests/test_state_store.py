@@ -357,3 +357,17 @@ def test_small_caps_keep_the_newest_events_whatever_the_arrival_order(backend, c
         assert view.sequence.tobytes() == want[-cap:].tobytes()
         meta = {k.decode(): int(v) for k, v in backend[0].hgetall(store.keys.user(u).meta).items() if k in (b"n", b"outside")}
         assert meta.get("n", 0) + meta.get("outside", 0) == len(mine)
+
+
+def test_a_second_embedded_connection_joins_and_never_stops_the_owners_server(tmp_path):
+    cfg = StateStoreConfig(data_dir=str(tmp_path / "data"), key_prefix="j:")
+    owner = connect(cfg)
+    pid = owner.server_pid
+    joiner = connect(cfg)
+    assert owner.embedded and not joiner.embedded
+    StateStore(joiner.client, cfg).apply(HashChain(), [Event("j1", 1, 1, 1, 0, 1)])
+    joiner.close()
+    del joiner
+    assert owner.client.ping() and StateStore(owner.client, cfg).summary(1).events_applied == 1
+    owner.close()
+    assert gone(pid)
