@@ -12,7 +12,8 @@ socket URL to every worker/replica, so exactly one process owns the server and i
 from __future__ import annotations
 
 import os
-import time
+import signal
+import threading
 
 from recsys.config.http import ServiceConfig
 
@@ -90,11 +91,15 @@ def _run_ray_serve(config: ServiceConfig, replicas: int) -> None:
     from ray import serve as rs
 
     ray.init(ignore_reinit_error=True, include_dashboard=False)
+    # Ray's own SIGTERM handler aborts the driver, which would skip the cleanup below (and leave an
+    # embedded Redis server running): stop on SIGTERM as on Ctrl-C.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         rs.start(http_options={"host": config.http.host, "port": config.http.port})
         rs.run(ray_deployment(config, replicas), name="recsys", route_prefix="/")
-        while True:
-            time.sleep(3600)
+        while not stop.wait(1.0):
+            pass
     except KeyboardInterrupt:
         pass
     finally:
