@@ -19,7 +19,7 @@ import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterator, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import redis
@@ -176,12 +176,18 @@ class StateStore:
         raise StateStoreError(
             f"users {sorted(pending)[:10]} still conflicting after {self.cfg.cas_retries} attempts")
 
-    def rebuild(self, updater: StateUpdater, user_ids: Sequence[int]) -> int:
+    def rebuild(self, updater: StateUpdater, user_ids: Iterable[int], chunk: int = 256) -> int:
         """Recompute states of `updater.version` from the stored sequences (e.g. a new model version).
 
-        Returns the number of users written; a user whose events moved on meanwhile is retried.
+        Returns the number of users written; a user whose events moved on meanwhile is retried. Users go
+        `chunk` at a time, so memory holds at most `chunk` sequences (320 KB each at the default cap).
         """
-        version = check_version(updater.version)
+        check_version(updater.version)
+        ids = list(user_ids)
+        return sum(self._rebuild_chunk(updater, ids[i:i + chunk]) for i in range(0, len(ids), chunk))
+
+    def _rebuild_chunk(self, updater: StateUpdater, user_ids: Sequence[int]) -> int:
+        version = updater.version
         pending = list(user_ids)
         written = 0
         for _ in range(self.cfg.cas_retries):

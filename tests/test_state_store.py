@@ -246,7 +246,7 @@ def test_new_model_version_rebuilds_and_stale_states_are_not_served(backend):
     events = make_events(120, users=3, seed=9)
     store.apply(v1, events)
     assert all(v.state is None for v in store.read_users([0, 1, 2], "chain-v2"))
-    assert store.rebuild(v2, [0, 1, 2]) == 3
+    assert store.rebuild(v2, store.iter_user_ids(), chunk=2) == 3
     for u in range(3):
         check_user(store, u, events, "chain-v2")
         assert store.summary(u).state_versions == ["chain-v1", "chain-v2"]
