@@ -36,9 +36,9 @@ def _topk_kernel(
     s_kg, s_kl, s_kd,
     s_len,
     s_og, s_or, s_os,
-    K: tl.constexpr, K_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPAN: tl.constexpr, USE_DOT: tl.constexpr,
+    K, span,
+    K_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     # Program (group g, query block qb, history slice sp). A group is a set of queries sharing one
     # history: the serving layout is one group of C queries, the training layout B groups of one.
@@ -57,8 +57,8 @@ def _topk_kernel(
     q = q * scale[None, :]                                                   # [BQ, BD]
 
     n = tl.minimum(tl.load(len_ptr + g * s_len).to(tl.int32), L)
-    start = sp * SPAN
-    end = tl.minimum(start + SPAN, n)
+    start = sp * span
+    end = tl.minimum(start + span, n)
 
     # Running top-K per query, unsorted; slots >= K hold +max so they are never the minimum.
     slot = tl.arange(0, K_PAD)
@@ -155,8 +155,8 @@ def topk_triton(
         n_rows, L, D, n_qblocks,
         *s_q, *s_k, 1 if not serving else 0,
         out.stride(0), out.stride(1), out.stride(2),
-        K=k, K_PAD=k_pad, BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d,
-        SPAN=span, USE_DOT=use_dot,
+        k, span,
+        K_PAD=k_pad, BLOCK_Q=block_q, BLOCK_L=block_l, BLOCK_D=block_d, USE_DOT=use_dot,
     )
     packed = out.reshape(n_groups * n_rows, n_split * k_pad)
     # Packed keys of real entries are unique, so topk has no ties to break; EMPTY slots sort last.

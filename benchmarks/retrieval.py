@@ -1,0 +1,157 @@
+"""Top-k search backends against the machine's roofline, measured in one run. Prints one JSON object.
+
+Serving layout (C candidates sharing one history of L events, d dims, k = 20). For each backend:
+median seconds, the roofline bound max(FLOPs / peak FLOP/s, bytes / peak bytes/s) from this run's own
+large-matmul and large-copy peaks, the fraction bound / median, the speedup over plain matmul + topk,
+and whether its indices equal the exact (reference-tie-order) result.
+
+    .venv/bin/python benchmarks/retrieval.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.topk_attention.reference import segment_scale  # noqa: E402
+from retrieval.cpu import PATHS  # noqa: E402
+
+K = 20
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peaks(device, quick):
+    """Practical peaks: best of a few large fp32 matmuls (FLOP/s) and large copies (bytes read + written /s)."""
+    n = (1024 if quick else 2048) if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    flops = 2 * n**3 / min(median_seconds(lambda: a @ a, device, 1) for _ in range(5))
+    numel = (64 if quick else 256) * 2**20 // 4 if device == "cpu" else 2**30 // 4
+    x = torch.randn(numel, device=device)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / min(median_seconds(lambda: y.copy_(x), device, 1) for _ in range(5))
+    return flops, bw
+
+
+def matmul_topk(query, keys, lengths, k, segments=None):
+    """The obvious fast baseline: one matmul, torch.topk. Its tie order is torch's, not the reference's."""
+    s = (query.float() * segment_scale(query.shape[-1], segments, query.device)) @ keys.float().T
+    s[:, lengths:] = float("-inf")
+    return torch.topk(s, min(k, s.shape[1]), dim=-1)
+
+
+def bf16_matmul_topk(query, keys, lengths, k, segments=None):
+    """bf16 scores: fewer bytes and FLOP cycles, but rounded scores change the ranking."""
+    q = (query.float() * segment_scale(query.shape[-1], segments, query.device)).bfloat16()
+    s = (q @ keys.bfloat16().T).float()
+    s[:, lengths:] = float("-inf")
+    return torch.topk(s, min(k, s.shape[1]), dim=-1)
+
+
+def cpu_backends(quick):
+    backends = {"matmul_topk": matmul_topk, "bf16_matmul_topk": bf16_matmul_topk}
+    backends.update({name: fn for name, fn in PATHS.items()})
+    if not quick:
+        # The int() of the serving length graph-breaks; torch.compile then runs the pieces eagerly.
+        backends["compiled_packed"] = torch.compile(PATHS["packed"], dynamic=True)
+    return backends
+
+
+def cuda_backends():
+    from kernels.topk_attention.triton import topk_triton
+
+    return {"matmul_topk": matmul_topk, "triton": topk_triton}
+
+
+def run(device, quick, reps):
+    flops_peak, bw_peak = peaks(device, quick)
+    backends = cpu_backends(quick) if device == "cpu" else cuda_backends()
+    Ls = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
+    ds = [16] if quick else [16, 64]
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for L in Ls:
+        for C in (1, 200):
+            for d in ds:
+                q = torch.randn(C, d, generator=gen).to(device)
+                keys = torch.randn(L, d, generator=gen).to(device)
+                exact_idx = PATHS["packed"](q.cpu(), keys.cpu(), L, K)[1]
+                flops = 2 * C * L * d
+                nbytes = (L * d + C * d) * 4 + C * K * 12  # keys and queries read once, scores + indices written
+                bound = max(flops / flops_peak, nbytes / bw_peak)
+                row = {"L": L, "C": C, "d": d, "k": K, "flops": flops, "bytes": nbytes, "roofline_bound_s": bound}
+                base = None
+                for name, fn in backends.items():
+                    try:
+                        secs = median_seconds(lambda: fn(q, keys, L, K), device, reps)
+                        idx = fn(q, keys, L, K)[1].cpu()
+                    except Exception as e:  # a backend that cannot run here is reported, not hidden
+                        row[name] = {"error": repr(e)[:300]}
+                        continue
+                    base = secs if name == "matmul_topk" else base
+                    row[name] = {
+                        "median_s": secs,
+                        "roofline_fraction": bound / secs,
+                        "speedup_vs_matmul_topk": (base / secs) if base else None,
+                        "exact": bool(torch.equal(idx, exact_idx)),
+                    }
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    return {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="L in {1k, 10k}, d = 16, fewer repetitions")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else 9
+    result = {
+        "benchmark": "retrieval.topk",
+        "inputs": {"layout": "serving", "k": K, "quick": args.quick, "reps": reps, "threads": args.threads},
+        "machine": {
+            "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+    }
+    if args.device in ("cpu", "all"):
+        result["cpu"] = run("cpu", args.quick, reps)
+    if args.device in ("cuda", "all") and torch.cuda.is_available():
+        result["cuda"] = run("cuda", args.quick, reps)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
