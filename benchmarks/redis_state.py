@@ -23,7 +23,7 @@ import redis
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
 from service.redis_conn import start_embedded
 from service.state import RECORD_BYTES, Event, StateStore, to_records
-from service.stream import EventStream, StreamWorker
+from service.stream import FIELD, EventStream, StreamWorker, encode_event
 
 
 class Chain:
@@ -133,6 +133,40 @@ def apply_rate(client: redis.Redis, prefix: str, users: int, per_user: int, batc
     }
 
 
+def appends_at_cap(client: redis.Redis, prefix: str, appends: int = 1_500) -> dict:
+    """Allocation of a capped sequence while single events are appended (Redis grows strings greedily)."""
+    cfg = StateStoreConfig(key_prefix=prefix)
+    store = StateStore(client, cfg)
+    store.apply(Chain(), [Event(f"f{i}", 0, 1 + i, 1, 0, 1_000_000 + i) for i in range(cfg.seq_cap)])
+    key = store.keys.user(0).seq
+    exact = client.memory_usage(key, samples=0)
+    sizes, times = [], []
+    for i in range(appends):
+        t = time.perf_counter()
+        store.apply(Chain(), [Event(f"g{i}", 0, 1, 1, 0, 2_000_000 + i)])
+        times.append((time.perf_counter() - t) * 1e3)
+        if i % 50 == 49:
+            sizes.append(client.memory_usage(key, samples=0))
+    return {"appends": appends, "seq_bytes_after_set": exact, "seq_bytes_while_appending_median": statistics.median(sizes),
+            "over_allocation": statistics.median(sizes) / exact, "single_event_apply_ms_median": statistics.median(times)}
+
+
+def entry_encoding(client: redis.Redis, prefix: str, n: int = 2_000, reps: int = 5) -> dict:
+    """Reading stream entries: one field per value vs the one tab-separated field the stream uses."""
+    six, one = f"{prefix}six", f"{prefix}one"
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        e = Event(f"s{i}", i % 500, 1 + i, 3, 0, 1_000_000 + i)
+        pipe.xadd(six, {"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id,
+                        "category_id": e.category_id, "action": e.action, "ts": e.ts})
+        pipe.xadd(one, {FIELD: encode_event(e)})
+    pipe.execute()
+    six_ms = median_ms(lambda: client.xrange(six, count=n), reps)
+    one_ms = median_ms(lambda: client.xrange(one, count=n), reps)
+    client.delete(six, one)
+    return {"entries": n, "six_fields_read_ms": six_ms, "one_field_read_ms": one_ms, "six_over_one": six_ms / one_ms}
+
+
 def stream_rate(client: redis.Redis, url: str, prefix: str, users: int, n: int) -> dict:
     cfg = ServeConfig(state=StateStoreConfig(key_prefix=prefix, redis_url=url),
                       stream=StreamConfig(partitions=4, batch_size=512, block_ms=1))
@@ -171,6 +205,8 @@ def main() -> None:
             "layout_10k": layout(client, prefix, 10_000, args.reps),
             "apply": apply_rate(client, prefix, users=200, per_user=50, batch=512),
             "apply_at_cap": apply_rate(client, prefix + "cap:", users=2, per_user=12_000, batch=512),
+            "appends_at_cap": appends_at_cap(client, prefix + "grow:"),
+            "entry_encoding": entry_encoding(client, prefix + "enc:"),
             "stream": stream_rate(client, url, prefix + "st:", users=500, n=20_000),
         }
         print(json.dumps(result, indent=1))
