@@ -110,8 +110,9 @@ def check_user(store: StateStore, user: int, events: list[Event], version: str =
 
 
 def test_backends_are_redis_6_2_and_7(backend):
-    version = backend[0].info("server")["redis_version"]
-    assert version.startswith(("6.2.", "7."))
+    # Every backend-parametrised test runs the Lua script on both versions the issue names.
+    embedded = backend[1].startswith("unix://")
+    assert backend[0].info("server")["redis_version"].startswith("6.2." if embedded else "7.")
 
 
 def test_in_order_batches_fold_forward(backend):
