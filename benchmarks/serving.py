@@ -168,7 +168,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="L in {1k, 10k}, fewer points, 2 s per point")
     ap.add_argument("--seconds", type=float, default=None, help="load duration per point")
-    ap.add_argument("--torch-threads", type=int, default=2, help="torch threads of the server (and the forward)")
+    # 1 by default: on a shared 2-core machine a second OpenMP thread mostly adds 100+ ms barrier stalls.
+    ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server (and the forward)")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL

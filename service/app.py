@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import redis
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Request
+from fastapi import Depends, FastAPI, HTTPException, Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -125,11 +125,9 @@ class Runtime:
 
     def user_ids(self, limit: int) -> list[int] | None:
         """Every user with stored events, or None if there are more than `limit`."""
-        prefix = self.config.serve.state.key_prefix
-        pattern = prefix.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?") + "{u:*}:meta"
         out = []
-        for key in self.redis.client.scan_iter(match=pattern, count=1000):
-            out.append(int(key.decode()[len(prefix) + 3:].split("}", 1)[0]))
+        for u in self.store.iter_user_ids():
+            out.append(u)
             if len(out) > limit:
                 return None
         return out
@@ -259,7 +257,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 except redis.RedisError as e:
                     raise _unavailable(runtime, "rebuild", e) from None
             previous = None if runtime.scorer is None else runtime.scorer.version
-            runtime.set_model(model)
+            await asyncio.to_thread(runtime.set_model, model)  # may start the worker: Redis calls
         return {"model_version": model.version, "previous_version": previous, "rebuilt_users": rebuilt}
 
     # Outermost first: the body cap answers before anything else reads the body.
