@@ -7,6 +7,7 @@ from __future__ import annotations
 import collections
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -272,3 +273,23 @@ def test_writes_refused_without_a_configured_key(bundles, tmp_path, monkeypatch)
     with live(cfg) as (srv, client):
         r = client.post("/v1/events", json={"events": [EVENT]}, headers={"X-API-Key": "anything-at-all-here"})
         assert r.status_code == 403 and "no API key is configured" in r.json()["detail"]
+
+
+def test_state_store_down_is_503_not_500(bundles, tmp_path):
+    import psutil
+
+    with live(service_config("embedded", tmp_path, bundle=bundles[0])) as (srv, client):
+        body = {"user_id": 1, "candidates": [CAND]}
+        assert client.post("/v1/score", json=body).status_code == 200
+        psutil.Process(srv.runtime.redis.server_pid).kill()  # the embedded Redis dies under the service
+        time.sleep(0.2)
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 503 and "state store unavailable" in r.json()["detail"], r.text
+        r = client.post("/v1/events", json={"events": [EVENT]}, headers={"X-API-Key": API_KEY})
+        assert r.status_code == 503, r.text
+        assert client.get("/v1/users/1").status_code == 503
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "state store unreachable" in r.json()["detail"]
+        m = client.get("/metrics").text
+        for op in ("read", "append", "summary", "ping"):
+            assert f'recsys_state_store_errors_total{{op="{op}"}}' in m, op
