@@ -25,6 +25,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
@@ -72,6 +73,8 @@ class TableSet(nn.Module):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate table names in {names}")
+        if len({s.dim for s in specs}) != 1:  # a torchrec EmbeddingCollection requires one dim for all tables
+            raise ValueError(f"tables of one set must share a dim, got {[(s.name, s.dim) for s in specs]}")
         self.specs = {s.name: s for s in specs}
         self.backend = backend
         self.collection = _Collection(specs, init_std, torch.device("cpu"))
@@ -128,7 +131,7 @@ class TableSet(nn.Module):
         for n in names:
             if n not in self.specs:
                 raise KeyError(f"no embedding table {n!r}; tables: {list(self.specs)}")
-            u, inv = torch.unique(ids[n].reshape(-1), return_inverse=True)
+            u, inv = _unique(ids[n].reshape(-1), self.specs[n].num_embeddings)
             uniq.append(u)
             inverse.append(inv)
         kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -137,7 +140,8 @@ class TableSet(nn.Module):
             lengths=torch.tensor([len(u) for u in uniq], dtype=torch.int64),
         )
         out = (self._sharded or self.collection)(kjt)
-        return {n: out[n].values()[inv].reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
+        # F.embedding, not values()[inv]: its CPU backward is deterministic under several threads (index_put is not)
+        return {n: F.embedding(inv, out[n].values()).reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
 
     # --- weights as plain tensors (bundles and checkpoints never store ShardedTensors) ---
 
@@ -177,6 +181,19 @@ class TableSet(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         """Table parameters an outside optimizer must step (none when fused: backward updates them)."""
         return [] if self.sharded else list(self.collection.parameters())
+
+
+def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique ids and the inverse map. A mark-and-cumsum over the table (O(rows + ids), no sort)
+    when the table is small next to the batch, as for a history batch over a 10k-item catalogue."""
+    if num_rows > 8 * ids.numel():
+        return torch.unique(ids, return_inverse=True)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_rows):
+        raise IndexError(f"ids outside 0..{num_rows - 1}: min {int(ids.min())}, max {int(ids.max())}")
+    seen = torch.zeros(num_rows, dtype=torch.bool)
+    seen[ids] = True
+    slot = torch.cumsum(seen, 0) - 1
+    return torch.nonzero(seen).flatten(), slot[ids]
 
 
 def _rank() -> int:

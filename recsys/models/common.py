@@ -35,10 +35,20 @@ class ModelOutput:
 
 @dataclass
 class Fields:
-    """Embedded fields of one batch, as one vector per event and one for the target."""
+    """One table set's embeddings of the targets and of some events, one tensor per field.
 
-    target: torch.Tensor   # [B, D]
-    events: torch.Tensor   # [B, L, D]
+    Kept per field (not concatenated) so that the full-history tensors never get copied into one
+    [B, L, 3d] block with gradient: the concatenation and its backward dominated the step.
+    """
+
+    target: list[torch.Tensor]   # per field [Q, d]
+    events: list[torch.Tensor]   # per field [..., L, d] (or [Q, k, d] for the kept events)
+
+    def target_vec(self) -> torch.Tensor:
+        return torch.cat(self.target, dim=-1)   # [Q, D]
+
+    def events_vec(self) -> torch.Tensor:
+        return torch.cat(self.events, dim=-1)   # [..., L, D]
 
 
 class MLP(nn.Module):
@@ -79,37 +89,52 @@ def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
     """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
     with torch.no_grad():
-        _, idx = retrieval.topk(att.target.detach(), att.events.detach(), lengths, k, segments)
+        _, idx = retrieval.topk(att.target_vec(), att.events_vec(), lengths, k, segments)
     return idx
 
 
-def gather_events(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D] or [L, D] (shared history), idx [B, k] with -1 holes -> [B, k, D] (holes read column 0)."""
+def gather_ids(ids: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Event ids [B, L] (or [L], one shared history) at the kept columns idx [B, k]; holes read column 0."""
     safe = idx.clamp(min=0)
-    if x.dim() == 2:
-        return x[safe]
-    return torch.gather(x, 1, safe.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return ids[safe] if ids.dim() == 1 else torch.gather(ids, 1, safe)
 
 
-def aggregate(att: Fields, rep: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
-    """Stage 2: softmax over the kept scores (recomputed with gradient), h = sum_i w_i r_i. -> [B, D_r]."""
-    keys = gather_events(att.events, idx)                                        # [B, k, D_a]
-    s = retrieval.scaled_scores(att.target.unsqueeze(1), keys, segments).squeeze(1)  # [B, k]
-    w = masked_softmax(s, idx >= 0)                                              # [B, k]
-    values = gather_events(rep.events, idx)                                      # [B, k, D_r]
-    return torch.einsum("bk,bkd->bd", w, values)
+def _field_scores(query: list[torch.Tensor], keys: list[torch.Tensor], segments: list[int]) -> torch.Tensor:
+    """The split-scaled score summed field by field: query per field [Q, d], keys [Q, n, d] or [n, d].
+
+    Equals retrieval.scaled_scores on the concatenations (the same 1/sqrt(d_segment) per dimension),
+    without building them; `segments` must fall on field boundaries.
+    """
+    scale = retrieval.segment_scale(sum(segments), segments)
+    out, a = None, 0
+    for q, x in zip(query, keys):
+        d = q.shape[-1]
+        qs = q * scale[a : a + d]
+        s = qs @ x.transpose(-1, -2) if x.dim() == 2 else torch.einsum("qd,qnd->qn", qs, x)   # [Q, n]
+        out = s if out is None else out + s
+        a += d
+    return out
+
+
+def _weighted_sum(w: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """w [Q, n], values per field [Q, n, d] or [n, d] -> [Q, D]."""
+    return torch.cat([w @ v if v.dim() == 2 else torch.einsum("qn,qnd->qd", w, v) for v in values], dim=-1)
+
+
+def aggregate(att_kept: Fields, rep_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Stage 2 over the kept events (embedded with gradient): w = softmax(s_kept), h = sum_i w_i r_i. -> [B, D_r]."""
+    s = _field_scores(att_kept.target, att_kept.events, segments)   # [B, k]
+    w = masked_softmax(s, idx >= 0)                                  # [B, k]
+    return _weighted_sum(w, rep_kept.events)
 
 
 def soft_attention(att: Fields, rep: Fields, lengths: torch.Tensor | int, segments: list[int]) -> torch.Tensor:
     """The auxiliary head's aggregation: softmax over every history event (no top-k). -> [B, D_r]."""
-    if att.events.dim() == 2:  # serving: [L, D] shared by the C candidates
-        s = retrieval.scaled_scores(att.target, att.events, segments)             # [C, L]
-        valid = torch.arange(att.events.shape[0])[None, :] < torch.as_tensor(lengths).reshape(1, 1)
-        return masked_softmax(s, valid) @ rep.events                              # [C, D_r]
-    s = retrieval.scaled_scores(att.target.unsqueeze(1), att.events, segments).squeeze(1)  # [B, L]
-    L = att.events.shape[1]
-    valid = torch.arange(L, device=s.device)[None, :] < lengths[:, None]
-    return torch.einsum("bl,bld->bd", masked_softmax(s, valid), rep.events)
+    s = _field_scores(att.target, att.events, segments)             # [B, L]
+    L = att.events[0].shape[-2]
+    n = torch.as_tensor(lengths, device=s.device).reshape(-1, 1)
+    valid = torch.arange(L, device=s.device)[None, :] < n            # [B, L]
+    return _weighted_sum(masked_softmax(s, valid), rep.events)
 
 
 def bce_loss(out: ModelOutput, label: torch.Tensor, aux_weight: float) -> torch.Tensor:

@@ -7,9 +7,10 @@ d_a be small (cheap search over a lifelong history) while d_r stays expressive.
 
 Per event and for the target, each set embeds (item, category, position); the target's position id is 0,
 history column j has position j + 1 (1 = most recent). Stage 1 scores with the split scale of
-common.search (semantic = item+category, 2 d_a dims; position, d_a dims); stage 2 and the auxiliary head
-are common.aggregate / common.soft_attention; the tower is MLP([v_t, h, v_t * h]) with v_t = the target's
-representation.
+common.search (semantic = item+category, 2 d_a dims; position, d_a dims) on embeddings without gradient;
+stage 2 embeds only the k kept events again, with gradient (common.aggregate), so the main head's backward
+touches B x k rows, not B x L; the auxiliary head (common.soft_attention) is what sends gradient to every
+history event. The tower is MLP([v_t, h, v_t * h]) with v_t = the target's representation.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, init_weights, search, soft_attention
+from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, gather_ids, init_weights, search, soft_attention
 
 FIELDS = ("item", "cate", "pos")
 
@@ -54,37 +55,44 @@ class DARE(nn.Module):
 
     # --- embeddings ---
 
-    def _fields(self, tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:
-        """target ids [Q] per field, event ids [..., L] per field -> concatenated field vectors."""
+    def _fields(self, tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool) -> Fields:
+        """target ids [Q] per field, event ids [..., n] per field -> per-field embeddings (one lookup per table)."""
         name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
         n_t = target["item"].numel()
-        ids = {name(f): torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS}
-        emb = tables(ids)
-        t = torch.cat([emb[name(f)][:n_t] for f in FIELDS], dim=-1)                            # [Q, 3d]
-        e = torch.cat([emb[name(f)][n_t:].reshape(*events[f].shape, -1) for f in FIELDS], dim=-1)  # [..., L, 3d]
-        return Fields(t, e)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            emb = tables({name(f): torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS})
+        return Fields(
+            [emb[name(f)][:n_t] for f in FIELDS],                                          # [Q, d] each
+            [emb[name(f)][n_t:].reshape(*events[f].shape, -1) for f in FIELDS],            # [..., n, d] each
+        )
 
-    def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> tuple[Fields, Fields]:
-        """-> (attention fields, representation fields)."""
-        return self._fields(self.att_tables, "att", target, events), self._fields(self.rep_tables, "rep", target, events)
+    def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool, rep: bool = True) -> tuple[Fields, Fields | None]:
+        """-> (attention fields, representation fields or None when `rep` is False)."""
+        att = self._fields(self.att_tables, "att", target, events, grad)
+        return att, (self._fields(self.rep_tables, "rep", target, events, grad) if rep else None)
 
     # --- the model ---
 
-    def heads(self, att: Fields, rep: Fields, lengths: torch.Tensor | int) -> ModelOutput:
-        idx = search(att, lengths, self.k, self.segments)                  # [B, k] stage 1
-        h = aggregate(att, rep, idx, self.segments)                        # [B, 3 d_r] stage 2
-        logit = self.mlp(ctr_input(rep.target, h)).squeeze(-1)             # [B]
+    def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> ModelOutput:
+        aux_on = self.aux_mlp is not None
+        # the whole history needs gradient (and representations) only for the auxiliary head
+        att, rep = self.embed(target, events, grad=aux_on, rep=aux_on)
+        idx = search(att, lengths, self.k, self.segments)                        # [B, k] stage 1
+        kept = {f: gather_ids(events[f], idx) for f in FIELDS}                   # [B, k] ids
+        att_k, rep_k = self.embed(target, kept, grad=True)
+        h = aggregate(att_k, rep_k, idx, self.segments)                          # [B, 3 d_r] stage 2
+        v_t = rep_k.target_vec()                                                 # [B, 3 d_r]
+        logit = self.mlp(ctr_input(v_t, h)).squeeze(-1)                          # [B]
         aux = None
-        if self.aux_mlp is not None:
-            h_all = soft_attention(att, rep, lengths, self.segments)       # [B, 3 d_r]
-            aux = self.aux_mlp(ctr_input(rep.target, h_all)).squeeze(-1)   # [B]
+        if aux_on:
+            h_all = soft_attention(att, rep, lengths, self.segments)             # [B, 3 d_r]
+            aux = self.aux_mlp(ctr_input(v_t, h_all)).squeeze(-1)                # [B]
         return ModelOutput(logit, aux, idx)
 
     def forward(self, batch: HistoryBatch) -> ModelOutput:
         target = {"item": batch.target_item, "cate": batch.target_cate, "pos": torch.zeros_like(batch.target_item)}
         events = {"item": batch.hist_item, "cate": batch.hist_cate, "pos": batch.hist_pos}
-        att, rep = self.embed(target, events)
-        return self.heads(att, rep, batch.hist_len)
+        return self.heads(target, events, batch.hist_len)
 
     @torch.no_grad()
     def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor) -> ModelOutput:
@@ -101,5 +109,4 @@ class DARE(nn.Module):
             raise ValueError("hist_item/hist_cate and cand_item/cand_cate must have matching shapes")
         target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
         events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
-        att, rep = self.embed(target, events)                               # targets [C, D], events [L, D]
-        return self.heads(att, rep, L)
+        return self.heads(target, events, L)                                 # targets [C], one history [L]

@@ -19,6 +19,6 @@ class TWIN(DARE):
         self.tables = self._tables("", config.dim_rep, config)
         self.segments = [2 * config.dim_rep, config.dim_rep]
 
-    def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> tuple[Fields, Fields]:
-        fields = self._fields(self.tables, "", target, events)
-        return fields, fields
+    def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool, rep: bool = True) -> tuple[Fields, Fields | None]:
+        fields = self._fields(self.tables, "", target, events, grad)
+        return fields, (fields if rep else None)

@@ -58,11 +58,14 @@ def optimizer_state(opt: Optimizers) -> tuple[dict[str, torch.Tensor], dict]:
         sd = o.state_dict()
         meta[name] = {"param_groups": sd["param_groups"], "state": {}}
         for idx, st in sd["state"].items():
-            keys = []
+            keys, scalars = [], {}
             for key, val in st.items():
-                tensors[f"{name}.{idx}.{key}"] = val.detach().contiguous() if torch.is_tensor(val) else torch.tensor(val)
-                keys.append(key)
-            meta[name]["state"][str(idx)] = keys
+                if torch.is_tensor(val):
+                    tensors[f"{name}.{idx}.{key}"] = val.detach().contiguous()
+                    keys.append(key)
+                else:  # e.g. SparseAdam's python-int step: kept a python number, as the optimizer's math expects
+                    scalars[key] = val
+            meta[name]["state"][str(idx)] = {"tensors": keys, "scalars": scalars}
     return tensors, meta
 
 
@@ -70,5 +73,8 @@ def load_optimizer_state(opt: Optimizers, tensors: dict[str, torch.Tensor], meta
     if set(meta) != set(opt.all()):
         raise ValueError(f"checkpoint optimizers {sorted(meta)} do not match this run's {sorted(opt.all())}")
     for name, o in opt.all().items():
-        state = {int(idx): {key: tensors[f"{name}.{idx}.{key}"] for key in keys} for idx, keys in meta[name]["state"].items()}
+        state = {
+            int(idx): {key: tensors[f"{name}.{idx}.{key}"] for key in st["tensors"]} | st["scalars"]
+            for idx, st in meta[name]["state"].items()
+        }
         o.load_state_dict({"state": state, "param_groups": meta[name]["param_groups"]})

@@ -1,0 +1,161 @@
+"""DARE / TWIN / DIN on real benchmark rows: shapes, masking, the search, coupling, serving, learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.config.model import ModelConfig
+from recsys.config.train import TrainConfig
+from recsys.data.sequences import assemble, load_dataset
+from recsys.metrics import auc
+from recsys.models import build_model
+from recsys.paths import benchmark_dir
+from recsys.train.step import make_optimizers, train_step
+
+SMALL = dict(dim_att=4, dim_rep=6, top_k=8, max_len=30, mlp=[12])
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(benchmark_dir(), splits=("train",))
+
+
+@pytest.fixture(scope="module")
+def batch(data):
+    s = data.splits["train"]
+    # histories shorter than k (the protocol's minimum is 5 events) and longer than L
+    rows = np.r_[np.flatnonzero(s.pos == 5)[:4], np.flatnonzero(s.pos > 40)[:12]]
+    return assemble(data.store, s, rows, 30)
+
+
+def _model(name, data, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(name=name, **(SMALL | kw)), data.n_items, data.n_cates)
+
+
+@pytest.mark.parametrize("name", ["dare", "twin", "din"])
+def test_shapes_and_padding_is_masked(name, data, batch):
+    m = _model(name, data).eval()
+    out = m(batch)
+    B = batch.batch_size
+    assert out.logit.shape == (B,)
+    if name == "din":
+        assert out.aux_logit is None and out.indices is None
+    else:
+        assert out.aux_logit.shape == (B,) and out.indices.shape == (B, 8)
+        n = batch.hist_len[:, None]
+        slot = torch.arange(8)[None, :]
+        assert ((out.indices >= 0) == (slot < n)).all(), "a padding slot was selected or a real slot left empty"
+        assert (out.indices < n).all()
+    # what sits in the padding columns must not matter
+    noisy = batch.hist_item.clone()
+    pad = ~batch.hist_mask
+    noisy[pad] = torch.randint(1, data.n_items, (int(pad.sum()),))
+    from dataclasses import replace
+
+    out2 = m(replace(batch, hist_item=noisy, hist_cate=torch.where(pad, 3, batch.hist_cate)))
+    torch.testing.assert_close(out2.logit, out.logit)
+    if name != "din":
+        assert torch.equal(out2.indices, out.indices)
+
+
+def test_search_is_the_split_scaled_brute_force_top_k(data, batch):
+    """Hand computation: <q_sem,k_sem>/sqrt(2 d_a) + <q_pos,k_pos>/sqrt(d_a) from the raw tables, sorted."""
+    m = _model("dare", data).eval()
+    w = m.att_tables.weights()
+    d = 4
+    q_sem = torch.cat([w["att_item"][batch.target_item], w["att_cate"][batch.target_cate]], -1)   # [B, 2d]
+    q_pos = w["att_pos"][torch.zeros_like(batch.target_item)]                                      # [B, d]
+    k_sem = torch.cat([w["att_item"][batch.hist_item], w["att_cate"][batch.hist_cate]], -1)       # [B, L, 2d]
+    k_pos = w["att_pos"][batch.hist_pos]                                                           # [B, L, d]
+    s = (k_sem @ q_sem.unsqueeze(-1)).squeeze(-1) / math.sqrt(2 * d) + (k_pos @ q_pos.unsqueeze(-1)).squeeze(-1) / math.sqrt(d)
+    idx = m(batch).indices
+    for b in range(batch.batch_size):
+        n = int(batch.hist_len[b])
+        order = sorted(range(n), key=lambda j: (-float(s[b, j]), j))[:8]
+        got = [int(i) for i in idx[b] if i >= 0]
+        assert got == order, f"row {b}"
+
+
+def test_twin_equals_dare_with_tied_tables(data, batch):
+    twin = _model("twin", data, seed=1, dim_att=6).eval()
+    dare = _model("dare", data, seed=2, dim_att=6).eval()
+    tw = twin.tables.weights()
+    dare.att_tables.load_weights({f"att_{f}": tw[f] for f in ("item", "cate", "pos")})
+    dare.rep_tables.load_weights({f"rep_{f}": tw[f] for f in ("item", "cate", "pos")})
+    dare.mlp.load_state_dict(twin.mlp.state_dict())
+    dare.aux_mlp.load_state_dict(twin.aux_mlp.state_dict())
+    a, b = dare(batch), twin(batch)
+    torch.testing.assert_close(a.logit, b.logit)
+    torch.testing.assert_close(a.aux_logit, b.aux_logit)
+    assert torch.equal(a.indices, b.indices)
+    # and untied they differ (the comparison above can fail)
+    assert not torch.allclose(_model("dare", data, seed=2, dim_att=6).eval()(batch).logit, b.logit)
+
+
+def test_only_the_kept_events_get_attention_gradient_without_aux_head(data, batch):
+    """Stage 1 is a hard choice: without the auxiliary head only the k kept events' attention rows learn."""
+    for aux, expect_all in ((False, False), (True, True)):
+        m = _model("dare", data, aux_loss=aux, embedding_backend="dense").train()
+        out = m(batch)
+        (out.logit.sum() + (out.aux_logit.sum() if aux else 0)).backward()
+        g = m.att_tables.collection.ec.embeddings["att_pos"].weight.grad   # position rows = history columns + 1
+        kept = torch.unique(out.indices[out.indices >= 0]) + 1
+        got = torch.nonzero(g.abs().sum(1) > 0).flatten()
+        if expect_all:
+            assert set(got.tolist()) >= set(range(1, 31))
+        else:
+            assert set(got.tolist()) <= set(kept.tolist()) | {0}
+
+
+@pytest.mark.parametrize("name", ["dare", "twin", "din"])
+def test_serving_entry_point_equals_batch_forward(name, data, batch):
+    m = _model(name, data)
+    opt = make_optimizers(m, TrainConfig())
+    for _ in range(2):  # move BatchNorm statistics and weights off their initial values
+        train_step(m, batch, opt, 1.0)
+    m.eval()
+    b = int(torch.argmax(batch.hist_len))
+    L = int(batch.hist_len[b])
+    C = 7
+    cand_item = torch.randint(1, data.n_items, (C,))
+    cand_cate = torch.randint(1, data.n_cates, (C,))
+    from dataclasses import replace
+
+    rep = lambda x: x[b : b + 1].expand(C, *x.shape[1:]).clone()  # noqa: E731
+    rows = replace(batch, user=rep(batch.user), target_item=cand_item, target_cate=cand_cate, hist_item=rep(batch.hist_item),
+                   hist_cate=rep(batch.hist_cate), hist_pos=rep(batch.hist_pos), hist_len=rep(batch.hist_len), label=torch.zeros(C))
+    want = m(rows)
+    got = m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], cand_item, cand_cate)
+    torch.testing.assert_close(got.logit, want.logit, rtol=1e-5, atol=1e-6)
+    if name != "din":
+        assert torch.equal(got.indices, want.indices)
+        torch.testing.assert_close(got.aux_logit, want.aux_logit, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="max_len"):
+        m.score_candidates(torch.ones(31, dtype=torch.long), torch.ones(31, dtype=torch.long), cand_item, cand_cate)
+
+
+@pytest.mark.parametrize("name", ["dare", "din"])
+def test_tiny_model_overfits_a_tiny_real_subset(name, data):
+    s = data.splits["train"]
+    rows = np.arange(0, 20_000, 40)  # 500 real rows from many users
+    b = assemble(data.store, s, rows, 30)
+    m = _model(name, data)
+    opt = make_optimizers(m, TrainConfig(lr=0.01, embedding_lr=0.02))
+    for _ in range(120):
+        train_step(m, b, opt, 1.0)
+    m.eval()
+    with torch.no_grad():
+        p = torch.sigmoid(m(b).logit).numpy()
+    assert auc(b.label.numpy(), p) > 0.95
+
+
+def test_optional_branches_fail_clearly(data):
+    with pytest.raises(NotImplementedError, match="aaren"):
+        _model("dare", data, aaren=True)
+    with pytest.raises(NotImplementedError, match="titans"):
+        _model("din", data, titans=True)
