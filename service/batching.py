@@ -1,9 +1,10 @@
 """Micro-batching: concurrent requests that arrive within a short window share one batch call.
 
 One collector task pulls requests off a queue; the first request of a batch waits at most `window_s` for
-companions (up to `max_batch`), then the batch runs in a single worker thread so the event loop stays free
-to accept more. While a batch runs, new requests queue up and form the next one: under load batches grow
-by themselves, and a lone request pays at most the window.
+companions (up to `max_batch`), then the batch runs in a worker thread so the event loop stays free to
+accept more. Up to `concurrency` batches run at once (torch releases the GIL inside ops, so with one
+intra-op thread each, two batches use two cores); while every slot is busy, new requests queue up and form
+the next batch: under load batches grow by themselves, and a lone request pays at most the window.
 """
 
 import asyncio
@@ -14,17 +15,21 @@ from typing import Any, Callable, Sequence
 
 class MicroBatcher:
     def __init__(self, run: Callable[[Sequence[Any]], Sequence[Any]], window_s: float, max_batch: int,
-                 name: str = "scorer"):
+                 concurrency: int = 1, name: str = "scorer"):
         # run(items) -> one result per item; an item's result may be an Exception to fail only that item.
         self._run = run
         self._window_s = window_s
         self._max_batch = max_batch
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._concurrency = concurrency
+        self._slots: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name)
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
+        self._slots = asyncio.Semaphore(self._concurrency)
         self._task = asyncio.get_running_loop().create_task(self._collect())
 
     async def stop(self) -> None:
@@ -45,9 +50,9 @@ class MicroBatcher:
         return await fut
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         q = self._queue
         while True:
+            await self._slots.acquire()  # a free slot first: meanwhile arrivals queue into the next batch
             batch = [await q.get()]
             deadline = time.monotonic() + self._window_s
             while len(batch) < self._max_batch:
@@ -63,9 +68,17 @@ class MicroBatcher:
                     break
             live = [(item, fut) for item, fut in batch if not fut.done()]  # the client may have gone
             if not live:
+                self._slots.release()
                 continue
+            task = asyncio.get_running_loop().create_task(self._execute(live))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _execute(self, live: list) -> None:
+        try:
             try:
-                results = await loop.run_in_executor(self._executor, self._run, [item for item, _ in live])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run, [item for item, _ in live])
             except Exception as e:  # the whole batch failed (e.g. the state store is down)
                 results = [e] * len(live)
             for (_, fut), res in zip(live, results, strict=True):
@@ -75,3 +88,5 @@ class MicroBatcher:
                     fut.set_exception(res)
                 else:
                     fut.set_result(res)
+        finally:
+            self._slots.release()

@@ -126,7 +126,8 @@ def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
     events = events_of(store, users, 60)
     counts = collections.Counter(e["user_id"] for e in events)
     n_items = int(store.item.max()) + 1
-    with live(service_config("embedded", tmp_path, bundle=bundles[0], batch_window_ms=5.0)) as (srv, client):
+    with live(service_config("embedded", tmp_path, bundle=bundles[0], batch_window_ms=5.0,
+                             score_concurrency=2)) as (srv, client):
         post_events(client, events)
         wait_applied(client, counts)
         # a user with no events scores as the offline model with an empty history

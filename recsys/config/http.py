@@ -29,6 +29,9 @@ class HttpConfig(StrictModel):
     # Micro-batching: a request waits at most this long for others to share its state fetch and forward.
     batch_window_ms: float = Field(default=1.0, ge=0.0, le=100.0)
     max_batch: int = Field(default=32, ge=1)
+    # Micro-batches scored at once, each in its own thread (set torch_threads so that
+    # score_concurrency x torch_threads is about the cores this process may use).
+    score_concurrency: int = Field(default=1, ge=1, le=64)
     # One log line per request costs about as much as a small forward: off unless asked for.
     access_log: bool = False
     # Threads torch may use for a forward (None: torch's default).
