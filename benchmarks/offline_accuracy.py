@@ -12,15 +12,19 @@ results survive an interrupted sweep) and prints one JSON object at the end.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# a script's folder is sys.path[0]; benchmarks/retrieval.py would shadow the retrieval package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -154,8 +154,27 @@ def test_tiny_model_overfits_a_tiny_real_subset(name, data):
     assert auc(b.label.numpy(), p) > 0.95
 
 
-def test_optional_branches_fail_clearly(data):
-    with pytest.raises(NotImplementedError, match="aaren"):
-        _model("dare", data, aaren=True)
+def test_optional_branches_join_the_tower_and_serve_like_the_batch(data, batch):
+    """aaren / titans flags: the summaries widen the MLP input, learn, and serving still equals the batch."""
+    for flags in ({"aaren": True}, {"titans": True}):
+        m = _model("dare", data, **flags)
+        branch = m.aaren if "aaren" in flags else m.titans
+        assert m.mlp.net[0].in_features == 9 * 6 + branch.d_out
+        opt = make_optimizers(m, TrainConfig())
+        before = [p.detach().clone() for p in branch.parameters()]
+        train_step(m, batch, opt, 1.0)
+        assert any(not torch.equal(a, p) for a, p in zip(before, branch.parameters()))
+        m.eval()
+        b = int(torch.argmax(batch.hist_len))
+        L = int(batch.hist_len[b])
+        from dataclasses import replace
+
+        C = 3
+        rep = lambda x: x[b : b + 1].expand(C, *x.shape[1:]).clone()  # noqa: E731
+        ci, cc = batch.target_item[:C].clone(), batch.target_cate[:C].clone()
+        rows = replace(batch, user=rep(batch.user), target_item=ci, target_cate=cc, hist_item=rep(batch.hist_item),
+                       hist_cate=rep(batch.hist_cate), hist_pos=rep(batch.hist_pos), hist_len=rep(batch.hist_len), label=torch.zeros(C))
+        got = m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], ci, cc)
+        torch.testing.assert_close(got.logit, m(rows).logit, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="titans"):
         _model("din", data, titans=True)

@@ -29,19 +29,46 @@ FIELDS = ("item", "cate", "pos")
 class DARE(nn.Module):
     def __init__(self, config: ModelConfig, n_items: int, n_cates: int) -> None:
         super().__init__()
-        if config.aaren or config.titans:
-            which = [n for n in ("aaren", "titans") if getattr(config, n)]
-            raise NotImplementedError(
-                f"model.{'/'.join(which)}: the optional summary branches are not wired into {type(self).__name__} yet"
-            )
         self.config = config
         self.k = config.top_k
         self.rows = {"item": n_items, "cate": n_cates, "pos": config.max_len + 1}
         self.build_tables(config)
         d_r = len(FIELDS) * config.dim_rep
-        self.mlp = MLP(3 * d_r, list(config.mlp))
+        self.mlp = MLP(3 * d_r + self.build_branches(d_r), list(config.mlp))
         self.aux_mlp = MLP(3 * d_r, list(config.mlp)) if config.aux_loss else None
-        init_weights(self, config.init_std)
+        for tower in (self.mlp, self.aux_mlp):
+            if tower is not None:  # the branches keep their own initialisation
+                init_weights(tower, config.init_std)
+
+    def build_branches(self, d_r: int) -> int:
+        """Optional whole-history summaries joining the MLP input (DESIGN section 3): Aaren's streaming
+        attention summary and the Titans memory read with the target as query. -> their total width."""
+        from recsys.modules.aaren import Aaren
+        from recsys.modules.titans import NeuralMemory
+
+        self.aaren = Aaren(d_in=d_r) if self.config.aaren else None
+        self.titans = NeuralMemory(d_in=d_r, d_query=d_r) if self.config.titans else None
+        return sum(m.d_out for m in (self.aaren, self.titans) if m is not None)
+
+    def branch_inputs(self, rep: Fields, v_t: torch.Tensor, lengths: torch.Tensor | int) -> list[torch.Tensor]:
+        """rep: representation fields of the whole history ([B, L, d] each, or [L, d] shared by the C
+        candidates of one user); v_t [B or C, D]. -> summaries [B or C, d_branch]."""
+        from recsys.modules.seq import chronological
+
+        x = rep.events_vec()                                                     # [B, L, D] most recent first
+        shared = x.dim() == 2
+        n = torch.as_tensor(lengths).reshape(-1)
+        if shared:
+            x = x.unsqueeze(0)                                                   # [1, L, D]
+        x = chronological(x, n)                                                  # oldest first, as the modules expect
+        out = []
+        if self.aaren is not None:
+            a = self.aaren(x, n)                                                 # [B or 1, d]
+            out.append(a.expand(v_t.shape[0], -1) if shared else a)
+        if self.titans is not None:
+            y = self.titans(x, n, v_t.unsqueeze(0) if shared else v_t)           # [B, d] or [1, C, d]
+            out.append(y.squeeze(0) if shared else y)
+        return out
 
     def build_tables(self, config: ModelConfig) -> None:
         self.att_tables = self._tables("att", config.dim_att, config)
@@ -75,14 +102,16 @@ class DARE(nn.Module):
 
     def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> ModelOutput:
         aux_on = self.aux_mlp is not None
-        # the whole history needs gradient (and representations) only for the auxiliary head
-        att, rep = self.embed(target, events, grad=aux_on, rep=aux_on)
+        branches = self.aaren is not None or self.titans is not None
+        # the whole history needs gradient (and representations) only for the auxiliary head and branches
+        att, rep = self.embed(target, events, grad=aux_on or branches, rep=aux_on or branches)
         idx = search(att, lengths, self.k, self.segments)                        # [B, k] stage 1
         kept = {f: gather_ids(events[f], idx) for f in FIELDS}                   # [B, k] ids
         att_k, rep_k = self.embed(target, kept, grad=True)
         h = aggregate(att_k, rep_k, idx, self.segments)                          # [B, 3 d_r] stage 2
         v_t = rep_k.target_vec()                                                 # [B, 3 d_r]
-        logit = self.mlp(ctr_input(v_t, h)).squeeze(-1)                          # [B]
+        extra = self.branch_inputs(rep, v_t, lengths) if branches else []
+        logit = self.mlp(torch.cat([ctr_input(v_t, h)] + extra, dim=-1)).squeeze(-1)   # [B]
         aux = None
         if aux_on:
             h_all = soft_attention(att, rep, lengths, self.segments)             # [B, 3 d_r]
