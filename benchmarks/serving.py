@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=None, help="load duration per point")
     # 1 by default: on a shared 2-core machine a second OpenMP thread mostly adds 100+ ms barrier stalls.
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server (and the forward)")
-    ap.add_argument("--score-concurrency", type=int, default=1, help="micro-batches the server scores at once")
+    ap.add_argument("--score-concurrency", type=int, default=2, help="micro-batches the server scores at once")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL

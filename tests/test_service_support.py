@@ -4,7 +4,6 @@ small real model, real event subsets of the benchmark, and per-test Redis key sp
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import uvicorn
 
 from recsys.config.http import HttpConfig, ServiceConfig
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
@@ -28,29 +26,20 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving `app` in a thread: real sockets, real HTTP, the app's real lifespan."""
+    """`service.serve.running_server` as an object: real sockets, real HTTP, the app's real lifespan."""
 
     def __init__(self, app):
+        from service.serve import running_server
+
         self.app = app
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._cm = running_server(app)
 
     def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start (see the log above)")
-            time.sleep(0.02)
+        self.url = self._cm.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
+        self._cm.__exit__(*exc)
 
     @property
     def runtime(self):
