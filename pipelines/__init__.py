@@ -1,0 +1,10 @@
+"""Ray jobs of the offline path (imports recsys, never service):
+
+- `pipelines.preprocess.run_preprocess`: raw logs -> dataset folder (Ray Data; equals recsys.data.prepare)
+- `pipelines.train.run_train`: Ray Train job over the trainer's own step; best checkpoint -> bundle
+- `pipelines.evaluate.run_evaluate`: batch evaluation of a bundle on Ray actors
+- `pipelines.rebuild_state.run_rebuild_state`: per-user streaming states for a new model version
+- `pipelines.runtime`: the one place Ray is started (local, bounded) or joined (cluster)
+
+Import the submodules directly: importing this package does not import Ray.
+"""
