@@ -1,0 +1,155 @@
+"""Ray pipeline benchmark: preprocessing events/s and peak memory, training samples/s on 1 and 2 workers.
+
+Preprocessing input: `--events` synthetic raw events (our Parquet event schema; Zipf items, categories by
+item, users with log-normal lengths) written in 1M-event chunks. The Ray job (pipelines.preprocess) is
+compared with the single-process `recsys.data.prepare` on the same file, each in its own subprocess, so
+peak memory is measured per job: the single process's max RSS, and for Ray the peak of the summed RSS of
+the driver and every Ray process it started (sampled every 0.2 s; shared object-store pages are counted
+once per process mapping them, so this overstates). Training: `pipelines.train.run_train` on the fixed
+benchmark at the original settings (configs/dare.yaml: L = 200, batch 2048) for `--train-steps` steps,
+median steady-state global samples/s of 1 and 2 workers; scaling efficiency = sps(2) / (2 sps(1)).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+# Run as a script, this folder is sys.path[0], and its sibling benchmarks/retrieval.py would shadow the
+# `retrieval` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def write_events(path: Path, n_events: int, seed: int = 0, chunk: int = 1_000_000) -> dict:
+    """Synthetic raw events in EVENT_SCHEMA, users contiguous, written chunk by chunk (bounded memory)."""
+    from recsys.data.schemas import EVENT_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    n_items = max(1000, n_events // 25)
+    lengths = np.clip(rng.lognormal(np.log(500), 1.0, size=n_events // 20 + 1).astype(np.int64), 5, 50_000)
+    lengths = lengths[: np.searchsorted(np.cumsum(lengths), n_events) + 1]
+    lengths[-1] -= lengths.sum() - n_events
+    user_of = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    with pq.ParquetWriter(path, EVENT_SCHEMA) as w:
+        for a in range(0, n_events, chunk):
+            n = min(chunk, n_events - a)
+            item = np.minimum(rng.zipf(1.2, n), n_items).astype(np.int64) * 7919 % 10_000_019
+            w.write_table(pa.Table.from_arrays([
+                pa.array([f"e{a + i}" for i in range(n)]),
+                pa.array(user_of[a : a + n] * 31 + 5), pa.array(item), pa.array(item % 997 + 1),
+                pa.array(np.zeros(n, np.int8)), pa.array(1_600_000_000_000 + rng.integers(0, 10**10, n)),
+            ], schema=EVENT_SCHEMA))
+    return {"events": n_events, "users": int(len(lengths)), "file_mb": round(path.stat().st_size / 2**20, 1)}
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc] + proc.children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_measured(code: str) -> tuple[dict, float, float]:
+    """Run `code` in a fresh Python; -> (its printed JSON, wall s, peak summed RSS of its process tree, MB)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    ps, peak, done = psutil.Process(proc.pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _tree_rss(ps))
+            time.sleep(0.2)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    out, _ = proc.communicate()
+    done.set()
+    t.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed ({proc.returncode}): {code[:200]}")
+    return json.loads(out.strip().splitlines()[-1]), wall, peak[0] / 2**20
+
+
+def bench_preprocess(n_events: int, tmp: Path) -> dict:
+    src = tmp / "events.parquet"
+    info = write_events(src, n_events)
+    single_code = (f"import json, resource; from recsys.data.prepare import prepare; from recsys.data.raw import open_raw; "
+                   f"m = prepare(open_raw({str(src)!r}), {str(tmp / 'single')!r}, seed=0); "
+                   f"print(json.dumps({{'rows': m['rows'], 'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))")
+    ray_code = (f"import json; from pipelines.preprocess import run_preprocess; "
+                f"m = run_preprocess({str(src)!r}, {str(tmp / 'ray')!r}, seed=0); "
+                f"print(json.dumps({{'rows': m['rows'], 'partitions': m['partitions']}}))")
+    single, single_wall, single_tree = run_measured(single_code)
+    ray_out, ray_wall, ray_tree = run_measured(ray_code)
+    same = all(pq.read_table(tmp / "single" / f"{f}.parquet").equals(pq.read_table(tmp / "ray" / f"{f}.parquet"))
+               for f in ("events", "train", "val", "test"))
+    return {
+        "input": info,
+        "single_process": {"wall_s": round(single_wall, 1), "events_per_s": round(n_events / single_wall),
+                           "peak_rss_mb": round(single["maxrss_mb"])},
+        "ray": {"wall_s": round(ray_wall, 1), "events_per_s": round(n_events / ray_wall),
+                "peak_tree_rss_mb": round(ray_tree), "partitions": ray_out["partitions"]},
+        "ray_over_single_events_per_s": round(single_wall / ray_wall, 3),
+        "outputs_identical": bool(same),
+    }
+
+
+def bench_train(steps: int, tmp: Path) -> dict:
+    from pipelines.train import run_train
+    from recsys.config.experiment import load_experiment
+    from recsys.data.sequences import load_dataset
+    from recsys.paths import benchmark_dir
+
+    ds = load_dataset(benchmark_dir())
+    epochs = steps * 2048 / len(ds.splits["train"])
+    cfg = load_experiment(REPO / "configs/dare.yaml", {"train": {"epochs": epochs, "eval_every": 10_000, "patience": None, "progress": False}})
+    out = {}
+    for w in (1, 2):
+        r = run_train(cfg, tmp / f"train{w}", workers=w, dataset=ds, evaluate_test=False)
+        out[f"workers_{w}"] = {"samples_per_s": round(r["samples_per_s"]), "steps": r["steps"], "wall_s": round(r["wall_s"], 1)}
+    out["scaling_efficiency_2_workers"] = round(out["workers_2"]["samples_per_s"] / (2 * out["workers_1"]["samples_per_s"]), 3)
+    out["config"] = {"model": "dare", "max_len": 200, "batch_size": 2048, "steps": steps}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=10_000_000)
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--skip-train", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        result = {
+            "benchmark": "ray_pipeline",
+            "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+                        "python": platform.python_version(), "load_avg_1m_at_start": os.getloadavg()[0]},
+            "preprocess": bench_preprocess(args.events, tmp),
+        }
+        print(json.dumps(result["preprocess"]), file=sys.stderr, flush=True)  # kept if training fails
+        if not args.skip_train:
+            result["train"] = bench_train(args.train_steps, tmp)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
