@@ -5,20 +5,32 @@ out-of-vocabulary row 0, the padding row, which the models never train as a targ
 an unseen id scores like "nothing known about it"), and one call to score one user's candidates.
 
 `ModelStateUpdater` implements `service.state.StateUpdater` for the stream worker and for rebuilds: the
-per-user streaming state of the model's summary branches, as bytes. A model with no streaming branch
+per-user streaming state of the model's summary branches (`StreamingBranches`: Aaren and/or Titans over
+per-event features), as bytes. `apply` folds a batch of users' new events in with one batched `step`
+per event position (users with fewer events are inactive at the later positions); `rebuild` computes
+states from whole sequences with the modules' parallel `forward_state`. A model exposes its branches
+with `model.streaming_branches() -> StreamingBranches | None`; a model without (DARE/TWIN/DIN today)
 keeps an empty state (b""), so the state store's bookkeeping (version, rev) is the same for every model.
+
+State bytes: b"" (no branch), else `RSS1` + <u4 aaren length> + <u4 titans length> + the two
+`recsys.modules.state_codec` encodings (a missing branch has length 0), each tagged with the version.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from recsys.data.batch import HistoryBatch
+from recsys.modules import state_codec
+from recsys.modules.aaren import Aaren
+from recsys.modules.titans import NeuralMemory
 from service.keys import check_version
 
 OOV_ID = 0
@@ -87,15 +99,91 @@ class ServingModel:
                             label=torch.zeros(C))
 
 
+@dataclass
+class StreamingBranches:
+    """What the state updater needs from a model: its streaming modules and the per-event input they read."""
+
+    features: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # item, cate [...] -> x [..., d_in]
+    aaren: Aaren | None = None
+    titans: NeuralMemory | None = None
+
+
+_MAGIC = b"RSS1"
+_HEADER = struct.Struct("<4sII")
+
+
+def encode_states(aaren_state, titans_state, version: str) -> bytes:
+    a = b"" if aaren_state is None else state_codec.encode(aaren_state, version)
+    t = b"" if titans_state is None else state_codec.encode(titans_state, version)
+    return _HEADER.pack(_MAGIC, len(a), len(t)) + a + t
+
+
+def decode_states(data: bytes, version: str):
+    """-> (aaren state or None, titans state or None); errors name what is wrong."""
+    if len(data) < _HEADER.size:
+        raise state_codec.StateCodecError(f"user state: {len(data)} bytes, shorter than its header")
+    magic, na, nt = _HEADER.unpack_from(data)
+    if magic != _MAGIC or _HEADER.size + na + nt != len(data):
+        raise state_codec.StateCodecError("user state: bad magic or lengths (not written by ModelStateUpdater)")
+    a, t = data[_HEADER.size:_HEADER.size + na], data[_HEADER.size + na:]
+    return (state_codec.decode(a, version, "aaren") if na else None,
+            state_codec.decode(t, version, "titans") if nt else None)
+
+
 class ModelStateUpdater:
     """`service.state.StateUpdater` for a `ServingModel`: batched over the users of one store batch."""
 
     def __init__(self, serving: ServingModel):
         self.serving = serving
         self.version = serving.version
+        get = getattr(serving.model, "streaming_branches", None)
+        self.branches: StreamingBranches | None = get() if get is not None else None
+
+    def _features(self, records: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Oldest-first SEQ_DTYPE arrays -> x [U, T, d_in] left-aligned, zero-padded; lengths [U]."""
+        lengths = torch.tensor([len(r) for r in records], dtype=torch.int64)
+        T = int(lengths.max()) if len(records) else 0
+        item = torch.zeros(len(records), T, dtype=torch.int64)
+        cate = torch.zeros(len(records), T, dtype=torch.int64)
+        for i, r in enumerate(records):
+            item[i, :len(r)] = self.serving.map_ids(r["item"], "item")[0]
+            cate[i, :len(r)] = self.serving.map_ids(r["cate"], "cate")[0]
+        x = self.branches.features(item, cate)                                   # [U, T, d_in]
+        return x.masked_fill(~(torch.arange(T)[None, :] < lengths[:, None])[..., None], 0.0), lengths
 
     def apply(self, states: list[bytes | None], events: list[np.ndarray]) -> list[bytes]:
-        return [b"" for _ in events]
+        if self.branches is None:
+            return [b"" for _ in events]
+        br, U = self.branches, len(events)
+        with torch.inference_mode():
+            x, lengths = self._features(events)
+            old = [decode_states(s, self.version) if s else (None, None) for s in states]
+            aaren = titans = None
+            if br.aaren is not None:
+                fresh = br.aaren.init_state(1)
+                aaren = state_codec.stack([a if a is not None else fresh for a, _ in old])
+            if br.titans is not None:
+                fresh = br.titans.init_state(1)
+                titans = state_codec.stack([t if t is not None else fresh for _, t in old])
+            for t in range(x.shape[1]):                                          # one event per user per step
+                active = t < lengths                                             # [U]
+                if aaren is not None:
+                    aaren = br.aaren.step(aaren, x[:, t], active)
+                if titans is not None:
+                    titans = br.titans.step(titans, x[:, t], active, inplace=True)
+        return self._encode(aaren, titans, U)
 
     def rebuild(self, sequences: list[np.ndarray]) -> list[bytes]:
-        return [b"" for _ in sequences]
+        if self.branches is None:
+            return [b"" for _ in sequences]
+        br = self.branches
+        with torch.inference_mode():
+            x, lengths = self._features(sequences)
+            aaren = br.aaren.forward_state(x, lengths) if br.aaren is not None else None
+            titans = br.titans.forward_state(x, lengths) if br.titans is not None else None
+        return self._encode(aaren, titans, len(sequences))
+
+    def _encode(self, aaren, titans, U: int) -> list[bytes]:
+        a = state_codec.split(aaren) if aaren is not None else [None] * U
+        t = state_codec.split(titans) if titans is not None else [None] * U
+        return [encode_states(ai, ti, self.version) for ai, ti in zip(a, t)]
