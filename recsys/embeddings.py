@@ -25,7 +25,6 @@ from functools import partial
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
@@ -140,8 +139,7 @@ class TableSet(nn.Module):
             lengths=torch.tensor([len(u) for u in uniq], dtype=torch.int64),
         )
         out = (self._sharded or self.collection)(kjt)
-        # F.embedding, not values()[inv]: its CPU backward is deterministic under several threads (index_put is not)
-        return {n: F.embedding(inv, out[n].values()).reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
+        return {n: _Expand.apply(out[n].values(), inv).reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
 
     # --- weights as plain tensors (bundles and checkpoints never store ShardedTensors) ---
 
@@ -181,6 +179,23 @@ class TableSet(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         """Table parameters an outside optimizer must step (none when fused: backward updates them)."""
         return [] if self.sharded else list(self.collection.parameters())
+
+
+class _Expand(torch.autograd.Function):
+    """rows [U, d] -> rows[inverse] [n, d]. The backward sums with a serial index_add_: deterministic
+    under several threads (index_put's accumulate is not) and cheaper than F.embedding's sorting backward."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.n_rows = rows.shape[0]
+        return rows.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.n_rows, grad.shape[-1])
+        return out.index_add_(0, inverse, grad), None
 
 
 def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
