@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import retrieval
-from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet
 
 NEG_INF = float("-inf")
