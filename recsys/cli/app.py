@@ -202,9 +202,27 @@ def stream_worker(
 
     Example: REDIS_URL=redis://127.0.0.1:6379/0 recsys stream-worker --bundle runs/dare/bundle
     """
-    from service.worker import run_worker
+    import signal
+    import threading
 
-    run_worker(_service_config(config, bundle, None, None), consumer=consumer)
+    from service.model_state import ModelStateUpdater, ServingModel
+    from service.redis_conn import connect
+    from service.stream import StreamWorker
+
+    cfg = _service_config(config, bundle, None, None)
+    if cfg.bundle is None:
+        fail("--bundle (or `bundle:` in the config) is required: the worker computes that model's state")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    handle = connect(cfg.serve.state)
+    try:
+        worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(cfg.bundle)),
+                              client=handle.client, consumer=consumer)
+        typer.echo(f"stream worker {consumer}: consuming {cfg.serve.stream.partitions} partitions", err=True)
+        stats = worker.run(stop)
+        typer.echo(f"stopped: {stats}", err=True)
+    finally:
+        handle.close()
 
 
 @app.command()

@@ -5,7 +5,7 @@ median seconds, the roofline bound max(FLOPs / peak FLOP/s, bytes / peak bytes/s
 large-matmul and large-copy peaks, the fraction bound / median, the speedup over plain matmul + topk,
 and whether its indices equal the exact (reference-tie-order) result.
 
-    .venv/bin/python benchmarks/retrieval.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+    .venv/bin/python benchmarks/topk_search.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
 """
 
 from __future__ import annotations
