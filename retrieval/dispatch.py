@@ -32,5 +32,5 @@ def topk(
         from kernels.topk_attention.triton import topk_triton
 
         return topk_triton(query, keys, lengths, k, segments)
-    # CPU winner in benchmarks/retrieval.py (figures in docs/kernels.md).
+    # CPU winner in benchmarks/topk_search.py (figures in docs/kernels.md).
     return topk_chunked(query, keys, lengths, k, segments)

@@ -34,8 +34,8 @@ def data_stage(data: Path | None, out: Path, small: bool) -> Path:
         from recsys.data.synthetic import generate
 
         folder = out / "data"
-        per_user = {"mean": 150.0, "min": 30, "max": 600} if small else {"mean": 800.0, "min": 50, "max": 20_000}
-        cfg = SyntheticConfig.model_validate({"n_users": 60 if small else 400, "events_per_user": per_user,
+        per_user = {"mean": 150.0, "min": 30, "max": 600} if small else {"mean": 500.0, "min": 50, "max": 5_000}
+        cfg = SyntheticConfig.model_validate({"n_users": 60 if small else 200, "events_per_user": per_user,
                                               "n_items": 2_000 if small else 20_000, "n_cates": 40 if small else 100,
                                               "window": 50 if small else 200, "seed": 0})
         console.print(f"synthetic lifelong data: {cfg.n_users} users, ~{per_user['mean']:.0f} events each")
@@ -78,7 +78,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
             overrides["train"] |= {"batch_size": 256, "epochs": 1.0, "eval_every": 10, "patience": None}
         else:
             overrides["model"] = {"max_len": 1000}
-            overrides["train"] |= {"batch_size": 1024, "epochs": 3.0, "eval_every": 20}
+            overrides["train"] |= {"batch_size": 512, "epochs": 2.0, "eval_every": 10}
         cfg = load_experiment(REPO_ROOT / "configs" / f"{name}.yaml", overrides)
         console.print(f"[bold]{name}[/bold]: Ray Train, {workers} workers, L = {cfg.model.max_len}, "
                       f"k = {cfg.model.top_k}, {cfg.train.epochs:g} epochs")
