@@ -178,3 +178,22 @@ def test_optional_branches_join_the_tower_and_serve_like_the_batch(data, batch):
         torch.testing.assert_close(got.logit, m(rows).logit, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="titans"):
         _model("din", data, titans=True)
+
+
+def test_attention_weights_are_a_softmax_over_the_kept_events(bench_dataset):
+    """Explanation weights: one distribution per row over the retrieved events, zero on empty slots."""
+    import numpy as np
+    import torch
+
+    from recsys.config.model import ModelConfig
+    from recsys.data.sequences import assemble
+    from recsys.models import build_model
+
+    ds = bench_dataset
+    model = build_model(ModelConfig(name="dare", dim_att=4, dim_rep=4, top_k=8, max_len=20, mlp=[8]), ds.n_items, ds.n_cates).eval()
+    batch = assemble(ds.store, ds.splits["test"], np.arange(0, 3000, 100), 20)
+    w = model.attention_weights(batch)
+    idx = model(batch).indices
+    assert w.shape == idx.shape
+    assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-6)
+    assert (w[idx < 0] == 0).all() and (w[idx >= 0] > 0).all()

@@ -120,11 +120,14 @@ def _weighted_sum(w: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([w @ v if v.dim() == 2 else torch.einsum("qn,qnd->qd", w, v) for v in values], dim=-1)
 
 
+def kept_weights(att_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Stage 2's target-attention weights over the kept events: softmax of their search scores. -> [B, k]."""
+    return masked_softmax(_field_scores(att_kept.target, att_kept.events, segments), idx >= 0)
+
+
 def aggregate(att_kept: Fields, rep_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
     """Stage 2 over the kept events (embedded with gradient): w = softmax(s_kept), h = sum_i w_i r_i. -> [B, D_r]."""
-    s = _field_scores(att_kept.target, att_kept.events, segments)   # [B, k]
-    w = masked_softmax(s, idx >= 0)                                  # [B, k]
-    return _weighted_sum(w, rep_kept.events)
+    return _weighted_sum(kept_weights(att_kept, idx, segments), rep_kept.events)
 
 
 def soft_attention(att: Fields, rep: Fields, lengths: torch.Tensor | int, segments: list[int]) -> torch.Tensor:

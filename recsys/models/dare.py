@@ -21,7 +21,7 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, gather_ids, init_weights, search, soft_attention
+from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
 
 FIELDS = ("item", "cate", "pos")
 
@@ -122,6 +122,16 @@ class DARE(nn.Module):
         target = {"item": batch.target_item, "cate": batch.target_cate, "pos": torch.zeros_like(batch.target_item)}
         events = {"item": batch.hist_item, "cate": batch.hist_cate, "pos": batch.hist_pos}
         return self.heads(target, events, batch.hist_len)
+
+    @torch.no_grad()
+    def attention_weights(self, batch: HistoryBatch) -> torch.Tensor:
+        """Explanations: stage 2's weight of each retrieved event, [B, k] in retrieval order (0 = empty slot)."""
+        target = {"item": batch.target_item, "cate": batch.target_cate, "pos": torch.zeros_like(batch.target_item)}
+        events = {"item": batch.hist_item, "cate": batch.hist_cate, "pos": batch.hist_pos}
+        att, _ = self.embed(target, events, grad=False, rep=False)
+        idx = search(att, batch.hist_len, self.k, self.segments)
+        att_k, _ = self.embed(target, {f: gather_ids(events[f], idx) for f in FIELDS}, grad=False, rep=False)
+        return kept_weights(att_k, idx, self.segments)
 
     @torch.no_grad()
     def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor) -> ModelOutput:
