@@ -77,7 +77,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
             overrides["model"] = {"dim_att": 8, "dim_rep": 8, "top_k": 8, "max_len": 100, "mlp": [32]}
             overrides["train"] |= {"batch_size": 256, "epochs": 1.0, "eval_every": 10, "patience": None}
         else:
-            overrides["model"] = {"max_len": 1000}
+            overrides["model"] = {"max_len": 300}
             overrides["train"] |= {"batch_size": 512, "epochs": 2.0, "eval_every": 10}
         cfg = load_experiment(REPO_ROOT / "configs" / f"{name}.yaml", overrides)
         console.print(f"[bold]{name}[/bold]: Ray Train, {workers} workers, L = {cfg.model.max_len}, "
