@@ -29,8 +29,6 @@ sys.path.insert(0, str(_HERE))
 from _machine import machine  # noqa: E402
 from serving import _free_port, build_bundle, start_server, stop_server  # noqa: E402
 
-# benchmarks/topk_search.py would shadow the `retrieval` package for everything imported after this.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 API_KEY = "bench-key-0123456789abcdef"
 

@@ -30,9 +30,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
-# Run as a script, this folder is sys.path[0], and its sibling benchmarks/topk_search.py would shadow the
-# `retrieval` package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def write_events(path: Path, n_events: int, seed: int = 0, chunk: int = 1_000_000) -> dict:

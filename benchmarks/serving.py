@@ -30,8 +30,6 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 from _machine import machine  # noqa: E402
 
-# benchmarks/topk_search.py would shadow the `retrieval` package for everything imported after this.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 N_ITEMS, N_CATES, USERS = 100_000, 1_000, 4
 FULL = {1_000: (100, 500), 10_000: (100, 200, 500), 50_000: (100, 500)}
