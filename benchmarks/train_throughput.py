@@ -15,10 +15,6 @@ cate_n = 9,408) with synthetic uniform ids. Prints one JSON object.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import os
