@@ -8,13 +8,11 @@ results survive an interrupted sweep) and prints one JSON object at the end.
     .venv/bin/python benchmarks/offline_accuracy.py --models dare,twin --seeds 1,2,3 --out results/acc-L200
     .venv/bin/python benchmarks/offline_accuracy.py --max-len full ...   # L = the longest history
     .venv/bin/python benchmarks/offline_accuracy.py --quick              # seconds: 60 users, tiny run
+    .venv/bin/python benchmarks/offline_accuracy.py --models dare,dare+aaren,dare+titans,dare+aaren+titans --max-len full
+                                    # the Aaren / Titans ablation: `+branch` switches a branch on
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
 
 import argparse
 import json
@@ -22,7 +20,9 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,6 +35,18 @@ ORIGINAL = {
 }
 
 
+BRANCHES = ("aaren", "titans")
+
+
+def parse_model(spec: str) -> tuple[str, dict[str, bool]]:
+    """'dare+aaren+titans' -> ('dare', {'aaren': True, 'titans': True})."""
+    name, *flags = spec.split("+")
+    bad = [f for f in flags if f not in BRANCHES]
+    if bad or name not in ("dare", "twin", "din") or (flags and name == "din"):
+        raise SystemExit(f"--models: {spec!r}: expected din, twin or dare, DARE/TWIN optionally +aaren / +titans")
+    return name, {f: True for f in flags}
+
+
 def run_one(model: str, seed: int, max_len: str, epochs: float | None, out: Path, quick: bool, threads: int) -> dict:
     import torch
 
@@ -43,11 +55,12 @@ def run_one(model: str, seed: int, max_len: str, epochs: float | None, out: Path
     from recsys.train.trainer import train, user_subset
 
     torch.set_num_threads(threads)
-    base = load_experiment(REPO / "configs" / ("tiny.yaml" if quick else f"{model}.yaml"))
+    name, flags = parse_model(model)
+    base = load_experiment(REPO / "configs" / ("tiny.yaml" if quick else f"{name}.yaml"))
     ds = load_dataset(base.data_path())
     L = max_history(ds.store) if max_len == "full" else int(max_len)
-    over: dict = {"model": {"name": model, "max_len": L}, "train": {"seed": seed, "progress": False, "threads": threads}}
-    if model == "din":
+    over: dict = {"model": {"name": name, "max_len": L} | flags, "train": {"seed": seed, "progress": False, "threads": threads}}
+    if name == "din":
         over["model"]["aux_loss"] = False
     if epochs is not None:
         over["train"]["epochs"] = float(epochs)
@@ -126,6 +139,8 @@ def main() -> None:
         return
 
     models, seeds = a.models.split(","), [int(s) for s in a.seeds.split(",")]
+    for m in models:
+        parse_model(m)
     out.mkdir(parents=True, exist_ok=True)
     runs, t0 = [], time.time()
     for seed in seeds:

@@ -23,6 +23,11 @@ class ModelConfig(StrictModel):
     embedding_backend: Literal["sparse", "dense", "fused"] = "sparse"
     aaren: bool = Field(False, description="add the Aaren streaming-attention summary to the MLP input")
     titans: bool = Field(False, description="add the Titans neural-memory read to the MLP input")
+    group_rows: int = Field(
+        128, ge=1,
+        description="compute only: training/eval batches are sorted by history length and processed in groups of this "
+        "many rows, each padded to its own longest history (same results, far less padding at long L)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

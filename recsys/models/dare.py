@@ -21,7 +21,7 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, Fields, ModelOutput, aggregate, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
+from recsys.models.common import MLP, Fields, ModelOutput, aggregate, by_length_groups, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
 
 FIELDS = ("item", "cate", "pos")
 
@@ -100,7 +100,9 @@ class DARE(nn.Module):
 
     # --- the model ---
 
-    def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> ModelOutput:
+    def features(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Everything that reads the history (per row) -> (MLP input [B, D_in], auxiliary MLP input
+        [B, 3 d_r] or None, retrieved columns [B, k])."""
         aux_on = self.aux_mlp is not None
         branches = self.aaren is not None or self.titans is not None
         # the whole history needs gradient (and representations) only for the auxiliary head and branches
@@ -111,17 +113,24 @@ class DARE(nn.Module):
         h = aggregate(att_k, rep_k, idx, self.segments)                          # [B, 3 d_r] stage 2
         v_t = rep_k.target_vec()                                                 # [B, 3 d_r]
         extra = self.branch_inputs(rep, v_t, lengths) if branches else []
-        logit = self.mlp(torch.cat([ctr_input(v_t, h)] + extra, dim=-1)).squeeze(-1)   # [B]
-        aux = None
-        if aux_on:
-            h_all = soft_attention(att, rep, lengths, self.segments)             # [B, 3 d_r]
-            aux = self.aux_mlp(ctr_input(v_t, h_all)).squeeze(-1)                # [B]
-        return ModelOutput(logit, aux, idx)
+        x = torch.cat([ctr_input(v_t, h)] + extra, dim=-1)                       # [B, D_in]
+        x_aux = ctr_input(v_t, soft_attention(att, rep, lengths, self.segments)) if aux_on else None
+        return x, x_aux, idx
+
+    def towers(self, x: torch.Tensor, x_aux: torch.Tensor | None, idx: torch.Tensor) -> ModelOutput:
+        aux = self.aux_mlp(x_aux).squeeze(-1) if x_aux is not None else None     # [B]
+        return ModelOutput(self.mlp(x).squeeze(-1), aux, idx)
+
+    def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> ModelOutput:
+        return self.towers(*self.features(target, events, lengths))
 
     def forward(self, batch: HistoryBatch) -> ModelOutput:
-        target = {"item": batch.target_item, "cate": batch.target_cate, "pos": torch.zeros_like(batch.target_item)}
-        events = {"item": batch.hist_item, "cate": batch.hist_cate, "pos": batch.hist_pos}
-        return self.heads(target, events, batch.hist_len)
+        def group(rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            target = {"item": batch.target_item[rows], "cate": batch.target_cate[rows], "pos": torch.zeros_like(rows)}
+            events = {"item": batch.hist_item[rows, :width], "cate": batch.hist_cate[rows, :width], "pos": batch.hist_pos[rows, :width]}
+            return self.features(target, events, batch.hist_len[rows])
+
+        return self.towers(*by_length_groups(batch.hist_len, self.config.group_rows, group))
 
     @torch.no_grad()
     def attention_weights(self, batch: HistoryBatch) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, ModelOutput, ctr_input, init_weights
+from recsys.models.common import MLP, ModelOutput, by_length_groups, ctr_input, init_weights
 
 
 class DIN(nn.Module):
@@ -44,9 +44,13 @@ class DIN(nn.Module):
         return torch.einsum("bl,bld->bd", a, e)
 
     def forward(self, batch: HistoryBatch) -> ModelOutput:
-        v_t, e = self._embed({"item": batch.target_item, "cate": batch.target_cate}, {"item": batch.hist_item, "cate": batch.hist_cate})
-        h = self.attend(v_t, e, batch.hist_mask)
-        return ModelOutput(self.mlp(ctr_input(v_t, h)).squeeze(-1), None, None)
+        def group(rows: torch.Tensor, width: int) -> tuple[torch.Tensor]:
+            v_t, e = self._embed({"item": batch.target_item[rows], "cate": batch.target_cate[rows]},
+                                 {"item": batch.hist_item[rows, :width], "cate": batch.hist_cate[rows, :width]})
+            return (ctr_input(v_t, self.attend(v_t, e, batch.hist_mask[rows, :width])),)
+
+        (x,) = by_length_groups(batch.hist_len, self.config.group_rows, group)
+        return ModelOutput(self.mlp(x).squeeze(-1), None, None)
 
     @torch.no_grad()
     def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor) -> ModelOutput:
