@@ -13,9 +13,12 @@ from recsys.config.train import TrainConfig
 
 
 class ExperimentConfig(StrictModel):
-    data: str = Field(description="dataset folder (benchmark format); relative paths resolve against the shared dir")
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
+    """A training run (`recsys train --config`, configs/*.yaml); a bundle's config.yaml is one too."""
+
+    data: str = Field(description="dataset folder (benchmark format); relative paths resolve against the shared "
+                      "dir (../shared, or RECSYS_SHARED)")
+    model: ModelConfig = Field(ModelConfig(), description="which model, its dimensions and switches")
+    train: TrainConfig = Field(TrainConfig(), description="optimisation, validation cadence, model selection")
 
     def data_path(self) -> Path:
         from recsys.paths import shared_dir

@@ -16,38 +16,41 @@ from recsys.config.serve import ServeConfig
 
 
 class HttpConfig(StrictModel):
+    """Where the service listens, what it accepts, how it batches. RECSYS_API_KEY overrides `api_key`."""
+
     # Loopback unless told otherwise: exposing the service is a deliberate act.
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    # Write and admin endpoints (POST /v1/events, POST /v1/admin/reload) need this key in `X-API-Key`;
-    # with no key configured they are refused (403), never open.
-    api_key: str | None = Field(default=None, min_length=16)
-    # Bodies above this many bytes get 413 before any parsing (Content-Length, or counted while streaming).
-    max_body_bytes: int = Field(default=1_048_576, ge=1_024)
-    max_candidates: int = Field(default=1_000, ge=1)
-    max_events: int = Field(default=10_000, ge=1)
-    # Micro-batching: a request waits at most this long for others to share its state fetch and forward.
-    batch_window_ms: float = Field(default=1.0, ge=0.0, le=100.0)
-    max_batch: int = Field(default=32, ge=1)
-    # Micro-batches scored at once, each in its own thread (set torch_threads so that
-    # score_concurrency x torch_threads is about the cores this process may use).
-    score_concurrency: int = Field(default=1, ge=1, le=64)
-    # One log line per request costs about as much as a small forward: off unless asked for.
-    access_log: bool = False
-    # Threads torch may use for a forward (None: torch's default).
-    torch_threads: int | None = Field(default=None, ge=1)
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 exposes the service on every interface)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    api_key: str | None = Field(None, min_length=16, description="key that write and admin endpoints (POST "
+                                "/v1/events, POST /v1/admin/reload) require in `X-API-Key`; with no key configured "
+                                "they answer 403, never open. RECSYS_API_KEY in the environment overrides it")
+    max_body_bytes: int = Field(1_048_576, ge=1_024, description="bodies above this many bytes get 413 before any "
+                                "parsing (Content-Length, or counted while streaming)")
+    max_candidates: int = Field(1_000, ge=1, description="most candidates in one /v1/score request (more: 422)")
+    max_events: int = Field(10_000, ge=1, description="most events in one /v1/events request (more: 422)")
+    batch_window_ms: float = Field(1.0, ge=0.0, le=100.0, description="micro-batching: how long a score request "
+                                   "waits for others to share its state fetch and forward")
+    max_batch: int = Field(32, ge=1, description="most score requests in one micro-batch")
+    score_concurrency: int = Field(1, ge=1, le=64, description="micro-batches scored at once, each in its own "
+                                   "thread; keep score_concurrency x torch_threads about the cores the process may use")
+    # One log line per request costs about as much as a small forward.
+    access_log: bool = Field(False, description="uvicorn's per-request access log")
+    torch_threads: int | None = Field(None, ge=1, description="threads torch may use for a forward (None: torch's "
+                                      "default)")
 
     def resolved_api_key(self) -> str | None:
         return os.environ.get("RECSYS_API_KEY") or self.api_key
 
 
 class ServiceConfig(StrictModel):
-    http: HttpConfig = HttpConfig()
-    serve: ServeConfig = ServeConfig()
-    # Model bundle folder served at start (None: not ready until POST /v1/admin/reload loads one).
-    bundle: str | None = None
-    # Run the stream worker as a thread of the service process (embedded mode: no separate worker).
-    embedded_worker: bool = True
-    # /v1/admin/reload rebuilds every user's state in-process up to this many users; above it, run the
-    # rebuild job first and reload with `rebuild: false`.
-    rebuild_max_users: int = Field(default=100_000, ge=0)
+    """A service config (`recsys serve --config`, `recsys stream-worker --config`)."""
+
+    http: HttpConfig = Field(HttpConfig(), description="the HTTP front end")
+    serve: ServeConfig = Field(ServeConfig(), description="the Redis user-state store and the event stream")
+    bundle: str | None = Field(None, description="model bundle folder served at start (None: not ready until POST "
+                               "/v1/admin/reload loads one); `--bundle` overrides it")
+    embedded_worker: bool = Field(True, description="run the stream worker as a thread of the service process "
+                                  "(embedded mode: no separate `recsys stream-worker`)")
+    rebuild_max_users: int = Field(100_000, ge=0, description="/v1/admin/reload rebuilds every user's state "
+                                   "in-process up to this many users; above it, run the rebuild job first "
+                                   "(pipelines/rebuild_state.py) and reload with `rebuild: false`")

@@ -10,17 +10,24 @@ from recsys.config.base import StrictModel
 
 
 class ModelConfig(StrictModel):
-    name: Literal["dare", "twin", "din"] = "dare"
+    """`mlp` needs at least one hidden layer; every hidden size is >= 1."""
+
+    name: Literal["dare", "twin", "din"] = Field(
+        "dare", description="the model: DARE (separate attention and representation embeddings), TWIN (one shared "
+        "embedding for search and representation) or DIN (target attention over the last max_len events)")
     dim_rep: int = Field(16, ge=1, description="d_r: representation dim per field (item, category, position)")
     dim_att: int = Field(16, ge=1, description="d_a: attention dim per field (DARE only; TWIN/DIN use dim_rep)")
     top_k: int = Field(20, ge=1, description="events kept by the search stage (DARE, TWIN)")
     max_len: int = Field(200, ge=1, description="history length L; the position table has max_len + 1 rows")
     aux_loss: bool = Field(True, description="auxiliary soft-attention head over the whole history (DARE, TWIN)")
-    aux_weight: float = Field(1.0, ge=0.0)
+    aux_weight: float = Field(1.0, ge=0.0, description="weight of the auxiliary head's BCE loss (with aux_loss)")
     mlp: list[int] = Field([200, 80], description="hidden sizes of the prediction MLP")
     din_attention_mlp: list[int] = Field([36], description="hidden sizes of DIN's activation unit")
     init_std: float = Field(0.01, gt=0.0, description="N(0, std) init of embeddings and Linear weights")
-    embedding_backend: Literal["sparse", "dense", "fused"] = "sparse"
+    embedding_backend: Literal["sparse", "dense", "fused"] = Field(
+        "sparse", description="how the tables train: `sparse` row gradients + SparseAdam; `dense` gradients + Adam "
+        "over every row (the original); `fused` torchrec/fbgemm sharded tables, optimiser inside backward. Bundles "
+        "always serve plain tables (docs/models.md)")
     aaren: bool = Field(False, description="add the Aaren streaming-attention summary to the MLP input")
     titans: bool = Field(False, description="add the Titans neural-memory read to the MLP input")
     group_rows: int = Field(

