@@ -28,10 +28,10 @@ def _print_json(obj) -> None:
 @friendly
 def generate(
     out: Path = typer.Option(..., help="dataset folder to write (its files are replaced)"),
-    users: int = typer.Option(200, help="number of users"),
-    events_mean: float = typer.Option(1000.0, help="mean events per user (log-normal)"),
-    seed: int = typer.Option(0),
-    config: Optional[Path] = typer.Option(None, help="a SyntheticConfig YAML; the flags above override it"),
+    users: Optional[int] = typer.Option(None, help="number of users (default: the config's, else 200)"),
+    events_mean: Optional[float] = typer.Option(None, help="mean events per user, log-normal (default: the config's, else 1000)"),
+    seed: Optional[int] = typer.Option(None, help="seed (default: the config's, else 0)"),
+    config: Optional[Path] = typer.Option(None, help="a SyntheticConfig YAML (docs/configuration.md); flags given override it"),
 ) -> None:
     """Generate the seeded synthetic lifelong dataset (benchmark format + evidence).
 
@@ -43,8 +43,9 @@ def generate(
     from recsys.data.synthetic import generate as gen
 
     base = load_yaml(config, SyntheticConfig).model_dump() if config else {}
-    base.update(n_users=users, seed=seed)
-    base["events_per_user"] = {**base.get("events_per_user", {}), "mean": events_mean}
+    base.update({k: v for k, v in {"n_users": users, "seed": seed}.items() if v is not None})
+    if events_mean is not None:
+        base["events_per_user"] = {**base.get("events_per_user", {}), "mean": events_mean}
     cfg = validate(SyntheticConfig, base, str(config or "<flags>"))
     with progress_bar("generating events") as update:
         meta = gen(cfg, out, progress=update)
@@ -146,16 +147,25 @@ def evaluate(
     bundle: Path = typer.Option(..., help="model bundle folder"),
     split: str = typer.Option("test", help="train, val or test"),
     data: Optional[Path] = typer.Option(None, help="dataset folder (default: the bundle's)"),
+    ray: bool = typer.Option(False, "--ray", help="score the rows on Ray actors (same metrics)"),
+    workers: int = typer.Option(2, min=1, help="scoring actors (with --ray)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address, 'auto' to join (with --ray)"),
 ) -> None:
     """Metrics of a bundle on a split: AUC, GAUC, logloss, per-category AUC.
 
     Example: recsys evaluate --bundle runs/dare/bundle --split test
+    Example: recsys evaluate --bundle runs/dare/bundle --ray --workers 2
     """
-    from recsys.train.trainer import evaluate as run
-
     if split not in ("train", "val", "test"):
         fail(f"--split: expected train, val or test, got {split!r}")
-    _print_json(run(bundle, split, data))
+    if ray:
+        from pipelines.evaluate import run_evaluate
+
+        _print_json(run_evaluate(bundle, split, data, workers=workers, address=address))
+    else:
+        from recsys.train.trainer import evaluate as run
+
+        _print_json(run(bundle, split, data))
 
 
 def _service_config(config: Optional[Path], bundle: Optional[Path], host: Optional[str], port: Optional[int]):
@@ -172,10 +182,41 @@ def _service_config(config: Optional[Path], bundle: Optional[Path], host: Option
     return cfg.model_copy(update=update)
 
 
+def _preflight(cfg, *, listen: bool) -> None:
+    """Check what a user gets wrong before uvicorn or the worker starts: inside them a bad bundle, a taken
+    port or an unreachable Redis ends in a traceback or a log line after minutes of loading."""
+    import socket
+
+    from recsys.bundle import FILES
+
+    if cfg.bundle is not None:
+        missing = [f for f in FILES if not (Path(cfg.bundle) / f).is_file()]
+        if missing:
+            fail(f"{cfg.bundle}: not a model bundle, missing {missing}")
+    if listen:
+        host, port = cfg.http.host, cfg.http.port
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: only a live listener blocks
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                fail(f"cannot listen on {host}:{port}: {e.strerror or e} (choose another --port or stop the other server)")
+    if cfg.serve.state.resolved_url() is not None:
+        import redis
+        from redis.exceptions import RedisClusterException
+
+        from service.redis_conn import connect
+
+        try:
+            connect(cfg.serve.state).close()
+        except (redis.RedisError, RedisClusterException) as e:
+            fail(f"Redis unreachable (REDIS_URL or serve.state.redis_url): {e}")
+
+
 @app.command()
 @friendly
 def serve(
-    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), e.g. configs/serve.yaml"),
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig, docs/configuration.md), e.g. configs/serve.yaml"),
     bundle: Optional[Path] = typer.Option(None, help="model bundle to serve"),
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help="port (default 8000)"),
@@ -188,7 +229,9 @@ def serve(
     """
     from service.serve import serve as run
 
-    run(_service_config(config, bundle, host, port), workers=workers, ray_serve=ray_serve)
+    cfg = _service_config(config, bundle, host, port)
+    _preflight(cfg, listen=True)
+    run(cfg, workers=workers, ray_serve=ray_serve)
 
 
 @app.command("stream-worker")
@@ -212,6 +255,7 @@ def stream_worker(
     cfg = _service_config(config, bundle, None, None)
     if cfg.bundle is None:
         fail("--bundle (or `bundle:` in the config) is required: the worker computes that model's state")
+    _preflight(cfg, listen=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     handle = connect(cfg.serve.state)

@@ -46,7 +46,8 @@ def friendly(fn):
             msg = str(e).strip() or type(e).__name__
             if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
                 msg = f"{e.filename}: {msg}"
-            typer.echo(f"error: {msg}", err=True)
+            # A config with several bad keys names each on its own line; every line reads as an error.
+            typer.echo("\n".join(f"error: {line}" for line in msg.splitlines()), err=True)
             raise typer.Exit(2) from None
         except OSError as e:  # e.g. port in use
             typer.echo(f"error: {e.strerror or e}", err=True)

@@ -43,7 +43,10 @@ def load_yaml(path: str | Path, model: type[T], overrides: dict[str, Any] | None
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        # One line: where and what (PyYAML's own message spans several lines with a caret drawing).
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {where}{getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: <root>: expected a mapping, got {type(data).__name__}")
     if overrides:

@@ -17,8 +17,9 @@ class SplitConfig(StrictModel):
                             "whose positions are validation targets (at least 1 per user if > 0; 0: no validation split)")
     min_history: int = Field(5, ge=0, description="positions below this index are never targets (a target needs "
                              "this much history)")
-    negatives: int = Field(2, ge=0, description="negative rows per positive target: distinct items the user never "
-                           "interacted with, drawn by popularity")
+    negatives: int = Field(2, ge=0, description="negative rows per positive target, distinct (prepared data: items "
+                           "the user never interacted with, by popularity; synthetic: items of families unseen before "
+                           "the target, same category first)")
 
 
 class EventsPerUser(StrictModel):
@@ -37,7 +38,8 @@ class EventsPerUser(StrictModel):
 
 
 class SyntheticConfig(StrictModel):
-    """Seeded synthetic lifelong dataset (recsys.data.synthetic; `recsys generate --config`).
+    """Seeded synthetic lifelong dataset (recsys.data.synthetic; `recsys generate --config`, whose `--users`,
+    `--events-mean` and `--seed` flags override the file).
 
     Items come in families of `family_size` (same category); a target is positive iff an item of its family
     occurs in the user's history before the target. For a `far_fraction` of positives the family's most

@@ -43,7 +43,8 @@ class HttpConfig(StrictModel):
 
 
 class ServiceConfig(StrictModel):
-    """A service config (`recsys serve --config`, `recsys stream-worker --config`)."""
+    """A service config (`recsys serve --config`, `recsys stream-worker --config`, e.g. configs/serve.yaml); the
+    flags `--bundle`, `--host` and `--port` override the file."""
 
     http: HttpConfig = Field(HttpConfig(), description="the HTTP front end")
     serve: ServeConfig = Field(ServeConfig(), description="the Redis user-state store and the event stream")
