@@ -56,6 +56,7 @@ def test_every_command_help_has_an_example():
     names = [c.name or c.callback.__name__ for c in app.registered_commands]
     assert {"generate", "prepare", "preprocess", "stats", "train", "evaluate", "serve", "stream-worker", "demo",
             "report"} <= set(names)
+    assert "Example: recsys demo" in invoke("--help").output
     for name in names:
         r = invoke(name, "--help")
         assert r.exit_code == 0, name

