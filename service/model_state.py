@@ -1,8 +1,13 @@
 """The served model as the service sees it, and the StateUpdater that keeps per-user state for it.
 
-`ServingModel` wraps a loaded bundle: its version, its id space (ids outside a table map to the
-out-of-vocabulary row 0, the padding row, which the models never train as a target or as a real event:
-an unseen id scores like "nothing known about it"), and one call to score one user's candidates.
+`ServingModel` wraps a loaded bundle: its version, its id space, and one call to score one user's
+candidates. Out of vocabulary: an item or category id outside its table (>= the table's rows, or 0) maps
+to row 0, the padding row, and the served model's row 0 of every item and category table is set to zero
+at load. So an unknown id has one defined embedding, the zero vector, in every role (attention:
+a semantic score of 0 against every event; representation: contributes nothing), independent of the
+seed that initialised the untrained padding row. Row 0 never reaches a known input's score (padding is
+masked by length everywhere), so this changes no in-vocabulary score: the offline=online parity tests
+compare the served model with the unmodified bundle.
 
 `ModelStateUpdater` implements `service.state.StateUpdater` for the stream worker and for rebuilds: the
 per-user streaming state of the model's summary branches (`StreamingBranches`: Aaren and/or Titans over
@@ -51,6 +56,7 @@ class ServingModel:
         # main head, so skip its O(C x L) pass. (Until score_candidates offers this itself.)
         if getattr(self.model, "aux_mlp", None) is not None:
             self.model.aux_mlp = None
+        zero_oov_rows(self.model)
 
     @classmethod
     def from_bundle(cls, path: str | Path) -> "ServingModel":
@@ -97,6 +103,22 @@ class ServingModel:
         return HistoryBatch(user=torch.zeros(C, dtype=torch.int64), target_item=items, target_cate=cates,
                             hist_item=pad, hist_cate=pad, hist_pos=pad, hist_len=torch.zeros(C, dtype=torch.int64),
                             label=torch.zeros(C))
+
+
+def zero_oov_rows(model: nn.Module) -> list[str]:
+    """Set row OOV_ID of every item and category table to zero (see the module doc). -> the tables changed."""
+    from recsys.models.common import table_sets
+
+    changed = []
+    with torch.no_grad():
+        for set_name, tables in table_sets(model).items():
+            if tables.sharded:
+                raise ValueError(f"{set_name}: a sharded table set cannot serve (load the bundle unsharded)")
+            for name, weight in tables.weights().items():
+                if name.rsplit("_", 1)[-1] in ("item", "cate"):  # item, att_item, rep_item, ...
+                    weight[OOV_ID].zero_()
+                    changed.append(f"{set_name}.{name}" if set_name else name)
+    return changed
 
 
 @dataclass

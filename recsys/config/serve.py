@@ -7,7 +7,7 @@ Loaded with `recsys.config.load_yaml(path, ServeConfig)`; `REDIS_URL` in the env
 from __future__ import annotations
 
 import os
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from recsys.config.base import StrictModel
 
@@ -38,6 +38,14 @@ class StateStoreConfig(StrictModel):
     cas_retries: int = Field(8, ge=1, description="optimistic-concurrency retries when another worker applied to "
                              "the same user in between")
 
+    # Short timeouts and one quick retry: with Redis down a request fails (503) in well under a second;
+    # redis-py's defaults (5 s socket timeout, 3 retries with backoff up to seconds) held it 3-4 s.
+    socket_timeout_s: float = Field(2.0, gt=0, description="longest wait for one Redis reply before the call "
+                                    "fails (above stream.block_ms: the stream worker's blocking reads)")
+    connect_timeout_s: float = Field(0.5, gt=0, description="longest wait to connect to Redis")
+    retries: int = Field(1, ge=0, le=10, description="retries of a Redis call that failed to connect or timed out")
+    retry_backoff_s: float = Field(0.05, ge=0, description="wait before each retry")
+
     def resolved_url(self) -> str | None:
         return os.environ.get("REDIS_URL") or self.redis_url
 
@@ -61,3 +69,10 @@ class ServeConfig(StrictModel):
 
     state: StateStoreConfig = Field(StateStoreConfig(), description="the Redis user-state store")
     stream: StreamConfig = Field(StreamConfig(), description="the Redis Streams event ingestion")
+
+    @model_validator(mode="after")
+    def _blocking_read_fits_the_timeout(self) -> "ServeConfig":
+        if self.stream.block_ms / 1000 >= self.state.socket_timeout_s:
+            raise ValueError(f"stream.block_ms ({self.stream.block_ms}) must be below state.socket_timeout_s "
+                             f"({self.state.socket_timeout_s} s): a blocking read would time out")
+        return self

@@ -22,6 +22,7 @@ from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
 from recsys.models.common import MLP, Fields, ModelOutput, aggregate, by_length_groups, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
+from retrieval.serving import topk_shared
 
 FIELDS = ("item", "cate", "pos")
 
@@ -156,5 +157,41 @@ class DARE(nn.Module):
         if hist_cate.shape != hist_item.shape or cand_cate.shape != cand_item.shape:
             raise ValueError("hist_item/hist_cate and cand_item/cand_cate must have matching shapes")
         target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
-        events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
-        return self.heads(target, events, L)                                 # targets [C], one history [L]
+        events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1, device=hist_item.device)}
+        return self.shared_history_heads(target, events, L)                 # targets [C], one history [L]
+
+    def role_tables(self) -> tuple[tuple[TableSet, str], tuple[TableSet, str]]:
+        """(table set, name prefix) of the attention role and of the representation role."""
+        return (self.att_tables, "att"), (self.rep_tables, "rep")
+
+    @torch.no_grad()
+    def shared_history_heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], L: int) -> ModelOutput:
+        """heads() for C targets sharing ONE history ([C] target ids, [L] event ids), computed the serving
+        way, with heads()' numbers (tests/test_models.py compares it with the batch forward):
+        - table rows read straight from the weights: no id dedup or KJT, as nothing sends gradient back;
+        - the shared-history top-k (retrieval.serving: one matmul, strided-block pruning, exact);
+        - the kept events' embeddings gathered from the full-history ones, not looked up a second time.
+        """
+        (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
+        att = _lookup(att_set, att_prefix, target, events)
+        rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, events)
+        _, idx = topk_shared(att.target_vec(), att.events_vec(), self.k, self.segments)   # [C, k] stage 1
+        safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
+        kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
+        att_k = Fields(att.target, [kept(e) for e in att.events])
+        rep_k = Fields(rep.target, [kept(e) for e in rep.events])
+        h = aggregate(att_k, rep_k, idx, self.segments)                          # [C, 3 d_r] stage 2
+        v_t = rep_k.target_vec()
+        extra = self.branch_inputs(rep, v_t, L) if self.aaren is not None or self.titans is not None else []
+        x = torch.cat([ctr_input(v_t, h)] + extra, dim=-1)
+        x_aux = ctr_input(v_t, soft_attention(att, rep, L, self.segments)) if self.aux_mlp is not None else None
+        return self.towers(x, x_aux, idx)
+
+
+def _lookup(tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:
+    """DARE._fields without gradient: the same rows, read from the weights (a served model is never sharded:
+    on a sharded set weights() gathers the full tables, correct but slow)."""
+    names = {f: f"{prefix}_{f}" if prefix else f for f in FIELDS}
+    w = tables.weights()
+    return Fields([w[names[f]].index_select(0, target[f]) for f in FIELDS],
+                  [w[names[f]].index_select(0, events[f]) for f in FIELDS])

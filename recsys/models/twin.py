@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from recsys.config.model import ModelConfig
+from recsys.embeddings import TableSet
 from recsys.models.common import Fields
 from recsys.models.dare import DARE
 
@@ -18,6 +19,9 @@ class TWIN(DARE):
     def build_tables(self, config: ModelConfig) -> None:
         self.tables = self._tables("", config.dim_rep, config)
         self.segments = [2 * config.dim_rep, config.dim_rep]
+
+    def role_tables(self) -> tuple[tuple[TableSet, str], tuple[TableSet, str]]:
+        return (self.tables, ""), (self.tables, "")
 
     def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool, rep: bool = True) -> tuple[Fields, Fields | None]:
         fields = self._fields(self.tables, "", target, events, grad)
