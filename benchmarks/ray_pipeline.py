@@ -8,7 +8,10 @@ the driver and every Ray process it started (sampled every 0.2 s; shared object-
 once per process mapping them, so this overstates). Training: `pipelines.train.run_train` on the fixed
 benchmark at the original settings (configs/dare.yaml: L = 200, batch 2048) for `--train-steps` steps,
 median steady-state global samples/s of 1 and 2 workers; scaling efficiency = sps(2) / (2 sps(1)).
-Prints one JSON object.
+Equivalence: validation AUC of the single-process trainer and of the 2-worker Ray job with the same
+config and seed (configs/dare.yaml for `--equivalence-epochs`), next to the float-rounding floor: the same
+single-process run with each batch's rows in reverse order (the same step in exact arithmetic; only the
+order of float sums changes). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -139,6 +142,67 @@ def bench_train(steps: int, repeats: int, tmp: Path) -> dict:
     return out
 
 
+# The test subset's settings (tests/test_pipeline_train.py): the first 60 users, the tiny DARE, 60 steps.
+SUBSET_USERS = 60
+SUBSET_TRAIN = {"batch_size": 2048, "epochs": 6.0, "eval_every": 20, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
+
+
+def bench_equivalence(epochs: float, tmp: Path, subset: bool = False, model: dict | None = None) -> dict:
+    import ray
+
+    import recsys.train.trainer as trainer
+    from pipelines.runtime import init_ray
+    from pipelines.train import run_train
+    from recsys.config.experiment import load_experiment
+    from recsys.data.sequences import batch_rows, load_dataset
+    from recsys.paths import benchmark_dir
+
+    ds = load_dataset(benchmark_dir())
+    if subset:
+        ds = trainer.user_subset(ds, SUBSET_USERS)
+        cfg = load_experiment(REPO / "configs/tiny.yaml", {"train": SUBSET_TRAIN, "model": model or {}})
+    else:
+        steps = int(np.ceil(epochs * np.ceil(len(ds.splits["train"]) / 2048)))
+        cfg = load_experiment(REPO / "configs/dare.yaml", {"train": {"epochs": epochs, "eval_every": max(1, steps // 3),
+                                                                      "patience": None, "progress": False},
+                                                            "model": model or {}})
+
+    def curve(out: Path) -> list[float]:
+        return [json.loads(line)["val_auc"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+    single = trainer.train(cfg, tmp / "eq-single", dataset=ds, evaluate_test=False)
+
+    def reversed_rows(n_rows, batch_size, shuffle, seed=None, drop_last=False):
+        for rows in batch_rows(n_rows, batch_size, shuffle, seed, drop_last):
+            yield rows[::-1].copy() if shuffle else rows
+
+    trainer.batch_rows = reversed_rows  # the trainer's own batch order, each training batch reversed
+    try:
+        floor = trainer.train(cfg, tmp / "eq-reversed", dataset=ds, evaluate_test=False)
+    finally:
+        trainer.batch_rows = batch_rows
+    init_ray(log_to_driver=False)
+    try:
+        two = run_train(cfg, tmp / "eq-ray2", workers=2, dataset=ds, evaluate_test=False)
+    finally:
+        ray.shutdown()
+    ray_curve = [h["val_auc"] for h in two["history"]]
+    one, rev = curve(tmp / "eq-single"), curve(tmp / "eq-reversed")
+    return {
+        "config": {"data": f"first {SUBSET_USERS} users" if subset else "full benchmark", "model": cfg.model.name,
+                   "embedding_backend": cfg.model.embedding_backend, "max_len": cfg.model.max_len,
+                   "batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs, "steps": single.steps,
+                   "validations_at": [h["step"] for h in two["history"]]},
+        "best_val_auc": {"single_process": single.best_val["auc"], "ray_2_workers": two["best_val"]["auc"],
+                         "single_process_rows_reversed": floor.best_val["auc"]},
+        "best_val_auc_diff_2_workers": two["best_val"]["auc"] - single.best_val["auc"],
+        "best_val_auc_diff_rows_reversed": floor.best_val["auc"] - single.best_val["auc"],
+        "val_auc_curve": {"single_process": one, "ray_2_workers": ray_curve, "single_process_rows_reversed": rev},
+        "max_abs_curve_diff_2_workers": max(abs(a - b) for a, b in zip(one, ray_curve)),
+        "max_abs_curve_diff_rows_reversed": max(abs(a - b) for a, b in zip(one, rev)),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=10_000_000)
@@ -146,6 +210,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="training runs per worker count")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-preprocess", action="store_true")
+    ap.add_argument("--equivalence-epochs", type=float, default=0.5, help="epochs of the 1-process vs 2-worker AUC check")
+    ap.add_argument("--skip-equivalence", action="store_true")
+    ap.add_argument("--equivalence-subset", action="store_true",
+                    help="the equivalence check on the 2-worker test's subset and settings (tiny DARE, 60 steps)")
+    ap.add_argument("--equivalence-model", default=None, help="model name override (dare, twin, din)")
+    ap.add_argument("--equivalence-backend", default=None, help="embedding backend override (sparse, dense, fused)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -159,6 +229,10 @@ def main() -> None:
             print(json.dumps(result["preprocess"]), file=sys.stderr, flush=True)  # kept if training fails
         if not args.skip_train:
             result["train"] = bench_train(args.train_steps, args.repeats, tmp)
+        if not args.skip_equivalence:
+            model = ({"name": args.equivalence_model} if args.equivalence_model else {}) | (
+                {"embedding_backend": args.equivalence_backend} if args.equivalence_backend else {})
+            result["equivalence"] = bench_equivalence(args.equivalence_epochs, tmp, args.equivalence_subset, model)
     print(json.dumps(result))
 
 

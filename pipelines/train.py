@@ -1,10 +1,17 @@
 """Ray Train job: the single-process trainer's step (`recsys.train.step.train_step`) on N workers.
 
 Equivalence with `recsys.train.trainer.train` by construction: every worker walks the same seeded global
-batch order (`batch_rows`, seed and epoch only) and takes a strided slice of each global batch; DDP
-averages the gradients, so one step of N workers on B/N rows each is one step on the B rows (up to
-BatchNorm, whose batch statistics are per worker). Validation, best-by-val-AUC selection and the bundle
-are the trainer's functions.
+batch order (`batch_rows`, seed and epoch only) and takes a strided slice of each global batch, and one
+step of N workers on their slices is one step on the whole batch, up to float rounding:
+- BatchNorm layers become `SyncBatchNorm1d` (statistics and their gradients over the global batch; plain
+  BatchNorm would normalise each worker's slice with its own statistics);
+- DDP averages the workers' gradients, which is the gradient of the global mean loss only when the
+  slices are equally large; each worker's loss gradient is scaled by N * rows_here / rows_global, so an
+  odd last batch (rows split ceil/floor) is weighted as on one process;
+- sparse table gradients are all-reduced as sparse tensors, so SparseAdam updates the union of the
+  workers' rows with their summed gradient, as on one process.
+The weights start identical (same seed; DDP broadcasts rank 0's anyway). Validation, best-by-val-AUC
+selection and the bundle are the trainer's functions.
 
 Data: the dataset (CSR events + sample rows, plain numpy) is loaded once by the driver and materialised in
 the object store before `fit`; workers map it zero-copy (one copy per node). Nothing is left to a lazy
@@ -24,11 +31,13 @@ import os
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from recsys.config.experiment import ExperimentConfig, load_experiment
 from recsys.data.sequences import Dataset, assemble, batch_rows, load_dataset
@@ -52,16 +61,84 @@ def _worker_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
     return rows if len(rows) < world else rows[rank::world]
 
 
-def _save(dirname: str, model, opt, state: dict) -> None:
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
+class WorkerShare(nn.Module):
+    """One worker's share of a global batch step: picks its rows, and scales its logits' gradient by
+    world * rows_here / rows_global.
+
+    The trainer's step takes the mean loss over the rows it is given and DDP averages over workers: that
+    is the global mean's gradient only for equal slices. With this scale the average is
+    sum_i dloss_i / rows_global, as on one process, whatever the split. Forward values are unchanged
+    (the reported loss stays this worker's mean). `model`: the DDP-wrapped model (or the plain one
+    when world = 1, where this is the identity).
+    """
+
+    def __init__(self, model: nn.Module, rank: int, world: int) -> None:
+        super().__init__()
+        self.model, self.rank, self.world, self.global_rows = model, rank, world, 0
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        """This worker's rows of the global batch `rows` (call before the step on them)."""
+        parts = [_worker_rows(rows, r, self.world) for r in range(self.world)]
+        self.global_rows = sum(len(p) for p in parts)
+        return parts[self.rank]
+
+    def forward(self, batch):
+        out = self.model(batch)
+        scale = self.world * len(batch.label) / self.global_rows
+        if scale == 1.0:
+            return out
+        aux = None if out.aux_logit is None else _ScaleGrad.apply(out.aux_logit, scale)
+        return replace(out, logit=_ScaleGrad.apply(out.logit, scale), aux_logit=aux)
+
+
+def _save(dirname: str, weights: dict[str, torch.Tensor], opt, state: dict) -> None:
     from safetensors.torch import save_file
 
-    from recsys.models.common import state_tensors
     from recsys.train.step import optimizer_state
 
-    save_file(state_tensors(model), os.path.join(dirname, "model.safetensors"))
+    save_file(weights, os.path.join(dirname, "model.safetensors"))
     tensors, meta = optimizer_state(opt)
     save_file(tensors, os.path.join(dirname, "optim.safetensors"))
     Path(dirname, "state.json").write_text(json.dumps(state | {"optimizers": meta}))
+
+
+def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) -> nn.Module:
+    """The model a data-parallel worker trains (before DDP wraps it): seeded as the single-process
+    trainer's; with world > 1 its BatchNorm layers synchronised over the workers (the same parameter and
+    buffer tensors under the same names, so checkpoints load in one process); with the fused backend its
+    tables sharded by torchrec DMP over the workers' gloo group (table-wise; fbgemm's fused row-wise
+    Adagrad updates each table on its owner inside backward) and marked for DDP to leave alone."""
+    from recsys.models import build_model
+    from recsys.models.common import table_sets
+    from recsys.models.sync_batchnorm import convert_sync_batchnorm
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, n_items, n_cates)
+    if world > 1:
+        model = convert_sync_batchnorm(model)
+    if cfg.model.embedding_backend == "fused":
+        group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+        sets = table_sets(model)
+        for tables in sets.values():
+            tables.shard(lr=cfg.train.embedding_lr, process_group=group)
+        if world > 1:
+            named = list(model.named_parameters()) + list(model.named_buffers())
+            in_tables = [n for n, _ in named if n.startswith(tuple(f"{s}." for s in sets))]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, in_tables)
+    return model
 
 
 def _train_loop(loop: dict[str, Any]) -> None:
@@ -72,7 +149,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
     from safetensors.torch import load_file
 
     from recsys.models import build_model
-    from recsys.models.common import load_state_tensors
+    from recsys.models.common import load_state_tensors, state_tensors
     from recsys.train.step import load_optimizer_state, make_optimizers, train_step
     from recsys.train.trainer import split_metrics
 
@@ -82,11 +159,13 @@ def _train_loop(loop: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(loop["threads"])
-    torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
-    model = build_model(mc, ds.n_items, ds.n_cates)
-    if mc.embedding_backend == "fused":
-        raise NotImplementedError("Ray Train: the fused (DMP) backend is not wired yet; use sparse or dense")
+    model = worker_model(cfg, ds.n_items, ds.n_cates, world)
+    fused = mc.embedding_backend == "fused"
+    # A sharded forward is a collective: rank 0 validates an unsharded copy of the gathered weights
+    evaluator = model
+    if fused:
+        evaluator = build_model(mc.model_copy(update={"embedding_backend": "sparse"}), ds.n_items, ds.n_cates) if rank == 0 else None
     opt = make_optimizers(model, tc)
     state = {"step": 0, "best_auc": -1.0, "best_step": 0, "bad": 0, "stopped_early": False, "history": []}
     resumed_from = None
@@ -97,8 +176,12 @@ def _train_loop(loop: dict[str, Any]) -> None:
             saved = json.loads(Path(d, "state.json").read_text())
             load_optimizer_state(opt, load_file(os.path.join(d, "optim.safetensors")), saved.pop("optimizers"))
         state, resumed_from = saved, saved["step"]
+        if fused and rank == 0:
+            print("[ray-train] fused backend: resumed the weights and the dense optimizer; the tables' row-wise "
+                  "Adagrad accumulators (inside fbgemm, not checkpointed) restart from zero", flush=True)
     # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if world > 1 else model
+    share = WorkerShare(ddp, rank, world)
     train_rows = ds.splits["train"]
     steps_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
@@ -116,18 +199,21 @@ def _train_loop(loop: dict[str, Any]) -> None:
                 Path(fault["marker"]).write_text(str(state["step"]))
                 time.sleep(fault["delay"])
                 os._exit(1)  # a hard crash: no exception, no cleanup, as when a node dies
-            batch = assemble(ds.store, train_rows, _worker_rows(rows, rank, world), mc.max_len)
+            batch = assemble(ds.store, train_rows, share.rows(rows), mc.max_len)
             t0 = time.perf_counter()
-            loss = train_step(ddp, batch, opt, aux)
+            loss = train_step(share, batch, opt, aux)
             rates.append(len(rows) / (time.perf_counter() - t0))
             state["step"] += 1
             if state["step"] % tc.eval_every == 0 or state["step"] == total_steps:
                 metrics = {"step": state["step"], "epoch": epoch, "train_loss": loss,
                            "samples_per_s": float(np.median(rates[-tc.eval_every:])), "resumed_from": resumed_from}
+                weights = state_tensors(model)  # a gather on every rank when the tables are sharded
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint = None
                     if rank == 0:
-                        val = split_metrics(model, ds, "val", mc.max_len, tc.eval_batch_size)
+                        if evaluator is not model:
+                            load_state_tensors(evaluator, weights)
+                        val = split_metrics(evaluator, ds, "val", mc.max_len, tc.eval_batch_size)
                         if val["auc"] > state["best_auc"]:
                             state.update(best_auc=val["auc"], best_step=state["step"], bad=0)
                         else:
@@ -136,7 +222,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
                         # The history travels in the checkpoint: after a restart it holds exactly the
                         # validations up to the checkpoint resumed from, then the new ones.
                         state["history"].append(metrics)
-                        _save(d, model, opt, state)
+                        _save(d, weights, opt, state)
                         checkpoint = ray.train.Checkpoint.from_directory(d)
                         print(f"[ray-train] step {state['step']}/{total_steps} epoch {epoch} loss {loss:.4f} "
                               f"val_auc {val['auc']:.4f} {metrics['samples_per_s']:.0f} samples/s "

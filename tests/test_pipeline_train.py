@@ -1,30 +1,43 @@
-"""Ray Train job on 2 CPU workers over a small real subset, with a worker killed mid-training.
+"""Ray Train job on 2 CPU workers over a small real subset, with a worker killed mid-training; and one
+data-parallel step on 2 gloo processes against the single-process step.
 
-One Ray run serves both checks (each Ray Train fit costs tens of seconds of worker start-up on 2 cores):
+One Ray run serves the Ray checks (each Ray Train fit costs tens of seconds of worker start-up on 2 cores):
 rank 1 exits hard at step FAULT_STEP (injected through RECSYS_RAY_FAULT), Ray restarts the group, which
 resumes from the step-EVAL checkpoint. The run must end where an uninterrupted single-process run ends:
-the same steps, and about the same validation AUC as `recsys.train.trainer.train` with the same seed.
+the same steps, and the validation AUC of `recsys.train.trainer.train` with the same seed within 0.002.
 
-Tolerance: the issue asks for 0.002; measured here 0.003-0.0045, always behind the single process. The
-parameters stay identical across workers (DDP checked), but BatchNorm normalises each worker's half batch
-(torch's SyncBatchNorm is GPU-only), and Adam's early steps are sign-like, so small gradient differences
-become lr-sized weight differences. Until the models use a cross-worker BatchNorm the check is 0.01.
+Why 0.002 and not exact equality: the 2-worker step equals the single-process step up to float rounding
+(test_data_parallel_step_equals_single_process pins that), but rounding differences grow over training:
+DARE's top-k search is a hard choice (a last-bit change can swap the k-th event) and Adam's early steps
+are sign-like. The single-process run itself moves by that much when only the order of the rows within
+each batch changes (measured: best val AUC 0.0002, per-validation up to 0.0066; docs/scaling.md).
 """
 
 from __future__ import annotations
 
+import socket
+
+import numpy as np
 import pytest
 import ray
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.evaluate import run_evaluate
 from pipelines.runtime import init_ray
-from pipelines.train import FAULT_ENV, run_train
+from pipelines.train import FAULT_ENV, WorkerShare, run_train, worker_model
 from recsys.bundle import load_bundle
 from recsys.config.experiment import load_experiment
+from recsys.data.sequences import assemble, batch_rows
+from recsys.models import build_model
+from recsys.models.common import state_tensors, table_sets
 from recsys.paths import REPO_ROOT
+from recsys.train.step import make_optimizers, train_step
 from recsys.train.trainer import split_metrics, train, user_subset
 
-AUC_TOLERANCE = 0.01
+AUC_TOLERANCE = 0.002
 EVAL = 20
 FAULT_STEP = 30  # after the step-20 checkpoint, before the step-40 one
 
@@ -39,9 +52,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def setup(ray_local, bench_dataset, tmp_path_factory, monkeypatch_module):
-    # Batches of 2048 split 1024/1024 (BatchNorm statistics are per worker), and a learning rate at which the
-    # small model reaches its validation plateau within the 60 steps: early in training a tiny difference
-    # in progress moves the AUC by more than the tolerance, on one process too.
+    # A learning rate at which the small model reaches its validation plateau within the 60 steps: early in
+    # training a tiny difference in progress moves the AUC by more than the tolerance, on one process too.
     train_cfg = {"batch_size": 2048, "epochs": 6.0, "eval_every": EVAL, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
     cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": train_cfg})
     ds = user_subset(bench_dataset, 60)
@@ -87,3 +99,89 @@ def test_batch_evaluation_equals_single_process(setup, bench_dataset):
     for k in ("auc", "gauc", "cate_auc"):
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
     assert got["logloss"] == pytest.approx(want["logloss"], rel=1e-6)
+
+
+def test_fused_backend_two_workers(ray_local, bench_dataset, tmp_path, monkeypatch):
+    """torchrec DMP tables (fbgemm fused row-wise Adagrad) sharded over the 2 Ray workers, DDP for the rest:
+    the run completes, the bundle is a plain single-process model and scores as reported."""
+    monkeypatch.delenv(FAULT_ENV, raising=False)
+    train_cfg = {"batch_size": 2048, "epochs": 2.0, "eval_every": 10, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
+    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": train_cfg, "model": {"embedding_backend": "fused"}})
+    ds = user_subset(bench_dataset, 60)
+    result = run_train(cfg, tmp_path / "ray", workers=2, dataset=ds, max_failures=0, evaluate_test=False)
+    assert [h["step"] for h in result["history"]] == [10, 20]
+    bundle = load_bundle(result["bundle_dir"])
+    assert {t.backend for t in table_sets(bundle.model).values()} == {"sparse"}
+    again = split_metrics(bundle.model, ds, "val", cfg.model.max_len)
+    assert again["auc"] == pytest.approx(result["best_val"]["auc"], abs=1e-9)
+    assert again["auc"] > 0.6  # learned (0.5 is chance; measured 0.6155, single-process fused 0.6272 at step 20)
+
+
+# --- one data-parallel step (no Ray: the same pieces the Ray job's loop uses, over 2 gloo processes) ---
+
+STEP_BATCH = 511  # odd: the workers' slices are 256 and 255 rows
+
+
+def _one_step(cfg, ds, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The first training step of `cfg` on this rank's share -> the gradients DDP leaves (dense), the
+    BatchNorm buffers, and the tables after the step (the fused kernel updates them inside backward)."""
+    model = worker_model(cfg, ds.n_items, ds.n_cates, world)
+    opt = make_optimizers(model, cfg.train)
+    share = WorkerShare(DistributedDataParallel(model, broadcast_buffers=True) if world > 1 else model, rank, world)
+    rows = next(batch_rows(len(ds.splits["train"]), STEP_BATCH, shuffle=True, seed=cfg.train.seed))
+    model.train()
+    train_step(share, assemble(ds.store, ds.splits["train"], share.rows(rows), cfg.model.max_len), opt, cfg.model.aux_weight)
+    # train_step leaves this step's gradients in place (it clears them at the start of the next step)
+    out = {f"grad.{n}": (p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad)
+           for n, p in model.named_parameters() if p.grad is not None}
+    out |= {f"buffer.{n}": b for n, b in model.named_buffers() if ".net." in n}
+    if cfg.model.embedding_backend == "fused":  # a gather on every rank
+        out |= {f"table.{n}": w for n, w in state_tensors(model).items() if n.split(".")[0] in table_sets(model)}
+    return out
+
+
+def _ddp_worker(rank: int, port: int, cfg, ds, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    got = _one_step(cfg, ds, rank, 2)
+    if rank == 0:
+        torch.save(got, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["sparse", "fused"])
+def test_data_parallel_step_equals_single_process(backend, bench_dataset, tmp_path):
+    """Sync BatchNorm, the loss share of unequal slices, the sparse table gradients (sparse) or the DMP
+    tables (fused): one step of 2 gloo workers equals the single-process step on the whole batch, to
+    float rounding."""
+    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": {"seed": 3}, "model": {"embedding_backend": backend}})
+    ds = user_subset(bench_dataset, 20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, cfg, ds, str(tmp_path / "rank0.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "rank0.pt")
+    want = _one_step(cfg, ds, 0, 1)
+    assert set(got) == set(want)
+    tables = [k for k in want if "embeddings" in k or k.startswith("table.")]
+    assert len(tables) == 6  # every table is compared: its sparse gradient, or its fused update
+    # A Linear's bias right before a BatchNorm has a zero gradient up to rounding (BatchNorm removes any
+    # shift): on both sides it must be negligible next to that Linear's weight gradient.
+    pre_bn = [f"{name}.{i}" for name, seq in build_model(cfg.model, ds.n_items, ds.n_cates).named_modules()
+              if isinstance(seq, torch.nn.Sequential)
+              for i, (lin, bn) in enumerate(zip(seq, list(seq)[1:]))
+              if isinstance(lin, torch.nn.Linear) and isinstance(bn, torch.nn.BatchNorm1d)]
+    assert pre_bn
+    for layer in pre_bn:
+        w_scale = float(want[f"grad.{layer}.weight"].abs().max())
+        for side in (got, want):
+            assert float(side.pop(f"grad.{layer}.bias").abs().max()) < 1e-3 * w_scale
+    for k, w in want.items():
+        if not w.is_floating_point():
+            assert torch.equal(got[k], w), k
+            continue
+        err, scale = float((got[k].double() - w.double()).abs().max()), float(w.abs().max())
+        # fused tables: row-wise Adagrad's first update is g / (rms(g) + eps), so rows with a near-eps
+        # gradient (rare positions) carry the gradient's rounding at lr scale
+        tol = 1e-2 * cfg.train.embedding_lr if k.startswith("table.") else 1e-4 * scale
+        assert err <= tol, f"{k}: max error {err:.3g}, scale {scale:.3g}"
