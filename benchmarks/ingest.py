@@ -8,6 +8,7 @@ a slice of the events changes nothing (counted as duplicates). Measured in the s
 the state store's direct `apply` of the same number of events in this process (no HTTP, no stream).
 
     .venv/bin/python benchmarks/ingest.py [--quick] [--events N] [--users U] [--batch B] [--clients K]
+                                          [--worker-batch W]
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def wait_counter(stream, name: str, target: int, timeout_s: float) -> float:
     return time.perf_counter()
 
 
+def _user_bytes(client, keys, version: str) -> dict[str, int]:
+    """MEMORY USAGE of one user's keys: the sequence (seq + tail), the dedup window, and everything."""
+    b = {name: int(client.memory_usage(k, samples=0) or 0) for name, k in
+         (("seq", keys.seq), ("tail", keys.tail), ("dedup", keys.dedup), ("meta", keys.meta),
+          ("state", keys.state(version)))}
+    return {"sequence": b["seq"] + b["tail"], "dedup": b["dedup"], "all_keys": sum(b.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="30k events")
@@ -86,6 +95,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1_000)
     ap.add_argument("--batch", type=int, default=500, help="events per POST")
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--worker-batch", type=int, default=8_000,
+                    help="stream entries the worker reads per batch (per partition read); per-user costs are per batch")
     args = ap.parse_args()
     n = args.events or (30_000 if args.quick else 200_000)
 
@@ -105,7 +116,7 @@ def main() -> None:
         tmp = Path(tmp)
         bundle = build_bundle(200, tmp / "bundle")
         state = StateStoreConfig(data_dir=str(tmp / "redis"), seq_cap=max(int(per_user.max()), 1) + 10)
-        stream_cfg = StreamConfig(partitions=4, batch_size=2_000, block_ms=50)
+        stream_cfg = StreamConfig(partitions=4, batch_size=args.worker_batch, block_ms=50)
         handle = connect(state)
         try:
             # comparison: the store's direct apply, same event count, its own key prefix
@@ -141,7 +152,7 @@ def main() -> None:
                 counters = stream.counters()
             finally:
                 stop_server(proc)
-            seq_bytes = [int(handle.client.memory_usage(store.keys.user(u).seq) or 0) for u in range(1, 11)]
+            user_bytes = [_user_bytes(handle.client, store.keys.user(u), updater.version) for u in range(1, 11)]
         finally:
             handle.close()
 
@@ -161,7 +172,8 @@ def main() -> None:
             "exactly_once": {"histories_exact": histories_exact, "applied": counters.get("applied", 0),
                              "sent": n, "replayed": len(replay), "duplicates": counters.get("duplicates", 0),
                              "rejected": {k: v for k, v in counters.items() if k.startswith("rejected")}},
-            "redis_seq_bytes_per_user_mean": round(float(np.mean(seq_bytes)), 1),
+            "redis_bytes_per_user_mean": {k: round(float(np.mean([b[k] for b in user_bytes])), 1)
+                                          for k in user_bytes[0]},
             "events_per_user_mean": round(n / args.users, 1),
         },
         "targets": {"events_per_s": 10_000},

