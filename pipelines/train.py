@@ -17,10 +17,11 @@ Data: the dataset (CSR events + sample rows, plain numpy) is loaded once by the 
 the object store before `fit`; workers map it zero-copy (one copy per node). Nothing is left to a lazy
 Ray Data stage during training, so workers may take every CPU without starving it (DESIGN.md section 5).
 
-Fault tolerance: rank 0 reports a checkpoint (weights + optimizer state in safetensors, the step counter in
-JSON) at every validation; `FailureConfig(max_failures)` restarts the worker group, which resumes from the
-latest checkpoint at the exact step (the data order is a function of seed and epoch). Each run gets a
-fresh storage folder, so no old checkpoint is ever picked up.
+Fault tolerance: rank 0 reports a checkpoint (weights + optimizer state in safetensors, for fused tables
+also fbgemm's accumulators gathered from their owners; the step counter in JSON) at every validation;
+`FailureConfig(max_failures)` restarts the worker group, which resumes from the latest checkpoint at the
+exact step (the data order is a function of seed and epoch). Each run gets a fresh storage folder, so no
+old checkpoint is ever picked up.
 """
 
 from __future__ import annotations
@@ -104,7 +105,16 @@ class WorkerShare(nn.Module):
         return replace(out, logit=_ScaleGrad.apply(out.logit, scale), aux_logit=aux)
 
 
-def _save(dirname: str, weights: dict[str, torch.Tensor], opt, state: dict) -> None:
+def _fused_optimizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fused tables' optimizer state, keyed `<set>.<table>.<state>`, gathered to rank 0 (a collective;
+    empty when no set is sharded)."""
+    from recsys.models.common import table_sets
+
+    return {f"{s}.{k}": v for s, t in table_sets(model).items() if t.sharded for k, v in t.optimizer_state().items()}
+
+
+def _save(dirname: str, weights: dict[str, torch.Tensor], tables_optim: dict[str, torch.Tensor], opt, state: dict) -> None:
+    """A checkpoint: weights, the dense (and sparse-table) optimizers, the fused tables' optimizer state."""
     from safetensors.torch import save_file
 
     from recsys.train.step import optimizer_state
@@ -112,7 +122,27 @@ def _save(dirname: str, weights: dict[str, torch.Tensor], opt, state: dict) -> N
     save_file(weights, os.path.join(dirname, "model.safetensors"))
     tensors, meta = optimizer_state(opt)
     save_file(tensors, os.path.join(dirname, "optim.safetensors"))
+    if tables_optim:
+        save_file(tables_optim, os.path.join(dirname, "tables_optim.safetensors"))
     Path(dirname, "state.json").write_text(json.dumps(state | {"optimizers": meta}))
+
+
+def _restore(dirname: str, model: nn.Module, opt) -> dict:
+    """Load a checkpoint written by `_save` into `model` and `opt` (on every rank) -> the saved state."""
+    from safetensors.torch import load_file
+
+    from recsys.models.common import load_state_tensors, table_sets
+    from recsys.train.step import load_optimizer_state
+
+    load_state_tensors(model, load_file(os.path.join(dirname, "model.safetensors")))
+    saved = json.loads(Path(dirname, "state.json").read_text())
+    load_optimizer_state(opt, load_file(os.path.join(dirname, "optim.safetensors")), saved.pop("optimizers"))
+    sharded = {s: t for s, t in table_sets(model).items() if t.sharded}
+    if sharded:
+        tables_optim = load_file(os.path.join(dirname, "tables_optim.safetensors"))
+        for s, t in sharded.items():
+            t.load_optimizer_state({k[len(s) + 1 :]: v for k, v in tables_optim.items() if k.startswith(s + ".")})
+    return saved
 
 
 def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) -> nn.Module:
@@ -146,11 +176,9 @@ def _train_loop(loop: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file
-
     from recsys.models import build_model
     from recsys.models.common import load_state_tensors, state_tensors
-    from recsys.train.step import load_optimizer_state, make_optimizers, train_step
+    from recsys.train.step import make_optimizers, train_step
     from recsys.train.trainer import split_metrics
 
     cfg: ExperimentConfig = loop["config"]
@@ -172,13 +200,8 @@ def _train_loop(loop: dict[str, Any]) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            load_state_tensors(model, load_file(os.path.join(d, "model.safetensors")))
-            saved = json.loads(Path(d, "state.json").read_text())
-            load_optimizer_state(opt, load_file(os.path.join(d, "optim.safetensors")), saved.pop("optimizers"))
-        state, resumed_from = saved, saved["step"]
-        if fused and rank == 0:
-            print("[ray-train] fused backend: resumed the weights and the dense optimizer; the tables' row-wise "
-                  "Adagrad accumulators (inside fbgemm, not checkpointed) restart from zero", flush=True)
+            state = _restore(d, model, opt)
+        resumed_from = state["step"]
     # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
     ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if world > 1 else model
     share = WorkerShare(ddp, rank, world)
@@ -207,7 +230,8 @@ def _train_loop(loop: dict[str, Any]) -> None:
             if state["step"] % tc.eval_every == 0 or state["step"] == total_steps:
                 metrics = {"step": state["step"], "epoch": epoch, "train_loss": loss,
                            "samples_per_s": float(np.median(rates[-tc.eval_every:])), "resumed_from": resumed_from}
-                weights = state_tensors(model)  # a gather on every rank when the tables are sharded
+                # gathers on every rank when the tables are sharded
+                weights, tables_optim = state_tensors(model), _fused_optimizer_state(model)
                 with tempfile.TemporaryDirectory() as d:
                     checkpoint = None
                     if rank == 0:
@@ -222,7 +246,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
                         # The history travels in the checkpoint: after a restart it holds exactly the
                         # validations up to the checkpoint resumed from, then the new ones.
                         state["history"].append(metrics)
-                        _save(d, weights, opt, state)
+                        _save(d, weights, tables_optim, opt, state)
                         checkpoint = ray.train.Checkpoint.from_directory(d)
                         print(f"[ray-train] step {state['step']}/{total_steps} epoch {epoch} loss {loss:.4f} "
                               f"val_auc {val['auc']:.4f} {metrics['samples_per_s']:.0f} samples/s "

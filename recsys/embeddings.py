@@ -81,6 +81,7 @@ class TableSet(nn.Module):
             for emb in self.collection.ec.embeddings.values():
                 emb.sparse = True  # torchrec builds plain nn.Embedding tables; ask for row gradients
         self._sharded: nn.Module | None = None
+        self._process_group = None
 
     def shard(self, lr: float, eps: float = 1e-8, process_group=None) -> None:
         """Switch a `fused` set to its DMP-sharded form (call once, before training).
@@ -104,6 +105,7 @@ class TableSet(nn.Module):
                 dist.init_process_group("gloo", rank=0, world_size=1)
             process_group = dist.group.WORLD
         world = dist.get_world_size(process_group)
+        self._process_group = process_group
         weights = {n: e.weight.detach().clone() for n, e in self.collection.ec.embeddings.items()}
         sharder = EmbeddingCollectionSharder(
             fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr, "eps": eps}
@@ -169,12 +171,36 @@ class TableSet(nn.Module):
                 for n, e in self.collection.ec.embeddings.items():
                     e.weight.copy_(weights[n])
             return
-        with torch.no_grad():
-            for key, st in self._sharded.state_dict().items():
-                w = weights[key.split(".")[-2]]
-                for shard in st.local_shards():
-                    (r, c), (h, d) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                    shard.tensor.copy_(w[r : r + h, c : c + d])
+        for key, st in self._sharded.state_dict().items():
+            _scatter(st, weights[key.split(".")[-2]])
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The fused optimizer's state of a sharded set (row-wise Adagrad's per-row accumulators) as full
+        plain tensors keyed `<table>.<state>`, gathered to rank 0 (a collective: call on every rank).
+
+        Each rank's optimizer holds only the tables it owns, so the ranks do not share a list of tensors
+        to gather one by one; one gather_object of every rank's local shards does it."""
+        import torch.distributed as dist
+
+        state = self._sharded.fused_optimizer.state_dict()["state"]
+        local = {key: (tuple(st.size()), [(s.metadata.shard_offsets, s.tensor) for s in st.local_shards()])
+                 for per_table in state.values() for key, st in per_table.items()}
+        group = self._process_group
+        parts = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+        dist.gather_object(local, parts, dst=dist.get_global_rank(group, 0), group=group)
+        out: dict[str, torch.Tensor] = {}
+        for part in parts or []:
+            for key, (size, shards) in part.items():
+                full = out.setdefault(key, torch.zeros(size))
+                for offsets, t in shards:
+                    full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
+        return out
+
+    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Write `optimizer_state()`'s tensors into this rank's shards of the live fused optimizer state."""
+        for per_table in self._sharded.fused_optimizer.state_dict()["state"].values():
+            for key, st in per_table.items():
+                _scatter(st, state[key])
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Table parameters an outside optimizer must step (none when fused: backward updates them)."""
@@ -209,6 +235,14 @@ def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tenso
     seen[ids] = True
     slot = torch.cumsum(seen, 0) - 1
     return torch.nonzero(seen).flatten(), slot[ids]
+
+
+@torch.no_grad()
+def _scatter(st, full: torch.Tensor) -> None:
+    """Copy the parts of the full tensor `full` that this rank holds into the ShardedTensor `st` (in place)."""
+    for shard in st.local_shards():
+        m = shard.metadata
+        shard.tensor.copy_(full[tuple(slice(o, o + n) for o, n in zip(m.shard_offsets, m.shard_sizes))])
 
 
 def _rank() -> int:

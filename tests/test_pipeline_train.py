@@ -15,6 +15,7 @@ each batch changes (measured: best val AUC 0.0002, per-validation up to 0.0066; 
 
 from __future__ import annotations
 
+import itertools
 import socket
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.evaluate import run_evaluate
 from pipelines.runtime import init_ray
-from pipelines.train import FAULT_ENV, WorkerShare, run_train, worker_model
+from pipelines.train import FAULT_ENV, WorkerShare, _fused_optimizer_state, _restore, _save, run_train, worker_model
 from recsys.bundle import load_bundle
 from recsys.config.experiment import load_experiment
 from recsys.data.sequences import assemble, batch_rows
@@ -102,19 +103,64 @@ def test_batch_evaluation_equals_single_process(setup, bench_dataset):
 
 
 def test_fused_backend_two_workers(ray_local, bench_dataset, tmp_path, monkeypatch):
-    """torchrec DMP tables (fbgemm fused row-wise Adagrad) sharded over the 2 Ray workers, DDP for the rest:
-    the run completes, the bundle is a plain single-process model and scores as reported."""
-    monkeypatch.delenv(FAULT_ENV, raising=False)
+    """torchrec DMP tables (fbgemm fused row-wise Adagrad) sharded over the 2 Ray workers, DDP for the rest,
+    rank 1 killed at step 15: the run resumes from the step-10 checkpoint (tables and their optimizer
+    state scattered back to the shards) and completes; the bundle is a plain single-process model and
+    scores as reported."""
+    monkeypatch.setenv(FAULT_ENV, f"1:15:5:{tmp_path / 'killed'}")
     train_cfg = {"batch_size": 2048, "epochs": 2.0, "eval_every": 10, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
     cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": train_cfg, "model": {"embedding_backend": "fused"}})
     ds = user_subset(bench_dataset, 60)
-    result = run_train(cfg, tmp_path / "ray", workers=2, dataset=ds, max_failures=0, evaluate_test=False)
-    assert [h["step"] for h in result["history"]] == [10, 20]
+    result = run_train(cfg, tmp_path / "ray", workers=2, dataset=ds, max_failures=1, evaluate_test=False)
+    assert (tmp_path / "killed").read_text() == "15"
+    assert [(h["step"], h["resumed_from"]) for h in result["history"]] == [(10, None), (20, 10)]
     bundle = load_bundle(result["bundle_dir"])
     assert {t.backend for t in table_sets(bundle.model).values()} == {"sparse"}
     again = split_metrics(bundle.model, ds, "val", cfg.model.max_len)
     assert again["auc"] == pytest.approx(result["best_val"]["auc"], abs=1e-9)
     assert again["auc"] > 0.6  # learned (0.5 is chance; measured 0.6155, single-process fused 0.6272 at step 20)
+
+
+@pytest.fixture
+def own_process_group():
+    """A fused model in this process shards over a 1-process gloo group it creates: remove it afterwards
+    (other tests expect none), unless it was there before."""
+    existed = dist.is_initialized()
+    yield
+    if not existed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_fused_checkpoint_resumes_exactly(bench_dataset, tmp_path, own_process_group):
+    """A checkpoint holds the fused tables' row-wise Adagrad accumulators (inside fbgemm): 2 steps, save,
+    restore into a fresh model, 1 step gives exactly the weights of 3 uninterrupted steps."""
+    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": {"seed": 3}, "model": {"embedding_backend": "fused"}})
+    ds = user_subset(bench_dataset, 20)
+    train_rows = ds.splits["train"]
+    batches = list(itertools.islice(batch_rows(len(train_rows), 256, shuffle=True, seed=3), 3))
+
+    def fresh():
+        model = worker_model(cfg, ds.n_items, ds.n_cates, 1)
+        return model, make_optimizers(model, cfg.train)
+
+    def run(model, opt, rows_list):
+        for rows in rows_list:
+            train_step(model, assemble(ds.store, train_rows, rows, cfg.model.max_len), opt, cfg.model.aux_weight)
+
+    straight, opt = fresh()
+    run(straight, opt, batches)
+    first, opt = fresh()
+    run(first, opt, batches[:2])
+    tables_optim = _fused_optimizer_state(first)
+    assert len(tables_optim) == 6 and all(float(v.max()) > 0 for v in tables_optim.values())
+    _save(str(tmp_path), state_tensors(first), tables_optim, opt, {"step": 2})
+    resumed, opt = fresh()
+    assert _restore(str(tmp_path), resumed, opt)["step"] == 2
+    run(resumed, opt, batches[2:])
+    want, got = state_tensors(straight), state_tensors(resumed)
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 # --- one data-parallel step (no Ray: the same pieces the Ray job's loop uses, over 2 gloo processes) ---
@@ -150,7 +196,7 @@ def _ddp_worker(rank: int, port: int, cfg, ds, out: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["sparse", "fused"])
-def test_data_parallel_step_equals_single_process(backend, bench_dataset, tmp_path):
+def test_data_parallel_step_equals_single_process(backend, bench_dataset, tmp_path, own_process_group):
     """Sync BatchNorm, the loss share of unequal slices, the sparse table gradients (sparse) or the DMP
     tables (fused): one step of 2 gloo workers equals the single-process step on the whole batch, to
     float rounding."""
