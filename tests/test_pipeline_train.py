@@ -118,7 +118,9 @@ def test_fused_backend_two_workers(ray_local, bench_dataset, tmp_path, monkeypat
     assert {t.backend for t in table_sets(bundle.model).values()} == {"sparse"}
     again = split_metrics(bundle.model, ds, "val", cfg.model.max_len)
     assert again["auc"] == pytest.approx(result["best_val"]["auc"], abs=1e-9)
-    assert again["auc"] > 0.6  # learned (0.5 is chance; measured 0.6155, single-process fused 0.6272 at step 20)
+    # learned (0.5 is chance). Measured 0.6155 and train loss 1.1563 at step 20, the same to the last digit
+    # as an uninterrupted 2-worker run (exact resume); the single-process fused run has 0.6272 there.
+    assert again["auc"] > 0.6
 
 
 @pytest.fixture
