@@ -39,9 +39,7 @@ def serving_with_branches(n_items: int, n_cates: int) -> ServingModel:
     def features(item, cate):  # the event's representation embeddings (item ++ category)
         # (the table set looks up every table it holds; the position table is not part of the feature)
         emb = model.rep_tables({"rep_item": item, "rep_cate": cate, "rep_pos": torch.zeros_like(item)})
-        # x0.3: with inputs of norm ~1 this untrained Titans memory diverges to NaN within ~50 events
-        # (a module issue, reported); at norm ~0.35 it stays bounded over these histories.
-        return 0.3 * torch.cat([emb["rep_item"], emb["rep_cate"]], dim=-1)
+        return torch.cat([emb["rep_item"], emb["rep_cate"]], dim=-1)
 
     model.streaming_branches = lambda: StreamingBranches(features=features, aaren=aaren, titans=titans)
     return ServingModel(model, "branches-v1", n_items, n_cates, 32)

@@ -10,13 +10,15 @@ import torch.nn.functional as F
 from recsys.modules.titans import MemoryState, NeuralMemory
 
 D_IN, D_Q = 10, 6
+CLIP = 2.0
 
 
 def make(chunk_size, depth=2, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
-    # theta near 0.5 so that the memory moves a lot and a wrong update cannot hide
+    # theta near 0.5 so that the memory moves a lot and a wrong update cannot hide; the clip bites on
+    # about half of the events (test_the_clip_bites_on_some_events), so both of its branches are checked
     mem = NeuralMemory(D_IN, d_key=8, d_hidden=12, depth=depth, chunk_size=chunk_size, d_query=D_Q,
-                       gate_bias=(1.0, 0.0, -2.0))
+                       gate_bias=(1.0, 0.0, -2.0), max_lr=1.0, max_grad_norm=CLIP)
     return mem.to(dtype)
 
 
@@ -37,9 +39,10 @@ def mlp(weights, k):
     return h
 
 
-def loop_oracle(mem: NeuralMemory, x, length, query, chunk):
+def loop_oracle(mem: NeuralMemory, x, length, query, chunk, norms=None):
     """One user, plain Python: for each chunk, every gradient (autograd) at the chunk-start weights,
-    then S and M updated token by token. chunk=1 is the per-token sequential update of the paper."""
+    clipped to norm <= max_grad_norm, then S and M updated token by token. chunk=1 is the per-token
+    sequential update of the paper. `norms` (a list) collects each event's unclipped gradient norm."""
     weights = list(mem.init_weights)
     momentum = [torch.zeros_like(w) for w in weights]
     for c in range(0, length, chunk):
@@ -47,10 +50,15 @@ def loop_oracle(mem: NeuralMemory, x, length, query, chunk):
         grads, gates = [], []
         for t in range(c, min(c + chunk, length)):
             k = F.normalize(mem.to_k(x[t]), dim=-1)
-            v = mem.to_v(x[t])
+            v = F.normalize(mem.to_v(x[t]), dim=-1)
             loss = (mlp(start, k) - v).square().sum()
-            grads.append(torch.autograd.grad(loss, start, create_graph=True))
-            gates.append(torch.sigmoid(mem.gates(x[t])))
+            g = torch.autograd.grad(loss, start, create_graph=True)
+            norm = torch.sqrt(sum(gj.square().sum() for gj in g))
+            if norms is not None:
+                norms.append(float(norm.detach()))
+            grads.append([gj * torch.clamp(mem.max_grad_norm / norm, max=1.0) for gj in g])
+            eta, theta, alpha = torch.sigmoid(mem.gates(x[t]))
+            gates.append((eta, mem.max_lr * theta, alpha))
         for g, (eta, theta, alpha) in zip(grads, gates):
             momentum = [eta * s - theta * gj for s, gj in zip(momentum, g)]
             weights = [(1 - alpha) * w + s for w, s in zip(weights, momentum)]
@@ -71,6 +79,22 @@ def test_chunked_forward_equals_loop(chunk, depth):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     empty = mem._read([w[None] for w in mem.init_weights], query[2:3])[0]
     assert not torch.allclose(got[0], empty, atol=1e-3)  # the memory did move
+
+
+def test_the_clip_bites_on_some_events():
+    """The oracle tests above check the clip's two branches only if both occur."""
+    x, lengths, query = batch()
+    for chunk in (1, 4):
+        mem, norms = make(chunk), []
+        for b in range(x.shape[0]):
+            loop_oracle(mem, x[b], int(lengths[b]), query[b], chunk, norms)
+        clipped = sum(n > CLIP for n in norms) / len(norms)
+        assert 0.1 < clipped < 0.9, (chunk, clipped)
+        unclipped = NeuralMemory(D_IN, d_key=8, d_hidden=12, chunk_size=chunk, d_query=D_Q, gate_bias=(1.0, 0.0, -2.0),
+                                 max_lr=1.0, max_grad_norm=float("inf")).double()
+        unclipped.load_state_dict(mem.state_dict())
+        with torch.no_grad():
+            assert not torch.allclose(mem(x, lengths, query), unclipped(x, lengths, query), atol=1e-3)
 
 
 def test_chunk_size_changes_the_function():
@@ -141,10 +165,77 @@ def test_inactive_rows_are_unchanged():
     assert torch.equal(new.count, torch.tensor([0, 1, 1, 1]))
 
 
+def random_events(kind, B, L, d, seed=0):
+    """Events of norm uniform in [1, 10]: independent directions, or one event repeated (every key of a
+    chunk aligned: the chunk's steps add up, the hardest case for the inner gradient descent)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, d, generator=g)
+    if kind == "repeated":
+        x = x[:, :1].expand(B, L, d)
+    return F.normalize(x, dim=-1) * (1 + 9 * torch.rand(B, L, 1, generator=g)), torch.randn(B, d, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["independent", "repeated"])
+@torch.no_grad()
+def test_untrained_memory_stays_bounded_over_5000_events(kind):
+    """Default settings (max_lr, clip, unit keys and values), d_in = 48 like DARE's event vectors: the read
+    after 5,000 events of norm 1..10 is finite and O(1) (values are unit vectors); the same memory without
+    the bounds runs away on the same events, so the bound is what this checks."""
+    B, L, d = 4, 5000, 48
+    x, query = random_events(kind, B, L, d)
+    lengths = torch.tensor([L, L - 1, 3001, 17])
+    torch.manual_seed(0)
+    mem = NeuralMemory(d, d_query=d)
+    state = mem.forward_state(x, lengths)
+    y = mem.read(state, query)
+    assert all(bool(t.isfinite().all()) for t in state.weights + state.momentum)
+    assert bool(y.isfinite().all()) and float(y.norm(dim=-1).max()) < 3.0
+    torch.testing.assert_close(y, mem(x, lengths, query), rtol=1e-4, atol=1e-5)
+    loose = NeuralMemory(d, d_query=d, max_lr=1.0, max_grad_norm=float("inf"))
+    loose.load_state_dict(mem.state_dict())
+    runaway = loose(x, lengths, query).norm(dim=-1)
+    assert not bool((runaway < 3.0).all())   # inf/NaN/huge
+
+
+def test_dare_with_titans_trains_at_long_history():
+    """A tiny DARE with the Titans branch at L = 2,000, embeddings of norm ~4 (init_std 0.5, growing
+    further under lr 0.05): logits and every gradient stay finite over a few Adam steps."""
+    from recsys.config.model import ModelConfig
+    from recsys.config.train import TrainConfig
+    from recsys.data.batch import HistoryBatch
+    from recsys.models import build_model
+    from recsys.train.step import make_optimizers, train_step
+
+    B, L, n_items, n_cates = 6, 2000, 500, 20
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(dim_att=4, dim_rep=16, top_k=4, max_len=L, mlp=[16], titans=True, init_std=0.5),
+                        n_items, n_cates)
+    opt = make_optimizers(model, TrainConfig(lr=0.05, embedding_lr=0.05))
+    lengths = torch.tensor([L, L - 7, 1500, 999, 16, 1])
+    real = torch.arange(L)[None, :] < lengths[:, None]
+    ids = lambda n, shape: torch.randint(1, n, shape, generator=g)  # noqa: E731
+    b = HistoryBatch(user=torch.arange(B), target_item=ids(n_items, (B,)), target_cate=ids(n_cates, (B,)),
+                     hist_item=ids(n_items, (B, L)) * real, hist_cate=ids(n_cates, (B, L)) * real,
+                     hist_pos=(torch.arange(L) + 1)[None, :] * real, hist_len=lengths,
+                     label=torch.tensor([1.0, 0, 1, 0, 1, 0]))
+    for _ in range(4):
+        loss = train_step(model, b, opt, 1.0)
+        assert torch.isfinite(torch.tensor(loss))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads and all(bool(torch.isfinite(gr.to_dense() if gr.is_sparse else gr).all()) for gr in grads)
+        assert float(model.titans.to_k.weight.grad.abs().sum()) > 0   # the branch takes part
+    with torch.no_grad():
+        out = model(b)
+    assert all(bool(torch.isfinite(t).all()) for t in vars(out).values() if torch.is_tensor(t))
+
+
 def test_bad_input_names_the_field():
     mem = make(2)
     with pytest.raises(ValueError, match="depth"):
         NeuralMemory(4, depth=1)
+    with pytest.raises(ValueError, match="max_lr"):
+        NeuralMemory(4, max_lr=0.0)
     with pytest.raises(ValueError, match="x_t"):
         mem.step(mem.init_state(2), torch.zeros(2, D_IN + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="query"):

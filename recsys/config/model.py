@@ -30,6 +30,14 @@ class ModelConfig(StrictModel):
         "always serve plain tables (docs/models.md)")
     aaren: bool = Field(False, description="add the Aaren streaming-attention summary to the MLP input")
     titans: bool = Field(False, description="add the Titans neural-memory read to the MLP input")
+    titans_chunk_size: int = Field(
+        16, ge=1, description="Titans: events per memory update (every gradient of a chunk at its start weights); part "
+        "of the function, serving applies the same chunks")
+    titans_max_lr: float = Field(
+        0.1, gt=0.0, description="Titans: bound of the inner step size, theta = titans_max_lr * sigmoid(.) (stability "
+        "at any history length, docs/models.md)")
+    titans_max_grad_norm: float = Field(
+        1.0, gt=0.0, description="Titans: each event's inner gradient is clipped to this norm before the update")
     group_rows: int = Field(
         128, ge=1,
         description="compute only: training/eval batches are sorted by history length and processed in groups of this "

@@ -207,11 +207,14 @@ class Aaren(nn.Module):
     def merge(self, a: AarenState, b: AarenState) -> AarenState:
         """State of events(a) followed by events(b), each folded from an empty state.
 
-        Only for one layer: a higher layer's leaves depend on the lower layer's whole prefix, so
-        states built independently on two segments cannot be combined there."""
+        Only for one layer, by design (docs/models.md): layer l+1's leaf at event t is built from layer l's
+        output at t, which depends on every earlier event, so b's upper-layer (m, u, w), folded without
+        a's events, summed the wrong leaves and no combination of the two states can repair that. Stacked
+        models rebuild from the history instead (`forward_state`)."""
         if len(self.layers) != 1:
-            raise ValueError(f"merge needs n_layers == 1 (got {len(self.layers)}): a stacked layer's "
-                             "inputs depend on the earlier segment")
+            raise ValueError(f"merge needs n_layers == 1 (got {len(self.layers)}): a stacked layer's inputs at every "
+                             "position depend on the earlier segment's events; rebuild with forward_state over the "
+                             "whole history instead")
         slope = self.layers[0].slope()
         m_a = a.m if slope is None else a.m - slope * b.n.to(a.m.dtype)[:, None, None]
         m, u, w = combine((m_a, a.u, a.w), (b.m, b.u, b.w))

@@ -5,8 +5,20 @@ by gradient steps on the associative loss l_t(M) = ||M(k_t) - v_t||^2, with mome
 
     S_t = eta_t S_(t-1) - theta_t grad l_t(M'),      M_t = (1 - alpha_t) M_(t-1) + S_t,
 
-k_t = normalize(x_t W_K), v_t = x_t W_V, and eta, theta, alpha = sigmoid of linear maps of the event x_t.
-M_0 (the initial memory) and every map are outer parameters, learned by backprop through the updates.
+k_t = normalize(x_t W_K), v_t = normalize(x_t W_V), eta, alpha = sigmoid of linear maps of the event x_t
+and theta_t = max_lr * sigmoid(linear map of x_t). M_0 (the initial memory) and every map are outer
+parameters, learned by backprop through the updates.
+
+Stability (an untrained memory fed events of norm ~1 used to reach NaN within ~50 events): the inner step
+is gradient descent on a deep MLP, whose curvature grows with the weights it writes, so a fixed step that
+is safe at M_0 stops being safe as M grows (and a chunk of b similar events takes b steps at once). Three
+bounds keep every history finite, in training and serving alike (they live in `chunks`/`chunk_update`):
+unit-norm keys AND values (the target no longer scales with the input, so neither must M), theta <=
+max_lr, and each event's gradient clipped to norm <= max_grad_norm, i.e. grad -> grad * min(1, G / |grad|)
+with |grad|^2 = sum_j |h_(j-1)|^2 |delta_j|^2 (every layer's gradient is a rank-one outer product, so the
+clip is one scale per event, folded into theta: chunked and per-token forms stay exact). So every step
+adds at most max_lr * G to S, and S and M stay within the geometric sums that eta < 1 and alpha > 0 allow,
+whatever the inputs' norms.
 
 Chunking (the chunk size is part of the function): events are cut into chunks of `chunk_size`, counted
 from each user's first event, and every gradient in a chunk is taken at the chunk-start weights M' (so a
@@ -16,7 +28,8 @@ with E_t = prod_{r<=t} eta_r and beta_t = prod_{r>t} (1 - alpha_r) over the chun
     M_end = beta_0' M_0 + (sum_t beta_t E_t) S_0 - sum_i [sum_{t>=i} beta_t E_t / E_i] theta_i g_i
 (beta_0' = prod_t (1 - alpha_t)), and each g_i is an outer product h_(i,j-1)^T delta_(i,j) per layer j, so
 every weighted sum of gradients is one batched matmul. Padding events are exact identities (eta = 1,
-theta = 0, alpha = 0 and no S added), which is how one loop over chunks serves ragged batches.
+theta = 0, alpha = 0 and no S added), which is how one loop over chunks serves ragged batches (the
+parallel path also skips users whose events are all used up: their remaining chunks are identities).
 
 Partial last chunk: the events after the last full chunk are applied, as one (shorter) chunk, when the
 memory is read, but not committed: `forward` reads after all events, and `step` keeps them in a buffer,
@@ -29,7 +42,7 @@ Layout: x [B, L, d_in] chronological (oldest first), left-aligned, padded at the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -54,16 +67,26 @@ class MemoryState:
 
 
 @dataclass
-class _Features:
-    k: torch.Tensor            # [B, T, d_key] L2-normalised keys
-    v: torch.Tensor            # [B, T, d_key]
-    log_eta: torch.Tensor      # [B, T]  0 on padding
-    theta: torch.Tensor        # [B, T]  0 on padding
-    log_keep: torch.Tensor     # [B, T]  log(1 - alpha), 0 on padding
-    real: torch.Tensor         # [B, T]  1.0 for events, 0.0 for padding
+class _Chunk:
+    """Chunks of events as their update needs them: keys, values, step sizes and the closed-form
+    coefficients of the momentum and decay recurrences (module docstring), none of which depends on the
+    memory. Leading dims [...] are [B] for one chunk per user or [n, B] for all n chunks of a batch
+    (chunk-major, so that `unbind` hands out each chunk as contiguous tensors)."""
 
-    def __getitem__(self, sl: slice) -> "_Features":
-        return _Features(*(t[:, sl] for t in (self.k, self.v, self.log_eta, self.theta, self.log_keep, self.real)))
+    k: torch.Tensor         # [..., b, d_key]  unit keys, 0 on padding
+    v: torch.Tensor         # [..., b, d_key]  unit values
+    theta: torch.Tensor     # [..., b]  step size theta_i before the clip, 0 on padding
+    to_m: torch.Tensor      # [..., b]  sum_(t>=i) beta_t E_t / E_i: how step i reaches M_end
+    to_s: torch.Tensor      # [..., b]  E_b / E_i: how step i reaches S_end
+    s0_to_m: torch.Tensor   # [...]     sum_t beta_t E_t
+    keep_all: torch.Tensor  # [...]     prod_t (1 - alpha_t)
+    e_all: torch.Tensor     # [...]     E_b = prod_t eta_t
+
+    def head(self, rows: int) -> "_Chunk":
+        return self if rows == self.k.shape[0] else _Chunk(*(getattr(self, f.name)[:rows] for f in fields(self)))
+
+    def unbind(self) -> list["_Chunk"]:
+        return [_Chunk(*t) for t in zip(*(getattr(self, f.name).unbind(0) for f in fields(self)))]
 
 
 def _silu_grad(z: torch.Tensor) -> torch.Tensor:
@@ -73,17 +96,21 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
 
 class NeuralMemory(nn.Module):
     def __init__(self, d_in: int, d_key: int = 32, d_hidden: int = 32, depth: int = 2, chunk_size: int = 16,
-                 d_query: int | None = None, gate_bias: tuple[float, float, float] = (2.0, -2.0, -4.0)):
+                 d_query: int | None = None, gate_bias: tuple[float, float, float] = (2.0, -2.0, -4.0),
+                 max_lr: float = 0.1, max_grad_norm: float = 1.0):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be >= 2 (a deep memory), got {depth}")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if max_lr <= 0 or max_grad_norm <= 0:
+            raise ValueError(f"max_lr and max_grad_norm must be > 0, got {max_lr}, {max_grad_norm}")
         self.d_in, self.d_key, self.chunk_size = d_in, d_key, chunk_size
+        self.max_lr, self.max_grad_norm = max_lr, max_grad_norm
         self.d_query = d_in if d_query is None else d_query
         self.d_out = d_key
         self.to_k = nn.Linear(d_in, d_key, bias=False)
-        self.to_v = nn.Linear(d_in, d_key)
+        self.to_v = nn.Linear(d_in, d_key, bias=False)
         self.to_q = nn.Linear(self.d_query, d_key, bias=False)
         # eta (momentum), theta (step size), alpha (forgetting); the biases start them near
         # 0.88, 0.12 and 0.02 so that a fresh memory neither explodes nor forgets at once
@@ -105,54 +132,58 @@ class NeuralMemory(nn.Module):
                 h = F.silu(h)
         return h
 
-    def features(self, x: torch.Tensor, real: torch.Tensor) -> _Features:
-        """x [B, T, d_in], real [B, T] bool -> keys, values and gates, padding turned into identities."""
+    def chunks(self, x: torch.Tensor, real: torch.Tensor) -> _Chunk:
+        """x [..., b, d_in] (chunks of events), real [..., b] bool -> their _Chunk; padding events are
+        identities (eta = 1, theta = 0, alpha = 0, no S added)."""
         r = real.to(x.dtype)
-        a_eta, a_theta, a_alpha = self.gates(x).unbind(-1)                   # [B, T] each
-        return _Features(
+        a_eta, a_theta, a_alpha = self.gates(x).unbind(-1)                   # [..., b] each
+        b = x.shape[-2]
+        log_e = torch.cumsum(F.logsigmoid(a_eta) * r, -1)                    # log E_t
+        tri = torch.ones(b, b, dtype=torch.bool, device=x.device).tril()     # [t, i]: t >= i
+        # E_t / E_i for t >= i (exponent <= 0), masked before exp
+        ratio = torch.exp((log_e[..., :, None] - log_e[..., None, :]).masked_fill(~tri, float("-inf")))
+        cum_keep = torch.cumsum(F.logsigmoid(-a_alpha) * r, -1)              # log prod_(r<=t) (1 - alpha_r)
+        total_keep = cum_keep[..., -1:]
+        beta = torch.exp(total_keep - cum_keep) * r                           # prod_(r>t) (1 - alpha_r), 0 on padding
+        return _Chunk(
             k=F.normalize(self.to_k(x), dim=-1),
-            v=self.to_v(x),
-            log_eta=F.logsigmoid(a_eta) * r,
-            theta=torch.sigmoid(a_theta) * r,
-            log_keep=F.logsigmoid(-a_alpha) * r,
-            real=r,
+            v=F.normalize(self.to_v(x), dim=-1),
+            theta=self.max_lr * torch.sigmoid(a_theta) * r,
+            to_m=(beta[..., None, :] @ ratio).squeeze(-2),
+            to_s=ratio[..., -1, :],
+            s0_to_m=(beta * torch.exp(log_e)).sum(-1),
+            keep_all=torch.exp(total_keep).squeeze(-1),
+            e_all=torch.exp(log_e[..., -1]),
         )
 
-    def chunk_update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor], f: _Features):
-        """One chunk, every gradient at the chunk-start `weights`. Returns (weights, momentum) at its end."""
+    def chunk_update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor], c: _Chunk):
+        """One chunk per user (c's leading dim [B]), every gradient at the chunk-start `weights`.
+        Returns (weights, momentum) at its end."""
         # forward through the memory at the chunk-start weights, keeping what backprop needs
-        hs, zs = [f.k], []
+        hs, zs = [c.k], []
         for j, w in enumerate(weights):
             z = hs[-1] @ w                                                    # [B, b, d_j]
             zs.append(z)
             if j < len(weights) - 1:
                 hs.append(F.silu(z))
-        delta = 2 * (zs[-1] - f.v)                                            # d l / d out  [B, b, d_key]
+        delta = 2 * (zs[-1] - c.v)                                            # d l / d out  [B, b, d_key]
         deltas = [delta]
         for j in range(len(weights) - 1, 0, -1):
             delta = (delta @ weights[j].transpose(1, 2)) * _silu_grad(zs[j - 1])
             deltas.append(delta)
         deltas.reverse()                                                      # deltas[j] pairs with hs[j]
-
-        b = f.k.shape[1]
-        log_e = torch.cumsum(f.log_eta, 1)                                    # [B, b]  log E_t
-        tri = torch.ones(b, b, dtype=torch.bool, device=f.k.device).tril()    # [t, i]: t >= i
-        # E_t / E_i for t >= i (exponent <= 0), masked before exp
-        ratio = torch.exp((log_e[:, :, None] - log_e[:, None, :]).masked_fill(~tri, float("-inf")))
-        cum_keep = torch.cumsum(f.log_keep, 1)
-        total_keep = cum_keep[:, -1:]                                         # [B, 1]
-        beta = torch.exp(total_keep - cum_keep) * f.real                      # [B, b]  prod_{r>t}(1-alpha_r), 0 on padding
-        coef_m = (beta[:, None, :] @ ratio).squeeze(1) * f.theta              # [B, b]
-        coef_s = ratio[:, -1] * f.theta                                       # [B, b]  E_b / E_i theta_i
-        s0_to_m = (beta * torch.exp(log_e)).sum(1)                            # [B]
-        keep_all = torch.exp(total_keep).squeeze(1)                           # [B]
-        e_all = torch.exp(log_e[:, -1])                                       # [B]
+        # per-token clip: every layer's gradient is the outer product h^T delta, of norm |h| |delta|
+        g_sq = sum(h.square().sum(-1) * d.square().sum(-1) for h, d in zip(hs, deltas))  # [B, b]
+        theta = c.theta * torch.rsqrt((g_sq / self.max_grad_norm ** 2).clamp(min=1.0))
+        coef_m, coef_s = c.to_m * theta, c.to_s * theta                      # [B, b] each
+        keep_all, s0_to_m, e_all = (t[:, None, None] for t in (c.keep_all, c.s0_to_m, c.e_all))
         new_w, new_s = [], []
         for w, s, h, d in zip(weights, momentum, hs, deltas):
-            g_m = (h * coef_m[..., None]).transpose(1, 2) @ d                # [B, d_(j-1), d_j]
-            g_s = (h * coef_s[..., None]).transpose(1, 2) @ d
-            new_w.append(keep_all[:, None, None] * w + s0_to_m[:, None, None] * s - g_m)
-            new_s.append(e_all[:, None, None] * s - g_s)
+            # both weighted gradient sums of this layer in one matmul: [h coef_m, h coef_s]^T delta
+            g = torch.cat([h * coef_m[..., None], h * coef_s[..., None]], -1).transpose(1, 2) @ d
+            g_m, g_s = g.split(h.shape[-1], 1)                                # [B, d_(j-1), d_j] each
+            new_w.append(keep_all * w + s0_to_m * s - g_m)
+            new_s.append(e_all * s - g_s)
         return new_w, new_s
 
     def _read(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
@@ -175,14 +206,33 @@ class NeuralMemory(nn.Module):
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must be [B, L, d_in={self.d_in}], got {tuple(x.shape)}")
         b = self.chunk_size
-        pad = (-L) % b
-        real = valid_mask(lengths, L + pad)
-        x = F.pad(x, (0, 0, 0, pad)).masked_fill(~real[..., None], 0.0)
-        f = self.features(x, real)
+        # longest history first: the users with events left in chunk c are then a prefix of the batch,
+        # of size active[c], and only they go through the update (a finished user's later chunks are
+        # pure padding, an exact identity), so a ragged batch costs its real events, not B * L
+        order = torch.argsort(lengths, descending=True)
+        x, lengths = x[order], lengths[order]
+        n = -(-L // b)
+        active = (lengths[None, :] > torch.arange(0, n * b, b, device=x.device)[:, None]).sum(1).tolist()
+        real = valid_mask(lengths, n * b)
+        x = F.pad(x, (0, 0, 0, n * b - L)).masked_fill(~real[..., None], 0.0)
+        # every chunk's inputs in one batched pass, chunk-major [n, B, b, ...]; only the memory's
+        # forward/backward inside chunk_update is sequential over chunks
+        chunks = self.chunks(x.view(B, n, b, self.d_in).transpose(0, 1).contiguous(),
+                             real.view(B, n, b).transpose(0, 1))
         weights, momentum = self._initial(B)
-        for c in range(0, L + pad, b):
-            weights, momentum = self.chunk_update(weights, momentum, f[c:c + b])
-        return weights, momentum
+        finished = []                                        # (weights, momentum) of the users done, last rows first
+        for c, a in zip(chunks.unbind(), active):
+            if a < weights[0].shape[0]:
+                finished.append(([w[a:] for w in weights], [s[a:] for s in momentum]))
+                weights, momentum = [w[:a] for w in weights], [s[:a] for s in momentum]
+            if a == 0:
+                break
+            weights, momentum = self.chunk_update(weights, momentum, c.head(a))
+        finished.append((weights, momentum))
+        unsort = torch.argsort(order)
+        parts = finished[::-1]
+        return ([torch.cat([p[0][j] for p in parts])[unsort] for j in range(len(weights))],
+                [torch.cat([p[1][j] for p in parts])[unsort] for j in range(len(weights))])
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
@@ -240,8 +290,8 @@ class NeuralMemory(nn.Module):
             every = len(ready) == B
             take = (lambda t: t) if every else (lambda t: t[ready])
             chunk = take(buffer)
-            f = self.features(chunk, torch.ones(chunk.shape[:2], dtype=torch.bool, device=chunk.device))
-            w_new, s_new = self.chunk_update([take(w) for w in weights], [take(s) for s in momentum], f)
+            c = self.chunks(chunk, torch.ones(chunk.shape[:2], dtype=torch.bool, device=chunk.device))
+            w_new, s_new = self.chunk_update([take(w) for w in weights], [take(s) for s in momentum], c)
             if inplace:
                 for t, n in zip(weights + momentum, w_new + s_new):
                     t.index_copy_(0, ready, n)
@@ -262,5 +312,5 @@ class NeuralMemory(nn.Module):
     def read(self, state: MemoryState, query: torch.Tensor) -> torch.Tensor:
         """Read after all events so far, the open chunk applied (not committed). query [B, (C,) d_q]."""
         real = torch.arange(self.chunk_size, device=state.count.device)[None, :] < state.count[:, None]
-        weights, _ = self.chunk_update(state.weights, state.momentum, self.features(state.buffer, real))
+        weights, _ = self.chunk_update(state.weights, state.momentum, self.chunks(state.buffer, real))
         return self._read(weights, query)
