@@ -48,7 +48,11 @@ class DARE(nn.Module):
         from recsys.modules.titans import NeuralMemory
 
         self.aaren = Aaren(d_in=d_r) if self.config.aaren else None
-        self.titans = NeuralMemory(d_in=d_r, d_query=d_r) if self.config.titans else None
+        self.titans = (
+            NeuralMemory(d_in=d_r, d_query=d_r, chunk_size=self.config.titans_chunk_size, max_lr=self.config.titans_max_lr,
+                         max_grad_norm=self.config.titans_max_grad_norm)
+            if self.config.titans else None
+        )
         return sum(m.d_out for m in (self.aaren, self.titans) if m is not None)
 
     def branch_inputs(self, rep: Fields, v_t: torch.Tensor, lengths: torch.Tensor | int) -> list[torch.Tensor]:
