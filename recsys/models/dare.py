@@ -108,18 +108,23 @@ class DARE(nn.Module):
     def features(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Everything that reads the history (per row) -> (MLP input [B, D_in], auxiliary MLP input
         [B, 3 d_r] or None, retrieved columns [B, k])."""
-        aux_on = self.aux_mlp is not None
-        branches = self.aaren is not None or self.titans is not None
         # the whole history needs gradient (and representations) only for the auxiliary head and branches
-        att, rep = self.embed(target, events, grad=aux_on or branches, rep=aux_on or branches)
+        whole = self.aux_mlp is not None or self.aaren is not None or self.titans is not None
+        att, rep = self.embed(target, events, grad=whole, rep=whole)
         idx = search(att, lengths, self.k, self.segments)                        # [B, k] stage 1
         kept = {f: gather_ids(events[f], idx) for f in FIELDS}                   # [B, k] ids
         att_k, rep_k = self.embed(target, kept, grad=True)
+        return self.stage2(att, rep, att_k, rep_k, idx, lengths)
+
+    def stage2(self, att: Fields, rep: Fields | None, att_k: Fields, rep_k: Fields, idx: torch.Tensor, lengths: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """From the kept events (att_k, rep_k) and the whole history (att, rep; rep None when neither the
+        auxiliary head nor a branch reads it) -> features()' (MLP input, auxiliary MLP input, idx)."""
         h = aggregate(att_k, rep_k, idx, self.segments)                          # [B, 3 d_r] stage 2
         v_t = rep_k.target_vec()                                                 # [B, 3 d_r]
+        branches = self.aaren is not None or self.titans is not None
         extra = self.branch_inputs(rep, v_t, lengths) if branches else []
         x = torch.cat([ctr_input(v_t, h)] + extra, dim=-1)                       # [B, D_in]
-        x_aux = ctr_input(v_t, soft_attention(att, rep, lengths, self.segments)) if aux_on else None
+        x_aux = ctr_input(v_t, soft_attention(att, rep, lengths, self.segments)) if self.aux_mlp is not None else None
         return x, x_aux, idx
 
     def towers(self, x: torch.Tensor, x_aux: torch.Tensor | None, idx: torch.Tensor) -> ModelOutput:
@@ -184,12 +189,7 @@ class DARE(nn.Module):
         kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
         att_k = Fields(att.target, [kept(e) for e in att.events])
         rep_k = Fields(rep.target, [kept(e) for e in rep.events])
-        h = aggregate(att_k, rep_k, idx, self.segments)                          # [C, 3 d_r] stage 2
-        v_t = rep_k.target_vec()
-        extra = self.branch_inputs(rep, v_t, L) if self.aaren is not None or self.titans is not None else []
-        x = torch.cat([ctr_input(v_t, h)] + extra, dim=-1)
-        x_aux = ctr_input(v_t, soft_attention(att, rep, L, self.segments)) if self.aux_mlp is not None else None
-        return self.towers(x, x_aux, idx)
+        return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L))
 
 
 def _lookup(tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:
