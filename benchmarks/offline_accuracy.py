@@ -3,7 +3,9 @@
 Each (model, seed) trains in its own subprocess (clean peak memory) from configs/<model>.yaml with
 --max-len / --epochs / --seed overrides, selects its checkpoint on validation AUC only, and scores
 every test row in eval mode. Writes <out>/results.json and <out>/results.md after every run (partial
-results survive an interrupted sweep) and prints one JSON object at the end.
+results survive an interrupted sweep) and prints one JSON object at the end. A (model, seed) whose
+summary.json already exists under --out is read, not retrained (--fresh retrains): an interrupted sweep
+resumes, and sweeps split over several processes are joined by one last call with every model and seed.
 
     .venv/bin/python benchmarks/offline_accuracy.py --models dare,twin --seeds 1,2,3 --out results/acc-L200
     .venv/bin/python benchmarks/offline_accuracy.py --max-len full ...   # L = the longest history
@@ -127,6 +129,7 @@ def main() -> None:
     p.add_argument("--out", default=str(REPO / "results" / "offline_accuracy"))
     p.add_argument("--quick", action="store_true", help="60 users, the tiny preset: a seconds-long smoke run")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fresh", action="store_true", help="retrain runs whose summary.json already exists under --out")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args()
     out = Path(a.out)
@@ -145,10 +148,12 @@ def main() -> None:
     runs, t0 = [], time.time()
     for seed in seeds:
         for model in models:
-            cmd = [sys.executable, __file__, "--one", model, str(seed), "--max-len", a.max_len, "--out", str(out), "--threads", str(a.threads)]
-            cmd += (["--epochs", str(a.epochs)] if a.epochs is not None else []) + (["--quick"] if a.quick else [])
-            subprocess.run(cmd, check=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-            runs.append(json.loads((out / "runs" / f"{model}-L{a.max_len}-s{seed}" / "summary.json").read_text()))
+            done = out / "runs" / f"{model}-L{a.max_len}-s{seed}" / "summary.json"
+            if a.fresh or not done.exists():  # an interrupted or split sweep resumes where it stopped
+                cmd = [sys.executable, __file__, "--one", model, str(seed), "--max-len", a.max_len, "--out", str(out), "--threads", str(a.threads)]
+                cmd += (["--epochs", str(a.epochs)] if a.epochs is not None else []) + (["--quick"] if a.quick else [])
+                subprocess.run(cmd, check=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            runs.append(json.loads(done.read_text()))
             summary = summarise(runs)
             result = {
                 "benchmark": "offline_accuracy",

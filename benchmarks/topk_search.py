@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.topk_attention import cpu as fused  # noqa: E402
 from kernels.topk_attention.reference import segment_scale  # noqa: E402
 from retrieval.cpu import PATHS  # noqa: E402
+from retrieval.serving import topk_shared  # noqa: E402
 
 K = 20
 
@@ -73,9 +75,16 @@ def bf16_matmul_topk(query, keys, lengths, k, segments=None):
     return torch.topk(s, min(k, s.shape[1]), dim=-1)
 
 
+def shared(query, keys, lengths, k, segments=None):
+    return topk_shared(query, keys[:lengths], k, segments)
+
+
 def cpu_backends(quick):
     backends = {"matmul_topk": matmul_topk, "bf16_matmul_topk": bf16_matmul_topk}
     backends.update({name: fn for name, fn in PATHS.items()})
+    backends["shared"] = shared  # the exact torch serving path (retrieval.serving)
+    if fused.available():
+        backends["fused_c"] = fused.topk_fused  # kernels/topk_attention/cpu.c: what retrieval.topk runs
     if not quick:
         # The int() of the serving length graph-breaks; torch.compile then runs the pieces eagerly.
         backends["compiled_packed"] = torch.compile(PATHS["packed"], dynamic=True)

@@ -1,4 +1,8 @@
-"""Top-k search for the serving layout on CPU: C candidates against ONE shared history, exact.
+"""Top-k search for the serving layout on CPU in torch: C candidates against ONE shared history, exact.
+
+`retrieval.topk` runs the fused C kernel (kernels/topk_attention/cpu.c) where it builds; this is the torch
+path for the serving layout where it does not (no C compiler), and the bit-exact one (the kernel's scores
+equal the reference's to fp32 rounding, these equal them bit for bit).
 
 `topk_shared(query [C, d], keys [L, d], k, segments)` returns what `topk_reference` returns for the same
 inputs (same fp32 scores, same tie order: score desc, index asc), faster than `retrieval.cpu`'s paths at

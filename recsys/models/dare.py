@@ -22,7 +22,6 @@ from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
 from recsys.models.common import MLP, Fields, ModelOutput, aggregate, by_length_groups, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
-from retrieval.serving import topk_shared
 
 FIELDS = ("item", "cate", "pos")
 
@@ -178,13 +177,13 @@ class DARE(nn.Module):
         """heads() for C targets sharing ONE history ([C] target ids, [L] event ids), computed the serving
         way, with heads()' numbers (tests/test_models.py compares it with the batch forward):
         - table rows read straight from the weights: no id dedup or KJT, as nothing sends gradient back;
-        - the shared-history top-k (retrieval.serving: one matmul, strided-block pruning, exact);
+        - the shared-history top-k (retrieval.topk's serving layout: all C targets against one history);
         - the kept events' embeddings gathered from the full-history ones, not looked up a second time.
         """
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
         att = _lookup(att_set, att_prefix, target, events)
         rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, events)
-        _, idx = topk_shared(att.target_vec(), att.events_vec(), self.k, self.segments)   # [C, k] stage 1
+        idx = search(att, L, self.k, self.segments)                              # [C, k] stage 1
         safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
         kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
         att_k = Fields(att.target, [kept(e) for e in att.events])

@@ -1,0 +1,146 @@
+"""The fused CPU top-k search (`cpu.c`): compiled once per machine, called through ctypes.
+
+`topk_fused(query, keys, lengths, k, segments)` has the semantics of `reference.topk_reference`:
+indices equal the reference's (ties -> lower index) and scores equal it to fp32 rounding (the kernel
+sums the d products in its own fixed order, identical in both layouts; integer-valued inputs give
+bit-equal scores). Rows whose scores hold a NaN are recomputed by the reference.
+
+The C source is compiled with the system C compiler (`cc`, or $CC) for this CPU (-march=native) into
+a cache folder ($RECSYS_KERNEL_CACHE, else ~/.cache/recsys/kernels), named by a hash of the source,
+flags, compiler and CPU, written atomically, so concurrent processes and workers share one build.
+`available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
+ctypes releases the GIL for the call, so concurrent requests score in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kernels.topk_attention.reference import segment_scale, topk_reference
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.c")
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread"]
+MAX_K = 4096  # heap storage is the output row itself; any k works, this bounds a mistaken argument
+
+
+def _cpu_signature() -> str:
+    """-march=native builds for this CPU: a cached build from another CPU model must not be reused."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        return "\n".join(sorted({ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RECSYS_KERNEL_CACHE") or Path.home() / ".cache" / "recsys" / "kernels")
+
+
+def build() -> Path:
+    """Compile cpu.c for this machine (or find the cached build) -> the shared library's path."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH; set CC")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    tag = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / f"topk_{tag}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        so = Path(tmp) / out.name
+        res = subprocess.run([cc, *FLAGS, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE} failed:\n{res.stderr[-2000:]}")
+        os.replace(so, out)  # atomic: a concurrent builder's identical file is replaced whole
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _lib():
+    """The loaded kernel, or None (logged once) when it cannot be built here."""
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
+        log.warning("fused CPU top-k kernel unavailable, using the torch path: %s", e)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.topk_search.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, i32]
+    lib.topk_search.restype = i32
+    return lib
+
+
+def available() -> bool:
+    return _lib() is not None
+
+
+def _threads(rows: int, work: int) -> int:
+    # A thread start costs ~20 us: below ~2M multiply-adds one thread finishes first.
+    return max(1, min(torch.get_num_threads(), rows, work // 2_000_000 + 1))
+
+
+@torch.no_grad()
+def topk_fused(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor | int,
+    k: int,
+    segments: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
+    Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k]."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("fused CPU top-k kernel unavailable (see the log); use retrieval.topk")
+    if query.device.type != "cpu" or keys.device.type != "cpu":
+        raise ValueError("topk_fused takes CPU tensors")
+    if not 0 < k <= MAX_K:
+        raise ValueError(f"k must be in 1..{MAX_K}, got {k}")
+    serving = keys.dim() == 2
+    d = query.shape[-1]
+    if query.dim() != 2 or keys.shape[-1] != d or (not serving and (keys.dim() != 3 or keys.shape[0] != query.shape[0])):
+        raise ValueError(f"query {tuple(query.shape)} must be [rows, d] with keys [L, d] or [rows, L, d], got keys {tuple(keys.shape)}")
+    R, L = query.shape[0], keys.shape[-2]
+    n = torch.as_tensor(lengths).reshape(-1).to(torch.int64)
+    if serving:
+        n = n.expand(R) if n.numel() == 1 else n
+    if n.numel() != R:
+        raise ValueError(f"lengths has {n.numel()} entries, expected {'1' if serving else R}")
+    n = n.clamp(0, L).contiguous()
+    q = (query.float() * segment_scale(d, segments)).contiguous()        # the reference's scaling
+    x = keys if keys.dtype == torch.float32 else keys.float()
+    if not serving and x.stride(0) == 0:
+        x = x.contiguous()
+    scores = torch.empty(R, k, dtype=torch.float32)
+    idx = torch.empty(R, k, dtype=torch.int64)
+    bad = torch.zeros(R, dtype=torch.uint8)
+    if R:
+        rc = lib.topk_search(
+            q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
+            n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr(),
+            _threads(R, R * L * d),
+        )
+        if rc != 0:
+            raise MemoryError("topk_search: out of memory or threads")
+    if bool(bad.any()):  # NaN scores (rare): the reference's stable sort decides where they go
+        rows = bad.nonzero().flatten()
+        sub_keys = keys if serving else keys[rows]
+        sub_len = int(n[0]) if serving else n[rows]
+        scores[rows], idx[rows] = topk_reference(query[rows], sub_keys, sub_len, k, segments)
+    return scores, idx

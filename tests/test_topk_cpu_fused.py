@@ -1,0 +1,153 @@
+"""The fused CPU top-k kernel (kernels/topk_attention/cpu.c) against the reference: the same indices in
+both layouts, scores to fp32 rounding (bit-equal where every score is exact), ties to the lower index,
+non-finite inputs handed to the reference, any thread count."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from kernels.topk_attention import cpu
+from kernels.topk_attention.reference import topk_reference
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_builds_once_per_machine(tmp_path, monkeypatch):
+    """CI has a C compiler: the kernel must really run there, not fall back silently."""
+    assert cpu.available()
+    monkeypatch.setenv("RECSYS_KERNEL_CACHE", str(tmp_path))
+    first = cpu.build()
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert cpu.build() == first and first.stat().st_mtime_ns == stamp  # cached: not rebuilt
+
+
+def _draw(gen, integers, *shape):
+    if integers:
+        return torch.randint(-2, 3, shape, generator=gen).float()
+    return torch.randn(*shape, generator=gen)
+
+
+CASES = [  # layout, rows, L, d, k, segments
+    ("serving", 200, 10_000, 16, 20, [8, 8]),
+    ("serving", 7, 3_001, 64, 256, [32, 32]),
+    ("serving", 3, 2_500, 5, 20, None),        # d not a multiple of the vector width
+    ("serving", 4, 7, 4, 20, None),            # k > L
+    ("serving", 2, 0, 4, 3, None),             # L = 0
+    ("serving", 1, 100_000, 16, 20, [8, 8]),
+    ("training", 9, 2_000, 32, 20, [16, 16]),
+    ("training", 5, 70, 4, 64, None),          # k > most lengths
+    ("training", 3, 0, 4, 5, None),
+]
+
+
+def _case(layout, rows, L, d, integers, gen):
+    q = _draw(gen, integers, rows, d)
+    if layout == "serving":
+        return q, _draw(gen, integers, L, d), max(0, L - 3)
+    return q, _draw(gen, integers, rows, L, d), torch.randint(0, L + 1, (rows,), generator=gen)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:5])))
+def test_equals_the_reference(case):
+    layout, rows, L, d, k, segments = case
+    q, keys, lengths = _case(layout, rows, L, d, False, torch.Generator().manual_seed(L + d + k))
+    scores, idx = cpu.topk_fused(q, keys, lengths, k, segments)
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, k, segments)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, **TOL)
+
+
+@pytest.mark.parametrize("layout", ["serving", "training"])
+@pytest.mark.parametrize("d,segments", [(4, None), (16, [4, 4, 4, 4]), (20, [4, 16])])
+def test_ties_go_to_the_lower_index(layout, d, segments):
+    """Entries in {-2..2} and scales 1/2, 1/4: every score exact in any order, hundreds of real ties."""
+    gen = torch.Generator().manual_seed(d)
+    q, keys, lengths = _case(layout, 6, 3_000, d, True, gen)
+    scores, idx = cpu.topk_fused(q, keys, lengths, 40, segments)
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, 40, segments)
+    assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+    cut = topk_reference(q, keys, lengths, 41, segments)[0]
+    assert (cut[:, 39] == cut[:, 40]).any()  # ties across the cut really occur
+
+
+def test_all_equal_scores_keep_the_first_k():
+    scores, idx = cpu.topk_fused(torch.ones(3, 4), torch.ones(5_000, 4), 4_000, 20)
+    assert torch.equal(idx, torch.arange(20).expand(3, 20)) and torch.equal(scores, torch.full((3, 20), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_and_strided_inputs(dtype):
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(3, 16, 1_500, generator=gen).to(dtype).transpose(1, 2)    # [B, L, d], d not contiguous
+    q = torch.randn(16, 3, generator=gen).to(dtype).t()                           # [B, d], strided
+    lengths = torch.tensor([1_500, 700, 1])
+    scores, idx = cpu.topk_fused(q, keys, lengths, 20, [8, 8])
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, 20, [8, 8])
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(scores, ref_scores, **TOL)
+    shared = keys[0, ::2]                                                          # [L/2, d], rows strided
+    s2, i2 = cpu.topk_fused(q, shared, 600, 20)
+    assert torch.equal(i2, topk_reference(q, shared, 600, 20)[1])
+
+
+@pytest.mark.parametrize("bad", ["nan_key", "inf_query", "overflow"])
+def test_non_finite_rows_fall_back_to_the_reference(bad):
+    gen = torch.Generator().manual_seed(2)
+    q, keys = torch.randn(4, 8, generator=gen), torch.randn(4, 500, 8, generator=gen)
+    lengths = torch.tensor([500, 500, 30, 0])
+    if bad == "nan_key":
+        keys[1, 17, 3] = float("nan")
+    elif bad == "inf_query":
+        q[2, 0] = float("inf")
+    else:
+        keys[0, 400] = 3e37                                                        # |score| beyond fp32
+    scores, idx = cpu.topk_fused(q, keys, lengths, 10)
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, 10)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.isnan(), ref_scores.isnan())
+    torch.testing.assert_close(scores.nan_to_num(), ref_scores.nan_to_num(), **TOL)
+
+
+def test_thread_count_does_not_change_the_result():
+    gen = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(37, 16, generator=gen), torch.randn(20_000, 16, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.topk_fused(q, keys, 20_000, 20)
+        torch.set_num_threads(max(2, os.cpu_count() or 2))
+        many = cpu.topk_fused(q, keys, 20_000, 20)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="lengths"):
+        cpu.topk_fused(torch.randn(3, 4), torch.randn(3, 10, 4), torch.tensor([1, 2]), 2)
+    with pytest.raises(ValueError, match="k must be"):
+        cpu.topk_fused(torch.randn(3, 4), torch.randn(10, 4), 10, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 9), L=st.integers(0, 700), k=st.integers(1, 70), d=st.sampled_from([1, 3, 4, 16, 17, 64]),
+    serving=st.booleans(), integers=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_property_equals_reference(rows, L, k, d, serving, integers, seed):
+    if integers and d not in (1, 4, 16, 64):
+        d = 4  # exact scales only: with an inexact scale, "ties" are rounding artefacts of one summation order
+    gen = torch.Generator().manual_seed(seed)
+    q, keys, lengths = _case("serving" if serving else "training", rows, L, d, integers, gen)
+    scores, idx = cpu.topk_fused(q, keys, lengths, k)
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, k)
+    assert torch.equal(idx, ref_idx)
+    if integers:
+        assert torch.equal(scores, ref_scores)
+    else:
+        torch.testing.assert_close(scores, ref_scores, **TOL)
