@@ -50,6 +50,7 @@ typedef struct {
     int64_t *out_i;          /* [R, k]; -1 past the kept count */
     uint8_t *bad;            /* [R] */
     int r0, r1;              /* this worker's rows */
+    void *ws;                /* this worker's workspace (job_bytes), 64-byte aligned */
 } job_t;
 
 static inline uint32_t mask8(v8i a) {   /* lane e of a comparison -> bit e */
@@ -279,29 +280,52 @@ static void scan(const job_t *jb, int r0, int r1, const float *keys, float *T, f
     }
 }
 
+/* Workspace of one job: the transposed history, block maxima (+ scratch), and the kept lists. */
+static size_t job_bytes(const job_t *jb, int64_t *Lp, int64_t *nbp) {
+    int rows = jb->key_row_stride == 0 ? jb->r1 - jb->r0 : 1;
+    int64_t n_max = 0;
+    for (int r = jb->r0; r < jb->r1; r++) n_max = jb->n[r] > n_max ? jb->n[r] : n_max;
+    *Lp = pitch_of(n_max);
+    *nbp = ((n_max + SUB - 1) / SUB + 7) / 8 * 8;
+    size_t bytes = (size_t)jb->d * *Lp * sizeof(float) + ((size_t)rows + 1) * *nbp * sizeof(float)
+                   + (size_t)rows * jb->k * (sizeof(float) + sizeof(int64_t));
+    return (bytes + 63) / 64 * 64;
+}
+
 static void *worker(void *arg) {
     const job_t *jb = (const job_t *)arg;
     int shared = jb->key_row_stride == 0, rows = shared ? jb->r1 - jb->r0 : 1;
-    int64_t n_max = 0;
-    for (int r = jb->r0; r < jb->r1; r++) n_max = jb->n[r] > n_max ? jb->n[r] : n_max;
-    int64_t Lp = pitch_of(n_max), nbp = ((n_max + SUB - 1) / SUB + 7) / 8 * 8;
-    size_t t_bytes = (size_t)jb->d * Lp * sizeof(float);
-    size_t m_bytes = ((size_t)rows + 1) * nbp * sizeof(float);
-    size_t l_bytes = (size_t)rows * jb->k * (sizeof(float) + sizeof(int64_t));
-    void *mem = NULL;
-    if (posix_memalign(&mem, 64, t_bytes + m_bytes + l_bytes) != 0) return (void *)1;
-    float *T = mem;
-    int64_t *I = (int64_t *)((char *)mem + t_bytes);
+    int64_t Lp, nbp;
+    job_bytes(jb, &Lp, &nbp);
+    float *T = jb->ws;
+    float *M = T + (size_t)jb->d * Lp, *scratch = M + (size_t)rows * nbp;
+    int64_t *I = (int64_t *)(scratch + nbp);
     float *S = (float *)(I + (size_t)rows * jb->k);
-    float *M = S + (size_t)rows * jb->k, *scratch = M + (size_t)rows * nbp;
     if (shared) {
         if (jb->r1 > jb->r0) scan(jb, jb->r0, jb->r1, jb->keys, T, M, scratch, S, I);
     } else {
         for (int r = jb->r0; r < jb->r1; r++)
             scan(jb, r, r + 1, jb->keys + (int64_t)r * jb->key_row_stride, T, M, scratch, S, I);
     }
-    free(mem);
     return NULL;
+}
+
+/* The calling thread keeps its workspace between calls (up to KEEP_BYTES): fresh pages for a
+   history-sized buffer on every call cost page faults comparable to the search itself. */
+#define KEEP_BYTES ((size_t)64 << 20)
+static __thread void *kept_ws;
+static __thread size_t kept_size;
+
+static void *workspace(size_t bytes) {
+    if (bytes <= kept_size) return kept_ws;
+    void *mem = NULL;
+    if (posix_memalign(&mem, 64, bytes) != 0) return NULL;
+    if (bytes <= KEEP_BYTES) {
+        free(kept_ws);
+        kept_ws = mem;
+        kept_size = bytes;
+    }
+    return mem;
 }
 
 /* Rows split evenly over n_threads (the caller's thread 0 included). Returns 0, or 1 when memory
@@ -315,16 +339,22 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     job_t jobs[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0}, err = 0;
-    for (int t = 0; t < n_threads; t++)
+    size_t offset[MAX_THREADS + 1] = {0};
+    for (int t = 0; t < n_threads; t++) {
         jobs[t] = (job_t){q, keys, key_row_stride, stride_l, stride_d, n, d, k, out_s, out_i, bad,
-                          (int)((int64_t)R * t / n_threads), (int)((int64_t)R * (t + 1) / n_threads)};
-    for (int t = 1; t < n_threads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &jobs[t]) == 0;
-    if (worker(&jobs[0]) != NULL) err = 1;
-    for (int t = 1; t < n_threads; t++) {
-        void *ret = NULL;
-        if (started[t]) pthread_join(tid[t], &ret);
-        else ret = worker(&jobs[t]);
-        if (ret != NULL) err = 1;
+                          (int)((int64_t)R * t / n_threads), (int)((int64_t)R * (t + 1) / n_threads), NULL};
+        int64_t Lp, nbp;
+        offset[t + 1] = offset[t] + job_bytes(&jobs[t], &Lp, &nbp);
     }
+    char *ws = workspace(offset[n_threads]);
+    if (ws == NULL) return 1;
+    for (int t = 0; t < n_threads; t++) jobs[t].ws = ws + offset[t];
+    for (int t = 1; t < n_threads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &jobs[t]) == 0;
+    worker(&jobs[0]);
+    for (int t = 1; t < n_threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else worker(&jobs[t]);
+    }
+    if (ws != kept_ws) free(ws);
     return err;
 }
