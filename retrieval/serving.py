@@ -49,9 +49,9 @@ def topk_shared(query: torch.Tensor, keys: torch.Tensor, k: int, segments: Seque
         from retrieval.dispatch import topk
 
         return topk(query, keys, L, k, segments)
-    n_chunks = -(-L // chunk)
+    n_chunks = max(1, -(-L // chunk))
     width = -(-L // n_chunks)                                                 # equal chunks of <= chunk columns
-    if width // max(1, round(math.sqrt(width / k))) <= k:                     # too short to prune: the plain path
+    if width // max(1, round(math.sqrt(width / k))) <= k:                     # too short to prune (or L = 0): plain path
         return topk_chunked(query, keys, L, k, segments)
     q = query.float() * segment_scale(query.shape[1], segments, query.device)
     parts, unsure = [], torch.zeros(query.shape[0], dtype=torch.bool, device=query.device)

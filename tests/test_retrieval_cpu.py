@@ -99,3 +99,21 @@ def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
     assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
     for name, fn in PATHS.items():
         assert torch.equal(_run(fn, q, keys, lengths, k, None)[1], ref_idx), name
+
+
+def test_dispatch_picks_the_measured_winner_per_layout():
+    """Serving with many candidates: the fused kernel; few candidates or one history per query: the torch
+    paths (docs/kernels.md has the figures behind the choice). Each must return its backend's own answer."""
+    from kernels.topk_attention.cpu import topk_fused
+    from retrieval.dispatch import FUSED_MIN_ROWS
+    from retrieval.serving import topk_shared
+
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(3_000, 16, generator=gen)
+    many, few = torch.randn(FUSED_MIN_ROWS, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    for got, want in [(retrieval.topk(many, keys, 2_990, 20), topk_fused(many, keys, 2_990, 20)),
+                      (retrieval.topk(few, keys, 2_990, 20), topk_shared(few, keys[:2_990], 20))]:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    q, hist, n = torch.randn(4, 16, generator=gen), torch.randn(4, 900, 16, generator=gen), torch.tensor([900, 5, 0, 400])
+    got, want = retrieval.topk(q, hist, n, 20), topk_chunked(q, hist, n, 20)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
