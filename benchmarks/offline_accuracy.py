@@ -130,6 +130,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="60 users, the tiny preset: a seconds-long smoke run")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fresh", action="store_true", help="retrain runs whose summary.json already exists under --out")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: summarise the runs already under --out, listing the missing ones")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "SEED"), help=argparse.SUPPRESS)
     a = p.parse_args()
     out = Path(a.out)
@@ -145,31 +147,40 @@ def main() -> None:
     for m in models:
         parse_model(m)
     out.mkdir(parents=True, exist_ok=True)
-    runs, t0 = [], time.time()
+    runs, missing, t0 = [], [], time.time()
+
+    def write() -> dict:  # after every run, so an interrupted sweep leaves its partial results
+        summary = summarise(runs)
+        result = {
+            "benchmark": "offline_accuracy",
+            "inputs": {"models": models, "seeds": seeds, "max_len": a.max_len, "epochs": a.epochs, "quick": a.quick, "threads": a.threads},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "summary": summary,
+            "original": ORIGINAL,
+            "ratio_test_auc_vs_original": {m: s["test_auc"][0] / ORIGINAL[m]["test_auc"][0] for m, s in summary.items() if m in ORIGINAL},
+            "ratio_samples_per_s_vs_original": {m: s["train_samples_per_s"] / ORIGINAL[m]["train_samples_per_s"] for m, s in summary.items() if m in ORIGINAL},
+            "runs": runs,
+            "missing": missing,
+            "wall_s": time.time() - t0,
+        }
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        (out / "results.md").write_text(markdown(summary, a.max_len, a.epochs or "preset"))
+        return result
+
     for seed in seeds:
         for model in models:
             done = out / "runs" / f"{model}-L{a.max_len}-s{seed}" / "summary.json"
+            if a.report_only and not done.exists():
+                missing.append(f"{model} seed {seed}")
+                continue
             if a.fresh or not done.exists():  # an interrupted or split sweep resumes where it stopped
                 cmd = [sys.executable, __file__, "--one", model, str(seed), "--max-len", a.max_len, "--out", str(out), "--threads", str(a.threads)]
                 cmd += (["--epochs", str(a.epochs)] if a.epochs is not None else []) + (["--quick"] if a.quick else [])
                 subprocess.run(cmd, check=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
             runs.append(json.loads(done.read_text()))
-            summary = summarise(runs)
-            result = {
-                "benchmark": "offline_accuracy",
-                "inputs": {"models": models, "seeds": seeds, "max_len": a.max_len, "epochs": a.epochs, "quick": a.quick, "threads": a.threads},
-                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-                "summary": summary,
-                "original": ORIGINAL,
-                "ratio_test_auc_vs_original": {m: s["test_auc"][0] / ORIGINAL[m]["test_auc"][0] for m, s in summary.items() if m in ORIGINAL},
-                "ratio_samples_per_s_vs_original": {m: s["train_samples_per_s"] / ORIGINAL[m]["train_samples_per_s"] for m, s in summary.items() if m in ORIGINAL},
-                "runs": runs,
-                "wall_s": time.time() - t0,
-            }
-            (out / "results.json").write_text(json.dumps(result, indent=2))
-            (out / "results.md").write_text(markdown(summary, a.max_len, a.epochs or "preset"))
+            write()
+    result = write()
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-
 
 if __name__ == "__main__":
     main()
