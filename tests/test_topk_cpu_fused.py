@@ -151,3 +151,11 @@ def test_property_equals_reference(rows, L, k, d, serving, integers, seed):
         assert torch.equal(scores, ref_scores)
     else:
         torch.testing.assert_close(scores, ref_scores, **TOL)
+
+
+def test_serving_layout_takes_one_length():
+    q, keys = torch.randn(3, 4), torch.randn(50, 4)
+    same = cpu.topk_fused(q, keys, torch.tensor([40, 40, 40]), 5)
+    assert torch.equal(same[1], topk_reference(q, keys, 40, 5)[1])
+    with pytest.raises(ValueError, match="one length"):
+        cpu.topk_fused(q, keys, torch.tensor([40, 30, 40]), 5)

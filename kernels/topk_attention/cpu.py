@@ -2,8 +2,9 @@
 
 `topk_fused(query, keys, lengths, k, segments)` has the semantics of `reference.topk_reference`:
 indices equal the reference's (ties -> lower index) and scores equal it to fp32 rounding (the kernel
-sums the d products in its own fixed order, identical in both layouts; integer-valued inputs give
-bit-equal scores). Rows whose scores hold a NaN are recomputed by the reference.
+sums the d products in its own fixed order, identical in both layouts; inputs whose every score is exact give
+bit-equal scores). Rows with a NaN/inf input, or whose scores could overflow fp32, are recomputed by the
+reference (the kernel flags them instead of testing every score).
 
 The C source is compiled with the system C compiler (`cc`, or $CC) for this CPU (-march=native) into
 a cache folder ($RECSYS_KERNEL_CACHE, else ~/.cache/recsys/kernels), named by a hash of the source,
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread"]
-MAX_K = 4096  # heap storage is the output row itself; any k works, this bounds a mistaken argument
+MAX_K = 4096  # the kept lists live in the workspace, so any k works; this bounds a mistaken argument
 
 
 def _cpu_signature() -> str:
@@ -118,8 +119,10 @@ def topk_fused(
         raise ValueError(f"query {tuple(query.shape)} must be [rows, d] with keys [L, d] or [rows, L, d], got keys {tuple(keys.shape)}")
     R, L = query.shape[0], keys.shape[-2]
     n = torch.as_tensor(lengths).reshape(-1).to(torch.int64)
-    if serving:
-        n = n.expand(R) if n.numel() == 1 else n
+    if serving:  # one history, one length: the kernel reads the first row's
+        if n.numel() > 1 and not bool((n == n[0]).all()):
+            raise ValueError("serving layout (keys [L, d]) takes one length for the shared history")
+        n = n[:1].expand(R) if n.numel() else n
     if n.numel() != R:
         raise ValueError(f"lengths has {n.numel()} entries, expected {'1' if serving else R}")
     n = n.clamp(0, L).contiguous()
@@ -138,7 +141,7 @@ def topk_fused(
         )
         if rc != 0:
             raise MemoryError("topk_search: out of memory or threads")
-    if bool(bad.any()):  # NaN scores (rare): the reference's stable sort decides where they go
+    if bool(bad.any()):  # non-finite inputs (rare): the reference's stable sort decides where they go
         rows = bad.nonzero().flatten()
         sub_keys = keys if serving else keys[rows]
         sub_len = int(n[0]) if serving else n[rows]
