@@ -98,7 +98,24 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(summary: dict, max_len: int | str, epochs) -> str:
+def paired(runs: list[dict]) -> dict:
+    """Each branch model against its base model (dare+aaren -> dare) on the SAME seeds: seed-to-seed spread
+    is larger than the branch effects, so the per-seed difference is the fair comparison."""
+    by = {(r["model"], r["seed"]): r for r in runs}
+    out: dict = {}
+    for m in sorted({r["model"] for r in runs if "+" in r["model"]}):
+        base = m.split("+")[0]
+        seeds = sorted(s for (mm, s) in by if mm == m and (base, s) in by)
+        if not seeds:
+            continue
+        diff = {key: [pick(by[(m, s)]) - pick(by[(base, s)]) for s in seeds] for key, pick in (
+            ("test_auc", lambda r: r["test"]["auc"]), ("test_gauc", lambda r: r["test"]["gauc"]),
+            ("test_logloss", lambda r: r["test"]["logloss"]), ("val_auc", lambda r: r["best_val"]["auc"]))}
+        out[m] = {"base": base, "seeds": seeds} | {k: _mean_std(v) + [v] for k, v in diff.items()}
+    return out
+
+
+def markdown(summary: dict, max_len: int | str, epochs, pairs: dict | None = None) -> str:
     f = lambda ms, n=4: f"{ms[0]:.{n}f} +- {ms[1]:.{n}f}"  # noqa: E731
     lines = [
         f"L = {max_len}, top-k 20, 16 dims per field, batch 2048, up to {epochs} epochs, best val AUC checkpoint; "
@@ -117,6 +134,13 @@ def markdown(summary: dict, max_len: int | str, epochs) -> str:
             f"| {m.upper()} (original code, L = 200) | 1,2,3 | {f(o['val_auc'])} | {f(o['test_auc'])} | {f(o['test_gauc'])} "
             f"| {f(o['test_logloss'], 3)} | ~{o['train_samples_per_s']:,} | {o['wall_s']} s | 2.9 GB |"
         )
+    if pairs:
+        lines += ["", "Paired with the base model on the same seeds (branch minus base; mean +- std, then per seed):", "",
+                  "| model | base | seeds | test AUC | test GAUC | test logloss | val AUC |", "|---|---|---|---|---|---|---|"]
+        g = lambda d, n=4: f"{d[0]:+.{n}f} +- {d[1]:.{n}f} ({', '.join(f'{x:+.{n}f}' for x in d[2])})"  # noqa: E731
+        for m, p in pairs.items():
+            lines.append(f"| {m.upper()} | {p['base'].upper()} | {','.join(map(str, p['seeds']))} | {g(p['test_auc'])} "
+                         f"| {g(p['test_gauc'])} | {g(p['test_logloss'], 3)} | {g(p['val_auc'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,12 +183,13 @@ def main() -> None:
             "original": ORIGINAL,
             "ratio_test_auc_vs_original": {m: s["test_auc"][0] / ORIGINAL[m]["test_auc"][0] for m, s in summary.items() if m in ORIGINAL},
             "ratio_samples_per_s_vs_original": {m: s["train_samples_per_s"] / ORIGINAL[m]["train_samples_per_s"] for m, s in summary.items() if m in ORIGINAL},
+            "paired_with_base": paired(runs),
             "runs": runs,
             "missing": missing,
             "wall_s": time.time() - t0,
         }
         (out / "results.json").write_text(json.dumps(result, indent=2))
-        (out / "results.md").write_text(markdown(summary, a.max_len, a.epochs or "preset"))
+        (out / "results.md").write_text(markdown(summary, a.max_len, a.epochs or "preset", result["paired_with_base"]))
         return result
 
     for seed in seeds:
