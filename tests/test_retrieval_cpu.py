@@ -1,5 +1,5 @@
-"""Every torch CPU top-k path equals the reference exactly (indices and scores); `retrieval.topk` on CPU
-(the fused C kernel, tests/test_topk_cpu_fused.py) gives its indices and its scores to fp32 rounding."""
+"""Every torch CPU top-k path equals the reference exactly (indices and scores), and so does `retrieval.topk`
+wherever it dispatches to them (the fused C kernel's own tests: tests/test_topk_cpu_fused.py)."""
 
 import pytest
 import torch
@@ -57,7 +57,7 @@ def test_dispatch_cpu_non_contiguous_half_inputs_no_grad():
     scores, idx = retrieval.topk(q, keys, lengths, 20, [4, 12])
     ref_scores, ref_idx = topk_reference(q, keys, lengths, 20, [4, 12])
     assert torch.equal(idx, ref_idx)
-    torch.testing.assert_close(scores, ref_scores.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(scores, ref_scores.detach())
     assert not scores.requires_grad
 
 
@@ -86,12 +86,11 @@ def test_bad_lengths_are_named():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rows=st.integers(1, 6), L=st.integers(0, 400), k=st.integers(1, 40), d=st.sampled_from([1, 4, 16]),
+    rows=st.integers(1, 6), L=st.integers(0, 400), k=st.integers(1, 40), d=st.sampled_from([1, 4, 5, 16]),
     serving=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
-    """Integer inputs and scales 1/sqrt(d) that are powers of two: every score exact in any summation
-    order, so the ties are real ties and every path must break them as the reference does."""
+    """Up to 6 queries: the training layout and a few serving candidates both go to the exact torch paths."""
     gen = torch.Generator().manual_seed(seed)
     q, keys, lengths = _inputs("serving" if serving else "training", rows, L, d, True, gen)
     scores, idx = retrieval.topk(q, keys, lengths, k)
