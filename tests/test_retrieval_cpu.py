@@ -51,11 +51,12 @@ def test_cpu_path_equals_reference(path, case, integers):
 
 def test_dispatch_cpu_non_contiguous_half_inputs_no_grad():
     gen = torch.Generator().manual_seed(0)
-    keys = torch.randint(-3, 4, (2, 16, 900), generator=gen).to(torch.bfloat16).transpose(1, 2)  # [B, L, d] strided
-    q = torch.randint(-3, 4, (16, 2), generator=gen).float().t().requires_grad_()               # [B, d] strided
+    keys = torch.randint(-3, 4, (2, 20, 900), generator=gen).to(torch.bfloat16).transpose(1, 2)  # [B, L, d] strided
+    q = torch.randint(-3, 4, (20, 2), generator=gen).float().t().requires_grad_()               # [B, d] strided
     lengths = torch.tensor([900, 13])
-    scores, idx = retrieval.topk(q, keys, lengths, 20, [4, 12])
-    ref_scores, ref_idx = topk_reference(q, keys, lengths, 20, [4, 12])
+    # segment scales 1/2 and 1/4: exact in any summation order, so equality does not depend on the CPU
+    scores, idx = retrieval.topk(q, keys, lengths, 20, [4, 16])
+    ref_scores, ref_idx = topk_reference(q, keys, lengths, 20, [4, 16])
     assert torch.equal(idx, ref_idx)
     assert torch.equal(scores, ref_scores.detach())
     assert not scores.requires_grad
@@ -86,11 +87,14 @@ def test_bad_lengths_are_named():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rows=st.integers(1, 6), L=st.integers(0, 400), k=st.integers(1, 40), d=st.sampled_from([1, 4, 5, 16]),
+    rows=st.integers(1, 6), L=st.integers(0, 400), k=st.integers(1, 40), d=st.sampled_from([1, 4, 16]),
     serving=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
-    """Up to 6 queries: the training layout and a few serving candidates both go to the exact torch paths."""
+    """Up to 6 queries: the training layout and a few serving candidates both go to the exact torch paths.
+    Integer inputs and scales 1/sqrt(d) that are powers of two make every score exact in any summation order
+    (d = 5 is not: its scores depend on the BLAS kernel's order, which differs between CPUs), so the ties are
+    real ties and every path must break them as the reference does."""
     gen = torch.Generator().manual_seed(seed)
     q, keys, lengths = _inputs("serving" if serving else "training", rows, L, d, True, gen)
     scores, idx = retrieval.topk(q, keys, lengths, k)
