@@ -127,6 +127,41 @@ def test_thread_count_does_not_change_the_result():
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+def _fork_child_search(q, keys, want_idx):  # runs in a forked child: exit code 0 when the search is right
+    torch.set_num_threads(2)
+    os._exit(0 if torch.equal(cpu.topk_fused(q, keys, keys.shape[0], 20)[1], want_idx) else 1)
+
+
+def test_concurrent_callers_and_a_forked_child():
+    """Concurrent callers each get their own OpenMP team and the right answer; a forked child, which
+    inherits libgomp's state but not its threads, searches on one thread instead of waiting forever
+    (torch's own parallel ops do hang there)."""
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+
+    gen = torch.Generator().manual_seed(4)
+    q, keys = torch.randn(64, 16, generator=gen), torch.randn(12_000, 16, generator=gen)
+    want_s, want_i = topk_reference(q, keys, 12_000, 20)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)  # more workers than this machine's 2 cores: the waits must yield
+        cpu.topk_fused(q, keys, 12_000, 20)  # the OpenMP thread pool exists from here on
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda _: cpu.topk_fused(q, keys, 12_000, 20), range(16)))
+    finally:
+        torch.set_num_threads(before)
+    for s, i in got:
+        assert torch.equal(i, want_i)
+        torch.testing.assert_close(s, want_s, **TOL)
+    child = multiprocessing.get_context("fork").Process(target=_fork_child_search, args=(q, keys, want_i))
+    child.start()
+    child.join(60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's search hung (waiting on the parent's OpenMP threads)")
+    assert child.exitcode == 0
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="lengths"):
         cpu.topk_fused(torch.randn(3, 4), torch.randn(3, 10, 4), torch.tensor([1, 2]), 2)

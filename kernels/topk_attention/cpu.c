@@ -4,15 +4,20 @@
    and a history of n[r] fp32 keys. Serving layout: every row shares one history (key_row_stride 0,
    one length). Training layout: row r's history starts key_row_stride floats after row r-1's.
 
-   A worker transposes the history tile by tile into a [d][L] buffer, so that 8 consecutive events are
-   one vector, and while a tile sits in L1 every row of the worker scores it, 64 events per step in 8
-   vector accumulators, keeping only each 64-event block's maximum (pass 1: no score-dependent branch).
-   The k-th largest block maximum tau bounds the k-th best score from below, so pass 2 rescores only
-   the blocks whose maximum reaches tau (about k of them) and inserts their events scoring >= tau into
-   a sorted list. Blocks and events are visited in increasing index and an equal score never displaces
-   a kept one: ties go to the lower index, as in the reference. (A single pass with a running
-   threshold does ~k (1 + ln(L / k)) list inserts per row, each with mispredicted branches: measured
-   1.5x slower at L = 10k, C = 200, d = 16, k = 20.)
+   The history is transposed block by block into T[b][j][lane] (block b = events 64 b .. 64 b + 63), so
+   that 8 consecutive events are one vector and a block's d rows are one contiguous read. Pass 1: a tile
+   of blocks is transposed and, while it sits in L1, every row scores it, 64 events per step in 8 vector
+   accumulators, keeping only each block's maximum (no score-dependent branch). The k-th largest block
+   maximum tau bounds the k-th best score from below, so pass 2 rescores only the blocks whose maximum
+   reaches tau (about k per row) and inserts their events scoring >= tau into a sorted list. Blocks and
+   events are visited in increasing index and an equal score never displaces a kept one: ties go to the
+   lower index, as in the reference. (A single pass with a running threshold does ~k (1 + ln(L / k))
+   list inserts per row, each with mispredicted branches: measured 1.5x slower at L = 10k, C = 200,
+   d = 16, k = 20.)
+
+   Threads (torch's OpenMP team, see topk_search): with one shared history the workers split its blocks for pass 1
+   (each transposes only its part; all rows score it), meet at a barrier, then split the rows for
+   pass 2, which visits (block, row) pairs block by block. With one history per row they split the rows.
 
    Score of an event: sum over j of q[j] * x[j], accumulated in fp32 in order j = 0..d-1 (fused
    multiply-add where the target has it), computed in one function for both passes and both layouts.
@@ -23,6 +28,7 @@
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
 #include <math.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,13 +51,18 @@ typedef struct {
     int64_t key_row_stride;  /* floats between two rows' histories; 0: shared */
     int64_t stride_l, stride_d;
     const int64_t *n;        /* [R] lengths, clipped to [0, L]; one length when the history is shared */
-    int d, k;
+    int R, d, k;
     float *out_s;            /* [R, k] best first; -inf past the kept count */
     int64_t *out_i;          /* [R, k]; -1 past the kept count */
     uint8_t *bad;            /* [R] */
-    int r0, r1;              /* this worker's rows */
-    void *ws;                /* this worker's workspace (job_bytes), 64-byte aligned */
-} job_t;
+    int n_threads;           /* workers taking part (fixed before any starts work) */
+    float *T;                /* shared history: [nb][d][SUB] blocked transpose */
+    float *M;                /* shared history: [R][nbp] block maxima */
+    char *ws;                /* per-worker scratch, ws_stride bytes each */
+    size_t ws_stride;
+    float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
+    int x_ok[MAX_THREADS];
+} call_t;
 
 static inline uint32_t mask8(v8i a) {   /* lane e of a comparison -> bit e */
 #ifdef __AVX__
@@ -85,6 +96,12 @@ static inline float hmax(v8 a) {
 #endif
 }
 
+/* The workers' barrier between pass 1 and pass 2 (they run inside one OpenMP parallel region). */
+static void barrier(call_t *c) {
+    (void)c;
+#pragma omp barrier
+}
+
 /* Insert score s (finite, above s[k - 1]) of an event whose index is above every kept index: walk up
    from the bottom, moving lower scores down; an equal score kept earlier has the lower index and
    stays ahead. Scalar on purpose: a vector count over the list just written by the previous insert
@@ -100,59 +117,89 @@ static void insert(float *S, int64_t *I, int k, float s, int64_t i) {
     I[p] = i;
 }
 
-/* The tile of events transposed at once: its [d][tile] floats stay within 16 KB of L1. */
-static inline int tile_of(int d) {
-    int t = (4096 / (d > 0 ? d : 1)) / SUB * SUB;
-    return t < SUB ? SUB : (t > TILE ? TILE : t);
+/* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
+static inline int tile_blocks(int d) {
+    int t = 4096 / SUB / (d > 0 ? d : 1);
+    return t < 1 ? 1 : t;
 }
 
-/* Transpose events t0 .. t0 + tw of `keys` into T[j][t0 + e] (row stride Lp), zero the padding up to
-   tw_pad, and fold them into the finiteness check (NaN once any key is NaN or inf) and max |key|. */
-static void load_tile(const job_t *jb, const float *keys, int64_t t0, int tw, int tw_pad, int64_t Lp,
-                      float *T, v8 *check, v8 *amax) {
-    const int d = jb->d;
-    for (int e = 0; e < tw; e++) {
-        const float *x = keys + (t0 + e) * jb->stride_l;
-        if (jb->stride_d == 1)
-            for (int j = 0; j < d; j++) T[j * Lp + t0 + e] = x[j];
-        else
-            for (int j = 0; j < d; j++) T[j * Lp + t0 + e] = x[j * jb->stride_d];
-    }
-    for (int j = 0; j < d; j++) {
-        float *row = T + j * Lp + t0;
-        memset(row + tw, 0, (size_t)(tw_pad - tw) * sizeof(float));
-        for (int e = 0; e < tw_pad; e += 8) {
+#ifdef __AVX__
+/* out[j * ld_out + e] = in[e * ld_in + j] for e, j < 8: eight unaligned loads, 24 shuffles, eight stores. */
+static inline void transpose8(const float *in, int64_t ld_in, float *out, int64_t ld_out) {
+    __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ld_in), r2 = _mm256_loadu_ps(in + 2 * ld_in),
+           r3 = _mm256_loadu_ps(in + 3 * ld_in), r4 = _mm256_loadu_ps(in + 4 * ld_in),
+           r5 = _mm256_loadu_ps(in + 5 * ld_in), r6 = _mm256_loadu_ps(in + 6 * ld_in),
+           r7 = _mm256_loadu_ps(in + 7 * ld_in);
+    __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+           t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+           t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+           u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+           u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+           u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    _mm256_storeu_ps(out, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(out + ld_out, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(out + 2 * ld_out, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(out + 3 * ld_out, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(out + 4 * ld_out, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(out + 5 * ld_out, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(out + 6 * ld_out, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(out + 7 * ld_out, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
+/* Transpose blocks b0 .. b1 of `keys` (n events) into the blocked layout T[b][j][lane] (event
+   b * SUB + lane), zeros past n, and fold them into the finiteness check (NaN once any key is NaN or
+   inf) and max |key|. A block's d rows are contiguous, so a block is one 4 KB read in either pass. */
+static void load_blocks(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, float *T,
+                        v8 *check, v8 *amax) {
+    const int d = c->d;
+    for (int64_t b = b0; b < b1; b++) {
+        float *Tb = T + b * d * SUB;
+        int64_t e1 = n - b * SUB < SUB ? n - b * SUB : SUB;
+        int64_t e = 0;
+#ifdef __AVX__
+        if (c->stride_d == 1 && d % 8 == 0)   /* 8 events x 8 dims at a time, transposed in registers */
+            for (; e + 8 <= e1; e += 8)
+                for (int j = 0; j < d; j += 8)
+                    transpose8(keys + (b * SUB + e) * c->stride_l + j, c->stride_l, Tb + j * SUB + e, SUB);
+#endif
+        for (; e < e1; e++) {
+            const float *x = keys + (b * SUB + e) * c->stride_l;
+            if (c->stride_d == 1)
+                for (int j = 0; j < d; j++) Tb[j * SUB + e] = x[j];
+            else
+                for (int j = 0; j < d; j++) Tb[j * SUB + e] = x[j * c->stride_d];
+        }
+        if (e1 < SUB)
+            for (int j = 0; j < d; j++) memset(Tb + j * SUB + e1, 0, (size_t)(SUB - e1) * sizeof(float));
+        for (int t = 0; t < d * SUB; t += 8) {
             v8 x;
-            memcpy(&x, row + e, sizeof x);
+            memcpy(&x, Tb + t, sizeof x);
             *check += x * 0.0f;
             *amax = vmax(*amax, (v8)((v8i)x & 0x7fffffff));
         }
     }
 }
 
-/* Row pitch of the transposed history: n rounded up to whole blocks, plus one cache line so that the
-   d rows of a block do not all fall in the same L1 set (a pitch of 10,240 floats put all 16 there). */
-static inline int64_t pitch_of(int64_t n) {
-    return (n + SUB - 1) / SUB * SUB + 16;
-}
-
-/* Scores of events e0 .. e0 + SUB for query q: acc[v] lane t = event e0 + 8 v + t; lanes at or past
-   n are -inf. The one place scores are computed, so both passes see bit-identical values. */
-static inline void score_step(const float *T, int64_t Lp, int64_t e0, int64_t n, const float *q, int d, v8 acc[NV]) {
+/* Scores of block Tb's SUB events for query q: acc[v] lane t = event 8 v + t of the block; lanes at or
+   past `left` (events left in the history) are -inf. The one place scores are computed, so both
+   passes see bit-identical values. */
+static inline void score_block(const float *Tb, int64_t left, const float *q, int d, v8 acc[NV]) {
     for (int v = 0; v < NV; v++) acc[v] = (v8){0};
     for (int j = 0; j < d; j++) {
         float qj = q[j];
-        const float *row = T + j * Lp + e0;
+        const float *row = Tb + j * SUB;
         for (int v = 0; v < NV; v++) {
             v8 x;
             memcpy(&x, row + 8 * v, sizeof x);
             acc[v] += qj * x;
         }
     }
-    if (n - e0 < SUB) {
+    if (left < SUB) {
         const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
         for (int v = 0; v < NV; v++) {
-            v8i keep = (lane + (int32_t)(8 * v)) < (int32_t)(n - e0);
+            v8i keep = (lane + (int32_t)(8 * v)) < (int32_t)left;
             acc[v] = (v8)(((v8i)acc[v] & keep) | ((v8i)((v8){0} - INFINITY) & ~keep));
         }
     }
@@ -194,120 +241,171 @@ static float kth_largest(float *a, int m, int k) {
     return a[want];
 }
 
-/* Rows [r0, r1), all reading the history at `keys` (n events, n = the first row's length).
-
-   Pass 1, tile by tile while the tile sits in L1: every row scores every 64-event block and keeps only
-   the block's maximum M[b]. Threshold tau = the k-th largest block maximum: k blocks hold an event
-   scoring >= tau, so the k-th best score is >= tau, and every event of the top k lies in a block with
-   M[b] >= tau. Pass 2 rescores only those blocks (about k of them; same arithmetic, same values) and
-   inserts their events scoring >= tau into the row's sorted list. So the list sees ~k + a few inserts
-   instead of the ~k (1 + ln(L / k)) of a running threshold, and the 64-event steps of pass 1 carry no
-   branch that depends on the scores.
-
-   T: [d][Lp] the history transposed; M: [rows][nbp] block maxima (-inf padded), scratch: [nbp];
-   S, I: [rows][k]. */
-static void scan(const job_t *jb, int r0, int r1, const float *keys, float *T, float *M, float *scratch,
-                 float *S, int64_t *I) {
-    const int d = jb->d, k = jb->k, tile = tile_of(d);
-    const int64_t n = jb->n[r0], nb = (n + SUB - 1) / SUB, nbp = (nb + 7) / 8 * 8, Lp = pitch_of(n);
-    for (int64_t t = 0; t < (int64_t)(r1 - r0) * k; t++) { S[t] = -INFINITY; I[t] = -1; }
-    for (int64_t t = 0; t < (int64_t)(r1 - r0) * nbp; t++) M[t] = -INFINITY;
-    v8 check = (v8){0}, amax = (v8){0};
-    for (int64_t t0 = 0; t0 < n; t0 += tile) {
-        int tw = (int)((n - t0) < tile ? (n - t0) : tile);
-        int tw_pad = (tw + SUB - 1) / SUB * SUB;
-        load_tile(jb, keys, t0, tw, tw_pad, Lp, T, &check, &amax);
+/* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
+   sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
+   depends on the scores). */
+static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
+                  float *T, float *M, int64_t nbp, v8 *check, v8 *amax) {   /* row r's maxima: M + (r - r0) nbp */
+    const int d = c->d, tile = tile_blocks(d);
+    for (int64_t t0 = b0; t0 < b1; t0 += tile) {
+        int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
+        load_blocks(c, keys, n, t0, t1, T, check, amax);
         for (int r = r0; r < r1; r++) {
-            const float *q = jb->q + (int64_t)r * d;
+            const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
-            for (int64_t e0 = t0; e0 < t0 + tw_pad; e0 += SUB) {
+            for (int64_t b = t0; b < t1; b++) {
                 v8 acc[NV];
-                score_step(T, Lp, e0, n, q, d, acc);
+                score_block(T + b * d * SUB, n - b * SUB, q, d, acc);
                 v8 m = acc[0];
                 for (int v = 1; v < NV; v++) m = vmax(m, acc[v]);
-                Mr[e0 / SUB] = hmax(m);
+                Mr[b] = hmax(m);
             }
         }
     }
+}
+
+/* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp, nb blocks, -inf padded to nbp, a
+   multiple of 8). tau_r = the k-th largest block maximum of row r: k blocks hold an event scoring >=
+   tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a block whose maximum
+   reaches tau_r. Only those blocks (about k per row) are rescored (same arithmetic, same values) and
+   their events scoring >= tau_r inserted into the row's sorted list. The (block, row) pairs are
+   visited block by block, so a block is read once into L1 for all the rows that need it (rows visiting
+   the whole T one by one were bound by L2 reads), and each row still sees its blocks and events in
+   increasing index: an equal score never displaces a kept one (ties to the lower index).
+   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [nbp]. */
+static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, int64_t nbp,
+                  float *tau, int32_t *start, int32_t *rows, float *kth) {
+    const int d = c->d, k = c->k;
+    const int64_t nb = (n + SUB - 1) / SUB;
     for (int r = r0; r < r1; r++) {
-        const float *q = jb->q + (int64_t)r * d;
-        const float *Mr = M + (int64_t)(r - r0) * nbp;
-        float *Sr = S + (int64_t)(r - r0) * k;
-        int64_t *Ir = I + (int64_t)(r - r0) * k;
-        float tau = -INFINITY;
+        float *S = c->out_s + (int64_t)r * k;
+        int64_t *I = c->out_i + (int64_t)r * k;
+        for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
+        tau[r - r0] = -INFINITY;
         if (nb > k) {
-            memcpy(scratch, Mr, (size_t)nb * sizeof(float));
-            tau = kth_largest(scratch, (int)nb, k);
+            memcpy(kth, M + (int64_t)(r - r0) * nbp, (size_t)nb * sizeof(float));
+            tau[r - r0] = kth_largest(kth, (int)nb, k);
         }
-        const v8 vtau = (v8){0} + tau;
-        for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks with M[b] >= tau, 8 tested at once */
-            v8 mb;
-            memcpy(&mb, Mr + b8, sizeof mb);
-            uint32_t blocks = mask8(mb >= vtau);
-            if (nb - b8 < 8) blocks &= (1u << (nb - b8)) - 1u;   /* never the padding (tau may be -inf) */
-            for (; blocks; blocks &= blocks - 1) {
-                int64_t b = b8 + __builtin_ctz(blocks);
-                v8 acc[NV];
-                score_step(T, Lp, b * SUB, n, q, d, acc);
-                uint64_t lanes = 0;
-                for (int v = 0; v < NV; v++)
-                    lanes |= (uint64_t)mask8((acc[v] >= vtau) & (acc[v] > -INFINITY)) << (8 * v);
-                while (lanes) {
-                    int e = __builtin_ctzll(lanes);
-                    lanes &= lanes - 1;
-                    float s = acc[e >> 3][e & 7];
-                    if (s > Sr[k - 1]) insert(Sr, Ir, k, s, b * SUB + e);
+    }
+    /* counting sort of the pairs by block: start[b + 1] counts, then offsets, then fill */
+    for (int64_t b = 0; b <= nb; b++) start[b] = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int r = r0; r < r1; r++) {
+            const float *Mr = M + (int64_t)(r - r0) * nbp;
+            const v8 vtau = (v8){0} + tau[r - r0];
+            for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks with M[b] >= tau, 8 tested at once */
+                v8 mb;
+                memcpy(&mb, Mr + b8, sizeof mb);
+                uint32_t blocks = mask8(mb >= vtau);
+                if (nb - b8 < 8) blocks &= (1u << (nb - b8)) - 1u;   /* never the padding (tau may be -inf) */
+                for (; blocks; blocks &= blocks - 1) {
+                    int64_t b = b8 + __builtin_ctz(blocks);
+                    if (pass == 0) start[b + 1]++;
+                    else rows[start[b]++] = r;
                 }
             }
         }
+        if (pass == 0)
+            for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
     }
-    float xmax = 0.0f;
-    int x_ok = 1;
-    for (int t = 0; t < 8; t++) {
-        x_ok &= check[t] == 0.0f;
-        xmax = amax[t] > xmax ? amax[t] : xmax;
-    }
-    for (int r = r0; r < r1; r++) {
-        float qmax = 0.0f, q_check = 0.0f;
-        for (int j = 0; j < d; j++) {
-            float a = fabsf(jb->q[(int64_t)r * d + j]);
-            q_check += a * 0.0f;
-            qmax = a > qmax ? a : qmax;
+    /* after the fill start[b] is the end of block b's rows, i.e. the start of block b + 1's */
+    for (int64_t b = 0, p = 0; b < nb; b++) {
+        const float *Tb = T + b * d * SUB;
+        for (; p < start[b]; p++) {
+            const int r = rows[p];
+            const float *q = c->q + (int64_t)r * d;
+            float *S = c->out_s + (int64_t)r * k;
+            int64_t *I = c->out_i + (int64_t)r * k;
+            const v8 vtau = (v8){0} + tau[r - r0];
+            v8 acc[NV];
+            score_block(Tb, n - b * SUB, q, d, acc);
+            uint64_t lanes = 0;
+            for (int v = 0; v < NV; v++)
+                lanes |= (uint64_t)mask8((acc[v] >= vtau) & (acc[v] > -INFINITY)) << (8 * v);
+            while (lanes) {
+                int e = __builtin_ctzll(lanes);
+                lanes &= lanes - 1;
+                float s = acc[e >> 3][e & 7];
+                if (s > S[k - 1]) insert(S, I, k, s, b * SUB + e);
+            }
         }
-        jb->bad[r] = !(x_ok && q_check == 0.0f && (double)d * qmax * xmax < 0.5 * FLT_MAX);
-        memcpy(jb->out_s + (int64_t)r * k, S + (int64_t)(r - r0) * k, (size_t)k * sizeof(float));
-        memcpy(jb->out_i + (int64_t)r * k, I + (int64_t)(r - r0) * k, (size_t)k * sizeof(int64_t));
     }
 }
 
-/* Workspace of one job: the transposed history, block maxima (+ scratch), and the kept lists. */
-static size_t job_bytes(const job_t *jb, int64_t *Lp, int64_t *nbp) {
-    int rows = jb->key_row_stride == 0 ? jb->r1 - jb->r0 : 1;
-    int64_t n_max = 0;
-    for (int r = jb->r0; r < jb->r1; r++) n_max = jb->n[r] > n_max ? jb->n[r] : n_max;
-    *Lp = pitch_of(n_max);
-    *nbp = ((n_max + SUB - 1) / SUB + 7) / 8 * 8;
-    size_t bytes = (size_t)jb->d * *Lp * sizeof(float) + ((size_t)rows + 1) * *nbp * sizeof(float)
-                   + (size_t)rows * jb->k * (sizeof(float) + sizeof(int64_t));
-    return (bytes + 63) / 64 * 64;
+/* bad[r]: the row's query or its history holds a NaN or inf, or d * max|q| * max|x| could overflow. */
+static void flag_row(const call_t *c, int r, int x_ok, float xmax) {
+    float qmax = 0.0f, q_check = 0.0f;
+    for (int j = 0; j < c->d; j++) {
+        float a = fabsf(c->q[(int64_t)r * c->d + j]);
+        q_check += a * 0.0f;
+        qmax = a > qmax ? a : qmax;
+    }
+    c->bad[r] = !(x_ok && q_check == 0.0f && (double)c->d * qmax * xmax < 0.5 * FLT_MAX);
 }
 
-static void *worker(void *arg) {
-    const job_t *jb = (const job_t *)arg;
-    int shared = jb->key_row_stride == 0, rows = shared ? jb->r1 - jb->r0 : 1;
-    int64_t Lp, nbp;
-    job_bytes(jb, &Lp, &nbp);
-    float *T = jb->ws;
-    float *M = T + (size_t)jb->d * Lp, *scratch = M + (size_t)rows * nbp;
-    int64_t *I = (int64_t *)(scratch + nbp);
-    float *S = (float *)(I + (size_t)rows * jb->k);
-    if (shared) {
-        if (jb->r1 > jb->r0) scan(jb, jb->r0, jb->r1, jb->keys, T, M, scratch, S, I);
+static void reduce_check(v8 check, v8 amax, int *x_ok, float *xmax) {
+    *x_ok = 1;
+    *xmax = 0.0f;
+    for (int t = 0; t < 8; t++) {
+        *x_ok &= check[t] == 0.0f;
+        *xmax = amax[t] > *xmax ? amax[t] : *xmax;
+    }
+}
+
+static inline int64_t blocks_of(int64_t n) { return (n + SUB - 1) / SUB; }
+static inline int64_t padded8(int64_t nb) { return (nb + 7) / 8 * 8; }
+static inline int64_t align8(int64_t x) { return (x + 7) / 8 * 8; }   /* keeps 32-byte alignment */
+
+/* Worker t's part of call c (t < c->n_threads). */
+static void run_part(call_t *c, int t) {
+    const int nt = c->n_threads, d = c->d;
+    char *mine = c->ws + (size_t)t * c->ws_stride;
+    v8 check = (v8){0}, amax = (v8){0};
+    if (c->key_row_stride == 0) {
+        /* One shared history: the workers split its blocks for pass 1 (each transposes only its own
+           part, all rows score it), then split the rows for pass 2, which reads the whole T. */
+        const int64_t n = c->n[0], nb = blocks_of(n), nbp = padded8(nb);
+        const int64_t tiles = (nb + tile_blocks(d) - 1) / tile_blocks(d);
+        int64_t b0 = tiles * t / nt * tile_blocks(d), b1 = tiles * (t + 1) / nt * tile_blocks(d);
+        b1 = b1 < nb ? b1 : nb;
+        if (t == nt - 1)
+            for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
+                for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
+        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, c->M, nbp, &check, &amax);
+        reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
+        barrier(c);
+        int x_ok = 1;
+        float xmax = 0.0f;
+        for (int u = 0; u < nt; u++) {
+            x_ok &= c->x_ok[u];
+            xmax = c->xmax[u] > xmax ? c->xmax[u] : xmax;
+        }
+        const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
+        float *tau = (float *)mine, *kth = tau + align8(r1 - r0);
+        int32_t *start = (int32_t *)(kth + nbp), *rows = start + align8(nbp + 1);
+        if (r0 < r1) pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, tau, start, rows, kth);
+        for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
-        for (int r = jb->r0; r < jb->r1; r++)
-            scan(jb, r, r + 1, jb->keys + (int64_t)r * jb->key_row_stride, T, M, scratch, S, I);
+        /* One history per row: the workers split the rows; each transposes and scans its rows'
+           histories one by one in its own scratch. */
+        int64_t nbp = 0;
+        for (int r = 0; r < c->R; r++) nbp = padded8(blocks_of(c->n[r])) > nbp ? padded8(blocks_of(c->n[r])) : nbp;
+        float *tau = (float *)mine, *kth = tau + 8, *M = kth + nbp;
+        int32_t *start = (int32_t *)(M + nbp), *rows = start + align8(nbp + 1);
+        float *T = (float *)(rows + nbp);
+        for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
+            const int64_t n = c->n[r], nb = blocks_of(n);
+            for (int64_t b = nb; b < padded8(nb); b++) M[b] = -INFINITY;
+            check = (v8){0};
+            amax = (v8){0};
+            pass1(c, c->keys + (int64_t)r * c->key_row_stride, n, 0, nb, r, r + 1, T, M, 0, &check, &amax);
+            int x_ok;
+            float xmax;
+            reduce_check(check, amax, &x_ok, &xmax);
+            pass2(c, r, r + 1, n, T, M, nbp, tau, start, rows, kth);
+            flag_row(c, r, x_ok, xmax);
+        }
     }
-    return NULL;
 }
 
 /* The calling thread keeps its workspace between calls (up to KEEP_BYTES): fresh pages for a
@@ -328,33 +426,52 @@ static void *workspace(size_t bytes) {
     return mem;
 }
 
-/* Rows split evenly over n_threads (the caller's thread 0 included). Returns 0, or 1 when memory
-   could not be had; a thread that cannot start has its rows run by the caller. */
+static inline size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* A child forked after this library loaded inherits libgomp's state but not its threads: a parallel
+   region there waits forever (torch's own ops too), so the child searches on its own thread. */
+static int forked;
+static void mark_forked(void) { forked = 1; }
+__attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
+
+/* Returns 0, or 1 when memory could not be had. */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                 const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
     if (R <= 0) return 0;
     if (n_threads > R) n_threads = R;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads < 1) n_threads = 1;
-    job_t jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int started[MAX_THREADS] = {0}, err = 0;
-    size_t offset[MAX_THREADS + 1] = {0};
-    for (int t = 0; t < n_threads; t++) {
-        jobs[t] = (job_t){q, keys, key_row_stride, stride_l, stride_d, n, d, k, out_s, out_i, bad,
-                          (int)((int64_t)R * t / n_threads), (int)((int64_t)R * (t + 1) / n_threads), NULL};
-        int64_t Lp, nbp;
-        offset[t + 1] = offset[t] + job_bytes(&jobs[t], &Lp, &nbp);
+    call_t c = {q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads};
+    int64_t n_max = 0;
+    for (int r = 0; r < (key_row_stride == 0 ? 1 : R); r++) n_max = n[r] > n_max ? n[r] : n_max;
+    const int64_t nb = blocks_of(n_max), nbp = padded8(nb);
+    const size_t t_bytes = align64((size_t)nb * d * SUB * sizeof(float));
+    size_t shared = 0;
+    if (key_row_stride == 0) {   /* T, M shared; per worker: tau, kth, start, rows (see run_part) */
+        const int64_t rows = (R + n_threads - 1) / n_threads;
+        shared = t_bytes + align64((size_t)R * nbp * sizeof(float));
+        c.ws_stride = align64((size_t)(align8(rows) + nbp + align8(nbp + 1) + rows * nbp) * 4);
+    } else {                     /* per worker: tau, kth, M, start, rows, T */
+        c.ws_stride = align64((size_t)(8 + 2 * nbp + align8(nbp + 1) + nbp) * 4) + t_bytes;
     }
-    char *ws = workspace(offset[n_threads]);
+    char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return 1;
-    for (int t = 0; t < n_threads; t++) jobs[t].ws = ws + offset[t];
-    for (int t = 1; t < n_threads; t++) started[t] = pthread_create(&tid[t], NULL, worker, &jobs[t]) == 0;
-    worker(&jobs[0]);
-    for (int t = 1; t < n_threads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else worker(&jobs[t]);
+    c.T = (float *)ws;
+    c.M = (float *)(ws + t_bytes);
+    c.ws = ws + shared;
+    /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
+       spinning after the model's last op, run the parts instead of competing with threads of ours */
+    if (forked || n_threads == 1) {
+        c.n_threads = 1;
+        run_part(&c, 0);
+    } else {
+#pragma omp parallel num_threads(n_threads)
+    {
+#pragma omp single
+        c.n_threads = omp_get_num_threads();   /* the team may be smaller than asked; implied barrier */
+        run_part(&c, omp_get_thread_num());
+    }
     }
     if (ws != kept_ws) free(ws);
-    return err;
+    return 0;
 }
