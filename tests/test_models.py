@@ -233,7 +233,10 @@ def test_length_groups_give_the_one_padded_block_results(name, flags, data):
         assert torch.equal(grouped.indices, whole.indices)
         torch.testing.assert_close(grouped.aux_logit, whole.aux_logit, rtol=1e-5, atol=1e-6)
     assert g1.keys() == g2.keys() and len(g1) > 3
-    # atol: a bias right before BatchNorm has a gradient of exactly 0 in theory, float noise in practice
-    atol = 1e-6 * max(float(g.abs().max()) for g in g2.values())
+    # atol: a bias right before BatchNorm has a gradient of exactly 0 in theory, float noise in practice.
+    # With Aaren and Titans the first MLP layer's gradient also carries the memory's second-order terms:
+    # 2.3e-6 of the largest gradient between the two paddings on one CPU (its BLAS kernels), under 1e-6 on
+    # another; a wrong grouping differs by O(1).
+    atol = (1e-5 if flags else 1e-6) * max(float(g.abs().max()) for g in g2.values())
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=atol, msg=lambda m: f"{n}: {m}")
