@@ -39,7 +39,6 @@
 
 #define NV 8           /* 8-lane vectors per step: the accumulators stay in registers */
 #define SUB (8 * NV)   /* events scored per step */
-#define TILE 256       /* most events per transposed tile (tile_of: fewer for d > 16) */
 #define MAX_THREADS 64
 
 typedef float v8 __attribute__((vector_size(32)));
