@@ -144,7 +144,7 @@ def test_concurrent_callers_and_a_forked_child():
     want_s, want_i = topk_reference(q, keys, 12_000, 20)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(3)  # more workers than this machine's 2 cores: the waits must yield
+        torch.set_num_threads(3)  # more OpenMP threads than this machine's 2 cores (oversubscribed barrier)
         cpu.topk_fused(q, keys, 12_000, 20)  # the OpenMP thread pool exists from here on
         with ThreadPoolExecutor(4) as ex:
             got = list(ex.map(lambda _: cpu.topk_fused(q, keys, 12_000, 20), range(16)))
