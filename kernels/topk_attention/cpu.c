@@ -57,6 +57,9 @@ typedef struct {
     int n_threads;           /* workers taking part (fixed before any starts work) */
     float *T;                /* shared history: [nb][d][SUB] blocked transpose */
     float *M;                /* shared history: [R][nbp] block maxima */
+    float *tau;              /* shared history: [R] pass-2 thresholds */
+    int32_t *pairs;          /* shared history: [R][nbp] pass-2 (block, row) pairs, a row range per worker */
+    int64_t nbp;             /* blocks of the longest history, padded to a multiple of 8 */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
@@ -93,12 +96,6 @@ static inline float hmax(v8 a) {
     for (int t = 1; t < 8; t++) b = a[t] > b ? a[t] : b;
     return b;
 #endif
-}
-
-/* The workers' barrier between pass 1 and pass 2 (they run inside one OpenMP parallel region). */
-static void barrier(call_t *c) {
-    (void)c;
-#pragma omp barrier
 }
 
 /* Insert score s (finite, above s[k - 1]) of an event whose index is above every kept index: walk up
@@ -363,32 +360,33 @@ static void run_part(call_t *c, int t) {
     if (c->key_row_stride == 0) {
         /* One shared history: the workers split its blocks for pass 1 (each transposes only its own
            part, all rows score it), then split the rows for pass 2, which reads the whole T. */
-        const int64_t n = c->n[0], nb = blocks_of(n), nbp = padded8(nb);
-        const int64_t tiles = (nb + tile_blocks(d) - 1) / tile_blocks(d);
-        int64_t b0 = tiles * t / nt * tile_blocks(d), b1 = tiles * (t + 1) / nt * tile_blocks(d);
+        const int64_t n = c->n[0], nb = blocks_of(n), nbp = c->nbp, tile = tile_blocks(d);
+        const int64_t tiles = (nb + tile - 1) / tile;
+        int64_t b0 = tiles * t / nt * tile, b1 = tiles * (t + 1) / nt * tile;
         b1 = b1 < nb ? b1 : nb;
         if (t == nt - 1)
             for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
                 for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
         if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, c->M, nbp, &check, &amax);
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
-        barrier(c);
+#pragma omp barrier
         int x_ok = 1;
         float xmax = 0.0f;
         for (int u = 0; u < nt; u++) {
             x_ok &= c->x_ok[u];
             xmax = c->xmax[u] > xmax ? c->xmax[u] : xmax;
         }
+        /* this worker's rows index the shared tau and pairs, so their size does not depend on the team's */
         const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
-        float *tau = (float *)mine, *kth = tau + align8(r1 - r0);
-        int32_t *start = (int32_t *)(kth + nbp), *rows = start + align8(nbp + 1);
-        if (r0 < r1) pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, tau, start, rows, kth);
+        float *kth = (float *)mine;
+        int32_t *start = (int32_t *)(kth + nbp);
+        if (r0 < r1)
+            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
         /* One history per row: the workers split the rows; each transposes and scans its rows'
            histories one by one in its own scratch. */
-        int64_t nbp = 0;
-        for (int r = 0; r < c->R; r++) nbp = padded8(blocks_of(c->n[r])) > nbp ? padded8(blocks_of(c->n[r])) : nbp;
+        const int64_t nbp = c->nbp;
         float *tau = (float *)mine, *kth = tau + 8, *M = kth + nbp;
         int32_t *start = (int32_t *)(M + nbp), *rows = start + align8(nbp + 1);
         float *T = (float *)(rows + nbp);
@@ -444,12 +442,13 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     int64_t n_max = 0;
     for (int r = 0; r < (key_row_stride == 0 ? 1 : R); r++) n_max = n[r] > n_max ? n[r] : n_max;
     const int64_t nb = blocks_of(n_max), nbp = padded8(nb);
+    c.nbp = nbp;
     const size_t t_bytes = align64((size_t)nb * d * SUB * sizeof(float));
+    const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
-    if (key_row_stride == 0) {   /* T, M shared; per worker: tau, kth, start, rows (see run_part) */
-        const int64_t rows = (R + n_threads - 1) / n_threads;
-        shared = t_bytes + align64((size_t)R * nbp * sizeof(float));
-        c.ws_stride = align64((size_t)(align8(rows) + nbp + align8(nbp + 1) + rows * nbp) * 4);
+    if (key_row_stride == 0) {   /* T, M, tau, pairs shared; per worker: kth, start (see run_part) */
+        shared = t_bytes + 2 * m_bytes + tau_bytes;
+        c.ws_stride = align64((size_t)(nbp + align8(nbp + 1)) * 4);
     } else {                     /* per worker: tau, kth, M, start, rows, T */
         c.ws_stride = align64((size_t)(8 + 2 * nbp + align8(nbp + 1) + nbp) * 4) + t_bytes;
     }
@@ -457,6 +456,8 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     if (ws == NULL) return 1;
     c.T = (float *)ws;
     c.M = (float *)(ws + t_bytes);
+    c.pairs = (int32_t *)(ws + t_bytes + m_bytes);
+    c.tau = (float *)(ws + t_bytes + 2 * m_bytes);
     c.ws = ws + shared;
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */
