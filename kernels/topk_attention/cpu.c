@@ -5,9 +5,10 @@
    one length). Training layout: row r's history starts key_row_stride floats after row r-1's.
 
    The history is transposed block by block into T[b][j][lane] (block b = events 64 b .. 64 b + 63), so
-   that 8 consecutive events are one vector and a block's d rows are one contiguous read. Pass 1: a tile
-   of blocks is transposed and, while it sits in L1, every row scores it, 64 events per step in 8 vector
-   accumulators, keeping only each block's maximum (no score-dependent branch). The k-th largest block
+   that consecutive events share a vector and a block's d rows are one contiguous read. Pass 1: a tile
+   of blocks is transposed and, while it sits in L1, every row scores it, a block (64 events) per step in
+   vector accumulators (16 lanes with AVX-512, two rows at a time; else 8 lanes, one row), keeping only
+   each block's maximum (no score-dependent branch). The k-th largest block
    maximum tau bounds the k-th best score from below, so pass 2 rescores only the blocks whose maximum
    reaches tau (about k per row) and inserts their events scoring >= tau into a sorted list. Blocks and
    events are visited in increasing index and an equal score never displaces a kept one: ties go to the
@@ -37,12 +38,24 @@
 #include <immintrin.h>
 #endif
 
-#define NV 8           /* 8-lane vectors per step: the accumulators stay in registers */
-#define SUB (8 * NV)   /* events scored per step */
+#define SUB 64        /* events per block: scored in one step, their accumulators in registers */
 #define MAX_THREADS 64
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* Scoring vectors: 16 lanes where the target has AVX-512 (twice the multiply-adds per instruction;
+   32 registers), else 8. The block layout and each score's arithmetic do not depend on the width. */
+#ifdef __AVX512F__
+#define VW 16
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vfi __attribute__((vector_size(64)));
+#else
+#define VW 8
+typedef v8 vf;
+typedef v8i vfi;
+#endif
+#define NV (SUB / VW)  /* scoring vectors per block */
 
 typedef struct {
     const float *q;          /* [R, d] */
@@ -85,6 +98,24 @@ static inline v8 vmax(v8 a, v8 b) {   /* NaN never reaches here: such rows are f
 #endif
 }
 
+/* Lanes of a scoring vector that are >= t and above -inf (masked events) -> bits. */
+static inline uint32_t lanes_ge(vf a, vf t) {
+#ifdef __AVX512F__
+    return _mm512_cmp_ps_mask((__m512)a, (__m512)t, _CMP_GE_OQ) &
+           _mm512_cmp_ps_mask((__m512)a, _mm512_set1_ps(-INFINITY), _CMP_GT_OQ);
+#else
+    return mask8((a >= t) & (a > -INFINITY));
+#endif
+}
+
+static inline vf vfmax(vf a, vf b) {
+#ifdef __AVX512F__
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#else
+    return vmax(a, b);
+#endif
+}
+
 static inline float hmax(v8 a) {
 #ifdef __AVX__
     __m128 m = _mm_max_ps(_mm256_castps256_ps128((__m256)a), _mm256_extractf128_ps((__m256)a, 1));
@@ -95,6 +126,14 @@ static inline float hmax(v8 a) {
     float b = a[0];
     for (int t = 1; t < 8; t++) b = a[t] > b ? a[t] : b;
     return b;
+#endif
+}
+
+static inline float hfmax(vf a) {
+#ifdef __AVX512F__
+    return _mm512_reduce_max_ps((__m512)a);
+#else
+    return hmax(a);
 #endif
 }
 
@@ -181,25 +220,69 @@ static void load_blocks(const call_t *c, const float *keys, int64_t n, int64_t b
 /* Scores of block Tb's SUB events for query q: acc[v] lane t = event 8 v + t of the block; lanes at or
    past `left` (events left in the history) are -inf. The one place scores are computed, so both
    passes see bit-identical values. */
-static inline void score_block(const float *Tb, int64_t left, const float *q, int d, v8 acc[NV]) {
-    for (int v = 0; v < NV; v++) acc[v] = (v8){0};
+static inline void score_block(const float *Tb, int64_t left, const float *q, int d, vf acc[NV]) {
+    for (int v = 0; v < NV; v++) acc[v] = (vf){0};
     for (int j = 0; j < d; j++) {
         float qj = q[j];
         const float *row = Tb + j * SUB;
         for (int v = 0; v < NV; v++) {
-            v8 x;
-            memcpy(&x, row + 8 * v, sizeof x);
+            vf x;
+            memcpy(&x, row + VW * v, sizeof x);
             acc[v] += qj * x;
         }
     }
     if (left < SUB) {
-        const v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        vfi lane;
+        for (int t = 0; t < VW; t++) lane[t] = t;
         for (int v = 0; v < NV; v++) {
-            v8i keep = (lane + (int32_t)(8 * v)) < (int32_t)left;
-            acc[v] = (v8)(((v8i)acc[v] & keep) | ((v8i)((v8){0} - INFINITY) & ~keep));
+            vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
+            acc[v] = (vf)(((vfi)acc[v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
         }
     }
 }
+
+/* Scratch floats for the k-th largest block maximum of a row of nbp (padded) maxima. */
+static inline int64_t kth_floats(int64_t nbp) { return 2 * (nbp + 16); }
+
+#ifdef __AVX512F__
+/* The k-th largest of a[0..m) (0 < k <= m), a left unchanged; buf holds kth_floats(m) floats. Each
+   round counts the values above and below a pivot (median of 3) with vector compares, then compresses
+   the side holding the answer into the other half of buf: no branch on the data, 16 values per step
+   (the scalar partition below took a third of pass 2). */
+static float kth_largest_v(const float *a, int m, int k, float *buf) {
+    const int half = m + 16;   /* a full-vector store of the compressed lanes may write 15 past the end */
+    int want = k - 1;
+    for (;;) {
+        float x = a[0], y = a[m / 2], z = a[m - 1];
+        float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        const __m512 vp = _mm512_set1_ps(p);
+        int above = 0, below = 0;
+        for (int i = 0; i < m; i += 16) {
+            __mmask16 in = m - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - i)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(in, a + i);
+            above += __builtin_popcount(_mm512_mask_cmp_ps_mask(in, v, vp, _CMP_GT_OQ));
+            below += __builtin_popcount(_mm512_mask_cmp_ps_mask(in, v, vp, _CMP_LT_OQ));
+        }
+        /* the pivot is one of the values, so each side is smaller than m: the loop ends (a NaN
+           pivot counts nothing on either side and is returned; such rows are redone anyway) */
+        const int keep_above = want < above;
+        if (!keep_above && want < m - below) return p;
+        if (!keep_above) want -= m - below;
+        float *out = a == buf ? buf + half : buf;
+        int j = 0;
+        for (int i = 0; i < m; i += 16) {
+            __mmask16 in = m - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - i)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(in, a + i);
+            __mmask16 side = keep_above ? _mm512_mask_cmp_ps_mask(in, v, vp, _CMP_GT_OQ)
+                                        : _mm512_mask_cmp_ps_mask(in, v, vp, _CMP_LT_OQ);
+            _mm512_storeu_ps(out + j, _mm512_maskz_compress_ps(side, v));
+            j += __builtin_popcount(side);
+        }
+        a = out;
+        m = j;
+    }
+}
+#endif
 
 /* The k-th largest of a[0..m) (0 < k <= m), reordering a. Partitions without data-dependent branches
    (the block maxima are random: a branchy partition mispredicts on every other element). */
@@ -237,6 +320,44 @@ static float kth_largest(float *a, int m, int k) {
     return a[want];
 }
 
+/* Block maxima of QB rows (queries q, q + d, ...) for block Tb. With 32 vector registers (AVX-512) each
+   loaded key vector feeds QB rows' accumulators, so loads no longer bound the multiply-adds; with 16
+   the accumulators of one row fill them. Each score is score_block's multiply-add chain over j, so
+   pass 2 rescoring reproduces these values exactly. */
+#ifdef __AVX512F__
+#define QB 2
+#else
+#define QB 1
+#endif
+static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float out[QB]) {
+    vf acc[QB][NV];
+    for (int u = 0; u < QB; u++)
+        for (int v = 0; v < NV; v++) acc[u][v] = (vf){0};
+    for (int j = 0; j < d; j++) {
+        const float *row = Tb + j * SUB;
+        vf x[NV];
+        for (int v = 0; v < NV; v++) memcpy(&x[v], row + VW * v, sizeof x[v]);
+        for (int u = 0; u < QB; u++) {
+            float qj = q[u * d + j];
+            for (int v = 0; v < NV; v++) acc[u][v] += qj * x[v];
+        }
+    }
+    if (left < SUB) {
+        vfi lane;
+        for (int t = 0; t < VW; t++) lane[t] = t;
+        for (int v = 0; v < NV; v++) {
+            vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
+            for (int u = 0; u < QB; u++)
+                acc[u][v] = (vf)(((vfi)acc[u][v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+        }
+    }
+    for (int u = 0; u < QB; u++) {
+        vf m = acc[u][0];
+        for (int v = 1; v < NV; v++) m = vfmax(m, acc[u][v]);
+        out[u] = hfmax(m);
+    }
+}
+
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
    depends on the scores). */
@@ -246,15 +367,25 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
         load_blocks(c, keys, n, t0, t1, T, check, amax);
-        for (int r = r0; r < r1; r++) {
+        int r = r0;
+        for (; r + QB <= r1; r += QB) {
             const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
-                v8 acc[NV];
+                float m[QB];
+                block_max_rows(T + b * d * SUB, n - b * SUB, q, d, m);
+                for (int u = 0; u < QB; u++) Mr[u * nbp + b] = m[u];
+            }
+        }
+        for (; r < r1; r++) {   /* the rows left over, one at a time */
+            const float *q = c->q + (int64_t)r * d;
+            float *Mr = M + (int64_t)(r - r0) * nbp;
+            for (int64_t b = t0; b < t1; b++) {
+                vf acc[NV];
                 score_block(T + b * d * SUB, n - b * SUB, q, d, acc);
-                v8 m = acc[0];
-                for (int v = 1; v < NV; v++) m = vmax(m, acc[v]);
-                Mr[b] = hmax(m);
+                vf m = acc[0];
+                for (int v = 1; v < NV; v++) m = vfmax(m, acc[v]);
+                Mr[b] = hfmax(m);
             }
         }
     }
@@ -268,7 +399,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
    visited block by block, so a block is read once into L1 for all the rows that need it (rows visiting
    the whole T one by one were bound by L2 reads), and each row still sees its blocks and events in
    increasing index: an equal score never displaces a kept one (ties to the lower index).
-   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [nbp]. */
+   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(nbp)]. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth) {
     const int d = c->d, k = c->k;
@@ -279,8 +410,12 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
         tau[r - r0] = -INFINITY;
         if (nb > k) {
+#ifdef __AVX512F__
+            tau[r - r0] = kth_largest_v(M + (int64_t)(r - r0) * nbp, (int)nb, k, kth);
+#else
             memcpy(kth, M + (int64_t)(r - r0) * nbp, (size_t)nb * sizeof(float));
             tau[r - r0] = kth_largest(kth, (int)nb, k);
+#endif
         }
     }
     /* counting sort of the pairs by block: start[b + 1] counts, then offsets, then fill */
@@ -312,16 +447,14 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const float *q = c->q + (int64_t)r * d;
             float *S = c->out_s + (int64_t)r * k;
             int64_t *I = c->out_i + (int64_t)r * k;
-            const v8 vtau = (v8){0} + tau[r - r0];
-            v8 acc[NV];
+            vf acc[NV];
             score_block(Tb, n - b * SUB, q, d, acc);
             uint64_t lanes = 0;
-            for (int v = 0; v < NV; v++)
-                lanes |= (uint64_t)mask8((acc[v] >= vtau) & (acc[v] > -INFINITY)) << (8 * v);
+            for (int v = 0; v < NV; v++) lanes |= (uint64_t)lanes_ge(acc[v], (vf){0} + tau[r - r0]) << (VW * v);
             while (lanes) {
                 int e = __builtin_ctzll(lanes);
                 lanes &= lanes - 1;
-                float s = acc[e >> 3][e & 7];
+                float s = acc[e / VW][e % VW];
                 if (s > S[k - 1]) insert(S, I, k, s, b * SUB + e);
             }
         }
@@ -379,7 +512,7 @@ static void run_part(call_t *c, int t) {
         /* this worker's rows index the shared tau and pairs, so their size does not depend on the team's */
         const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
         float *kth = (float *)mine;
-        int32_t *start = (int32_t *)(kth + nbp);
+        int32_t *start = (int32_t *)(kth + kth_floats(nbp));
         if (r0 < r1)
             pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
@@ -387,7 +520,7 @@ static void run_part(call_t *c, int t) {
         /* One history per row: the workers split the rows; each transposes and scans its rows'
            histories one by one in its own scratch. */
         const int64_t nbp = c->nbp;
-        float *tau = (float *)mine, *kth = tau + 8, *M = kth + nbp;
+        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp);
         int32_t *start = (int32_t *)(M + nbp), *rows = start + align8(nbp + 1);
         float *T = (float *)(rows + nbp);
         for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
@@ -431,7 +564,7 @@ static int forked;
 static void mark_forked(void) { forked = 1; }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
-/* Returns 0, or 1 when memory could not be had. */
+/* Returns the number of rows flagged bad (the caller redoes them), or -1 when memory could not be had. */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                 const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
     if (R <= 0) return 0;
@@ -448,12 +581,12 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     size_t shared = 0;
     if (key_row_stride == 0) {   /* T, M, tau, pairs shared; per worker: kth, start (see run_part) */
         shared = t_bytes + 2 * m_bytes + tau_bytes;
-        c.ws_stride = align64((size_t)(nbp + align8(nbp + 1)) * 4);
+        c.ws_stride = align64((size_t)(kth_floats(nbp) + align8(nbp + 1)) * 4);
     } else {                     /* per worker: tau, kth, M, start, rows, T */
-        c.ws_stride = align64((size_t)(8 + 2 * nbp + align8(nbp + 1) + nbp) * 4) + t_bytes;
+        c.ws_stride = align64((size_t)(8 + kth_floats(nbp) + nbp + align8(nbp + 1) + nbp) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
-    if (ws == NULL) return 1;
+    if (ws == NULL) return -1;
     c.T = (float *)ws;
     c.M = (float *)(ws + t_bytes);
     c.pairs = (int32_t *)(ws + t_bytes + m_bytes);
@@ -473,5 +606,7 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     }
     }
     if (ws != kept_ws) free(ws);
-    return 0;
+    int n_bad = 0;
+    for (int r = 0; r < R; r++) n_bad += bad[r];
+    return n_bad;
 }

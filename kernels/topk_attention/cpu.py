@@ -51,14 +51,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RECSYS_KERNEL_CACHE") or Path.home() / ".cache" / "recsys" / "kernels")
 
 
-def build() -> Path:
-    """Compile cpu.c for this machine (or find the cached build) -> the shared library's path."""
+def build(extra_flags: Sequence[str] = ()) -> Path:
+    """Compile cpu.c for this machine (or find the cached build) -> the shared library's path.
+    `extra_flags` narrow the target for tests (`-mno-avx512f` builds the 8-lane variant that CPUs
+    without AVX-512 run)."""
+    flags = [*FLAGS, *extra_flags]
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH; set CC")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     tag = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()
+        SOURCE.read_bytes() + " ".join(flags).encode() + version.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     out = cache_dir() / f"topk_{tag}.so"
     if out.exists():
@@ -66,18 +69,18 @@ def build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        res = subprocess.run([cc, *FLAGS, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE} failed:\n{res.stderr[-2000:]}")
         os.replace(so, out)  # atomic: a concurrent builder's identical file is replaced whole
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _lib():
-    """The loaded kernel, or None (logged once) when it cannot be built here."""
+@functools.lru_cache(maxsize=None)
+def load(extra_flags: tuple[str, ...] = ()):
+    """The kernel built with FLAGS + extra_flags, loaded; None (logged once) when it cannot be built here."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(extra_flags)))
     except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
         log.warning("fused CPU top-k kernel unavailable, using the torch path: %s", e)
         return None
@@ -87,8 +90,17 @@ def _lib():
     return lib
 
 
+def _lib():
+    return load()
+
+
 def available() -> bool:
     return _lib() is not None
+
+
+@functools.lru_cache(maxsize=256)
+def _scale(d: int, segments: tuple[int, ...] | None) -> torch.Tensor:
+    return segment_scale(d, segments)
 
 
 def _threads(rows: int, work: int) -> int:
@@ -118,30 +130,35 @@ def topk_fused(
     if query.dim() != 2 or keys.shape[-1] != d or (not serving and (keys.dim() != 3 or keys.shape[0] != query.shape[0])):
         raise ValueError(f"query {tuple(query.shape)} must be [rows, d] with keys [L, d] or [rows, L, d], got keys {tuple(keys.shape)}")
     R, L = query.shape[0], keys.shape[-2]
-    n = torch.as_tensor(lengths).reshape(-1).to(torch.int64)
-    if serving:  # one history, one length: the kernel reads the first row's
-        if n.numel() > 1 and not bool((n == n[0]).all()):
-            raise ValueError("serving layout (keys [L, d]) takes one length for the shared history")
-        n = n[:1].expand(R) if n.numel() else n
-    if n.numel() != R:
-        raise ValueError(f"lengths has {n.numel()} entries, expected {'1' if serving else R}")
-    n = n.clamp(0, L).contiguous()
-    q = (query.float() * segment_scale(d, segments)).contiguous()        # the reference's scaling
+    if serving:  # one history, one length: the kernel reads one
+        if not isinstance(lengths, int):
+            lens = torch.as_tensor(lengths).reshape(-1)
+            if lens.numel() == 0 or not bool((lens == lens[0]).all()):
+                raise ValueError("serving layout (keys [L, d]) takes one length for the shared history")
+            lengths = int(lens[0])
+        n = torch.tensor([min(max(lengths, 0), L)], dtype=torch.int64)
+    else:
+        n = torch.as_tensor(lengths).reshape(-1).to(torch.int64)
+        if n.numel() != R:
+            raise ValueError(f"lengths has {n.numel()} entries, expected {R}")
+        n = n.clamp(0, L).contiguous()
+    q = (query.float() * _scale(d, None if segments is None else tuple(segments))).contiguous()  # the reference's
     x = keys if keys.dtype == torch.float32 else keys.float()
     if not serving and x.stride(0) == 0:
         x = x.contiguous()
     scores = torch.empty(R, k, dtype=torch.float32)
     idx = torch.empty(R, k, dtype=torch.int64)
-    bad = torch.zeros(R, dtype=torch.uint8)
+    bad = torch.empty(R, dtype=torch.uint8)  # every row's flag is written
+    n_bad = 0
     if R:
-        rc = lib.topk_search(
+        n_bad = lib.topk_search(
             q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
             n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr(),
             _threads(R, R * L * d),
         )
-        if rc != 0:
-            raise MemoryError("topk_search: out of memory or threads")
-    if bool(bad.any()):  # non-finite inputs (rare): the reference's stable sort decides where they go
+        if n_bad < 0:
+            raise MemoryError("topk_search: out of memory")
+    if n_bad:  # non-finite inputs (rare): the reference's stable sort decides where they go
         rows = bad.nonzero().flatten()
         sub_keys = keys if serving else keys[rows]
         sub_len = int(n[0]) if serving else n[rows]
