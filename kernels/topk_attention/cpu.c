@@ -72,6 +72,10 @@ typedef struct {
     float *M;                /* shared history: [R][nbp] block maxima */
     float *tau;              /* shared history: [R] pass-2 thresholds */
     int32_t *pairs;          /* shared history: [R][nbp] pass-2 (block, row) pairs, a row range per worker */
+    float *cs;               /* shared history: [R][cap] pass-2 candidate scores */
+    int32_t *ci;             /* shared history: [R][cap] their indices */
+    int32_t *cnt;            /* shared history: [R] candidates per row */
+    int cap;                 /* candidates a row holds: see pass2 */
     int64_t nbp;             /* blocks of the longest history, padded to a multiple of 8 */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
@@ -135,21 +139,6 @@ static inline float hfmax(vf a) {
 #else
     return hmax(a);
 #endif
-}
-
-/* Insert score s (finite, above s[k - 1]) of an event whose index is above every kept index: walk up
-   from the bottom, moving lower scores down; an equal score kept earlier has the lower index and
-   stays ahead. Scalar on purpose: a vector count over the list just written by the previous insert
-   stalls on store forwarding, and a heap's sift mispredicts on every level. */
-static void insert(float *S, int64_t *I, int k, float s, int64_t i) {
-    int p = k - 1;
-    while (p > 0 && S[p - 1] < s) {
-        S[p] = S[p - 1];
-        I[p] = I[p - 1];
-        p--;
-    }
-    S[p] = s;
-    I[p] = i;
 }
 
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
@@ -282,8 +271,7 @@ static float kth_largest_v(const float *a, int m, int k, float *buf) {
         m = j;
     }
 }
-#endif
-
+#else
 /* The k-th largest of a[0..m) (0 < k <= m), reordering a. Partitions without data-dependent branches
    (the block maxima are random: a branchy partition mispredicts on every other element). */
 static float kth_largest(float *a, int m, int k) {
@@ -319,16 +307,19 @@ static float kth_largest(float *a, int m, int k) {
     }
     return a[want];
 }
+#endif
 
 /* Block maxima of QB rows (queries q, q + d, ...) for block Tb. With 32 vector registers (AVX-512) each
    loaded key vector feeds QB rows' accumulators, so loads no longer bound the multiply-adds; with 16
    the accumulators of one row fill them. Each score is score_block's multiply-add chain over j, so
-   pass 2 rescoring reproduces these values exactly. */
+   pass 2 rescoring reproduces these values exactly. (With 16 registers, QB = 1 here would hold 8 loaded
+   vectors and 8 accumulators at once and spill: 6x slower than score_block's load-as-you-go loop.) */
 #ifdef __AVX512F__
 #define QB 2
 #else
 #define QB 1
 #endif
+#if QB > 1
 static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float out[QB]) {
     vf acc[QB][NV];
     for (int u = 0; u < QB; u++)
@@ -357,6 +348,7 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
         out[u] = hfmax(m);
     }
 }
+#endif
 
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
@@ -368,6 +360,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
         load_blocks(c, keys, n, t0, t1, T, check, amax);
         int r = r0;
+#if QB > 1
         for (; r + QB <= r1; r += QB) {
             const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
@@ -377,6 +370,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
                 for (int u = 0; u < QB; u++) Mr[u * nbp + b] = m[u];
             }
         }
+#endif
         for (; r < r1; r++) {   /* the rows left over, one at a time */
             const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
@@ -391,23 +385,70 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
     }
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* compress8[mask] lists the set lanes of an 8-bit mask first: a permutation that packs them (AVX2 has no
+   compress instruction). Filled when the library loads. */
+static int32_t compress8[256][8];
+__attribute__((constructor)) static void fill_compress8(void) {
+    for (int m = 0; m < 256; m++)
+        for (int t = 0, j = 0; t < 8; t++)
+            if (m >> t & 1) compress8[m][j++] = t;
+}
+#endif
+
+/* Candidate slots per row: compaction keeps at most k, a block adds at most SUB, and a full-vector store of
+   compressed lanes may write VW past the count. */
+static inline int cand_cap(int k) { return (k + 15) / 16 * 16 + SUB + 16; }
+
+/* rank[i] = place of candidate i in the order (score desc, index asc); candidates are in index order. */
+static void rank_candidates(const float *s, int m, int32_t *rank) {
+    for (int i = 0; i < m; i++) {
+        const float si = s[i];
+        int r = 0;
+        for (int j = 0; j < i; j++) r += s[j] >= si;   /* ties: the lower index goes first */
+        for (int j = i + 1; j < m; j++) r += s[j] > si;
+        rank[i] = r;
+    }
+}
+
+/* Keep the best k of m (> k) candidates, in index order, and raise the row's threshold above the k-th
+   best: an equal score arriving later has a higher index and cannot enter. Returns k. */
+static int keep_best(float *cs, int32_t *ci, int m, int k, int32_t *rank, float *tau) {
+    rank_candidates(cs, m, rank);
+    int w = 0;
+    float kth = -INFINITY;
+    for (int i = 0; i < m; i++) {
+        if (rank[i] == k - 1) kth = cs[i];
+        if (rank[i] < k) {
+            cs[w] = cs[i];
+            ci[w] = ci[i];
+            w++;
+        }
+    }
+    const float above = nextafterf(kth, INFINITY);
+    *tau = above > *tau ? above : *tau;
+    return w;
+}
+
 /* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp, nb blocks, -inf padded to nbp, a
    multiple of 8). tau_r = the k-th largest block maximum of row r: k blocks hold an event scoring >=
    tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a block whose maximum
    reaches tau_r. Only those blocks (about k per row) are rescored (same arithmetic, same values) and
-   their events scoring >= tau_r inserted into the row's sorted list. The (block, row) pairs are
-   visited block by block, so a block is read once into L1 for all the rows that need it (rows visiting
-   the whole T one by one were bound by L2 reads), and each row still sees its blocks and events in
-   increasing index: an equal score never displaces a kept one (ties to the lower index).
-   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(nbp)]. */
+   their events scoring >= tau_r appended to the row's candidates (about k + 1 per row; when the slots
+   fill up, the best k are kept and tau_r raised). The (block, row) pairs are visited block by block, so
+   a block is read once into L1 for all the rows that need it (rows visiting the whole T one by one were
+   bound by L2 reads), and each row appends in increasing index. At the end each row's candidates are
+   ranked (score desc, index asc: ties to the lower index) and the first k written: a sorted list with an
+   insert per candidate was 60% of this pass (a mispredicted branch and a store-forwarding stall each).
+   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(nbp)], cs and ci
+   [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, int64_t nbp,
-                  float *tau, int32_t *start, int32_t *rows, float *kth) {
-    const int d = c->d, k = c->k;
+                  float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
+                  int32_t *rank) {
+    const int d = c->d, k = c->k, cap = c->cap;
     const int64_t nb = (n + SUB - 1) / SUB;
     for (int r = r0; r < r1; r++) {
-        float *S = c->out_s + (int64_t)r * k;
-        int64_t *I = c->out_i + (int64_t)r * k;
-        for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
+        cnt[r - r0] = 0;
         tau[r - r0] = -INFINITY;
         if (nb > k) {
 #ifdef __AVX512F__
@@ -443,21 +484,50 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
     for (int64_t b = 0, p = 0; b < nb; b++) {
         const float *Tb = T + b * d * SUB;
         for (; p < start[b]; p++) {
-            const int r = rows[p];
-            const float *q = c->q + (int64_t)r * d;
-            float *S = c->out_s + (int64_t)r * k;
-            int64_t *I = c->out_i + (int64_t)r * k;
+            const int i = rows[p] - r0;
+            float *s = cs + (int64_t)i * cap;
+            int32_t *e = ci + (int64_t)i * cap;
+            if (cnt[i] > cap - SUB - 16) cnt[i] = keep_best(s, e, cnt[i], k, rank, &tau[i]);
             vf acc[NV];
-            score_block(Tb, n - b * SUB, q, d, acc);
-            uint64_t lanes = 0;
-            for (int v = 0; v < NV; v++) lanes |= (uint64_t)lanes_ge(acc[v], (vf){0} + tau[r - r0]) << (VW * v);
-            while (lanes) {
-                int e = __builtin_ctzll(lanes);
-                lanes &= lanes - 1;
-                float s = acc[e / VW][e % VW];
-                if (s > S[k - 1]) insert(S, I, k, s, b * SUB + e);
+            score_block(Tb, n - b * SUB, c->q + (int64_t)rows[p] * d, d, acc);
+            const vf vt = (vf){0} + tau[i];
+            int m = cnt[i];
+            for (int v = 0; v < NV; v++) {
+                uint32_t lanes = lanes_ge(acc[v], vt);
+                const int32_t first = (int32_t)(b * SUB + VW * v);
+#ifdef __AVX512F__
+                _mm512_storeu_ps(s + m, _mm512_maskz_compress_ps((__mmask16)lanes, (__m512)acc[v]));
+                _mm512_storeu_si512(e + m, _mm512_maskz_compress_epi32(
+                    (__mmask16)lanes, _mm512_add_epi32(_mm512_set1_epi32(first),
+                                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))));
+                m += __builtin_popcount(lanes);
+#elif defined(__AVX2__)
+                const __m256i perm = _mm256_loadu_si256((const __m256i *)compress8[lanes]);
+                _mm256_storeu_ps(s + m, _mm256_permutevar8x32_ps((__m256)acc[v], perm));
+                _mm256_storeu_si256((__m256i *)(e + m), _mm256_add_epi32(_mm256_set1_epi32(first), perm));
+                m += __builtin_popcount(lanes);
+#else
+                for (; lanes; lanes &= lanes - 1, m++) {
+                    const int t = __builtin_ctz(lanes);
+                    s[m] = acc[v][t];
+                    e[m] = first + t;
+                }
+#endif
             }
+            cnt[i] = m;
         }
+    }
+    for (int r = r0; r < r1; r++) {
+        const int i = r - r0, m = cnt[i];
+        float *S = c->out_s + (int64_t)r * k;
+        int64_t *I = c->out_i + (int64_t)r * k;
+        for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
+        rank_candidates(cs + (int64_t)i * cap, m, rank);
+        for (int j = 0; j < m; j++)
+            if (rank[j] < k) {
+                S[rank[j]] = cs[(int64_t)i * cap + j];
+                I[rank[j]] = ci[(int64_t)i * cap + j];
+            }
     }
 }
 
@@ -512,17 +582,21 @@ static void run_part(call_t *c, int t) {
         /* this worker's rows index the shared tau and pairs, so their size does not depend on the team's */
         const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
         float *kth = (float *)mine;
-        int32_t *start = (int32_t *)(kth + kth_floats(nbp));
+        int32_t *start = (int32_t *)(kth + kth_floats(nbp)), *rank = start + align8(nbp + 1);
+        const int64_t cap = c->cap;
         if (r0 < r1)
-            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth);
+            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
+                  c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
         /* One history per row: the workers split the rows; each transposes and scans its rows'
            histories one by one in its own scratch. */
         const int64_t nbp = c->nbp;
-        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp);
-        int32_t *start = (int32_t *)(M + nbp), *rows = start + align8(nbp + 1);
-        float *T = (float *)(rows + nbp);
+        const int64_t cap = c->cap;
+        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp), *cs = M + nbp;
+        int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
+        int32_t *cnt = rank + cap;
+        float *T = (float *)(cnt + 16);
         for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
             const int64_t n = c->n[r], nb = blocks_of(n);
             for (int64_t b = nb; b < padded8(nb); b++) M[b] = -INFINITY;
@@ -532,7 +606,7 @@ static void run_part(call_t *c, int t) {
             int x_ok;
             float xmax;
             reduce_check(check, amax, &x_ok, &xmax);
-            pass2(c, r, r + 1, n, T, M, nbp, tau, start, rows, kth);
+            pass2(c, r, r + 1, n, T, M, nbp, tau, start, rows, kth, cs, ci, cnt, rank);
             flag_row(c, r, x_ok, xmax);
         }
     }
@@ -564,7 +638,8 @@ static int forked;
 static void mark_forked(void) { forked = 1; }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
-/* Returns the number of rows flagged bad (the caller redoes them), or -1 when memory could not be had. */
+/* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
+   for a history of 2^31 - 128 events or more. */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                 const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
     if (R <= 0) return 0;
@@ -574,16 +649,19 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     call_t c = {q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads};
     int64_t n_max = 0;
     for (int r = 0; r < (key_row_stride == 0 ? 1 : R); r++) n_max = n[r] > n_max ? n[r] : n_max;
-    const int64_t nb = blocks_of(n_max), nbp = padded8(nb);
+    if (n_max > INT32_MAX - 2 * SUB) return -2;   /* candidate indices are int32 */
+    const int64_t nb = blocks_of(n_max), nbp = padded8(nb), cap = cand_cap(k);
     c.nbp = nbp;
+    c.cap = (int)cap;
     const size_t t_bytes = align64((size_t)nb * d * SUB * sizeof(float));
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
-    if (key_row_stride == 0) {   /* T, M, tau, pairs shared; per worker: kth, start (see run_part) */
-        shared = t_bytes + 2 * m_bytes + tau_bytes;
-        c.ws_stride = align64((size_t)(kth_floats(nbp) + align8(nbp + 1)) * 4);
-    } else {                     /* per worker: tau, kth, M, start, rows, T */
-        c.ws_stride = align64((size_t)(8 + kth_floats(nbp) + nbp + align8(nbp + 1) + nbp) * 4) + t_bytes;
+    const size_t c_bytes = align64((size_t)R * cap * 4);
+    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, cnt shared; per worker: kth, start, rank (see run_part) */
+        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes;
+        c.ws_stride = align64((size_t)(kth_floats(nbp) + align8(nbp + 1) + cap) * 4);
+    } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, T */
+        c.ws_stride = align64((size_t)(8 + kth_floats(nbp) + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;
@@ -591,6 +669,9 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.M = (float *)(ws + t_bytes);
     c.pairs = (int32_t *)(ws + t_bytes + m_bytes);
     c.tau = (float *)(ws + t_bytes + 2 * m_bytes);
+    c.cnt = (int32_t *)(ws + t_bytes + 2 * m_bytes + tau_bytes);
+    c.cs = (float *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes);
+    c.ci = (int32_t *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes + c_bytes);
     c.ws = ws + shared;
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */

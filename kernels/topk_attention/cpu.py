@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
+LIBS = ["-lm"]
 MAX_K = 4096  # the kept lists live in the workspace, so any k works; this bounds a mistaken argument
 
 
@@ -61,7 +62,7 @@ def build(extra_flags: Sequence[str] = ()) -> Path:
         raise RuntimeError("no C compiler (cc/gcc) on PATH; set CC")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     tag = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(flags).encode() + version.encode() + _cpu_signature().encode()
+        SOURCE.read_bytes() + " ".join(flags + LIBS).encode() + version.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     out = cache_dir() / f"topk_{tag}.so"
     if out.exists():
@@ -69,7 +70,7 @@ def build(extra_flags: Sequence[str] = ()) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         so = Path(tmp) / out.name
-        res = subprocess.run([cc, *flags, "-o", str(so), str(SOURCE)], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, "-o", str(so), str(SOURCE), *LIBS], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"compiling {SOURCE} failed:\n{res.stderr[-2000:]}")
         os.replace(so, out)  # atomic: a concurrent builder's identical file is replaced whole
@@ -156,6 +157,8 @@ def topk_fused(
             n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr(),
             _threads(R, R * L * d),
         )
+        if n_bad == -2:
+            raise ValueError(f"topk_fused takes histories shorter than 2^31 - 128 events, got {int(n.max())}")
         if n_bad < 0:
             raise MemoryError("topk_search: out of memory")
     if n_bad:  # non-finite inputs (rare): the reference's stable sort decides where they go
