@@ -396,9 +396,10 @@ __attribute__((constructor)) static void fill_compress8(void) {
 }
 #endif
 
-/* Candidate slots per row: compaction keeps at most k, a block adds at most SUB, and a full-vector store of
-   compressed lanes may write VW past the count. */
-static inline int cand_cap(int k) { return (k + 15) / 16 * 16 + SUB + 16; }
+/* Candidate slots per row: a row is compacted to its best k once it holds more than 2 k' (k' = k rounded
+   up to 16), so each compaction (linear in the count) is paid for by >= k' appends; a block adds at most
+   SUB, and a full-vector store of compressed lanes may write VW past the count. */
+static inline int cand_cap(int k) { return 2 * ((k + 15) / 16 * 16) + SUB + 16; }
 
 /* rank[i] = place of candidate i in the order (score desc, index asc); candidates are in index order. */
 static void rank_candidates(const float *s, int m, int32_t *rank) {
@@ -412,20 +413,27 @@ static void rank_candidates(const float *s, int m, int32_t *rank) {
 }
 
 /* Keep the best k of m (> k) candidates, in index order, and raise the row's threshold above the k-th
-   best: an equal score arriving later has a higher index and cannot enter. Returns k. */
-static int keep_best(float *cs, int32_t *ci, int m, int k, int32_t *rank, float *tau) {
-    rank_candidates(cs, m, rank);
+   best: an equal score arriving later has a higher index and cannot enter. Linear in m: the k-th largest
+   score t by selection, then one pass keeps every score above t and the first k - #(above t) equal to it.
+   sel: kth_floats(m) floats of scratch. Returns k. */
+static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *tau) {
+#ifdef __AVX512F__
+    const float t = kth_largest_v(cs, m, k, sel);
+#else
+    memcpy(sel, cs, (size_t)m * sizeof(float));
+    const float t = kth_largest(sel, m, k);
+#endif
+    int ties = k;
+    for (int i = 0; i < m; i++) ties -= cs[i] > t;
     int w = 0;
-    float kth = -INFINITY;
-    for (int i = 0; i < m; i++) {
-        if (rank[i] == k - 1) kth = cs[i];
-        if (rank[i] < k) {
-            cs[w] = cs[i];
-            ci[w] = ci[i];
-            w++;
-        }
+    for (int i = 0; i < m; i++) {   /* branch-free compaction: w <= i, so the writes never overtake the reads */
+        const int eq = cs[i] == t, keep = (cs[i] > t) | (eq & (ties > 0));
+        ties -= eq & keep;
+        cs[w] = cs[i];
+        ci[w] = ci[i];
+        w += keep;
     }
-    const float above = nextafterf(kth, INFINITY);
+    const float above = nextafterf(t, INFINITY);
     *tau = above > *tau ? above : *tau;
     return w;
 }
@@ -440,8 +448,8 @@ static int keep_best(float *cs, int32_t *ci, int m, int k, int32_t *rank, float 
    bound by L2 reads), and each row appends in increasing index. At the end each row's candidates are
    ranked (score desc, index asc: ties to the lower index) and the first k written: a sorted list with an
    insert per candidate was 60% of this pass (a mispredicted branch and a store-forwarding stall each).
-   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(nbp)], cs and ci
-   [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
+   Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
+   and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
@@ -487,7 +495,7 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const int i = rows[p] - r0;
             float *s = cs + (int64_t)i * cap;
             int32_t *e = ci + (int64_t)i * cap;
-            if (cnt[i] > cap - SUB - 16) cnt[i] = keep_best(s, e, cnt[i], k, rank, &tau[i]);
+            if (cnt[i] > cap - SUB - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
             vf acc[NV];
             score_block(Tb, n - b * SUB, c->q + (int64_t)rows[p] * d, d, acc);
             const vf vt = (vf){0} + tau[i];
@@ -518,10 +526,12 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         }
     }
     for (int r = r0; r < r1; r++) {
-        const int i = r - r0, m = cnt[i];
+        const int i = r - r0;
         float *S = c->out_s + (int64_t)r * k;
         int64_t *I = c->out_i + (int64_t)r * k;
         for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
+        if (cnt[i] > k) cnt[i] = keep_best(cs + (int64_t)i * cap, ci + (int64_t)i * cap, cnt[i], k, kth, &tau[i]);
+        const int m = cnt[i];
         rank_candidates(cs + (int64_t)i * cap, m, rank);
         for (int j = 0; j < m; j++)
             if (rank[j] < k) {
@@ -581,9 +591,9 @@ static void run_part(call_t *c, int t) {
         }
         /* this worker's rows index the shared tau and pairs, so their size does not depend on the team's */
         const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
-        float *kth = (float *)mine;
-        int32_t *start = (int32_t *)(kth + kth_floats(nbp)), *rank = start + align8(nbp + 1);
         const int64_t cap = c->cap;
+        float *kth = (float *)mine;
+        int32_t *start = (int32_t *)(kth + kth_floats(nbp > cap ? nbp : cap)), *rank = start + align8(nbp + 1);
         if (r0 < r1)
             pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
@@ -593,7 +603,7 @@ static void run_part(call_t *c, int t) {
            histories one by one in its own scratch. */
         const int64_t nbp = c->nbp;
         const int64_t cap = c->cap;
-        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp), *cs = M + nbp;
+        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp > cap ? nbp : cap), *cs = M + nbp;
         int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
         int32_t *cnt = rank + cap;
         float *T = (float *)(cnt + 16);
@@ -659,9 +669,9 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     const size_t c_bytes = align64((size_t)R * cap * 4);
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, cnt shared; per worker: kth, start, rank (see run_part) */
         shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes;
-        c.ws_stride = align64((size_t)(kth_floats(nbp) + align8(nbp + 1) + cap) * 4);
+        c.ws_stride = align64((size_t)(kth_floats(nbp > cap ? nbp : cap) + align8(nbp + 1) + cap) * 4);
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, T */
-        c.ws_stride = align64((size_t)(8 + kth_floats(nbp) + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
+        c.ws_stride = align64((size_t)(8 + kth_floats(nbp > cap ? nbp : cap) + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;
