@@ -1,12 +1,15 @@
 """Backend choice for top-k search: the Triton kernel for CUDA tensors; on CPU the measured winner per layout.
 
-CPU, from benchmarks/topk_search.py and the training-layout figures in docs/kernels.md:
+CPU, from benchmarks/retrieval.py (figures in docs/kernels.md):
 - one shared history and at least FUSED_MIN_ROWS queries (serving): `kernels/topk_attention/cpu.c`
-  (`topk_fused`), 2.2x to 9x faster than the best torch path at C = 200;
-- otherwise the exact torch paths: `retrieval.serving.topk_shared` for a shared history with few queries
-  (the fused kernel transposes the whole history for them: at C = 1 it loses at d = 64 or L = 100k), and
-  `retrieval.cpu.topk_chunked` for the training layout (one history per query: the fused kernel's
-  per-row transpose makes it 2x slower at d = 32, L = 2,698), and wherever the kernel cannot be built.
+  (`topk_fused`), 2.8x to 6x faster than the best exact torch path at C = 200;
+- one shared history and fewer queries: the fused kernel while the history is small (L * d <=
+  FUSED_MAX_FEW: its transpose of the whole history is cheap; at C = 1 it beats every torch path at
+  L = 1k and at L = 10k, d = 16), else `retrieval.cpu.topk_blocked` (one matmul, block pruning: the
+  fastest exact torch path at L = 100k, and within 1.4x of the best at L = 10k, d = 64);
+- one history per query (training): `retrieval.cpu.topk_chunked` (the fused kernel transposes each
+  row's history for one query: 1.7x slower at d = 32, L = 2,698; at d = 16 the two are within 10%);
+- `retrieval.serving.topk_shared` for a shared history wherever the kernel cannot be built.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from typing import Sequence
 import torch
 
 from kernels.topk_attention import cpu as fused
-from retrieval.cpu import topk_chunked
+from retrieval.cpu import topk_blocked, topk_chunked
 from retrieval.serving import topk_shared
 
 FUSED_MIN_ROWS = 8
+FUSED_MAX_FEW = 2**18   # L * d up to which the fused kernel also serves fewer than FUSED_MIN_ROWS queries
 
 
 @torch.no_grad()
@@ -48,8 +52,11 @@ def topk(
 
         return topk_triton(query, keys, lengths, k, segments)
     shared = keys.dim() == 2 and query.dim() == 2 and torch.as_tensor(lengths).numel() == 1
-    if shared and query.shape[0] >= FUSED_MIN_ROWS and fused.available():
+    if not shared:
+        return topk_chunked(query, keys, lengths, k, segments)
+    many = query.shape[0] >= FUSED_MIN_ROWS
+    if fused.available() and (many or keys.shape[0] * keys.shape[1] <= FUSED_MAX_FEW):
         return fused.topk_fused(query, keys, lengths, k, segments)
-    if shared:
-        return topk_shared(query, keys[: max(0, min(int(lengths), keys.shape[0]))], k, segments)
-    return topk_chunked(query, keys, lengths, k, segments)
+    if fused.available():
+        return topk_blocked(query, keys, int(torch.as_tensor(lengths)), k, segments)
+    return topk_shared(query, keys[: max(0, min(int(lengths), keys.shape[0]))], k, segments)

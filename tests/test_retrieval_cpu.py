@@ -91,8 +91,8 @@ def test_bad_lengths_are_named():
     serving=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
-    """Up to 6 queries: the training layout and a few serving candidates both go to the exact torch paths.
-    Integer inputs and scales 1/sqrt(d) that are powers of two make every score exact in any summation order
+    """Up to 6 queries: the training layout (exact torch paths) and a few serving candidates against a short
+    history (the fused kernel). Integer inputs and scales 1/sqrt(d) that are powers of two make every score exact in any summation order
     (d = 5 is not: its scores depend on the BLAS kernel's order, which differs between CPUs), so the ties are
     real ties and every path must break them as the reference does."""
     gen = torch.Generator().manual_seed(seed)
@@ -105,17 +105,20 @@ def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
 
 
 def test_dispatch_picks_the_measured_winner_per_layout():
-    """Serving with many candidates: the fused kernel; few candidates or one history per query: the torch
-    paths (docs/kernels.md has the figures behind the choice). Each must return its backend's own answer."""
+    """Serving with many candidates, or few against a small history: the fused kernel; few candidates against
+    a long history, or one history per query: the torch paths (docs/kernels.md has the figures behind the
+    choice). Each must return its backend's own answer."""
     from kernels.topk_attention.cpu import topk_fused
-    from retrieval.dispatch import FUSED_MIN_ROWS
-    from retrieval.serving import topk_shared
+    from retrieval.cpu import topk_blocked
+    from retrieval.dispatch import FUSED_MAX_FEW, FUSED_MIN_ROWS
 
     gen = torch.Generator().manual_seed(5)
     keys = torch.randn(3_000, 16, generator=gen)
+    long_keys = torch.randn(FUSED_MAX_FEW // 16 + 1, 16, generator=gen)
     many, few = torch.randn(FUSED_MIN_ROWS, 16, generator=gen), torch.randn(2, 16, generator=gen)
     for got, want in [(retrieval.topk(many, keys, 2_990, 20), topk_fused(many, keys, 2_990, 20)),
-                      (retrieval.topk(few, keys, 2_990, 20), topk_shared(few, keys[:2_990], 20))]:
+                      (retrieval.topk(few, keys, 2_990, 20), topk_fused(few, keys, 2_990, 20)),
+                      (retrieval.topk(few, long_keys, 16_000, 20), topk_blocked(few, long_keys, 16_000, 20))]:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     q, hist, n = torch.randn(4, 16, generator=gen), torch.randn(4, 900, 16, generator=gen), torch.tensor([900, 5, 0, 400])
     got, want = retrieval.topk(q, hist, n, 20), topk_chunked(q, hist, n, 20)

@@ -3,9 +3,13 @@
 Serving layout (C candidates sharing one history of L events, d dims, k = 20). For each backend:
 median seconds, the roofline bound max(FLOPs / peak FLOP/s, bytes / peak bytes/s) from this run's own
 large-matmul and large-copy peaks, the fraction bound / median, the speedup over plain matmul + topk,
-and whether its indices equal the exact (reference-tie-order) result.
+and whether its indices equal the exact (reference-tie-order) result. On CPU also the bound against the
+CPU's own fused multiply-add peak at its widest vectors (benchmarks/_fma_peak.c, compiled here): a BLAS
+matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512), and a kernel can then
+beat the matmul "peak". Without --quick, also the training layout (one history per query), which
+retrieval.dispatch sends to the torch paths.
 
-    .venv/bin/python benchmarks/topk_search.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+    .venv/bin/python benchmarks/retrieval.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +67,21 @@ def peaks(device, quick):
     return flops, bw
 
 
+def fma_peak(threads):
+    """fp32 FLOP/s of independent fused multiply-add chains on `threads` threads, or None without a C compiler."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    src = Path(__file__).with_name("_fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+        if subprocess.run([cc, *flags, "-o", str(exe), str(src)], capture_output=True).returncode != 0:
+            return None
+        out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[0])
+
+
 def matmul_topk(query, keys, lengths, k, segments=None):
     """The obvious fast baseline: one matmul, torch.topk. Its tie order is torch's, not the reference's."""
     s = (query.float() * segment_scale(query.shape[-1], segments, query.device)) @ keys.float().T
@@ -99,6 +121,8 @@ def cuda_backends():
 
 def run(device, quick, reps):
     flops_peak, bw_peak = peaks(device, quick)
+    fma = fma_peak(torch.get_num_threads()) if device == "cpu" else None
+    vector_peak = max(flops_peak, fma) if fma else None
     backends = cpu_backends(quick) if device == "cpu" else cuda_backends()
     Ls = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
     ds = [16] if quick else [16, 64]
@@ -113,7 +137,9 @@ def run(device, quick, reps):
                 flops = 2 * C * L * d
                 nbytes = (L * d + C * d) * 4 + C * K * 12  # keys and queries read once, scores + indices written
                 bound = max(flops / flops_peak, nbytes / bw_peak)
-                row = {"L": L, "C": C, "d": d, "k": K, "flops": flops, "bytes": nbytes, "roofline_bound_s": bound}
+                fma_bound = max(flops / vector_peak, nbytes / bw_peak) if vector_peak else None
+                row = {"L": L, "C": C, "d": d, "k": K, "flops": flops, "bytes": nbytes, "roofline_bound_s": bound,
+                       "fma_roofline_bound_s": fma_bound}
                 base = None
                 for name, fn in backends.items():
                     try:
@@ -126,12 +152,38 @@ def run(device, quick, reps):
                     row[name] = {
                         "median_s": secs,
                         "roofline_fraction": bound / secs,
+                        "fma_roofline_fraction": fma_bound / secs if fma_bound else None,
                         "speedup_vs_matmul_topk": (base / secs) if base else None,
                         "exact": bool(torch.equal(idx, exact_idx)),
                     }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    return {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows}
+    out = {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows}
+    if device == "cpu":
+        out["fma_peak_flops"] = fma
+        if not quick:
+            out["training_rows"] = training_layout(reps)
+    return out
+
+
+def training_layout(reps):
+    """One history per query (B x [L, d], lengths in [L/2, L]): the fused kernel against the torch paths."""
+    backends = {name: fn for name, fn in PATHS.items()}
+    if fused.available():
+        backends["fused_c"] = fused.topk_fused
+    gen = torch.Generator().manual_seed(1)
+    rows = []
+    for B, L, d in [(256, 2_698, 16), (256, 2_698, 32), (256, 2_698, 64), (64, 10_000, 32)]:
+        q, keys = torch.randn(B, d, generator=gen), torch.randn(B, L, d, generator=gen)
+        n = torch.randint(L // 2, L + 1, (B,), generator=gen)
+        exact_idx = PATHS["packed"](q, keys, n, K)[1]
+        row = {"B": B, "L": L, "d": d, "k": K}
+        for name, fn in backends.items():
+            secs = median_seconds(lambda: fn(q, keys, n, K), "cpu", max(3, reps // 3))
+            row[name] = {"median_s": secs, "exact": bool(torch.equal(fn(q, keys, n, K)[1], exact_idx))}
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+    return rows
 
 
 def main():
