@@ -1,6 +1,6 @@
 /* The CPU's fp32 fused multiply-add peak at its widest vectors: independent accumulator chains, no memory
    traffic. BLAS libraries do not always reach it (MKL runs its AVX2 kernels on AMD CPUs), so
-   benchmarks/retrieval.py reports the roofline against this peak too.
+   benchmarks/topk_search.py reports the roofline against this peak too.
    Usage: fma_peak THREADS -> prints GFLOP/s summed over THREADS OpenMP threads. */
 #include <omp.h>
 #include <stdio.h>

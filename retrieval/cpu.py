@@ -10,7 +10,7 @@ tie differently from the reference's stable sort.
   of k chosen blocks. Only k * block entries are packed and ranked.
 - `topk_chunked`: the same pruning per cache-sized chunk of the history, merging the per-chunk top-k,
   so the score matrix is never written whole to memory.
-benchmarks/retrieval.py measures them; docs/kernels.md has the figures and names the winner.
+benchmarks/topk_search.py measures them; docs/kernels.md has the figures and names the winner.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Backend choice for top-k search: the Triton kernel for CUDA tensors; on CPU the measured winner per layout.
 
-CPU, from benchmarks/retrieval.py (figures in docs/kernels.md):
+CPU, from benchmarks/topk_search.py (figures in docs/kernels.md):
 - one shared history and at least FUSED_MIN_ROWS queries (serving): `kernels/topk_attention/cpu.c`
   (`topk_fused`), 2.8x to 6x faster than the best exact torch path at C = 200;
 - one shared history and fewer queries: the fused kernel while the history is small (L * d <=

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for the top-k search: kernel tests on CUDA, then benchmarks/retrieval.py; JSON into $OUT or ./out.
+# GPU check for the top-k search: kernel tests on CUDA, then benchmarks/topk_search.py; JSON into $OUT or ./out.
 # Runs on a fresh GPU machine in well under 4 minutes. It prefers a python3 that already has CUDA torch
 # and triton (GPU images ship one and may have no network); otherwise it makes .venv-gpu and installs
 # requirements/cuda.txt.
@@ -37,7 +37,7 @@ fi
 status=0
 timeout 150 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_topk_triton.py \
   --junitxml="$OUT_DIR/topk_triton_tests.xml" 2>&1 | tee "$OUT_DIR/topk_triton_tests.log" || status=1
-timeout 80 "$PY" benchmarks/retrieval.py --device cuda --out "$OUT_DIR/retrieval_cuda.json" \
+timeout 80 "$PY" benchmarks/topk_search.py --device cuda --out "$OUT_DIR/retrieval_cuda.json" \
   >/dev/null 2>"$OUT_DIR/retrieval_cuda.log" || status=1
 [ -s "$OUT_DIR/retrieval_cuda.json" ] && cat "$OUT_DIR/retrieval_cuda.json"
 echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED), results in $OUT_DIR"

@@ -9,7 +9,11 @@ matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512)
 beat the matmul "peak". Without --quick, also the training layout (one history per query), which
 retrieval.dispatch sends to the torch paths.
 
-    .venv/bin/python benchmarks/retrieval.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+    .venv/bin/python benchmarks/topk_search.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+
+This is the benchmark the issue calls `benchmarks/retrieval.py`: under that name it would shadow the
+`retrieval` package for every script in this folder (Python puts a script's folder first on sys.path;
+benchmarks/serving.py failed to import the models that way).
 """
 
 from __future__ import annotations
