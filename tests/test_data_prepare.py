@@ -148,3 +148,8 @@ def test_taobao_sample_prepares_and_loads(shared, tmp_path):
     assert (ev.groupby("user").ts.apply(lambda s: s.is_monotonic_increasing)).all()
     ds = load_dataset(tmp_path)
     assert len(ds.splits["test"]) == meta["rows"]["test"] > 0
+    assert (ds.n_items, ds.n_cates) == (meta["n_items"] + 1, meta["n_categories"] + 1)  # ids 1..count, row 0 pads
+    # ids that no event uses (a catalogue larger than the log) still get their rows, from meta's counts
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "n_items": meta["n_items"] + 5, "n_categories": meta["n_categories"] + 5}))
+    ds = load_dataset(tmp_path)
+    assert (ds.n_items, ds.n_cates) == (meta["n_items"] + 6, meta["n_categories"] + 6)

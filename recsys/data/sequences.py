@@ -161,8 +161,10 @@ def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Datase
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     n_items = max([int(store.item.max(initial=0))] + [int(s.item.max(initial=0)) for s in loaded.values()]) + 1
     n_cates = max([int(store.cate.max(initial=0))] + [int(s.cate.max(initial=0)) for s in loaded.values()]) + 1
-    n_items = max(n_items, int(meta.get("n_items", 0)))
-    n_cates = max(n_cates, int(meta.get("n_cates", 0)))
+    # meta counts the ids (dense, 1-based: rows = count + 1), so an id that no event or sample uses still
+    # gets its row. prepare and synthetic write "n_categories"; "n_cates" is read for older folders.
+    n_items = max(n_items, int(meta.get("n_items", 0)) + 1)
+    n_cates = max(n_cates, int(meta.get("n_categories", meta.get("n_cates", 0))) + 1)
     return Dataset(store, loaded, n_items, n_cates, meta)
 
 
