@@ -118,6 +118,24 @@ def test_outer_gradients_match_autograd_of_the_loop(chunk):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
 
 
+def test_unit_normalize_equals_f_normalize_with_its_gradient():
+    """The hand-written backward of the keys'/values' normalisation against autograd of F.normalize, rows of
+    zeros (padding events: the clamped branch) included."""
+    from recsys.modules.titans import _unit
+
+    x = torch.randn(5, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x[1, 2] = 0.0
+    x[4] = 0.0
+    g = torch.randn_like(x)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = _unit(a), F.normalize(b, dim=-1)
+    torch.testing.assert_close(ya, yb, rtol=1e-15, atol=0)
+    (ya * g).sum().backward()
+    (yb * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(_unit, (torch.randn(3, 4, dtype=torch.float64, requires_grad=True),))
+
+
 def assert_state_close(a: MemoryState, b: MemoryState, tol=1e-5):
     for x, y in zip(a.weights + a.momentum, b.weights + b.momentum):
         torch.testing.assert_close(x, y, rtol=tol, atol=tol)
