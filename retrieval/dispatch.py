@@ -4,7 +4,7 @@ CPU, from benchmarks/topk_search.py (figures in docs/kernels.md):
 - one shared history and at least FUSED_MIN_ROWS queries (serving): `kernels/topk_attention/cpu.c`
   (`topk_fused`), 2.8x to 6x faster than the best exact torch path at C = 200;
 - one shared history and fewer queries: the fused kernel while the history is small (L * d <=
-  FUSED_MAX_FEW: its transpose of the whole history is cheap; at C = 1 it beats every torch path at
+  FUSED_MAX_FEW: its transpose of the whole history is cheap; at C = 1 it beats every exact torch path at
   L = 1k and at L = 10k, d = 16), else `retrieval.cpu.topk_blocked` (one matmul, block pruning: the
   fastest exact torch path at L = 100k, and within 1.4x of the best at L = 10k, d = 64);
 - one history per query (training): `retrieval.cpu.topk_chunked` (the fused kernel transposes each

@@ -92,9 +92,9 @@ def test_bad_lengths_are_named():
 )
 def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
     """Up to 6 queries: the training layout (exact torch paths) and a few serving candidates against a short
-    history (the fused kernel). Integer inputs and scales 1/sqrt(d) that are powers of two make every score exact in any summation order
-    (d = 5 is not: its scores depend on the BLAS kernel's order, which differs between CPUs), so the ties are
-    real ties and every path must break them as the reference does."""
+    history (the fused kernel). Integer inputs and scales 1/sqrt(d) that are powers of two make every score
+    exact in any summation order (d = 5 is not: its scores depend on the BLAS kernel's order, which differs
+    between CPUs), so the ties are real ties and every path must break them as the reference does."""
     gen = torch.Generator().manual_seed(seed)
     q, keys, lengths = _inputs("serving" if serving else "training", rows, L, d, True, gen)
     scores, idx = retrieval.topk(q, keys, lengths, k)

@@ -8,20 +8,20 @@
    that consecutive events share a vector and a block's d rows are one contiguous read. Pass 1: a tile
    of blocks is transposed and, while it sits in L1, every row scores it, a block (64 events) per step in
    vector accumulators (16 lanes with AVX-512, two rows at a time; else 8 lanes, one row), keeping only
-   each block's maximum (no score-dependent branch). The k-th largest block
-   maximum tau bounds the k-th best score from below, so pass 2 rescores only the blocks whose maximum
-   reaches tau (about k per row) and inserts their events scoring >= tau into a sorted list. Blocks and
-   events are visited in increasing index and an equal score never displaces a kept one: ties go to the
-   lower index, as in the reference. (A single pass with a running threshold does ~k (1 + ln(L / k))
-   list inserts per row, each with mispredicted branches: measured 1.5x slower at L = 10k, C = 200,
-   d = 16, k = 20.)
+   each block's maximum (no score-dependent branch). The k-th largest block maximum tau bounds the k-th
+   best score from below, so pass 2 rescores only the blocks whose maximum reaches tau (about k per row)
+   and appends their events scoring >= tau to the row's candidates, which are ranked once at the end
+   (score desc, index asc: ties go to the lower index, as in the reference). (A single pass with a
+   running threshold does ~k (1 + ln(L / k)) list inserts per row, each with mispredicted branches:
+   measured 1.5x slower at L = 10k, C = 200, d = 16, k = 20.)
 
    Threads (torch's OpenMP team, see topk_search): with one shared history the workers split its blocks for pass 1
    (each transposes only its part; all rows score it), meet at a barrier, then split the rows for
    pass 2, which visits (block, row) pairs block by block. With one history per row they split the rows.
 
    Score of an event: sum over j of q[j] * x[j], accumulated in fp32 in order j = 0..d-1 (fused
-   multiply-add where the target has it), computed in one function for both passes and both layouts.
+   multiply-add where the target has it), the same chain in both passes, both layouts and every vector
+   width.
    Non-finite scores are ruled out up front instead of tested per event: a row is flagged bad[r] = 1
    (the caller recomputes it with the reference) when its query or the history holds a NaN or inf, or
    when d * max|q| * max|x| could overflow fp32. */
@@ -206,7 +206,7 @@ static void load_blocks(const call_t *c, const float *keys, int64_t n, int64_t b
     }
 }
 
-/* Scores of block Tb's SUB events for query q: acc[v] lane t = event 8 v + t of the block; lanes at or
+/* Scores of block Tb's SUB events for query q: acc[v] lane t = event VW v + t of the block; lanes at or
    past `left` (events left in the history) are -inf. The one place scores are computed, so both
    passes see bit-identical values. */
 static inline void score_block(const float *Tb, int64_t left, const float *q, int d, vf acc[NV]) {

@@ -84,8 +84,8 @@ class _Chunk:
 
 class _Unit(torch.autograd.Function):
     """F.normalize(x, dim=-1) (x / max(|x|, eps)) with its backward written out: (g - y (g . y)) / |x|.
-    Autograd's backward of the division, with the norm broadcast over the last dim, took ~45% of a Titans
-    training step at L = 2,698 (three full passes over every event's key and value)."""
+    Autograd's backward of the division (the norm broadcast over the last dim: several passes over every
+    event's key and value) was ~45% of the memory's forward + backward at B = 512, L = 2,698."""
 
     EPS = 1e-12
 
@@ -236,7 +236,7 @@ class NeuralMemory(nn.Module):
         x = F.pad(x, (0, 0, 0, n * b - L)).masked_fill(~real[..., None], 0.0)
         # Each chunk's keys, values and coefficients are computed in the loop, for its active users only:
         # computed for all chunks at once they were [n, B, b, d] tensors (hundreds of MB at L = 2,698),
-        # and every temporary of that size costs fresh pages (page faults: ~10x the arithmetic here) in
+        # and every temporary of that size costs fresh pages (page faults: ~8x the arithmetic here) in
         # the forward and again in the backward. unbind hands autograd one stack for x's gradient.
         xs = x.view(B, n, b, self.d_in).transpose(0, 1).contiguous().unbind(0)   # chunk-major: contiguous chunks
         rs = real.view(B, n, b).unbind(1)
