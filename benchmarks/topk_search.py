@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ def peaks(device, quick):
 
 def fma_peak(threads):
     """fp32 FLOP/s of independent fused multiply-add chains on `threads` threads, or None without a C compiler."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = fused.c_compiler()
     if not cc:
         return None
     src = Path(__file__).with_name("_fma_peak.c")

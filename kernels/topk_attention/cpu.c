@@ -76,6 +76,7 @@ typedef struct {
     int32_t *ci;             /* shared history: [R][cap] their indices */
     int32_t *cnt;            /* shared history: [R] candidates per row */
     int cap;                 /* candidates a row holds: see pass2 */
+    int64_t sel;             /* per-worker selection scratch, floats: kth_floats of the larger of nbp and cap */
     int64_t nbp;             /* blocks of the longest history, padded to a multiple of 8 */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
@@ -593,7 +594,7 @@ static void run_part(call_t *c, int t) {
         const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
         const int64_t cap = c->cap;
         float *kth = (float *)mine;
-        int32_t *start = (int32_t *)(kth + kth_floats(nbp > cap ? nbp : cap)), *rank = start + align8(nbp + 1);
+        int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
         if (r0 < r1)
             pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
@@ -603,7 +604,7 @@ static void run_part(call_t *c, int t) {
            histories one by one in its own scratch. */
         const int64_t nbp = c->nbp;
         const int64_t cap = c->cap;
-        float *tau = (float *)mine, *kth = tau + 8, *M = kth + kth_floats(nbp > cap ? nbp : cap), *cs = M + nbp;
+        float *tau = (float *)mine, *kth = tau + 8, *M = kth + c->sel, *cs = M + nbp;
         int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
         int32_t *cnt = rank + cap;
         float *T = (float *)(cnt + 16);
@@ -663,15 +664,16 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     const int64_t nb = blocks_of(n_max), nbp = padded8(nb), cap = cand_cap(k);
     c.nbp = nbp;
     c.cap = (int)cap;
+    c.sel = kth_floats(nbp > cap ? nbp : cap);
     const size_t t_bytes = align64((size_t)nb * d * SUB * sizeof(float));
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, cnt shared; per worker: kth, start, rank (see run_part) */
         shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes;
-        c.ws_stride = align64((size_t)(kth_floats(nbp > cap ? nbp : cap) + align8(nbp + 1) + cap) * 4);
+        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4);
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, T */
-        c.ws_stride = align64((size_t)(8 + kth_floats(nbp > cap ? nbp : cap) + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
+        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;

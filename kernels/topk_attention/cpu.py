@@ -52,12 +52,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RECSYS_KERNEL_CACHE") or Path.home() / ".cache" / "recsys" / "kernels")
 
 
+def c_compiler() -> str | None:
+    """$CC, else cc or gcc on PATH, else None."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
 def build(extra_flags: Sequence[str] = ()) -> Path:
     """Compile cpu.c for this machine (or find the cached build) -> the shared library's path.
     `extra_flags` narrow the target for tests (`-mno-avx512f` builds the 8-lane variant that CPUs
     without AVX-512 run)."""
     flags = [*FLAGS, *extra_flags]
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = c_compiler()
     if not cc:
         raise RuntimeError("no C compiler (cc/gcc) on PATH; set CC")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
