@@ -4,6 +4,7 @@ non-finite inputs handed to the reference, any thread count."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from unittest import mock
 
@@ -44,12 +45,19 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx):
 VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
 
 
+@contextlib.contextmanager
+def using(build):
+    """topk_fused runs the given build inside the block (a context, not a fixture: hypothesis draws it)."""
+    lib = cpu.load(VARIANTS[build])
+    assert lib is not None, f"the {build} build failed"
+    with mock.patch.object(cpu, "_lib", lambda: lib):
+        yield
+
+
 @pytest.fixture(params=list(VARIANTS))
-def variant(request, monkeypatch):
-    lib = cpu.load(VARIANTS[request.param])
-    assert lib is not None, f"the {request.param} build failed"
-    monkeypatch.setattr(cpu, "_lib", lambda: lib)
-    return request.param
+def variant(request):
+    with using(request.param):
+        yield request.param
 
 
 def test_kernel_builds_once_per_machine(tmp_path, monkeypatch):
@@ -211,8 +219,7 @@ def test_property_equals_reference(rows, L, k, d, serving, integers, seed, build
         d = 4  # exact scales only: with an inexact scale, "ties" are rounding artefacts of one summation order
     gen = torch.Generator().manual_seed(seed)
     q, keys, lengths = _case("serving" if serving else "training", rows, L, d, integers, gen)
-    lib = cpu.load(VARIANTS[build])
-    with mock.patch.object(cpu, "_lib", lambda: lib):   # hypothesis runs many examples per test call
+    with using(build):
         scores, idx = cpu.topk_fused(q, keys, lengths, k)
     if integers:  # every score exact in any summation order: the reference's result bit for bit
         ref_scores, ref_idx = topk_reference(q, keys, lengths, k)
