@@ -34,7 +34,9 @@ from recsys.config.train import TrainConfig
 from recsys.data.batch import HistoryBatch
 from recsys.data.sequences import assemble, load_dataset
 from recsys.models import build_model
-from recsys.models.common import MLP, init_weights, masked_softmax, table_sets
+from recsys.embeddings import table_sets
+from recsys.models.attention import masked_softmax
+from recsys.models.layers import MLP, init_weights
 from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
 

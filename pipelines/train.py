@@ -108,7 +108,7 @@ class WorkerShare(nn.Module):
 def _fused_optimizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fused tables' optimizer state, keyed `<set>.<table>.<state>`, gathered to rank 0 (a collective;
     empty when no set is sharded)."""
-    from recsys.models.common import table_sets
+    from recsys.embeddings import table_sets
 
     return {f"{s}.{k}": v for s, t in table_sets(model).items() if t.sharded for k, v in t.optimizer_state().items()}
 
@@ -131,7 +131,8 @@ def _restore(dirname: str, model: nn.Module, opt) -> dict:
     """Load a checkpoint written by `_save` into `model` and `opt` (on every rank) -> the saved state."""
     from safetensors.torch import load_file
 
-    from recsys.models.common import load_state_tensors, table_sets
+    from recsys.checkpoint import load_state_tensors
+    from recsys.embeddings import table_sets
     from recsys.train.step import load_optimizer_state
 
     load_state_tensors(model, load_file(os.path.join(dirname, "model.safetensors")))
@@ -151,8 +152,8 @@ def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) 
     buffer tensors under the same names, so checkpoints load in one process); with the fused backend its
     tables sharded by torchrec DMP over the workers' gloo group (table-wise; fbgemm's fused row-wise
     Adagrad updates each table on its owner inside backward) and marked for DDP to leave alone."""
+    from recsys.embeddings import table_sets
     from recsys.models import build_model
-    from recsys.models.common import table_sets
     from recsys.models.sync_batchnorm import convert_sync_batchnorm
 
     torch.manual_seed(cfg.train.seed)
@@ -176,8 +177,8 @@ def _train_loop(loop: dict[str, Any]) -> None:
     import ray
     import ray.train
     import ray.train.torch
+    from recsys.checkpoint import load_state_tensors, state_tensors
     from recsys.models import build_model
-    from recsys.models.common import load_state_tensors, state_tensors
     from recsys.train.step import make_optimizers, train_step
     from recsys.train.trainer import split_metrics
 
@@ -287,8 +288,8 @@ def run_train(
 
     from pipelines.runtime import ray_session
     from recsys.bundle import export_bundle
+    from recsys.checkpoint import load_state_tensors
     from recsys.models import build_model
-    from recsys.models.common import load_state_tensors
     from recsys.train.trainer import split_metrics
 
     cfg = load_experiment(config)

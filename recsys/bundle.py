@@ -46,7 +46,7 @@ def _version(weights: bytes, config_text: str) -> str:
 
 def export_bundle(model: nn.Module, config: ExperimentConfig, out_dir: str | Path, metrics: dict, dataset=None) -> Path:
     """Write `model` (its current weights) as a bundle folder; returns the folder."""
-    from recsys.models.common import state_tensors
+    from recsys.checkpoint import state_tensors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,8 +63,8 @@ def export_bundle(model: nn.Module, config: ExperimentConfig, out_dir: str | Pat
 
 def load_bundle(bundle_dir: str | Path) -> Bundle:
     """-> the model in eval mode (plain, unsharded tables), its config, metrics, id space and version."""
+    from recsys.checkpoint import load_state_tensors
     from recsys.models import build_model
-    from recsys.models.common import load_state_tensors
 
     d = Path(bundle_dir)
     missing = [f for f in FILES if not (d / f).is_file()]

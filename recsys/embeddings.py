@@ -207,6 +207,11 @@ class TableSet(nn.Module):
         return [] if self.sharded else list(self.collection.parameters())
 
 
+def table_sets(model: nn.Module) -> dict[str, TableSet]:
+    """A model's TableSets by module name (the prefix of their tables' names in saved weights)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TableSet)}
+
+
 class _Expand(torch.autograd.Function):
     """rows [U, d] -> rows[inverse] [n, d]. The backward sums with a serial index_add_: deterministic
     under several threads (index_put's accumulate is not) and cheaper than F.embedding's sorting backward."""

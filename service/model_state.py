@@ -107,7 +107,7 @@ class ServingModel:
 
 def zero_oov_rows(model: nn.Module) -> list[str]:
     """Set row OOV_ID of every item and category table to zero (see the module doc). -> the tables changed."""
-    from recsys.models.common import table_sets
+    from recsys.embeddings import table_sets
 
     changed = []
     with torch.no_grad():

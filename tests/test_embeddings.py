@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from recsys.config.train import TrainConfig
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import bce_loss
+from recsys.models.output import bce_loss
 from recsys.train.step import make_optimizers
 
 SPECS = [TableSpec("item", 50, 4), TableSpec("pos", 7, 4)]
@@ -52,7 +52,7 @@ class _Toy(torch.nn.Module):
     def loss(self, ids):
         e = self.tables(ids)
         logit = self.head(e["item"]).sum(dim=(1, 2)) + e["pos"].sum() * 0.1
-        from recsys.models.common import ModelOutput
+        from recsys.models.output import ModelOutput
 
         return bce_loss(ModelOutput(logit, None, None), torch.tensor([1.0, 0, 1, 0, 1]), 0.0)
 

@@ -201,7 +201,8 @@ def test_attention_weights_are_a_softmax_over_the_kept_events(bench_dataset):
 
 def _one_block(m, b):
     """The plain forward: every row padded to the batch's longest history, no grouping."""
-    from recsys.models.common import ModelOutput, ctr_input
+    from recsys.models import ModelOutput
+    from recsys.models.layers import ctr_input
 
     if m.config.name == "din":
         v_t, e = m._embed({"item": b.target_item, "cate": b.target_cate}, {"item": b.hist_item, "cate": b.hist_cate})

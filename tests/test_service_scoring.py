@@ -84,7 +84,7 @@ def test_oov_ids_share_one_zero_embedding_and_leave_known_scores_alone(name):
     # every OOV id reads the zero vector: unknown items (with known or unknown categories) are one value
     # per category, whatever their raw id
     assert probs[1] != probs[0] and probs[2] == probs[3]
-    from recsys.models.common import table_sets
+    from recsys.embeddings import table_sets
 
     for tables in table_sets(serving.model).values():
         for tname, w in tables.weights().items():

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from recsys.models.common import MLP
+from recsys.models.layers import MLP
 from recsys.models.sync_batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
 
 # Unequal parts (the strided split of an odd global batch) and a 3-d input [N, C, L] case.

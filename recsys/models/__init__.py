@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from recsys.config.model import ModelConfig
-from recsys.models.common import ModelOutput
+from recsys.models.output import ModelOutput
 from recsys.models.dare import DARE
 from recsys.models.din import DIN
 from recsys.models.twin import TWIN

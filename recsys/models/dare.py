@@ -7,9 +7,9 @@ d_a be small (cheap search over a lifelong history) while d_r stays expressive.
 
 Per event and for the target, each set embeds (item, category, position); the target's position id is 0,
 history column j has position j + 1 (1 = most recent). Stage 1 scores with the split scale of
-common.search (semantic = item+category, 2 d_a dims; position, d_a dims) on embeddings without gradient;
-stage 2 embeds only the k kept events again, with gradient (common.aggregate), so the main head's backward
-touches B x k rows, not B x L; the auxiliary head (common.soft_attention) is what sends gradient to every
+attention.search (semantic = item+category, 2 d_a dims; position, d_a dims) on embeddings without gradient;
+stage 2 embeds only the k kept events again, with gradient (attention.aggregate), so the main head's backward
+touches B x k rows, not B x L; the auxiliary head (attention.soft_attention) is what sends gradient to every
 history event. The tower is MLP([v_t, h, v_t * h]) with v_t = the target's representation.
 """
 
@@ -21,7 +21,9 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, Fields, ModelOutput, aggregate, by_length_groups, ctr_input, gather_ids, init_weights, kept_weights, search, soft_attention
+from recsys.models.attention import Fields, aggregate, gather_ids, kept_weights, search, soft_attention
+from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
+from recsys.models.output import ModelOutput
 
 FIELDS = ("item", "cate", "pos")
 

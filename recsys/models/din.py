@@ -13,7 +13,8 @@ from torch import nn
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.common import MLP, ModelOutput, by_length_groups, ctr_input, init_weights
+from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
+from recsys.models.output import ModelOutput
 
 
 class DIN(nn.Module):

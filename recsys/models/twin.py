@@ -11,7 +11,7 @@ import torch
 
 from recsys.config.model import ModelConfig
 from recsys.embeddings import TableSet
-from recsys.models.common import Fields
+from recsys.models.attention import Fields
 from recsys.models.dare import DARE
 
 

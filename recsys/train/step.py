@@ -15,7 +15,8 @@ from torch import nn
 
 from recsys.config.train import TrainConfig
 from recsys.data.batch import HistoryBatch
-from recsys.models.common import bce_loss, dense_parameters, table_sets
+from recsys.embeddings import table_sets
+from recsys.models.output import bce_loss
 
 
 @dataclass
@@ -25,6 +26,12 @@ class Optimizers:
 
     def all(self) -> dict[str, torch.optim.Optimizer]:
         return {"dense": self.dense} | ({"tables": self.tables} if self.tables is not None else {})
+
+
+def dense_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter outside the embedding tables (these get Adam with L2)."""
+    table_ids = {id(p) for t in table_sets(model).values() for p in t.parameters()}
+    return [p for p in model.parameters() if id(p) not in table_ids]
 
 
 def make_optimizers(model: nn.Module, train: TrainConfig) -> Optimizers:

@@ -25,11 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from recsys.checkpoint import load_state_tensors, state_tensors
 from recsys.config.experiment import ExperimentConfig, load_experiment
 from recsys.data.sequences import Dataset, assemble, batch_rows, load_dataset
+from recsys.embeddings import table_sets
 from recsys.metrics import ctr_metrics
 from recsys.models import build_model
-from recsys.models.common import load_state_tensors, state_tensors, table_sets
 from recsys.train.step import Optimizers, load_optimizer_state, make_optimizers, optimizer_state, train_step
 
 

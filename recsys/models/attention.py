@@ -1,0 +1,102 @@
+"""Two-stage target attention of DARE and TWIN (DARE, arXiv 2410.02604; TWIN is the same with one coupled
+table set):
+  stage 1, search: score every history event i against the target t with attention embeddings,
+      s_i = <q_sem, k_sem,i> / sqrt(d_sem) + <q_pos, k_pos,i> / sqrt(d_pos)
+  (semantic part = item and category concatenated, position part scaled on its own), padding masked,
+  keep the top k (retrieval.topk; no gradient flows through the choice);
+  stage 2, aggregation: recompute the kept scores differentiably, w = softmax(s_kept),
+      h = sum_i w_i r_i over representation embeddings,  logit = MLP([v_t, h, v_t * h]).
+An auxiliary head does the same soft attention over the whole history (no top-k) with its own MLP and
+adds its loss, so every attention embedding gets gradient, not only the k kept ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import retrieval
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class Fields:
+    """One table set's embeddings of the targets and of some events, one tensor per field.
+
+    Kept per field (not concatenated) so that the full-history tensors never get copied into one
+    [B, L, 3d] block with gradient: the concatenation and its backward dominated the step.
+    """
+
+    target: list[torch.Tensor]   # per field [Q, d]
+    events: list[torch.Tensor]   # per field [..., L, d] (or [Q, k, d] for the kept events)
+
+    def target_vec(self) -> torch.Tensor:
+        return torch.cat(self.target, dim=-1)   # [Q, D]
+
+    def events_vec(self) -> torch.Tensor:
+        return torch.cat(self.events, dim=-1)   # [..., L, D]
+
+
+
+def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim with invalid slots at weight 0; a row with no valid slot is all 0."""
+    scores = scores.masked_fill(~valid, NEG_INF)
+    w = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(w, nan=0.0)
+
+
+def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
+    """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
+    with torch.no_grad():
+        _, idx = retrieval.topk(att.target_vec(), att.events_vec(), lengths, k, segments)
+    return idx
+
+
+def gather_ids(ids: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Event ids [B, L] (or [L], one shared history) at the kept columns idx [B, k]; holes read column 0."""
+    safe = idx.clamp(min=0)
+    return ids[safe] if ids.dim() == 1 else torch.gather(ids, 1, safe)
+
+
+def _field_scores(query: list[torch.Tensor], keys: list[torch.Tensor], segments: list[int]) -> torch.Tensor:
+    """The split-scaled score summed field by field: query per field [Q, d], keys [Q, n, d] or [n, d].
+
+    Equals retrieval.scaled_scores on the concatenations (the same 1/sqrt(d_segment) per dimension),
+    without building them; `segments` must fall on field boundaries.
+    """
+    scale = retrieval.segment_scale(sum(segments), segments)
+    out, a = None, 0
+    for q, x in zip(query, keys):
+        d = q.shape[-1]
+        qs = q * scale[a : a + d]
+        s = qs @ x.transpose(-1, -2) if x.dim() == 2 else torch.einsum("qd,qnd->qn", qs, x)   # [Q, n]
+        out = s if out is None else out + s
+        a += d
+    return out
+
+
+def _weighted_sum(w: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+    """w [Q, n], values per field [Q, n, d] or [n, d] -> [Q, D]."""
+    return torch.cat([w @ v if v.dim() == 2 else torch.einsum("qn,qnd->qd", w, v) for v in values], dim=-1)
+
+
+def kept_weights(att_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Stage 2's target-attention weights over the kept events: softmax of their search scores. -> [B, k]."""
+    return masked_softmax(_field_scores(att_kept.target, att_kept.events, segments), idx >= 0)
+
+
+def aggregate(att_kept: Fields, rep_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
+    """Stage 2 over the kept events (embedded with gradient): w = softmax(s_kept), h = sum_i w_i r_i. -> [B, D_r]."""
+    return _weighted_sum(kept_weights(att_kept, idx, segments), rep_kept.events)
+
+
+def soft_attention(att: Fields, rep: Fields, lengths: torch.Tensor | int, segments: list[int]) -> torch.Tensor:
+    """The auxiliary head's aggregation: softmax over every history event (no top-k). -> [B, D_r]."""
+    s = _field_scores(att.target, att.events, segments)             # [B, L]
+    L = att.events[0].shape[-2]
+    n = torch.as_tensor(lengths, device=s.device).reshape(-1, 1)
+    valid = torch.arange(L, device=s.device)[None, :] < n            # [B, L]
+    return _weighted_sum(masked_softmax(s, valid), rep.events)
+
