@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 
+from recsys.net import free_port
+
 Backend = Literal["sparse", "dense", "fused"]
 BACKENDS: tuple[str, ...] = ("sparse", "dense", "fused")
 
@@ -101,7 +103,7 @@ class TableSet(nn.Module):
         if process_group is None:
             if not dist.is_initialized():
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                os.environ.setdefault("MASTER_PORT", str(free_port()))
                 dist.init_process_group("gloo", rank=0, world_size=1)
             process_group = dist.group.WORLD
         world = dist.get_world_size(process_group)
@@ -254,11 +256,3 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -11,13 +11,12 @@ from recsys.config.data import SplitConfig
 from recsys.data.prepare import (densify, prepare, sample_negatives, split_of_events, user_item_keys)
 from recsys.data.raw import read_movielens, read_taobao
 from recsys.data.report import describe
-from recsys.paths import benchmark_dir
 
 
 @pytest.fixture(scope="module")
-def ml_prepared(shared, tmp_path_factory):
+def ml_prepared(movielens_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ml")
-    meta = prepare(read_movielens(shared / "data" / "movielens" / "ml-latest-small"), out, seed=7)
+    meta = prepare(read_movielens(movielens_dir), out, seed=7)
     return out, meta
 
 
@@ -25,9 +24,9 @@ def read(folder, name):
     return pq.read_table(folder / f"{name}.parquet")
 
 
-def test_movielens_reproduces_the_benchmark(ml_prepared):
+def test_movielens_reproduces_the_benchmark(ml_prepared, bench_dir):
     out, meta = ml_prepared
-    bench = benchmark_dir()
+    bench = bench_dir
     assert read(out, "events").equals(read(bench, "events"))
     for name, n in (("train", 232_800), ("val", 30_279), ("test", 30_279)):
         ours, theirs = read(out, name), read(bench, name)
@@ -63,9 +62,9 @@ def test_negatives_follow_the_protocol(ml_prepared):
     assert pop.reindex(neg.item).mean() > 3 * pop.mean()
 
 
-def test_deterministic_per_seed_and_overwrites(shared, ml_prepared, tmp_path):
+def test_deterministic_per_seed_and_overwrites(movielens_dir, ml_prepared, tmp_path):
     out, meta = ml_prepared
-    raw = shared / "data" / "movielens" / "ml-latest-small"
+    raw = movielens_dir
     again = prepare(read_movielens(raw), out, seed=7)  # into the same folder: replaced, not appended
     assert again["rows"] == meta["rows"] and read(out, "train").num_rows == 232_800
     other = prepare(read_movielens(raw), tmp_path, seed=8)
@@ -138,10 +137,10 @@ def test_densify_sorts_by_time_then_original_item_and_keeps_item_categories():
     assert ev.ts.tolist() == [1, 9, 9, 4, 5] and ev.cate_conflicts == 0
 
 
-def test_taobao_sample_prepares_and_loads(shared, tmp_path):
+def test_taobao_sample_prepares_and_loads(taobao_csv, tmp_path):
     from recsys.data.sequences import load_dataset
 
-    stream = read_taobao(shared / "data" / "taobao-sample" / "UserBehavior.csv")
+    stream = read_taobao(taobao_csv)
     meta = prepare(stream, tmp_path, seed=0)
     assert meta["n_events"] == 14_316 and meta["load_report"]["rows_read"] == 14_321
     ev = read(tmp_path, "events").to_pandas()

@@ -11,13 +11,8 @@ from recsys.data.schemas import EVENT_SCHEMA, TAOBAO_ACTIONS, Action
 
 
 @pytest.fixture(scope="module")
-def ml_dir(shared):
-    return shared / "data" / "movielens" / "ml-latest-small"
-
-
-@pytest.fixture(scope="module")
-def taobao_csv(shared):
-    return shared / "data" / "taobao-sample" / "UserBehavior.csv"
+def ml_dir(movielens_dir):
+    return movielens_dir
 
 
 def test_movielens_matches_a_pandas_read(ml_dir):

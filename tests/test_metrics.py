@@ -11,15 +11,14 @@ from recsys.config.model import ModelConfig
 from recsys.data.sequences import iterate_batches, load_dataset
 from recsys.metrics import auc, ctr_metrics, gauc, grouped_auc, logloss, search_recall
 from recsys.models import build_model
-from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
 from recsys.config.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def predictions():
+def predictions(bench_dir):
     """A briefly trained tiny DARE's predictions on the first 3000 real test rows (many ties after rounding)."""
-    ds = load_dataset(benchmark_dir(), splits=("train", "test"))
+    ds = load_dataset(bench_dir, splits=("train", "test"))
     torch.manual_seed(0)
     m = build_model(ModelConfig(dim_att=4, dim_rep=4, top_k=4, max_len=20, mlp=[8]), ds.n_items, ds.n_cates)
     opt = make_optimizers(m, TrainConfig())

@@ -13,15 +13,14 @@ from recsys.config.train import TrainConfig
 from recsys.data.sequences import assemble, load_dataset
 from recsys.metrics import auc
 from recsys.models import build_model
-from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
 
 SMALL = dict(dim_att=4, dim_rep=6, top_k=8, max_len=30, mlp=[12])
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset(benchmark_dir(), splits=("train",))
+def data(bench_dir):
+    return load_dataset(bench_dir, splits=("train",))
 
 
 @pytest.fixture(scope="module")

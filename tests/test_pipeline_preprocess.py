@@ -39,16 +39,16 @@ def assert_same_folder(a, b):
 
 
 @pytest.fixture(scope="module")
-def bad_taobao(shared, tmp_path_factory):
+def bad_taobao(taobao_csv, tmp_path_factory):
     path = tmp_path_factory.mktemp("raw") / "UserBehavior.csv"
-    shutil.copy(shared / "data/taobao-sample/UserBehavior.csv", path)
+    shutil.copy(taobao_csv, path)
     with open(path, "a") as f:
         f.write("\n".join(BAD_LINES) + "\n")
     return path
 
 
-def test_movielens_equals_single_process_across_partitions(shared, tmp_path):
-    src = shared / "data/movielens/ml-latest-small"
+def test_movielens_equals_single_process_across_partitions(movielens_dir, tmp_path):
+    src = movielens_dir
     want = prepare(open_raw(src), tmp_path / "single", seed=7)
     # ~100k events in ranges of ~20k: several user ranges, so the partitioned path is what is compared.
     got = run_preprocess(src, tmp_path / "ray", seed=7, partition_events=20_000)

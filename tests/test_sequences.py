@@ -6,7 +6,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys.data.sequences import DatasetError, assemble, batch_rows, iterate_batches, load_dataset, max_history
-from recsys.paths import benchmark_dir
 
 
 def test_benchmark_row_counts_match_readme(bench_dataset):
@@ -83,30 +82,30 @@ def test_iterate_is_deterministic_for_a_seed(bench_dataset):
     assert a.target_item.equal(b.target_item) and a.hist_item.equal(b.hist_item)
 
 
-def _copy_bench(tmp_path, **replace):
+def _copy_bench(bench_dir, tmp_path, **replace):
     tmp_path.mkdir()
     for name in ("events", "train", "val", "test"):
-        t = pq.read_table(benchmark_dir() / f"{name}.parquet")
+        t = pq.read_table(bench_dir / f"{name}.parquet")
         if name in replace:
             t = replace[name](t)
         pq.write_table(t, tmp_path / f"{name}.parquet")
     return tmp_path
 
 
-def test_bad_dataset_errors_name_file_column_row(tmp_path):
+def test_bad_dataset_errors_name_file_column_row(bench_dir, tmp_path):
     def neg_item(t):
         item = t.column("item").to_numpy().copy()
         item[5] = -3
         return t.set_column(t.schema.get_field_index("item"), "item", pa.array(item))
 
     with pytest.raises(DatasetError, match=r"test\.parquet: column 'item' row 5"):
-        load_dataset(_copy_bench(tmp_path / "a", test=neg_item))
+        load_dataset(_copy_bench(bench_dir, tmp_path / "a", test=neg_item))
 
     def drop_label(t):
         return t.drop(["label"])
 
     with pytest.raises(DatasetError, match=r"train\.parquet: missing column\(s\) \['label'\]"):
-        load_dataset(_copy_bench(tmp_path / "b", train=drop_label))
+        load_dataset(_copy_bench(bench_dir, tmp_path / "b", train=drop_label))
 
     def bad_pos(t):
         pos = t.column("pos").to_numpy().copy()
@@ -114,7 +113,7 @@ def test_bad_dataset_errors_name_file_column_row(tmp_path):
         return t.set_column(t.schema.get_field_index("pos"), "pos", pa.array(pos))
 
     with pytest.raises(DatasetError, match=r"val\.parquet: column 'pos' row 2: pos outside"):
-        load_dataset(_copy_bench(tmp_path / "c", val=bad_pos))
+        load_dataset(_copy_bench(bench_dir, tmp_path / "c", val=bad_pos))
 
     with pytest.raises(DatasetError, match="not found"):
         load_dataset(tmp_path / "missing")

@@ -19,15 +19,14 @@ from recsys.config.experiment import ExperimentConfig
 from recsys.config.model import ModelConfig
 from recsys.data.sequences import Samples, assemble, load_store
 from recsys.models import build_model
-from recsys.paths import benchmark_dir
 from test_service_support import API_KEY, live, service_config, wait_applied
 
 MAX_LEN = 48
 
 
 @pytest.fixture(scope="module")
-def store(shared):
-    return load_store(benchmark_dir() / "events.parquet")
+def store(bench_dir):
+    return load_store(bench_dir / "events.parquet")
 
 
 def _bundle(store, out, seed: int) -> str:
@@ -86,7 +85,7 @@ def post_events(client, events, **kw):
 
 
 @pytest.mark.parametrize("backend", ["embedded", "server"])
-def test_streamed_scores_equal_offline(backend, store, bundles, tmp_path):
+def test_streamed_scores_equal_offline(backend, backend_url, store, bundles, tmp_path):
     users = [1, 4, 7, 9]  # 29 to 700+ events each: histories below and above MAX_LEN
     per_user = 80
     events = events_of(store, users, per_user)
@@ -96,7 +95,7 @@ def test_streamed_scores_equal_offline(backend, store, bundles, tmp_path):
     rng.shuffle(shuffled)  # out of order across and within users
     cands = rng.sample(range(1, int(store.item.max()) + 1), 40)
     cand_cates = [rng.randint(1, int(store.cate.max())) for _ in cands]
-    with live(service_config(backend, tmp_path, bundle=bundles[0])) as (srv, client):
+    with live(service_config(backend_url, tmp_path, bundle=bundles[0])) as (srv, client):
         post_events(client, shuffled[: len(shuffled) // 2])
         post_events(client, shuffled[len(shuffled) // 2:])
         post_events(client, shuffled[:50])  # a replay: duplicates are no-ops
@@ -133,7 +132,7 @@ def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
     counts = collections.Counter(e["user_id"] for e in events)
     n_items = int(store.item.max()) + 1
     gc.unfreeze()
-    with live(service_config("embedded", tmp_path, bundle=bundles[0], batch_window_ms=5.0,
+    with live(service_config(None, tmp_path, bundle=bundles[0], batch_window_ms=5.0,
                              score_concurrency=2)) as (srv, client):
         # the loaded model is frozen out of the cyclic collector (its full collections made the 8-client tail)
         assert gc.get_freeze_count() > 0
@@ -171,12 +170,12 @@ def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
         assert got == sequential
 
 
-def test_health_ready_metrics_and_reload(store, bundles, tmp_path):
+def test_health_ready_metrics_and_reload(store, bundles, tmp_path, redis_server):
     users = [1, 2, 3]
     events = events_of(store, users, 30)
     counts = collections.Counter(e["user_id"] for e in events)
     cands = [{"item_id": i, "category_id": 2} for i in (5, 50, 500)]
-    with live(service_config("server", tmp_path)) as (srv, client):
+    with live(service_config(redis_server, tmp_path)) as (srv, client):
         assert client.get("/healthz").json()["status"] == "ok"
         r = client.get("/readyz")
         assert r.status_code == 503 and "no model" in r.json()["detail"]
@@ -219,7 +218,7 @@ def _field_of(r) -> str:
 
 @pytest.fixture(scope="module")
 def bad_input_server(bundles, tmp_path_factory):
-    cfg = service_config("embedded", tmp_path_factory.mktemp("bad"), bundle=bundles[0], max_candidates=8,
+    cfg = service_config(None, tmp_path_factory.mktemp("bad"), bundle=bundles[0], max_candidates=8,
                          max_body_bytes=4096)
     with live(cfg) as (srv, client):
         yield client
@@ -278,7 +277,7 @@ def test_bad_input_transport(bad_input_server):
 
 def test_writes_refused_without_a_configured_key(bundles, tmp_path, monkeypatch):
     monkeypatch.delenv("RECSYS_API_KEY", raising=False)
-    cfg = service_config("embedded", tmp_path, bundle=bundles[0])
+    cfg = service_config(None, tmp_path, bundle=bundles[0])
     cfg = cfg.model_copy(update={"http": cfg.http.model_copy(update={"api_key": None})})
     with live(cfg) as (srv, client):
         r = client.post("/v1/events", json={"events": [EVENT]}, headers={"X-API-Key": "anything-at-all-here"})
@@ -288,7 +287,7 @@ def test_writes_refused_without_a_configured_key(bundles, tmp_path, monkeypatch)
 def test_state_store_down_is_503_not_500(bundles, tmp_path):
     import psutil
 
-    with live(service_config("embedded", tmp_path, bundle=bundles[0])) as (srv, client):
+    with live(service_config(None, tmp_path, bundle=bundles[0])) as (srv, client):
         body = {"user_id": 1, "candidates": [CAND]}
         assert client.post("/v1/score", json=body).status_code == 200
         psutil.Process(srv.runtime.redis.server_pid).kill()  # the embedded Redis dies under the service
@@ -312,7 +311,7 @@ def test_state_store_down_is_503_not_500(bundles, tmp_path):
             assert f'recsys_state_store_errors_total{{op="{op}"}}' in m, op
 
 
-def test_redis_timeouts_are_short_and_configured(tmp_path):
+def test_redis_timeouts_are_short_and_configured(tmp_path, redis_server):
     """No Redis at the URL: connect fails in well under a second (one quick retry); a blocking stream read
     longer than the socket timeout is refused as a config error."""
     import pydantic
@@ -320,14 +319,14 @@ def test_redis_timeouts_are_short_and_configured(tmp_path):
 
     from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
     from service.redis_conn import connect
-    from test_service_support import free_port
+    from recsys.net import free_port
 
     cfg = StateStoreConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0", retries=1, retry_backoff_s=0.05)
     t0 = time.perf_counter()
     with pytest.raises(redis.ConnectionError):
         connect(cfg)
     assert time.perf_counter() - t0 < 1.0
-    with connect(StateStoreConfig(redis_url="redis://127.0.0.1:6379/0", socket_timeout_s=1.5)) as handle:
+    with connect(StateStoreConfig(redis_url=redis_server, socket_timeout_s=1.5)) as handle:
         kw = handle.client.connection_pool.connection_kwargs
         assert kw["socket_timeout"] == 1.5 and kw["socket_connect_timeout"] == 0.5 and kw["retry"].get_retries() == 1
     with pytest.raises(pydantic.ValidationError, match="block_ms"):

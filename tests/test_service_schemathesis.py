@@ -26,7 +26,7 @@ def live_server(tmp_path_factory):
     cfg = ExperimentConfig(data="benchmarks/ml-latest-small",
                            model=ModelConfig(max_len=16, top_k=4, dim_rep=4, dim_att=4, mlp=[8], init_std=0.3))
     bundle = export_bundle(build_model(cfg.model, 100, 10), cfg, tmp_path_factory.mktemp("bundle") / "b", metrics={})
-    config = service_config("embedded", tmp_path_factory.mktemp("fuzz"), bundle=str(bundle), max_candidates=50,
+    config = service_config(None, tmp_path_factory.mktemp("fuzz"), bundle=str(bundle), max_candidates=50,
                             max_events=50)
     with LiveServer(create_app(config)) as srv:
         yield srv

@@ -21,7 +21,8 @@ from recsys.config.http import HttpConfig, ServiceConfig
 from recsys.config.model import ModelConfig
 from recsys.config.serve import ServeConfig, StateStoreConfig
 from recsys.models import build_model
-from test_service_support import API_KEY, free_port
+from recsys.net import free_port
+from test_service_support import API_KEY
 
 
 def _redis_servers_in(data_dir) -> list[int]:

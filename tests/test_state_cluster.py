@@ -8,26 +8,19 @@ a `redis://` URL of one node, through `service.redis_conn.connect`.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import redis
 from redis.cluster import key_slot
 
+from helpers import pings, start_redis_server, stop, wait_for
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
+from recsys.net import free_port
 from service.keys import KeySpace
 from service.redis_conn import connect
 from service.state import StateStore
 from service.stream import EventStream, StreamWorker
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_service_support import free_port  # noqa: E402
-from test_state_store import HashChain, check_user, make_events  # noqa: E402
-from test_stream import arrival  # noqa: E402
+from test_state_store import HashChain, check_user, make_events
+from test_stream import arrival
 
 SLOTS = 16384
 
@@ -35,54 +28,31 @@ SLOTS = 16384
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """-> the URL of one node of a running 3-master cluster with every slot served."""
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server (Redis 7) must be on PATH for the cluster test"
     base = tmp_path_factory.mktemp("cluster")
-    ports = [free_port() for _ in range(3)]
-    bus_ports = [free_port() for _ in range(3)]  # the default (port + 10000) can exceed 65535
-    procs = []
+    procs, ports = [], []
     try:
-        for p, bus in zip(ports, bus_ports):
-            d = base / str(p)
-            d.mkdir()
-            procs.append(subprocess.Popen(
-                [binary, "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-port", str(bus),
-                 "--cluster-config-file", str(d / "nodes.conf"), "--dir", str(d), "--save", "",
-                 "--appendonly", "no", "--protected-mode", "yes"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        nodes = [redis.Redis(port=p) for p in ports]
-        _wait(lambda: all(_pings(n) for n in nodes), "nodes up")
+        for i in range(3):
+            d = base / str(i)
+            bus = free_port()  # the default (port + 10000) can exceed 65535
+            proc, port = start_redis_server(d, None, "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                                            "--cluster-config-file", str(d / "nodes.conf"))
+            procs.append(proc)
+            ports.append((port, bus))
+        nodes = [redis.Redis(port=p) for p, _ in ports]
+        assert all(pings(n) for n in nodes)
         bounds = [SLOTS * i // 3 for i in range(4)]
         for i, n in enumerate(nodes):
             n.execute_command("CLUSTER ADDSLOTSRANGE", bounds[i], bounds[i + 1] - 1)
             if i:
-                n.execute_command("CLUSTER MEET", "127.0.0.1", ports[0], bus_ports[0])
-        _wait(lambda: all(n.cluster("info")["cluster_state"] == "ok"
-                          and int(n.cluster("info")["cluster_known_nodes"]) == 3 for n in nodes), "cluster ok")
+                n.execute_command("CLUSTER MEET", "127.0.0.1", *ports[0])
+        wait_for(lambda: all(n.cluster("info")["cluster_state"] == "ok"
+                             and int(n.cluster("info")["cluster_known_nodes"]) == 3 for n in nodes), "cluster ok")
         for n in nodes:
             n.close()
-        yield f"redis://127.0.0.1:{ports[0]}/0"
+        yield f"redis://127.0.0.1:{ports[0][0]}/0"
     finally:
         for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(10)
-
-
-def _pings(node: redis.Redis) -> bool:
-    try:
-        return node.ping()
-    except redis.ConnectionError:
-        return False
-
-
-def _wait(cond, what: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
+            stop(proc)
 
 
 def test_every_key_of_a_user_and_of_a_partition_shares_one_slot():

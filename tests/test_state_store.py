@@ -23,9 +23,6 @@ from recsys.config.serve import StateStoreConfig
 from service.redis_conn import connect, start_embedded
 from service.state import ID_SATURATED, RECORD_BYTES, Event, StateStore, StateStoreError, to_records
 
-SERVER_URL = "redis://127.0.0.1:6379/0"
-
-
 class HashChain:
     """State = (count, blake2b chain over each record's ts, item, category, action)."""
 
@@ -91,7 +88,8 @@ def backend(request):
         handle = request.getfixturevalue("embedded")
         client, url = handle.client, handle.url
     else:
-        client, url = redis.Redis.from_url(SERVER_URL), SERVER_URL
+        url = request.getfixturevalue("redis_server")
+        client = redis.Redis.from_url(url)
     prefix = f"t-{uuid.uuid4().hex[:12]}:"
     yield client, url, prefix
     drop_prefix(client, prefix)

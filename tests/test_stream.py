@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,7 @@ from service.redis_conn import connect
 from service.state import Event, StateStore
 from service.stream import FIELD, ORDER, EventRejected, EventStream, StreamWorker, encode_event, parse_entry
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_state_store import (  # noqa: E402  (fixtures are used by name)
+from test_state_store import (  # (fixtures are used by name)
     HashChain, backend, check_user, embedded, make_events,
 )
 
@@ -246,8 +244,8 @@ def test_trim_drops_acknowledged_entries_and_keeps_pending_ones(backend):
     check_exactly_once(cfg, client, events, 3)
 
 
-def test_redis_url_from_the_environment_wins(monkeypatch, tmp_path):
-    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/0")
+def test_redis_url_from_the_environment_wins(monkeypatch, tmp_path, redis_server):
+    monkeypatch.setenv("REDIS_URL", redis_server)
     cfg = StateStoreConfig(data_dir=str(tmp_path / "unused"))
     with connect(cfg) as handle:
         assert not handle.embedded and handle.client.ping()

@@ -3,14 +3,13 @@ statistics, input gradient, and weight/bias gradients once summed over ranks (as
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from recsys.models.layers import MLP
+from recsys.net import free_port
 from recsys.models.sync_batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
 
 # Unequal parts (the strided split of an odd global batch) and a 3-d input [N, C, L] case.
@@ -73,15 +72,9 @@ def _worker(rank: int, port: int, out: list) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_sync_bn_equals_batchnorm_on_the_whole_batch(tmp_path):
     out = [str(tmp_path / f"rank{r}.pt") for r in range(2)]
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     got = [torch.load(p) for p in out]
     for case, (dtype, shape, momentum) in enumerate(_cases()):
         tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-11, "atol": 1e-11}

@@ -59,6 +59,36 @@ def generate(
     _print_json(meta)
 
 
+data_app = typer.Typer(help="Public datasets: download, verify and locate.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+@friendly
+def data_fetch(
+    name: str = typer.Argument(..., help="dataset name: ml-latest-small"),
+    url: Optional[str] = typer.Option(None, help="download from this URL instead of the official source (a mirror)"),
+) -> None:
+    """Download a dataset from its official source into the cache (RECSYS_DATA or ~/.cache/recsys), check its
+    SHA-256 sums, and build its fixed benchmark; tests and configs then find it there.
+
+    \b
+    Example: recsys data fetch ml-latest-small
+    """
+    from recsys.data.fetch import fetch
+
+    typer.echo(fetch(name, url=url, progress=lambda m: typer.echo(m, err=True)))
+
+
+@data_app.command("where")
+def data_where() -> None:
+    """Print the data roots searched, in order, and whether each exists."""
+    from recsys.paths import data_roots
+
+    for root in data_roots():
+        typer.echo(f"{root}\t{'found' if root.is_dir() else 'missing'}")
+
+
 @app.command()
 @friendly
 def prepare(
@@ -117,7 +147,7 @@ def stats(folder: Path = typer.Argument(..., help="dataset folder")) -> None:
 @app.command()
 @friendly
 def train(
-    config: Path = typer.Option(..., help="experiment YAML, e.g. configs/dare.yaml"),
+    config: Path = typer.Option(..., help="experiment YAML file, or a preset name: dare, twin, din, tiny, ... (recsys/config/presets)"),
     out: Path = typer.Option(Path("runs/train"), help="run folder (checkpoints, log, bundle)"),
     data: Optional[Path] = typer.Option(None, help="dataset folder overriding the config's"),
     seed: Optional[int] = typer.Option(None, help="seed overriding the config's"),
@@ -130,8 +160,8 @@ def train(
     """Train a model; the best checkpoint by validation AUC is exported as a bundle.
 
     \b
-    Example: recsys train --config configs/dare.yaml --out runs/dare
-    Example: recsys train --config configs/dare.yaml --ray --workers 2
+    Example: recsys train --config dare --out runs/dare
+    Example: recsys train --config my-dare.yaml --ray --workers 2
     """
     from recsys.config.experiment import load_experiment
 
@@ -228,7 +258,7 @@ def _preflight(cfg, *, listen: bool) -> None:
 @app.command()
 @friendly
 def serve(
-    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig, docs/configuration.md), e.g. configs/serve.yaml"),
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig, docs/configuration.md), or the preset name serve"),
     bundle: Optional[Path] = typer.Option(None, help="model bundle to serve"),
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None, help="port (default 8000)"),
@@ -250,7 +280,7 @@ def serve(
 @app.command("stream-worker")
 @friendly
 def stream_worker(
-    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig)"),
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), or the preset name serve"),
     bundle: Optional[Path] = typer.Option(None, help="model bundle whose state the worker maintains"),
     consumer: str = typer.Option("worker-1", help="consumer name in the group (unique per process)"),
 ) -> None:

@@ -13,7 +13,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from recsys.data.report import BadInputError
     from recsys.data.sequences import DatasetError
 
-    errors: list[type[BaseException]] = [ConfigError, BadInputError, DatasetError, FileNotFoundError,
+    from recsys.data.fetch import FetchError
+
+    errors: list[type[BaseException]] = [ConfigError, BadInputError, DatasetError, FetchError, FileNotFoundError,
                                          NotADirectoryError, PermissionError, ValueError]
     try:
         from recsys.bundle import BundleError

@@ -1,4 +1,4 @@
-"""A training run's whole config: where the data is, which model, how to train. `configs/*.yaml`."""
+"""A training run's whole config: where the data is, which model, how to train. Presets: recsys/config/presets/."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from recsys.config.train import TrainConfig
 
 
 class ExperimentConfig(StrictModel):
-    """A training run (`recsys train --config`, configs/*.yaml); a bundle's config.yaml is one too."""
+    """A training run (`recsys train --config`, a preset such as `dare` or a YAML file); a bundle's config.yaml is one too."""
 
-    data: str = Field(description="dataset folder (benchmark format); relative paths resolve against the shared "
-                      "dir (../shared, or RECSYS_SHARED)")
+    data: str = Field(description="dataset folder (benchmark format); a relative path is looked up in the data "
+                      "roots: RECSYS_SHARED, ../shared, then the download cache (RECSYS_DATA or ~/.cache/recsys)")
     model: ModelConfig = Field(ModelConfig(), description="which model, its dimensions and switches")
     train: TrainConfig = Field(TrainConfig(), description="optimisation, validation cadence, model selection")
 
     def data_path(self) -> Path:
-        from recsys.paths import shared_dir
+        from recsys.paths import find_data
 
         p = Path(self.data)
-        return p if p.is_absolute() else shared_dir() / p
+        return p if p.is_absolute() else find_data(p)
 
 
 def load_experiment(config: "ExperimentConfig | str | Path", overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -1,0 +1,58 @@
+"""Helpers every test file may use (no tests here): servers the tests start themselves."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from recsys.net import free_port
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def start_redis_server(data_dir: Path, port: int | None = None, *extra: str) -> tuple[subprocess.Popen, int]:
+    """A `redis-server` (the Redis 7 on PATH) of our own on a free loopback port, persisting nothing.
+    -> (process, port) once it answers PING; the caller terminates it."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server (Redis 7) must be on PATH (Debian: apt-get install redis-server)"
+    port = port or free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(data_dir), "--protected-mode", "yes", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: proc.poll() is None and pings(client), f"redis-server on port {port}")
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        client.close()
+    return proc, port
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
