@@ -1,33 +1,100 @@
-"""Machine facts every benchmark prints beside its figures."""
+"""Machine facts every benchmark records beside its figures, the fp32 FMA peak, and the JSON writer.
+
+Every benchmark ends with `emit(result, args.out)`: the result gets a "machine" object (CPU model,
+cores, torch threads, load average at the start and the end of the run, git commit and whether the
+work tree had uncommitted changes) and is printed; with `--out results/<name>.json` it is also written
+there, which is where the README's figures come from.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Load average when the benchmark imported this module: the start of its run.
+LOAD_AT_START = os.getloadavg()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor()
+    flags = ""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     return {
-        "cpu": cpu,
+        "cpu": cpu_model(),
+        "vector_isa": "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": commit,
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        # Other engineers edit the same tree: 'dirty' says some tracked file differed from the commit.
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "load_avg_at_start": [round(x, 2) for x in LOAD_AT_START],
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def fma_peak(threads: int) -> float | None:
+    """fp32 FLOP/s of independent FMA chains at the widest vectors on `threads` threads
+    (benchmarks/_fma_peak.c, compiled here with -march=native), or None without a C compiler."""
+    sys.path.insert(0, str(REPO))
+    from kernels.topk_attention import cpu as fused
+
+    cc = fused.c_compiler()
+    if not cc:
+        return None
+    src = Path(__file__).with_name("_fma_peak.c")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"]
+        if subprocess.run([cc, *flags, "-o", str(exe), str(src)], capture_output=True).returncode != 0:
+            return None
+        out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[0])
+
+
+def add_out_arg(parser, name: str) -> None:
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"also write the JSON here (the README's figures: results/{name}.json)")
+
+
+def emit(result: dict, out: Path | str | None = None, indent: int | None = 1) -> None:
+    """Record the machine (unless the result already has one), print the JSON, write it to `out`."""
+    m = machine()
+    result["machine"] = {**m, **result.get("machine", {}), "load_avg_at_end": m["load_avg_at_end"]}
+    text = json.dumps(result, indent=indent)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text, flush=True)

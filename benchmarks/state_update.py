@@ -8,14 +8,12 @@ a real stream; Titans steps in place (the stream worker owns its batch). Every f
 Also: bytes of encoded state per user. The comparison measured in the same run is U = 1 (one user per
 call, what a per-event loop would get): `speedup_vs_1_user`.
 
-    python benchmarks/state_update.py [--quick] [--threads 1,2]
+    python benchmarks/state_update.py [--quick] [--threads 1,2] [--out results/state_update.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _machine import machine  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402
 
 from recsys.modules.aaren import Aaren  # noqa: E402
 from recsys.modules.state_codec import encode, split, to_tensors  # noqa: E402
@@ -67,6 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--d-in", type=int, default=48, help="event embedding dim (3 fields x 16)")
     ap.add_argument("--chunk", type=int, default=16)
+    add_out_arg(ap, "state_update")
     args = ap.parse_args()
     torch.manual_seed(0)
     aaren = Aaren(args.d_in, d_model=32, n_heads=2, n_layers=1, recency_slope=True).eval()
@@ -93,14 +92,13 @@ def main() -> None:
                    "aaren": {"d_model": 32, "n_heads": 2, "n_layers": 1, "recency_slope": True},
                    "titans": {"d_key": 32, "d_hidden": 32, "depth": 2, "chunk_size": args.chunk,
                               "start": "staggered (user i has i mod chunk events buffered)"}},
-        "machine": {**machine(), "loadavg_1m": round(os.getloadavg()[0], 2)},
         "events_per_s_median": results,
         "speedup_vs_1_user": {t: {w: round(r[top] / r["1"], 1) for w, r in res.items()} for t, res in results.items()},
         "state_bytes_per_user": sizes,
         "target": {"events_per_s_both_per_process": 50_000, "users_per_call": int(top), "torch_threads": int(best_threads),
                    "measured": best, "met": best >= 50_000},
     }
-    print(json.dumps(out))
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

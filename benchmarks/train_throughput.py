@@ -11,17 +11,17 @@ Tables: the benchmark's (ml-latest-small ids, real batches) and Taobao-sized (it
 cate_n = 9,408) with synthetic uniform ids. Prints one JSON object.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 6] [--threads 2] [--backends sparse,fused]
+        [--out results/train_throughput.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from recsys.models.attention import masked_softmax
 from recsys.models.layers import MLP, init_weights
 from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import add_out_arg, emit  # noqa: E402
 
 TAOBAO = {"n_items": 4_068_791, "n_cates": 9_408}
 
@@ -142,6 +145,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--backends", default="sparse", help="ours: comma list of sparse, dense, fused")
+    add_out_arg(p, "train_throughput")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     backends = a.backends.split(",")
@@ -154,19 +158,17 @@ def main() -> None:
     bench = measure(bench_batches, ds.n_items, ds.n_cates, a.max_len, a.steps, backends)
     taobao = measure(synthetic_batches(4, a.batch, a.max_len, TAOBAO["n_items"], TAOBAO["n_cates"], 0),
                      TAOBAO["n_items"], TAOBAO["n_cates"], a.max_len, a.steps, backends)
-    print(json.dumps({
+    emit({
         "benchmark": "train_throughput",
         "inputs": {"model": "dare", "batch": a.batch, "max_len": a.max_len, "top_k": 20, "dims_per_field": 16, "steps": a.steps,
                    "threads": a.threads, "backends": backends, "benchmark_tables": {"n_items": ds.n_items, "n_cates": ds.n_cates},
                    "taobao_tables": TAOBAO},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "load_avg_1m": os.getloadavg()[0]},
         "benchmark_tables": bench,
         "taobao_tables": taobao,
         "original_code_listed_samples_per_s": {"dare_benchmark_tables": 3330, "dare_taobao_tables": round(2048 / 1.9)},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "wall_s": time.time() - t0,
-    }))
+    }, a.out)
 
 
 if __name__ == "__main__":
