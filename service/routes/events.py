@@ -1,0 +1,35 @@
+"""POST /v1/events: append events to the user-partitioned stream (the stream worker applies them)."""
+
+import asyncio
+
+import redis
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from service import schemas
+from service.routes.deps import RuntimeDep, invalid, require_api_key, unavailable
+from service.state import Event
+
+
+def router(events_request: type[BaseModel]) -> APIRouter:
+    """`events_request`: schemas.request_models(...).events, which carries the configured batch cap."""
+    r = APIRouter()
+
+    @r.post("/v1/events", status_code=202, response_model=schemas.EventsResponse,
+            dependencies=[Depends(require_api_key)], responses=schemas.error_responses(401, 403, 503))
+    async def events(req: events_request, runtime: RuntimeDep):
+        batch = []
+        for i, e in enumerate(req.events):
+            try:
+                batch.append(Event(e.event_id, e.user_id, e.item_id, e.category_id, e.action, e.ts))
+            except ValueError as err:  # the store's own checks, should they ever be stricter than the schema
+                name, _, msg = str(err).partition(": ")
+                raise invalid(("body", "events", i, name), msg) from None
+        try:
+            await asyncio.to_thread(runtime.stream.append, batch)
+        except redis.RedisError as e:
+            raise unavailable(runtime, "append", e) from None
+        runtime.metrics.events_ingested.inc(len(batch))
+        return {"accepted": len(batch)}
+
+    return r

