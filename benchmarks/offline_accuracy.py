@@ -1,6 +1,6 @@
 """Offline accuracy on the fixed benchmark: DIN, TWIN and DARE, several seeds, next to the original DARE code.
 
-Each (model, seed) trains in its own subprocess (clean peak memory) from configs/<model>.yaml with
+Each (model, seed) trains in its own subprocess (clean peak memory) from the <model> preset with
 --max-len / --epochs / --seed overrides, selects its checkpoint on validation AUC only, and scores
 every test row in eval mode. Writes <out>/results.json and <out>/results.md after every run (partial
 results survive an interrupted sweep) and prints one JSON object at the end. A (model, seed) whose
@@ -54,12 +54,13 @@ def run_one(model: str, seed: int, max_len: str, epochs: float | None, out: Path
     import torch
 
     from recsys.config.experiment import load_experiment
+    from recsys.config.presets import preset_path
     from recsys.data.sequences import load_dataset, max_history
     from recsys.train.trainer import train, user_subset
 
     torch.set_num_threads(threads)
     name, flags = parse_model(model)
-    base = load_experiment(REPO / "configs" / ("tiny.yaml" if quick else f"{name}.yaml"))
+    base = load_experiment(preset_path("tiny" if quick else name))
     ds = load_dataset(base.data_path())
     L = max_history(ds.store) if max_len == "full" else int(max_len)
     over: dict = {"model": {"name": name, "max_len": L} | flags, "train": {"seed": seed, "progress": False, "threads": threads}}

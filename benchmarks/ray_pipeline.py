@@ -6,10 +6,10 @@ compared with the single-process `recsys.data.prepare` on the same file, each in
 peak memory is measured per job: the single process's max RSS, and for Ray the peak of the summed RSS of
 the driver and every Ray process it started (sampled every 0.2 s; shared object-store pages are counted
 once per process mapping them, so this overstates). Training: `pipelines.train.run_train` on the fixed
-benchmark at the original settings (configs/dare.yaml: L = 200, batch 2048) for `--train-steps` steps,
+benchmark at the original settings (the dare preset: L = 200, batch 2048) for `--train-steps` steps,
 median steady-state global samples/s of 1 and 2 workers; scaling efficiency = sps(2) / (2 sps(1)).
 Equivalence: validation AUC of the single-process trainer and of the 2-worker Ray job with the same
-config and seed (configs/dare.yaml for `--equivalence-epochs`), next to the float-rounding floor: the same
+config and seed (the dare preset for `--equivalence-epochs`), next to the float-rounding floor: the same
 single-process run with each batch's rows in reverse order (the same step in exact arithmetic; only the
 order of float sums changes). Prints one JSON object.
 """
@@ -120,12 +120,13 @@ def bench_train(steps: int, repeats: int, tmp: Path) -> dict:
     from pipelines.runtime import init_ray
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
+    from recsys.config.presets import preset_path
     from recsys.data.sequences import load_dataset
     from recsys.paths import benchmark_dir
 
     ds = load_dataset(benchmark_dir())
     epochs = steps * 2048 / len(ds.splits["train"])
-    cfg = load_experiment(REPO / "configs/dare.yaml", {"train": {"epochs": epochs, "eval_every": 10_000, "patience": None, "progress": False}})
+    cfg = load_experiment(preset_path("dare"), {"train": {"epochs": epochs, "eval_every": 10_000, "patience": None, "progress": False}})
     runs: dict[int, list[dict]] = {1: [], 2: []}
     init_ray(log_to_driver=False)  # workers' progress lines would break the one-JSON-object output
     try:
@@ -155,16 +156,17 @@ def bench_equivalence(epochs: float, tmp: Path, subset: bool = False, model: dic
     from pipelines.runtime import init_ray
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
+    from recsys.config.presets import preset_path
     from recsys.data.sequences import batch_rows, load_dataset
     from recsys.paths import benchmark_dir
 
     ds = load_dataset(benchmark_dir())
     if subset:
         ds = trainer.user_subset(ds, SUBSET_USERS)
-        cfg = load_experiment(REPO / "configs/tiny.yaml", {"train": SUBSET_TRAIN, "model": model or {}})
+        cfg = load_experiment(preset_path("tiny"), {"train": SUBSET_TRAIN, "model": model or {}})
     else:
         steps = int(np.ceil(epochs * np.ceil(len(ds.splits["train"]) / 2048)))
-        cfg = load_experiment(REPO / "configs/dare.yaml", {"train": {"epochs": epochs, "eval_every": max(1, steps // 3),
+        cfg = load_experiment(preset_path("dare"), {"train": {"epochs": epochs, "eval_every": max(1, steps // 3),
                                                                       "patience": None, "progress": False},
                                                             "model": model or {}})
 

@@ -34,8 +34,17 @@ HEADER = """\
 
 Every config is a YAML file validated by a pydantic model (`recsys/config/`). Validation is strict: an
 unknown key is an error, values are not coerced from strings (`port: "8000"` is rejected), and an error
-names the file and the dotted key, e.g. `configs/dare.yaml: model.top_k: Input should be greater than or
+names the file and the dotted key, e.g. `my-dare.yaml: model.top_k: Input should be greater than or
 equal to 1`. The CLI prints such an error as one `error: ...` line and exits with status 2.
+
+`--config` takes a file or the name of a preset shipped in the package (`recsys/config/presets/`, found with
+importlib.resources, so it works from any install): `dare`, `twin`, `din`, their `-full` variants (the whole
+history), `tiny` (tests and smoke runs) and `serve`. A file that exists wins over a preset of the same name.
+To start from a preset, copy it:
+
+```bash
+python -c "from recsys.config.presets import preset_path; print(preset_path('dare').read_text())" > my-dare.yaml
+```
 
 Environment variables that override a file:
 
@@ -46,10 +55,10 @@ Environment variables that override a file:
 | `RECSYS_SHARED` | the folder relative `data:` paths resolve against (default `../shared`) | training, evaluation, tests |
 """
 
-# (title, model, an example file shown above its table). Nested models get their own subsections.
+# (title, model, the preset shown above its table as an example). Nested models get their own subsections.
 ROOTS = [
-    ("Experiment", "recsys.config.experiment:ExperimentConfig", "configs/dare.yaml"),
-    ("Service", "recsys.config.http:ServiceConfig", "configs/serve.yaml"),
+    ("Experiment", "recsys.config.experiment:ExperimentConfig", "dare"),
+    ("Service", "recsys.config.http:ServiceConfig", "serve"),
     ("Synthetic dataset", "recsys.config.data:SyntheticConfig", None),
 ]
 
@@ -136,7 +145,10 @@ def render() -> str:
         if _doc(model):
             out += [_doc(model), ""]
         if example:
-            out += ["Example (`" + example + "`):", "", "```yaml", (REPO_ROOT / example).read_text().rstrip(), "```", ""]
+            from recsys.config.presets import preset_path
+
+            text = preset_path(example).read_text().rstrip()
+            out += [f"Example (the preset `{example}`, `recsys/config/presets/{example}.yaml`):", "", "```yaml", text, "```", ""]
         _section(model, "", 2, out)
     return "\n".join(out).rstrip() + "\n"
 

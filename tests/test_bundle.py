@@ -8,8 +8,9 @@ import torch
 
 from recsys.bundle import FILES, BundleError, export_bundle, load_bundle
 from recsys.config.experiment import load_experiment
+from recsys.config.presets import preset_path
 from recsys.data.sequences import load_dataset
-from recsys.paths import REPO_ROOT, benchmark_dir
+from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
 from recsys.train.trainer import predict, user_subset
 
@@ -24,7 +25,7 @@ def test_export_then_load_gives_identical_scores(name, data, tmp_path):
     from recsys.data.sequences import iterate_batches
     from recsys.models import build_model
 
-    cfg = load_experiment(REPO_ROOT / "configs" / "tiny.yaml", {"model": {"name": name}})
+    cfg = load_experiment(preset_path("tiny"), {"model": {"name": name}})
     torch.manual_seed(0)
     model = build_model(cfg.model, data.n_items, data.n_cates)
     opt = make_optimizers(model, cfg.train)
@@ -50,7 +51,7 @@ def test_export_then_load_gives_identical_scores(name, data, tmp_path):
 def test_tampered_or_incomplete_bundles_are_rejected(data, tmp_path):
     from recsys.models import build_model
 
-    cfg = load_experiment(REPO_ROOT / "configs" / "tiny.yaml")
+    cfg = load_experiment(preset_path("tiny"))
     torch.manual_seed(0)
     d = export_bundle(build_model(cfg.model, data.n_items, data.n_cates), cfg, tmp_path / "b", {}, data)
     (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("top_k: 4", "top_k: 5"))

@@ -15,7 +15,6 @@ import torch
 from typer.testing import CliRunner
 
 from recsys.cli import app
-from recsys.paths import REPO_ROOT
 
 runner = CliRunner()
 
@@ -30,6 +29,7 @@ def tiny_bundle(tmp_path_factory):
     from recsys.bundle import export_bundle
     from recsys.config.data import SyntheticConfig
     from recsys.config.experiment import load_experiment
+    from recsys.config.presets import preset_path
     from recsys.data.sequences import iterate_batches, load_dataset
     from recsys.data.synthetic import generate
     from recsys.models import build_model
@@ -39,7 +39,7 @@ def tiny_bundle(tmp_path_factory):
     data = tmp / "data"
     generate(SyntheticConfig.model_validate({"n_users": 40, "events_per_user": {"mean": 150.0, "max": 400},
                                               "n_items": 800, "n_cates": 20, "window": 30}), data)
-    cfg = load_experiment(REPO_ROOT / "configs" / "tiny.yaml", {"data": str(data)})
+    cfg = load_experiment(preset_path("tiny"), {"data": str(data)})
     ds = load_dataset(data)
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.n_items, ds.n_cates)

@@ -1,4 +1,4 @@
-"""The docs cannot drift: the configuration reference equals what the models generate, the example configs
+"""The docs cannot drift: the configuration reference equals what the models generate, the shipped presets
 validate against their models, and every relative link in README.md and docs/ points at a file that exists."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from recsys.config import presets
 from recsys.paths import REPO_ROOT
 
 
@@ -50,13 +51,13 @@ def test_check_mode_fails_on_a_stale_file(tmp_path):
     assert gen.main(["--check", "--out", str(doc)]) == 1
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
-def test_example_configs_validate(path):
+@pytest.mark.parametrize("name", presets.names())
+def test_presets_validate(name):
     from recsys.config.base import load_yaml
     from recsys.config.experiment import ExperimentConfig
     from recsys.config.http import ServiceConfig
 
-    load_yaml(REPO_ROOT / "configs" / path, ServiceConfig if path.startswith("serve") else ExperimentConfig)
+    load_yaml(presets.preset_path(name), ServiceConfig if name.startswith("serve") else ExperimentConfig)
 
 
 def test_relative_links_resolve():

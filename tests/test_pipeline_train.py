@@ -31,10 +31,10 @@ from pipelines.runtime import init_ray
 from pipelines.train import FAULT_ENV, WorkerShare, _fused_optimizer_state, _restore, _save, run_train, worker_model
 from recsys.bundle import load_bundle
 from recsys.config.experiment import load_experiment
+from recsys.config.presets import preset_path
 from recsys.data.sequences import assemble, batch_rows
 from recsys.models import build_model
 from recsys.models.common import state_tensors, table_sets
-from recsys.paths import REPO_ROOT
 from recsys.train.step import make_optimizers, train_step
 from recsys.train.trainer import split_metrics, train, user_subset
 
@@ -56,7 +56,7 @@ def setup(ray_local, bench_dataset, tmp_path_factory, monkeypatch_module):
     # A learning rate at which the small model reaches its validation plateau within the 60 steps: early in
     # training a tiny difference in progress moves the AUC by more than the tolerance, on one process too.
     train_cfg = {"batch_size": 2048, "epochs": 6.0, "eval_every": EVAL, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
-    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": train_cfg})
+    cfg = load_experiment(preset_path("tiny"), {"train": train_cfg})
     ds = user_subset(bench_dataset, 60)
     tmp = tmp_path_factory.mktemp("train")
     single = train(cfg, tmp / "single", dataset=ds, evaluate_test=False)
@@ -109,7 +109,7 @@ def test_fused_backend_two_workers(ray_local, bench_dataset, tmp_path, monkeypat
     scores as reported."""
     monkeypatch.setenv(FAULT_ENV, f"1:15:5:{tmp_path / 'killed'}")
     train_cfg = {"batch_size": 2048, "epochs": 2.0, "eval_every": 10, "seed": 3, "lr": 0.03, "embedding_lr": 0.03}
-    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": train_cfg, "model": {"embedding_backend": "fused"}})
+    cfg = load_experiment(preset_path("tiny"), {"train": train_cfg, "model": {"embedding_backend": "fused"}})
     ds = user_subset(bench_dataset, 60)
     result = run_train(cfg, tmp_path / "ray", workers=2, dataset=ds, max_failures=1, evaluate_test=False)
     assert (tmp_path / "killed").read_text() == "15"
@@ -136,7 +136,7 @@ def own_process_group():
 def test_fused_checkpoint_resumes_exactly(bench_dataset, tmp_path, own_process_group):
     """A checkpoint holds the fused tables' row-wise Adagrad accumulators (inside fbgemm): 2 steps, save,
     restore into a fresh model, 1 step gives exactly the weights of 3 uninterrupted steps."""
-    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": {"seed": 3}, "model": {"embedding_backend": "fused"}})
+    cfg = load_experiment(preset_path("tiny"), {"train": {"seed": 3}, "model": {"embedding_backend": "fused"}})
     ds = user_subset(bench_dataset, 20)
     train_rows = ds.splits["train"]
     batches = list(itertools.islice(batch_rows(len(train_rows), 256, shuffle=True, seed=3), 3))
@@ -202,7 +202,7 @@ def test_data_parallel_step_equals_single_process(backend, bench_dataset, tmp_pa
     """Sync BatchNorm, the loss share of unequal slices, the sparse table gradients (sparse) or the DMP
     tables (fused): one step of 2 gloo workers equals the single-process step on the whole batch, to
     float rounding."""
-    cfg = load_experiment(REPO_ROOT / "configs/tiny.yaml", {"train": {"seed": 3}, "model": {"embedding_backend": backend}})
+    cfg = load_experiment(preset_path("tiny"), {"train": {"seed": 3}, "model": {"embedding_backend": backend}})
     ds = user_subset(bench_dataset, 20)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,12 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from recsys.config.experiment import load_experiment
+from recsys.config.presets import preset_path
 from recsys.data.sequences import load_dataset
-from recsys.paths import REPO_ROOT, benchmark_dir
+from recsys.paths import benchmark_dir
 from recsys.train import evaluate, score, train
 from recsys.train.trainer import user_subset
 
-TINY = REPO_ROOT / "configs" / "tiny.yaml"
+TINY = preset_path("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from pathlib import Path
 from rich.table import Table
 
 from recsys.cli.progress import console, progress_bar, stage
-from recsys.paths import REPO_ROOT
 
 MODELS = ("dare", "twin", "din")
 
@@ -67,6 +66,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
     """DARE, TWIN and DIN as Ray Train jobs; returns each model's result (bundle, val, test, speed)."""
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
+    from recsys.config.presets import preset_path
     from recsys.data.sequences import load_dataset
 
     dataset = load_dataset(folder)
@@ -79,7 +79,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
         else:
             overrides["model"] = {"max_len": 300}
             overrides["train"] |= {"batch_size": 512, "epochs": 2.0, "eval_every": 10}
-        cfg = load_experiment(REPO_ROOT / "configs" / f"{name}.yaml", overrides)
+        cfg = load_experiment(preset_path(name), overrides)
         console.print(f"[bold]{name}[/bold]: Ray Train, {workers} workers, L = {cfg.model.max_len}, "
                       f"k = {cfg.model.top_k}, {cfg.train.epochs:g} epochs")
         r = run_train(cfg, out / "models" / name, workers=workers, dataset=dataset)

@@ -36,10 +36,15 @@ def validate(model: type[T], data: Any, source: str = "<config>") -> T:
 
 
 def load_yaml(path: str | Path, model: type[T], overrides: dict[str, Any] | None = None) -> T:
-    """Load `path` as `model`. `overrides` is a nested dict merged over the file's content."""
-    path = Path(path)
+    """Load `path` as `model`. `overrides` is a nested dict merged over the file's content.
+
+    `path` is a YAML file or the name of a preset shipped in the package (`recsys.config.presets`, e.g. "dare").
+    """
+    from recsys.config import presets
+
+    path = presets.resolve(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: config file not found (or name a preset: {', '.join(presets.names())})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:

@@ -46,7 +46,7 @@ class HttpConfig(StrictModel):
 
 
 class ServiceConfig(StrictModel):
-    """A service config (`recsys serve --config`, `recsys stream-worker --config`, e.g. configs/serve.yaml); the
+    """A service config (`recsys serve --config`, `recsys stream-worker --config`, e.g. the preset `serve`); the
     flags `--bundle`, `--host` and `--port` override the file."""
 
     http: HttpConfig = Field(HttpConfig(), description="the HTTP front end")
