@@ -39,6 +39,10 @@ def _git(*args: str) -> str:
         return ""
 
 
+# The commit the run started at (HEAD can move during a long run: others commit to the same tree).
+COMMIT_AT_START = _git("rev-parse", "--short", "HEAD")
+
+
 def machine() -> dict:
     import torch
 
@@ -56,7 +60,8 @@ def machine() -> dict:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": _git("rev-parse", "--short", "HEAD"),
+        "commit": COMMIT_AT_START,
+        "commit_at_end": _git("rev-parse", "--short", "HEAD"),
         # Other engineers edit the same tree: 'dirty' says some tracked file differed from the commit.
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "load_avg_at_start": [round(x, 2) for x in LOAD_AT_START],
