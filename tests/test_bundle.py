@@ -9,15 +9,13 @@ import torch
 from recsys.bundle import FILES, BundleError, export_bundle, load_bundle
 from recsys.config.experiment import load_experiment
 from recsys.config.presets import preset_path
-from recsys.data.sequences import load_dataset
-from recsys.paths import benchmark_dir
 from recsys.train.step import make_optimizers, train_step
 from recsys.train.trainer import predict, user_subset
 
 
 @pytest.fixture(scope="module")
-def data():
-    return user_subset(load_dataset(benchmark_dir()), 15)
+def data(bench_dataset):
+    return user_subset(bench_dataset, 15)
 
 
 @pytest.mark.parametrize("name", ["dare", "twin", "din"])

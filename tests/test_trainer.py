@@ -11,8 +11,6 @@ from safetensors.torch import load_file
 
 from recsys.config.experiment import load_experiment
 from recsys.config.presets import preset_path
-from recsys.data.sequences import load_dataset
-from recsys.paths import benchmark_dir
 from recsys.train import evaluate, score, train
 from recsys.train.trainer import user_subset
 
@@ -20,8 +18,8 @@ TINY = preset_path("tiny")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return user_subset(load_dataset(benchmark_dir()), 12)
+def data(bench_dataset):
+    return user_subset(bench_dataset, 12)
 
 
 def _cfg(data, epochs):
