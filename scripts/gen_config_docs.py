@@ -52,7 +52,8 @@ Environment variables that override a file:
 |---|---|---|
 | `REDIS_URL` | `serve.state.redis_url` | `recsys serve`, `recsys stream-worker` |
 | `RECSYS_API_KEY` | `http.api_key` | `recsys serve` (keep secrets out of files) |
-| `RECSYS_SHARED` | the folder relative `data:` paths resolve against (default `../shared`) | training, evaluation, tests |
+| `RECSYS_SHARED` | the shared data folder: the first root searched for relative `data:` paths (then `../shared`, then the download cache) | training, evaluation, tests |
+| `RECSYS_DATA` | the download cache that `recsys data fetch` fills (default `~/.cache/recsys`), the last root searched | `recsys data fetch`, training, tests |
 """
 
 # (title, model, the preset shown above its table as an example). Nested models get their own subsections.

@@ -23,6 +23,9 @@ class ServiceMetrics:
             "recsys_score_batch_requests", "requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.scores_served = Counter("recsys_scores_served", "candidates scored", registry=r)
         self.cold_users = Counter("recsys_score_cold_users", "score requests for users with no history", registry=r)
+        self.memory_source = Counter(
+            "recsys_score_memory", "score requests of a memory model by where the user's memory came from "
+            "(stored, rebuilt in the request, empty)", ["source"], registry=r)
         self.oov_items = Counter("recsys_score_oov_items", "candidate ids outside the model's id space", registry=r)
         self.events_ingested = Counter("recsys_events_ingested", "events accepted into the stream", registry=r)
         self.events_applied = Counter("recsys_events_applied", "events applied to user state", registry=r)

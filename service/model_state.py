@@ -10,12 +10,17 @@ masked by length everywhere), so this changes no in-vocabulary score: the offlin
 compare the served model with the unmodified bundle.
 
 `ModelStateUpdater` implements `service.state.StateUpdater` for the stream worker and for rebuilds: the
-per-user streaming state of the model's summary branches (`StreamingBranches`: Aaren and/or Titans over
-per-event features), as bytes. `apply` folds a batch of users' new events in with one batched `step`
-per event position (users with fewer events are inactive at the later positions); `rebuild` computes
-states from whole sequences with the modules' parallel `forward_state`. A model exposes its branches
-with `model.streaming_branches() -> StreamingBranches | None`; a model without (DARE/TWIN/DIN today)
-keeps an empty state (b""), so the state store's bookkeeping (version, rev) is the same for every model.
+per-user streaming state of the model's memory branches (`StreamingBranches`: Aaren and/or Titans over
+DARE's position-free per-event features, `DARE.memory_features`), as bytes. `apply` folds a batch of
+users' new events in with one batched `step` per event position (users with fewer events are inactive at
+the later positions); `rebuild` computes states from whole sequences with the modules' parallel
+`forward_state`. A model without memory branches keeps an empty state (b""), so the state store's
+bookkeeping (version, rev) is the same for every model.
+
+Scoring reads the stored state (`ServingModel.score`): the memory costs O(1) in the history per request.
+A user with no current state (a new model version not yet rebuilt, or a state lost) gets it recomputed in
+the request from the stored sequence when that is short (`http.memory_rebuild_max_events`), else an empty
+memory; the response says which (`memory`) and a metric counts it.
 
 State bytes: b"" (no branch), else `RSS1` + <u4 aaren length> + <u4 titans length> + the two
 `recsys.modules.state_codec` encodings (a missing branch has length 0), each tagged with the version.
@@ -43,7 +48,7 @@ OOV_ID = 0
 
 @dataclass
 class ServingModel:
-    model: nn.Module          # in eval mode; exposes score_candidates(hist_item, hist_cate, cand_item, cand_cate)
+    model: nn.Module          # in eval mode; exposes score_candidates(hist_item, hist_cate, cand_item, cand_cate[, memory])
     version: str
     n_items: int              # rows of the item table (ids >= n_items are out of vocabulary)
     n_cates: int
@@ -68,8 +73,8 @@ class ServingModel:
                    max_len=int(ids["max_len"]))
 
     @property
-    def needs_state(self) -> bool:
-        return False
+    def has_memory(self) -> bool:
+        return bool(getattr(self.model, "has_memory", False))
 
     def map_ids(self, ids: np.ndarray, field: str) -> tuple[torch.Tensor, int]:
         """Raw ids [N] -> table ids [N] int64 (out-of-vocabulary -> OOV_ID), and how many were OOV."""
@@ -84,15 +89,34 @@ class ServingModel:
         seq = seq[-self.max_len:][::-1]
         return self.map_ids(seq["item"], "item")[0], self.map_ids(seq["cate"], "cate")[0]
 
-    def score(self, seq: np.ndarray, state: bytes | None, items: torch.Tensor, cates: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> probabilities [C], retrieved history columns [C, k] (-1 = empty slot; None if the model has
-        no search stage). `state` is the user's stored streaming state (unused by models without one)."""
-        if len(seq) == 0:
+    def score(self, seq: np.ndarray, state: bytes | None, items: torch.Tensor, cates: torch.Tensor,
+              rebuild_max_events: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+        """seq: the user's stored sequence (oldest first); state: its stored state for this version (None
+        if there is none). -> probabilities [C], retrieved history columns [C, k] (-1 = empty slot; None if
+        the model has no search stage), and where the memory came from (None without memory branches)."""
+        source = None
+        if len(seq) == 0:  # the batch forward reads an empty memory for a batch without events
             out = self.model(self._cold_batch(items, cates))
+            source = "stored" if self.has_memory else None
         else:
-            out = self.model.score_candidates(*self.history(seq), items, cates)
-        return torch.sigmoid(out.logit), out.indices
+            memory = {}
+            if self.has_memory:
+                memory["memory"], source = self._memory(seq, state, rebuild_max_events)
+            out = self.model.score_candidates(*self.history(seq), items, cates, **memory)
+        return torch.sigmoid(out.logit), out.indices, source
+
+    def _memory(self, seq: np.ndarray, state: bytes | None, rebuild_max_events: int):
+        from recsys.models.dare import MemoryReads
+
+        m = self.model
+        if state:
+            source, states = "stored", decode_states(state, self.version)
+        elif len(seq) <= rebuild_max_events:
+            source, states = "rebuilt", decode_states(ModelStateUpdater(self).rebuild([seq])[0], self.version)
+        else:
+            source = "empty"
+            states = tuple(None if x is None else x.init_state(1) for x in (m.aaren, m.titans))
+        return MemoryReads.from_states(m, *states), source
 
     @staticmethod
     def _cold_batch(items: torch.Tensor, cates: torch.Tensor) -> HistoryBatch:
@@ -158,8 +182,11 @@ class ModelStateUpdater:
     def __init__(self, serving: ServingModel):
         self.serving = serving
         self.version = serving.version
-        get = getattr(serving.model, "streaming_branches", None)
-        self.branches: StreamingBranches | None = get() if get is not None else None
+        m = serving.model
+        self.branches: StreamingBranches | None = None
+        if serving.has_memory:
+            self.branches = StreamingBranches(features=lambda item, cate: m.memory_features(item, cate, grad=False),
+                                              aaren=m.aaren, titans=m.titans)
 
     def _features(self, records: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Oldest-first SEQ_DTYPE arrays -> x [U, T, d_in] left-aligned, zero-padded; lengths [U]."""

@@ -101,7 +101,7 @@ class Runtime:
     def set_model(self, model: ServingModel) -> None:
         previous = None if self.scorer is None else self.scorer.version
         if self.scorer is None:
-            self.scorer = Scorer(model, self.store, self.metrics)
+            self.scorer = Scorer(model, self.store, self.metrics, self.config.http.memory_rebuild_max_events)
         else:
             self.scorer.model = model
         if self.worker is not None:

@@ -8,7 +8,7 @@ are built per app by `request_models(...)`; a violation is a 422 naming the fiel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
@@ -87,6 +87,10 @@ class ScoreResponse(BaseModel):
     history_length: int
     scores: list[float]
     explanations: list[list[RetrievedEvent]] | None = None
+    memory: Literal["stored", "rebuilt", "empty"] | None = Field(
+        None, description="models with memory branches: the user's memory was the stored state kept current by "
+        "the stream worker, rebuilt in this request (no current state), or empty (no current state and a "
+        "sequence longer than http.memory_rebuild_max_events)")
 
 
 class EventsResponse(BaseModel):

@@ -34,13 +34,15 @@ class ScoreResult:
     scores: list[float]
     history_length: int
     explanations: list[list[dict]] | None
+    memory: str | None = None  # models with memory branches: stored | rebuilt | empty
 
 
 class Scorer:
-    def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics):
+    def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics, rebuild_max_events: int = 0):
         self.model = model
         self.store = store
         self.metrics = metrics
+        self.rebuild_max_events = rebuild_max_events
 
     @property
     def version(self) -> str:
@@ -72,8 +74,11 @@ class Scorer:
         cates, _ = model.map_ids(job.cates, "cate")
         if n_oov:
             self.metrics.oov_items.inc(n_oov)
-        scores, idx = model.score(seq, view.state, items, cates)             # [C], [C, k] (-1 = empty slot)
+        # [C], [C, k] (-1 = empty slot); the memory reads the state (or, rebuilt, the whole stored sequence)
+        scores, idx, memory = model.score(view.sequence, view.state, items, cates, self.rebuild_max_events)
         self.metrics.scores_served.inc(len(scores))
+        if memory is not None:
+            self.metrics.memory_source.labels(memory).inc()
         explanations = None
         if job.explain and idx is not None:
             recent = seq[::-1]                                                # column j = (j+1)-th most recent
@@ -82,4 +87,4 @@ class Scorer:
                   "ts": int(recent["ts"][j])} for j in row if j >= 0]
                 for row in idx.tolist()
             ]
-        return ScoreResult(scores=scores.tolist(), history_length=L, explanations=explanations)
+        return ScoreResult(scores=scores.tolist(), history_length=L, explanations=explanations, memory=memory)

@@ -205,7 +205,20 @@ class StateStore:
         ids = list(user_ids)
         return sum(self._rebuild_chunk(updater, ids[i:i + chunk]) for i in range(0, len(ids), chunk))
 
-    def _rebuild_chunk(self, updater: StateUpdater, user_ids: Sequence[int]) -> int:
+    def rebuild_from_log(self, updater: StateUpdater, log: dict[int, np.ndarray], user_ids: Iterable[int],
+                         chunk: int = 256) -> int:
+        """Lifelong states of `updater.version`: each user's state over the union of its events in the offline
+        log (`log`, from service.event_log.read_log) and its stored sequence (what the stream applied since,
+        as far as the cap keeps it). The sequence itself is left as it is. -> users written."""
+        check_version(updater.version)
+        from service.event_log import union
+
+        ids = list(user_ids)
+        empty = np.zeros(0, SEQ_DTYPE)
+        merge = lambda u, seq: union(log.get(u, empty), seq)  # noqa: E731
+        return sum(self._rebuild_chunk(updater, ids[i:i + chunk], merge) for i in range(0, len(ids), chunk))
+
+    def _rebuild_chunk(self, updater: StateUpdater, user_ids: Sequence[int], merge=None) -> int:
         version = updater.version
         pending = list(user_ids)
         written = 0
@@ -213,7 +226,8 @@ class StateStore:
             if not pending:
                 return written
             views = self._read(pending, version=None)
-            states = updater.rebuild([v.sequence for v in views])
+            seqs = [v.sequence if merge is None else merge(u, v.sequence) for u, v in zip(pending, views)]
+            states = updater.rebuild(seqs)
             calls = []
             for u, v, s in zip(pending, views, states, strict=True):
                 k = self.keys.user(u)

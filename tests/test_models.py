@@ -154,27 +154,44 @@ def test_tiny_model_overfits_a_tiny_real_subset(name, data):
 
 
 def test_optional_branches_join_the_tower_and_serve_like_the_batch(data, batch):
-    """aaren / titans flags: the summaries widen the MLP input, learn, and serving still equals the batch."""
-    for flags in ({"aaren": True}, {"titans": True}):
+    """aaren / titans flags: the summaries widen the MLP input, learn, and serving from the user's streamed
+    states equals the batch forward over the user's timeline."""
+    from recsys.data.sequences import Samples
+    from recsys.models.dare import MemoryReads
+    from recsys.modules import state_codec
+
+    for flags in ({"aaren": True}, {"titans": True}, {"aaren": True, "titans": True}):
         m = _model("dare", data, **flags)
-        branch = m.aaren if "aaren" in flags else m.titans
-        assert m.mlp.net[0].in_features == 9 * 6 + branch.d_out
+        branches = [x for x in (m.aaren, m.titans) if x is not None]
+        assert m.mlp.net[0].in_features == 9 * 6 + sum(x.d_out for x in branches)
+        assert all(x.d_in == 2 * 6 for x in branches)  # item + category representations, no position
         opt = make_optimizers(m, TrainConfig())
-        before = [p.detach().clone() for p in branch.parameters()]
+        before = [p.detach().clone() for x in branches for p in x.parameters()]
         train_step(m, batch, opt, 1.0)
-        assert any(not torch.equal(a, p) for a, p in zip(before, branch.parameters()))
+        assert all(not torch.equal(a, p) for a, p in zip(before, (p for x in branches for p in x.parameters())))
         m.eval()
         b = int(torch.argmax(batch.hist_len))
         L = int(batch.hist_len[b])
-        from dataclasses import replace
-
         C = 3
-        rep = lambda x: x[b : b + 1].expand(C, *x.shape[1:]).clone()  # noqa: E731
         ci, cc = batch.target_item[:C].clone(), batch.target_cate[:C].clone()
-        rows = replace(batch, user=rep(batch.user), target_item=ci, target_cate=cc, hist_item=rep(batch.hist_item),
-                       hist_cate=rep(batch.hist_cate), hist_pos=rep(batch.hist_pos), hist_len=rep(batch.hist_len), label=torch.zeros(C))
-        got = m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], ci, cc)
-        torch.testing.assert_close(got.logit, m(rows).logit, rtol=1e-5, atol=1e-5)
+        u, pos = int(batch.user[b]), int(batch.timeline().row_prefix[b])
+        rows = Samples(np.full(C, u), np.full(C, pos), ci.numpy(), cc.numpy(), np.zeros(C, np.float32))
+        want = m(assemble(data.store, rows, np.arange(C), 30)).logit
+        # the user's states, streamed one event at a time over the events before the target
+        item, cate, _ = data.store.user_events(u)
+        with torch.no_grad():
+            x = m.memory_features(torch.from_numpy(item[:pos]), torch.from_numpy(cate[:pos]), grad=False)
+            sa = m.aaren.init_state(1) if m.aaren is not None else None
+            st = m.titans.init_state(1) if m.titans is not None else None
+            for t in range(pos):
+                sa = m.aaren.step(sa, x[t:t + 1]) if sa is not None else None
+                st = m.titans.step(st, x[t:t + 1]) if st is not None else None
+            sa, st = (None if s_ is None else state_codec.split(s_)[0] for s_ in (sa, st))
+        memory = MemoryReads.from_states(m, sa, st)
+        got = m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], ci, cc, memory)
+        torch.testing.assert_close(got.logit, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="memory"):
+            m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], ci, cc)
     with pytest.raises(NotImplementedError, match="titans"):
         _model("din", data, titans=True)
 
@@ -207,7 +224,8 @@ def _one_block(m, b):
         v_t, e = m._embed({"item": b.target_item, "cate": b.target_cate}, {"item": b.hist_item, "cate": b.hist_cate})
         return ModelOutput(m.mlp(ctr_input(v_t, m.attend(v_t, e, b.hist_mask))).squeeze(-1), None, None)
     target = {"item": b.target_item, "cate": b.target_cate, "pos": torch.zeros_like(b.target_item)}
-    return m.heads(target, {"item": b.hist_item, "cate": b.hist_cate, "pos": b.hist_pos}, b.hist_len)
+    memory = m.memory_reads(b) if m.has_memory else None
+    return m.heads(target, {"item": b.hist_item, "cate": b.hist_cate, "pos": b.hist_pos}, b.hist_len, memory)
 
 
 @pytest.mark.parametrize("name,flags", [("dare", {}), ("twin", {}), ("din", {}), ("dare", {"aaren": True, "titans": True})])

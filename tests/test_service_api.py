@@ -19,6 +19,7 @@ from recsys.config.experiment import ExperimentConfig
 from recsys.config.model import ModelConfig
 from recsys.data.sequences import Samples, assemble, load_store
 from recsys.models import build_model
+from service.keys import KeySpace
 from test_service_support import API_KEY, live, service_config, wait_applied
 
 MAX_LEN = 48
@@ -29,12 +30,12 @@ def store(bench_dir):
     return load_store(bench_dir / "events.parquet")
 
 
-def _bundle(store, out, seed: int) -> str:
+def _bundle(store, out, seed: int, **model) -> str:
     torch.manual_seed(seed)
     # A large init spread so that scores differ clearly between histories (an untrained N(0, 0.01) model
     # scores everything ~0.5, and parity would hold for the wrong reasons).
     cfg = ExperimentConfig(data="benchmarks/ml-latest-small",
-                           model=ModelConfig(max_len=MAX_LEN, top_k=6, dim_rep=8, dim_att=4, mlp=[16], init_std=0.3))
+                           model=ModelConfig(max_len=MAX_LEN, top_k=6, dim_rep=8, dim_att=4, mlp=[16], init_std=0.3, **model))
     model = build_model(cfg.model, int(store.item.max()) + 1, int(store.cate.max()) + 1)
     model.eval()
     with torch.no_grad():  # give BatchNorm non-trivial running statistics, as a trained model has
@@ -124,6 +125,58 @@ def test_streamed_scores_equal_offline(backend, backend_url, store, bundles, tmp
         assert f'recsys_events_applied_total {float(sum(counts.values()))}' in metrics
         assert "recsys_events_duplicate_total 50.0" in metrics
         assert f"recsys_scores_served_total {float(len(users) * len(cands))}" in metrics
+
+
+@pytest.fixture(scope="module")
+def memory_bundle(store, tmp_path_factory):
+    return _bundle(store, tmp_path_factory.mktemp("memory") / "m", seed=3, aaren=True, titans=True, titans_chunk_size=8)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "server"])
+def test_memory_model_scores_from_the_stored_state_equal_offline(backend, backend_url, store, memory_bundle, tmp_path):
+    """DARE + Aaren + Titans: the stream worker keeps each user's memory state; /v1/score reads it (no
+    recomputation over the history) and equals the offline score of the same row, whose memory ran over
+    the user's whole timeline. User 18's 703 events exceed the sequence cap (500): search sees the newest
+    events, the memory all of them. Without a current state (another version's), a short sequence is
+    rebuilt in the request and a long one is scored with an empty memory, each flagged."""
+    users = [1, 4, 18]
+    counts = {1: 29, 4: 44, 18: 703}
+    events = events_of(store, users, 703)
+    rng = random.Random(1)
+    small = [e for e in events if e["user_id"] != 18]
+    rng.shuffle(small)                                           # out of order: the rebuild path, inside the cap
+    big = [e for e in events if e["user_id"] == 18]              # in order: folded forward past the cap
+    cands = rng.sample(range(1, int(store.item.max()) + 1), 30)
+    cand_cates = [rng.randint(1, int(store.cate.max())) for _ in cands]
+    body = {"candidates": [{"item_id": i, "category_id": c} for i, c in zip(cands, cand_cates)]}
+    cfg = service_config(backend_url, tmp_path, bundle=memory_bundle, memory_rebuild_max_events=100)
+    with live(cfg) as (srv, client):
+        post_events(client, small)
+        for i in range(0, len(big), 150):
+            post_events(client, big[i:i + 150])
+            wait_applied(client, {18: min(i + 150, 500)})
+        wait_applied(client, {1: 29, 4: 44})
+        assert client.get("/v1/users/18").json()["history_length"] == 500  # the cap: the memory has all 703
+        for u in users:
+            r = client.post("/v1/score", json={"user_id": u, **body})
+            assert r.status_code == 200, r.text
+            assert r.json()["memory"] == "stored"
+            want = offline_scores(memory_bundle, store, u, counts[u], cands, cand_cates)
+            np.testing.assert_allclose(r.json()["scores"], want, rtol=1e-5, atol=1e-6)
+        # no current state (deleted here; after a reload without rebuild, another version's): rebuilt in
+        # the request from the stored sequence (<= 100 events) or an empty memory
+        keys, version = KeySpace(cfg.serve.state.key_prefix), load_bundle(memory_bundle).version
+        srv.runtime.store.client.delete(*[keys.user(u).state(version) for u in users])
+        for u, source in ((1, "rebuilt"), (4, "rebuilt"), (18, "empty")):
+            r = client.post("/v1/score", json={"user_id": u, **body})
+            assert r.status_code == 200 and r.json()["memory"] == source, r.text
+        for u in (1, 4):
+            want = offline_scores(memory_bundle, store, u, counts[u], cands, cand_cates)
+            np.testing.assert_allclose(client.post("/v1/score", json={"user_id": u, **body}).json()["scores"], want,
+                                       rtol=1e-5, atol=1e-6)
+        metrics = client.get("/metrics").text
+        assert 'recsys_score_memory_total{source="rebuilt"} 4.0' in metrics
+        assert 'recsys_score_memory_total{source="empty"} 1.0' in metrics
 
 
 def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):

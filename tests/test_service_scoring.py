@@ -61,7 +61,7 @@ def test_empty_history_scores_as_the_batch_forward_with_length_zero(name):
     model = _model(name)
     serving = _serving(model)
     cand_item, cand_cate = [5, 17, 250], [1, 2, 11]
-    probs, idx = serving.score(_seq([], []), None, torch.tensor(cand_item), torch.tensor(cand_cate))
+    probs, idx, _ = serving.score(_seq([], []), None, torch.tensor(cand_item), torch.tensor(cand_cate))
     with torch.no_grad():
         want = torch.sigmoid(serving.model(_batch([], [], cand_item, cand_cate, width=7)).logit)
     torch.testing.assert_close(probs, want, rtol=1e-6, atol=1e-7)
@@ -80,7 +80,7 @@ def test_oov_ids_share_one_zero_embedding_and_leave_known_scores_alone(name):
     assert cates.tolist() == [3, OOV_ID, 3, 3, 3]
 
     hist_item, hist_cate = [9, 14, 200, 33, 9, 71], [1, 4, 4, 7, 1, 2]
-    probs, _ = serving.score(_seq(hist_item, hist_cate), None, items, cates)
+    probs, _, _ = serving.score(_seq(hist_item, hist_cate), None, items, cates)
     # every OOV id reads the zero vector: unknown items (with known or unknown categories) are one value
     # per category, whatever their raw id
     assert probs[1] != probs[0] and probs[2] == probs[3]
@@ -98,5 +98,5 @@ def test_oov_ids_share_one_zero_embedding_and_leave_known_scores_alone(name):
         want = torch.sigmoid(model(batch).logit)
         got = torch.sigmoid(serving.model(batch).logit)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    served, _ = serving.score(_seq(hist_item, hist_cate), None, torch.tensor(known_item), torch.tensor(known_cate))
+    served, _, _ = serving.score(_seq(hist_item, hist_cate), None, torch.tensor(known_item), torch.tensor(known_cate))
     torch.testing.assert_close(served, want, rtol=1e-5, atol=1e-6)

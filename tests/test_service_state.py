@@ -1,10 +1,6 @@
-"""The model-state bridge: Aaren and Titans states streamed through the real stream worker (in batches, out
-of order, with replays) equal the states computed in one parallel pass over the same stored history.
-
-DARE has no streaming branches wired in yet, so the model here is DARE plus real Aaren / NeuralMemory
-modules over its representation embeddings, exposed through `streaming_branches()`: the contract
-`ModelStateUpdater` reads. (Switch to the real model's branches once it has them.)
-"""
+"""The model-state bridge: the memory branches' states (Aaren and Titans of a real DARE) streamed through
+the real stream worker (in batches, out of order, with replays) equal the states computed in one parallel
+pass over the same stored history, and their reads equal the offline timeline reads."""
 
 from __future__ import annotations
 
@@ -20,9 +16,7 @@ from recsys.config.model import ModelConfig
 from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
 from recsys.data.sequences import load_store
 from recsys.models import build_model
-from recsys.modules.aaren import Aaren
-from recsys.modules.titans import NeuralMemory
-from service.model_state import ModelStateUpdater, ServingModel, StreamingBranches, decode_states
+from service.model_state import ModelStateUpdater, ServingModel, decode_states
 from service.redis_conn import connect
 from service.state import Event, StateStore
 from service.stream import EventStream, StreamWorker
@@ -31,17 +25,9 @@ from test_service_support import cleanup_server_keys
 
 def serving_with_branches(n_items: int, n_cates: int) -> ServingModel:
     torch.manual_seed(0)
-    model = build_model(ModelConfig(max_len=32, top_k=4, dim_rep=8, dim_att=4, mlp=[8], init_std=0.3), n_items, n_cates)
-    aaren = Aaren(d_in=16, d_model=16, n_heads=2, n_layers=2).eval()
-    titans = NeuralMemory(d_in=16, d_key=8, d_hidden=8, depth=2, chunk_size=4).eval()
-
-    def features(item, cate):  # the event's representation embeddings (item ++ category)
-        # (the table set looks up every table it holds; the position table is not part of the feature)
-        emb = model.rep_tables({"rep_item": item, "rep_cate": cate, "rep_pos": torch.zeros_like(item)})
-        return torch.cat([emb["rep_item"], emb["rep_cate"]], dim=-1)
-
-    model.streaming_branches = lambda: StreamingBranches(features=features, aaren=aaren, titans=titans)
-    return ServingModel(model, "branches-v1", n_items, n_cates, 32)
+    cfg = ModelConfig(max_len=32, top_k=4, dim_rep=8, dim_att=4, mlp=[8], init_std=0.3, aaren=True, titans=True,
+                      titans_chunk_size=4)
+    return ServingModel(build_model(cfg, n_items, n_cates), "branches-v1", n_items, n_cates, 32)
 
 
 @pytest.mark.parametrize("backend", ["embedded", "server"])
@@ -93,7 +79,7 @@ def test_streamed_state_equals_batch_state(backend, backend_url, bench_dir, tmp_
                 torch.testing.assert_close(got_t.buffer, want_t.buffer)
                 assert int(got_t.count) == int(want_t.count) and int(got_t.n) == len(view.sequence)
                 # and the reads agree with the offline forward over the history
-                q = torch.randn(1, 16)
+                q = torch.randn(1, 24)
                 torch.testing.assert_close(br.aaren.read(got_a), br.aaren.forward(x, lengths), rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(br.titans.read(got_t, q), br.titans.forward(x, lengths, q),
                                            rtol=1e-5, atol=1e-5)

@@ -236,7 +236,7 @@ def test_dare_with_titans_trains_at_long_history():
     b = HistoryBatch(user=torch.arange(B), target_item=ids(n_items, (B,)), target_cate=ids(n_cates, (B,)),
                      hist_item=ids(n_items, (B, L)) * real, hist_cate=ids(n_cates, (B, L)) * real,
                      hist_pos=(torch.arange(L) + 1)[None, :] * real, hist_len=lengths,
-                     label=torch.tensor([1.0, 0, 1, 0, 1, 0]))
+                     label=torch.tensor([1.0, 0, 1, 0, 1, 0])).rows_as_timelines()
     for _ in range(4):
         loss = train_step(model, b, opt, 1.0)
         assert torch.isfinite(torch.tensor(loss))

@@ -313,6 +313,38 @@ def stream_worker(
         handle.close()
 
 
+@app.command("rebuild-state")
+@friendly
+def rebuild_state(
+    bundle: Path = typer.Option(..., help="model bundle whose memory states to compute"),
+    log: Optional[Path] = typer.Option(None, help="offline event log (Parquet: event_id, user_id, item_id, "
+                                      "category_id, action, ts); default: the stored (capped) sequences only"),
+    config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), or the preset name serve"),
+    workers: int = typer.Option(2, help="Ray actors"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join); default: local Ray"),
+) -> None:
+    """Compute every user's memory state (Aaren / Titans) for a bundle, before it serves: over the offline
+    event log plus what the stream applied since (lifelong: every event, however long the history), or
+    over the stored sequences (exact only for users within the sequence cap).
+
+    \b
+    Example: recsys rebuild-state --bundle runs/dare/bundle --log data/events.parquet
+    """
+    from pipelines.rebuild_state import run_rebuild_state
+    from service.event_log import LogRebuild, log_users
+    from service.redis_conn import connect
+    from service.state import StateStore
+
+    cfg = _service_config(config, bundle, None, None)
+    _preflight(cfg, listen=False)
+    with connect(cfg.serve.state) as handle:
+        users = set(StateStore(handle.client, cfg.serve.state).iter_user_ids())
+    if log is not None:
+        users |= set(log_users(log).tolist())
+    job = LogRebuild(cfg.serve.state, cfg.bundle, None if log is None else str(log.resolve()))
+    _print_json(run_rebuild_state(sorted(users), job, workers=workers, address=address))
+
+
 @app.command()
 @friendly
 def demo(

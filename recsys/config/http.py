@@ -36,6 +36,12 @@ class HttpConfig(StrictModel):
     max_batch: int = Field(32, ge=1, description="most score requests in one micro-batch")
     score_concurrency: int = Field(1, ge=1, le=64, description="micro-batches scored at once, each in its own "
                                    "thread; keep score_concurrency x torch_threads about the cores the process may use")
+    memory_rebuild_max_events: int = Field(2_048, ge=0, description="models with memory branches: a user whose "
+                                           "stored state is missing or of another model version gets it "
+                                           "recomputed inside the request from the stored sequence when that "
+                                           "has at most this many events (response `memory: rebuilt`), else "
+                                           "is scored with an empty memory (`memory: empty`); the stream "
+                                           "worker or the rebuild job writes the real state")
     # One log line per request costs about as much as a small forward.
     access_log: bool = Field(False, description="uvicorn's per-request access log")
     torch_threads: int | None = Field(None, ge=1, description="threads torch may use for a forward (None: torch's "

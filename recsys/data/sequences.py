@@ -22,7 +22,7 @@ import torch
 
 from numpy.lib.stride_tricks import sliding_window_view
 
-from recsys.data.batch import HistoryBatch
+from recsys.data.batch import HistoryBatch, Timeline
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
 
 EVENT_COLUMNS = {f.name: f.type for f in DATASET_EVENTS_SCHEMA}
@@ -197,7 +197,23 @@ def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: 
         hist_pos=torch.from_numpy(hist_pos),
         hist_len=torch.from_numpy(n),
         label=torch.from_numpy(samples.label[rows]),
+        timeline_source=lambda: timeline(store, user, pos),
     )
+
+
+def timeline(store: SequenceStore, user: np.ndarray, pos: np.ndarray) -> Timeline:
+    """The Timeline of rows (user, pos): each distinct user's events from the first up to the last one any
+    of its rows reads (later events cannot change a causal read, so they are not given)."""
+    users, row_user = np.unique(user, return_inverse=True)
+    need = np.zeros(len(users), np.int64)
+    np.maximum.at(need, row_user, pos)
+    offsets = np.zeros(len(users) + 1, np.int64)
+    np.cumsum(need, out=offsets[1:])
+    # store index of each given event: user u's first need[u] events, users one after another
+    src = np.repeat(store.offsets[users] - offsets[:-1], need) + np.arange(offsets[-1], dtype=np.int64)
+    return Timeline(item=torch.from_numpy(store.item[src]), cate=torch.from_numpy(store.cate[src]),
+                    offsets=torch.from_numpy(offsets), row_user=torch.from_numpy(row_user.astype(np.int64)),
+                    row_prefix=torch.from_numpy(pos.astype(np.int64)))
 
 
 def batch_rows(n_rows: int, batch_size: int, shuffle: bool, seed: int | None = None, drop_last: bool = False) -> Iterator[np.ndarray]:

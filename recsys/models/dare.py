@@ -11,9 +11,20 @@ attention.search (semantic = item+category, 2 d_a dims; position, d_a dims) on e
 stage 2 embeds only the k kept events again, with gradient (attention.aggregate), so the main head's backward
 touches B x k rows, not B x L; the auxiliary head (attention.soft_attention) is what sends gradient to every
 history event. The tower is MLP([v_t, h, v_t * h]) with v_t = the target's representation.
+
+Memory branches (optional, DESIGN section 3 "lifelong split of work"): search covers the recent events,
+the memories cover every event the user ever had. Their per-event input is position-free,
+x_i = [r_item(i), r_cate(i)] (representation tables; "position from the end" would change every earlier
+event's input whenever a new one arrives), so the state after event t depends on events 1..t only and
+the stream worker folds each new event in. Training runs each user's memory over its chronological
+timeline once per batch (`HistoryBatch.timeline()`), and each row reads it just before its target;
+serving reads the stored per-user state (`MemoryReads.from_states`). Both join the MLP input:
+Aaren's summary, and the Titans memory read with the target's representation v_t as query.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,6 +37,43 @@ from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
 from recsys.models.output import ModelOutput
 
 FIELDS = ("item", "cate", "pos")
+
+
+@dataclass
+class MemoryReads:
+    """What the memory branches give each query row: Aaren's summary and the Titans memory weights at the
+    row's read point. Rows [Q] (one per target), or [1] shared by all targets of one user (serving)."""
+
+    aaren: torch.Tensor | None           # [Q or 1, d_aaren]
+    titans: list[torch.Tensor] | None    # per memory layer [Q or 1, d_(j-1), d_j]
+
+    def rows(self, idx: torch.Tensor) -> "MemoryReads":
+        return MemoryReads(None if self.aaren is None else self.aaren[idx],
+                           None if self.titans is None else [w[idx] for w in self.titans])
+
+    def summaries(self, model: "DARE", v_t: torch.Tensor) -> list[torch.Tensor]:
+        """v_t [Q, D] (the targets' representations, the Titans query) -> [Q, d] per branch."""
+        out = []
+        if self.aaren is not None:
+            out.append(self.aaren.expand(v_t.shape[0], -1))
+        if self.titans is not None:
+            if self.titans[0].shape[0] == v_t.shape[0]:
+                out.append(model.titans._read(self.titans, v_t))                 # one memory per row
+            else:
+                out.append(model.titans._read(self.titans, v_t[None])[0])       # one user's memory, Q queries
+        return out
+
+    @staticmethod
+    def from_states(model: "DARE", aaren_state, titans_state) -> "MemoryReads":
+        """From one user's streamed states (service.model_state): the read `Aaren.read` / `NeuralMemory.read`
+        make, split so that the candidates share one memory."""
+        a = model.aaren.read(aaren_state) if model.aaren is not None else None
+        w = None
+        if model.titans is not None:
+            t = titans_state
+            real = torch.arange(model.titans.chunk_size)[None, :] < t.count[:, None]
+            w, _ = model.titans.chunk_update(t.weights, t.momentum, model.titans.chunks(t.buffer, real))
+        return MemoryReads(a, w)
 
 
 class DARE(nn.Module):
@@ -43,38 +91,48 @@ class DARE(nn.Module):
                 init_weights(tower, config.init_std)
 
     def build_branches(self, d_r: int) -> int:
-        """Optional whole-history summaries joining the MLP input (DESIGN section 3): Aaren's streaming
-        attention summary and the Titans memory read with the target as query. -> their total width."""
+        """Optional lifelong summaries joining the MLP input (module doc): Aaren's streaming attention
+        summary and the Titans memory read with the target as query. -> their total width."""
         from recsys.modules.aaren import Aaren
         from recsys.modules.titans import NeuralMemory
 
-        self.aaren = Aaren(d_in=d_r) if self.config.aaren else None
+        d_x = 2 * self.config.dim_rep                                            # memory_features: item, category
+        self.aaren = Aaren(d_in=d_x) if self.config.aaren else None
         self.titans = (
-            NeuralMemory(d_in=d_r, d_query=d_r, chunk_size=self.config.titans_chunk_size, max_lr=self.config.titans_max_lr,
+            NeuralMemory(d_in=d_x, d_query=d_r, chunk_size=self.config.titans_chunk_size, max_lr=self.config.titans_max_lr,
                          max_grad_norm=self.config.titans_max_grad_norm)
             if self.config.titans else None
         )
         return sum(m.d_out for m in (self.aaren, self.titans) if m is not None)
 
-    def branch_inputs(self, rep: Fields, v_t: torch.Tensor, lengths: torch.Tensor | int) -> list[torch.Tensor]:
-        """rep: representation fields of the whole history ([B, L, d] each, or [L, d] shared by the C
-        candidates of one user); v_t [B or C, D]. -> summaries [B or C, d_branch]."""
-        from recsys.modules.seq import chronological
+    @property
+    def has_memory(self) -> bool:
+        return self.aaren is not None or self.titans is not None
 
-        x = rep.events_vec()                                                     # [B, L, D] most recent first
-        shared = x.dim() == 2
-        n = torch.as_tensor(lengths).reshape(-1)
-        if shared:
-            x = x.unsqueeze(0)                                                   # [1, L, D]
-        x = chronological(x, n)                                                  # oldest first, as the modules expect
-        out = []
+    def memory_features(self, item: torch.Tensor, cate: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        """The memories' per-event input, position-free: item, cate [...] -> [r_item, r_cate] [..., 2 d_r].
+        Without gradient the rows are read straight from the weights (the stream worker's path)."""
+        (_, _), (tables, prefix) = self.role_tables()
+        name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
+        if not (grad and torch.is_grad_enabled()):
+            w = tables.weights()
+            return torch.cat([w[name("item")][item], w[name("cate")][cate]], dim=-1)
+        # the set looks up every table it holds: the position table gets one padding id
+        emb = tables({name("item"): item.reshape(-1), name("cate"): cate.reshape(-1),
+                      name("pos"): item.new_zeros(1)})
+        return torch.cat([emb[name("item")], emb[name("cate")]], dim=-1).reshape(*item.shape, -1)
+
+    def memory_reads(self, batch: HistoryBatch) -> MemoryReads:
+        """Training and offline scoring: each user's memory over its timeline once, read per row just before
+        its target (`Timeline`'s read rule)."""
+        tl = batch.timeline()
+        x = self.memory_features(tl.item, tl.cate)                               # [N, 2 d_r], CSR by user
+        aaren = titans = None
         if self.aaren is not None:
-            a = self.aaren(x, n)                                                 # [B or 1, d]
-            out.append(a.expand(v_t.shape[0], -1) if shared else a)
+            aaren = self._aaren_reads(x, tl)
         if self.titans is not None:
-            y = self.titans(x, n, v_t.unsqueeze(0) if shared else v_t)           # [B, d] or [1, C, d]
-            out.append(y.squeeze(0) if shared else y)
-        return out
+            titans = self.titans.prefix_weights(x, tl.offsets, tl.row_user, tl.row_prefix)
+        return MemoryReads(aaren, titans)
 
     def build_tables(self, config: ModelConfig) -> None:
         self.att_tables = self._tables("att", config.dim_att, config)
@@ -85,6 +143,20 @@ class DARE(nn.Module):
     def _tables(self, prefix: str, dim: int, config: ModelConfig) -> TableSet:
         specs = [TableSpec(f"{prefix}_{f}" if prefix else f, self.rows[f], dim) for f in FIELDS]
         return TableSet(specs, config.embedding_backend, config.init_std)
+
+    def _aaren_reads(self, x: torch.Tensor, tl) -> torch.Tensor:
+        """Aaren's summary per row: all prefix outputs of each user's padded timeline (the parallel scan),
+        taken after the row's last event; 0 before any event, as `Aaren.read` of an empty state."""
+        length = tl.length
+        T = int(length.max()) if len(length) else 0
+        if T == 0:
+            return x.new_zeros(len(tl.row_prefix), self.aaren.d_out)
+        j = torch.arange(T, device=x.device)
+        valid = j[None, :] < length[:, None]                                     # [U, T]
+        padded = x.new_zeros(len(length), T, x.shape[-1]).masked_scatter(valid[..., None], x)
+        out = self.aaren.forward_all(padded, length)                             # [U, T, d]: after events 0..t
+        read = out[tl.row_user, (tl.row_prefix - 1).clamp(min=0)]
+        return read.masked_fill((tl.row_prefix == 0)[:, None], 0.0)
 
     # --- embeddings ---
 
@@ -106,24 +178,27 @@ class DARE(nn.Module):
 
     # --- the model ---
 
-    def features(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def features(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int,
+                 memory: MemoryReads | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Everything that reads the history (per row) -> (MLP input [B, D_in], auxiliary MLP input
-        [B, 3 d_r] or None, retrieved columns [B, k])."""
-        # the whole history needs gradient (and representations) only for the auxiliary head and branches
-        whole = self.aux_mlp is not None or self.aaren is not None or self.titans is not None
+        [B, 3 d_r] or None, retrieved columns [B, k]). `memory`: the rows' memory reads (memory branches)."""
+        # the whole history needs gradient (and representations) only for the auxiliary head
+        whole = self.aux_mlp is not None
         att, rep = self.embed(target, events, grad=whole, rep=whole)
         idx = search(att, lengths, self.k, self.segments)                        # [B, k] stage 1
         kept = {f: gather_ids(events[f], idx) for f in FIELDS}                   # [B, k] ids
         att_k, rep_k = self.embed(target, kept, grad=True)
-        return self.stage2(att, rep, att_k, rep_k, idx, lengths)
+        return self.stage2(att, rep, att_k, rep_k, idx, lengths, memory)
 
-    def stage2(self, att: Fields, rep: Fields | None, att_k: Fields, rep_k: Fields, idx: torch.Tensor, lengths: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """From the kept events (att_k, rep_k) and the whole history (att, rep; rep None when neither the
-        auxiliary head nor a branch reads it) -> features()' (MLP input, auxiliary MLP input, idx)."""
+    def stage2(self, att: Fields, rep: Fields | None, att_k: Fields, rep_k: Fields, idx: torch.Tensor,
+               lengths: torch.Tensor | int, memory: MemoryReads | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """From the kept events (att_k, rep_k), the whole history (att, rep; rep None when the auxiliary
+        head does not read it) and the memory reads -> features()' (MLP input, auxiliary MLP input, idx)."""
         h = aggregate(att_k, rep_k, idx, self.segments)                          # [B, 3 d_r] stage 2
         v_t = rep_k.target_vec()                                                 # [B, 3 d_r]
-        branches = self.aaren is not None or self.titans is not None
-        extra = self.branch_inputs(rep, v_t, lengths) if branches else []
+        if self.has_memory and memory is None:
+            raise ValueError("a model with memory branches needs the rows' memory reads")
+        extra = memory.summaries(self, v_t) if self.has_memory else []
         x = torch.cat([ctr_input(v_t, h)] + extra, dim=-1)                       # [B, D_in]
         x_aux = ctr_input(v_t, soft_attention(att, rep, lengths, self.segments)) if self.aux_mlp is not None else None
         return x, x_aux, idx
@@ -132,14 +207,17 @@ class DARE(nn.Module):
         aux = self.aux_mlp(x_aux).squeeze(-1) if x_aux is not None else None     # [B]
         return ModelOutput(self.mlp(x).squeeze(-1), aux, idx)
 
-    def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int) -> ModelOutput:
-        return self.towers(*self.features(target, events, lengths))
+    def heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], lengths: torch.Tensor | int,
+              memory: MemoryReads | None = None) -> ModelOutput:
+        return self.towers(*self.features(target, events, lengths, memory))
 
     def forward(self, batch: HistoryBatch) -> ModelOutput:
+        memory = self.memory_reads(batch) if self.has_memory else None
+
         def group(rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
             target = {"item": batch.target_item[rows], "cate": batch.target_cate[rows], "pos": torch.zeros_like(rows)}
             events = {"item": batch.hist_item[rows, :width], "cate": batch.hist_cate[rows, :width], "pos": batch.hist_pos[rows, :width]}
-            return self.features(target, events, batch.hist_len[rows])
+            return self.features(target, events, batch.hist_len[rows], None if memory is None else memory.rows(rows))
 
         return self.towers(*by_length_groups(batch.hist_len, self.config.group_rows, group))
 
@@ -154,11 +232,13 @@ class DARE(nn.Module):
         return kept_weights(att_k, idx, self.segments)
 
     @torch.no_grad()
-    def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor) -> ModelOutput:
+    def score_candidates(self, hist_item: torch.Tensor, hist_cate: torch.Tensor, cand_item: torch.Tensor, cand_cate: torch.Tensor,
+                         memory: MemoryReads | None = None) -> ModelOutput:
         """Serving: C candidates of ONE user sharing one history (retrieval's serving layout).
 
         hist_item, hist_cate [L]: the user's last L <= max_len events, most recent first, no padding;
-        cand_item, cand_cate [C]. -> logit [C], aux_logit [C] or None, indices [C, k]. Equals the batch
+        cand_item, cand_cate [C]; memory: the user's memory reads (`MemoryReads.from_states`), for a model
+        with memory branches. -> logit [C], aux_logit [C] or None, indices [C, k]. Equals the batch
         forward on the same rows in eval mode.
         """
         L = hist_item.shape[0]
@@ -168,14 +248,15 @@ class DARE(nn.Module):
             raise ValueError("hist_item/hist_cate and cand_item/cand_cate must have matching shapes")
         target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
         events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1, device=hist_item.device)}
-        return self.shared_history_heads(target, events, L)                 # targets [C], one history [L]
+        return self.shared_history_heads(target, events, L, memory)         # targets [C], one history [L]
 
     def role_tables(self) -> tuple[tuple[TableSet, str], tuple[TableSet, str]]:
         """(table set, name prefix) of the attention role and of the representation role."""
         return (self.att_tables, "att"), (self.rep_tables, "rep")
 
     @torch.no_grad()
-    def shared_history_heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], L: int) -> ModelOutput:
+    def shared_history_heads(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], L: int,
+                             memory: MemoryReads | None = None) -> ModelOutput:
         """heads() for C targets sharing ONE history ([C] target ids, [L] event ids), computed the serving
         way, with heads()' numbers (tests/test_models.py compares it with the batch forward):
         - table rows read straight from the weights: no id dedup or KJT, as nothing sends gradient back;
@@ -190,7 +271,7 @@ class DARE(nn.Module):
         kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
         att_k = Fields(att.target, [kept(e) for e in att.events])
         rep_k = Fields(rep.target, [kept(e) for e in rep.events])
-        return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L))
+        return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L, memory))
 
 
 def _lookup(tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:

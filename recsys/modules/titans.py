@@ -255,6 +255,70 @@ class NeuralMemory(nn.Module):
         return ([torch.cat([p[0][j] for p in parts])[unsort] for j in range(len(weights))],
                 [torch.cat([p[1][j] for p in parts])[unsort] for j in range(len(weights))])
 
+    def prefix_weights(self, x: torch.Tensor, offsets: torch.Tensor, row_user: torch.Tensor,
+                       row_prefix: torch.Tensor) -> list[torch.Tensor]:
+        """Training on timelines: each user's memory is run once over its events and every row reads it
+        where its prefix ends. x [N, d_in]: the users' events oldest first, user u's at
+        offsets[u]:offsets[u + 1] (CSR, no padding); row_user [B] (index into U); row_prefix [B] (at most
+        the user's event count) -> per layer [B, d_(j-1), d_j]: the memory after the row's first
+        `row_prefix` events, its open chunk applied as `read` applies a state's buffer. So a row's read
+        equals `read` of the state streamed over those events (tests/test_memory_timeline.py).
+
+        The full chunks run once per user, keeping the memory at every chunk boundary; each row then takes
+        its boundary floor(prefix / b) and applies its < b remaining events as one chunk."""
+        b = self.chunk_size
+        lengths = offsets[1:] - offsets[:-1]
+        if x.dim() != 2 or x.shape[0] != int(offsets[-1]) or row_user.shape != row_prefix.shape or row_user.dim() != 1:
+            raise ValueError(f"x must be [offsets[-1], d_in], row_user and row_prefix equal [B] shapes; got "
+                             f"{tuple(x.shape)}, {tuple(row_user.shape)}, {tuple(row_prefix.shape)}")
+        if bool((row_prefix > lengths[row_user]).any()):
+            raise ValueError("row_prefix exceeds its user's timeline length")
+        boundaries, rank, at_chunk = self._chunk_boundaries(x, offsets)
+        c = torch.div(row_prefix, b, rounding_mode="floor")                          # [B] boundary per row
+        at = at_chunk[c] + rank[row_user]                                            # [B]
+        n_layers = len(self.init_weights)
+        weights, momentum = [w[at] for w in boundaries[:n_layers]], [s[at] for s in boundaries[n_layers:]]
+        j = torch.arange(b, device=x.device)
+        real = j[None, :] < (row_prefix - c * b)[:, None]                            # [B, b]
+        src = (offsets[row_user] + c * b)[:, None] + j[None, :]
+        if x.shape[0] == 0:
+            part = x.new_zeros(len(row_user), b, self.d_in)
+        else:
+            part = x[src.clamp(max=x.shape[0] - 1)].masked_fill(~real[..., None], 0.0)   # [B, b, d_in]
+        return self.chunk_update(weights, momentum, self.chunks(part, real))[0]
+
+    def _chunk_boundaries(self, x: torch.Tensor, offsets: torch.Tensor):
+        """The memory at every full-chunk boundary of every user -> (per layer weights then momenta, each
+        [sum_c a_c, ...], where boundary c holds the a_c users with >= c full chunks (boundary 0: all) in
+        descending-length rank order; `rank` [U], a user's row within a boundary; `at_chunk` [n + 1], where
+        boundary c starts)."""
+        U, b = len(offsets) - 1, self.chunk_size
+        full = torch.div(offsets[1:] - offsets[:-1], b, rounding_mode="floor")      # [U] full chunks
+        order = torch.argsort(full, descending=True, stable=True)
+        rank = torch.argsort(order)
+        n = int(full.max()) if U else 0
+        active = [int((full > ci).sum()) for ci in range(n)]                        # users in chunk ci
+        # every (chunk, user) pair's events in one gather, chunk-major: chunk ci is then one contiguous
+        # [a_ci, b, d] slice, and the backward is one index_add instead of a zero-filled copy per chunk
+        ci = torch.repeat_interleave(torch.arange(n, device=x.device), torch.tensor(active, dtype=torch.int64))
+        users = order[torch.cat([torch.arange(a, device=x.device) for a in active])] if n else ci
+        src = (offsets[users] + ci * b)[:, None] + torch.arange(b, device=x.device)[None, :]
+        chunks = x[src].split(active) if n else ()
+        weights, momentum = self._initial(U)
+        saved = [(weights, momentum)]
+        real = torch.ones(U, b, dtype=torch.bool, device=x.device)
+        for a, chunk in zip(active, chunks):
+            if a < weights[0].shape[0]:
+                weights, momentum = [w[:a] for w in weights], [s[:a] for s in momentum]
+            weights, momentum = self.chunk_update(weights, momentum, self.chunks(chunk, real[:a]))
+            saved.append((weights, momentum))
+        at_chunk = torch.zeros(n + 2, dtype=torch.int64, device=x.device)
+        at_chunk[1:] = torch.cumsum(torch.tensor([U] + active, dtype=torch.int64, device=x.device), 0)
+        n_layers = len(self.init_weights)
+        out = [torch.cat([w[j] for w, _ in saved]) for j in range(n_layers)]
+        out += [torch.cat([s[j] for _, s in saved]) for j in range(n_layers)]
+        return out, rank, at_chunk
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
         after all events (the partial last chunk applied, as `read` does)."""

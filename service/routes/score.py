@@ -36,6 +36,7 @@ def router(score_request: type[BaseModel]) -> APIRouter:
             raise HTTPException(503, f"scoring failed ({type(e).__name__})") from None
         # Built by hand: validating C floats through the response model costs more than the forward.
         return JSONResponse({"user_id": req.user_id, "model_version": version, "history_length": res.history_length,
-                             "scores": res.scores, "explanations": res.explanations})
+                             "scores": res.scores, "explanations": res.explanations}
+                            | ({"memory": res.memory} if res.memory is not None else {}))
 
     return r

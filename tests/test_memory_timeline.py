@@ -1,0 +1,115 @@
+"""Memory branches on timelines: each user's memory runs once over its chronological events and every row
+reads it just before its target. Checked against the streaming loop (the state after events 1..t, folded
+one event at a time, is what serving stores), and for causality: no row sees its own or a later event."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.config.model import ModelConfig
+from recsys.data.sequences import SequenceStore, Samples, assemble
+from recsys.models import build_model
+from recsys.models.dare import MemoryReads
+from recsys.modules.titans import NeuralMemory
+
+CHUNK = 4
+
+
+def _ragged(seed: int, lengths: list[int], d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> x [N, d] (CSR: the users' events one after another), offsets [U + 1]."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    return torch.randn(int(offsets[-1]), d, generator=g), offsets
+
+
+def test_titans_prefix_reads_equal_the_streamed_state_at_every_prefix():
+    torch.manual_seed(0)
+    mem = NeuralMemory(d_in=6, d_key=8, d_hidden=8, chunk_size=CHUNK, d_query=5).eval()
+    x, offsets = _ragged(1, [0, 3, 4, 9, 17, 8], 6)
+    lengths = offsets[1:] - offsets[:-1]
+    # every prefix of every user, rows in shuffled order (a user's rows need not be adjacent)
+    rows = [(u, p) for u in range(len(lengths)) for p in range(int(lengths[u]) + 1)]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    row_user = torch.tensor([u for u, _ in rows])
+    row_prefix = torch.tensor([p for _, p in rows])
+    q = torch.randn(len(rows), 5)
+    with torch.no_grad():
+        got = mem._read(mem.prefix_weights(x, offsets, row_user, row_prefix), q)
+        for i, (u, p) in enumerate(rows):
+            state = mem.init_state(1)
+            for t in range(p):
+                state = mem.step(state, x[int(offsets[u]) + t][None])
+            torch.testing.assert_close(got[i:i + 1], mem.read(state, q[i:i + 1]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="exceeds"):
+        mem.prefix_weights(x, offsets, torch.tensor([1]), torch.tensor([4]))
+
+
+def _store(lengths: list[int], seed: int) -> SequenceStore:
+    rng = np.random.default_rng(seed)
+    n = sum(lengths)
+    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
+    return SequenceStore(offsets, rng.integers(1, 40, n), rng.integers(1, 6, n), np.arange(n, dtype=np.int64))
+
+
+def _model(**flags):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim_att=4, dim_rep=4, top_k=3, max_len=8, mlp=[8], init_std=0.3, titans_chunk_size=CHUNK, **flags)
+    return build_model(cfg, 40, 6).eval()
+
+
+@pytest.mark.parametrize("flags", [{"aaren": True}, {"titans": True}, {"aaren": True, "titans": True}])
+def test_rows_read_the_memory_before_their_target_and_nothing_later(flags):
+    """Perturbing events at or after a row's target leaves its memory read unchanged (exactly: the same
+    computation on the same inputs); perturbing one earlier event changes it. Rows of one user at several
+    positions share the user's one timeline run."""
+    m = _model(**flags)
+    lengths = [30, 11, 23]
+    store = _store(lengths, 0)
+    user = np.array([0, 0, 0, 1, 2, 2])
+    pos = np.array([0, 9, 25, 10, 5, 22])
+    rows = Samples(user, pos, np.full(6, 3), np.full(6, 2), np.zeros(6, np.float32))
+
+    def reads(st: SequenceStore) -> list[torch.Tensor]:
+        batch = assemble(st, rows, np.arange(6), 8)
+        tl = batch.timeline()
+        assert tl.row_prefix.tolist() == pos.tolist() and tl.length.tolist() == [25, 10, 22]
+        with torch.no_grad():
+            mem = m.memory_reads(batch)
+            v_t = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
+            return [s for s in mem.summaries(m, v_t)]
+
+    base = reads(store)
+    for r in range(len(user)):
+        u, p = user[r], pos[r]
+        later = SequenceStore(store.offsets, store.item.copy(), store.cate.copy(), store.ts)
+        a, b = store.offsets[u] + p, store.offsets[u + 1]
+        later.item[a:b] = 39 - later.item[a:b]                    # the target's event and all after it
+        later.cate[a:b] = 1 + later.cate[a:b] % 5
+        for want, got in zip(base, reads(later)):
+            assert torch.equal(got[r], want[r]), f"row {r} saw an event at or after its target"
+        if p > 0:
+            earlier = SequenceStore(store.offsets, store.item.copy(), store.cate, store.ts)
+            earlier.item[store.offsets[u] + p - 1] = 39 - earlier.item[store.offsets[u] + p - 1]
+            assert all(not torch.allclose(g[r], w[r]) for w, g in zip(base, reads(earlier))), \
+                f"row {r} did not see the event just before its target"
+
+
+def test_offline_reads_equal_reads_from_streamed_states():
+    m = _model(aaren=True, titans=True)
+    store = _store([19, 7], 1)
+    user, pos = np.array([0, 0, 1]), np.array([13, 19, 7])
+    batch = assemble(store, Samples(user, pos, np.full(3, 3), np.full(3, 2), np.zeros(3, np.float32)), np.arange(3), 8)
+    v_t = torch.randn(3, 12)
+    with torch.no_grad():
+        offline = m.memory_reads(batch).summaries(m, v_t)
+        for r in range(3):
+            item, cate, _ = (a[store.offsets[user[r]]:store.offsets[user[r]] + pos[r]] for a in (store.item, store.cate, store.ts))
+            x = m.memory_features(torch.from_numpy(item), torch.from_numpy(cate), grad=False)
+            sa, st = m.aaren.init_state(1), m.titans.init_state(1)
+            for t in range(len(x)):
+                sa, st = m.aaren.step(sa, x[t:t + 1]), m.titans.step(st, x[t:t + 1])
+            online = MemoryReads.from_states(m, sa, st).summaries(m, v_t[r:r + 1])
+            for a, b in zip(offline, online):
+                torch.testing.assert_close(a[r:r + 1], b, rtol=1e-5, atol=1e-5)
