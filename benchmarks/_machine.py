@@ -62,8 +62,9 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "commit": COMMIT_AT_START,
         "commit_at_end": _git("rev-parse", "--short", "HEAD"),
-        # Other engineers edit the same tree: 'dirty' says some tracked file differed from the commit.
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Other engineers edit the same tree: 'dirty' says some tracked file outside results/ (which the
+        # benchmarks themselves write) differed from the commit.
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "load_avg_at_start": [round(x, 2) for x in LOAD_AT_START],
         "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
