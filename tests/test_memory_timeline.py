@@ -113,3 +113,26 @@ def test_offline_reads_equal_reads_from_streamed_states():
             online = MemoryReads.from_states(m, sa, st).summaries(m, v_t[r:r + 1])
             for a, b in zip(offline, online):
                 torch.testing.assert_close(a[r:r + 1], b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_aaren_prefix_reads_equal_the_streamed_state_at_every_prefix(n_layers):
+    """Blocks of 4 events (so users span zero, one and several full blocks, with partial ones), the
+    recency slope on: every prefix's read equals the state folded one event at a time. Two layers take
+    the padded scan."""
+    from recsys.modules.aaren import Aaren
+
+    torch.manual_seed(0)
+    aaren = Aaren(d_in=6, d_model=8, n_heads=2, n_layers=n_layers).eval()
+    x, offsets = _ragged(2, [0, 3, 4, 9, 17, 8], 6)
+    lengths = offsets[1:] - offsets[:-1]
+    rows = [(u, p) for u in range(len(lengths)) for p in range(int(lengths[u]) + 1)]
+    rows = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
+    with torch.no_grad():
+        got = aaren.prefix_reads(x, offsets, torch.tensor([u for u, _ in rows]), torch.tensor([p for _, p in rows]),
+                                 block=4)
+        for i, (u, p) in enumerate(rows):
+            state = aaren.init_state(1)
+            for t in range(p):
+                state = aaren.step(state, x[int(offsets[u]) + t][None])
+            torch.testing.assert_close(got[i:i + 1], aaren.read(state), rtol=1e-5, atol=1e-5)

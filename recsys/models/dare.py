@@ -129,7 +129,7 @@ class DARE(nn.Module):
         x = self.memory_features(tl.item, tl.cate)                               # [N, 2 d_r], CSR by user
         aaren = titans = None
         if self.aaren is not None:
-            aaren = self._aaren_reads(x, tl)
+            aaren = self.aaren.prefix_reads(x, tl.offsets, tl.row_user, tl.row_prefix)
         if self.titans is not None:
             titans = self.titans.prefix_weights(x, tl.offsets, tl.row_user, tl.row_prefix)
         return MemoryReads(aaren, titans)
@@ -143,20 +143,6 @@ class DARE(nn.Module):
     def _tables(self, prefix: str, dim: int, config: ModelConfig) -> TableSet:
         specs = [TableSpec(f"{prefix}_{f}" if prefix else f, self.rows[f], dim) for f in FIELDS]
         return TableSet(specs, config.embedding_backend, config.init_std)
-
-    def _aaren_reads(self, x: torch.Tensor, tl) -> torch.Tensor:
-        """Aaren's summary per row: all prefix outputs of each user's padded timeline (the parallel scan),
-        taken after the row's last event; 0 before any event, as `Aaren.read` of an empty state."""
-        length = tl.length
-        T = int(length.max()) if len(length) else 0
-        if T == 0:
-            return x.new_zeros(len(tl.row_prefix), self.aaren.d_out)
-        j = torch.arange(T, device=x.device)
-        valid = j[None, :] < length[:, None]                                     # [U, T]
-        padded = x.new_zeros(len(length), T, x.shape[-1]).masked_scatter(valid[..., None], x)
-        out = self.aaren.forward_all(padded, length)                             # [U, T, d]: after events 0..t
-        read = out[tl.row_user, (tl.row_prefix - 1).clamp(min=0)]
-        return read.masked_fill((tl.row_prefix == 0)[:, None], 0.0)
 
     # --- embeddings ---
 

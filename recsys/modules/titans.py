@@ -303,14 +303,16 @@ class NeuralMemory(nn.Module):
         ci = torch.repeat_interleave(torch.arange(n, device=x.device), torch.tensor(active, dtype=torch.int64))
         users = order[torch.cat([torch.arange(a, device=x.device) for a in active])] if n else ci
         src = (offsets[users] + ci * b)[:, None] + torch.arange(b, device=x.device)[None, :]
-        chunks = x[src].split(active) if n else ()
+        # keys, values and coefficients need no memory: computed for every pair at once, then split
+        every = self.chunks(x[src], torch.ones(src.shape, dtype=torch.bool, device=x.device))
+        parts = [t.split(active) for t in vars(every).values()] if n else []
         weights, momentum = self._initial(U)
         saved = [(weights, momentum)]
-        real = torch.ones(U, b, dtype=torch.bool, device=x.device)
-        for a, chunk in zip(active, chunks):
+        for i, a in enumerate(active):
             if a < weights[0].shape[0]:
                 weights, momentum = [w[:a] for w in weights], [s[:a] for s in momentum]
-            weights, momentum = self.chunk_update(weights, momentum, self.chunks(chunk, real[:a]))
+            chunk = _Chunk(*(p[i] for p in parts))
+            weights, momentum = self.chunk_update(weights, momentum, chunk)
             saved.append((weights, momentum))
         at_chunk = torch.zeros(n + 2, dtype=torch.int64, device=x.device)
         at_chunk[1:] = torch.cumsum(torch.tensor([U] + active, dtype=torch.int64, device=x.device), 0)
