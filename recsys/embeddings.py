@@ -26,7 +26,12 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+
+try:
+    from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
+except ImportError as e:  # torchrec is installed on its own (README "Installing"): say how, not just what
+    raise ImportError(f"{e}. torchrec is installed separately, without its declared dependencies (it names the "
+                      "CUDA fbgemm-gpu): pip install --no-deps torchrec==1.8.0 (README, Installing)") from e
 
 from recsys.net import free_port
 
