@@ -36,7 +36,7 @@ def test_titans_prefix_reads_equal_the_streamed_state_at_every_prefix():
     row_prefix = torch.tensor([p for _, p in rows])
     q = torch.randn(len(rows), 5)
     with torch.no_grad():
-        got = mem._read(mem.prefix_weights(x, offsets, row_user, row_prefix), q)
+        got = mem.read_memory(mem.prefix_weights(x, offsets, row_user, row_prefix), q)
         for i, (u, p) in enumerate(rows):
             state = mem.init_state(1)
             for t in range(p):

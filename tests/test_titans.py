@@ -77,7 +77,7 @@ def test_chunked_forward_equals_loop(chunk, depth):
         got = mem(x, lengths, query)
     want = oracle_batch(mem, x, lengths, query, chunk).detach()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    empty = mem._read([w[None] for w in mem.init_weights], query[2:3])[0]
+    empty = mem.read_memory([w[None] for w in mem.init_weights], query[2:3])[0]
     assert not torch.allclose(got[0], empty, atol=1e-3)  # the memory did move
 
 

@@ -58,9 +58,9 @@ class MemoryReads:
             out.append(self.aaren.expand(v_t.shape[0], -1))
         if self.titans is not None:
             if self.titans[0].shape[0] == v_t.shape[0]:
-                out.append(model.titans._read(self.titans, v_t))                 # one memory per row
+                out.append(model.titans.read_memory(self.titans, v_t))                 # one memory per row
             else:
-                out.append(model.titans._read(self.titans, v_t[None])[0])       # one user's memory, Q queries
+                out.append(model.titans.read_memory(self.titans, v_t[None])[0])       # one user's memory, Q queries
         return out
 
     @staticmethod
@@ -68,11 +68,7 @@ class MemoryReads:
         """From one user's streamed states (service.model_state): the read `Aaren.read` / `NeuralMemory.read`
         make, split so that the candidates share one memory."""
         a = model.aaren.read(aaren_state) if model.aaren is not None else None
-        w = None
-        if model.titans is not None:
-            t = titans_state
-            real = torch.arange(model.titans.chunk_size)[None, :] < t.count[:, None]
-            w, _ = model.titans.chunk_update(t.weights, t.momentum, model.titans.chunks(t.buffer, real))
+        w = model.titans.read_weights(titans_state) if model.titans is not None else None
         return MemoryReads(a, w)
 
 

@@ -205,7 +205,8 @@ class NeuralMemory(nn.Module):
             new_s.append(e_all * s - g_s)
         return new_w, new_s
 
-    def _read(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+    def read_memory(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+        """y = M(normalize(q W_Q)) for memory `weights` (per layer [B, ...]) and query [B, d_q] or [B, C, d_q]."""
         single = query.dim() == 2
         if query.shape[-1] != self.d_query or query.dim() not in (2, 3):
             raise ValueError(f"query must be [B, d_q] or [B, C, d_q] with d_q={self.d_query}, got {tuple(query.shape)}")
@@ -324,7 +325,7 @@ class NeuralMemory(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
         after all events (the partial last chunk applied, as `read` does)."""
-        return self._read(self._run_chunks(x, lengths)[0], query)
+        return self.read_memory(self._run_chunks(x, lengths)[0], query)
 
     def forward_state(self, x: torch.Tensor, lengths: torch.Tensor) -> MemoryState:
         """The streaming state after all events: full chunks committed, the rest in the buffer."""
@@ -396,8 +397,11 @@ class NeuralMemory(nn.Module):
             return state
         return MemoryState(weights=weights, momentum=momentum, buffer=buffer, count=count, n=n)
 
+    def read_weights(self, state: MemoryState) -> list[torch.Tensor]:
+        """The memory after all events so far: the committed weights with the open chunk applied."""
+        real = torch.arange(self.chunk_size, device=state.count.device)[None, :] < state.count[:, None]
+        return self.chunk_update(state.weights, state.momentum, self.chunks(state.buffer, real))[0]
+
     def read(self, state: MemoryState, query: torch.Tensor) -> torch.Tensor:
         """Read after all events so far, the open chunk applied (not committed). query [B, (C,) d_q]."""
-        real = torch.arange(self.chunk_size, device=state.count.device)[None, :] < state.count[:, None]
-        weights, _ = self.chunk_update(state.weights, state.momentum, self.chunks(state.buffer, real))
-        return self._read(weights, query)
+        return self.read_memory(self.read_weights(state), query)
