@@ -10,6 +10,7 @@ before that MULTI means redelivery, and redelivered events are duplicates in the
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -24,6 +25,8 @@ from recsys.config.serve import ServeConfig
 from service.keys import KeySpace, partition_of
 from service.redis_conn import connect
 from service.state import Event, StateStore, StateUpdater
+
+log = logging.getLogger("recsys.stream")
 
 # One field per entry, values tab-separated in this order, event id last (it may contain tabs):
 # a sixth of the RESP elements of one-field-per-value, which is most of the cost of XADD/XREADGROUP in
@@ -137,10 +140,11 @@ class WorkerStats:
     duplicates: int = 0
     outside_cap: int = 0
     conflicts: int = 0
+    groups_recreated: int = 0  # the consumer group was gone (Redis restarted empty, flushed, failed over)
     rejected: Counter = field(default_factory=Counter)  # reason -> count (dead-lettered)
 
     def add(self, other: "WorkerStats") -> None:
-        for name in ("read", "reclaimed", "applied", "duplicates", "outside_cap", "conflicts"):
+        for name in ("read", "reclaimed", "applied", "duplicates", "outside_cap", "conflicts", "groups_recreated"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.rejected.update(other.rejected)
 
@@ -187,7 +191,19 @@ class StreamWorker:
         """Consume until `stop` is set, a batch comes back empty (`until_idle`), or `max_batches`."""
         n = 0
         while not (stop is not None and stop.is_set()) and (max_batches is None or n < max_batches):
-            s = self.run_once()
+            try:
+                s = self.run_once()
+            except redis.ResponseError as e:
+                if "NOGROUP" not in str(e):
+                    raise
+                # The streams and their group are gone while events keep arriving (XADD recreates a
+                # stream, not its group): without this the worker would fail on every read, forever.
+                log.warning("stream worker %s: consumer group missing (Redis restarted empty or flushed?); "
+                            "recreating it", self.consumer)
+                self.stream.ensure_groups()
+                self._claim_cursor = {p: "0-0" for p in self.partitions}
+                self.totals.groups_recreated += 1
+                continue
             n += 1
             if until_idle and s.read == 0:
                 break

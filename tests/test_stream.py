@@ -250,3 +250,23 @@ def test_redis_url_from_the_environment_wins(monkeypatch, tmp_path, redis_server
     with connect(cfg) as handle:
         assert not handle.embedded and handle.client.ping()
     assert not (tmp_path / "unused").exists()
+
+
+def test_worker_recreates_its_group_when_redis_comes_back_empty(redis_server):
+    """Redis restarted without persistence (or flushed, or failed over to an empty replica): the streams
+    and the consumer group are gone while new events keep arriving. The worker recreates the group and
+    applies them, instead of failing on every read. (Events Redis itself lost are lost.)"""
+    url = redis_server.rsplit("/", 1)[0] + "/7"  # a database of our own server, so FLUSHDB touches only us
+    cfg = ServeConfig(state=StateStoreConfig(key_prefix="nogroup:", redis_url=url, seq_cap=1000),
+                      stream=StreamConfig(partitions=3, batch_size=32, block_ms=5))
+    events = make_events(60, users=4, seed=9)
+    with connect(cfg.state) as handle:
+        client = handle.client
+        stream, worker = EventStream(client, cfg), StreamWorker(cfg, HashChain(), client=client, consumer="w1")
+        stream.append(events[:30])
+        worker.run(until_idle=True)
+        client.flushdb()
+        stream.append(events[30:])
+        worker.run(until_idle=True)
+        assert worker.totals.groups_recreated == 1 and worker.totals.applied == 60
+        check_exactly_once(cfg, client, events[30:], 4)  # what Redis still had: the events after the flush
