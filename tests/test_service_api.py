@@ -179,6 +179,24 @@ def test_memory_model_scores_from_the_stored_state_equal_offline(backend, backen
         assert 'recsys_score_memory_total{source="empty"} 1.0' in metrics
 
 
+def test_far_future_and_far_past_timestamps_are_refused_and_freeze_nobody(store, bundles, tmp_path):
+    """ts = 2^53 - 1 used to be accepted: it raised the user's late-event floor and every later real event
+    of that user was dead-lettered as late. Now it is a 422 naming the field, and the user's real events
+    are applied; a configured lower bound refuses old events the same way."""
+    events = events_of(store, [3], 12)
+    cfg = service_config(None, tmp_path, bundle=bundles[0], event_min_ts_ms=int(events[2]["ts"]))
+    with live(cfg) as (srv, client):
+        for i, bad in ((1, {**events[5], "event_id": "far-future", "ts": 2**53 - 1}),
+                       (0, {**events[5], "event_id": "too-old", "ts": int(events[2]["ts"]) - 1})):
+            batch = [events[5], bad] if i else [bad]
+            r = client.post("/v1/events", json={"events": batch}, headers={"X-API-Key": API_KEY})
+            assert r.status_code == 422, r.text
+            assert r.json()["errors"][0]["field"] == f"body.events.{i}.ts" and "outside" in r.text
+        post_events(client, events[2:])  # nothing of a refused batch was accepted; these all apply
+        wait_applied(client, {3: 10})
+        assert client.get("/v1/users/3").json()["history_length"] == 10
+
+
 def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
     users = [2, 3, 5, 6, 8, 10]
     events = events_of(store, users, 60)

@@ -28,6 +28,12 @@ class HttpConfig(StrictModel):
                                 "parsing (Content-Length, or counted while streaming)")
     max_candidates: int = Field(1_000, ge=1, description="most candidates in one /v1/score request (more: 422)")
     max_events: int = Field(10_000, ge=1, description="most events in one /v1/events request (more: 422)")
+    event_max_future_s: float = Field(86_400.0, ge=0.0, description="an event stamped more than this far ahead "
+                                      "of the server clock is refused (422): one far-future timestamp would "
+                                      "raise its user's late-event floor, and every later real event of that "
+                                      "user would be dead-lettered as late")
+    event_min_ts_ms: int = Field(0, ge=0, description="events stamped before this time (ms since the epoch) "
+                                 "are refused (422); 0: no lower bound")
     # 0: measured at L = 10k, C = 200, one client, a 1 ms window cost 6 ms of p50 (15 vs 9 ms): requests
     # of different users never share a forward, only a Redis round trip, and under load batches form anyway.
     batch_window_ms: float = Field(0.0, ge=0.0, le=100.0, description="micro-batching: how long a score request "

@@ -1,6 +1,7 @@
 """POST /v1/events: append events to the user-partitioned stream (the stream worker applies them)."""
 
 import asyncio
+import time
 
 import redis
 from fastapi import APIRouter, Depends
@@ -19,7 +20,13 @@ def router(events_request: type[BaseModel]) -> APIRouter:
             dependencies=[Depends(require_api_key)], responses=schemas.error_responses(401, 403, 503))
     async def events(req: events_request, runtime: RuntimeDep):
         batch = []
+        http = runtime.config.http
+        latest = int((time.time() + http.event_max_future_s) * 1000)
         for i, e in enumerate(req.events):
+            if not http.event_min_ts_ms <= e.ts <= latest:
+                raise invalid(("body", "events", i, "ts"),
+                              f"{e.ts} outside the accepted window [{http.event_min_ts_ms}, {latest}] ms (at most "
+                              f"http.event_max_future_s = {http.event_max_future_s:g} s ahead of the server clock)")
             try:
                 batch.append(Event(e.event_id, e.user_id, e.item_id, e.category_id, e.action, e.ts))
             except ValueError as err:  # the store's own checks, should they ever be stricter than the schema
