@@ -263,6 +263,13 @@ def main() -> None:
                             {"item_id": int(i), "category_id": int(c)}
                             for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
                             for u in range(1, USERS + 1)]
+                        if memory:  # every user's memory must come from its stored state, not a rebuild
+                            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                            for body in bodies:
+                                conn.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
+                                source = json.loads(conn.getresponse().read())["memory"]
+                                assert source == "stored", f"memory source {source!r}, expected the stored state"
+                            conn.close()
                         # the bare forward, right before and after this point's load (the server idle)
                         before = forward_only(bundle, store, C, 10)
                         for clients in (1, 8):
