@@ -21,6 +21,7 @@ from service.runtime import Runtime
 
 
 def create_app(config: ServiceConfig) -> FastAPI:
+    config.http.resolved_api_key()  # a bad key stops the app (and every worker) before it serves
     runtime = Runtime(config)
     models = schemas.request_models(config.http.max_candidates, config.http.max_events)
     app = FastAPI(title="recsys scoring service", version="1", lifespan=runtime.lifespan)

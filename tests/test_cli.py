@@ -106,6 +106,11 @@ def test_port_in_use(tiny_bundle):
     _assert_user_error(r, f"cannot listen on 127.0.0.1:{port}")
 
 
+def test_short_api_key_from_the_environment_is_refused(tiny_bundle):
+    r = invoke("serve", "--bundle", tiny_bundle, "--port", "0", "--workers", "2", env={"RECSYS_API_KEY": "abc"})
+    _assert_user_error(r, "RECSYS_API_KEY: 3 characters", "at least 16")
+
+
 def test_redis_unreachable(tiny_bundle):
     with socket.socket() as s:  # a port nobody listens on: bound here, never listening
         s.bind(("127.0.0.1", 0))

@@ -231,6 +231,10 @@ def _preflight(cfg, *, listen: bool) -> None:
 
     from recsys.bundle import FILES
 
+    try:
+        cfg.http.resolved_api_key()
+    except ValueError as e:
+        fail(str(e))
     if cfg.bundle is not None:
         missing = [f for f in FILES if not (Path(cfg.bundle) / f).is_file()]
         if missing:

@@ -15,13 +15,16 @@ from recsys.config.base import StrictModel
 from recsys.config.serve import ServeConfig
 
 
+MIN_API_KEY_CHARS = 16
+
+
 class HttpConfig(StrictModel):
     """Where the service listens, what it accepts, how it batches. RECSYS_API_KEY overrides `api_key`."""
 
     # Loopback unless told otherwise: exposing the service is a deliberate act.
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 exposes the service on every interface)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
-    api_key: str | None = Field(None, min_length=16, description="key that write and admin endpoints (POST "
+    api_key: str | None = Field(None, min_length=MIN_API_KEY_CHARS, description="key that write and admin endpoints (POST "
                                 "/v1/events, POST /v1/admin/reload) require in `X-API-Key`; with no key configured "
                                 "they answer 403, never open. RECSYS_API_KEY in the environment overrides it")
     max_body_bytes: int = Field(1_048_576, ge=1_024, description="bodies above this many bytes get 413 before any "
@@ -54,7 +57,13 @@ class HttpConfig(StrictModel):
                                       "default)")
 
     def resolved_api_key(self) -> str | None:
-        return os.environ.get("RECSYS_API_KEY") or self.api_key
+        """The key write/admin endpoints require; RECSYS_API_KEY wins and is held to the same length rule as
+        the file's `api_key` (a short key in the environment used to pass unchecked)."""
+        key = os.environ.get("RECSYS_API_KEY") or self.api_key
+        if key is not None and len(key) < MIN_API_KEY_CHARS:
+            raise ValueError(f"RECSYS_API_KEY: {len(key)} characters; a key needs at least {MIN_API_KEY_CHARS} "
+                             "(a short key can be guessed)")
+        return key
 
 
 class ServiceConfig(StrictModel):
