@@ -4,7 +4,7 @@
   model.safetensors  every weight and buffer (tables as `<set>.<table>`)
   metrics.json       validation/test metrics of these weights
   id_space.json      n_items, n_cates, max_len, dataset source: which ids the tables cover
-  VERSION            content hash of weights + config (the model version serving keys its state by)
+  VERSION            content hash of weights + config + id space (the model version serving keys its state by)
 """
 
 from __future__ import annotations
@@ -37,10 +37,13 @@ class Bundle:
     version: str
 
 
-def _version(weights: bytes, config_text: str) -> str:
+def _version(weights: bytes, config_text: str, id_space_text: str) -> str:
+    """Everything that changes a score: the id space too (its table sizes decide which ids are out of
+    vocabulary), so an edited id_space.json cannot change scores under the same version."""
     h = hashlib.sha256()
-    h.update(weights)
-    h.update(config_text.encode())
+    for part in (weights, config_text.encode(), id_space_text.encode()):
+        h.update(len(part).to_bytes(8, "little"))  # length-prefixed: no two splits of the bytes collide
+        h.update(part)
     return h.hexdigest()[:16]
 
 
@@ -56,8 +59,9 @@ def export_bundle(model: nn.Module, config: ExperimentConfig, out_dir: str | Pat
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     source = dataset.meta.get("source", config.data) if dataset is not None else config.data
     id_space = {"n_items": model.rows["item"], "n_cates": model.rows["cate"], "max_len": config.model.max_len, "dataset": str(source)}
-    (out / "id_space.json").write_text(json.dumps(id_space, indent=2))
-    (out / "VERSION").write_text(_version((out / "model.safetensors").read_bytes(), config_text) + "\n")
+    id_space_text = json.dumps(id_space, indent=2)
+    (out / "id_space.json").write_text(id_space_text)
+    (out / "VERSION").write_text(_version((out / "model.safetensors").read_bytes(), config_text, id_space_text) + "\n")
     return out
 
 
@@ -74,9 +78,10 @@ def load_bundle(bundle_dir: str | Path) -> Bundle:
     config = validate(ExperimentConfig, yaml.safe_load(config_text), str(d / "config.yaml"))
     version = (d / "VERSION").read_text().strip()
     weights_bytes = (d / "model.safetensors").read_bytes()
-    if _version(weights_bytes, config_text) != version:
-        raise BundleError(f"{d}: VERSION {version} does not match the weights and config (modified bundle?)")
-    id_space = json.loads((d / "id_space.json").read_text())
+    id_space_text = (d / "id_space.json").read_text()
+    if _version(weights_bytes, config_text, id_space_text) != version:
+        raise BundleError(f"{d}: VERSION {version} does not match the weights, config and id space (modified bundle?)")
+    id_space = json.loads(id_space_text)
     if config.model.embedding_backend == "fused":  # serving needs no process group: same tables, unsharded
         config = config.model_copy(update={"model": config.model.model_copy(update={"embedding_backend": "sparse"})})
     model = build_model(config.model, int(id_space["n_items"]), int(id_space["n_cates"]))

@@ -52,6 +52,12 @@ def test_tampered_or_incomplete_bundles_are_rejected(data, tmp_path):
     cfg = load_experiment(preset_path("tiny"))
     torch.manual_seed(0)
     d = export_bundle(build_model(cfg.model, data.n_items, data.n_cates), cfg, tmp_path / "b", {}, data)
+    ids = (d / "id_space.json").read_text()
+    (d / "id_space.json").write_text(ids.replace('"n_items": ', '"n_items": 1'))  # more rows: OOV ids change
+    with pytest.raises(BundleError, match="VERSION"):
+        load_bundle(d)
+    (d / "id_space.json").write_text(ids)
+    load_bundle(d)
     (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("top_k: 4", "top_k: 5"))
     with pytest.raises(BundleError, match="VERSION"):
         load_bundle(d)
