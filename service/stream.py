@@ -362,9 +362,14 @@ class StreamWorker:
             self.trim()
 
     def trim(self) -> None:
-        """Drop entries every consumer is done with: below both the oldest pending and the last delivered."""
+        """Drop entries every consumer is done with: below both the oldest pending and the last delivered;
+        and remove consumers long idle with nothing pending (their entries, if any, were reclaimed first)."""
         for p in self.partitions:
             key = self.stream.partitions[p].events
+            for c in self.client.xinfo_consumers(key, self.cfg.stream.group):
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if name != self.consumer and not c["pending"] and c["idle"] >= self.cfg.stream.dead_consumer_idle_ms:
+                    self.client.xgroup_delconsumer(key, self.cfg.stream.group, name)
             groups = {g["name"].decode(): g for g in self.client.xinfo_groups(key)}
             g = groups.get(self.cfg.stream.group)
             if g is None or len(groups) > 1:

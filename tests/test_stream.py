@@ -270,3 +270,25 @@ def test_worker_recreates_its_group_when_redis_comes_back_empty(redis_server):
         worker.run(until_idle=True)
         assert worker.totals.groups_recreated == 1 and worker.totals.applied == 60
         check_exactly_once(cfg, client, events[30:], 4)  # what Redis still had: the events after the flush
+
+
+def test_idle_consumers_with_nothing_pending_leave_the_group(backend):
+    """Each restarted worker may join under a new name: consumers idle past dead_consumer_idle_ms with
+    nothing pending are removed (a consumer with pending entries stays until they are reclaimed)."""
+    cfg = serve_cfg(backend, partitions=1, dead_consumer_idle_ms=1_000)
+    client = backend[0]
+    stream = EventStream(client, cfg)
+    events = make_events(20, users=3, seed=11)
+    old = StreamWorker(cfg, HashChain(), client=client, consumer="old")
+    stream.append(events[:10])
+    old.run(until_idle=True)
+    holder = StreamWorker(cfg, HashChain(), client=client, consumer="holder")
+    stream.append(events[10:])
+    holder._read_new(5, block=False)  # delivered, never acknowledged: 5 pending
+    key = stream.partitions[0].events
+    time.sleep(1.1)
+    new = StreamWorker(cfg, HashChain(), client=client, consumer="new")
+    new.trim()
+    names = {c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+             for c in client.xinfo_consumers(key, cfg.stream.group)}
+    assert names == {"holder"}  # "old" removed, "new" has not read yet, "holder" still owns entries

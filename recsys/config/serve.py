@@ -62,6 +62,9 @@ class StreamConfig(StrictModel):
     max_deliveries: int = Field(5, ge=1, description="an entry delivered this many times without being "
                                 "acknowledged is dead-lettered (poison)")
     max_event_id_len: int = Field(128, ge=1, description="longest event_id accepted, in UTF-8 bytes")
+    dead_consumer_idle_ms: int = Field(3_600_000, ge=1_000, description="a consumer of the group with nothing "
+                                       "pending, idle this long, is removed from the group (restarted workers get "
+                                       "new names, and the old ones would accumulate)")
 
 
 class ServeConfig(StrictModel):
