@@ -34,6 +34,7 @@ class ScoreResult:
     scores: list[float]
     history_length: int
     explanations: list[list[dict]] | None
+    version: str = ""          # the model version that computed these scores
     memory: str | None = None  # models with memory branches: stored | rebuilt | empty
 
 
@@ -87,4 +88,5 @@ class Scorer:
                   "ts": int(recent["ts"][j])} for j in row if j >= 0]
                 for row in idx.tolist()
             ]
-        return ScoreResult(scores=scores.tolist(), history_length=L, explanations=explanations, memory=memory)
+        return ScoreResult(scores=scores.tolist(), history_length=L, explanations=explanations,
+                           version=model.version, memory=memory)

@@ -100,3 +100,22 @@ def test_oov_ids_share_one_zero_embedding_and_leave_known_scores_alone(name):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     served, _, _ = serving.score(_seq(hist_item, hist_cate), None, torch.tensor(known_item), torch.tensor(known_cate))
     torch.testing.assert_close(served, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_result_carries_the_version_of_the_model_that_scored_it(tmp_path):
+    """The score route labels a response with ScoreResult.version: the model the batch really ran, which a
+    reload may have swapped after the request was queued (it used to read the label before queueing)."""
+    from recsys.config.serve import StateStoreConfig
+    from service.metrics import ServiceMetrics
+    from service.redis_conn import start_embedded
+    from service.scoring import Scorer, ScoreJob
+    from service.state import StateStore
+
+    a, b = _serving(_model("dare")), _serving(_model("twin"))
+    b.version = "other-version"
+    with start_embedded(tmp_path) as handle:
+        scorer = Scorer(a, StateStore(handle.client, StateStoreConfig()), ServiceMetrics())
+        job = ScoreJob(1, np.array([5, 6]), np.array([1, 2]), False)
+        assert scorer.run([job])[0].version == a.version
+        scorer.model = b  # a reload between queueing and scoring
+        assert scorer.run([job])[0].version == "other-version"

@@ -26,7 +26,6 @@ def router(score_request: type[BaseModel]) -> APIRouter:
             raise HTTPException(503, "no model loaded: POST /v1/admin/reload with a bundle")
         items = np.fromiter((c.item_id for c in req.candidates), np.int64, len(req.candidates))
         cates = np.fromiter((c.category_id for c in req.candidates), np.int64, len(req.candidates))
-        version = scorer.version
         try:
             res = await runtime.batcher.submit(ScoreJob(req.user_id, items, cates, req.explain))
         except redis.RedisError as e:
@@ -35,7 +34,9 @@ def router(score_request: type[BaseModel]) -> APIRouter:
             log.exception("scoring user %s failed", req.user_id)
             raise HTTPException(503, f"scoring failed ({type(e).__name__})") from None
         # Built by hand: validating C floats through the response model costs more than the forward.
-        return JSONResponse({"user_id": req.user_id, "model_version": version, "history_length": res.history_length,
+        # the version of the model that ran this request's batch, not the one current when it was queued
+        # (a reload in between would otherwise label one model's scores with the other's version)
+        return JSONResponse({"user_id": req.user_id, "model_version": res.version, "history_length": res.history_length,
                              "scores": res.scores, "explanations": res.explanations}
                             | ({"memory": res.memory} if res.memory is not None else {}))
 
