@@ -146,3 +146,35 @@ def test_generate_flags_override_the_config_only_when_given(tmp_path):
     r = invoke("generate", "--out", tmp_path / "b", "--config", cfg, "--users", "5")
     assert r.exit_code == 0, r.stderr
     assert _json(r.stdout)["n_users"] == 5
+
+
+def test_rebuild_state_from_an_event_log(tiny_bundle, redis_server, tmp_path):
+    """`recsys rebuild-state --log`: every user of the log gets a state of the bundle's version (the Ray
+    job itself, and that its states equal the streamed ones, are tests/test_pipeline_rebuild.py's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import redis
+    import yaml
+
+    from recsys.bundle import load_bundle
+    from service.keys import KeySpace
+
+    n = 12
+    pq.write_table(pa.table({"event_id": [f"e{i}" for i in range(n)], "user_id": [i % 3 for i in range(n)],
+                             "item_id": [1 + i for i in range(n)], "category_id": [1] * n,
+                             "action": pa.array([0] * n, pa.int8()), "ts": [1_000 * i for i in range(n)]}),
+                   tmp_path / "log.parquet")
+    prefix = f"cli-rebuild-{tmp_path.name}:"
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"serve": {"state": {"redis_url": redis_server,
+                                                                              "key_prefix": prefix}}}))
+    r = invoke("rebuild-state", "--bundle", tiny_bundle, "--log", tmp_path / "log.parquet",
+               "--config", tmp_path / "serve.yaml", "--workers", "1")
+    assert r.exit_code == 0, r.output + r.stderr
+    out = _json(r.output)
+    assert out["users"] == out["rebuilt"] == 3
+    client, keys = redis.Redis.from_url(redis_server), KeySpace(prefix)
+    version = load_bundle(tiny_bundle).version
+    assert all(client.exists(keys.user(u).state(version)) for u in range(3))
+    for k in client.scan_iter(match=prefix + "*"):
+        client.delete(k)
+    client.close()
