@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.aaren_scan import aaren_reduce_reference, aaren_scan, combine, identity, output
-from recsys.modules.seq import valid_mask
+from recsys.modules.seq import TimelineBlocks, valid_mask
 
 NEG_INF = float("-inf")
 
@@ -170,53 +170,36 @@ class Aaren(nn.Module):
         if len(self.layers) != 1:
             return self._padded_prefix_reads(x, offsets, row_user, row_prefix)
         layer = self.layers[0]
-        U, N, dev = len(offsets) - 1, x.shape[0], x.device
-        lengths = offsets[1:] - offsets[:-1]
-        if bool((row_prefix > lengths[row_user]).any()):
-            raise ValueError("row_prefix exceeds its user's timeline length")
+        U, N = len(offsets) - 1, x.shape[0]
+        blocks = TimelineBlocks.of(offsets, block)
+        at, src, real = blocks.rows(offsets, row_user, row_prefix, block)            # [B], [B, block] x 2
         if N == 0:
             return x.new_zeros(len(row_user), self.d_out)
         z = self.in_proj(x)                                                   # [N, d]
         s, v = layer.scores_values(z)                                         # [N, H], [N, H, dh]
         slope = layer.slope()
         if slope is not None:  # index of the event in its user's timeline (the parallel form's position)
-            i = torch.arange(N, device=dev) - torch.repeat_interleave(offsets[:-1], lengths)
+            i = torch.arange(N, device=x.device) - torch.repeat_interleave(offsets[:-1], offsets[1:] - offsets[:-1])
             s = s + slope * i.to(s.dtype)[:, None]
         H, dh = layer.h, layer.dh
-        full = torch.div(lengths, block, rounding_mode="floor")               # [U] full blocks
-        order = torch.argsort(full, descending=True, stable=True)
-        rank = torch.argsort(order)
-        n = int(full.max())
-        active = [int((full > c).sum()) for c in range(n)]
-        j = torch.arange(block, device=dev)
-        m, u, w = identity((U, H), dh, s.dtype, dev)
+
+        def reduce(idx: torch.Tensor, scores: torch.Tensor):  # (m, u, w) over each row of event indices
+            R = idx.shape[0]
+            out = aaren_reduce_reference(scores.transpose(1, 2).reshape(-1, block),
+                                         v[idx].permute(0, 2, 1, 3).reshape(-1, block, dh))
+            return tuple(t.reshape(R, H, *t.shape[1:]) for t in out)
+
+        m, u, w = identity((U, H), dh, s.dtype, x.device)
         saved = [(m, u, w)]
-        if n:
-            ci = torch.repeat_interleave(torch.arange(n, device=dev), torch.tensor(active, dtype=torch.int64))
-            users = order[torch.cat([torch.arange(a, device=dev) for a in active])]
-            src = (offsets[users] + ci * block)[:, None] + j[None, :]                # [P, block]
-            bm, bu, bw = aaren_reduce_reference(s[src].transpose(1, 2).reshape(-1, block),
-                                                v[src].permute(0, 2, 1, 3).reshape(-1, block, dh))
-            P = src.shape[0]
-            parts = [t.reshape(P, H, *t.shape[1:]).split(active) for t in (bm, bu, bw)]
-            for c, a in enumerate(active):
+        if blocks.active:
+            parts = [t.split(blocks.active) for t in reduce(blocks.src, s[blocks.src])]
+            for c, a in enumerate(blocks.active):
                 if a < m.shape[0]:
                     m, u, w = m[:a], u[:a], w[:a]
                 m, u, w = combine((m, u, w), tuple(p[c] for p in parts))
                 saved.append((m, u, w))
-        at_block = torch.zeros(n + 2, dtype=torch.int64, device=dev)
-        at_block[1:] = torch.cumsum(torch.tensor([U] + active, dtype=torch.int64, device=dev), 0)
-        c = torch.div(row_prefix, block, rounding_mode="floor")
-        at = at_block[c] + rank[row_user]
         carry = tuple(torch.cat([t[k] for t in saved])[at] for k in range(3))    # [B, H(, dh)]
-        real = j[None, :] < (row_prefix - c * block)[:, None]                       # [B, block]
-        src = ((offsets[row_user] + c * block)[:, None] + j[None, :]).clamp(max=N - 1)
-        s_part = s[src].masked_fill(~real[..., None], NEG_INF)                      # [B, block, H]
-        rest = aaren_reduce_reference(s_part.transpose(1, 2).reshape(-1, block),
-                                      v[src].permute(0, 2, 1, 3).reshape(-1, block, dh))
-        B = len(row_user)
-        rest = tuple(t.reshape(B, H, *t.shape[1:]) for t in rest)
-        _, u_t, w_t = combine(carry, rest)
+        _, u_t, w_t = combine(carry, reduce(src, s[src].masked_fill(~real[..., None], NEG_INF)))
         z_last = z[(offsets[row_user] + row_prefix - 1).clamp(min=0)]               # [B, d]
         out = self.out_norm(layer.block(z_last, output(u_t, w_t)))
         return out.masked_fill((row_prefix == 0)[:, None], 0.0)

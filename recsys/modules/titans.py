@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.modules.seq import valid_mask
+from recsys.modules.seq import TimelineBlocks, valid_mask
 
 
 @dataclass
@@ -268,59 +268,38 @@ class NeuralMemory(nn.Module):
         The full chunks run once per user, keeping the memory at every chunk boundary; each row then takes
         its boundary floor(prefix / b) and applies its < b remaining events as one chunk."""
         b = self.chunk_size
-        lengths = offsets[1:] - offsets[:-1]
         if x.dim() != 2 or x.shape[0] != int(offsets[-1]) or row_user.shape != row_prefix.shape or row_user.dim() != 1:
             raise ValueError(f"x must be [offsets[-1], d_in], row_user and row_prefix equal [B] shapes; got "
                              f"{tuple(x.shape)}, {tuple(row_user.shape)}, {tuple(row_prefix.shape)}")
-        if bool((row_prefix > lengths[row_user]).any()):
-            raise ValueError("row_prefix exceeds its user's timeline length")
-        boundaries, rank, at_chunk = self._chunk_boundaries(x, offsets)
-        c = torch.div(row_prefix, b, rounding_mode="floor")                          # [B] boundary per row
-        at = at_chunk[c] + rank[row_user]                                            # [B]
+        blocks = TimelineBlocks.of(offsets, b)
+        at, src, real = blocks.rows(offsets, row_user, row_prefix, b)                 # [B], [B, b], [B, b]
+        boundaries = self._chunk_boundaries(x, blocks, len(offsets) - 1)
         n_layers = len(self.init_weights)
         weights, momentum = [w[at] for w in boundaries[:n_layers]], [s[at] for s in boundaries[n_layers:]]
-        j = torch.arange(b, device=x.device)
-        real = j[None, :] < (row_prefix - c * b)[:, None]                            # [B, b]
-        src = (offsets[row_user] + c * b)[:, None] + j[None, :]
         if x.shape[0] == 0:
             part = x.new_zeros(len(row_user), b, self.d_in)
         else:
-            part = x[src.clamp(max=x.shape[0] - 1)].masked_fill(~real[..., None], 0.0)   # [B, b, d_in]
+            part = x[src].masked_fill(~real[..., None], 0.0)                         # [B, b, d_in]
         return self.chunk_update(weights, momentum, self.chunks(part, real))[0]
 
-    def _chunk_boundaries(self, x: torch.Tensor, offsets: torch.Tensor):
-        """The memory at every full-chunk boundary of every user -> (per layer weights then momenta, each
-        [sum_c a_c, ...], where boundary c holds the a_c users with >= c full chunks (boundary 0: all) in
-        descending-length rank order; `rank` [U], a user's row within a boundary; `at_chunk` [n + 1], where
-        boundary c starts)."""
-        U, b = len(offsets) - 1, self.chunk_size
-        full = torch.div(offsets[1:] - offsets[:-1], b, rounding_mode="floor")      # [U] full chunks
-        order = torch.argsort(full, descending=True, stable=True)
-        rank = torch.argsort(order)
-        n = int(full.max()) if U else 0
-        active = [int((full > ci).sum()) for ci in range(n)]                        # users in chunk ci
-        # every (chunk, user) pair's events in one gather, chunk-major: chunk ci is then one contiguous
-        # [a_ci, b, d] slice, and the backward is one index_add instead of a zero-filled copy per chunk
-        ci = torch.repeat_interleave(torch.arange(n, device=x.device), torch.tensor(active, dtype=torch.int64))
-        users = order[torch.cat([torch.arange(a, device=x.device) for a in active])] if n else ci
-        src = (offsets[users] + ci * b)[:, None] + torch.arange(b, device=x.device)[None, :]
-        # keys, values and coefficients need no memory: computed for every pair at once, then split
+    def _chunk_boundaries(self, x: torch.Tensor, blocks: TimelineBlocks, U: int) -> list[torch.Tensor]:
+        """The memory at every full-chunk boundary of every user, stacked in `blocks`' boundary order:
+        per layer the weights, then per layer the momenta."""
+        # keys, values and coefficients need no memory: computed for every (chunk, user) pair at once (one
+        # gather, so the backward is one index_add, not a zero-filled copy per chunk), then split by chunk
+        src = blocks.src
         every = self.chunks(x[src], torch.ones(src.shape, dtype=torch.bool, device=x.device))
-        parts = [t.split(active) for t in vars(every).values()] if n else []
+        parts = [t.split(blocks.active) for t in vars(every).values()] if blocks.active else []
         weights, momentum = self._initial(U)
         saved = [(weights, momentum)]
-        for i, a in enumerate(active):
+        for i, a in enumerate(blocks.active):
             if a < weights[0].shape[0]:
                 weights, momentum = [w[:a] for w in weights], [s[:a] for s in momentum]
-            chunk = _Chunk(*(p[i] for p in parts))
-            weights, momentum = self.chunk_update(weights, momentum, chunk)
+            weights, momentum = self.chunk_update(weights, momentum, _Chunk(*(p[i] for p in parts)))
             saved.append((weights, momentum))
-        at_chunk = torch.zeros(n + 2, dtype=torch.int64, device=x.device)
-        at_chunk[1:] = torch.cumsum(torch.tensor([U] + active, dtype=torch.int64, device=x.device), 0)
         n_layers = len(self.init_weights)
-        out = [torch.cat([w[j] for w, _ in saved]) for j in range(n_layers)]
-        out += [torch.cat([s[j] for _, s in saved]) for j in range(n_layers)]
-        return out, rank, at_chunk
+        return ([torch.cat([w[j] for w, _ in saved]) for j in range(n_layers)]
+                + [torch.cat([s[j] for _, s in saved]) for j in range(n_layers)])
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
