@@ -136,3 +136,18 @@ def test_aaren_prefix_reads_equal_the_streamed_state_at_every_prefix(n_layers):
             for t in range(p):
                 state = aaren.step(state, x[int(offsets[u]) + t][None])
             torch.testing.assert_close(got[i:i + 1], aaren.read(state), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_rows_without_events_read_the_empty_memory(grad):
+    """Rows at position 0 (no event before the target; a cold user when serving): Aaren reads 0, Titans its
+    initial memory, as `read` of a fresh state gives; with and without gradient (training, scoring)."""
+    m = _model(aaren=True, titans=True)
+    batch = assemble(_store([4, 6], 2), Samples(np.array([0, 1]), np.array([0, 0]), np.full(2, 3), np.full(2, 2),
+                                                np.zeros(2, np.float32)), np.arange(2), 8)
+    v_t = torch.randn(2, 12)
+    with torch.set_grad_enabled(grad):
+        got = m.memory_reads(batch).summaries(m, v_t)
+        empty = MemoryReads.from_states(m, m.aaren.init_state(2), m.titans.init_state(2)).summaries(m, v_t)
+    for a, b in zip(got, empty):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -110,6 +110,8 @@ class DARE(nn.Module):
         Without gradient the rows are read straight from the weights (the stream worker's path)."""
         (_, _), (tables, prefix) = self.role_tables()
         name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
+        if item.numel() == 0:  # no event to read (a cold user): the table set cannot look up nothing
+            return torch.zeros(*item.shape, 2 * self.config.dim_rep)
         if not (grad and torch.is_grad_enabled()):
             w = tables.weights()
             return torch.cat([w[name("item")][item], w[name("cate")][cate]], dim=-1)
