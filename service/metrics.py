@@ -30,6 +30,12 @@ class ServiceMetrics:
         self.events_ingested = Counter("recsys_events_ingested", "events accepted into the stream", registry=r)
         self.events_applied = Counter("recsys_events_applied", "events applied to user state", registry=r)
         self.events_duplicate = Counter("recsys_events_duplicate", "events already applied (no-ops)", registry=r)
+        self.events_throttled = Counter(
+            "recsys_events_throttled", "events refused with 429 because the stream backlog reached "
+            "stream.max_backlog", registry=r)
+        self.stream_backlog = Gauge(
+            "recsys_stream_backlog", "stream entries seen by the last /v1/events (not yet applied, plus those "
+            "applied within about a second; measured when stream.max_backlog is set)", registry=r)
         self.events_rejected = Counter(
             "recsys_events_rejected", "events not applied, by reason", ["reason"], registry=r)
         self.state_store_errors = Counter(

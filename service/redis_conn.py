@@ -80,6 +80,53 @@ def client_options(cfg: StateStoreConfig) -> dict:
             "retry": Retry(backoff, cfg.retries)}  # on connection errors and timeouts
 
 
+def request_options(cfg: StateStoreConfig) -> dict:
+    """The HTTP request path's client: `request_timeout_s` per reply, and a retry on connection errors only
+    (a frozen server that let one reply time out would let the retry time out too: twice the wait)."""
+    backoff = ConstantBackoff(cfg.retry_backoff_s) if cfg.retry_backoff_s else NoBackoff()
+    return {"socket_timeout": cfg.request_timeout_s, "socket_connect_timeout": cfg.connect_timeout_s,
+            "retry": Retry(backoff, cfg.retries, supported_errors=(redis.ConnectionError,))}
+
+
+def request_client(handle: "RedisHandle", cfg: StateStoreConfig) -> redis.Redis:
+    """A second client to the same server as `handle`, with `request_options` (the caller closes it)."""
+    if cfg.cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(handle.url, **request_options(cfg))
+    return redis.Redis.from_url(handle.url, **request_options(cfg))
+
+
+EVICTING_WARNING = ("Redis maxmemory-policy is %r (maxmemory %s): when Redis reaches maxmemory it may evict "
+                    "user state and unapplied events silently; run it with maxmemory-policy noeviction "
+                    "(writes then fail with OOM, answered 503, and nothing is lost; docs/operations.md)")
+
+
+def eviction_policy(client: redis.Redis) -> tuple[str, int] | None:
+    """(maxmemory-policy, maxmemory) of the server, or None when CONFIG GET is not allowed (managed Redis)."""
+    try:
+        policy = client.config_get("maxmemory-policy")
+        maxmemory = client.config_get("maxmemory")
+    except redis.ResponseError:
+        return None
+    if isinstance(policy, dict) and "maxmemory-policy" not in policy:  # a cluster: {node: {...}}; any node
+        policy = next(iter(policy.values()), {})
+        maxmemory = next(iter(maxmemory.values()), {})
+    return str(policy.get("maxmemory-policy", "")), int(maxmemory.get("maxmemory", 0) or 0)
+
+
+def warn_if_evicting(client: redis.Redis, log) -> str | None:
+    """Log a warning when the server may evict keys (any policy but noeviction); -> the policy."""
+    got = eviction_policy(client)
+    if got is None:
+        log.warning("cannot read Redis maxmemory-policy (CONFIG GET refused): make sure it is noeviction")
+        return None
+    policy, maxmemory = got
+    if policy != "noeviction":
+        log.warning(EVICTING_WARNING, policy, maxmemory or "0 = no limit")
+    return policy
+
+
 def start_embedded(data_dir: Path, appendonly: bool = True, options: dict | None = None) -> RedisHandle:
     """Start redis-server on `data_dir`, or join the one another live process already runs there.
     `options`: the client's keyword arguments (`client_options`).

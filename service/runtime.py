@@ -22,7 +22,7 @@ from recsys.config.http import ServiceConfig
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
-from service.redis_conn import RedisHandle, connect
+from service.redis_conn import RedisHandle, connect, request_client, warn_if_evicting
 from service.scoring import Scorer
 from service.state import StateStore
 from service.stream import EventStream, StreamWorker, WorkerStats
@@ -37,7 +37,12 @@ class Runtime:
     config: ServiceConfig
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     redis: RedisHandle | None = None
+    # The request path's client (state.request_timeout_s, no retry of a timeout): a frozen Redis is a 503
+    # within that timeout. `redis.client` (socket_timeout_s) serves the worker's blocking reads and the
+    # admin rebuild (`bulk_store`), whose replies may legitimately take longer.
+    request_redis: "redis.Redis | None" = None
     store: StateStore | None = None
+    bulk_store: StateStore | None = None
     stream: EventStream | None = None
     scorer: Scorer | None = None
     batcher: MicroBatcher | None = None
@@ -51,8 +56,11 @@ class Runtime:
         if cfg.http.torch_threads:
             torch.set_num_threads(cfg.http.torch_threads)
         self.redis = connect(cfg.serve.state)
-        self.store = StateStore(self.redis.client, cfg.serve.state)
-        self.stream = EventStream(self.redis.client, cfg.serve)
+        warn_if_evicting(self.redis.client, log)
+        self.request_redis = request_client(self.redis, cfg.serve.state)
+        self.store = StateStore(self.request_redis, cfg.serve.state)
+        self.bulk_store = StateStore(self.redis.client, cfg.serve.state)
+        self.stream = EventStream(self.request_redis, cfg.serve)
         if cfg.bundle is not None:
             self.set_model(ServingModel.from_bundle(cfg.bundle))
         self.batcher = MicroBatcher(self._score_batch, cfg.http.batch_window_ms / 1000, cfg.http.max_batch,
@@ -85,6 +93,8 @@ class Runtime:
             await asyncio.to_thread(self.worker_thread.join)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.request_redis is not None:
+            self.request_redis.close()
         if self.redis is not None:
             self.redis.close()
 
@@ -133,7 +143,7 @@ class Runtime:
     def user_ids(self, limit: int) -> list[int] | None:
         """Every user with stored events, or None if there are more than `limit`."""
         out = []
-        for u in self.store.iter_user_ids():
+        for u in self.bulk_store.iter_user_ids():
             out.append(u)
             if len(out) > limit:
                 return None

@@ -131,7 +131,8 @@ class ValidationErrorBody(BaseModel):
 def error_responses(*codes: int) -> dict:
     """OpenAPI `responses` for the error statuses a route can answer (422 is always possible)."""
     text = {401: "X-API-Key missing", 403: "X-API-Key invalid, or writes disabled (no key configured)",
-            409: "conflict", 413: "body too large", 503: "no model loaded, or the state store is unavailable"}
+            409: "conflict", 413: "body too large",
+            429: "the event stream backlog is at stream.max_backlog: retry after Retry-After seconds", 503: "no model loaded, or the state store is unavailable"}
     out: dict = {422: {"model": ValidationErrorBody, "description": "invalid request; names the field"},
                  413: {"model": Error, "description": text[413]}}
     out.update({c: {"model": Error, "description": text[c]} for c in codes})

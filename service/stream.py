@@ -73,6 +73,15 @@ def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> E
         raise EventRejected(str(e).split(":", 1)[0], str(e)) from None
 
 
+class BacklogFull(RuntimeError):
+    """The streams hold `entries` >= stream.max_backlog entries: the caller should retry later."""
+
+    def __init__(self, entries: int, bound: int):
+        super().__init__(f"stream backlog: {entries} entries not yet applied, bound {bound} (stream.max_backlog)")
+        self.entries = entries
+        self.bound = bound
+
+
 class EventStream:
     """The partitioned event streams of one key space: append, group setup, counters."""
 
@@ -81,12 +90,28 @@ class EventStream:
         self.cfg = cfg
         self.keys = KeySpace(cfg.state.key_prefix)
         self.partitions = [self.keys.partition(p) for p in range(cfg.stream.partitions)]
+        self.last_length: int | None = None  # entries seen by the last bounded append
 
     def partition(self, user_id: int) -> int:
         return partition_of(user_id, self.cfg.stream.partitions)
 
-    def append(self, events: Sequence[Event]) -> list[str]:
-        """XADD each event to its user's partition (one round trip); returns the stream ids."""
+    def length(self) -> int:
+        """Entries in all partitions (one round trip). The workers trim what every consumer is done with
+        about every second (`StreamWorker.trim`), so this is the backlog plus at most ~1 s of applied ones."""
+        pipe = self.client.pipeline(transaction=False)
+        for pk in self.partitions:
+            pipe.xlen(pk.events)
+        return sum(pipe.execute())
+
+    def append(self, events: Sequence[Event], max_backlog: int = 0) -> list[str]:
+        """XADD each event to its user's partition (one round trip); returns the stream ids. With
+        `max_backlog`: BacklogFull, nothing written, while the streams hold that many entries or more (the
+        streams are never trimmed by length, which would drop acknowledged events: the bound is kept by
+        refusing new ones)."""
+        if max_backlog:
+            n = self.last_length = self.length()
+            if n >= max_backlog:
+                raise BacklogFull(n, max_backlog)
         pipe = self.client.pipeline(transaction=False)
         for e in events:
             pipe.xadd(self.partitions[self.partition(e.user_id)].events, {FIELD: encode_event(e)})

@@ -308,6 +308,11 @@ def stream_worker(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     handle = connect(cfg.serve.state)
     try:
+        import logging
+
+        from service.redis_conn import warn_if_evicting
+
+        warn_if_evicting(handle.client, logging.getLogger("recsys.stream"))
         worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(cfg.bundle)),
                               client=handle.client, consumer=consumer)
         typer.echo(f"stream worker {consumer}: consuming {cfg.serve.stream.partitions} partitions", err=True)

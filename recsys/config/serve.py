@@ -45,6 +45,13 @@ class StateStoreConfig(StrictModel):
     connect_timeout_s: float = Field(0.5, gt=0, description="longest wait to connect to Redis")
     retries: int = Field(1, ge=0, le=10, description="retries of a Redis call that failed to connect or timed out")
     retry_backoff_s: float = Field(0.05, ge=0, description="wait before each retry")
+    # A frozen Redis (SIGSTOP, a stuck failover) answers nothing: with socket_timeout_s and a retry a request
+    # waited 2 s x 2 before its 503. Requests get their own client: a short timeout, and no retry of a
+    # timeout (a server that did not answer in time will not answer the retry either).
+    request_timeout_s: float = Field(0.25, gt=0, description="HTTP request path (score, events, users, readyz): "
+                                     "longest wait for one Redis reply before the request answers 503; a timeout "
+                                     "is not retried (a refused connection is, `retries` times). The stream "
+                                     "worker keeps socket_timeout_s for its blocking reads")
 
     def resolved_url(self) -> str | None:
         return os.environ.get("REDIS_URL") or self.redis_url
@@ -65,6 +72,13 @@ class StreamConfig(StrictModel):
     dead_consumer_idle_ms: int = Field(3_600_000, ge=1_000, description="a consumer of the group with nothing "
                                        "pending, idle this long, is removed from the group (restarted workers get "
                                        "new names, and the old ones would accumulate)")
+    # 100k events of ~60 B each: ~10 MB of Redis memory in the streams, and at the worker's ~3-18k events/s
+    # 5-30 s of lag; a burst above it is answered 429 instead of growing Redis without bound.
+    max_backlog: int = Field(100_000, ge=0, description="POST /v1/events answers 429 with Retry-After while the "
+                             "streams hold this many entries or more (entries not yet applied; applied ones are "
+                             "trimmed by the workers about every second); 0: no bound. The streams then hold at "
+                             "most max_backlog + the events of the requests in flight (http.max_events each)")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After (seconds) of a 429 from the backlog bound")
 
 
 class ServeConfig(StrictModel):

@@ -34,7 +34,7 @@ def router() -> APIRouter:
                     if users is None:
                         raise HTTPException(409, f"rebuild: more than {max_users} users; run the "
                                                  "rebuild job, then reload with rebuild: false")
-                    rebuilt = await asyncio.to_thread(runtime.store.rebuild, ModelStateUpdater(model), users)
+                    rebuilt = await asyncio.to_thread(runtime.bulk_store.rebuild, ModelStateUpdater(model), users)
                 except redis.RedisError as e:
                     raise unavailable(runtime, "rebuild", e) from None
             previous = None if runtime.scorer is None else runtime.scorer.version

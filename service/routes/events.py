@@ -4,12 +4,13 @@ import asyncio
 import time
 
 import redis
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel
 
 from service import schemas
 from service.routes.deps import RuntimeDep, invalid, require_api_key, unavailable
 from service.state import Event
+from service.stream import BacklogFull
 
 
 def router(events_request: type[BaseModel]) -> APIRouter:
@@ -17,7 +18,7 @@ def router(events_request: type[BaseModel]) -> APIRouter:
     r = APIRouter()
 
     @r.post("/v1/events", status_code=202, response_model=schemas.EventsResponse,
-            dependencies=[Depends(require_api_key)], responses=schemas.error_responses(401, 403, 503))
+            dependencies=[Depends(require_api_key)], responses=schemas.error_responses(401, 403, 429, 503))
     async def events(req: events_request, runtime: RuntimeDep):
         batch = []
         http = runtime.config.http
@@ -32,10 +33,20 @@ def router(events_request: type[BaseModel]) -> APIRouter:
             except ValueError as err:  # the store's own checks, should they ever be stricter than the schema
                 name, _, msg = str(err).partition(": ")
                 raise invalid(("body", "events", i, name), msg) from None
+        sc = runtime.config.serve.stream
         try:
-            await asyncio.to_thread(runtime.stream.append, batch)
+            await asyncio.to_thread(runtime.stream.append, batch, sc.max_backlog)
+        except BacklogFull as e:
+            # Backpressure: nothing was written; the client retries the same events later (event ids make a
+            # retry of events that did get in a no-op).
+            runtime.metrics.events_throttled.inc(len(batch))
+            raise HTTPException(429, f"{e}; retry after {sc.retry_after_s} s",
+                                headers={"Retry-After": str(sc.retry_after_s)}) from None
         except redis.RedisError as e:
             raise unavailable(runtime, "append", e) from None
+        finally:
+            if runtime.stream.last_length is not None:
+                runtime.metrics.stream_backlog.set(runtime.stream.last_length)
         runtime.metrics.events_ingested.inc(len(batch))
         return {"accepted": len(batch)}
 

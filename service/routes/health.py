@@ -22,7 +22,7 @@ def router() -> APIRouter:
     async def readyz(runtime: RuntimeDep):
         version = None if runtime.scorer is None else runtime.scorer.version
         try:
-            await asyncio.to_thread(runtime.redis.client.ping)
+            await asyncio.to_thread(runtime.request_redis.ping)
         except redis.RedisError as e:
             runtime.metrics.state_store_errors.labels("ping").inc()
             return JSONResponse({"status": "unavailable", "model_version": version,

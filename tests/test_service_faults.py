@@ -1,0 +1,150 @@
+"""The service under faults an operator meets (issue 17), with real parts only: Redis servers the tests start
+(one of them frozen with SIGSTOP), real HTTP on uvicorn, real sockets, real subprocesses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import httpx
+import pytest
+import redis
+import torch
+
+from helpers import start_redis_server, stop
+from recsys.bundle import export_bundle
+from recsys.config.experiment import ExperimentConfig
+from recsys.config.model import ModelConfig
+from recsys.models import build_model
+from test_service_support import API_KEY, live, service_config
+
+HEADERS = {"X-API-Key": API_KEY}
+CAND = {"item_id": 5, "category_id": 1}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    cfg = ExperimentConfig(data="x", model=ModelConfig(max_len=16, top_k=4, dim_rep=4, dim_att=4, mlp=[8]))
+    return str(export_bundle(build_model(cfg.model, 200, 5), cfg, tmp_path_factory.mktemp("b") / "bundle", metrics={}))
+
+
+def _with(cfg, **changes):
+    """A copy of a ServiceConfig with `section__field=value` changes (sections: http, stream, state)."""
+    http, stream, state, top = {}, {}, {}, {}
+    for k, v in changes.items():
+        section, _, name = k.partition("__")
+        {"http": http, "stream": stream, "state": state}.get(section, top)[name or section] = v
+    serve = cfg.serve.model_copy(update={"stream": cfg.serve.stream.model_copy(update=stream),
+                                         "state": cfg.serve.state.model_copy(update=state)})
+    return cfg.model_copy(update={"http": cfg.http.model_copy(update=http), "serve": serve, **top})
+
+
+def _event(i: int, user: int) -> dict:
+    return {"event_id": f"e{i}", "user_id": user, "item_id": 1 + i, "category_id": 1 + i % 4, "action": 1,
+            "ts": 1_700_000_000_000 + i}
+
+
+# ---- backpressure ----------------------------------------------------------------------------------------
+
+def test_backlog_bound_answers_429_and_every_accepted_event_is_applied_once(tiny_bundle, tmp_path, redis_server):
+    from service.model_state import ModelStateUpdater, ServingModel
+    from service.state import StateStore
+    from service.stream import EventStream, StreamWorker
+
+    cfg = _with(service_config(redis_server, tmp_path, bundle=tiny_bundle), embedded_worker=False,
+                stream__max_backlog=40, stream__retry_after_s=2)
+    users = (3, 4, 5)
+    accepted: dict[int, list[dict]] = {u: [] for u in users}
+    refused: list[dict] = []
+    with live(cfg) as (srv, client):
+        statuses = []
+        for b in range(12):  # batches of 6: 42 entries reach the bound, so the 8th batch and later are refused
+            batch = [_event(b * 6 + j, users[j % 3]) for j in range(6)]
+            r = client.post("/v1/events", json={"events": batch}, headers=HEADERS)
+            statuses.append(r.status_code)
+            if r.status_code == 202:
+                for e in batch:
+                    accepted[e["user_id"]].append(e)
+            else:
+                assert r.status_code == 429, r.text
+                assert r.headers["retry-after"] == "2" and "max_backlog" in r.json()["detail"]
+                refused += batch
+        assert statuses == [202] * 7 + [429] * 5, statuses
+        m = client.get("/metrics").text
+        assert "recsys_events_throttled_total 30.0" in m and "recsys_stream_backlog 42.0" in m
+        rclient = redis.Redis.from_url(redis_server)
+        stream = EventStream(rclient, cfg.serve)
+        assert stream.length() == 42  # refused batches wrote nothing
+
+        # The worker starts: every accepted event is applied exactly once, and the applied entries leave
+        # the streams, so ingest resumes.
+        worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(tiny_bundle)), client=rclient)
+        stats = worker.run(until_idle=True)
+        assert stats.applied == 42 and stats.duplicates == 0 and not stats.rejected
+        worker.trim()
+        assert stream.length() == 0
+        store = StateStore(rclient, cfg.serve.state)
+        for u in users:
+            s = store.summary(u)
+            assert s.events_applied == len(accepted[u]) == 14
+            got = sorted(int(i) for i in store.read_users([u], "none")[0].sequence["item"])
+            assert got == sorted(e["item_id"] for e in accepted[u])  # and none of the refused ones
+        assert stream.counters().get("applied") == 42
+        r = client.post("/v1/events", json={"events": refused[:6]}, headers=HEADERS)
+        assert r.status_code == 202, r.text
+        rclient.close()
+
+
+def test_an_evicting_redis_is_warned_about(tmp_path, caplog):
+    from service.redis_conn import warn_if_evicting
+
+    proc, port = start_redis_server(tmp_path / "lru", None, "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
+    try:
+        client = redis.Redis(port=port)
+        log = logging.getLogger("test.evict")
+        with caplog.at_level(logging.WARNING, logger="test.evict"):
+            assert warn_if_evicting(client, log) == "allkeys-lru"
+        assert "noeviction" in caplog.text and "allkeys-lru" in caplog.text
+        caplog.clear()
+        client.config_set("maxmemory-policy", "noeviction")
+        with caplog.at_level(logging.WARNING, logger="test.evict"):
+            assert warn_if_evicting(client, log) == "noeviction"
+        assert caplog.text == ""
+        client.close()
+    finally:
+        stop(proc)
+
+
+# ---- a frozen Redis ----------------------------------------------------------------------------------------
+
+def test_frozen_redis_is_503_within_the_request_timeout(tiny_bundle, tmp_path):
+    proc, port = start_redis_server(tmp_path / "frozen")
+    cfg = _with(service_config(f"redis://127.0.0.1:{port}/0", tmp_path, bundle=tiny_bundle),
+                state__request_timeout_s=0.25)
+    try:
+        with live(cfg) as (srv, client):
+            body = {"user_id": 1, "candidates": [CAND]}
+            assert client.post("/v1/score", json=body).status_code == 200
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                for method, path, kw in (("POST", "/v1/score", {"json": body}), ("GET", "/readyz", {}),
+                                         ("POST", "/v1/events", {"json": {"events": [_event(1, 1)]},
+                                                                 "headers": HEADERS}),
+                                         ("GET", "/v1/users/1", {})):
+                    t0 = time.perf_counter()
+                    r = client.request(method, path, **kw)
+                    took = time.perf_counter() - t0
+                    assert r.status_code == 503, (path, r.text)
+                    assert took < 0.8, (path, took)  # 0.25 s, once: was socket_timeout_s 2 s x (1 + 1 retry)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "not ready again after SIGCONT"
+                time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop(proc)
