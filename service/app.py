@@ -33,5 +33,5 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.include_router(router)
     # Outermost first: the body cap answers before anything else reads the body.
     app.add_middleware(RequestTimer, metrics=runtime.metrics)
-    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.http.max_body_bytes, timeout_s=config.http.body_timeout_s)
     return app

@@ -1,9 +1,12 @@
-"""ASGI plumbing under the routes: body-size cap, latency metrics, API-key check, error bodies.
+"""ASGI plumbing under the routes: body-size cap and deadline, latency metrics, API-key check, error bodies.
 
 The body cap is a raw ASGI middleware so an oversized request is answered 413 before any JSON parsing or
-validation runs: by its Content-Length when declared, else by counting the streamed chunks.
+validation runs: by its Content-Length when declared, else by counting the streamed chunks. The same
+middleware bounds the time the body may take (408, connection closed); the headers' deadline is in the
+HTTP protocol (service.http_protocol).
 """
 
+import asyncio
 import hmac
 import json
 import time
@@ -15,17 +18,20 @@ from fastapi.responses import JSONResponse
 from service.metrics import ServiceMetrics
 
 
-async def _send_json(send, status: int, body: dict) -> None:
+async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
     raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if close:  # the rest of the request is not read: the connection cannot carry another one
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -38,8 +44,15 @@ class BodyLimit:
                 return await _send_json(send, 413, {"detail": f"body: {int(declared)} bytes exceeds the limit of "
                                                               f"{self.max_bytes} bytes"})
         chunks, size = [], 0
+        deadline = None if self.timeout_s is None else asyncio.get_running_loop().time() + self.timeout_s
         while True:
-            msg = await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    msg = await receive()
+            except TimeoutError:
+                # A body that stalls holds a connection and its buffered chunks: answer and close.
+                return await _send_json(send, 408, {"detail": f"body: not received within {self.timeout_s:g} s "
+                                                              "(http.body_timeout_s)"}, close=True)
             if msg["type"] == "http.disconnect":
                 return
             chunk = msg.get("body", b"")

@@ -29,14 +29,20 @@ CONFIG_ENV = "RECSYS_SERVICE_CONFIG"
 @contextmanager
 def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> Iterator[str]:
     """Serve `app` with uvicorn in a background thread; yields its base URL. `port=0`: a free port (the
-    socket is bound here and handed to uvicorn, so no other process can take it in between)."""
+    socket is bound here and handed to uvicorn, so no other process can take it in between). An app of
+    `create_app` is served with its config's HTTP settings (header deadline, keep-alive)."""
     import uvicorn
 
+    from recsys.config.http import HttpConfig
+    from service.http_protocol import uvicorn_config
+
+    runtime = getattr(getattr(app, "state", None), "runtime", None)
+    http_cfg = runtime.config.http if runtime is not None else HttpConfig()
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, http_cfg, host=host, port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:
@@ -77,9 +83,13 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
         import uvicorn
 
         from service.app import create_app
+        from service.http_protocol import uvicorn_config
 
-        uvicorn.run(create_app(config), host=config.http.host, port=config.http.port, log_level="info",
-                    access_log=config.http.access_log)
+        server = uvicorn.Server(uvicorn_config(create_app(config), config.http, host=config.http.host,
+                                               port=config.http.port))
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # what uvicorn.run does on a failed start (the error is logged)
         return
     handle = None
     if config.serve.state.resolved_url() is None:
@@ -91,12 +101,16 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
         if ray_serve:
             _run_ray_serve(config, workers)
         else:
-            import uvicorn
+            from uvicorn.supervisors import Multiprocess
+
+            from service.http_protocol import uvicorn_config
 
             os.environ[CONFIG_ENV] = config.model_dump_json()
-            uvicorn.run("service.serve:app_from_env", factory=True, workers=workers,
-                        host=config.http.host, port=config.http.port, log_level="info",
-                        access_log=config.http.access_log)
+            # uvicorn.run(..., workers=N) as it does it, with the service's protocol settings on the config
+            # (pickled into each worker process).
+            ucfg = uvicorn_config("service.serve:app_from_env", config.http, factory=True, workers=workers,
+                                  host=config.http.host, port=config.http.port)
+            Multiprocess(ucfg, sockets=[ucfg.bind_socket()]).run()
     finally:
         if handle is not None:
             handle.close()

@@ -148,3 +148,58 @@ def test_frozen_redis_is_503_within_the_request_timeout(tiny_bundle, tmp_path):
     finally:
         os.kill(proc.pid, signal.SIGCONT)
         stop(proc)
+
+
+# ---- request timeouts ----------------------------------------------------------------------------------------
+
+def _read_until_closed(sock, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection -> (bytes, seconds it took)."""
+    t0 = time.monotonic()
+    sock.settimeout(limit_s)
+    got = b""
+    while True:
+        chunk = sock.recv(65536)  # socket.timeout here: the server kept the connection open
+        if not chunk:
+            return got, time.monotonic() - t0
+        got += chunk
+
+
+def test_partial_headers_and_partial_bodies_are_cut_off(tiny_bundle, tmp_path):
+    import socket
+    from urllib.parse import urlparse
+
+    cfg = _with(service_config(None, tmp_path, bundle=tiny_bundle), http__headers_timeout_s=0.5,
+                http__body_timeout_s=0.5, embedded_worker=False)
+    with live(cfg) as (srv, client):
+        addr = (urlparse(srv.url).hostname, urlparse(srv.url).port)
+        cases = {
+            "silent": b"",
+            "half a request line": b"POST /v1/ev",
+            "headers without the blank line": b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n",
+            "half a body": (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"X-API-Key: " + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n{\"events\": ["),
+            "half a chunked body": (b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                    b"X-API-Key: " + API_KEY.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                    b"5\r\n{\"eve\r\n"),
+        }
+        for name, data in cases.items():
+            with socket.create_connection(addr) as s:
+                s.sendall(data)
+                got, took = _read_until_closed(s, 5.0)
+                assert got.startswith(b"HTTP/1.1 408"), (name, got[:200])
+                assert 0.4 < took < 2.0, (name, took)
+        # A kept-alive connection: a whole request is answered, then half of the next one is cut off.
+        with socket.create_connection(addr) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)
+            s.sendall(b"GET /heal")
+            got, took = _read_until_closed(s, 5.0)
+            assert got.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in got, got
+        # Slow but within the deadlines is fine.
+        with socket.create_connection(addr) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            time.sleep(0.2)
+            s.sendall(b"Connection: close\r\n\r\n")
+            got, _ = _read_until_closed(s, 5.0)
+            assert got.startswith(b"HTTP/1.1 200"), got
+        assert client.get("/healthz").status_code == 200

@@ -51,6 +51,15 @@ class HttpConfig(StrictModel):
                                            "has at most this many events (response `memory: rebuilt`), else "
                                            "is scored with an empty memory (`memory: empty`); the stream "
                                            "worker or the rebuild job writes the real state")
+    # uvicorn alone arms no timer while headers arrive and none while a body arrives: a client that sends half
+    # a request held its connection (and a file descriptor) for as long as it liked.
+    headers_timeout_s: float = Field(10.0, gt=0, description="a connection whose request line and headers are "
+                                     "not complete this long after it opened (or after the first byte of its "
+                                     "next request) gets 408 and is closed")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request whose body is not complete this long after "
+                                  "its headers gets 408 and its connection is closed")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after "
+                                        "this long (uvicorn's timeout_keep_alive)")
     # One log line per request costs about as much as a small forward.
     access_log: bool = Field(False, description="uvicorn's per-request access log")
     torch_threads: int | None = Field(None, ge=1, description="threads torch may use for a forward (None: torch's "
