@@ -125,6 +125,8 @@ def ray_deployment(config: ServiceConfig, replicas: int):
     class ScoringDeployment:
         def __init__(self, config_json: str):
             self.config = ServiceConfig.model_validate_json(config_json)
+            if self.config.ray_loopback:
+                _patch_replica_grpc_bind()  # before the replica starts its gRPC server, after this returns
 
         def __serve_build_asgi_app__(self):
             from service.app import create_app
@@ -134,11 +136,54 @@ def ray_deployment(config: ServiceConfig, replicas: int):
     return ScoringDeployment.bind(config.model_dump_json())
 
 
+# Ray (2.60) has no bind-address option. Its servers listen on loopback only when the node's address is
+# exactly 127.0.0.1 (GCS, raylet, object manager: the C++ gRPC servers' listen_to_localhost_only; dashboard
+# agent, runtime-env agent, metrics exporter: the node IP), but ray.init turns a loopback `_node_ip_address`
+# back into the machine's network address (services.resolve_ip_for_localhost) unless "cluster mode" is off,
+# which is what this variable does (on Linux it defaults to on); the Ray processes inherit it.
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _ray_loopback_only() -> None:
+    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
+    # Serve replicas start an inter-deployment gRPC server on "[::]:0", hard-coded (replica.py); it is used
+    # only with RAY_SERVE_USE_GRPC_BY_DEFAULT. The replica actors run `_patch_replica_grpc_bind` first.
+
+
+def _patch_replica_grpc_bind() -> None:
+    """Inside a Serve replica: make its inter-deployment gRPC server bind loopback instead of every interface.
+    A no-op if this Ray version names things differently (the listener test then fails and says so)."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_recsys_loopback", False):
+        return
+
+    def loopback(server, address: str):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    loopback._recsys_loopback = True
+    replica.add_port_to_grpc_server = loopback
+
+
 def _run_ray_serve(config: ServiceConfig, replicas: int) -> None:
+    if config.ray_loopback:
+        _ray_loopback_only()
     import ray
     from ray import serve as rs
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
+    if config.ray_loopback:
+        ray.init(ignore_reinit_error=True, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 dashboard_host="127.0.0.1")
+    else:
+        ray.init(ignore_reinit_error=True, include_dashboard=False)
     # Ray's own SIGTERM handler aborts the driver, which would skip the cleanup below (and leave an
     # embedded Redis server running): stop on SIGTERM as on Ctrl-C.
     stop = threading.Event()

@@ -38,6 +38,26 @@ def _redis_servers_in(data_dir) -> list[int]:
     return out
 
 
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listeners_off_loopback(root_pid: int) -> list[tuple[str, int, str]]:
+    """Listening TCP sockets of `root_pid` and all its descendants (Ray's daemons are children of the driver,
+    its workers and agents children of the raylet) bound to anything but loopback."""
+    procs = [psutil.Process(root_pid)]
+    procs += procs[0].children(recursive=True)
+    out = []
+    for p in procs:
+        try:
+            conns = p.net_connections("inet")
+            name = p.name()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out += [(c.laddr.ip, c.laddr.port, name) for c in conns
+                if c.status == psutil.CONN_LISTEN and c.laddr.ip not in LOOPBACK]
+    return out
+
+
 @pytest.mark.parametrize("ray_serve", [False, True], ids=["uvicorn-workers", "ray-serve"])
 def test_serve_workers_answer_and_stop_cleanly(ray_serve, tmp_path):
     torch.manual_seed(0)
@@ -64,6 +84,9 @@ def test_serve_workers_answer_and_stop_cleanly(ray_serve, tmp_path):
             assert time.monotonic() < deadline, "service not ready"
             time.sleep(0.5)
         assert len(_redis_servers_in(tmp_path / "redis")) == 1  # one embedded server, shared by all workers
+        if ray_serve:  # every Ray process (GCS, raylet, agents, controller, proxy, replicas) on loopback only
+            exposed = _listeners_off_loopback(proc.pid)
+            assert not exposed, exposed
         if not ray_serve:
             assert len([c for c in psutil.Process(proc.pid).children() if "python" in c.name()]) >= 2
         events = [{"event_id": f"e{i}", "user_id": 3, "item_id": 1 + i % 40, "category_id": 1 + i % 4, "ts": i}

@@ -85,6 +85,11 @@ class ServiceConfig(StrictModel):
                                "/v1/admin/reload loads one); `--bundle` overrides it")
     embedded_worker: bool = Field(True, description="run the stream worker as a thread of the service process "
                                   "(embedded mode: no separate `recsys stream-worker`)")
+    ray_loopback: bool = Field(True, description="`--ray-serve`: every Ray port (GCS, raylet, object manager, "
+                               "agents, Serve controller, proxy and replicas) listens on 127.0.0.1 only: a "
+                               "single-machine Ray that nothing else can reach. false: Ray's defaults (every "
+                               "interface: needed by a multi-node Ray cluster, which must then be firewalled; "
+                               "docs/operations.md)")
     rebuild_max_users: int = Field(100_000, ge=0, description="/v1/admin/reload rebuilds every user's state "
                                    "in-process up to this many users; above it, run the rebuild job first "
                                    "(pipelines/rebuild_state.py) and reload with `rebuild: false`")
