@@ -1,20 +1,54 @@
-"""Backend choice for top-k search: the Triton kernel for CUDA tensors; on CPU the measured winner per layout.
+"""Backend choice for top-k search: the Triton kernel for CUDA tensors; on CPU the exact path that measured
+fastest on the machine the process runs on.
 
-CPU, from benchmarks/topk_search.py (figures in docs/kernels.md):
-- one shared history and at least FUSED_MIN_ROWS queries (serving): `kernels/topk_attention/cpu.c`
-  (`topk_fused`), 2.8x to 6x faster than the best exact torch path at C = 200;
-- one shared history and fewer queries: the fused kernel while the history is small (L * d <=
-  FUSED_MAX_FEW: its transpose of the whole history is cheap; at C = 1 it beats every exact torch path at
-  L = 1k and at L = 10k, d = 16), else `retrieval.cpu.topk_blocked` (one matmul, block pruning: the
-  fastest exact torch path at L = 100k, and within 1.4x of the best at L = 10k, d = 64);
-- one history per query (training): `retrieval.cpu.topk_chunked` (the fused kernel transposes each
-  row's history for one query: 1.7x slower at d = 32, L = 2,698; at d = 16 the two are within 10%);
-- `retrieval.serving.topk_shared` for a shared history wherever the kernel cannot be built.
+Why measure here: which CPU path wins depends on the CPU (vector width, FMA ports, caches, whether MKL runs
+AVX-512) and on the shape. A rule measured on one machine was wrong on another (on an Intel Xeon the fused
+kernel took 4.86 ms at L = 10k, C = 200, d = 64 against 2.66 ms for `topk_shared`, yet the AMD-made rule
+ran it). So at the first call of a *shape class* the candidate paths are timed on synthetic data of that
+class, and the fastest runs from then on; a path never runs where another candidate measured faster.
+
+What is measured: for a class (layout, query rows, history length L, d, k, torch threads; rows, L and k in
+power-of-2 / power-of-4 buckets, see `shape_class`) every candidate path of `CANDIDATES[layout]` runs on
+standard-normal queries and keys of the class's representative shape (training layout: lengths uniform in
+[L/2, L]), warm-up once, then in interleaved rounds (so a burst of load from other processes hits every path
+alike) until each has MIN_REPS timings and TUNE_SECONDS have passed, or MAX_REPS rounds. The path with the
+lowest median wins. A path whose indices disagree with the first exact torch path's on the synthetic data
+(beyond the fused kernel's near-tie allowance) is never chosen. Paths that write the whole [rows, L] score
+matrix are not candidates where it would exceed FULL_MATRIX_BYTES.
+
+Candidates, each exact against `kernels/topk_attention/reference.py`:
+- `fused`: `kernels/topk_attention/cpu.c` (`topk_fused`), scores and selects without writing the score
+  matrix; wins where there are many queries per history (serving, C = 200);
+- `shared` (serving layout): `retrieval.serving.topk_shared`, one matmul per history chunk + strided-block
+  pruning; the fastest torch path for a long shared history;
+- `blocked` (serving layout): `retrieval.cpu.topk_blocked`, one matmul + block pruning; wins for one or a
+  few queries against a short history, where the others' overheads dominate;
+- `chunked` (training layout): `retrieval.cpu.topk_chunked`, one history per query, pruned per chunk.
+
+The choices are cached in a JSON file beside the kernel build (`kernels.topk_attention.cpu.cache_dir()`),
+named by a hash of the CPU (model and flags), the kernel build and the torch version, so later processes on
+the same machine read them instead of measuring again; it is rewritten atomically (temp file + rename, under
+a file lock, merging what other processes added). Threads: one lock serialises tuning (a tune timed while
+another runs would measure the contention); lookups of a tuned class take no lock.
+
+RECSYS_TOPK_AUTOTUNE=0 turns measuring off (tests, reproducible runs): `fixed_choice`, the rule measured on
+the AMD EPYC Zen 4 VM (docs/kernels.md), decides instead.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import fcntl
+import hashlib
+import json
+import logging
+import math
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,8 +56,213 @@ from kernels.topk_attention import cpu as fused
 from retrieval.cpu import topk_blocked, topk_chunked
 from retrieval.serving import topk_shared
 
-FUSED_MIN_ROWS = 8
-FUSED_MAX_FEW = 2**18   # L * d up to which the fused kernel also serves fewer than FUSED_MIN_ROWS queries
+log = logging.getLogger(__name__)
+
+AUTOTUNE_ENV = "RECSYS_TOPK_AUTOTUNE"
+TUNE_SECONDS = 0.4          # per class, beyond each path's warm-up run: the tune is paid once per machine
+MIN_REPS, MAX_REPS = 3, 15
+FULL_MATRIX_BYTES = 256 << 20
+SYNTHETIC_BYTES = 128 << 20   # training layout: keys of the synthetic batch
+PROBE_MIN_L = 4096
+FUSED_MIN_ROWS = 8          # fixed rule: the fused kernel for >= 8 queries on one shared history,
+FUSED_MAX_FEW = 2**18       # ... and for fewer while L * d <= FUSED_MAX_FEW (its transpose is cheap there)
+
+
+def _serving_shared(query, keys, lengths, k, segments=None):
+    return topk_shared(query, keys[: max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))], k, segments)
+
+
+def _serving_blocked(query, keys, lengths, k, segments=None):
+    return topk_blocked(query, keys, int(torch.as_tensor(lengths)), k, segments)
+
+
+def _fused(query, keys, lengths, k, segments=None):
+    return fused.topk_fused(query, keys, lengths, k, segments)
+
+
+PathFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# Timed in this order: the usual winner first, so the others can be left out after a probe (see `measure`).
+CANDIDATES: dict[str, dict[str, PathFn]] = {
+    "serving": {"fused": _fused, "shared": _serving_shared, "blocked": _serving_blocked},
+    "training": {"fused": _fused, "chunked": topk_chunked},
+}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _bucket(x: int, base: int) -> int:
+    """Smallest power of `base` >= x (1 for x <= 1): the class's upper edge."""
+    return 1 if x <= 1 else base ** math.ceil(math.log(x, base) - 1e-9)
+
+
+def shape_class(serving: bool, rows: int, L: int, d: int, k: int, threads: int | None = None) -> str:
+    """The key a choice is cached under. Rows and k in powers of 2, L in powers of 4 (cost is about linear
+    in L within a class), d exact (the kernel's vector loop depends on it), the torch thread count."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return "|".join(map(str, ("serving" if serving else "training", _bucket(rows, 2), _bucket(L, 4), d,
+                              _bucket(k, 2), threads)))
+
+
+def _representative(cls: str) -> tuple[str, int, int, int, int]:
+    """A class's synthetic shape: the geometric middle of its rows and L buckets, the top of its k bucket."""
+    layout, rows, L, d, k, _ = cls.split("|")
+    rows, L = int(rows), int(L)
+    return layout, max(1, rows * 3 // 4), max(1, L * 5 // 8), int(d), int(k)
+
+
+def _inputs(layout: str, rows: int, L: int, d: int):
+    gen = torch.Generator().manual_seed(rows * 1_000_003 + L * 31 + d)
+    q = torch.randn(rows, d, generator=gen)
+    if layout == "serving":
+        return q, torch.randn(L, d, generator=gen), L
+    return q, torch.randn(rows, L, d, generator=gen), torch.randint(L // 2, L + 1, (rows,), generator=gen)
+
+
+def candidates(layout: str, rows: int, L: int) -> dict[str, PathFn]:
+    paths = dict(CANDIDATES[layout])
+    if not fused.available():
+        paths.pop("fused")
+    if layout == "serving" and rows * L * 4 > FULL_MATRIX_BYTES:
+        paths.pop("blocked")   # writes the whole score matrix: slower there anyway, and the memory is real
+    return paths
+
+
+def fixed_choice(serving: bool, rows: int, L: int, d: int) -> str:
+    """The rule when measuring is off (docs/kernels.md has the figures it comes from)."""
+    if not serving:
+        return "chunked"
+    if not fused.available():
+        return "shared"
+    return "fused" if rows >= FUSED_MIN_ROWS or L * d <= FUSED_MAX_FEW else "blocked"
+
+
+def _time(fn: PathFn, args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The fused kernel sums in its own order: a near-tie may swap (tests/test_topk_cpu_fused.py allows
+    2 + 2% of the entries); a wrong path differs nearly everywhere."""
+    return int((got != want).sum()) <= 2 + want.numel() // 50
+
+
+def measure(cls: str) -> dict:
+    """Time every candidate path on synthetic data of class `cls` -> {"path": winner, "median_s": {...}}."""
+    layout, rows, L, d, k = _representative(cls)
+    if layout == "training":   # rows are independent there: fewer of them rank the paths alike
+        rows = max(1, min(rows, SYNTHETIC_BYTES // (4 * L * d)))
+    q, keys, lengths = _inputs(layout, rows, L, d)
+    args = (q, keys, lengths, k)
+    paths = candidates(layout, rows, L)
+    times: dict[str, list[float]] = {}
+    out: dict[str, float] = {}   # paths left out: their (estimated) seconds
+    results, best = {}, math.inf
+    for name, fn in paths.items():
+        if L >= 8 * PROBE_MIN_L:   # a long history: a path far behind on 1/8 of it is not run on all of it
+            cut = L // 8
+            part = (q, keys[:cut], cut, k) if layout == "serving" else (q, keys[:, :cut], lengths.clamp(max=cut), k)
+            fn(*part)
+            estimate = 8 * _time(fn, part)
+            if estimate > 4 * best:
+                out[name] = estimate
+                continue
+        t0 = time.perf_counter()   # warm-up (first-touch allocations, the kernel's workspace)
+        results[name] = fn(*args)[1]
+        best = min(best, time.perf_counter() - t0)
+        times[name] = []
+    exact = next((idx for name, idx in results.items() if name != "fused"), None)   # torch: the reference's
+    for name, idx in results.items():
+        if exact is not None and not _agrees(idx, exact):
+            log.warning("top-k path %s disagrees with the torch paths on class %s: not a candidate", name, cls)
+            del times[name]
+    t0 = time.perf_counter()
+    for rnd in range(MAX_REPS):
+        for name in times:
+            times[name].append(_time(paths[name], args))
+        elapsed = time.perf_counter() - t0
+        if (rnd + 1 >= MIN_REPS and elapsed > TUNE_SECONDS) or elapsed > 3 * TUNE_SECONDS:
+            break
+        if rnd >= 1:   # a path twice as slow as the best at its best is out: no load burst reverses that
+            best = min(min(t) for t in times.values())
+            out.update({n: statistics.median(t) for n, t in times.items() if min(t) > 2 * best})
+            times = {n: t for n, t in times.items() if n not in out}
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"path": min(medians, key=medians.get), "median_s": medians, "left_out_s": out,
+            "rows": rows, "L": L, "k": k, "reps": {name: len(t) for name, t in times.items()}}
+
+
+class _Cache:
+    """Choices per class: in memory, and in a JSON file shared by the processes of this machine."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.choices: dict[str, dict] = {}
+        self.loaded_from: Path | None = None
+
+    def path(self) -> Path:
+        key = f"{fused._cpu_signature()}\n{fused.build_tag()}\n{torch.__version__}"
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        return fused.cache_dir() / f"topk_dispatch_{tag}.json"
+
+    def _read(self, path: Path) -> dict:
+        try:
+            return json.loads(path.read_text()).get("choices", {})
+        except (OSError, ValueError, AttributeError):
+            return {}
+
+    def choose(self, cls: str) -> str:
+        hit = self.choices.get(cls)
+        if hit is not None:
+            return hit["path"]
+        with self.lock:
+            path = self.path()
+            if self.loaded_from != path:   # another process may have tuned it already
+                self.choices.update(self._read(path))
+                self.loaded_from = path
+            if cls not in self.choices:
+                result = measure(cls)
+                log.info("top-k dispatch %s -> %s (%s)", cls, result["path"], ", ".join(
+                    f"{n} {s * 1e3:.3f} ms" for n, s in {**result["left_out_s"], **result["median_s"]}.items()))
+                self.choices[cls] = result
+                self._write(path, cls, result)
+            return self.choices[cls]["path"]
+
+    def _write(self, path: Path, cls: str, result: dict) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)   # read-merge-write: another process's classes are kept
+                merged = {**self._read(path), cls: result}
+                body = {"cpu": fused.cpu_model(), "kernel_build": fused.build_tag(), "torch": torch.__version__,
+                        "choices": merged}
+                with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+                    json.dump(body, tmp, indent=1, sort_keys=True)
+                os.replace(tmp.name, path)   # readers see the old file or the new one, never a part
+                self.choices.update(merged)
+        except OSError as e:   # a read-only cache folder: keep the choice for this process only
+            log.warning("top-k dispatch cache %s not written: %s", path, e)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.choices.clear()
+            self.loaded_from = None
+
+
+_cache = _Cache()
+
+
+def choose(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | int, k: int) -> str:
+    """The CPU path `topk` runs for these inputs: a key of `CANDIDATES[layout]`."""
+    serving = keys.dim() == 2
+    rows, L, d = query.shape[0], keys.shape[-2], query.shape[-1]
+    if not autotune_enabled() or rows == 0 or L == 0:
+        return fixed_choice(serving, rows, L, d)
+    name = _cache.choose(shape_class(serving, rows, L, d, k))
+    return name if name in candidates("serving" if serving else "training", rows, L) else fixed_choice(serving, rows, L, d)
 
 
 @torch.no_grad()
@@ -53,10 +292,9 @@ def topk(
         return topk_triton(query, keys, lengths, k, segments)
     shared = keys.dim() == 2 and query.dim() == 2 and torch.as_tensor(lengths).numel() == 1
     if not shared:
-        return topk_chunked(query, keys, lengths, k, segments)
-    many = query.shape[0] >= FUSED_MIN_ROWS
-    if fused.available() and (many or keys.shape[0] * keys.shape[1] <= FUSED_MAX_FEW):
-        return fused.topk_fused(query, keys, lengths, k, segments)
-    if fused.available():
-        return topk_blocked(query, keys, int(torch.as_tensor(lengths)), k, segments)
-    return topk_shared(query, keys[: max(0, min(int(lengths), keys.shape[0]))], k, segments)
+        if keys.dim() != 3 or query.dim() != 2:   # let the torch path name the bad shape
+            return topk_chunked(query, keys, lengths, k, segments)
+        if torch.as_tensor(lengths).numel() != query.shape[0]:
+            return topk_chunked(query, keys, lengths, k, segments)
+    layout = "serving" if shared else "training"
+    return CANDIDATES[layout][choose(query, keys, lengths, k)](query, keys, lengths, k, segments)

@@ -104,21 +104,18 @@ def test_property_dispatch_equals_reference(rows, L, k, d, serving, seed):
         assert torch.equal(_run(fn, q, keys, lengths, k, None)[1], ref_idx), name
 
 
-def test_dispatch_picks_the_measured_winner_per_layout():
-    """Serving with many candidates, or few against a small history: the fused kernel; few candidates against
-    a long history, or one history per query: the torch paths (docs/kernels.md has the figures behind the
-    choice). Each must return its backend's own answer."""
-    from kernels.topk_attention.cpu import topk_fused
-    from retrieval.cpu import topk_blocked
-    from retrieval.dispatch import FUSED_MAX_FEW, FUSED_MIN_ROWS
+def test_dispatch_runs_the_path_it_chooses(monkeypatch):
+    """`retrieval.topk` returns exactly what the chosen backend returns (the fixed rule here; the measured
+    choice: tests/test_dispatch_autotune.py)."""
+    from retrieval import dispatch
 
+    monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "0")
     gen = torch.Generator().manual_seed(5)
     keys = torch.randn(3_000, 16, generator=gen)
-    long_keys = torch.randn(FUSED_MAX_FEW // 16 + 1, 16, generator=gen)
-    many, few = torch.randn(FUSED_MIN_ROWS, 16, generator=gen), torch.randn(2, 16, generator=gen)
-    for got, want in [(retrieval.topk(many, keys, 2_990, 20), topk_fused(many, keys, 2_990, 20)),
-                      (retrieval.topk(few, keys, 2_990, 20), topk_fused(few, keys, 2_990, 20)),
-                      (retrieval.topk(few, long_keys, 16_000, 20), topk_blocked(few, long_keys, 16_000, 20))]:
+    long_keys = torch.randn(dispatch.FUSED_MAX_FEW // 16 + 1, 16, generator=gen)
+    many, few = torch.randn(dispatch.FUSED_MIN_ROWS, 16, generator=gen), torch.randn(2, 16, generator=gen)
+    for q, k, n in [(many, keys, 2_990), (few, keys, 2_990), (few, long_keys, 16_000)]:
+        got, want = retrieval.topk(q, k, n, 20), dispatch.CANDIDATES["serving"][dispatch.choose(q, k, n, 20)](q, k, n, 20)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     q, hist, n = torch.randn(4, 16, generator=gen), torch.randn(4, 900, 16, generator=gen), torch.tensor([900, 5, 0, 400])
     got, want = retrieval.topk(q, hist, n, 20), topk_chunked(q, hist, n, 20)

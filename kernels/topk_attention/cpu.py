@@ -82,11 +82,16 @@ def build(extra_flags: Sequence[str] = ()) -> Path:
     return out
 
 
+_loaded: dict[tuple[str, ...], Path] = {}
+
+
 @functools.lru_cache(maxsize=None)
 def load(extra_flags: tuple[str, ...] = ()):
     """The kernel built with FLAGS + extra_flags, loaded; None (logged once) when it cannot be built here."""
     try:
-        lib = ctypes.CDLL(str(build(extra_flags)))
+        path = build(extra_flags)
+        lib = ctypes.CDLL(str(path))
+        _loaded[extra_flags] = path
     except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
         log.warning("fused CPU top-k kernel unavailable, using the torch path: %s", e)
         return None
@@ -102,6 +107,19 @@ def _lib():
 
 def available() -> bool:
     return _lib() is not None
+
+
+def build_tag() -> str:
+    """The loaded build's name (a hash of source, flags, compiler and CPU), "none" without one: measurements
+    of the kernel are valid for this build only."""
+    return _loaded[()].stem if available() and () in _loaded else "none"
+
+
+def cpu_model() -> str:
+    for line in _cpu_signature().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 @functools.lru_cache(maxsize=256)
