@@ -64,6 +64,16 @@ class KeySpace:
             raise ValueError(f"{text!r} is not a user key under prefix {self.prefix!r}")
         return int(text[len(self.prefix) + 3:].split("}", 1)[0])
 
+    @property
+    def model_desired(self) -> str:
+        """The model every serving process and stream worker converges to (service.model_sync)."""
+        return f"{self.prefix}{{m}}:desired"
+
+    @property
+    def model_served(self) -> str:
+        """Hash: process -> the version it serves, with when it last said so (service.model_sync)."""
+        return f"{self.prefix}{{m}}:served"
+
     def partition(self, p: int) -> PartitionKeys:
         tag = f"{self.prefix}{{s:{p}}}"
         return PartitionKeys(events=f"{tag}:events", dead=f"{tag}:dead", stats=f"{tag}:stats")

@@ -22,6 +22,7 @@ from recsys.config.http import ServiceConfig
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
+from service.model_sync import ModelSync
 from service.redis_conn import RedisHandle, connect, request_client, warn_if_evicting
 from service.scoring import Scorer
 from service.state import StateStore
@@ -50,6 +51,9 @@ class Runtime:
     worker_thread: threading.Thread | None = None
     worker_stop: threading.Event | None = None
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    sync: ModelSync | None = None  # the published model version (service.model_sync)
+    desired_version: str | None = None  # as last read from Redis
+    _follower: "asyncio.Task | None" = None
 
     def start(self) -> None:
         cfg = self.config
@@ -61,6 +65,7 @@ class Runtime:
         self.store = StateStore(self.request_redis, cfg.serve.state)
         self.bulk_store = StateStore(self.redis.client, cfg.serve.state)
         self.stream = EventStream(self.request_redis, cfg.serve)
+        self.sync = ModelSync(self.request_redis, cfg.serve.state.key_prefix, "http")
         if cfg.bundle is not None:
             self.set_model(ServingModel.from_bundle(cfg.bundle))
         self.batcher = MicroBatcher(self._score_batch, cfg.http.batch_window_ms / 1000, cfg.http.max_batch,
@@ -87,7 +92,34 @@ class Runtime:
                 log.exception("stream worker failed; retrying")
                 self.worker_stop.wait(1.0)
 
+    async def _follow(self) -> None:
+        """Converge to the published model version (another worker handled the reload), and say what this
+        process serves; every `reload_poll_s`."""
+        while True:
+            await asyncio.sleep(self.config.reload_poll_s)
+            try:
+                async with self.reload_lock:
+                    current = None if self.scorer is None else self.scorer.version
+                    model = await asyncio.to_thread(self.sync.follow, current)
+                    if model is not None:
+                        await asyncio.to_thread(self.set_model, model)
+                        current = model.version
+                d = await asyncio.to_thread(self.sync.desired)
+                self.desired_version = None if d is None else d["version"]
+                await asyncio.to_thread(self.sync.report, current)
+            except redis.RedisError as e:
+                self.metrics.state_store_errors.labels("sync").inc()
+                log.warning("model sync: %s", e)
+            except Exception:  # noqa: BLE001 - keep following
+                log.exception("model sync failed")
+
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+            with contextlib.suppress(redis.RedisError):
+                await asyncio.to_thread(self.sync.forget)
         if self.worker is not None:
             self.worker_stop.set()
             await asyncio.to_thread(self.worker_thread.join)
@@ -103,6 +135,8 @@ class Runtime:
         """The app's FastAPI lifespan: start before the first request, stop after the last."""
         await asyncio.to_thread(self.start)
         self.batcher.start()
+        if self.config.reload_poll_s > 0:
+            self._follower = asyncio.create_task(self._follow(), name="model-sync")
         try:
             yield
         finally:

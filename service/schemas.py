@@ -142,4 +142,6 @@ def error_responses(*codes: int) -> dict:
 class Health(BaseModel):
     status: str
     model_version: str | None = None
+    desired_version: str | None = Field(None, description="the version published by the last reload (every "
+                                        "process converges to it within reload_poll_s); None: none published")
     detail: str | None = None

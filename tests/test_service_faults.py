@@ -272,3 +272,70 @@ def test_a_restarted_service_owns_the_embedded_redis_its_killed_predecessor_left
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---- one model version across processes ------------------------------------------------------------------
+
+def test_a_reload_sent_to_one_worker_reaches_every_worker_and_the_stream_worker(tiny_bundle, tmp_path, redis_server):
+    import subprocess
+    import sys
+
+    from recsys.bundle import load_bundle
+    from recsys.net import free_port
+    from service.model_sync import ModelSync
+
+    torch.manual_seed(1)
+    ecfg = ExperimentConfig(data="x", model=ModelConfig(max_len=16, top_k=4, dim_rep=4, dim_att=4, mlp=[8]))
+    other = str(export_bundle(build_model(ecfg.model, 200, 5), ecfg, tmp_path / "other", metrics={}))
+    old_v, new_v = load_bundle(tiny_bundle).version, load_bundle(other).version
+    assert old_v != new_v
+    cfg = _with(service_config(redis_server, tmp_path, bundle=tiny_bundle), embedded_worker=False,
+                reload_poll_s=0.25, http__port=free_port())
+    (tmp_path / "serve.yaml").write_text(cfg.model_dump_json())
+    url = f"http://127.0.0.1:{cfg.http.port}"
+    code = ("import os; from recsys.config.http import ServiceConfig; from service.serve import serve; "
+            "serve(ServiceConfig.model_validate_json(os.environ['CFG']), workers=2)")
+    service = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "CFG": cfg.model_dump_json()},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream-worker", "--config",
+                               str(tmp_path / "serve.yaml"), "--consumer", "w1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rclient = redis.Redis.from_url(redis_server)
+    sync = ModelSync(rclient, cfg.serve.state.key_prefix, "test")
+
+    def versions() -> list:
+        return sorted(sync.served(max_age_s=2.0).values())
+
+    def wait(cond, what: str, timeout_s: float) -> float:
+        t0 = time.monotonic()
+        while not cond():
+            for p in (service, worker):
+                assert p.poll() is None, p.stderr.read().decode()[-3000:]
+            assert time.monotonic() - t0 < timeout_s, f"{what}: {sync.served(max_age_s=2.0)}"
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
+    try:
+        wait(lambda: versions() == [old_v] * 3, "2 http workers + 1 stream worker reporting", 90)
+        r = httpx.post(f"{url}/v1/admin/reload", json={"bundle": other}, headers=HEADERS, timeout=60)
+        assert r.status_code == 200 and r.json()["model_version"] == new_v, r.text
+        took = wait(lambda: versions() == [new_v] * 3, "every process on the new version", 10)
+        assert took < 3.0, took  # reload_poll_s = 0.25
+        for _ in range(10):  # whichever worker answers
+            body = httpx.get(f"{url}/readyz").json()
+            assert body["model_version"] == new_v and body["desired_version"] == new_v, body
+            s = httpx.post(f"{url}/v1/score", json={"user_id": 9, "candidates": [CAND]}).json()
+            assert s["model_version"] == new_v
+        # The separate stream worker writes state for the new version.
+        assert httpx.post(f"{url}/v1/events", json={"events": [_event(7, 9)]}, headers=HEADERS).status_code == 202
+        wait(lambda: httpx.get(f"{url}/v1/users/9").json()["state_version"] == new_v, "state of the new version", 10)
+    finally:
+        for p in (worker, service):
+            p.send_signal(signal.SIGTERM)
+        for p in (worker, service):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        rclient.close()

@@ -313,10 +313,21 @@ def stream_worker(
         from service.redis_conn import warn_if_evicting
 
         warn_if_evicting(handle.client, logging.getLogger("recsys.stream"))
-        worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(cfg.bundle)),
-                              client=handle.client, consumer=consumer)
+        model = ServingModel.from_bundle(cfg.bundle)
+        worker = StreamWorker(cfg.serve, ModelStateUpdater(model), client=handle.client, consumer=consumer)
+        follower = None
+        if cfg.reload_poll_s > 0:  # a reload sent to the service reaches this worker too
+            from service.model_sync import ModelSync, follow_in_thread
+
+            def switch(m) -> None:
+                worker.updater = ModelStateUpdater(m)  # read once per batch by the worker loop
+
+            sync = ModelSync(handle.client, cfg.serve.state.key_prefix, f"stream-worker:{consumer}")
+            follower = follow_in_thread(sync, model.version, switch, stop, cfg.reload_poll_s)
         typer.echo(f"stream worker {consumer}: consuming {cfg.serve.stream.partitions} partitions", err=True)
         stats = worker.run(stop)
+        if follower is not None:
+            follower.join(5)
         typer.echo(f"stopped: {stats}", err=True)
     finally:
         handle.close()

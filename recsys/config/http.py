@@ -90,6 +90,10 @@ class ServiceConfig(StrictModel):
                                "single-machine Ray that nothing else can reach. false: Ray's defaults (every "
                                "interface: needed by a multi-node Ray cluster, which must then be firewalled; "
                                "docs/operations.md)")
+    reload_poll_s: float = Field(1.0, ge=0.0, description="every serving process and stream worker reads the "
+                                 "model version published by the last POST /v1/admin/reload (a Redis key) this "
+                                 "often and switches to it, so a reload sent to one of N workers reaches all "
+                                 "within about this long (0: off; each process keeps what it loaded)")
     rebuild_max_users: int = Field(100_000, ge=0, description="/v1/admin/reload rebuilds every user's state "
                                    "in-process up to this many users; above it, run the rebuild job first "
                                    "(pipelines/rebuild_state.py) and reload with `rebuild: false`")

@@ -1,5 +1,6 @@
 """POST /v1/admin/reload: load another bundle and, unless told not to, rebuild every user's state for it
-first (capped by rebuild_max_users; beyond that the rebuild job does it offline)."""
+first (capped by rebuild_max_users; beyond that the rebuild job does it offline); then publish it, so every
+other serving process and stream worker switches too (service.model_sync)."""
 
 import asyncio
 from pathlib import Path
@@ -37,6 +38,11 @@ def router() -> APIRouter:
                     rebuilt = await asyncio.to_thread(runtime.bulk_store.rebuild, ModelStateUpdater(model), users)
                 except redis.RedisError as e:
                     raise unavailable(runtime, "rebuild", e) from None
+            try:  # every other process (uvicorn workers, replicas, stream workers) follows (model_sync)
+                await asyncio.to_thread(runtime.sync.publish, str(path.resolve()), model.version)
+            except redis.RedisError as e:
+                raise unavailable(runtime, "publish", e) from None
+            runtime.desired_version = model.version
             previous = None if runtime.scorer is None else runtime.scorer.version
             await asyncio.to_thread(runtime.set_model, model)  # may start the worker: Redis calls
         return {"model_version": model.version, "previous_version": previous, "rebuilt_users": rebuilt}

@@ -29,7 +29,7 @@ def router() -> APIRouter:
                                  "detail": f"state store unreachable ({type(e).__name__})"}, status_code=503)
         if version is None:
             return JSONResponse({"status": "unavailable", "detail": "no model loaded"}, status_code=503)
-        return {"status": "ready", "model_version": version}
+        return {"status": "ready", "model_version": version, "desired_version": runtime.desired_version}
 
     @r.get("/metrics", response_class=Response)
     async def metrics(runtime: RuntimeDep):
