@@ -70,6 +70,7 @@ typedef struct {
     int n_threads;           /* workers taking part (fixed before any starts work) */
     float *T;                /* shared history: [nb][d][SUB] blocked transpose */
     float *M;                /* shared history: [R][nbp] block maxima */
+    float *S;                /* shared history, SUBMAX: [R][nbp][NV] sub-block maxima */
     float *tau;              /* shared history: [R] pass-2 thresholds */
     int32_t *pairs;          /* shared history: [R][nbp] pass-2 (block, row) pairs, a row range per worker */
     float *cs;               /* shared history: [R][cap] pass-2 candidate scores */
@@ -141,6 +142,31 @@ static inline float hfmax(vf a) {
     return hmax(a);
 #endif
 }
+
+#ifdef __AVX512F__
+/* Maxima of a block's NV = 4 scoring vectors (its 16-event sub-blocks) -> sub[0..3], and their maximum,
+   the block's, returned: shuffles that reduce the four vectors together (as many instructions as
+   one block-wide reduction took). Pass 2 then rescores only the sub-blocks that can still hold a top-k
+   event (a quarter of the work at L = 10k, C = 200, d = 16). */
+static inline float sub_maxima(const vf a[NV], float sub[NV]) {
+    const __m512 a0 = (__m512)a[0], a1 = (__m512)a[1], a2 = (__m512)a[2], a3 = (__m512)a[3];
+    const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    __m512 x = _mm512_max_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    x = _mm512_max_ps(x, _mm512_permute_ps(x, 0x4E));   /* 128-bit chunk v: vector v's maximum in every lane */
+    x = _mm512_max_ps(x, _mm512_permute_ps(x, 0xB1));
+    const __m128 m = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), x));
+    _mm_storeu_ps(sub, m);
+    __m128 y = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    y = _mm_max_ss(y, _mm_shuffle_ps(y, y, 1));
+    return _mm_cvtss_f32(y);
+}
+#define SUBMAX 1   /* pass 1 keeps sub-block maxima (S), pass 2 rescores sub-blocks */
+#define S_PER NV   /* floats of S per (row, block) */
+#else
+#define SUBMAX 0
+#define S_PER 0
+#endif
 
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
 static inline int tile_blocks(int d) {
@@ -321,7 +347,8 @@ static float kth_largest(float *a, int m, int k) {
 #define QB 1
 #endif
 #if QB > 1
-static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float out[QB]) {
+static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float out[QB],
+                                  float *sub, int64_t sub_stride) {
     vf acc[QB][NV];
     for (int u = 0; u < QB; u++)
         for (int v = 0; v < NV; v++) acc[u][v] = (vf){0};
@@ -343,11 +370,7 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
                 acc[u][v] = (vf)(((vfi)acc[u][v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
         }
     }
-    for (int u = 0; u < QB; u++) {
-        vf m = acc[u][0];
-        for (int v = 1; v < NV; v++) m = vfmax(m, acc[u][v]);
-        out[u] = hfmax(m);
-    }
+    for (int u = 0; u < QB; u++) out[u] = sub_maxima(acc[u], sub + u * sub_stride);
 }
 #endif
 
@@ -355,7 +378,8 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
    depends on the scores). */
 static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
-                  float *T, float *M, int64_t nbp, v8 *check, v8 *amax) {   /* row r's maxima: M + (r - r0) nbp */
+                  float *T, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
+    /* row r's maxima: M + (r - r0) nbp; with SUBMAX its sub-block maxima S + ((r - r0) nbp + b) NV */
     const int d = c->d, tile = tile_blocks(d);
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
@@ -367,7 +391,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
                 float m[QB];
-                block_max_rows(T + b * d * SUB, n - b * SUB, q, d, m);
+                block_max_rows(T + b * d * SUB, n - b * SUB, q, d, m, S + ((int64_t)(r - r0) * nbp + b) * NV, nbp * NV);
                 for (int u = 0; u < QB; u++) Mr[u * nbp + b] = m[u];
             }
         }
@@ -378,9 +402,14 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
             for (int64_t b = t0; b < t1; b++) {
                 vf acc[NV];
                 score_block(T + b * d * SUB, n - b * SUB, q, d, acc);
+#if SUBMAX
+                Mr[b] = sub_maxima(acc, S + ((int64_t)(r - r0) * nbp + b) * NV);
+#else
+                (void)S;
                 vf m = acc[0];
                 for (int v = 1; v < NV; v++) m = vfmax(m, acc[v]);
                 Mr[b] = hfmax(m);
+#endif
             }
         }
     }
@@ -404,6 +433,23 @@ static inline int cand_cap(int k) { return 2 * ((k + 15) / 16 * 16) + SUB + 16; 
 
 /* rank[i] = place of candidate i in the order (score desc, index asc); candidates are in index order. */
 static void rank_candidates(const float *s, int m, int32_t *rank) {
+#ifdef __AVX512F__
+    /* 16 comparisons per instruction (the scalar double loop was 4% of a call at L = 10k, C = 200) */
+    for (int i = 0; i < m; i++) {
+        const __m512 si = _mm512_set1_ps(s[i]);
+        int r = 0;
+        for (int j = 0; j < m; j += 16) {
+            const __mmask16 in = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1u);
+            const __m512 v = _mm512_maskz_loadu_ps(in, s + j);
+            /* lanes before i count ties (the lower index goes first), lanes after i only greater scores */
+            const int below = i - j <= 0 ? 0 : i - j >= 16 ? 0xFFFF : (int)((1u << (i - j)) - 1u);
+            const __mmask16 ge = _mm512_mask_cmp_ps_mask(in & (__mmask16)below, v, si, _CMP_GE_OQ);
+            const __mmask16 gt = _mm512_mask_cmp_ps_mask(in & (__mmask16)~below, v, si, _CMP_GT_OQ);
+            r += __builtin_popcount((unsigned)ge) + __builtin_popcount((unsigned)gt);
+        }
+        rank[i] = r;
+    }
+#else
     for (int i = 0; i < m; i++) {
         const float si = s[i];
         int r = 0;
@@ -411,6 +457,7 @@ static void rank_candidates(const float *s, int m, int32_t *rank) {
         for (int j = i + 1; j < m; j++) r += s[j] > si;
         rank[i] = r;
     }
+#endif
 }
 
 /* Keep the best k of m (> k) candidates, in index order, and raise the row's threshold above the k-th
@@ -439,6 +486,49 @@ static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *ta
     return w;
 }
 
+#if SUBMAX
+/* Rescore items u < n_it (sub-block it_v[u] of the current block for row index it_row[u]) with independent
+   accumulators, then append each one's events scoring >= the row's threshold to its candidates. */
+static inline void rescore_group(const call_t *c, const float *Tb, int64_t left, int64_t b, const int *it_row,
+                                 const int *it_v, int n_it, int r0, float *cs, int32_t *ci, int32_t *cnt,
+                                 float *tau, float *kth) {
+    const int d = c->d, k = c->k, cap = c->cap;
+    const float *q[4], *x[4];
+    for (int u = 0; u < 4; u++) {   /* the slots past n_it repeat the last item; their results are dropped */
+        const int w = u < n_it ? u : n_it - 1;
+        q[u] = c->q + (int64_t)(it_row[w] + r0) * d;
+        x[u] = Tb + VW * it_v[w];
+    }
+    vf acc[4] = {{0}, {0}, {0}, {0}};
+    for (int j = 0; j < d; j++)
+        for (int u = 0; u < 4; u++) {
+            vf xv;
+            memcpy(&xv, x[u] + j * SUB, sizeof xv);
+            acc[u] += q[u][j] * xv;
+        }
+    for (int u = 0; u < n_it; u++) {
+        const int i = it_row[u], v = it_v[u];
+        float *s = cs + (int64_t)i * cap;
+        int32_t *e = ci + (int64_t)i * cap;
+        if (cnt[i] > cap - VW - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
+        vf a = acc[u];
+        if (left < SUB) {
+            vfi lane;
+            for (int t = 0; t < VW; t++) lane[t] = t;
+            const vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
+            a = (vf)(((vfi)a & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+        }
+        const uint32_t lanes = lanes_ge(a, (vf){0} + tau[i]);
+        const int m = cnt[i];
+        _mm512_storeu_ps(s + m, _mm512_maskz_compress_ps((__mmask16)lanes, (__m512)a));
+        _mm512_storeu_si512(e + m, _mm512_maskz_compress_epi32(
+            (__mmask16)lanes, _mm512_add_epi32(_mm512_set1_epi32((int32_t)(b * SUB + VW * v)),
+                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))));
+        cnt[i] = m + __builtin_popcount(lanes);
+    }
+}
+#endif
+
 /* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp, nb blocks, -inf padded to nbp, a
    multiple of 8). tau_r = the k-th largest block maximum of row r: k blocks hold an event scoring >=
    tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a block whose maximum
@@ -451,7 +541,7 @@ static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *ta
    insert per candidate was 60% of this pass (a mispredicted branch and a store-forwarding stall each).
    Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
    and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
-static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, int64_t nbp,
+static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, const float *sub_max, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
     const int d = c->d, k = c->k, cap = c->cap;
@@ -490,6 +580,37 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
     }
     /* after the fill start[b] is the end of block b's rows, i.e. the start of block b + 1's */
+#if SUBMAX
+    /* Only the sub-blocks whose maximum reaches the row's threshold are rescored (about k + 1 per row),
+       GROUP of them at once: one alone is a chain of d dependent multiply-adds, latency-bound. Each is
+       score_block's chain for that vector, so the same values. The items of a row come in index order. */
+    enum { GROUP = 4 };
+    int it_row[GROUP], it_v[GROUP];
+    for (int64_t b = 0, p = 0; b < nb; b++) {
+        const float *Tb = T + b * d * SUB;
+        const int64_t left = n - b * SUB;
+        int n_it = 0;
+        for (;;) {
+            const int done = p == start[b];
+            if (!done) {
+                const int i = rows[p++] - r0;
+                const __m128 sm = _mm_loadu_ps(sub_max + ((int64_t)i * nbp + b) * NV);
+                for (uint32_t subs = (uint32_t)_mm_movemask_ps(_mm_cmp_ps(sm, _mm_set1_ps(tau[i]), _CMP_GE_OQ));
+                     subs; subs &= subs - 1) {
+                    it_row[n_it] = i;
+                    it_v[n_it++] = __builtin_ctz(subs);
+                    if (n_it == GROUP) {
+                        rescore_group(c, Tb, left, b, it_row, it_v, GROUP, r0, cs, ci, cnt, tau, kth);
+                        n_it = 0;
+                    }
+                }
+            }
+            if (done) break;
+        }
+        if (n_it) rescore_group(c, Tb, left, b, it_row, it_v, n_it, r0, cs, ci, cnt, tau, kth);
+    }
+#else
+    (void)sub_max;
     for (int64_t b = 0, p = 0; b < nb; b++) {
         const float *Tb = T + b * d * SUB;
         for (; p < start[b]; p++) {
@@ -497,20 +618,15 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             float *s = cs + (int64_t)i * cap;
             int32_t *e = ci + (int64_t)i * cap;
             if (cnt[i] > cap - SUB - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
-            vf acc[NV];
-            score_block(Tb, n - b * SUB, c->q + (int64_t)rows[p] * d, d, acc);
+            const float *q = c->q + (int64_t)rows[p] * d;
             const vf vt = (vf){0} + tau[i];
             int m = cnt[i];
+            vf acc[NV];
+            score_block(Tb, n - b * SUB, q, d, acc);
             for (int v = 0; v < NV; v++) {
                 uint32_t lanes = lanes_ge(acc[v], vt);
                 const int32_t first = (int32_t)(b * SUB + VW * v);
-#ifdef __AVX512F__
-                _mm512_storeu_ps(s + m, _mm512_maskz_compress_ps((__mmask16)lanes, (__m512)acc[v]));
-                _mm512_storeu_si512(e + m, _mm512_maskz_compress_epi32(
-                    (__mmask16)lanes, _mm512_add_epi32(_mm512_set1_epi32(first),
-                                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))));
-                m += __builtin_popcount(lanes);
-#elif defined(__AVX2__)
+#if defined(__AVX2__)
                 const __m256i perm = _mm256_loadu_si256((const __m256i *)compress8[lanes]);
                 _mm256_storeu_ps(s + m, _mm256_permutevar8x32_ps((__m256)acc[v], perm));
                 _mm256_storeu_si256((__m256i *)(e + m), _mm256_add_epi32(_mm256_set1_epi32(first), perm));
@@ -526,12 +642,15 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             cnt[i] = m;
         }
     }
+#endif
     for (int r = r0; r < r1; r++) {
         const int i = r - r0;
         float *S = c->out_s + (int64_t)r * k;
         int64_t *I = c->out_i + (int64_t)r * k;
         for (int t = 0; t < k; t++) { S[t] = -INFINITY; I[t] = -1; }
+#ifndef __AVX512F__   /* with AVX-512 ranking all of them costs less than selecting the best k first */
         if (cnt[i] > k) cnt[i] = keep_best(cs + (int64_t)i * cap, ci + (int64_t)i * cap, cnt[i], k, kth, &tau[i]);
+#endif
         const int m = cnt[i];
         rank_candidates(cs + (int64_t)i * cap, m, rank);
         for (int j = 0; j < m; j++)
@@ -581,7 +700,7 @@ static void run_part(call_t *c, int t) {
         if (t == nt - 1)
             for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
                 for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
-        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, c->M, nbp, &check, &amax);
+        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, c->M, c->S, nbp, &check, &amax);
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
 #pragma omp barrier
         int x_ok = 1;
@@ -596,7 +715,7 @@ static void run_part(call_t *c, int t) {
         float *kth = (float *)mine;
         int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
         if (r0 < r1)
-            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
+            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * S_PER, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
@@ -607,17 +726,17 @@ static void run_part(call_t *c, int t) {
         float *tau = (float *)mine, *kth = tau + 8, *M = kth + c->sel, *cs = M + nbp;
         int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
         int32_t *cnt = rank + cap;
-        float *T = (float *)(cnt + 16);
+        float *S = (float *)(cnt + 16), *T = S + nbp * S_PER;   /* nbp * S_PER: a multiple of 32 floats */
         for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
             const int64_t n = c->n[r], nb = blocks_of(n);
             for (int64_t b = nb; b < padded8(nb); b++) M[b] = -INFINITY;
             check = (v8){0};
             amax = (v8){0};
-            pass1(c, c->keys + (int64_t)r * c->key_row_stride, n, 0, nb, r, r + 1, T, M, 0, &check, &amax);
+            pass1(c, c->keys + (int64_t)r * c->key_row_stride, n, 0, nb, r, r + 1, T, M, S, 0, &check, &amax);
             int x_ok;
             float xmax;
             reduce_check(check, amax, &x_ok, &xmax);
-            pass2(c, r, r + 1, n, T, M, nbp, tau, start, rows, kth, cs, ci, cnt, rank);
+            pass2(c, r, r + 1, n, T, M, S, nbp, tau, start, rows, kth, cs, ci, cnt, rank);
             flag_row(c, r, x_ok, xmax);
         }
     }
@@ -669,11 +788,12 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
-    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, cnt shared; per worker: kth, start, rank (see run_part) */
-        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes;
+    const size_t s_bytes = align64((size_t)R * nbp * S_PER * sizeof(float));
+    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt shared; per worker: kth, start, rank (see run_part) */
+        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes;
         c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4);
-    } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, T */
-        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16) * 4) + t_bytes;
+    } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
+        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;
@@ -684,6 +804,7 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.cnt = (int32_t *)(ws + t_bytes + 2 * m_bytes + tau_bytes);
     c.cs = (float *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes);
     c.ci = (int32_t *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes + c_bytes);
+    c.S = (float *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes);
     c.ws = ws + shared;
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */
