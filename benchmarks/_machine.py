@@ -32,6 +32,23 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def cpu_id() -> str:
+    """Vendor, family, model, stepping: a VM's model name can be as bare as "AMD EPYC" (Zen 4 is family 25
+    model 17 there), and kernel figures differ by generation."""
+    fields = {}
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model", "stepping") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip():
+                break
+    except OSError:
+        return platform.machine()
+    return " ".join(f"{k} {v}" for k, v in fields.items())
+
+
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -53,6 +70,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": cpu_model(),
+        "cpu_id": cpu_id(),
         "vector_isa": "avx512" if " avx512f" in flags else "avx2" if " avx2" in flags else "other",
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
