@@ -255,6 +255,14 @@ class _Cache:
 _cache = _Cache()
 
 
+def tune(serving: bool, rows: int, L: int, d: int, k: int) -> str:
+    """Measure (or read) the class of this shape now, e.g. at a server's start, so that no request pays for
+    it -> the path chosen."""
+    if not autotune_enabled() or rows == 0 or L == 0:
+        return fixed_choice(serving, rows, L, d)
+    return _cache.choose(shape_class(serving, rows, L, d, k))
+
+
 def choose(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | int, k: int) -> str:
     """The CPU path `topk` runs for these inputs: a key of `CANDIDATES[layout]`."""
     serving = keys.dim() == 2

@@ -150,3 +150,10 @@ def test_shape_classes():
     assert dispatch.shape_class(True, 256, 16_384, 16, 32, 1) == dispatch.shape_class(True, 129, 4_097, 16, 17, 1)
     layout, rows, L, d, k = dispatch._representative("serving|256|16384|16|32|1")
     assert (layout, d, k) == ("serving", 16, 32) and 128 < rows <= 256 and 4_096 < L <= 16_384
+
+
+def test_tune_ahead_of_the_first_call(cache, monkeypatch):
+    _force(monkeypatch, "shared")
+    assert dispatch.tune(True, 200, 3_000, 16, 20) == "shared"
+    monkeypatch.setattr(dispatch, "measure", lambda cls: pytest.fail(f"measured {cls} again"))
+    assert dispatch.choose(torch.randn(200, 16), torch.randn(3_000, 16), 3_000, 20) == "shared"
