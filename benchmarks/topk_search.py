@@ -172,6 +172,8 @@ def run(device, quick, reps):
         out["fma_peak_flops"] = fma
         if not quick:
             out["training_rows"] = training_layout(reps)
+        # what the dispatch measured per shape class (this run's tunes and those read from its cache)
+        out["dispatch_classes"] = dict(sorted(dispatch._cache.choices.items()))
     return out
 
 

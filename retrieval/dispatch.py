@@ -152,6 +152,7 @@ def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 def measure(cls: str) -> dict:
     """Time every candidate path on synthetic data of class `cls` -> {"path": winner, "median_s": {...}}."""
+    started = time.perf_counter()
     layout, rows, L, d, k = _representative(cls)
     if layout == "training":   # rows are independent there: fewer of them rank the paths alike
         rows = max(1, min(rows, SYNTHETIC_BYTES // (4 * L * d)))
@@ -192,7 +193,8 @@ def measure(cls: str) -> dict:
             times = {n: t for n, t in times.items() if n not in out}
     medians = {name: statistics.median(t) for name, t in times.items()}
     return {"path": min(medians, key=medians.get), "median_s": medians, "left_out_s": out,
-            "rows": rows, "L": L, "k": k, "reps": {name: len(t) for name, t in times.items()}}
+            "rows": rows, "L": L, "k": k, "reps": {name: len(t) for name, t in times.items()},
+            "tune_s": time.perf_counter() - started}
 
 
 class _Cache:
