@@ -83,8 +83,11 @@ CASES = [  # layout, rows, L, d, k, segments
     ("serving", 4, 7, 4, 20, None),            # k > L
     ("serving", 2, 0, 4, 3, None),             # L = 0
     ("serving", 1, 100_000, 16, 20, [8, 8]),
+    ("serving", 3, 50_000, 64, 20, None),     # few rows: T not kept, two threads transpose again in pass 2
+    ("serving", 2, 20_000, 5, 10, None),      # the same with the scalar transpose
     ("training", 9, 2_000, 32, 20, [16, 16]),
     ("training", 5, 70, 4, 64, None),          # k > most lengths
+    ("training", 4, 3_000, 16, 5, None),       # one query per history, small k: T not kept
     ("training", 3, 0, 4, 5, None),
 ]
 

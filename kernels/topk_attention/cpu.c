@@ -79,6 +79,8 @@ typedef struct {
     int cap;                 /* candidates a row holds: see pass2 */
     int64_t sel;             /* per-worker selection scratch, floats: kth_floats of the larger of nbp and cap */
     int64_t nbp;             /* blocks of the longest history, padded to a multiple of 8 */
+    int keep_T;              /* shared history: T holds the whole history (else pass 2 transposes again) */
+    int64_t tile_floats;     /* per worker: a tile of transposed blocks when T is not kept */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
@@ -199,14 +201,14 @@ static inline void transpose8(const float *in, int64_t ld_in, float *out, int64_
 }
 #endif
 
-/* Transpose blocks b0 .. b1 of `keys` (n events) into the blocked layout T[b][j][lane] (event
+/* Transpose blocks b0 .. b1 of `keys` (n events) into the blocked layout T[b - b0][j][lane] (event
    b * SUB + lane), zeros past n, and fold them into the finiteness check (NaN once any key is NaN or
    inf) and max |key|. A block's d rows are contiguous, so a block is one 4 KB read in either pass. */
 static void load_blocks(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, float *T,
                         v8 *check, v8 *amax) {
     const int d = c->d;
     for (int64_t b = b0; b < b1; b++) {
-        float *Tb = T + b * d * SUB;
+        float *Tb = T + (b - b0) * d * SUB;
         int64_t e1 = n - b * SUB < SUB ? n - b * SUB : SUB;
         int64_t e = 0;
 #ifdef __AVX__
@@ -383,12 +385,14 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
    depends on the scores). */
 static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
-                  float *T, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
+                  float *T, float *tile_buf, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
+    /* tile_buf non-NULL: the tile is transposed there and T is not kept (pass 2 transposes what it needs) */
     /* row r's maxima: M + (r - r0) nbp; with SUBMAX its sub-block maxima S + ((r - r0) nbp + b) NV */
     const int d = c->d, tile = tile_blocks(d);
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
-        load_blocks(c, keys, n, t0, t1, T, check, amax);
+        float *Tt = tile_buf ? tile_buf : T + t0 * d * SUB;
+        load_blocks(c, keys, n, t0, t1, Tt, check, amax);
         int r = r0;
 #if QB > 1
         for (; r + QB <= r1; r += QB) {
@@ -396,7 +400,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
                 float m[QB];
-                block_max_rows(T + b * d * SUB, n - b * SUB, q, d, m, S + ((int64_t)(r - r0) * nbp + b) * NV, nbp * NV);
+                block_max_rows(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, m, S + ((int64_t)(r - r0) * nbp + b) * NV, nbp * NV);
                 for (int u = 0; u < QB; u++) Mr[u * nbp + b] = m[u];
             }
         }
@@ -406,7 +410,7 @@ static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
                 vf acc[NV];
-                score_block(T + b * d * SUB, n - b * SUB, q, d, acc);
+                score_block(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, acc);
 #if SUBMAX
                 Mr[b] = sub_maxima(acc, S + ((int64_t)(r - r0) * nbp + b) * NV);
 #else
@@ -491,6 +495,15 @@ static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *ta
     return w;
 }
 
+/* Block b in the blocked layout: T's, or transposed again from the keys into buf when T was not kept. */
+static inline const float *block_of(const call_t *c, const float *T, const float *keys, int64_t n, int64_t b,
+                                    float *buf) {
+    if (buf == NULL) return T + b * c->d * SUB;
+    v8 check = (v8){0}, amax = (v8){0};   /* pass 1 checked these keys */
+    load_blocks(c, keys, n, b, b + 1, buf, &check, &amax);
+    return buf;
+}
+
 #if SUBMAX
 /* Rescore items u < n_it (sub-block it_v[u] of the current block for row index it_row[u]) with independent
    accumulators, then append each one's events scoring >= the row's threshold to its candidates. */
@@ -546,7 +559,8 @@ static inline void rescore_group(const call_t *c, const float *Tb, int64_t left,
    insert per candidate was 60% of this pass (a mispredicted branch and a store-forwarding stall each).
    Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
    and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
-static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *M, const float *sub_max, int64_t nbp,
+static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *keys, float *block_buf,
+                  const float *M, const float *sub_max, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
     const int d = c->d, k = c->k, cap = c->cap;
@@ -591,8 +605,10 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
        score_block's chain for that vector, so the same values. The items of a row come in index order. */
     enum { GROUP = 4 };
     int it_row[GROUP], it_v[GROUP];
+    (void)d;
     for (int64_t b = 0, p = 0; b < nb; b++) {
-        const float *Tb = T + b * d * SUB;
+        if (p == start[b]) continue;
+        const float *Tb = block_of(c, T, keys, n, b, block_buf);
         const int64_t left = n - b * SUB;
         int n_it = 0;
         for (;;) {
@@ -617,7 +633,8 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
 #else
     (void)sub_max;
     for (int64_t b = 0, p = 0; b < nb; b++) {
-        const float *Tb = T + b * d * SUB;
+        if (p == start[b]) continue;
+        const float *Tb = block_of(c, T, keys, n, b, block_buf);
         for (; p < start[b]; p++) {
             const int i = rows[p] - r0;
             float *s = cs + (int64_t)i * cap;
@@ -689,6 +706,12 @@ static void reduce_check(v8 check, v8 amax, int *x_ok, float *xmax) {
 static inline int64_t blocks_of(int64_t n) { return (n + SUB - 1) / SUB; }
 static inline int64_t padded8(int64_t nb) { return (nb + 7) / 8 * 8; }
 static inline int64_t align8(int64_t x) { return (x + 7) / 8 * 8; }   /* keeps 32-byte alignment */
+static inline size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+
+/* Whether to drop the transposed copy T of a history: when R rows visit at most about R (k + 1) of its nb
+   blocks in pass 2, transposing those again costs less than writing and rereading all of T (at L = 100k,
+   C = 1, d = 64 T is 25.6 MB: the search was DRAM-bound on it). */
+static inline int few_rows_skip_T(int64_t R, int k, int64_t nb) { return 2 * R * ((int64_t)k + 1) < nb; }
 
 /* Worker t's part of call c (t < c->n_threads). */
 static void run_part(call_t *c, int t) {
@@ -705,7 +728,8 @@ static void run_part(call_t *c, int t) {
         if (t == nt - 1)
             for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
                 for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
-        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, c->M, c->S, nbp, &check, &amax);
+        float *tile_buf = c->keep_T ? NULL : (float *)(mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4));
+        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
 #pragma omp barrier
         int x_ok = 1;
@@ -720,7 +744,7 @@ static void run_part(call_t *c, int t) {
         float *kth = (float *)mine;
         int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
         if (r0 < r1)
-            pass2(c, r0, r1, n, c->T, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * S_PER, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
+            pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * S_PER, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
@@ -731,17 +755,19 @@ static void run_part(call_t *c, int t) {
         float *tau = (float *)mine, *kth = tau + 8, *M = kth + c->sel, *cs = M + nbp;
         int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
         int32_t *cnt = rank + cap;
-        float *S = (float *)(cnt + 16), *T = S + nbp * S_PER;   /* nbp * S_PER: a multiple of 32 floats */
+        float *S = (float *)(cnt + 16), *tile = S + nbp * S_PER, *T = tile + c->tile_floats;   /* sizes: multiples of 32 floats */
         for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
             const int64_t n = c->n[r], nb = blocks_of(n);
             for (int64_t b = nb; b < padded8(nb); b++) M[b] = -INFINITY;
             check = (v8){0};
             amax = (v8){0};
-            pass1(c, c->keys + (int64_t)r * c->key_row_stride, n, 0, nb, r, r + 1, T, M, S, 0, &check, &amax);
+            const float *keys = c->keys + (int64_t)r * c->key_row_stride;
+            float *tile_buf = few_rows_skip_T(1, c->k, nb) ? tile : NULL;
+            pass1(c, keys, n, 0, nb, r, r + 1, T, tile_buf, M, S, 0, &check, &amax);
             int x_ok;
             float xmax;
             reduce_check(check, amax, &x_ok, &xmax);
-            pass2(c, r, r + 1, n, T, M, S, nbp, tau, start, rows, kth, cs, ci, cnt, rank);
+            pass2(c, r, r + 1, n, T, keys, tile_buf, M, S, nbp, tau, start, rows, kth, cs, ci, cnt, rank);
             flag_row(c, r, x_ok, xmax);
         }
     }
@@ -765,7 +791,6 @@ static void *workspace(size_t bytes) {
     return mem;
 }
 
-static inline size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 /* A child forked after this library loaded inherits libgomp's state but not its threads: a parallel
    region there waits forever (torch's own ops too), so the child searches on its own thread. */
@@ -789,16 +814,18 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.nbp = nbp;
     c.cap = (int)cap;
     c.sel = kth_floats(nbp > cap ? nbp : cap);
-    const size_t t_bytes = align64((size_t)nb * d * SUB * sizeof(float));
+    c.keep_T = key_row_stride != 0 || !few_rows_skip_T(R, k, nb);
+    c.tile_floats = (int64_t)tile_blocks(d) * d * SUB;
+    const size_t t_bytes = c.keep_T ? align64((size_t)nb * d * SUB * sizeof(float)) : 0;
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
     const size_t s_bytes = align64((size_t)R * nbp * S_PER * sizeof(float));
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt shared; per worker: kth, start, rank (see run_part) */
         shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes;
-        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4);
+        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4);
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
-        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER) * 4) + t_bytes;
+        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER + c.tile_floats) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;
