@@ -13,7 +13,11 @@
    and appends their events scoring >= tau to the row's candidates, which are ranked once at the end
    (score desc, index asc: ties go to the lower index, as in the reference). (A single pass with a
    running threshold does ~k (1 + ln(L / k)) list inserts per row, each with mispredicted branches:
-   measured 1.5x slower at L = 10k, C = 200, d = 16, k = 20.)
+   measured 1.5x slower at L = 10k, C = 200, d = 16, k = 20.) With AVX-512 pass 1 also keeps the maxima
+   of each block's four 16-event sub-blocks, and pass 2 rescores only those that reach tau.
+   With few rows per history (2 R (k + 1) < blocks) T is not kept: pass 1 transposes tile by tile into
+   an L1 buffer and pass 2 transposes again the few blocks it visits (writing T cost more than the
+   search there: 25.6 MB at L = 100k, d = 64).
 
    Threads (torch's OpenMP team, see topk_search): with one shared history the workers split its blocks for pass 1
    (each transposes only its part; all rows score it), meet at a barrier, then split the rows for
