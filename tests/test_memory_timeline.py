@@ -46,6 +46,30 @@ def test_titans_prefix_reads_equal_the_streamed_state_at_every_prefix():
         mem.prefix_weights(x, offsets, torch.tensor([1]), torch.tensor([4]))
 
 
+
+def test_titans_prefix_reads_gradients_equal_a_run_per_row():
+    """Training's one run per user (the chunk loop as one autograd node with its backward written out)
+    gives every parameter and every event the gradient that a separate run per row gives (float64: the
+    same function, summed in another order)."""
+    torch.manual_seed(0)
+    mem = NeuralMemory(d_in=6, d_key=8, d_hidden=8, chunk_size=CHUNK, d_query=5, max_lr=1.0).double()
+    x, offsets = _ragged(2, [0, 3, 9, 17, 13], 6)
+    x = x.double().requires_grad_()
+    row_user = torch.tensor([1, 2, 2, 3, 3, 3, 4, 4])
+    row_prefix = torch.tensor([3, 4, 9, 0, 8, 17, 13, 5])
+    q = torch.randn(len(row_user), 5, dtype=torch.float64)
+    leaves = [x] + list(mem.parameters())
+    got = torch.autograd.grad(mem.read_memory(mem.prefix_weights(x, offsets, row_user, row_prefix), q).sum(), leaves,
+                              allow_unused=True)
+    per_row = []
+    for i, (u, p) in enumerate(zip(row_user.tolist(), row_prefix.tolist())):
+        events = x[int(offsets[u]):int(offsets[u]) + p][None]
+        per_row.append(mem(events, torch.tensor([p]), q[i:i + 1]))
+    want = torch.autograd.grad(torch.cat(per_row).sum(), leaves, allow_unused=True)
+    for (name, a, b) in zip(["x"] + [n for n, _ in mem.named_parameters()], got, want):
+        assert b is not None and b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=name)
+
 def _store(lengths: list[int], seed: int) -> SequenceStore:
     rng = np.random.default_rng(seed)
     n = sum(lengths)
@@ -62,14 +86,17 @@ def _model(**flags):
 @pytest.mark.parametrize("flags", [{"aaren": True}, {"titans": True}, {"aaren": True, "titans": True}])
 def test_rows_read_the_memory_before_their_target_and_nothing_later(flags):
     """Perturbing events at or after a row's target leaves its memory read unchanged (exactly: the same
-    computation on the same inputs); perturbing one earlier event changes it. Rows of one user at several
-    positions share the user's one timeline run."""
+    computation on the same inputs); perturbing the last event a branch can see changes it: for Aaren the
+    event just before the target, for Titans the last event of the last full chunk (the open chunk's
+    events are not read until the chunk commits, and perturbing them leaves the read unchanged). Rows of
+    one user at several positions share the user's one timeline run."""
     m = _model(**flags)
     lengths = [30, 11, 23]
     store = _store(lengths, 0)
     user = np.array([0, 0, 0, 1, 2, 2])
     pos = np.array([0, 9, 25, 10, 5, 22])
     rows = Samples(user, pos, np.full(6, 3), np.full(6, 2), np.zeros(6, np.float32))
+    branches = [b for b in ("aaren", "titans") if flags.get(b)]               # the order of `summaries`
 
     def reads(st: SequenceStore) -> list[torch.Tensor]:
         batch = assemble(st, rows, np.arange(6), 8)
@@ -80,20 +107,25 @@ def test_rows_read_the_memory_before_their_target_and_nothing_later(flags):
             v_t = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
             return [s for s in mem.summaries(m, v_t)]
 
+    def perturbed(u: int, events: slice) -> SequenceStore:
+        st = SequenceStore(store.offsets, store.item.copy(), store.cate.copy(), store.ts)
+        a = store.offsets[u]
+        st.item[a + events.start:a + events.stop] = 39 - st.item[a + events.start:a + events.stop]
+        st.cate[a + events.start:a + events.stop] = 1 + st.cate[a + events.start:a + events.stop] % 5
+        return st
+
     base = reads(store)
     for r in range(len(user)):
         u, p = user[r], pos[r]
-        later = SequenceStore(store.offsets, store.item.copy(), store.cate.copy(), store.ts)
-        a, b = store.offsets[u] + p, store.offsets[u + 1]
-        later.item[a:b] = 39 - later.item[a:b]                    # the target's event and all after it
-        later.cate[a:b] = 1 + later.cate[a:b] % 5
-        for want, got in zip(base, reads(later)):
+        for want, got in zip(base, reads(perturbed(u, slice(p, lengths[u])))):   # the target's event and after
             assert torch.equal(got[r], want[r]), f"row {r} saw an event at or after its target"
-        if p > 0:
-            earlier = SequenceStore(store.offsets, store.item.copy(), store.cate, store.ts)
-            earlier.item[store.offsets[u] + p - 1] = 39 - earlier.item[store.offsets[u] + p - 1]
-            assert all(not torch.allclose(g[r], w[r]) for w, g in zip(base, reads(earlier))), \
-                f"row {r} did not see the event just before its target"
+        for name, want, got_open in zip(branches, base, reads(perturbed(u, slice(p // CHUNK * CHUNK, p)))):
+            seen = p if name == "aaren" else p // CHUNK * CHUNK                 # events the read covers
+            if seen:
+                got = reads(perturbed(u, slice(seen - 1, seen)))[branches.index(name)]
+                assert not torch.allclose(got[r], want[r]), f"{name}: row {r} did not see its last event"
+            if name == "titans":
+                assert torch.equal(got_open[r], want[r]), f"row {r} read events of its open chunk"
 
 
 def test_offline_reads_equal_reads_from_streamed_states():

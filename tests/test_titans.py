@@ -39,13 +39,14 @@ def mlp(weights, k):
     return h
 
 
-def loop_oracle(mem: NeuralMemory, x, length, query, chunk, norms=None):
+def loop_oracle(mem: NeuralMemory, x, length, query, chunk, norms=None, committed=True):
     """One user, plain Python: for each chunk, every gradient (autograd) at the chunk-start weights,
     clipped to norm <= max_grad_norm, then S and M updated token by token. chunk=1 is the per-token
-    sequential update of the paper. `norms` (a list) collects each event's unclipped gradient norm."""
+    sequential update of the paper. The read sees full chunks only (`committed`; the clip test also looks
+    at the open chunk's events). `norms` (a list) collects each event's unclipped gradient norm."""
     weights = list(mem.init_weights)
     momentum = [torch.zeros_like(w) for w in weights]
-    for c in range(0, length, chunk):
+    for c in range(0, length - length % chunk if committed else length, chunk):
         start = weights
         grads, gates = [], []
         for t in range(c, min(c + chunk, length)):
@@ -69,7 +70,7 @@ def oracle_batch(mem, x, lengths, query, chunk):
     return torch.stack([loop_oracle(mem, x[b], int(lengths[b]), query[b], chunk) for b in range(x.shape[0])])
 
 
-@pytest.mark.parametrize("chunk,depth", [(1, 2), (4, 2), (3, 3), (16, 2)])
+@pytest.mark.parametrize("chunk,depth", [(1, 2), (4, 2), (3, 3), (5, 2)])
 def test_chunked_forward_equals_loop(chunk, depth):
     mem = make(chunk, depth)
     x, lengths, query = batch()
@@ -87,7 +88,7 @@ def test_the_clip_bites_on_some_events():
     for chunk in (1, 4):
         mem, norms = make(chunk), []
         for b in range(x.shape[0]):
-            loop_oracle(mem, x[b], int(lengths[b]), query[b], chunk, norms)
+            loop_oracle(mem, x[b], int(lengths[b]), query[b], chunk, norms, committed=False)
         clipped = sum(n > CLIP for n in norms) / len(norms)
         assert 0.1 < clipped < 0.9, (chunk, clipped)
         unclipped = NeuralMemory(D_IN, d_key=8, d_hidden=12, chunk_size=chunk, d_query=D_Q, gate_bias=(1.0, 0.0, -2.0),
@@ -258,3 +259,95 @@ def test_bad_input_names_the_field():
         mem.step(mem.init_state(2), torch.zeros(2, D_IN + 1, dtype=torch.float64))
     with pytest.raises(ValueError, match="query"):
         mem(torch.zeros(2, 3, D_IN, dtype=torch.float64), torch.tensor([1, 2]), torch.zeros(2, D_Q + 1))
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_chunk_update_backward_equals_autograd(depth):
+    """The written-out backward of one chunk update (second derivatives of the memory MLP included)
+    against autograd of the same update written as plain tensor ops, in float64, with the clip biting on
+    some events and not on others, and padding events in the chunk."""
+    from recsys.modules.titans import _silu_grad
+
+    mem = make(5, depth=depth)
+    gen = torch.Generator().manual_seed(11)
+    B, b = 3, 5
+    x = torch.randn(B, b, D_IN, dtype=torch.float64, generator=gen)
+    real = torch.ones(B, b, dtype=torch.bool)
+    real[1, 3:] = False
+    weights = [w.detach() + 0.1 * torch.randn(B, *w.shape, dtype=torch.float64, generator=gen) for w in mem.init_weights]
+    momentum = [0.1 * torch.randn_like(w) for w in weights]
+
+    def plain(weights, momentum, c):
+        hs, zs = [c.k], []
+        for j, w in enumerate(weights):
+            zs.append(hs[-1] @ w)
+            if j < len(weights) - 1:
+                hs.append(F.silu(zs[-1]))
+        deltas = [2 * (zs[-1] - c.v)]
+        for j in range(len(weights) - 1, 0, -1):
+            deltas.append((deltas[-1] @ weights[j].transpose(1, 2)) * _silu_grad(zs[j - 1]))
+        deltas.reverse()
+        g_sq = sum(h.square().sum(-1) * d.square().sum(-1) for h, d in zip(hs, deltas))
+        clipped = g_sq > mem.max_grad_norm ** 2
+        theta = c.theta * torch.rsqrt((g_sq / mem.max_grad_norm ** 2).clamp(min=1.0))
+        out_w = [c.keep_all[:, None, None] * w + c.s0_to_m[:, None, None] * s
+                 - (h * (c.to_m * theta)[..., None]).transpose(1, 2) @ d for w, s, h, d in zip(weights, momentum, hs, deltas)]
+        out_s = [c.e_all[:, None, None] * s - (h * (c.to_s * theta)[..., None]).transpose(1, 2) @ d
+                 for s, h, d in zip(momentum, hs, deltas)]
+        return out_w, out_s, clipped
+
+    leaves = [x] + weights + momentum
+    for t in leaves:
+        t.requires_grad_()
+    outs = {}
+    for name in ("fast", "plain"):
+        c = mem.chunks(x, real)
+        if name == "fast":
+            w2, s2 = mem.chunk_update(weights, momentum, c)
+        else:
+            w2, s2, clipped = plain(weights, momentum, c)
+        got = w2 + s2
+        r = [torch.randn(t.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i, t in enumerate(got)]
+        loss = sum((t * ri).sum() for t, ri in zip(got, r))
+        outs[name] = ([t.detach() for t in got], torch.autograd.grad(loss, leaves + [mem.to_k.weight, mem.to_v.weight, mem.gates.weight, mem.gates.bias]))
+    assert bool(clipped[real].any()) and not bool(clipped[real].all())
+    for a, b_ in zip(outs["fast"][0], outs["plain"][0]):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+    for a, b_ in zip(outs["fast"][1], outs["plain"][1]):
+        assert b_.abs().sum() > 0
+        torch.testing.assert_close(a, b_, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 1e-4)])
+def test_c_chunk_loop_equals_the_torch_form(monkeypatch, dtype, tol):
+    """kernels/titans_memory (C) against the torch form of the same chunk loop, values and every gradient
+    (float64: elementwise; float32: relative to each tensor's norm, as rounding compounds over a dozen
+    chunks with the inner step at its largest), on a ragged timeline of chunks of 16 events with 32 x 32 layers (the shape the kernel compiles for)
+    and of 5 events with 8 x 12 layers (its general path). The C build must exist here: CI runs it."""
+    from kernels.titans_memory import cpu as titans_cpu
+    from recsys.modules.seq import TimelineBlocks
+
+    assert titans_cpu.load() is not None
+    for chunk, d_key, d_hidden in ((16, 32, 32), (5, 8, 12)):
+        torch.manual_seed(0)
+        mem = NeuralMemory(D_IN, d_key=d_key, d_hidden=d_hidden, chunk_size=chunk, d_query=D_Q, max_lr=1.0,
+                           max_grad_norm=CLIP).to(dtype)
+        g = torch.Generator().manual_seed(1)
+        offsets = torch.tensor([0, 7 * chunk + 3, 7 * chunk + 3, 10 * chunk, 12 * chunk + 1]).cumsum(0)
+        x = torch.randn(int(offsets[-1]), D_IN, generator=g, dtype=dtype)
+        blocks = TimelineBlocks.of(offsets, chunk)
+        outs = {}
+        for path in ("c", "torch"):
+            monkeypatch.setattr(titans_cpu, "supports", lambda *a, c=path == "c": c)
+            xi = x.clone().requires_grad_()
+            bnd = mem._chunk_boundaries(xi, blocks, len(offsets) - 1)
+            r = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, t in enumerate(bnd)]
+            loss = sum((t * ri).sum() for t, ri in zip(bnd, r))
+            params = [p for n, p in mem.named_parameters() if not n.startswith("to_q")]   # the read's, unused here
+            outs[path] = [t.detach() for t in bnd] + list(torch.autograd.grad(loss, [xi] + params))
+        for a, b in zip(outs["c"], outs["torch"]):
+            assert b.abs().sum() > 0
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+            else:
+                assert float((a - b).norm()) <= tol * float(b.norm())

@@ -31,10 +31,13 @@ every weighted sum of gradients is one batched matmul. Padding events are exact 
 theta = 0, alpha = 0 and no S added), which is how one loop over chunks serves ragged batches (the
 parallel path also skips users whose events are all used up: their remaining chunks are identities).
 
-Partial last chunk: the events after the last full chunk are applied, as one (shorter) chunk, when the
-memory is read, but not committed: `forward` reads after all events, and `step` keeps them in a buffer,
-commits a chunk when it holds `chunk_size` events and applies the buffer on the fly in `read`. So the
-read after events 1..T is the same in training and serving, for every T.
+Reads see committed chunks only: the events after the last full chunk (at most chunk_size - 1, the most
+recent) wait in a buffer (`step`) until their chunk fills; `forward`, `read` and the training reads
+(`prefix_weights`) all read the memory at the last chunk boundary. So the read after events 1..T is the
+same in training and serving, for every T, and a read is the memory MLP alone, O(d^2) per query, with
+no chunk update in a request. The recent events the memory has not committed yet are the ones DARE's
+search sees anyway. Measured (benchmarks/offline_accuracy.py, docs/models.md): applying the open chunk
+at every read cost 40% of the branch's training time, for the same test AUC within the seed spread.
 
 Read: y = M_T(normalize(q W_Q)) for a query (the target item) [B, d_q] or candidates [B, C, d_q].
 Layout: x [B, L, d_in] chronological (oldest first), left-aligned, padded at the end; lengths [B].
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.titans_memory import cpu as titans_cpu
 from recsys.modules.seq import TimelineBlocks, valid_mask
 
 
@@ -112,6 +116,176 @@ def _silu_grad(z: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 + z * (1 - s))
 
+
+def _silu_grad2(z: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+# ---- the chunk update and its backward, written out ----------------------------------------------------
+# Autograd of the update (it differentiates through the inner gradient: second derivatives of the memory
+# MLP) was ~130 small ops per chunk, each saving its temporaries, and the training loop runs ~170 chunks
+# per batch at L = 2,698 on a handful of users each: overhead, not arithmetic. Written out, a chunk's
+# backward is a few batched matmuls over what its forward kept, and the whole chunk loop is one autograd
+# node (`_ChunkLoop`). tests/test_titans.py checks values and every gradient against autograd of the plain
+# update and of a per-event loop.
+#
+# Notation per layer j (weights W_j [B, d_j, d_(j+1)], momentum S_j): h_0 = k, z_j = h_j W_j,
+# h_(j+1) = silu(z_j); delta_last = 2 (z_last - v), delta_(j-1) = (delta_j W_j^T) * silu'(z_(j-1)); the
+# inner gradient of W_j is h_j^T delta_j per event; the clip scale r = rsqrt(max(1, |g|^2 / G^2)) with
+# |g|^2 = sum_j |h_j|^2 |delta_j|^2; theta' = theta r, c_m = to_m theta', c_s = to_s theta';
+# W_j' = keep W_j + s0_to_m S_j - h_j^T diag(c_m) delta_j,  S_j' = e S_j - h_j^T diag(c_s) delta_j.
+
+def _update_fwd(G: float, c: _Chunk, weights, momentum):
+    """-> (new weights, new momenta, what `_update_bwd` needs)."""
+    n = len(weights)
+    hs, zs = [c.k], []
+    for j, w in enumerate(weights):
+        zs.append(hs[-1] @ w)                                                 # [B, b, d_(j+1)]
+        if j < n - 1:
+            hs.append(F.silu(zs[-1]))
+    deltas = [2 * (zs[-1] - c.v)]
+    for j in range(n - 1, 0, -1):
+        deltas.append((deltas[-1] @ weights[j].transpose(1, 2)) * _silu_grad(zs[j - 1]))
+    deltas.reverse()                                                          # deltas[j] pairs with hs[j]
+    # per-event clip: every layer's gradient is the outer product h^T delta, of norm |h| |delta|
+    g_sq = sum((h * h).sum(-1) * (d * d).sum(-1) for h, d in zip(hs, deltas))  # [B, b]
+    u = g_sq / G ** 2
+    r = torch.rsqrt(u.clamp(min=1.0))
+    th = c.theta * r
+    c_m, c_s = c.to_m * th, c.to_s * th                                       # [B, b] each
+    keep, s0m, e = (t[:, None, None] for t in (c.keep_all, c.s0_to_m, c.e_all))
+    new_w, new_s = [], []
+    for w, s, h, d in zip(weights, momentum, hs, deltas):
+        # both weighted gradient sums of this layer in one matmul: [h c_m, h c_s]^T delta
+        g = torch.cat([h * c_m[..., None], h * c_s[..., None]], -1).transpose(1, 2) @ d
+        g_m, g_s = g.split(h.shape[-1], 1)                                    # [B, d_j, d_(j+1)] each
+        new_w.append(keep * w + s0m * s - g_m)
+        new_s.append(e * s - g_s)
+    return new_w, new_s, (c, weights, momentum, hs, zs, deltas, u, r, G)
+
+
+def _update_bwd(saved, g_new_w: list[torch.Tensor], g_new_s: list[torch.Tensor]):
+    """Gradients of `_update_fwd` -> (_Chunk of the gradients of c's fields, gradients of the weights in,
+    of the momenta in)."""
+    c, weights, momentum, hs, zs, deltas, u, r, G = saved
+    n = len(weights)
+    th = c.theta * r
+    c_m, c_s = c.to_m * th, c.to_s * th
+    keep, s0m, e = (t[:, None, None] for t in (c.keep_all, c.s0_to_m, c.e_all))
+    dot = lambda a, b: (a * b).sum((1, 2))                                    # noqa: E731  [B]
+    g_keep = sum(dot(gw, w) for gw, w in zip(g_new_w, weights))
+    g_s0m = sum(dot(gw, s) for gw, s in zip(g_new_w, momentum))
+    g_e = sum(dot(gs, s) for gs, s in zip(g_new_s, momentum))
+    g_w = [keep * gw for gw in g_new_w]
+    g_mom = [s0m * gw + e * gs for gw, gs in zip(g_new_w, g_new_s)]
+    # through -h^T diag(c_m) delta and -h^T diag(c_s) delta
+    g_h, g_d = [], []
+    g_cm, g_cs = torch.zeros_like(c_m), torch.zeros_like(c_s)
+    for j, (h, d, gw) in enumerate(zip(hs, deltas, g_new_w)):
+        gg = torch.cat([gw, g_new_s[j]], -1)                                  # [B, d_j, 2 d_(j+1)]
+        hw, hs_ = (h @ gg).split(d.shape[-1], -1)                             # [B, b, d_(j+1)] each
+        g_d.append(-(c_m[..., None] * hw + c_s[..., None] * hs_))
+        g_cm -= (hw * d).sum(-1)
+        g_cs -= (hs_ * d).sum(-1)
+        g_h.append(-(torch.cat([d * c_m[..., None], d * c_s[..., None]], -1) @ gg.transpose(1, 2)))
+    g_th = g_cm * c.to_m + g_cs * c.to_s
+    g_to_m, g_to_s = g_cm * th, g_cs * th
+    g_theta = g_th * r
+    # r = rsqrt(clamp(u, min=1)): clamp passes the gradient where u >= 1 (torch's rule)
+    g_gsq = torch.where(u >= 1.0, g_th * c.theta * (-0.5) * r * r * r, torch.zeros_like(u)) / G ** 2
+    for j, (h, d) in enumerate(zip(hs, deltas)):
+        g_h[j] = g_h[j] + h * (2 * (d * d).sum(-1) * g_gsq)[..., None]
+        g_d[j] = g_d[j] + d * (2 * (h * h).sum(-1) * g_gsq)[..., None]
+    # through the inner backward delta_(j-1) = (delta_j W_j^T) * silu'(z_(j-1)), j = 1 .. n-1 in order
+    g_z = [torch.zeros_like(z) for z in zs]
+    for j in range(1, n):
+        gd = g_d[j - 1]
+        t = deltas[j] @ weights[j].transpose(1, 2)                            # [B, b, d_j]
+        gt = gd * _silu_grad(zs[j - 1])
+        g_d[j] = g_d[j] + gt @ weights[j]
+        g_w[j] = g_w[j] + gt.transpose(1, 2) @ deltas[j]
+        g_z[j - 1] = g_z[j - 1] + gd * t * _silu_grad2(zs[j - 1])
+    g_z[-1] = g_z[-1] + 2 * g_d[-1]
+    g_v = -2 * g_d[-1]
+    # through the forward z_j = h_j W_j, h_(j+1) = silu(z_j), top layer down
+    for j in range(n - 1, -1, -1):
+        g_h[j] = g_h[j] + g_z[j] @ weights[j].transpose(1, 2)
+        g_w[j] = g_w[j] + hs[j].transpose(1, 2) @ g_z[j]
+        if j > 0:
+            g_z[j - 1] = g_z[j - 1] + g_h[j] * _silu_grad(zs[j - 1])
+    return _Chunk(g_h[0], g_v, g_theta, g_to_m, g_to_s, g_s0m, g_keep, g_e), g_w, g_mom
+
+
+class _ChunkLoop(torch.autograd.Function):
+    """Chunk updates in `TimelineBlocks`' layout as one autograd node: users ranked by full-chunk count,
+    most first; chunk i updates the first active[i] users of boundary i into boundary i + 1, stacked after
+    the initial state. (G, n_layers, active, *_Chunk fields of every (chunk, user) pair [P, ...],
+    *initial weights, *initial momenta [U, ...]) -> per layer the stacked weights [U + P, ...], then per
+    layer the stacked momenta. One chunk of B users (active = [B]) is the update of a state.
+
+    The C kernel (kernels/titans_memory) runs it where it can (a 2-layer memory on CPU): per chunk the
+    work is a few users' 16 x 32 matrices, where torch's per-op cost dominated (~170 chunks per batch at
+    L = 2,698). Elsewhere the torch form above, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, G, n, active, *args):
+        fields, init = [t.contiguous() for t in args[:8]], args[8:]
+        U, P = init[0].shape[0], fields[0].shape[0]
+        out = [t.new_empty(U + P, *t.shape[1:]) for t in init]
+        for o, t in zip(out, init):
+            o[:U] = t
+        ctx.G, ctx.active, ctx.U = G, list(active), U
+        ctx.c_kernel = titans_cpu.supports(fields + list(init), n)
+        if ctx.c_kernel:
+            titans_cpu.loop_forward(G, active, fields, out)
+            ctx.save_for_backward(*fields, *out)
+        else:
+            # what the backward keeps refers to the outputs through detached aliases: a view of an output
+            # itself would tie the output to this node and the node to it (a cycle Python's GC cannot see)
+            det = [o.detach() for o in out]
+            saved, start, prev = [], 0, 0                              # pairs of chunk i: start .. start + a
+            for a in active:
+                state = [o[prev:prev + a] for o in det]                # the first a users of the last boundary
+                part = _Chunk(*(t[start:start + a] for t in fields))
+                new_w, new_s, sv = _update_fwd(G, part, state[:n], state[n:])
+                for o, t in zip(det, new_w + new_s):
+                    o[U + start:U + start + a] = t
+                saved.append(sv)
+                prev, start = U + start, start + a
+            ctx.saved = saved
+        ctx.shapes = [(o.shape, o.dtype) for o in out]
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        U, active, n = ctx.U, ctx.active, len(grads) // 2
+        # the gradient of every boundary, completed chunk by chunk from the last: boundary i + 1's is whole
+        # once chunk i + 1 (the only other reader of it) has added its part
+        g = [torch.zeros(*shape, dtype=dtype) if gr is None else gr.contiguous().clone()
+             for gr, (shape, dtype) in zip(grads, ctx.shapes)]
+        if ctx.c_kernel:
+            saved = ctx.saved_tensors
+            fields = titans_cpu.loop_backward(ctx.G, active, saved[:8], list(saved[8:]), g)
+            return (None, None, None, *fields, *(t[:U] for t in g))
+        saved = ctx.saved
+        del ctx.saved
+        starts = [0]
+        for a in active:
+            starts.append(starts[-1] + a)
+        fields: list[torch.Tensor | None] = [None] * 8
+        for i in range(len(active) - 1, -1, -1):
+            a, start = active[i], starts[i]
+            prev = 0 if i == 0 else U + starts[i - 1]
+            rows = slice(U + start, U + start + a)
+            gc, g_w, g_mom = _update_bwd(saved[i], [t[rows] for t in g[:n]], [t[rows] for t in g[n:]])
+            for f, t in enumerate(vars(gc).values()):
+                if fields[f] is None:
+                    fields[f] = t.new_zeros(starts[-1], *t.shape[1:])
+                fields[f][start:start + a] = t
+            for t, d in zip(g, g_w + g_mom):
+                t[prev:prev + a] += d
+        return (None, None, None, *fields, *(t[:U] for t in g))
 
 class NeuralMemory(nn.Module):
     def __init__(self, d_in: int, d_key: int = 32, d_hidden: int = 32, depth: int = 2, chunk_size: int = 16,
@@ -178,32 +352,9 @@ class NeuralMemory(nn.Module):
     def chunk_update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor], c: _Chunk):
         """One chunk per user (c's leading dim [B]), every gradient at the chunk-start `weights`.
         Returns (weights, momentum) at its end."""
-        # forward through the memory at the chunk-start weights, keeping what backprop needs
-        hs, zs = [c.k], []
-        for j, w in enumerate(weights):
-            z = hs[-1] @ w                                                    # [B, b, d_j]
-            zs.append(z)
-            if j < len(weights) - 1:
-                hs.append(F.silu(z))
-        delta = 2 * (zs[-1] - c.v)                                            # d l / d out  [B, b, d_key]
-        deltas = [delta]
-        for j in range(len(weights) - 1, 0, -1):
-            delta = (delta @ weights[j].transpose(1, 2)) * _silu_grad(zs[j - 1])
-            deltas.append(delta)
-        deltas.reverse()                                                      # deltas[j] pairs with hs[j]
-        # per-token clip: every layer's gradient is the outer product h^T delta, of norm |h| |delta|
-        g_sq = sum(h.square().sum(-1) * d.square().sum(-1) for h, d in zip(hs, deltas))  # [B, b]
-        theta = c.theta * torch.rsqrt((g_sq / self.max_grad_norm ** 2).clamp(min=1.0))
-        coef_m, coef_s = c.to_m * theta, c.to_s * theta                      # [B, b] each
-        keep_all, s0_to_m, e_all = (t[:, None, None] for t in (c.keep_all, c.s0_to_m, c.e_all))
-        new_w, new_s = [], []
-        for w, s, h, d in zip(weights, momentum, hs, deltas):
-            # both weighted gradient sums of this layer in one matmul: [h coef_m, h coef_s]^T delta
-            g = torch.cat([h * coef_m[..., None], h * coef_s[..., None]], -1).transpose(1, 2) @ d
-            g_m, g_s = g.split(h.shape[-1], 1)                                # [B, d_(j-1), d_j] each
-            new_w.append(keep_all * w + s0_to_m * s - g_m)
-            new_s.append(e_all * s - g_s)
-        return new_w, new_s
+        n, B = len(weights), weights[0].shape[0]
+        out = _ChunkLoop.apply(self.max_grad_norm, n, [B], *vars(c).values(), *weights, *momentum)
+        return [t[B:] for t in out[:n]], [t[B:] for t in out[n:]]
 
     def read_memory(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
         """y = M(normalize(q W_Q)) for memory `weights` (per layer [B, ...]) and query [B, d_q] or [B, C, d_q]."""
@@ -261,50 +412,36 @@ class NeuralMemory(nn.Module):
         """Training on timelines: each user's memory is run once over its events and every row reads it
         where its prefix ends. x [N, d_in]: the users' events oldest first, user u's at
         offsets[u]:offsets[u + 1] (CSR, no padding); row_user [B] (index into U); row_prefix [B] (at most
-        the user's event count) -> per layer [B, d_(j-1), d_j]: the memory after the row's first
-        `row_prefix` events, its open chunk applied as `read` applies a state's buffer. So a row's read
-        equals `read` of the state streamed over those events (tests/test_memory_timeline.py).
-
-        The full chunks run once per user, keeping the memory at every chunk boundary; each row then takes
-        its boundary floor(prefix / b) and applies its < b remaining events as one chunk."""
+        the user's event count) -> per layer [B, d_(j-1), d_j]: the memory committed by the row's first
+        `row_prefix` events (its chunk boundary floor(prefix / b)), which is what `read` of the state
+        streamed over those events reads (tests/test_memory_timeline.py). The full chunks run once per
+        user, keeping the memory at every chunk boundary."""
         b = self.chunk_size
         if x.dim() != 2 or x.shape[0] != int(offsets[-1]) or row_user.shape != row_prefix.shape or row_user.dim() != 1:
             raise ValueError(f"x must be [offsets[-1], d_in], row_user and row_prefix equal [B] shapes; got "
                              f"{tuple(x.shape)}, {tuple(row_user.shape)}, {tuple(row_prefix.shape)}")
         blocks = TimelineBlocks.of(offsets, b)
-        at, src, real = blocks.rows(offsets, row_user, row_prefix, b)                 # [B], [B, b], [B, b]
+        at, _, _ = blocks.rows(offsets, row_user, row_prefix, b)                       # [B]
         boundaries = self._chunk_boundaries(x, blocks, len(offsets) - 1)
-        n_layers = len(self.init_weights)
-        weights, momentum = [w[at] for w in boundaries[:n_layers]], [s[at] for s in boundaries[n_layers:]]
-        if x.shape[0] == 0:
-            part = x.new_zeros(len(row_user), b, self.d_in)
-        else:
-            part = x[src].masked_fill(~real[..., None], 0.0)                         # [B, b, d_in]
-        return self.chunk_update(weights, momentum, self.chunks(part, real))[0]
+        return [w[at] for w in boundaries[:len(self.init_weights)]]
 
     def _chunk_boundaries(self, x: torch.Tensor, blocks: TimelineBlocks, U: int) -> list[torch.Tensor]:
         """The memory at every full-chunk boundary of every user, stacked in `blocks`' boundary order:
         per layer the weights, then per layer the momenta."""
         # keys, values and coefficients need no memory: computed for every (chunk, user) pair at once (one
-        # gather, so the backward is one index_add, not a zero-filled copy per chunk), then split by chunk
+        # gather, so the backward is one index_add), then the chunk loop runs as one autograd node
         src = blocks.src
-        every = self.chunks(x[src], torch.ones(src.shape, dtype=torch.bool, device=x.device))
-        parts = [t.split(blocks.active) for t in vars(every).values()] if blocks.active else []
+        every = self.chunks(x.index_select(0, src.flatten()).view(*src.shape, x.shape[-1]),
+                            torch.ones(src.shape, dtype=torch.bool, device=x.device))
         weights, momentum = self._initial(U)
-        saved = [(weights, momentum)]
-        for i, a in enumerate(blocks.active):
-            if a < weights[0].shape[0]:
-                weights, momentum = [w[:a] for w in weights], [s[:a] for s in momentum]
-            weights, momentum = self.chunk_update(weights, momentum, _Chunk(*(p[i] for p in parts)))
-            saved.append((weights, momentum))
-        n_layers = len(self.init_weights)
-        return ([torch.cat([w[j] for w, _ in saved]) for j in range(n_layers)]
-                + [torch.cat([s[j] for _, s in saved]) for j in range(n_layers)])
+        return list(_ChunkLoop.apply(self.max_grad_norm, len(weights), blocks.active, *vars(every).values(),
+                                     *weights, *momentum))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         """x [B, L, d_in], lengths [B], query [B, d_q] or [B, C, d_q] -> read [B, (C,) d_key]
-        after all events (the partial last chunk applied, as `read` does)."""
-        return self.read_memory(self._run_chunks(x, lengths)[0], query)
+        of the memory committed by all full chunks (as `read` does)."""
+        committed = torch.div(lengths, self.chunk_size, rounding_mode="floor") * self.chunk_size
+        return self.read_memory(self._run_chunks(x, committed)[0], query)
 
     def forward_state(self, x: torch.Tensor, lengths: torch.Tensor) -> MemoryState:
         """The streaming state after all events: full chunks committed, the rest in the buffer."""
@@ -377,10 +514,9 @@ class NeuralMemory(nn.Module):
         return MemoryState(weights=weights, momentum=momentum, buffer=buffer, count=count, n=n)
 
     def read_weights(self, state: MemoryState) -> list[torch.Tensor]:
-        """The memory after all events so far: the committed weights with the open chunk applied."""
-        real = torch.arange(self.chunk_size, device=state.count.device)[None, :] < state.count[:, None]
-        return self.chunk_update(state.weights, state.momentum, self.chunks(state.buffer, real))[0]
+        """The memory a read sees: the committed weights (the buffered events wait for their chunk)."""
+        return state.weights
 
     def read(self, state: MemoryState, query: torch.Tensor) -> torch.Tensor:
-        """Read after all events so far, the open chunk applied (not committed). query [B, (C,) d_q]."""
-        return self.read_memory(self.read_weights(state), query)
+        """Read of the committed memory. query [B, (C,) d_q]."""
+        return self.read_memory(state.weights, query)
