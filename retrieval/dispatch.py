@@ -12,18 +12,23 @@ power-of-2 / power-of-4 buckets, see `shape_class`) every candidate path of `CAN
 standard-normal queries and keys of the class's representative shape (training layout: lengths uniform in
 [L/2, L]), warm-up once, then in interleaved rounds (so a burst of load from other processes hits every path
 alike) until each has MIN_REPS timings and TUNE_SECONDS have passed, or MAX_REPS rounds. The path with the
-lowest median wins. A path whose indices disagree with the first exact torch path's on the synthetic data
+lowest median wins. To bound the cost: on a long history a path more than 4x behind the best on 1/8 of it
+is not run on all of it, and a path twice as slow as the best at its best drops out of the rounds (its
+figure is kept as "left_out_s"). A path whose indices disagree with the torch paths' on the synthetic data
 (beyond the fused kernel's near-tie allowance) is never chosen. Paths that write the whole [rows, L] score
 matrix are not candidates where it would exceed FULL_MATRIX_BYTES.
 
 Candidates, each exact against `kernels/topk_attention/reference.py`:
 - `fused`: `kernels/topk_attention/cpu.c` (`topk_fused`), scores and selects without writing the score
-  matrix; wins where there are many queries per history (serving, C = 200);
+  matrix; on the AMD EPYC Zen 4 VM it won at every serving point but one (2x to 7x the best torch path at
+  C = 200) and in the training layout at d = 16 and 32;
 - `shared` (serving layout): `retrieval.serving.topk_shared`, one matmul per history chunk + strided-block
-  pruning; the fastest torch path for a long shared history;
-- `blocked` (serving layout): `retrieval.cpu.topk_blocked`, one matmul + block pruning; wins for one or a
-  few queries against a short history, where the others' overheads dominate;
-- `chunked` (training layout): `retrieval.cpu.topk_chunked`, one history per query, pruned per chunk.
+  pruning; the fastest torch path at C = 200 (and the winner on an Intel Xeon at d = 64);
+- `blocked` (serving layout): `retrieval.cpu.topk_blocked`, one matmul + block pruning; won for one query
+  against a long, wide history (L = 100k, d = 64 on the Zen 4 VM: the kernel transposes all of it for
+  one query);
+- `chunked` (training layout): `retrieval.cpu.topk_chunked`, one history per query, pruned per chunk; won
+  at d = 64.
 
 The choices are cached in a JSON file beside the kernel build (`kernels.topk_attention.cpu.cache_dir()`),
 named by a hash of the CPU (model and flags), the kernel build and the torch version, so later processes on
@@ -31,8 +36,9 @@ the same machine read them instead of measuring again; it is rewritten atomicall
 a file lock, merging what other processes added). Threads: one lock serialises tuning (a tune timed while
 another runs would measure the contention); lookups of a tuned class take no lock.
 
-RECSYS_TOPK_AUTOTUNE=0 turns measuring off (tests, reproducible runs): `fixed_choice`, the rule measured on
-the AMD EPYC Zen 4 VM (docs/kernels.md), decides instead.
+RECSYS_TOPK_AUTOTUNE=0 turns measuring off (tests, reproducible runs): `fixed_choice`, the table of earlier
+commits, measured on AMD EPYC VMs (docs/kernels.md), decides instead; it is not right on every CPU, which is
+why measuring is the default.
 """
 
 from __future__ import annotations
