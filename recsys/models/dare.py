@@ -234,6 +234,25 @@ class DARE(nn.Module):
         events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1, device=hist_item.device)}
         return self.shared_history_heads(target, events, L, memory)         # targets [C], one history [L]
 
+    @torch.no_grad()
+    def kept_heads(self, cand_item: torch.Tensor, cand_cate: torch.Tensor, kept_item: torch.Tensor, kept_cate: torch.Tensor,
+                   idx: torch.Tensor, L: int, memory: MemoryReads | None = None) -> ModelOutput:
+        """Serving, stage 2 only: C candidates of one user whose stage-1 top-k was found elsewhere (the block
+        index search, service.block_index). kept_item, kept_cate [C, k]: ids of the kept events (holes, idx
+        -1, carry column 0's ids, as in shared_history_heads); idx [C, k]: their history columns (0 = most
+        recent, position id idx + 1); L: the history length searched. Equals score_candidates on the whole
+        history when idx is its search's result (the kept rows are the same table rows)."""
+        if self.aux_mlp is not None:
+            raise ValueError("kept_heads: the auxiliary head reads the whole history (serving drops it)")
+        target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
+        kept = {"item": kept_item.reshape(-1), "cate": kept_cate.reshape(-1), "pos": idx.clamp(min=0).reshape(-1) + 1}
+        (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
+        att = _lookup(att_set, att_prefix, target, kept)
+        rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, kept)
+        att_k = Fields(att.target, [e.view(*idx.shape, -1) for e in att.events])
+        rep_k = Fields(rep.target, [e.view(*idx.shape, -1) for e in rep.events])
+        return self.towers(*self.stage2(att_k, None, att_k, rep_k, idx, L, memory))
+
     def role_tables(self) -> tuple[tuple[TableSet, str], tuple[TableSet, str]]:
         """(table set, name prefix) of the attention role and of the representation role."""
         return (self.att_tables, "att"), (self.rep_tables, "rep")
