@@ -2,12 +2,15 @@
 
 Per user u (hash tag `{u:<id>}`: all of one user's keys live in one cluster slot, so one Lua script
 may touch them all):
-    <prefix>{u:<id>}:meta        hash: rev, n, hwm_ts, hwm_tb, hwm_eid, last_eid, floor, srev:<version>
+    <prefix>{u:<id>}:meta        hash: rev, n, hwm_ts, hwm_tb, hwm_eid, last_eid, floor, srev:<version>,
+                                 ixrev:<version>, ix0:<version>, ixfmt:<version>
     <prefix>{u:<id>}:seq         string: packed 21-byte records, time-ordered (service.state.SEQ_DTYPE),
                                  written whole only (exact allocation), at most the cap
     <prefix>{u:<id>}:seqt        string: the records appended since (the sequence is seq ++ seqt)
     <prefix>{u:<id>}:dedup       zset: applied event id -> ts, the idempotency window
     <prefix>{u:<id>}:st:<ver>    string: opaque model state bytes of model version <ver>
+    <prefix>{u:<id>}:ix:<ver>    string: block index of the sequence for model version <ver>
+                                 (service.block_index: per block of events, a score-bound summary)
 Per stream partition p (hash tag `{s:<p>}`: partitions spread over the cluster, and a partition's
 dead letters and counters share its slot so they can be written with its XACK in one MULTI):
     <prefix>{s:<p>}:events       stream of events
@@ -32,9 +35,13 @@ class UserKeys:
     tail: str
     dedup: str
     state_prefix: str
+    index_prefix: str
 
     def state(self, version: str) -> str:
         return self.state_prefix + version
+
+    def index(self, version: str) -> str:
+        return self.index_prefix + version
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class KeySpace:
     def user(self, user_id: int) -> UserKeys:
         tag = f"{self.prefix}{{u:{user_id}}}"
         return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", tail=f"{tag}:seqt", dedup=f"{tag}:dedup",
-                        state_prefix=f"{tag}:st:")
+                        state_prefix=f"{tag}:st:", index_prefix=f"{tag}:ix:")
 
     def user_meta_pattern(self) -> str:
         """SCAN MATCH pattern of every user's meta key (one per user with applied events)."""

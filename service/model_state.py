@@ -63,6 +63,16 @@ class ServingModel:
             self.model.aux_mlp = None
         zero_oov_rows(self.model)
 
+    def block_indexer(self, block: int):
+        """service.block_index.BlockIndexer of this model (one per block size, built once), or None for a
+        model without DARE's split attention search."""
+        from service.block_index import BlockIndexer
+
+        cache = self.__dict__.setdefault("_indexers", {})
+        if block not in cache:
+            cache[block] = BlockIndexer(self, block) if block > 0 and BlockIndexer.supports(self.model) else None
+        return cache[block]
+
     @classmethod
     def from_bundle(cls, path: str | Path) -> "ServingModel":
         from recsys.bundle import load_bundle
@@ -187,6 +197,10 @@ class ModelStateUpdater:
         if serving.has_memory:
             self.branches = StreamingBranches(features=lambda item, cate: m.memory_features(item, cate, grad=False),
                                               aaren=m.aaren, titans=m.titans)
+
+    def block_indexer(self, block: int):
+        """The block index kept beside the state for this version (service.block_index), or None."""
+        return self.serving.block_indexer(block)
 
     def _features(self, records: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Oldest-first SEQ_DTYPE arrays -> x [U, T, d_in] left-aligned, zero-padded; lengths [U]."""

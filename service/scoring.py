@@ -5,6 +5,13 @@ sequence and current model state (`StateStore.read_users`), then each request is
 serving entry point (`score_candidates`: C candidates sharing one history, the retrieval serving layout),
 under `torch.inference_mode`. A user with no events scores with an empty history; ids outside the model's
 tables map to the out-of-vocabulary row (`ServingModel.map_ids`, shared with the state updater).
+
+With the block index (service.block_index; `state.index_block` > 0 and a DARE-like model) a request reads
+the user's block summaries and newest events first, then only the blocks whose score bound can still beat a
+candidate's k-th best (`StateStore.read_index_heads`, then `read_ranges`: two round trips per micro-batch),
+and runs stage 2 on the kept events (`DARE.kept_heads`): exactly the top-k of the whole-sequence search.
+A user without a current index (a new version not yet rebuilt), with no events, or whose memory state is not
+current, or whose sequence changed between the two reads, takes the whole-sequence path.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ class ScoreResult:
     explanations: list[list[dict]] | None
     version: str = ""          # the model version that computed these scores
     memory: str | None = None  # models with memory branches: stored | rebuilt | empty
+    bytes_read: int = 0        # sequence, index and state bytes read from Redis for this request
+    blocks_read: int | None = None   # indexed path: blocks searched (None: whole-sequence path)
 
 
 class Scorer:
@@ -53,18 +62,80 @@ class Scorer:
         """Score a micro-batch. A Redis failure fails the whole batch (raised); a model error, one job."""
         t0 = time.perf_counter()
         model = self.model  # one model for the whole batch, even if a reload swaps it meanwhile
-        users = list(dict.fromkeys(j.user_id for j in jobs))
-        views = dict(zip(users, self.store.read_users(users, model.version)))
-        out: list[ScoreResult | Exception] = []
+        out: list[ScoreResult | Exception | None] = [None] * len(jobs)
+        indexer = model.block_indexer(self.store.cfg.index_block) if hasattr(model.model, "kept_heads") else None
+        if indexer is not None:
+            self._run_indexed(model, indexer, jobs, out)
+        rest = [i for i, r in enumerate(out) if r is None]
+        users = list(dict.fromkeys(jobs[i].user_id for i in rest))
+        views = dict(zip(users, self.store.read_users(users, model.version))) if users else {}
         with torch.inference_mode():
-            for job in jobs:
+            for i in rest:
                 try:
-                    out.append(self._score_one(model, views[job.user_id], job))
+                    out[i] = self._score_one(model, views[jobs[i].user_id], jobs[i])
                 except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
-                    out.append(e)
+                    out[i] = e
         self.metrics.score_seconds.observe(time.perf_counter() - t0)
         self.metrics.score_batch_requests.observe(len(jobs))
         return out
+
+    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob], out: list) -> None:
+        """The indexed path for the jobs it can serve (the others stay None in `out`)."""
+        from service.block_index import begin_search
+
+        users = list(dict.fromkeys(j.user_id for j in jobs))
+        heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
+                                                            model.has_memory)))
+        searches = {}
+        with torch.inference_mode():
+            for i, job in enumerate(jobs):
+                h = heads[job.user_id]
+                if h.ix0 is None or h.visible == 0 or (model.has_memory and not h.state):
+                    continue
+                try:
+                    items, cates = self._ids(model, job)
+                    searches[i] = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
+                except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
+                    out[i] = e
+            reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
+            for (i, s), recs in zip(searches.items(), reads):
+                if recs is None:  # the sequence moved between the reads: the whole-sequence path
+                    continue
+                try:
+                    out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+
+    def _finish_indexed(self, model: ServingModel, indexer, s, recs, explain: bool) -> ScoreResult:
+        from service.block_index import finish_search
+
+        _, idx, kept = finish_search(indexer, s, recs)
+        memory, source = {}, None
+        if model.has_memory:
+            memory["memory"], source = model._memory(kept[:0], s.head.state, 0)
+            self.metrics.memory_source.labels(source).inc()
+        k_item, _ = model.map_ids(kept["item"].reshape(-1), "item")
+        k_cate, _ = model.map_ids(kept["cate"].reshape(-1), "cate")
+        o = model.model.kept_heads(s.items, s.cates, k_item.view(idx.shape), k_cate.view(idx.shape), idx, s.window,
+                                   **memory)
+        probs = torch.sigmoid(o.logit)
+        self.metrics.scores_served.inc(len(probs))
+        explanations = None
+        if explain:
+            explanations = [[{"position": int(j) + 1, "item_id": int(r["item"]), "category_id": int(r["cate"]),
+                              "ts": int(r["ts"])} for j, r in zip(row, krow) if j >= 0]
+                            for row, krow in zip(idx.tolist(), kept)]
+        return ScoreResult(scores=probs.tolist(), history_length=s.window, explanations=explanations,
+                           version=model.version, memory=source,
+                           bytes_read=s.head.bytes_read + sum(r.nbytes for r in recs),
+                           blocks_read=int(np.count_nonzero(s.done)))
+
+    def _ids(self, model: ServingModel, job: ScoreJob):
+        items, n_oov = model.map_ids(job.items, "item")
+        cates, _ = model.map_ids(job.cates, "cate")
+        if n_oov:
+            self.metrics.oov_items.inc(n_oov)
+        return items, cates
 
     def _score_one(self, model: ServingModel, view: UserView, job: ScoreJob) -> ScoreResult:
         seq = view.sequence[-model.max_len:]                                  # oldest first, [L]
@@ -89,4 +160,4 @@ class Scorer:
                 for row in idx.tolist()
             ]
         return ScoreResult(scores=scores.tolist(), history_length=L, explanations=explanations,
-                           version=model.version, memory=memory)
+                           version=model.version, memory=memory, bytes_read=view.sequence.nbytes + len(view.state or b""))

@@ -25,6 +25,10 @@ from typing import Iterable, Iterator, Protocol, Sequence
 import numpy as np
 import redis
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from service.block_index import BlockIndexer, IndexUpdate
+
 from recsys.config.serve import StateStoreConfig
 from service.keys import KeySpace, check_version
 
@@ -130,6 +134,24 @@ class UserView:
     sequence: np.ndarray   # SEQ_DTYPE, oldest first, at most seq_cap
     state: bytes | None    # None when absent or not current for the version asked
     rev: int
+    n: int = 0             # records ever placed: the abs index one past the newest (service.block_index)
+
+
+@dataclass
+class IndexHead:
+    """What a request reads first on the indexed path (`StateStore.read_index_heads`): enough to bound every
+    block's scores, plus the newest records (the seed whose exact scores start the thresholds)."""
+
+    rev: int
+    n: int                 # abs index one past the newest record
+    stored: int            # records in seq ++ seqt (the oldest may be past the cap)
+    seq_records: int       # of which in seq
+    visible: int           # min(stored, seq_cap)
+    state: bytes | None    # current state of the version (None: absent, stale, or not asked for)
+    ix0: int | None        # first block of the index; None when the index is not current (or absent)
+    index: bytes
+    newest: np.ndarray     # the newest min(seed, visible) records, oldest first
+    bytes_read: int = 0
 
 
 @dataclass
@@ -143,6 +165,8 @@ class _Plan:
     duplicates: int = 0
     late: list[Event] = field(default_factory=list)
     rebuilt: bool = False
+    n: int = 0                                 # records ever placed, at `rev`
+    index: "IndexUpdate | None" = None         # block index update written with the batch
 
 
 @dataclass(frozen=True, eq=False)
@@ -228,10 +252,15 @@ class StateStore:
             views = self._read(pending, version=None)
             seqs = [v.sequence if merge is None else merge(u, v.sequence) for u, v in zip(pending, views)]
             states = updater.rebuild(seqs)
+            indexer = self._indexer(updater)
             calls = []
             for u, v, s in zip(pending, views, states, strict=True):
                 k = self.keys.user(u)
-                calls.append((self._set_state_script, [k.meta, k.state(version)], [v.rev, version, s]))
+                args = [v.rev, version, s]
+                if indexer is not None:  # from the stored sequence only: the search reads nothing else
+                    ix = indexer.full(v.sequence, v.n - len(v.sequence))
+                    args += [ix.b0, ix.entries, ix.fmt]
+                calls.append((self._set_state_script, [k.meta, k.state(version), k.index(version)], args))
             replies = self._eval_many(calls)
             written += sum(r[0] == b"ok" for r in replies)
             pending = [u for u, r in zip(pending, replies) if r[0] != b"ok"]
@@ -239,8 +268,15 @@ class StateStore:
             raise StateStoreError(f"users {pending[:10]} still conflicting after {self.cfg.cas_retries} attempts")
         return written
 
+    def _indexer(self, updater) -> "BlockIndexer | None":
+        """The block index the store keeps for this updater's version (None: off, or not a DARE-like model)."""
+        make = getattr(updater, "block_indexer", None)
+        return make(self.cfg.index_block) if make is not None and self.cfg.index_block > 0 else None
+
     def _plan(self, updater: StateUpdater, version: str, by_user: dict[int, list[Event]]) -> list[_Plan]:
         users = list(by_user)
+        indexer = self._indexer(updater)
+        entry = str(indexer.entry_bytes) if indexer is not None else "0"
         calls = []
         uniq: dict[int, list[Event]] = {}
         for u in users:
@@ -249,12 +285,13 @@ class StateStore:
             for e in by_user[u]:
                 first.setdefault(e.event_id, e)
             uniq[u] = list(first.values())
-            calls.append((self._snapshot_script, [k.meta, k.state(version), k.dedup],
-                          [version, *_pack_ids([e.event_id for e in uniq[u]])]))
+            calls.append((self._snapshot_script, [k.meta, k.state(version), k.dedup, k.index(version)],
+                          [version, *_pack_ids([e.event_id for e in uniq[u]]), entry]))
         replies = self._eval_many(calls)
 
         plans, fast, slow = [], [], []
-        for u, (rev, hwm_ts, hwm_tb, floor, srev, state, seen) in zip(users, replies):
+        ix_last: dict[int, bytes | None] = {}
+        for u, (rev, hwm_ts, hwm_tb, floor, srev, state, seen, n, ixrev, _ix0, ixfmt, last) in zip(users, replies):
             rev = int(rev or 0)
             floor = None if floor is None else int(floor)
             fresh, late = [], []
@@ -264,8 +301,11 @@ class StateStore:
                 (late if floor is not None and e.ts < floor else fresh).append(e)
             rec, eids = to_records(fresh)
             plan = _Plan(u, rev, rec, eids,
-                         duplicates=len(by_user[u]) - len(fresh) - len(late), late=late)
+                         duplicates=len(by_user[u]) - len(fresh) - len(late), late=late, n=int(n or 0))
             plans.append(plan)
+            if indexer is not None and (rev == 0 or (ixrev is not None and int(ixrev) == rev
+                                                     and ixfmt is not None and ixfmt.decode() == indexer.fmt)):
+                ix_last[u] = last or None
             if not fresh:
                 continue
             current = (srev is not None and int(srev) == rev and state is not None) or rev == 0
@@ -274,12 +314,26 @@ class StateStore:
 
         fold = [(p, s, p.records) for p, s, _, _ in fast]
         rebuild = []
+        # The block index: an in-order batch on a current index widens the open block and adds new ones;
+        # anything else (a merge, a stale index) rebuilds it from the sequence the script will leave.
+        stale_ix = []
+        for p, _, _, _ in fast:
+            if indexer is not None and p.user_id in ix_last:
+                p.index = indexer.append(ix_last[p.user_id], p.n, p.records)
+            elif indexer is not None:
+                stale_ix.append(p)
+        if stale_ix:
+            for p, tail in zip(stale_ix, self._read_tails([p.user_id for p in stale_ix])):
+                placed, merged = self._place(p, tail)
+                p.index = indexer.full(merged, p.n + len(placed) - len(merged))
         if slow:
             # Only now is it known which events fall outside the cap: those are neither placed nor
             # folded, and if the rest is in order the state can still be folded forward.
             tails = self._read_tails([p.user_id for p, _, _, _ in slow])
             for (p, s, current, hwm), tail in zip(slow, tails):
                 placed, merged = self._place(p, tail)
+                if indexer is not None:
+                    p.index = indexer.full(merged, p.n + len(placed) - len(merged))
                 if current and not len(placed):
                     p.state = s
                 elif current and _not_before(placed, hwm):
@@ -317,7 +371,11 @@ class StateStore:
             k = self.keys.user(p.user_id)
             nums = f"{p.rev} {cfg.seq_cap} {cfg.seq_slack} {cfg.dedup_window_ms} {cfg.dedup_max_ids} {len(p.records)}"
             args = [nums, version, p.state, p.records.tobytes(), *_pack_ids(p.eids)]
-            calls.append((self._apply_script, [k.meta, k.seq, k.tail, k.dedup, k.state(version)], args))
+            if p.index is not None:
+                ix = p.index
+                args += [f"{ix.mode} {cfg.index_block} {ix.entry_bytes} {ix.b0}",
+                         ix.entries, ix.fmt]
+            calls.append((self._apply_script, [k.meta, k.seq, k.tail, k.dedup, k.state(version), k.index(version)], args))
         replies = self._eval_many(calls)
         retry = []
         done = {p.user_id for p in plans} - {p.user_id for p in todo}
@@ -402,7 +460,7 @@ class StateStore:
         for u in user_ids:
             k = self.keys.user(u)
             # rev first, as in _plan: a sequence newer than the rev read makes a later CAS fail.
-            pipe.hget(k.meta, "rev")
+            pipe.hmget(k.meta, "rev", "n")
             pipe.get(k.seq)
             pipe.get(k.tail)
             if version:
@@ -412,11 +470,82 @@ class StateStore:
         step = 5 if version else 3
         views = []
         for i in range(len(user_ids)):
-            rev, seq, tail, *st = replies[step * i: step * (i + 1)]
+            (rev, n), seq, tail, *st = replies[step * i: step * (i + 1)]
             rev = int(rev or 0)
             state = st[1] if st and st[0] is not None and int(st[0]) == rev else None
-            views.append(UserView(sequence=self._visible(seq, tail), state=state, rev=rev))
+            views.append(UserView(sequence=self._visible(seq, tail), state=state, rev=rev, n=int(n or 0)))
         return views
+
+    def read_index_heads(self, user_ids: Sequence[int], version: str, fmt: str, seed: int,
+                         with_state: bool) -> list[IndexHead]:
+        """The indexed path's first round trip, for many users: meta, the block index of `version` (current
+        only if its format is `fmt`), the newest `seed` records and (with_state) the state."""
+        check_version(version)
+        pipe = self.client.pipeline(transaction=not self.cfg.cluster)
+        span = seed * RECORD_BYTES
+        for u in user_ids:
+            k = self.keys.user(u)
+            pipe.hmget(k.meta, "rev", "n", f"srev:{version}", f"ixrev:{version}", f"ix0:{version}", f"ixfmt:{version}")
+            pipe.strlen(k.seq)
+            pipe.strlen(k.tail)
+            pipe.get(k.index(version))
+            pipe.getrange(k.seq, -span, -1)
+            pipe.getrange(k.tail, -span, -1)
+            if with_state:
+                pipe.get(k.state(version))
+        replies = pipe.execute()
+        step = 7 if with_state else 6
+        out = []
+        for i in range(len(user_ids)):
+            (rev, n, srev, ixrev, ix0, ixfmt), m, t, index, seq_end, tail_end, *st = replies[step * i: step * (i + 1)]
+            rev = int(rev or 0)
+            stored = (m + t) // RECORD_BYTES
+            visible = min(stored, self.cfg.seq_cap)
+            newest = decode_sequence(seq_end[len(seq_end) % RECORD_BYTES:] + tail_end if seq_end else tail_end)
+            newest = newest[len(newest) - min(seed, visible, len(newest)):]
+            current = ixrev is not None and int(ixrev) == rev and ixfmt is not None and ixfmt.decode() == fmt
+            state = st[0] if st and srev is not None and int(srev) == rev else None
+            out.append(IndexHead(rev=rev, n=int(n or 0), stored=stored, seq_records=m // RECORD_BYTES, visible=visible,
+                                 state=state, ix0=int(ix0) if current else None, index=(index or b"") if current else b"",
+                                 newest=newest, bytes_read=len(index or b"") + len(seq_end) + len(tail_end)
+                                 + len(st[0] or b"" if st else b"")))
+        return out
+
+    def read_ranges(self, requests: Sequence[tuple[int, IndexHead, Sequence[tuple[int, int]]]]) -> list[list[np.ndarray] | None]:
+        """The indexed path's second round trip: per (user, head, [(abs lo, abs hi), ...]) the records of
+        each range (oldest first), or None when the user's rev moved since the head was read (the layout
+        may have changed: the caller reads again)."""
+        pipe = self.client.pipeline(transaction=not self.cfg.cluster)
+        shape = []
+        for u, head, ranges in requests:
+            k = self.keys.user(u)
+            pipe.hget(k.meta, "rev")
+            base = head.n - head.stored                # abs index of the first stored record
+            parts = []
+            for lo, hi in ranges:
+                a, b = lo - base, hi - base            # physical record positions in seq ++ seqt
+                got = 0
+                if a < head.seq_records:
+                    pipe.getrange(k.seq, a * RECORD_BYTES, min(b, head.seq_records) * RECORD_BYTES - 1)
+                    got += 1
+                if b > head.seq_records:
+                    a2 = max(a, head.seq_records) - head.seq_records
+                    pipe.getrange(k.tail, a2 * RECORD_BYTES, (b - head.seq_records) * RECORD_BYTES - 1)
+                    got += 1
+                parts.append(got)
+            shape.append(parts)
+        replies = pipe.execute() if requests else []
+        out, at = [], 0
+        for (u, head, ranges), parts in zip(requests, shape):
+            rev = int(replies[at] or 0)
+            at += 1
+            recs = []
+            for got in parts:
+                recs.append(decode_sequence(b"".join(replies[at:at + got])))
+                at += got
+            ok = rev == head.rev and all(len(r) == hi - lo for r, (lo, hi) in zip(recs, ranges))
+            out.append(recs if ok else None)
+        return out
 
     def read_users(self, user_ids: Sequence[int], version: str) -> list[UserView]:
         """Sequences and current states of `version` for many users in one round trip."""

