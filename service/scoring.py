@@ -47,6 +47,11 @@ class ScoreResult:
     blocks_read: int | None = None   # indexed path: blocks searched (None: whole-sequence path)
 
 
+# The indexed path is taken when the blocks left to read hold at most this share of the searched window
+# (measured: with nothing pruned it is ~5x slower than the whole-sequence path at L = 10k).
+MAX_INDEXED_FRACTION = 0.25
+
+
 class Scorer:
     def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics, rebuild_max_events: int = 0):
         self.model = model
@@ -94,9 +99,14 @@ class Scorer:
                     continue
                 try:
                     items, cates = self._ids(model, job)
-                    searches[i] = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
+                    search = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
                 except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
                     out[i] = e
+                    continue
+                # When the bounds prune little (e.g. histories with no recency or topical structure), block
+                # reads and per-block scoring cost more than one whole read and the fused search.
+                if sum(hi - lo for lo, hi in search.ranges) <= MAX_INDEXED_FRACTION * search.window:
+                    searches[i] = search
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
             for (i, s), recs in zip(searches.items(), reads):
                 if recs is None:  # the sequence moved between the reads: the whole-sequence path

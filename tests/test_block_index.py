@@ -94,6 +94,14 @@ def _serving(max_len: int, version: str = "ix-v1", seed: int = 0) -> ServingMode
     return ServingModel(build_model(cfg, 60, 7), version, 60, 7, max_len)
 
 
+@pytest.fixture(autouse=True)
+def index_always(monkeypatch):
+    """The tests check the indexed path's result even where it would prune too little to be taken."""
+    import service.scoring
+
+    monkeypatch.setattr(service.scoring, "MAX_INDEXED_FRACTION", 1.0)
+
+
 @pytest.fixture
 def store_cfg(redis_server):
     prefix = f"t{uuid.uuid4().hex[:10]}:"
