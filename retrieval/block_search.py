@@ -68,11 +68,15 @@ def extend(last: np.ndarray | None, n: int, keys: np.ndarray | torch.Tensor, blo
 
 
 class PositionBound:
-    """Per model: the position part of the score of every position id, and its maximum over any range of
-    at most `block` ids (sliding window), in float64. q_pos is the target's position row (id 0), scaled."""
+    """Per model: the position part of the score of every position id (recency), and its maximum over any
+    range of at most `block` ids (sliding window), in float64. q_pos is the target's position row (id 0),
+    scaled; `rows` [max_len + 1] maps each recency to its table row where rows are shared (log-distance
+    buckets, recsys.models.dare.position_rows), else recency r reads row r."""
 
-    def __init__(self, q_pos_scaled: torch.Tensor, pos_table: torch.Tensor, block: int):
-        s = (pos_table.double() @ q_pos_scaled.double()).numpy()              # [max_len + 1]
+    def __init__(self, q_pos_scaled: torch.Tensor, pos_table: torch.Tensor, block: int, rows: torch.Tensor | None = None):
+        s = (pos_table.double() @ q_pos_scaled.double()).numpy()              # per table row
+        if rows is not None:
+            s = s[rows.numpy()]                                               # per recency 0..max_len
         self.max_pos = len(s) - 1
         w = np.concatenate([s, np.full(block, -np.inf)])
         width = 1

@@ -57,6 +57,13 @@ class BlockIndexer:
         self.entry_bytes = 2 * self.d_sem * 4
         self.fmt = f"{block} {self.d_sem}"
         self._pos: PositionBound | None = None
+        cfg = getattr(model, "config", None)
+        if getattr(cfg, "pos_exact", None) is not None:
+            from recsys.models.dare import position_rows
+
+            self.pos_rows = lambda r: position_rows(r, cfg)
+        else:
+            self.pos_rows = lambda r: r
 
     @staticmethod
     def supports(model) -> bool:
@@ -90,8 +97,9 @@ class BlockIndexer:
             from retrieval import segment_scale
 
             scale = segment_scale(self.d_sem + self.d_att, self.segments)[self.d_sem:]
+            rows = self.pos_rows(torch.arange(self.serving.max_len + 1))
             with torch.no_grad():
-                self._pos = PositionBound(self.pos_w[0].float() * scale, self.pos_w.float(), self.block)
+                self._pos = PositionBound(self.pos_w[0].float() * scale, self.pos_w.float(), self.block, rows)
         return self._pos
 
 
@@ -119,7 +127,7 @@ class IndexedSearch:
 
 def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> torch.Tensor:
     """Full attention keys [m, D] (item, category, position id col + 1) of records at history columns cols."""
-    pos = torch.from_numpy(cols + 1)
+    pos = ix.pos_rows(torch.from_numpy(cols + 1))
     with torch.no_grad():
         return torch.cat([ix.keys(records), ix.pos_w.index_select(0, pos)], 1)
 

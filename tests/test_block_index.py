@@ -88,9 +88,9 @@ def test_pruned_search_adversarial_histories():
     _check(q[:, :], _history(5, P_decay, sem[:5]), P_decay, 9, block, seed=64)
 
 
-def _serving(max_len: int, version: str = "ix-v1", seed: int = 0) -> ServingModel:
+def _serving(max_len: int, version: str = "ix-v1", seed: int = 0, pos_exact: int | None = None) -> ServingModel:
     torch.manual_seed(seed)
-    cfg = ModelConfig(max_len=max_len, top_k=4, dim_rep=8, dim_att=D, mlp=[8], init_std=0.3)
+    cfg = ModelConfig(max_len=max_len, top_k=4, dim_rep=8, dim_att=D, mlp=[8], init_std=0.3, pos_exact=pos_exact)
     return ServingModel(build_model(cfg, 60, 7), version, 60, 7, max_len)
 
 
@@ -166,9 +166,9 @@ def _scores_both_ways(store_cfg, handle, serving, jobs):
     return indexed, plain
 
 
-@pytest.mark.parametrize("max_len", [100, 400])
-def test_online_score_with_the_index_equals_the_whole_sequence_score(store_cfg, max_len):
-    serving = _serving(max_len=max_len)
+@pytest.mark.parametrize("max_len,pos_exact", [(100, None), (400, None), (400, 30)])
+def test_online_score_with_the_index_equals_the_whole_sequence_score(store_cfg, max_len, pos_exact):
+    serving = _serving(max_len=max_len, pos_exact=pos_exact)
     updater = ModelStateUpdater(serving)
     rng = random.Random(1)
     with connect(store_cfg) as handle:
@@ -219,3 +219,58 @@ def test_reload_rebuilds_the_index_for_the_new_version(store_cfg):
         store.apply(ModelStateUpdater(new), _events(7, 5, rng, t0=90))
         _assert_bounds_rebuilt(store, 7, new.block_indexer(8), "ix-new")
         assert handle.client.hget(k.meta, "ixrev:ix-old") != handle.client.hget(k.meta, "rev")
+
+
+# ---- positions beyond pos_exact (log-distance buckets) ------------------------------------------------------
+
+
+def test_position_rows_exact_then_log_buckets():
+    from recsys.models.dare import DARE, position_rows
+
+    cfg = ModelConfig(max_len=1_000_000, pos_exact=1_000, pos_buckets_per_octave=4)
+    r = torch.arange(0, 1_000_001)
+    rows = position_rows(r, cfg)
+    assert torch.equal(rows[:1_001], r[:1_001])                       # exact up to pos_exact, 0 stays 0
+    assert (rows[1:] >= rows[:-1]).all()                               # recency order kept
+    assert int(rows[-1]) == 1_000 + 1 + int(4 * np.log2(1_000))        # 4 buckets per doubling
+    assert rows[2_000] == 1_000 + 5 and rows[1_999] == 1_000 + 4
+    model = DARE(cfg.model_copy(update={"dim_att": 2, "dim_rep": 2, "mlp": [4]}), 10, 3)
+    assert model.rows["pos"] == int(rows[-1]) + 1                      # 1,041 rows, not 1,000,001
+
+
+def test_bucketed_positions_train_and_serve_with_offline_parity():
+    """The mapping is inside the model: the batch forward (training, offline evaluation) and the serving
+    entry point read the same rows, and the bucket rows get gradient."""
+    from recsys.data.batch import HistoryBatch
+
+    torch.manual_seed(0)
+    L, C = 300, 6
+    cfg = ModelConfig(max_len=L, top_k=5, dim_rep=8, dim_att=4, mlp=[8], init_std=0.3, pos_exact=20)
+    model = build_model(cfg, 60, 7)
+    hist_item, hist_cate = torch.randint(1, 60, (L,)), torch.randint(1, 7, (L,))
+    cand_item, cand_cate = torch.randint(1, 60, (C,)), torch.randint(1, 7, (C,))
+    batch = HistoryBatch(user=torch.zeros(C, dtype=torch.int64), target_item=cand_item, target_cate=cand_cate,
+                         hist_item=hist_item.expand(C, L).clone(), hist_cate=hist_cate.expand(C, L).clone(),
+                         hist_pos=torch.arange(1, L + 1).expand(C, L).clone(), hist_len=torch.full((C,), L),
+                         label=torch.randint(0, 2, (C,)).float())
+    out = model(batch)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out.logit, batch.label)
+    if out.aux_logit is not None:
+        loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.aux_logit, batch.label)
+    loss.backward()
+    from recsys.embeddings import table_sets
+
+    pos_grads = [p.grad for ts in table_sets(model).values() for name, p in ts.named_parameters()
+                 if "pos" in name and p.grad is not None]
+    rows = set()
+    for g in pos_grads:
+        g = g.coalesce() if g.is_sparse else g.to_sparse()
+        rows |= set(g.indices()[0].tolist())
+    assert max(rows) > cfg.pos_exact, "no bucket row got gradient"
+    model.eval()
+    with torch.no_grad():
+        want = model(batch)
+    serving = ServingModel(copy.deepcopy(model), "pos-v1", 60, 7, L)
+    served = serving.model.score_candidates(hist_item, hist_cate, cand_item, cand_cate)
+    assert torch.equal(served.indices, want.indices)
+    torch.testing.assert_close(served.logit, want.logit, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,13 @@ class ModelConfig(StrictModel):
     dim_att: int = Field(16, ge=1, description="d_a: attention dim per field (DARE only; TWIN/DIN use dim_rep)")
     top_k: int = Field(20, ge=1, description="events kept by the search stage (DARE, TWIN)")
     max_len: int = Field(200, ge=1, description="history length L; the position table has max_len + 1 rows")
+    # Lifelong histories: a row per exact recency up to 1M would be a 1M-row table per role, trained only where
+    # the training histories reach; log-distance buckets keep it small and let far events share what they learn.
+    pos_exact: int | None = Field(None, ge=1, description="DARE/TWIN: recencies 1..pos_exact get a position row "
+                                  "each; a recency r beyond shares the row of its log-distance bucket, "
+                                  "pos_exact + 1 + floor(pos_buckets_per_octave * log2(r / pos_exact)), up to max_len. "
+                                  "None: one row per recency up to max_len")
+    pos_buckets_per_octave: int = Field(4, ge=1, description="with pos_exact: buckets per doubling of the recency")
     aux_loss: bool = Field(True, description="auxiliary soft-attention head over the whole history (DARE, TWIN)")
     aux_weight: float = Field(1.0, ge=0.0, description="weight of the auxiliary head's BCE loss (with aux_loss)")
     mlp: list[int] = Field([200, 80], description="hidden sizes of the prediction MLP")

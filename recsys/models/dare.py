@@ -77,7 +77,7 @@ class DARE(nn.Module):
         super().__init__()
         self.config = config
         self.k = config.top_k
-        self.rows = {"item": n_items, "cate": n_cates, "pos": config.max_len + 1}
+        self.rows = {"item": n_items, "cate": n_cates, "pos": int(position_rows(torch.tensor([config.max_len]), config)) + 1}
         self.build_tables(config)
         d_r = len(FIELDS) * config.dim_rep
         self.mlp = MLP(3 * d_r + self.build_branches(d_r), list(config.mlp))
@@ -148,8 +148,10 @@ class DARE(nn.Module):
         """target ids [Q] per field, event ids [..., n] per field -> per-field embeddings (one lookup per table)."""
         name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
         n_t = target["item"].numel()
+        ids = {f: torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS}
+        ids["pos"] = position_rows(ids["pos"], self.config)
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            emb = tables({name(f): torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS})
+            emb = tables({name(f): ids[f] for f in FIELDS})
         return Fields(
             [emb[name(f)][:n_t] for f in FIELDS],                                          # [Q, d] each
             [emb[name(f)][n_t:].reshape(*events[f].shape, -1) for f in FIELDS],            # [..., n, d] each
@@ -245,7 +247,8 @@ class DARE(nn.Module):
         if self.aux_mlp is not None:
             raise ValueError("kept_heads: the auxiliary head reads the whole history (serving drops it)")
         target = {"item": cand_item, "cate": cand_cate, "pos": torch.zeros_like(cand_item)}
-        kept = {"item": kept_item.reshape(-1), "cate": kept_cate.reshape(-1), "pos": idx.clamp(min=0).reshape(-1) + 1}
+        kept = {"item": kept_item.reshape(-1), "cate": kept_cate.reshape(-1),
+                "pos": position_rows(idx.clamp(min=0).reshape(-1) + 1, self.config)}
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
         att = _lookup(att_set, att_prefix, target, kept)
         rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, kept)
@@ -267,6 +270,8 @@ class DARE(nn.Module):
         - the kept events' embeddings gathered from the full-history ones, not looked up a second time.
         """
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
+        target = {**target, "pos": position_rows(target["pos"], self.config)}
+        events = {**events, "pos": position_rows(events["pos"], self.config)}
         att = _lookup(att_set, att_prefix, target, events)
         rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, events)
         idx = search(att, L, self.k, self.segments)                              # [C, k] stage 1
@@ -275,6 +280,18 @@ class DARE(nn.Module):
         att_k = Fields(att.target, [kept(e) for e in att.events])
         rep_k = Fields(rep.target, [kept(e) for e in rep.events])
         return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L, memory))
+
+
+def position_rows(recency: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Position ids (recency, 1 = most recent; 0 = target or padding) -> position table rows: the id itself up
+    to config.pos_exact, beyond it a log-distance bucket (ModelConfig.pos_exact). The one mapping training,
+    serving and the block index's position bound all use."""
+    e = config.pos_exact
+    if e is None or e >= config.max_len:
+        return recency
+    r = recency.to(torch.float64).clamp(min=1)
+    bucket = e + 1 + torch.floor(config.pos_buckets_per_octave * torch.log2(r / e)).to(recency.dtype)
+    return torch.where(recency <= e, recency, bucket)
 
 
 def _lookup(tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> Fields:
