@@ -219,10 +219,12 @@ if ARGV[7] then
   if ixmode > 0 then
     local visible0 = n_total + placed - math.min(newL, cap)  -- abs index of the oldest visible record
     local need0 = math.floor(visible0 / block)
-    if settled and need0 > ix0 then
-      local rest = redis.call('GETRANGE', KEYS[6], (need0 - ix0) * E, -1)
-      redis.call('SET', KEYS[6], rest)
-      ix0 = need0
+    -- With the sequence, the index is rewritten at its exact size: SETRANGE growth over-allocates (up to
+    -- 2x, measured 1.9 MB for 1.0 MB of entries at 1M events).
+    if settled then
+      local at = math.max(need0 - ix0, 0) * E
+      redis.call('SET', KEYS[6], redis.call('GETRANGE', KEYS[6], at, -1))
+      ix0 = math.max(need0, ix0)
     end
     fields[#fields + 1] = 'ixrev:' .. ARGV[2]
     fields[#fields + 1] = new_rev
