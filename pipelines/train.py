@@ -29,12 +29,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,6 +48,8 @@ from recsys.data.sequences import Dataset, assemble, batch_rows, load_dataset
 # once (the marker file records it). The delay first lets Ray register the checkpoints already reported
 # (the controller polls workers every few seconds; a crash within that window loses the newest one).
 FAULT_ENV = "RECSYS_RAY_FAULT"
+# Rank 0's line at each validation; the driver reads it back for its progress bar.
+_PROGRESS_LINE = re.compile(r"\[ray-train\] step (\d+)/(\d+)")
 
 
 def _parse_fault(spec: str | None) -> dict | None:
@@ -277,16 +280,19 @@ def run_train(
     max_failures: int = 2,
     keep_checkpoints: int = 2,
     evaluate_test: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Train `config` on `workers` Ray Train workers; export the best-by-val-AUC weights as a bundle in
     `out_dir/bundle`. Returns {bundle_dir, best_step, best_val, test, steps, workers, samples_per_s, history
-    (every validation of the surviving timeline), storage, wall_s}. `dataset`: an already loaded dataset (else the config's data folder is loaded)."""
+    (every validation of the surviving timeline), storage, wall_s}. `dataset`: an already loaded dataset (else the config's data folder is loaded).
+    `progress(step, total_steps)`: called at each validation, from rank 0's progress line as Ray forwards it
+    (so it works whether Ray's output goes to the terminal or to a `ray_log_file`)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
-    from pipelines.runtime import ray_session
+    from pipelines.runtime import on_worker_lines, ray_session
     from recsys.bundle import export_bundle
     from recsys.checkpoint import load_state_tensors
     from recsys.models import build_model
@@ -314,7 +320,13 @@ def run_train(
                 failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
-        result = trainer.fit()
+        def on_line(line: str) -> None:
+            m = _PROGRESS_LINE.search(line)
+            if m and progress is not None:
+                progress(int(m.group(1)), int(m.group(2)))
+
+        with on_worker_lines(on_line):
+            result = trainer.fit()
     if result.error is not None:
         raise result.error
     best = result.get_best_checkpoint(metric="val_auc", mode="max")

@@ -156,6 +156,7 @@ def train(
     workers: int = typer.Option(2, help="Ray Train workers (with --ray)"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address (with --ray)"),
     use_gpu: bool = typer.Option(False, help="Ray workers on GPUs (with --ray)"),
+    verbose: bool = typer.Option(False, "--verbose", help="with --ray: show Ray's own log lines here instead of OUT/logs/ray.log"),
 ) -> None:
     """Train a model; the best checkpoint by validation AUC is exported as a bundle.
 
@@ -172,9 +173,15 @@ def train(
         overrides["train"] = {"seed": seed}
     cfg = load_experiment(config, overrides or None)
     if ray:
+        from pipelines.runtime import ray_log_file
         from pipelines.train import run_train
+        from recsys.cli.progress import console, progress_bar
 
-        result = run_train(cfg, out, workers=workers, address=address, use_gpu=use_gpu)
+        log = None if verbose else out / "logs" / "ray.log"
+        if log is not None:
+            console.print(f"Ray's own log lines go to {log} (--verbose shows them here)")
+        with ray_log_file(log), progress_bar("training steps") as update:
+            result = run_train(cfg, out, workers=workers, address=address, use_gpu=use_gpu, progress=update)
         _print_json({k: v for k, v in result.items() if k != "history"})
     else:
         from recsys.train.trainer import train as run
@@ -371,6 +378,7 @@ def demo(
     data: Optional[Path] = typer.Option(None, help="MovieLens folder, Taobao CSV, events Parquet or a dataset folder; default: synthetic"),
     out: Path = typer.Option(Path("runs/demo"), help="run folder"),
     small: bool = typer.Option(False, help="a seconds-scale run (CI)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's own log lines here instead of OUT/logs/ray.log"),
 ) -> None:
     """The main job end to end on embedded defaults: data, Ray preprocessing and training, evaluation,
     bundle, service on embedded Redis, streamed events, live scores, latency, report.
@@ -380,7 +388,7 @@ def demo(
     """
     from recsys.cli.demo import run_demo
 
-    run_demo(data=data, out=out, small=small)
+    run_demo(data=data, out=out, small=small, verbose=verbose)
 
 
 @app.command()

@@ -5,7 +5,9 @@ data -> Ray Data preprocessing (raw logs) -> Ray Train (DARE, TWIN, DIN; 2 worke
 live scores checked against offline scores -> latency percentiles -> report -> clean shutdown.
 
 Everything the run produces lands in the run folder (`runs/demo` by default), which `recsys report`
-turns into one HTML page.
+turns into one HTML page. The terminal gets progress bars and one summary line per stage; Ray's own
+output (its driver log, the Train controller's and workers' lines) goes to `logs/ray.log` in the run
+folder unless `verbose`.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
         cfg = load_experiment(preset_path(name), overrides)
         console.print(f"[bold]{name}[/bold]: Ray Train, {workers} workers, L = {cfg.model.max_len}, "
                       f"k = {cfg.model.top_k}, {cfg.train.epochs:g} epochs")
-        r = run_train(cfg, out / "models" / name, workers=workers, dataset=dataset)
+        with progress_bar(f"  {name} steps") as update:
+            r = run_train(cfg, out / "models" / name, workers=workers, dataset=dataset, progress=update)
         results[name] = {k: v for k, v in r.items() if k != "history"}
         (out / "models" / name / "history.json").write_text(json.dumps(r.get("history", []), indent=2))
         console.print(f"  best val AUC {r['best_val']['auc']:.4f} at step {r['best_step']}; "
@@ -103,8 +106,23 @@ def comparison_table(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(data: Path | None, out: Path, small: bool) -> dict:
+def run_demo(data: Path | None, out: Path, small: bool, verbose: bool = False) -> dict:
+    from pipelines.runtime import ray_log_file
+
     out.mkdir(parents=True, exist_ok=True)
+    log = None if verbose else out / "logs" / "ray.log"
+    if log is not None:
+        log.unlink(missing_ok=True)  # this run's log only
+        console.print(f"Ray's own log lines go to {log} (--verbose shows them here)")
+    with ray_log_file(log):
+        summary = _run_demo(data, out, small)
+    if log is not None:
+        summary["ray_log"] = str(log)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _run_demo(data: Path | None, out: Path, small: bool) -> dict:
     summary: dict = {"small": small, "data_arg": str(data) if data else None}
     with stage("1/5 data"):
         folder = data_stage(data, out, small)
