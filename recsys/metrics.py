@@ -4,7 +4,8 @@
 - `grouped_auc`: mean of per-group AUCs weighted by the group's rows, over groups with both labels.
   Grouped by user it is GAUC; by target category, the original DARE code's reported AUC.
 - `logloss`: of the main head's probabilities only.
-- `search_recall`: the search stage's recall of the true driver events on synthetic data.
+- `search_recall`: the search stage's recall of the true driver events on synthetic data (all of them);
+  `evidence_recall`: the same counted within the searched window and k slots, plus the hit rate.
 """
 
 from __future__ import annotations
@@ -95,6 +96,42 @@ def search_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndarra
     hits = np.bincount(ev_rows, weights=np.isin(ev_rows * stride + ev, retrieved), minlength=len(pos))
     has = n_ev > 0
     return float(np.mean(hits[has] / n_ev[has]))
+
+
+def evidence_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndarray], max_len: int) -> dict[str, float]:
+    """The search stage against the generator's evidence, counting only what the search could have found.
+
+    indices [R, k]: retrieved history columns (-1 = empty); column j of the row whose target sits at
+    sequence position `pos` is the event at position pos - 1 - j. evidence[r]: positions of the events that
+    make the rule fire (synthetic data). Only evidence within the searched window (the last `max_len`
+    events before pos) is *reachable*. Over rows with reachable evidence E_r:
+      recall = mean |retrieved & E_r| / min(k, |E_r|)   (1 when the k slots hold as much evidence as fits)
+      hit    = share of rows with at least one evidence event retrieved (one is all the rule needs)
+    reach = share of rows with evidence whose evidence is reachable at all (the others lie further back
+    than max_len: no search over this window can find them). NaN where no row counts.
+    """
+    indices, pos = np.asarray(indices), np.asarray(pos, dtype=np.int64)
+    if indices.ndim != 2 or len(indices) != len(pos) or len(evidence) != len(pos):
+        raise ValueError(f"indices {indices.shape}, pos {pos.shape} and evidence ({len(evidence)}) must have one row each")
+    k = indices.shape[1]
+    n_ev = np.array([len(e) for e in evidence], dtype=np.int64)
+    ev_rows = np.repeat(np.arange(len(pos)), n_ev)
+    ev = np.concatenate([np.asarray(e, dtype=np.int64) for e in evidence]) if n_ev.sum() else np.zeros(0, np.int64)
+    ok = ev >= pos[ev_rows] - max_len
+    ev_rows, ev = ev_rows[ok], ev[ok]
+    n_reach = np.bincount(ev_rows, minlength=len(pos))
+    stride = int(pos.max(initial=0)) + 2
+    rows = np.repeat(np.arange(len(pos)), k)
+    keep = indices.reshape(-1) >= 0
+    retrieved = rows[keep] * stride + (np.repeat(pos, k) - 1 - indices.reshape(-1))[keep]
+    hits = np.bincount(ev_rows, weights=np.isin(ev_rows * stride + ev, retrieved), minlength=len(pos))
+    has, any_ev = n_reach > 0, n_ev > 0
+    nan = float("nan")
+    return {
+        "recall": float(np.mean(hits[has] / np.minimum(k, n_reach[has]))) if has.any() else nan,
+        "hit": float(np.mean(hits[has] > 0)) if has.any() else nan,
+        "reach": float(np.mean(has[any_ev])) if any_ev.any() else nan,
+    }
 
 
 def ctr_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, cates: np.ndarray) -> dict[str, float]:

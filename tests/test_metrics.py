@@ -80,3 +80,24 @@ def test_search_recall_maps_columns_to_positions():
     idx = np.array([[0, 3], [1, -1], [0, 1]])
     r = search_recall(idx, np.array([10, 5, 7]), [np.array([9, 2]), np.array([3]), np.array([], dtype=np.int64)])
     assert r == pytest.approx(0.75)
+
+
+def test_evidence_recall_counts_what_the_window_and_k_allow():
+    from recsys.metrics import evidence_recall
+
+    # window max_len = 5, k = 2
+    # row 0: target at pos 10, window = positions 5..9; kept columns 0, 3 -> positions 9, 6.
+    #        evidence {2, 6, 8, 9}: 2 is out of reach; reachable {6, 8, 9}, 2 retrieved of min(k, 3) = 2 -> 1.0
+    # row 1: target at pos 5; kept column 1 -> position 3, one empty slot; evidence {0, 2}:
+    #        reachable both, none retrieved -> recall 0, no hit
+    # row 2: target at pos 20; evidence {3}: out of reach -> not counted in recall/hit, lowers reach
+    # row 3: no evidence (a negative): counted nowhere
+    # row 4: target at pos 7; kept column 0 -> position 6; evidence {6}: 1 of min(2, 1) -> 1.0
+    idx = np.array([[0, 3], [1, -1], [0, 1], [0, 1], [0, 4]])
+    pos = np.array([10, 5, 20, 9, 7])
+    ev = [np.array([2, 6, 8, 9]), np.array([0, 2]), np.array([3]), np.array([], dtype=np.int64), np.array([6])]
+    r = evidence_recall(idx, pos, ev, max_len=5)
+    assert r["recall"] == pytest.approx((1.0 + 0.0 + 1.0) / 3)
+    assert r["hit"] == pytest.approx(2 / 3)
+    assert r["reach"] == pytest.approx(3 / 4)
+    assert np.isnan(evidence_recall(idx[3:4], pos[3:4], ev[3:4], 5)["recall"])

@@ -128,3 +128,37 @@ def test_config_from_yaml_names_bad_keys(tmp_path):
         load_yaml(p, SyntheticConfig)
     with pytest.raises(ConfigError, match="p_interest"):
         load_yaml(p, SyntheticConfig, overrides={"n_users": 1, "p_interest": 0.8, "p_drift": 0.5})
+
+
+NOISY = SMALL.model_copy(update={"label_noise": 0.2, "n_users": 30})
+
+
+def test_bayes_ceiling_equals_brute_force(small, tmp_path):
+    """p_label is P(label = 1 | full history, target): recomputed per row from the written events by brute
+    force (scan the whole history for the target's family: 1 - noise if found, noise if not); the labels are
+    the rule's flipped at the noise rate; noise changes labels only (events, items, evidence as without it);
+    meta's ceiling AUC is the AUC of that brute-force score."""
+    from recsys.metrics import auc
+
+    meta = generate(NOISY, tmp_path / "noisy")
+    clean = generate(NOISY.model_copy(update={"label_noise": 0.0}), tmp_path / "clean")
+    ds, ds0 = load_dataset(tmp_path / "noisy"), load_dataset(tmp_path / "clean")
+    eps, fires_all, flipped = NOISY.label_noise, [], []
+    for split in ("train", "val", "test"):
+        s, s0 = ds.splits[split], ds0.splits[split]
+        np.testing.assert_array_equal(s.item, s0.item)
+        brute = np.empty(len(s))
+        for r in range(len(s)):
+            hist = ds.store.user_events(int(s.user[r]))[0][: s.pos[r]]
+            seen = any((h - 1) // NOISY.family_size == (s.item[r] - 1) // NOISY.family_size for h in hist.tolist())
+            brute[r] = 1 - eps if seen else eps
+            fires_all.append(seen)
+            flipped.append(bool(s.label[r]) != seen)
+            np.testing.assert_array_equal(s.evidence[r], s0.evidence[r])
+        np.testing.assert_allclose(s.p_label, brute, rtol=0, atol=1e-6)
+        assert meta["ceiling_auc"][split] == pytest.approx(auc(s.label, brute))
+        assert s0.p_label.tolist() == [float(f) for f in s0.label]  # no noise: deterministic, ceiling 1
+        assert clean["ceiling_auc"][split] == 1.0
+    flipped = np.array(flipped)
+    assert abs(flipped.mean() - eps) < 4 * np.sqrt(eps * (1 - eps) / len(flipped))
+    assert 0.75 < meta["ceiling_auc"]["test"] < 0.95

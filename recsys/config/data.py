@@ -41,8 +41,9 @@ class SyntheticConfig(StrictModel):
     """Seeded synthetic lifelong dataset (recsys.data.synthetic; `recsys generate --config`, whose `--users`,
     `--events-mean` and `--seed` flags override the file).
 
-    Items come in families of `family_size` (same category); a target is positive iff an item of its family
-    occurs in the user's history before the target. For a `far_fraction` of positives the family's most
+    Items come in families of `family_size` (same category); the hidden rule fires for a target iff an item of
+    its family occurs in the user's history before the target; the label is the rule's, flipped with
+    probability `label_noise`. For a `far_fraction` of positives the family's most
     recent occurrence lies more than `window` events back, so only a lifelong search finds it.
     Also checked: p_interest + p_drift <= 1 and n_items >= family_size * n_cates."""
 
@@ -63,6 +64,10 @@ class SyntheticConfig(StrictModel):
                                 "than `window` events back")
     window: int = Field(200, ge=1, description="the 'recent history' horizon that far positives escape")
     max_evidence: int = Field(32, ge=1, description="most recent evidence positions kept per row (the `evidence` column)")
+    label_noise: float = Field(0.0, ge=0, lt=0.5, description="each row's label is the hidden rule's, flipped with "
+                               "this probability; the Bayes-optimal score (the `p_label` column) is then 1 - noise where "
+                               "the rule fires and noise where it does not, so the ceiling AUC is below 1 (0: "
+                               "deterministic labels, ceiling 1)")
     split: SplitConfig = Field(SplitConfig(), description="per-user split (`split.negatives`: negatives per positive)")
     # Chunks draw from their own seeded streams, so the data depends on it as on the seed.
     chunk_events: int = Field(1_000_000, ge=1000, description="events generated and written per chunk (bounds "

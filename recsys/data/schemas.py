@@ -52,7 +52,10 @@ SPLIT_SCHEMA = pa.schema([
     pa.field("label", pa.int8()),
 ])
 
-# Synthetic data only: positions (ascending) of the history events that truly drove the label.
-SYNTHETIC_SPLIT_SCHEMA = SPLIT_SCHEMA.append(pa.field("evidence", pa.list_(pa.int32())))
+# Synthetic data only: positions (ascending) of the history events that make the hidden rule fire, and
+# p_label, the probability of label 1 given the user's full history before pos and the target (the Bayes-
+# optimal score: no model can rank the rows better, so its AUC is the ceiling every model sits under).
+SYNTHETIC_SPLIT_SCHEMA = SPLIT_SCHEMA.append(pa.field("evidence", pa.list_(pa.int32()))).append(
+    pa.field("p_label", pa.float32()))
 
 SPLITS = ("train", "val", "test")

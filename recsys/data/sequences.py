@@ -72,6 +72,7 @@ class Samples:
     cate: np.ndarray   # [R] int64
     label: np.ndarray  # [R] float32
     evidence: list[np.ndarray] | None = None  # synthetic data only: positions that drove the label
+    p_label: np.ndarray | None = None          # synthetic data only: [R] P(label = 1 | full history, target)
 
     def __len__(self) -> int:
         return len(self.user)
@@ -133,7 +134,7 @@ def load_store(path: Path) -> SequenceStore:
 
 
 def load_samples(path: Path, store: SequenceStore) -> Samples:
-    t = _read(path, SAMPLE_COLUMNS, optional=("evidence",))
+    t = _read(path, SAMPLE_COLUMNS, optional=("evidence", "p_label"))
     user = t.column("user").to_numpy().astype(np.int64)
     pos = t.column("pos").to_numpy().astype(np.int64)
     label = t.column("label").to_numpy()
@@ -147,7 +148,9 @@ def load_samples(path: Path, store: SequenceStore) -> Samples:
         col = t.column("evidence").combine_chunks()
         flat = col.values.to_numpy().astype(np.int64)
         evidence = np.split(flat, col.offsets.to_numpy()[1:-1])
-    return Samples(user, pos, item, t.column("cate").to_numpy().astype(np.int64), label.astype(np.float32), evidence)
+    p_label = t.column("p_label").to_numpy().astype(np.float64) if "p_label" in t.column_names else None
+    return Samples(user, pos, item, t.column("cate").to_numpy().astype(np.int64), label.astype(np.float32), evidence,
+                   p_label)
 
 
 def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:

@@ -12,7 +12,13 @@ family's most recent occurrence lies more than `window` events back (so only a l
 negatives are items whose family never occurred before `pos`: of the same category where possible (hard
 negatives), else by popularity, else uniform over families (long histories cover the popular ones).
 `evidence` lists the positions (ascending, the `max_evidence` most recent) of the history events of the
-target's family: exactly the events that make the label 1, empty for negatives.
+target's family: exactly the events that make the rule fire, empty for negatives.
+
+Label noise (`label_noise` = e): each row's label is the rule's, flipped with probability e, drawn from its
+own seeded stream (so e changes labels only, never events, items or evidence). `p_label` is then the exact
+probability of label 1 given the full history and the target: 1 - e where the rule fires, e where it does
+not; no model can rank rows better, so the AUC of `p_label` on the labels is the ceiling. Without noise the
+rule is deterministic and the ceiling is 1.
 
 Generation is vectorised per chunk of whole users (~`chunk_events` events) and streamed to Parquet, so
 memory is bounded by the chunk, not the dataset; a single user may have 100,000+ events.
@@ -212,12 +218,21 @@ def build_targets(world: World, cfg: SyntheticConfig, fam: np.ndarray, offsets: 
     return pos_item, negs, far, ev_off, ev_pos
 
 
-def _split_table(user, pos, pos_item, negs, item_cate, ev_off, ev_pos) -> pa.Table:
+def rule_probability(fires: np.ndarray, noise: float) -> np.ndarray:
+    """P(label = 1 | full history, target) from whether the hidden rule fires (the Bayes-optimal score)."""
+    return np.where(fires, 1.0 - noise, noise)
+
+
+def _split_table(user, pos, pos_item, negs, item_cate, ev_off, ev_pos, noise: float, rng: np.random.Generator) -> pa.Table:
     """Rows per target: the positive (with its evidence) then its negatives (empty evidence)."""
     T, k = len(user), negs.shape[1] + 1
     items = np.concatenate([pos_item[:, None], negs], axis=1).ravel()
-    labels = np.zeros((T, k), dtype=np.int8)
-    labels[:, 0] = 1
+    fires = np.zeros((T, k), dtype=bool)
+    fires[:, 0] = True
+    p_label = rule_probability(fires, noise)
+    labels = fires.astype(np.int8)
+    if noise > 0:
+        labels ^= (rng.random((T, k)) < noise).astype(np.int8)
     row_counts = np.zeros((T, k), dtype=np.int64)
     row_counts[:, 0] = np.diff(ev_off)
     offsets = np.concatenate([[0], np.cumsum(row_counts.ravel())]).astype(np.int32)
@@ -225,8 +240,17 @@ def _split_table(user, pos, pos_item, negs, item_cate, ev_off, ev_pos) -> pa.Tab
     return pa.Table.from_arrays([
         pa.array(np.repeat(user, k).astype(np.int32)), pa.array(np.repeat(pos, k).astype(np.int32)),
         pa.array(items.astype(np.int32)), pa.array(item_cate[items].astype(np.int32)),
-        pa.array(labels.ravel()), evidence,
+        pa.array(labels.ravel()), evidence, pa.array(p_label.ravel().astype(np.float32)),
     ], schema=SYNTHETIC_SPLIT_SCHEMA)
+
+
+def _auc_or_none(p: list[np.ndarray], y: list[np.ndarray]) -> float | None:
+    from recsys.metrics import auc
+
+    if not p:
+        return None
+    y_all = np.concatenate(y)
+    return float(auc(y_all, np.concatenate(p))) if 0 < y_all.sum() < len(y_all) else None
 
 
 def _chunks(lengths: np.ndarray, chunk_events: int) -> Iterator[tuple[int, int]]:
@@ -257,6 +281,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
     writers |= {s: pq.ParquetWriter(tmp[s], SYNTHETIC_SPLIT_SCHEMA) for s in SPLITS}
     rows = dict.fromkeys(SPLITS, 0)
     far_rows, positives, evidence_total, done = 0, 0, 0, 0
+    ceiling = {name: ([], []) for name in SPLITS}  # (p_label, label) per split, for the ceiling AUC
     try:
         for a, b in _chunks(lengths, cfg.chunk_events):
             rng = np.random.default_rng([cfg.seed, 2, a])
@@ -279,10 +304,14 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
                 counts = e_hi - e_lo
                 sub_off = np.concatenate([[0], np.cumsum(counts)])
                 sub_pos = ev_pos[np.repeat(e_lo - sub_off[:-1], counts) + np.arange(sub_off[-1])]
+                # own stream: label noise never changes what the other draws produce
+                noise_rng = np.random.default_rng([cfg.seed, 3, a, s])
                 t = _split_table(t_user[sel] + a, t_pos[sel], pos_item[sel], negs[sel], world.item_cate,
-                                 sub_off, sub_pos)
+                                 sub_off, sub_pos, cfg.label_noise, noise_rng)
                 writers[name].write_table(t)
                 rows[name] += t.num_rows
+                ceiling[name][0].append(t.column("p_label").to_numpy())
+                ceiling[name][1].append(t.column("label").to_numpy())
             far_rows += int(far.sum())
             positives += len(targets)
             evidence_total += int(ev_off[-1])
@@ -309,6 +338,8 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
         "positives": positives,
         "far_positive_share": far_rows / max(positives, 1),
         "evidence_mean": evidence_total / max(positives, 1),
+        "label_noise": cfg.label_noise,
+        "ceiling_auc": {name: _auc_or_none(*ceiling[name]) for name in SPLITS},
     }
     (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(out / "meta.json.tmp", out / "meta.json")

@@ -83,13 +83,20 @@ def score(model: nn.Module, dataset: Dataset, split: str, max_len: int | None = 
 
 
 def split_metrics(model: nn.Module, dataset: Dataset, split: str, max_len: int, batch_size: int = 4096) -> dict[str, float]:
-    from recsys.metrics import search_recall
+    """ctr_metrics; on synthetic data also the search's recall@k / hit@k of the evidence within the searched
+    window and the share of evidence rows whose evidence lies in it (metrics.evidence_recall), and the
+    Bayes ceiling: the AUC of the generator's P(label | full history) on the same rows."""
+    from recsys.metrics import auc, evidence_recall
 
     pred = predict(model, dataset, split, max_len, batch_size)
     s = dataset.splits[split]
     m = ctr_metrics(s.label, pred.probs, s.user, s.cate)
     if s.evidence is not None and pred.indices is not None:
-        m[f"recall@{pred.indices.shape[1]}"] = search_recall(pred.indices, s.pos, s.evidence)
+        k = pred.indices.shape[1]
+        r = evidence_recall(pred.indices, s.pos, s.evidence, max_len)
+        m |= {f"recall@{k}": r["recall"], f"hit@{k}": r["hit"], "evidence_in_window": r["reach"]}
+    if s.p_label is not None:
+        m["ceiling_auc"] = auc(s.label, s.p_label)
     return m
 
 
