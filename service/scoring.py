@@ -69,8 +69,9 @@ class Scorer:
         model = self.model  # one model for the whole batch, even if a reload swaps it meanwhile
         out: list[ScoreResult | Exception | None] = [None] * len(jobs)
         indexer = model.block_indexer(self.store.cfg.index_block) if hasattr(model.model, "kept_heads") else None
+        head_bytes: dict[int, int] = {}  # jobs that read the index first and then fell back
         if indexer is not None:
-            self._run_indexed(model, indexer, jobs, out)
+            head_bytes = self._run_indexed(model, indexer, jobs, out)
         rest = [i for i, r in enumerate(out) if r is None]
         users = list(dict.fromkeys(jobs[i].user_id for i in rest))
         views = dict(zip(users, self.store.read_users(users, model.version))) if users else {}
@@ -78,20 +79,23 @@ class Scorer:
             for i in rest:
                 try:
                     out[i] = self._score_one(model, views[jobs[i].user_id], jobs[i])
+                    out[i].bytes_read += head_bytes.get(i, 0)
                 except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
                     out[i] = e
         self.metrics.score_seconds.observe(time.perf_counter() - t0)
         self.metrics.score_batch_requests.observe(len(jobs))
         return out
 
-    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob], out: list) -> None:
-        """The indexed path for the jobs it can serve (the others stay None in `out`)."""
+    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob], out: list) -> dict[int, int]:
+        """The indexed path for the jobs it can serve (the others stay None in `out`). -> bytes read by the
+        jobs that fall back to the whole-sequence path, by job."""
         from service.block_index import begin_search
 
         users = list(dict.fromkeys(j.user_id for j in jobs))
         heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
                                                             model.has_memory)))
         searches = {}
+        fallback: dict[int, int] = {}
         with torch.inference_mode():
             for i, job in enumerate(jobs):
                 h = heads[job.user_id]
@@ -107,14 +111,18 @@ class Scorer:
                 # reads and per-block scoring cost more than one whole read and the fused search.
                 if sum(hi - lo for lo, hi in search.ranges) <= MAX_INDEXED_FRACTION * search.window:
                     searches[i] = search
+                else:
+                    fallback[i] = h.bytes_read
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
             for (i, s), recs in zip(searches.items(), reads):
                 if recs is None:  # the sequence moved between the reads: the whole-sequence path
+                    fallback[i] = s.head.bytes_read
                     continue
                 try:
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
                 except Exception as e:  # noqa: BLE001
                     out[i] = e
+        return fallback
 
     def _finish_indexed(self, model: ServingModel, indexer, s, recs, explain: bool) -> ScoreResult:
         from service.block_index import finish_search

@@ -274,3 +274,22 @@ def test_bucketed_positions_train_and_serve_with_offline_parity():
     served = serving.model.score_candidates(hist_item, hist_cate, cand_item, cand_cate)
     assert torch.equal(served.indices, want.indices)
     torch.testing.assert_close(served.logit, want.logit, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sequence_that_moves_between_the_two_reads_is_not_read_as_blocks(store_cfg):
+    serving = _serving(max_len=100)
+    updater = ModelStateUpdater(serving)
+    ix = serving.block_indexer(8)
+    rng = random.Random(3)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        store.apply(updater, _events(1, 50, rng))
+        head = store.read_index_heads([1], serving.version, ix.fmt, 8, False)[0]
+        assert head.ix0 is not None and head.n == 50 and len(head.newest) == 8
+        ranges = [(0, 16), (24, 42)]
+        got = store.read_ranges([(1, head, ranges)])[0]
+        whole = store.read_users([1], serving.version)[0].sequence
+        np.testing.assert_array_equal(np.concatenate(got), np.concatenate([whole[0:16], whole[24:42]]))
+        np.testing.assert_array_equal(head.newest, whole[-8:])
+        store.apply(updater, _events(1, 3, rng, t0=50))            # a write between the two reads
+        assert store.read_ranges([(1, head, ranges)]) == [None]
