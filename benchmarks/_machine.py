@@ -92,9 +92,9 @@ def fma_peak(threads: int) -> float | None:
     """fp32 FLOP/s of independent FMA chains at the widest vectors on `threads` threads
     (benchmarks/_fma_peak.c, compiled here with -march=native), or None without a C compiler."""
     sys.path.insert(0, str(REPO))
-    from kernels.topk_attention import cpu as fused
+    from kernels import cbuild
 
-    cc = fused.c_compiler()
+    cc = cbuild.c_compiler()
     if not cc:
         return None
     src = Path(__file__).with_name("_fma_peak.c")

@@ -16,7 +16,6 @@ benchmarks/topk_search.py measures them; docs/kernels.md has the figures and nam
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 

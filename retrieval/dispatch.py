@@ -30,7 +30,7 @@ Candidates, each exact against `kernels/topk_attention/reference.py`:
 - `chunked` (training layout): `retrieval.cpu.topk_chunked`, one history per query, pruned per chunk; won
   at d = 64.
 
-The choices are cached in a JSON file beside the kernel build (`kernels.topk_attention.cpu.cache_dir()`),
+The choices are cached in a JSON file beside the kernel build (`kernels.cbuild.cache_dir()`),
 named by a hash of the CPU (model and flags), the kernel build and the torch version, so later processes on
 the same machine read them instead of measuring again; it is rewritten atomically (temp file + rename, under
 a file lock, merging what other processes added). Threads: one lock serialises tuning (a tune timed while
@@ -58,6 +58,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from kernels import cbuild
 from kernels.topk_attention import cpu as fused
 from retrieval.cpu import topk_blocked, topk_chunked
 from retrieval.serving import topk_shared
@@ -212,9 +213,9 @@ class _Cache:
         self.loaded_from: Path | None = None
 
     def path(self) -> Path:
-        key = f"{fused._cpu_signature()}\n{fused.build_tag()}\n{torch.__version__}"
+        key = f"{cbuild.cpu_signature()}\n{fused.build_tag()}\n{torch.__version__}"
         tag = hashlib.sha256(key.encode()).hexdigest()[:16]
-        return fused.cache_dir() / f"topk_dispatch_{tag}.json"
+        return cbuild.cache_dir() / f"topk_dispatch_{tag}.json"
 
     def _read(self, path: Path) -> dict:
         try:

@@ -6,9 +6,8 @@ sums the d products in its own fixed order, identical in both layouts; inputs wh
 bit-equal scores). Rows with a NaN/inf input, or whose scores could overflow fp32, are recomputed by the
 reference (the kernel flags them instead of testing every score).
 
-The C source is compiled with the system C compiler (`cc`, or $CC) for this CPU (-march=native) into
-a cache folder ($RECSYS_KERNEL_CACHE, else ~/.cache/recsys/kernels), named by a hash of the source,
-flags, compiler and CPU, written atomically, so concurrent processes and workers share one build.
+The C source is built once per machine by `kernels.cbuild` (the system C compiler, -march=native, a
+cache folder shared by concurrent processes and workers).
 `available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
@@ -17,69 +16,27 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
+from kernels import cbuild
 from kernels.topk_attention.reference import segment_scale, topk_reference
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
-FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
-LIBS = ["-lm"]
 MAX_K = 4096  # the kept lists live in the workspace, so any k works; this bounds a mistaken argument
 
 
-def _cpu_signature() -> str:
-    """-march=native builds for this CPU: a cached build from another CPU model must not be reused."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        return "\n".join(sorted({ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))}))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RECSYS_KERNEL_CACHE") or Path.home() / ".cache" / "recsys" / "kernels")
-
-
-def c_compiler() -> str | None:
-    """$CC, else cc or gcc on PATH, else None."""
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
 def build(extra_flags: Sequence[str] = ()) -> Path:
-    """Compile cpu.c for this machine (or find the cached build) -> the shared library's path.
-    `extra_flags` narrow the target for tests (`-mno-avx512f` builds the 8-lane variant that CPUs
+    """Compile cpu.c for this machine (or find the cached build, `kernels.cbuild`) -> the shared library's
+    path. `extra_flags` narrow the target for tests (`-mno-avx512f` builds the 8-lane variant that CPUs
     without AVX-512 run)."""
-    flags = [*FLAGS, *extra_flags]
-    cc = c_compiler()
-    if not cc:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH; set CC")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    tag = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(flags + LIBS).encode() + version.encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / f"topk_{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        so = Path(tmp) / out.name
-        res = subprocess.run([cc, *flags, "-o", str(so), str(SOURCE), *LIBS], capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE} failed:\n{res.stderr[-2000:]}")
-        os.replace(so, out)  # atomic: a concurrent builder's identical file is replaced whole
-    return out
+    return cbuild.build(SOURCE, "topk", extra_flags)
 
 
 _loaded: dict[tuple[str, ...], Path] = {}
@@ -116,7 +73,7 @@ def build_tag() -> str:
 
 
 def cpu_model() -> str:
-    for line in _cpu_signature().splitlines():
+    for line in cbuild.cpu_signature().splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
