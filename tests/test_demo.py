@@ -28,8 +28,9 @@ def test_demo_small_end_to_end(tmp_path):
     assert "dare steps" in terminal  # the progress bar that replaces the workers' lines
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["models"]) == {"dare", "twin", "din"}
-    table = (out / "comparison.md").read_text().splitlines()
+    table = [row for row in (out / "comparison.md").read_text().splitlines() if row.startswith("|")]
     assert [row.split("|")[1].strip() for row in table[2:]] == ["DARE", "TWIN", "DIN"]
+    assert "test recall@8" in table[0] and "test hit@8" in table[0]
     for name, res in summary["models"].items():
         assert 0.5 < res["test"]["auc"] <= 1.0, (name, res["test"])
     bundle = load_bundle(summary["bundle"])
@@ -39,6 +40,12 @@ def test_demo_small_end_to_end(tmp_path):
     assert service["parity_max_abs_diff"] <= 1e-5
     assert service["latency_percentiles_ms"]["p50"] > 0
     html = (out / "report.html").read_text()
+    # the report states the search's recall of the evidence and the Bayes ceiling next to the AUCs
+    ceiling = summary["models"]["dare"]["test"]["ceiling_auc"]
+    assert 0.5 < ceiling < 1.0 and f"Bayes ceiling (test AUC of the generator's P(label | full history)): {ceiling:.4f}" in html
+    assert "<th>test recall@8</th>" in html and "<th>gap to ceiling</th>" in html
+    assert any("evidence" in e for e in service["explanation"]["events"])
+    assert {"recall.png", "attention.png"} <= set(re.findall(r'<img alt="([^"]+)"', html))
     embedded = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
     assert {"learning_curves.png", "latency.png"} <= set(embedded)
     for name in embedded:

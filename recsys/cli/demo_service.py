@@ -126,9 +126,18 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
                    "qps": round(1e3 / statistics.mean(lat), 1), "latency_candidates": 100}
         console.print(f"POST /v1/score, C = 100, one client: {json.dumps(result['latency_percentiles_ms'])} ms")
 
-        # Explanation for a sample user: what the search retrieved for the positive candidate.
-        u = users[0]
-        i = int(rows_all[0][test.label[rows_all[0]].argmax()])
+        # Explanation for a sample user: what the search retrieved for the positive candidate. On synthetic
+        # data, a user whose positive has evidence inside the searched window, so the plot can show it.
+        u, i = users[0], int(rows_all[0][test.label[rows_all[0]].argmax()])
+        if test.evidence is not None:
+            from recsys.bundle import load_bundle
+
+            L = load_bundle(bundle).config.model.max_len
+            for uu, rows in zip(users, rows_all):
+                reach = [r for r in rows if len(test.evidence[r]) and test.evidence[r][-1] >= test.pos[r] - L]
+                if reach:
+                    u, i = uu, int(reach[0])
+                    break
         body = {"user_id": u, "candidates": [{"item_id": int(test.item[i]), "category_id": int(test.cate[i])}],
                 "explain": True}
         ex = client.post("/v1/score", json=body).json()
@@ -150,4 +159,8 @@ def _with_weights(bundle: Path, ds, row: int, events: list[dict]) -> list[dict]:
     batch = assemble(ds.store, ds.splits["test"], np.array([row]), b.config.model.max_len)
     with torch.no_grad():
         w = b.model.attention_weights(batch)[0].tolist()  # [k], in retrieval order
-    return [e | {"weight": float(w[j])} for j, e in enumerate(events) if j < len(w)]
+    s = ds.splits["test"]
+    ev = set(s.evidence[row].tolist()) if s.evidence is not None else set()
+    # position 1 = the most recent event before the target: sequence position pos - position
+    return [e | {"weight": float(w[j]), "evidence": int(s.pos[row]) - int(e["position"]) in ev}
+            for j, e in enumerate(events) if j < len(w)]

@@ -88,9 +88,16 @@ def attention_plot(run: Path, service: dict) -> str | None:
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     labels = [f"#{e['position']} item {e['item_id']}" for e in ev]
     weights = [e.get("weight", 0.0) for e in ev]
-    ax.barh(range(len(ev)), weights, color="#c44e52")
+    marked = any("evidence" in e for e in ev)
+    colors = ["#c44e52" if e.get("evidence") else "#8c8c8c" for e in ev] if marked else "#c44e52"
+    ax.barh(range(len(ev)), weights, color=colors)
     ax.set_yticks(range(len(ev)), labels, fontsize=7)
     ax.invert_yaxis()
+    if marked:  # synthetic data: the generator knows which events make the label
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color="#c44e52", label="evidence (generator)"), Patch(color="#8c8c8c", label="other")],
+                  fontsize=7, loc="lower right")
     ax.set(xlabel="attention weight", title=f"User {ex['user_id']}, candidate item {ex['candidate_item']}: retrieved events")
     return _save(fig, run / "attention.png")
 
@@ -118,14 +125,26 @@ def write_report(run_dir: str | Path) -> Path:
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>",
              f"<h1>Run report: {html.escape(str(run))}</h1>"]
     if models:
+        nan = float("nan")
+        # synthetic data: the search's recall / hit of the evidence and the Bayes ceiling (metrics.py)
+        search = sorted({k for r in models.values() for k in (r.get("test") or {}) if k.startswith(("recall@", "hit@"))})
+        ceiling = next((r["test"]["ceiling_auc"] for r in models.values() if "ceiling_auc" in (r.get("test") or {})), None)
         parts.append("<h2>Model comparison</h2><table><tr><th>model</th><th>val AUC</th><th>test AUC</th>"
-                      "<th>test GAUC</th><th>test logloss</th><th>train samples/s</th></tr>")
+                     + ("<th>gap to ceiling</th>" if ceiling is not None else "")
+                     + "<th>test GAUC</th><th>test logloss</th>" + "".join(f"<th>test {html.escape(k)}</th>" for k in search)
+                     + "<th>train samples/s</th></tr>")
         for name, r in models.items():
-            v, t = r.get("best_val", {}), r.get("test", {})
-            parts.append(f"<tr><td>{html.escape(name.upper())}</td><td>{v.get('auc', float('nan')):.4f}</td>"
-                         f"<td>{t.get('auc', float('nan')):.4f}</td><td>{t.get('gauc', float('nan')):.4f}</td>"
-                         f"<td>{t.get('logloss', float('nan')):.4f}</td><td>{r.get('samples_per_s', 0):,.0f}</td></tr>")
+            v, t = r.get("best_val", {}), r.get("test") or {}
+            gap = f"<td>{ceiling - t.get('auc', nan):.4f}</td>" if ceiling is not None else ""
+            cells = "".join(f"<td>{t[k]:.3f}</td>" if k in t else "<td>-</td>" for k in search)
+            parts.append(f"<tr><td>{html.escape(name.upper())}</td><td>{v.get('auc', nan):.4f}</td>"
+                         f"<td>{t.get('auc', nan):.4f}</td>{gap}<td>{t.get('gauc', nan):.4f}</td>"
+                         f"<td>{t.get('logloss', nan):.4f}</td>{cells}<td>{r.get('samples_per_s', 0):,.0f}</td></tr>")
         parts.append("</table>")
+        if ceiling is not None:
+            parts.append(f"<p>Bayes ceiling (test AUC of the generator's P(label | full history)): {ceiling:.4f}. "
+                         "recall@k: evidence events retrieved / min(k, evidence events within the searched window); "
+                         "hit@k: share of targets with at least one evidence event retrieved.</p>")
     if service:
         keys = ("latency_percentiles_ms", "qps", "events_streamed", "events_applied", "parity_max_abs_diff")
         facts = {k: service[k] for k in keys if k in service}
