@@ -2,18 +2,19 @@
 that can hold a top-k event (retrieval.block_search has the bound and the search).
 
 Layout (service.keys): `{u:<id>}:ix:<ver>` is a string of fixed-size entries, entry i = block ix0 + i,
-each the float32 min then max of the semantic attention keys (item, category rows of the version's attention
-tables) of the block's events; the meta hash holds `ix0:<ver>` (first block kept), `ixrev:<ver>` (the rev the
+each float32: the min, the max and a centroid of the semantic attention keys (item, category rows of the
+version's attention tables) of the block's events, and the radius of a ball around the centroid holding
+them (retrieval.block_search.summaries); the meta hash holds `ix0:<ver>` (first block kept), `ixrev:<ver>` (the rev the
 index is current at: like `srev:` for the state, any apply by another version leaves it stale) and
-`ixfmt:<ver>` ("<block> <dim>": an index of another block size or width is stale too).
+`ixfmt:<ver>` ("<block> <dim> boxball": an index of another block size, width or summary is stale too).
 Block b holds the events of abs index bB .. (b+1)B - 1, where the record at position i of seq ++ seqt has abs
 index `n - (M + T) + i` (meta `n` = records ever placed; M + T = records stored): appends keep every abs
 index, cutting the sequence back drops the oldest ones, so only an out-of-order merge (which the store
 handles by rebuilding the index from the merged sequence, as it does the state) moves events across blocks.
 
-The stream worker (through `StateStore.apply`) widens the open block's box and adds boxes for the new blocks
-of each in-order batch: one SETRANGE of a few hundred bytes. Size: 2 x 2 d_a x 4 bytes per block = 256 B
-per 256 events at d_a = 16, i.e. 4.8% of the 21-byte records.
+The stream worker (through `StateStore.apply`) widens the open block's summary and adds the new blocks'
+for each in-order batch: one SETRANGE of a few hundred bytes. Size: (3 x 2 d_a + 1) x 4 bytes per block =
+388 B per 256 events at d_a = 16, i.e. 7.2% of the 21-byte records.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (BlockPlan, PositionBound, RunningTopK, boxes, extend, needed, plan_blocks, scores,
+from retrieval.block_search import (BlockPlan, PositionBound, RunningTopK, extend, summaries, needed, plan_blocks, scores,
                                      search_blocks)
 from recsys.embeddings import TableSet
 
@@ -54,8 +55,8 @@ class BlockIndexer:
         self.segments = list(model.segments)
         if self.segments != [self.d_sem, self.d_att]:
             raise ValueError(f"block index: segments {self.segments} are not DARE's [semantic, position]")
-        self.entry_bytes = 2 * self.d_sem * 4
-        self.fmt = f"{block} {self.d_sem}"
+        self.entry_bytes = (3 * self.d_sem + 1) * 4
+        self.fmt = f"{block} {self.d_sem} boxball"
         self._pos: PositionBound | None = None
         cfg = getattr(model, "config", None)
         if getattr(cfg, "pos_exact", None) is not None:
@@ -77,19 +78,19 @@ class BlockIndexer:
             return torch.cat([self.item_w.index_select(0, item), self.cate_w.index_select(0, cate)], 1)
 
     def full(self, records: np.ndarray, first_abs: int) -> IndexUpdate:
-        b0, e = boxes(self.keys(records), first_abs, self.block)
+        b0, e = summaries(self.keys(records), first_abs, self.block)
         return IndexUpdate(2, b0, e.tobytes(), self.entry_bytes, self.fmt)
 
     def append(self, last: bytes | None, n: int, records: np.ndarray) -> IndexUpdate:
-        prev = None if last is None or n % self.block == 0 else self.decode(last)[0]
+        prev = None if last is None or n % self.block == 0 else self.decode(last)[-1]
         b0, e = extend(prev, n, self.keys(records), self.block)
         return IndexUpdate(1, b0, e.tobytes(), self.entry_bytes, self.fmt)
 
     def decode(self, data: bytes) -> np.ndarray:
-        """Index string -> entries [nb, 2, d_sem] float32."""
+        """Index string -> entries [nb, 3 d_sem + 1] float32 (min, max, centroid, radius)."""
         if len(data) % self.entry_bytes:
             raise ValueError(f"block index of {len(data)} bytes: not whole entries of {self.entry_bytes}")
-        return np.frombuffer(data, dtype="<f4").reshape(-1, 2, self.d_sem)
+        return np.frombuffer(data, dtype="<f4").reshape(-1, 3 * self.d_sem + 1)
 
     def position_bound(self) -> PositionBound:
         """Built once per model (the target's position row is the same for every candidate)."""
