@@ -16,12 +16,16 @@ which changes with every append: it is not stored but bounded at request time by
 maximum over the static position table; every target has position id 0, so q_pos, and the bound, are
 shared by all candidates).
 
-Exactness (the result equals `topk_reference` on the whole window: same indices, same scores, ties to the
-lower index): a block is skipped only when its bound plus a rounding margin is strictly below the
-candidate's k-th best *exact* score among events already scored. Every event in it then scores strictly
-below the final k-th score, so it can neither enter the top k nor tie with it. The margin covers the fp32
-rounding of the reference's dot product and of the bound itself (both ~d * 2^-24 relative to sum |q_j k_j|;
-the margin is 1e-4 of that sum, ~40x more).
+The search (`pruned_topk`; service.block_index runs the same steps around its two Redis reads): the seed
+(the newest block) is searched exactly, which gives each candidate a k-th score; every block whose bound
+reaches some candidate's k-th score is read; one exact top-k (`retrieval.topk`, the whole-sequence path's
+search) runs over the seed and those blocks, in column order, so its ties to the lower position are ties to
+the lower column. Exactness: a skipped block's bound plus a rounding margin is strictly below a k-th score
+of real events, so every event in it scores strictly below the final k-th score and can neither enter the
+top k nor tie with it. The margin (1e-4 of sum_j |q_j| max|k_j|) covers the fp32 rounding of the search's
+dot products and of the bound (~d * 2^-24 of that sum each, ~40x less). The result equals the whole-window
+search's indices; its scores equal it to fp32 rounding (a kernel may sum the d products in another order
+for another shape).
 
 Column j of the reference (0 = most recent) is the event of abs index n - 1 - j.
 """
@@ -29,12 +33,11 @@ Column j of the reference (0 = most recent) is the event of abs index n - 1 - j.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from kernels.topk_attention.reference import EMPTY_KEY, pack_keys, segment_scale, unpack_keys
 
 # Relative to sum_j |q_j| max|k_j|: fp32 dot products of <= 64 terms round by at most ~64 * 6e-8 = 4e-6.
 MARGIN = 1e-4
@@ -163,99 +166,73 @@ def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ix0: int, entries: np.ndarra
     return BlockPlan(n, start, ids, upper)
 
 
-class RunningTopK:
-    """Per candidate the k best (score desc, index asc) of the events scored so far, as packed keys."""
-
-    def __init__(self, C: int, k: int):
-        self.k = k
-        self.keys = torch.full((C, k), EMPTY_KEY, dtype=torch.int64)
-
-    def add(self, scores: torch.Tensor, cols: torch.Tensor) -> None:
-        """scores [C, m] fp32 of history columns cols [m] (reference numbering: 0 = most recent)."""
-        packed = pack_keys(scores, cols[None, :].expand_as(scores))
-        both = torch.cat([self.keys, packed], 1)
-        self.keys = torch.topk(both, self.k, dim=1).values
-
-    def kth(self) -> torch.Tensor:
-        """[C] float64: the k-th best score so far (-inf while fewer than k)."""
-        s, _ = unpack_keys(self.keys[:, -1])
-        return s.double()
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return unpack_keys(self.keys)
-
-
-def scores(q_scaled: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """The reference's score (`scaled_scores`: the fp32 query with the scale applied, dot the keys) accumulated
-    in float64 and rounded once to fp32. An fp32 matmul rounds differently per shape (a few ulp between
-    the reference's one [C, L] product and the blocks scored here), which reorders exact ties (equal keys);
-    products of fp32 numbers are exact in float64, so the rounded sum is the same for equal keys in any
-    block and within the reference's own rounding of the true score."""
-    return (q_scaled.double() @ keys.double().transpose(-1, -2)).float()
+def kth_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k scores [C, k'] (best first, -inf holes) -> [C] float64: the k-th best so far, -inf while
+    fewer than k events were scored (every block is then needed)."""
+    if scores.shape[1] < k:
+        return torch.full((scores.shape[0],), float("-inf"), dtype=torch.float64)
+    return scores[:, k - 1].double()
 
 
 def needed(plan: BlockPlan, kth: torch.Tensor, done: np.ndarray) -> np.ndarray:
-    """Blocks not yet scored whose bound reaches some candidate's current k-th score. -> bool [nb]."""
+    """Blocks not yet scored whose bound reaches some candidate's k-th score. -> bool [nb]."""
     return ((plan.upper >= kth[:, None]).any(0).numpy()) & ~done
 
 
-def search_blocks(q_scaled: torch.Tensor, plan: BlockPlan, running: RunningTopK, done: np.ndarray,
-                  keys_of: Callable[[Sequence[int]], tuple[torch.Tensor, torch.Tensor]], group: int = 16) -> int:
-    """Score the blocks still needed, highest bound over the current thresholds first, `group` blocks at a
-    time, re-checking the thresholds before each group. keys_of(block positions in the plan) -> (keys [m, D],
-    columns [m]). -> blocks scored."""
-    scored = 0
-    while True:
-        need = needed(plan, running.kth(), done)
-        if not need.any():
-            return scored
-        slack = (plan.upper - running.kth()[:, None]).amax(0).numpy()
-        order = np.flatnonzero(need)
-        order = order[np.argsort(-slack[order], kind="stable")][:group]
-        keys, cols = keys_of(order)
-        if len(cols):
-            running.add(scores(q_scaled, keys), cols)
-        done[order] = True
-        scored += len(order)
+def block_ranges(plan: BlockPlan, need: np.ndarray, block: int, below: int) -> list[tuple[int, int]]:
+    """The needed blocks as abs index ranges [lo, hi), clipped to the window and to abs indices < `below`
+    (the seed's oldest: already scored), adjacent blocks merged (one read each)."""
+    ranges: list[tuple[int, int]] = []
+    for b in plan.block_ids[need]:
+        lo, hi = max(int(b) * block, plan.start), min((int(b) + 1) * block, below)
+        if hi <= lo:
+            continue
+        if ranges and ranges[-1][1] == lo:
+            ranges[-1] = (ranges[-1][0], hi)
+        else:
+            ranges.append((lo, hi))
+    return ranges
 
 
-def window_cols(n: int, lo_abs: int, hi_abs: int) -> torch.Tensor:
-    """Reference columns of abs indices lo_abs.. hi_abs - 1 (in that order)."""
-    return torch.arange(n - 1 - lo_abs, n - 1 - hi_abs, -1)
+def window_cols(n: int, lo_abs: int, hi_abs: int) -> np.ndarray:
+    """Reference columns of abs indices lo_abs.. hi_abs - 1 (in that order: newest last)."""
+    return np.arange(n - 1 - lo_abs, n - 1 - hi_abs, -1, dtype=np.int64)
+
+
+def topk_over(query: torch.Tensor, keys: torch.Tensor, cols: np.ndarray, k: int, segments: Sequence[int],
+              search=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact top-k over a subset of the history: keys [m, D] of the events at reference columns cols [m]
+    (ascending: the subset in reference order, so the search's ties to the lower position are ties to the
+    lower column) -> (scores [C, k], columns [C, k], -1 holes). `search` is `retrieval.topk` (the serving
+    path's kernels) unless given: the same search the whole-sequence path runs, on fewer events."""
+    if search is None:
+        from retrieval import topk as search
+    s, i = search(query, keys, keys.shape[0], k, segments)
+    if not len(cols):
+        return s, i
+    c = torch.from_numpy(cols)[i.clamp(min=0)]
+    return s, c.masked_fill(i < 0, -1)
 
 
 def pruned_topk(query: torch.Tensor, keys: torch.Tensor, k: int, segments: Sequence[int], block: int,
-                pos: PositionBound, d_sem: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+                pos: PositionBound, d_sem: int, seed: int | None = None, search=None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """In memory (tests, offline evaluation): query [C, D] against keys [L, D] in reference order (row j =
     the (j+1)-th most recent event, its position row being P[j + 1]); the index is built here over abs
-    indices 0.. L-1. -> (scores [C, k], indices [C, k], blocks scored), equal to topk_reference."""
+    indices 0.. L-1; the steps are the service's (service.block_index). -> (scores [C, k], indices [C, k],
+    blocks read past the seed), equal to topk_reference."""
+    from kernels.topk_attention.reference import segment_scale
+
     L = keys.shape[0]
     q = query.float() * segment_scale(query.shape[1], segments)
     chrono = keys.flip(0)                                                     # abs index order
     ix0, entries = summaries(chrono[:, :d_sem], 0, block)
-    running = RunningTopK(query.shape[0], k)
-    seed = block if seed is None else seed
-    n_seed = min(seed, L)
-    if n_seed:
-        running.add(scores(q, keys[:n_seed]), torch.arange(n_seed))
+    n_seed = min(block if seed is None else seed, L)
+    seed_cols = np.arange(n_seed, dtype=np.int64)
+    s_seed, _ = topk_over(query, keys[:n_seed], seed_cols, k, segments, search)
     plan = plan_blocks(q, d_sem, ix0, entries, L, L, block, pos)
-    done = np.zeros(len(plan.block_ids), bool)
-    # blocks wholly inside the seed are done; a block partly in it is scored again only for its other events
-    seed_abs = L - n_seed
-    done |= plan.block_ids * block >= seed_abs
-
-    def keys_of(order):
-        ks, cs = [], []
-        for i in order:
-            b = int(plan.block_ids[i])
-            lo, hi = b * block, min((b + 1) * block, seed_abs)
-            if hi > lo:
-                ks.append(chrono[lo:hi])
-                cs.append(window_cols(L, lo, hi))
-        if not ks:
-            return keys.new_zeros(0, keys.shape[1]), torch.zeros(0, dtype=torch.int64)
-        return torch.cat(ks), torch.cat(cs)
-
-    n = search_blocks(q, plan, running, done, keys_of)
-    s, i = running.result()
-    return s, i, n
+    done = plan.block_ids * block >= L - n_seed
+    need = needed(plan, kth_scores(s_seed, k), done)
+    ranges = block_ranges(plan, need, block, L - n_seed)
+    cols = np.concatenate([seed_cols] + [window_cols(L, lo, hi)[::-1] for lo, hi in reversed(ranges)])
+    s, i = topk_over(query, keys[torch.from_numpy(cols)], cols, k, segments, search)
+    return s, i, int(need.sum())

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (BlockPlan, PositionBound, RunningTopK, extend, summaries, needed, plan_blocks, scores,
-                                     search_blocks)
+from retrieval.block_search import (PositionBound, block_ranges, extend, kth_scores, needed, plan_blocks, summaries,
+                                     topk_over, window_cols)
 from recsys.embeddings import TableSet
 
 
@@ -114,88 +114,48 @@ class IndexedSearch:
     head: object                 # service.state.IndexHead
     items: torch.Tensor          # [C] table ids
     cates: torch.Tensor
-    q: torch.Tensor              # [C, D] fp32, segment scale applied (the reference's query)
+    query: torch.Tensor          # [C, D] attention query (target rows, position id 0)
     window: int                  # events searched: the newest min(visible, max_len)
-    plan: BlockPlan
-    running: RunningTopK
-    done: np.ndarray             # [nb] blocks whose events are all scored
-    seed_abs: int                # abs index of the oldest seed event (scored from the first read)
-    ranges: list[tuple[int, int]]   # abs [lo, hi) to read in the second round trip
-    scored: list[np.ndarray]     # records scored so far, each with a "col" view kept in cols
-    cols: list[np.ndarray]
-    blocks_scored: int = 0
+    seed: np.ndarray             # the newest records of the window (already read), oldest first
+    ranges: list[tuple[int, int]]   # abs [lo, hi) of the blocks to read in the second round trip
+    blocks: int                  # blocks read past the seed
 
 
 def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-    """Full attention keys [m, D] (item, category, position id col + 1) of records at history columns cols."""
+    """Full attention keys [m, D] (item, category, position row of recency col + 1) of records at columns cols."""
     pos = ix.pos_rows(torch.from_numpy(cols + 1))
     with torch.no_grad():
         return torch.cat([ix.keys(records), ix.pos_w.index_select(0, pos)], 1)
 
 
 def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tensor, max_len: int, k: int) -> IndexedSearch:
-    """After the first read: score the seed (the newest events), bound every block, and list the ranges of
-    blocks that can still hold a top-k event."""
+    """After the first read: the seed's (newest events') exact top-k gives each candidate a k-th score;
+    the blocks whose bound reaches it are the ones to read."""
     from retrieval import segment_scale
 
     B = ix.block
     with torch.no_grad():
-        q = torch.cat([ix.item_w.index_select(0, items), ix.cate_w.index_select(0, cates),
-                       ix.pos_w[0].expand(len(items), -1)], 1).float()
-    q = q * segment_scale(q.shape[1], ix.segments)
+        query = torch.cat([ix.item_w.index_select(0, items), ix.cate_w.index_select(0, cates),
+                           ix.pos_w[0].expand(len(items), -1)], 1)
+    q = query.float() * segment_scale(query.shape[1], ix.segments)
     n, window = head.n, min(head.visible, max_len)
-    running = RunningTopK(len(items), k)
     seed = head.newest[len(head.newest) - min(len(head.newest), window):]
-    seed_abs = n - len(seed)
-    seed_cols = np.arange(len(seed) - 1, -1, -1, dtype=np.int64)          # oldest seed event = column len - 1
-    if len(seed):
-        running.add(scores(q, _event_keys(ix, seed, seed_cols)), torch.from_numpy(seed_cols))
+    seed_cols = np.arange(len(seed), dtype=np.int64)                          # newest = column 0
+    s_seed, _ = topk_over(query, _event_keys(ix, seed[::-1], seed_cols), seed_cols, k, ix.segments)
     plan = plan_blocks(q, ix.d_sem, head.ix0, ix.decode(head.index), n, window, B, ix.position_bound())
-    done = plan.block_ids * B >= seed_abs
-    need = needed(plan, running.kth(), done)
-    ranges: list[tuple[int, int]] = []
-    for b in plan.block_ids[need]:
-        lo, hi = max(int(b) * B, plan.start), min((int(b) + 1) * B, seed_abs)
-        if ranges and ranges[-1][1] == lo:
-            ranges[-1] = (ranges[-1][0], hi)
-        else:
-            ranges.append((lo, hi))
-    return IndexedSearch(head, items, cates, q, window, plan, running, done, seed_abs, ranges, [seed], [seed_cols])
+    seed_abs = n - len(seed)
+    need = needed(plan, kth_scores(s_seed, k), plan.block_ids * B >= seed_abs)
+    return IndexedSearch(head, items, cates, query, window, seed, block_ranges(plan, need, B, seed_abs),
+                         int(need.sum()))
 
 
-def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """After the second read (the records of s.ranges): score the blocks still needed, best bound first.
-    -> (scores [C, k], columns [C, k], the kept records [C, k] (holes: column 0's record))."""
-    B, n = ix.block, s.head.n
-    by_block: dict[int, tuple[np.ndarray, int]] = {}
-    for (lo, hi), recs in zip(s.ranges, fetched):
-        for b in range(lo // B, (hi - 1) // B + 1):
-            a, z = max(b * B, lo), min((b + 1) * B, hi)
-            by_block[b] = (recs[a - lo: z - lo], a)
-    first = int(s.plan.block_ids[0]) if len(s.plan.block_ids) else 0
-
-    def keys_of(order):
-        recs, cols = [], []
-        for i in order:
-            got = by_block.get(first + int(i))
-            if got is None:
-                continue
-            r, a = got
-            c = np.arange(n - 1 - a, n - 1 - a - len(r), -1, dtype=np.int64)
-            recs.append(r)
-            cols.append(c)
-        if not recs:
-            return s.q.new_zeros(0, s.q.shape[1]), torch.zeros(0, dtype=torch.int64)
-        r, c = np.concatenate(recs), np.concatenate(cols)
-        s.scored.append(r)
-        s.cols.append(c)
-        return _event_keys(ix, r, c), torch.from_numpy(c)
-
-    s.blocks_scored = search_blocks(s.q, s.plan, s.running, s.done, keys_of)
-    top, idx = s.running.result()
-    recs, cols = np.concatenate(s.scored), np.concatenate(s.cols)
-    order = np.argsort(cols, kind="stable")
-    want = idx.clamp(min=0).numpy()
-    want = np.where(idx.numpy() < 0, 0, want)
-    at = order[np.searchsorted(cols[order], want)]
+def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """After the second read (the records of s.ranges): one exact top-k over the seed and the blocks read,
+    in column order. -> (scores [C, k], columns [C, k], the kept records [C, k] (holes: column 0's))."""
+    n = s.head.n
+    recs = np.concatenate([s.seed[::-1]] + [r[::-1] for r in reversed(fetched)])       # newest first
+    cols = np.concatenate([np.arange(len(s.seed), dtype=np.int64)]
+                          + [window_cols(n, lo, hi)[::-1] for lo, hi in reversed(s.ranges)])
+    top, idx = topk_over(s.query, _event_keys(ix, recs, cols), cols, k, ix.segments)
+    at = np.searchsorted(cols, idx.clamp(min=0).numpy())
     return top, idx, recs[at]

@@ -127,7 +127,7 @@ class Scorer:
     def _finish_indexed(self, model: ServingModel, indexer, s, recs, explain: bool) -> ScoreResult:
         from service.block_index import finish_search
 
-        _, idx, kept = finish_search(indexer, s, recs)
+        _, idx, kept = finish_search(indexer, s, recs, model.model.k)
         memory, source = {}, None
         if model.has_memory:
             memory["memory"], source = model._memory(kept[:0], s.head.state, 0)
@@ -146,7 +146,7 @@ class Scorer:
         return ScoreResult(scores=probs.tolist(), history_length=s.window, explanations=explanations,
                            version=model.version, memory=source,
                            bytes_read=s.head.bytes_read + sum(r.nbytes for r in recs),
-                           blocks_read=int(np.count_nonzero(s.done)))
+                           blocks_read=s.blocks)
 
     def _ids(self, model: ServingModel, job: ScoreJob):
         items, n_oov = model.map_ids(job.items, "item")

@@ -20,17 +20,16 @@ import struct
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import redis
 
-from typing import TYPE_CHECKING
-if TYPE_CHECKING:
-    from service.block_index import BlockIndexer, IndexUpdate
-
 from recsys.config.serve import StateStoreConfig
 from service.keys import KeySpace, check_version
+
+if TYPE_CHECKING:
+    from service.block_index import BlockIndexer, IndexUpdate
 
 # One stored event, 21 bytes packed (no padding: nothing to copy or compare but the fields). Lua reads
 # the time key (ts, tb) from its first 12 bytes. ts stays below 2^53 so that Lua's doubles hold it

@@ -139,7 +139,7 @@ def _assert_bounds_rebuilt(store: StateStore, u: int, ix, version: str) -> None:
     for j, e in enumerate(got):
         b = want.b0 + j
         lo, hi = max(b * 8, first) - first, min((b + 1) * 8, view.n) - first
-        dist = (keys[lo:hi] - torch.from_numpy(e[2 * D:3 * D]).double()).norm(dim=1)
+        dist = (keys[lo:hi] - torch.from_numpy(np.array(e[2 * D:3 * D])).double()).norm(dim=1)
         assert (dist <= float(e[3 * D])).all(), (b, dist.max().item(), e[3 * D])
 
 
