@@ -182,6 +182,7 @@ def train(
             console.print(f"Ray's own log lines go to {log} (--verbose shows them here)")
         with ray_log_file(log), progress_bar("training steps") as update:
             result = run_train(cfg, out, workers=workers, address=address, use_gpu=use_gpu, progress=update)
+            update(result["steps"], result["steps"])  # an early stop ends the bar at the steps taken
         _print_json({k: v for k, v in result.items() if k != "history"})
     else:
         from recsys.train.trainer import train as run

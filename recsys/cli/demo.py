@@ -93,6 +93,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
                       f"k = {cfg.model.top_k}, {cfg.train.epochs:g} epochs")
         with progress_bar(f"  {name} steps") as update:
             r = run_train(cfg, out / "models" / name, workers=workers, dataset=dataset, progress=update)
+            update(r["steps"], r["steps"])  # an early stop ends the bar at the steps taken
         results[name] = {k: v for k, v in r.items() if k != "history"}
         (out / "models" / name / "history.json").write_text(json.dumps(r.get("history", []), indent=2))
         console.print(f"  best val AUC {r['best_val']['auc']:.4f} at step {r['best_step']}; "
