@@ -138,7 +138,7 @@ class BlockPlan:
     n: int                    # abs index one past the newest event
     start: int                # abs index of the oldest event in the search window
     block_ids: np.ndarray     # [nb] blocks overlapping the window, oldest first
-    upper: torch.Tensor       # [C, nb] fp32 bound of any event's score in each block, before the margin
+    upper: torch.Tensor       # [nb, C] fp32 bound of any event's score in each block, before the margin
     margin: torch.Tensor      # [C] float64: rounding margin to add to upper
 
 
@@ -155,7 +155,7 @@ def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ix0: int, entries: np.ndarra
     ids = np.arange(b_first, b_last + 1)
     C = q_scaled.shape[0]
     if window <= 0:
-        return BlockPlan(n, start, ids[:0], q_scaled.new_zeros(C, 0), torch.zeros(C, dtype=torch.float64))
+        return BlockPlan(n, start, ids[:0], q_scaled.new_zeros(0, C), torch.zeros(C, dtype=torch.float64))
     if b_first < ix0 or b_last - ix0 >= len(entries):
         raise ValueError(f"index covers blocks {ix0}..{ix0 + len(entries) - 1}, window needs {b_first}..{b_last}")
     e = torch.from_numpy(np.asarray(entries[b_first - ix0: b_last - ix0 + 1]).copy())           # [nb, 3D + 1]
@@ -165,8 +165,9 @@ def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ix0: int, entries: np.ndarra
     p = torch.from_numpy(pos.over(n - newest_abs).astype(np.float32))[:, None]               # [nb, 1]
     # entries are [lo, hi, c, r]: the box is [q-, q+] . [lo, hi], the ball [q, |q|] . [c, r]; p rides along
     # as addmm's broadcast input
-    box = torch.addmm(p.T, torch.cat([q.clamp(max=0), q.clamp(min=0)], 1), e[:, :2 * D].T)
-    ball = torch.addmm(p.T, torch.cat([q, q.norm(dim=1, keepdim=True)], 1), e[:, 2 * D:].T)
+    # [nb, C]: "does some candidate need block b" then reduces along contiguous memory
+    box = torch.addmm(p, e[:, :2 * D], torch.cat([q.clamp(max=0), q.clamp(min=0)], 1).T)
+    ball = torch.addmm(p, e[:, 2 * D:], torch.cat([q, q.norm(dim=1, keepdim=True)], 1).T)
     kabs = float(e[:, :2 * D].abs().amax())
     margin = MARGIN * (q.abs().sum(1, dtype=torch.float64) * kabs + pos.abs_sum + float(p.abs().max())) + 1e-30
     return BlockPlan(n, start, ids, torch.minimum(box, ball), margin)
@@ -185,7 +186,7 @@ def needed(plan: BlockPlan, kth: torch.Tensor, done: np.ndarray) -> np.ndarray:
     # upper + margin >= kth  <=  upper >= (kth - margin) rounded down to fp32
     t = (kth - plan.margin).float()
     t = torch.where(t.double() > kth - plan.margin, torch.nextafter(t, torch.tensor(float("-inf"))), t)
-    return (plan.upper >= t[:, None]).any(0).numpy() & ~done
+    return (plan.upper >= t[None, :]).any(1).numpy() & ~done
 
 
 def block_ranges(plan: BlockPlan, need: np.ndarray, block: int, below: int) -> list[tuple[int, int]]:
