@@ -50,3 +50,28 @@ def test_demo_small_end_to_end(tmp_path):
     assert {"learning_curves.png", "latency.png"} <= set(embedded)
     for name in embedded:
         assert (out / name).is_file()
+
+
+def test_train_ray_is_quiet_unless_verbose(tmp_path):
+    """`recsys train --ray`: a progress bar and the result JSON on the terminal, Ray's lines in OUT/logs/ray.log;
+    with --verbose they are on the terminal and no log file is written."""
+    from recsys.config.data import EventsPerUser, SyntheticConfig
+    from recsys.data.synthetic import generate
+
+    data = tmp_path / "data"
+    generate(SyntheticConfig(n_users=20, events_per_user=EventsPerUser(mean=60, min=20, max=120), n_items=400,
+                             n_cates=10, seed=0), data)
+
+    def train(out, *extra):
+        return subprocess.run([sys.executable, "-m", "recsys.cli", "train", "--config", "tiny", "--data", str(data),
+                               "--out", str(out), "--ray", "--workers", "2", *extra],
+                              capture_output=True, text=True, timeout=600)
+
+    r = train(tmp_path / "quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not RAY_LINE.findall(r.stdout + r.stderr), r.stderr[-2000:]
+    assert "training steps" in r.stderr and json.loads(r.stdout)["bundle_dir"]
+    assert "TrainingReport" in (tmp_path / "quiet" / "logs" / "ray.log").read_text()
+    r = train(tmp_path / "loud", "--verbose")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[ray-train] step" in r.stdout + r.stderr and not (tmp_path / "loud" / "logs").exists()
