@@ -16,6 +16,7 @@ current, or whose sequence changed between the two reads, takes the whole-sequen
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -46,6 +47,8 @@ class ScoreResult:
     bytes_read: int = 0        # sequence, index and state bytes read from Redis for this request
     blocks_read: int | None = None   # indexed path: blocks searched (None: whole-sequence path)
 
+
+log = logging.getLogger("recsys.scoring")
 
 # The indexed path is taken when the blocks left to read hold at most this share of the searched window
 # (measured: with nothing pruned it is ~5x slower than the whole-sequence path at L = 10k).
@@ -96,21 +99,25 @@ class Scorer:
                                                             model.has_memory)))
         searches = {}
         fallback: dict[int, int] = {}
+        oov: dict[int, int] = {}
         with torch.inference_mode():
             for i, job in enumerate(jobs):
                 h = heads[job.user_id]
                 if h.ix0 is None or h.visible == 0 or (model.has_memory and not h.state):
                     continue
                 try:
-                    items, cates = self._ids(model, job)
+                    items, n_oov = model.map_ids(job.items, "item")   # counted once the path is sure
+                    cates, _ = model.map_ids(job.cates, "cate")
                     search = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
-                except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
-                    out[i] = e
+                except Exception:  # noqa: BLE001 - the index is an optimisation: the whole read still answers
+                    log.exception("user %s: block index unusable, reading the whole sequence", job.user_id)
+                    fallback[i] = h.bytes_read
                     continue
                 # When the bounds prune little (e.g. histories with no recency or topical structure), block
                 # reads and per-block scoring cost more than one whole read and the fused search.
                 if sum(hi - lo for lo, hi in search.ranges) <= MAX_INDEXED_FRACTION * search.window:
                     searches[i] = search
+                    oov[i] = n_oov
                 else:
                     fallback[i] = h.bytes_read
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
@@ -120,6 +127,8 @@ class Scorer:
                     continue
                 try:
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
+                    if oov[i]:
+                        self.metrics.oov_items.inc(oov[i])
                 except Exception as e:  # noqa: BLE001
                     out[i] = e
         return fallback
@@ -147,13 +156,6 @@ class Scorer:
                            version=model.version, memory=source,
                            bytes_read=s.head.bytes_read + sum(r.nbytes for r in recs),
                            blocks_read=s.blocks)
-
-    def _ids(self, model: ServingModel, job: ScoreJob):
-        items, n_oov = model.map_ids(job.items, "item")
-        cates, _ = model.map_ids(job.cates, "cate")
-        if n_oov:
-            self.metrics.oov_items.inc(n_oov)
-        return items, cates
 
     def _score_one(self, model: ServingModel, view: UserView, job: ScoreJob) -> ScoreResult:
         seq = view.sequence[-model.max_len:]                                  # oldest first, [L]

@@ -303,3 +303,19 @@ def test_a_sequence_that_moves_between_the_two_reads_is_not_read_as_blocks(store
         np.testing.assert_array_equal(head.newest, whole[-8:])
         store.apply(updater, _events(1, 3, rng, t0=50))            # a write between the two reads
         assert store.read_ranges([(1, head, ranges)]) == [None]
+
+
+def test_an_unusable_index_falls_back_to_the_whole_sequence(store_cfg):
+    """The index is an optimisation: one that does not cover the window (here: its string lost while the
+    meta still calls it current) must not fail the request."""
+    serving = _serving(max_len=100)
+    rng = random.Random(4)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        store.apply(ModelStateUpdater(serving), _events(2, 60, rng))
+        handle.client.delete(store.keys.user(2).index(serving.version))
+        g = np.random.default_rng(2)
+        jobs = [ScoreJob(2, g.integers(1, 70, 10), g.integers(1, 9, 10), True)]
+        got, plain = _scores_both_ways(store_cfg, handle, serving, jobs)
+        assert not isinstance(got[0], Exception) and got[0].blocks_read is None
+        assert got[0].scores == plain[0].scores and got[0].explanations == plain[0].explanations
