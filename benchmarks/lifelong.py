@@ -124,6 +124,31 @@ def run_one(name: str, max_len: int, ds, folder: Path, train_over: dict, threads
             "test": figures(ds.splits["test"], pred.probs, pred.indices, max_len)}
 
 
+def markdown(result: dict) -> str:
+    """The README table of a result JSON: per model and L, AUC (gap to the ceiling) and hit@k per evidence
+    distance."""
+    names = ["all"] + bucket_names()
+    ceil = {}
+    for r in result["results"]:
+        for b in names:
+            if b in r["test"]:
+                ceil.setdefault(b, r["test"][b]["ceiling_auc"])
+    head = ["model", "L"] + [f"{b}: AUC (gap) / hit" for b in names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| Bayes ceiling | | " + " | ".join(f"{ceil[b]:.3f}" if b in ceil else "-" for b in names) + " |"]
+    for r in result["results"]:
+        cells = []
+        for b in names:
+            f = r["test"].get(b)
+            if f is None:
+                cells.append("-")
+                continue
+            hit = f" / {f['hit']:.2f}" if f.get("hit") is not None else (" / -" if "hit" in f else "")
+            cells.append(f"{f['auc']:.3f} ({f['gap']:+.3f}){hit}")
+        lines.append(f"| {r['model'].upper()} | {r['max_len']:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small data and lengths (minutes)")
@@ -133,8 +158,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", type=Path, default=None, help="keep the generated data here (reused if present)")
+    ap.add_argument("--table", type=Path, default=None, help="print the markdown table of this result JSON and exit")
     add_out_arg(ap, "lifelong")
     a = ap.parse_args()
+    if a.table:
+        print(markdown(json.loads(a.table.read_text())))
+        return
     import torch
 
     torch.set_num_threads(a.threads)
