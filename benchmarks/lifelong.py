@@ -131,12 +131,15 @@ def markdown(result: dict) -> str:
     ceil = {}
     for r in result["results"]:
         for b in names:
-            if b in r["test"]:
+            if b in r.get("test", {}):
                 ceil.setdefault(b, r["test"][b]["ceiling_auc"])
     head = ["model", "L"] + [f"{b}: AUC (gap) / hit" for b in names]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              "| Bayes ceiling | | " + " | ".join(f"{ceil[b]:.3f}" if b in ceil else "-" for b in names) + " |"]
     for r in result["results"]:
+        if "diverged" in r:
+            lines.append(f"| {r['model'].upper()} | {r['max_len']:,} | diverged: {r['diverged']} |")
+            continue
         cells = []
         for b in names:
             f = r["test"].get(b)
@@ -187,7 +190,12 @@ def main() -> None:
                 if name == "din" and L > preset["din_max_len"]:
                     continue
                 for seed in (int(s) for s in a.seeds.split(",")):
-                    res = run_one(name, L, ds, folder, preset["train"], a.threads, seed, Path(tmp) / "runs")
+                    try:
+                        res = run_one(name, L, ds, folder, preset["train"], a.threads, seed, Path(tmp) / "runs")
+                    except ValueError as e:  # a run that diverges (non-finite scores) is a result, not a crash
+                        if "not finite" not in str(e):
+                            raise
+                        res = {"model": name, "max_len": L, "seed": seed, "diverged": str(e)}
                     print(json.dumps(res), file=sys.stderr, flush=True)
                     results.append(res)
     emit({
