@@ -49,60 +49,64 @@ def _round_up(x: np.ndarray) -> np.ndarray:
     return np.where(f.astype(np.float64) < x, np.nextafter(f, np.float32(np.inf)), f)
 
 
-def summaries(keys: np.ndarray | torch.Tensor, first_abs: int, block: int) -> tuple[int, np.ndarray]:
-    """Semantic keys [n, D] of events with abs indices first_abs.. (oldest first) -> (first block id,
-    entries [nb, 3D + 1] float32 of each block's events present: min [D], max [D], centroid [D], radius)."""
+def summaries_many(keys: np.ndarray | torch.Tensor, firsts: Sequence[int], counts: Sequence[int], block: int,
+                   lasts: Sequence[np.ndarray | None] | None = None) -> list[tuple[int, np.ndarray]]:
+    """Block summaries of many users' events at once (the stream worker's batch: one pass, not one per user).
+
+    keys [N, D]: semantic keys of every user's events, user after user, oldest first; user u has counts[u]
+    events with abs indices firsts[u].. -> per user (first block id, entries [nb, 3D + 1] float32: min [D],
+    max [D], centroid [D], radius of each block's events). With lasts[u] (the entry of block
+    (firsts[u] - 1) // B, when firsts[u] is inside that block) the first entry also covers the block's earlier
+    events, without reading them: the box widens; the centroid moves to the running mean c' and the radius
+    becomes max(r + |c - c'|, the new events' distances to c') (triangle inequality)."""
     k = torch.as_tensor(keys, dtype=torch.float32)
-    n, D = k.shape
-    b0 = first_abs // block
-    if n == 0:
-        return b0, np.zeros((0, 3 * D + 1), np.float32)
-    pad_front = first_abs - b0 * block
-    nb = -(-(pad_front + n) // block)
-    block_of = torch.arange(pad_front, pad_front + n) // block                # [n]
-    lo = torch.full((nb * block, D), float("inf"))
-    hi = torch.full((nb * block, D), float("-inf"))
-    lo[pad_front:pad_front + n] = k
-    hi[pad_front:pad_front + n] = k
-    count = torch.bincount(block_of, minlength=nb).double()
-    c = torch.zeros(nb, D, dtype=torch.float64).index_add_(0, block_of, k.double()) / count[:, None]
-    c = c.float()
-    dist = (k.double() - c.double()[block_of]).norm(dim=1)
-    r = torch.zeros(nb, dtype=torch.float64).scatter_reduce_(0, block_of, dist, "amax")
-    out = np.empty((nb, 3 * D + 1), np.float32)
-    out[:, :D] = lo.view(nb, block, D).amin(1).numpy()
-    out[:, D:2 * D] = hi.view(nb, block, D).amax(1).numpy()
-    out[:, 2 * D:3 * D] = c.numpy()
+    D = k.shape[1]
+    firsts, counts = np.asarray(firsts, np.int64), np.asarray(counts, np.int64)
+    U, N = len(counts), int(counts.sum())
+    b0 = firsts // block
+    nseg = np.where(counts > 0, (firsts + counts - 1) // block - b0 + 1, 0)
+    seg_off = np.cumsum(nseg) - nseg
+    S = int(nseg.sum())
+    user = np.repeat(np.arange(U), counts)
+    start = np.cumsum(counts) - counts
+    seg = seg_off[user] + (firsts[user] + np.arange(N) - start[user]) // block - b0[user]
+    st = torch.from_numpy(seg)
+    idx = st[:, None].expand(-1, D)
+    lo = torch.full((S, D), float("inf")).scatter_reduce_(0, idx, k, "amin")
+    hi = torch.full((S, D), float("-inf")).scatter_reduce_(0, idx, k, "amax")
+    cnt = torch.from_numpy(np.bincount(seg, minlength=S).astype(np.float64))
+    sums = torch.zeros(S, D, dtype=torch.float64).index_add_(0, st, k.double())
+    merge = [u for u in range(U) if lasts is not None and lasts[u] is not None and counts[u] and firsts[u] % block]
+    if merge:
+        m = torch.from_numpy(seg_off[merge])
+        old = torch.from_numpy(np.stack([lasts[u] for u in merge]).astype(np.float32))
+        m_old = torch.from_numpy((firsts[merge] % block).astype(np.float64))
+        lo[m] = torch.minimum(lo[m], old[:, :D])
+        hi[m] = torch.maximum(hi[m], old[:, D:2 * D])
+        sums[m] += old[:, 2 * D:3 * D].double() * m_old[:, None]
+        cnt[m] += m_old
+    c = (sums / cnt.clamp(min=1)[:, None]).float()
+    dist = (k.double() - c.double()[st]).norm(dim=1)
+    r = torch.zeros(S, dtype=torch.float64).scatter_reduce_(0, st, dist, "amax")
+    if merge:
+        moved = (c[m].double() - old[:, 2 * D:3 * D].double()).norm(dim=1)
+        r[m] = torch.maximum(r[m], old[:, 3 * D].double() + moved)
+    out = np.empty((S, 3 * D + 1), np.float32)
+    out[:, :D], out[:, D:2 * D], out[:, 2 * D:3 * D] = lo.numpy(), hi.numpy(), c.numpy()
     out[:, 3 * D] = _round_up(r.numpy() * (1 + 1e-12))
-    return b0, out
+    return [(int(b0[u]), out[seg_off[u]:seg_off[u] + nseg[u]]) for u in range(U)]
+
+
+def summaries(keys: np.ndarray | torch.Tensor, first_abs: int, block: int) -> tuple[int, np.ndarray]:
+    """One user's events with abs indices first_abs.. -> (first block id, entries): `summaries_many`."""
+    return summaries_many(keys, [first_abs], [len(keys)], block)[0]
 
 
 def extend(last: np.ndarray | None, n: int, keys: np.ndarray | torch.Tensor, block: int) -> tuple[int, np.ndarray]:
-    """Append events with abs indices n.. to an index whose last entry `last` [3D + 1] is block (n-1)//B
-    (None when n == 0 or n is a block boundary) -> (first block id written, entries [m, 3D + 1]) that
-    replace the index from that block on. The open block keeps a valid summary of all its events without
-    reading them back: the box widens; the centroid moves to the running mean c' and the radius becomes
-    max(r + |c - c'|, the new events' distances to c') (triangle inequality)."""
-    b0, new = summaries(keys, n, block)
-    if last is None or n % block == 0 or not len(new):
-        return b0, new
-    D = (len(last) - 1) // 3
-    k = torch.as_tensor(keys, dtype=torch.float32)
-    m_new = min(len(k), block - n % block)                                    # new events in the open block
-    m_old = n % block
-    head = k[:m_new].double()
-    c_old = torch.from_numpy(last[2 * D:3 * D].astype(np.float64))
-    c = ((c_old * m_old + head.sum(0)) / (m_old + m_new)).float()
-    moved = float((c.double() - c_old).norm())
-    r = max(float(last[3 * D]) + moved, float((head - c.double()).norm(dim=1).max()))
-    e = new[0].copy()
-    e[:D] = np.minimum(e[:D], last[:D])
-    e[D:2 * D] = np.maximum(e[D:2 * D], last[D:2 * D])
-    e[2 * D:3 * D] = c.numpy()
-    e[3 * D] = _round_up(np.array([r * (1 + 1e-12)]))[0]
-    new = new.copy()
-    new[0] = e
-    return b0, new
+    """Append events with abs indices n.. to an index whose last entry `last` is block (n-1)//B (None when n
+    is a block boundary or the index is empty) -> (first block id written, entries that replace the index
+    from that block on): `summaries_many`."""
+    return summaries_many(keys, [n], [len(keys)], block, [last])[0]
 
 
 class PositionBound:

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (PositionBound, block_ranges, extend, kth_scores, needed, plan_blocks, summaries,
+from retrieval.block_search import (PositionBound, block_ranges, kth_scores, needed, plan_blocks, summaries_many,
                                      topk_over, window_cols)
 from recsys.embeddings import TableSet
+
+
+FULL_GROUP_EVENTS = 1 << 20
 
 
 @dataclass
@@ -78,13 +81,36 @@ class BlockIndexer:
             return torch.cat([self.item_w.index_select(0, item), self.cate_w.index_select(0, cate)], 1)
 
     def full(self, records: np.ndarray, first_abs: int) -> IndexUpdate:
-        b0, e = summaries(self.keys(records), first_abs, self.block)
-        return IndexUpdate(2, b0, e.tobytes(), self.entry_bytes, self.fmt)
+        return self.full_many([records], [first_abs])[0]
+
+    def full_many(self, records: list[np.ndarray], firsts: list[int]) -> list[IndexUpdate]:
+        """Whole indexes of many users' visible sequences (abs index of each one's oldest record), in groups
+        of about FULL_GROUP_EVENTS events (a rebuild chunk of long sequences would otherwise embed them all
+        at once: 256 users x 1M events x 32 floats)."""
+        out: list[IndexUpdate] = []
+        i = 0
+        while i < len(records):
+            j, total = i, 0
+            while j < len(records) and (j == i or total + len(records[j]) <= FULL_GROUP_EVENTS):
+                total += len(records[j])
+                j += 1
+            got = summaries_many(self._keys_of(records[i:j]), firsts[i:j], [len(r) for r in records[i:j]], self.block)
+            out += [IndexUpdate(2, b0, e.tobytes(), self.entry_bytes, self.fmt) for b0, e in got]
+            i = j
+        return out
+
+    def append_many(self, lasts: list[bytes | None], ns: list[int], records: list[np.ndarray]) -> list[IndexUpdate]:
+        """Updates for many users' in-order batches at once (one embedding lookup and one pass for the
+        worker's whole batch): user u's records get abs indices ns[u].., lasts[u] is its index's last entry."""
+        prev = [None if last is None or n % self.block == 0 else self.decode(last)[-1] for last, n in zip(lasts, ns)]
+        got = summaries_many(self._keys_of(records), ns, [len(r) for r in records], self.block, prev)
+        return [IndexUpdate(1, b0, e.tobytes(), self.entry_bytes, self.fmt) for b0, e in got]
 
     def append(self, last: bytes | None, n: int, records: np.ndarray) -> IndexUpdate:
-        prev = None if last is None or n % self.block == 0 else self.decode(last)[-1]
-        b0, e = extend(prev, n, self.keys(records), self.block)
-        return IndexUpdate(1, b0, e.tobytes(), self.entry_bytes, self.fmt)
+        return self.append_many([last], [n], [records])[0]
+
+    def _keys_of(self, records: list[np.ndarray]) -> torch.Tensor:
+        return self.keys(np.concatenate(records)) if records else torch.zeros(0, self.d_sem)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Index string -> entries [nb, 3 d_sem + 1] float32 (min, max, centroid, radius)."""

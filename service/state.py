@@ -252,12 +252,14 @@ class StateStore:
             seqs = [v.sequence if merge is None else merge(u, v.sequence) for u, v in zip(pending, views)]
             states = updater.rebuild(seqs)
             indexer = self._indexer(updater)
+            # from the stored sequences only: the search reads nothing else
+            ixs = (indexer.full_many([v.sequence for v in views], [v.n - len(v.sequence) for v in views])
+                   if indexer is not None else [None] * len(views))
             calls = []
-            for u, v, s in zip(pending, views, states, strict=True):
+            for u, v, s, ix in zip(pending, views, states, ixs, strict=True):
                 k = self.keys.user(u)
                 args = [v.rev, version, s]
-                if indexer is not None:  # from the stored sequence only: the search reads nothing else
-                    ix = indexer.full(v.sequence, v.n - len(v.sequence))
+                if ix is not None:
                     args += [ix.b0, ix.entries, ix.fmt]
                 calls.append((self._set_state_script, [k.meta, k.state(version), k.index(version)], args))
             replies = self._eval_many(calls)
@@ -316,15 +318,17 @@ class StateStore:
         # The block index: an in-order batch on a current index widens the open block and adds new ones;
         # anything else (a merge, a stale index) rebuilds it from the sequence the script will leave.
         stale_ix = []
-        for p, _, _, _ in fast:
-            if indexer is not None and p.user_id in ix_last:
-                p.index = indexer.append(ix_last[p.user_id], p.n, p.records)
-            elif indexer is not None:
-                stale_ix.append(p)
+        if indexer is not None:
+            inc = [p for p, _, _, _ in fast if p.user_id in ix_last]
+            stale_ix = [p for p, _, _, _ in fast if p.user_id not in ix_last]
+            for p, up in zip(inc, indexer.append_many([ix_last[p.user_id] for p in inc], [p.n for p in inc],
+                                                      [p.records for p in inc])):
+                p.index = up
+        rebuild_ix: list[tuple[_Plan, np.ndarray, int]] = []
         if stale_ix:
             for p, tail in zip(stale_ix, self._read_tails([p.user_id for p in stale_ix])):
                 placed, merged = self._place(p, tail)
-                p.index = indexer.full(merged, p.n + len(placed) - len(merged))
+                rebuild_ix.append((p, merged, p.n + len(placed) - len(merged)))
         if slow:
             # Only now is it known which events fall outside the cap: those are neither placed nor
             # folded, and if the rest is in order the state can still be folded forward.
@@ -332,13 +336,17 @@ class StateStore:
             for (p, s, current, hwm), tail in zip(slow, tails):
                 placed, merged = self._place(p, tail)
                 if indexer is not None:
-                    p.index = indexer.full(merged, p.n + len(placed) - len(merged))
+                    rebuild_ix.append((p, merged, p.n + len(placed) - len(merged)))
                 if current and not len(placed):
                     p.state = s
                 elif current and _not_before(placed, hwm):
                     fold.append((p, s, placed))
                 else:
                     rebuild.append((p, merged))
+        if rebuild_ix:
+            ups = indexer.full_many([m for _, m, _ in rebuild_ix], [f for _, _, f in rebuild_ix])
+            for (p, _, _), up in zip(rebuild_ix, ups):
+                p.index = up
         if fold:
             new = updater.apply([s for _, s, _ in fold], [e for _, _, e in fold])
             self._check_states(new, len(fold))

@@ -221,17 +221,22 @@ if ARGV[7] then
     local need0 = math.floor(visible0 / block)
     -- With the sequence, the index is rewritten at its exact size: SETRANGE growth over-allocates (up to
     -- 2x, measured 1.9 MB for 1.0 MB of entries at 1M events).
+    local moved = ixmode == 2
     if settled then
       local at = math.max(need0 - ix0, 0) * E
       redis.call('SET', KEYS[6], redis.call('GETRANGE', KEYS[6], at, -1))
+      moved = moved or need0 > ix0
       ix0 = math.max(need0, ix0)
     end
     fields[#fields + 1] = 'ixrev:' .. ARGV[2]
     fields[#fields + 1] = new_rev
-    fields[#fields + 1] = 'ix0:' .. ARGV[2]
-    fields[#fields + 1] = string.format('%d', ix0)
-    fields[#fields + 1] = 'ixfmt:' .. ARGV[2]
-    fields[#fields + 1] = ARGV[9]
+    -- an append keeps the first block and the format (the caller checked it): fewer fields to write
+    if moved or m[7] == false then
+      fields[#fields + 1] = 'ix0:' .. ARGV[2]
+      fields[#fields + 1] = string.format('%d', ix0)
+      fields[#fields + 1] = 'ixfmt:' .. ARGV[2]
+      fields[#fields + 1] = ARGV[9]
+    end
   end
 end
 redis.call('HSET', KEYS[1], 'rev', new_rev, 'n', n_total + placed, 'outside', outside_total + outside,
