@@ -319,3 +319,47 @@ def test_an_unusable_index_falls_back_to_the_whole_sequence(store_cfg):
         got, plain = _scores_both_ways(store_cfg, handle, serving, jobs)
         assert not isinstance(got[0], Exception) and got[0].blocks_read is None
         assert got[0].scores == plain[0].scores and got[0].explanations == plain[0].explanations
+
+
+def test_online_equals_offline_with_the_index_at_100k_events(redis_server):
+    """L = 100k: the indexed request (which here reads a few blocks: the model's position term prefers
+    recent events, as a trained one's does) equals the whole-sequence request and the batch forward."""
+    from recsys.data.batch import HistoryBatch
+
+    L, C = 100_000, 8
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    cfg = StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=L, seq_slack=1_000, index_block=256)
+    serving = _serving(max_len=L, version="ix-100k")
+    (att, p), _ = serving.model.role_tables()
+    with torch.no_grad():
+        pos = att.weights()[f"{p}_pos"]
+        pos[:, 0] = -0.5 * torch.log2(1 + torch.arange(pos.shape[0], dtype=torch.float64)).float()
+        pos[0, 0] = 2.0
+    rng = random.Random(5)
+    try:
+        with connect(cfg) as handle:
+            store = StateStore(handle.client, cfg)
+            evs = _events(1, L, rng)
+            for a in range(0, L, 10_000):
+                store.apply(ModelStateUpdater(serving), evs[a:a + 10_000])
+            g = np.random.default_rng(3)
+            jobs = [ScoreJob(1, g.integers(1, 70, C), g.integers(1, 9, C), True)]
+            got, plain = _scores_both_ways(cfg, handle, serving, jobs)
+            assert got[0].blocks_read is not None and got[0].blocks_read < 40, got[0].blocks_read   # of 391
+            assert got[0].bytes_read < L * 21 / 5
+            assert got[0].explanations == plain[0].explanations
+            torch.testing.assert_close(torch.tensor(got[0].scores), torch.tensor(plain[0].scores), rtol=1e-6, atol=1e-7)
+            seq = store.read_users([1], serving.version)[0].sequence
+            hist_item, _ = serving.map_ids(seq["item"][::-1].copy(), "item")
+            hist_cate, _ = serving.map_ids(seq["cate"][::-1].copy(), "cate")
+            items, _ = serving.map_ids(jobs[0].items, "item")
+            cates, _ = serving.map_ids(jobs[0].cates, "cate")
+            batch = HistoryBatch(user=torch.zeros(C, dtype=torch.int64), target_item=items, target_cate=cates,
+                                 hist_item=hist_item.expand(C, L), hist_cate=hist_cate.expand(C, L),
+                                 hist_pos=torch.arange(1, L + 1).expand(C, L), hist_len=torch.full((C,), L),
+                                 label=torch.zeros(C))
+            with torch.no_grad():
+                want = torch.sigmoid(serving.model(batch).logit)
+            torch.testing.assert_close(torch.tensor(got[0].scores), want, rtol=1e-5, atol=1e-6)
+    finally:
+        cleanup_server_keys(redis_server, prefix)
