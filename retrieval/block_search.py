@@ -146,35 +146,71 @@ class BlockPlan:
     margin: torch.Tensor      # [C] float64: rounding margin to add to upper
 
 
-def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ix0: int, entries: np.ndarray, n: int, window: int,
+def window_blocks(n: int, window: int, block: int) -> np.ndarray:
+    """Ids of the blocks overlapping the newest `window` of n events, oldest first."""
+    if window <= 0:
+        return np.zeros(0, np.int64)
+    return np.arange((n - window) // block, (n - 1) // block + 1)
+
+
+def _block_pos(ids: np.ndarray, n: int, block: int, pos: PositionBound) -> np.ndarray:
+    """Max position term over each block's current recency range (its newest event has the smallest id)."""
+    return pos.over(n - (np.minimum((ids + 1) * block, n) - 1))
+
+
+def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, window: int, block: int,
+              pos: PositionBound, kth: torch.Tensor) -> np.ndarray:
+    """Before reading any block summary: the blocks of the window that can hold a top-k event by the
+    position bound alone, with one summary `cap` [3D + 1] that bounds every key the user can have (the
+    model's: every item row with every category row, `BlockIndexer.cap`). -> bool [nb] over
+    window_blocks(n, window, block). With a position term that prefers recent events this leaves the newest
+    blocks, so a request reads those blocks' summaries only, not all of them."""
+    ids = window_blocks(n, window, block)
+    q = q_scaled[:, :d_sem].double()
+    e = torch.from_numpy(cap.astype(np.float64))
+    D = d_sem
+    box = q.clamp(max=0) @ e[:D] + q.clamp(min=0) @ e[D:2 * D]
+    ball = q @ e[2 * D:3 * D] + q.norm(dim=1) * e[3 * D]
+    p = _block_pos(ids, n, block, pos)
+    kabs = float(e[:2 * D].abs().max())
+    margin = MARGIN * (q.abs().sum(1) * kabs + pos.abs_sum + (float(np.abs(p).max()) if len(p) else 0.0)) + 1e-30
+    tau = float((kth - margin - torch.minimum(box, ball)).min())
+    return p >= tau
+
+
+def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ids: np.ndarray, entries: np.ndarray, n: int, window: int,
                 block: int, pos: PositionBound) -> BlockPlan:
-    """q_scaled [C, D] (segment scale applied, fp32: the reference's query), the user's index (entry i =
-    block ix0 + i), the window = the newest `window` of n events -> the bound of every block in the window.
+    """q_scaled [C, D] (segment scale applied, fp32: the reference's query), the summaries `entries` [m, 3D + 1]
+    of blocks `ids` (ascending, inside the window = the newest `window` of n events) -> their bounds.
 
     Two fp32 matmuls with the block's position bound folded in (at 1M events, C = 200: 3,907 blocks, where
     separate [C, nb] additions in float64 cost more than the products). Their rounding
     (<= ~1e-5 of sum_j |q_j| max|k_j|, the ball's |q| r and the position term included) is inside MARGIN."""
     start = n - window
-    b_first, b_last = start // block, (n - 1) // block
-    ids = np.arange(b_first, b_last + 1)
     C = q_scaled.shape[0]
-    if window <= 0:
-        return BlockPlan(n, start, ids[:0], q_scaled.new_zeros(0, C), torch.zeros(C, dtype=torch.float64))
-    if b_first < ix0 or b_last - ix0 >= len(entries):
-        raise ValueError(f"index covers blocks {ix0}..{ix0 + len(entries) - 1}, window needs {b_first}..{b_last}")
-    e = torch.from_numpy(np.asarray(entries[b_first - ix0: b_last - ix0 + 1]).copy())           # [nb, 3D + 1]
+    if not len(ids):
+        return BlockPlan(n, start, ids, q_scaled.new_zeros(0, C), torch.zeros(C, dtype=torch.float64))
+    if len(entries) != len(ids):
+        raise ValueError(f"{len(entries)} block summaries for {len(ids)} blocks")
+    e = torch.from_numpy(np.asarray(entries, dtype=np.float32).copy())                       # [nb, 3D + 1]
     D = d_sem
     q = q_scaled[:, :d_sem]
-    newest_abs = np.minimum((ids + 1) * block, n) - 1                                        # per block
-    p = torch.from_numpy(pos.over(n - newest_abs).astype(np.float32))[:, None]               # [nb, 1]
+    p = torch.from_numpy(_block_pos(ids, n, block, pos).astype(np.float32))[:, None]         # [nb, 1]
     # entries are [lo, hi, c, r]: the box is [q-, q+] . [lo, hi], the ball [q, |q|] . [c, r]; p rides along
-    # as addmm's broadcast input
-    # [nb, C]: "does some candidate need block b" then reduces along contiguous memory
+    # as addmm's broadcast input; [nb, C], so "does some candidate need block b" reduces along contiguous memory
     box = torch.addmm(p, e[:, :2 * D], torch.cat([q.clamp(max=0), q.clamp(min=0)], 1).T)
     ball = torch.addmm(p, e[:, 2 * D:], torch.cat([q, q.norm(dim=1, keepdim=True)], 1).T)
     kabs = float(e[:, :2 * D].abs().amax())
     margin = MARGIN * (q.abs().sum(1, dtype=torch.float64) * kabs + pos.abs_sum + float(p.abs().max())) + 1e-30
     return BlockPlan(n, start, ids, torch.minimum(box, ball), margin)
+
+
+def id_ranges(ids: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending block ids -> runs [first, last + 1) (one read each)."""
+    if not len(ids):
+        return []
+    cut = np.flatnonzero(np.diff(ids) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, cut)]
 
 
 def kth_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -243,9 +279,13 @@ def pruned_topk(query: torch.Tensor, keys: torch.Tensor, k: int, segments: Seque
     n_seed = min(block if seed is None else seed, L)
     seed_cols = np.arange(n_seed, dtype=np.int64)
     s_seed, _ = topk_over(query, keys[:n_seed], seed_cols, k, segments, search)
-    plan = plan_blocks(q, d_sem, ix0, entries, L, L, block, pos)
-    done = plan.block_ids * block >= L - n_seed
-    need = needed(plan, kth_scores(s_seed, k), done)
+    kth = kth_scores(s_seed, k)
+    ids = window_blocks(L, L, block)
+    cap = summaries(chrono[:, :d_sem], 0, max(L, 1))[1]                   # every key of the history in one
+    if len(ids):
+        ids = ids[prefilter(q, d_sem, cap[0], L, L, block, pos, kth) & (ids * block < L - n_seed)]
+    plan = plan_blocks(q, d_sem, ids, entries[ids - ix0], L, L, block, pos)
+    need = needed(plan, kth, np.zeros(len(ids), bool))
     ranges = block_ranges(plan, need, block, L - n_seed)
     cols = np.concatenate([seed_cols] + [window_cols(L, lo, hi)[::-1] for lo, hi in reversed(ranges)])
     s, i = topk_over(query, keys[torch.from_numpy(cols)], cols, k, segments, search)

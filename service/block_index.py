@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (PositionBound, block_ranges, kth_scores, needed, plan_blocks, summaries_many,
-                                     topk_over, window_cols)
+from retrieval.block_search import (PositionBound, block_ranges, id_ranges, kth_scores, needed, plan_blocks, prefilter,
+                                     summaries_many, topk_over, window_blocks, window_cols)
 from recsys.embeddings import TableSet
 
 
@@ -61,6 +61,7 @@ class BlockIndexer:
         self.entry_bytes = (3 * self.d_sem + 1) * 4
         self.fmt = f"{block} {self.d_sem} boxball"
         self._pos: PositionBound | None = None
+        self._cap: np.ndarray | None = None
         cfg = getattr(model, "config", None)
         if getattr(cfg, "pos_exact", None) is not None:
             from recsys.models.dare import position_rows
@@ -118,6 +119,24 @@ class BlockIndexer:
             raise ValueError(f"block index of {len(data)} bytes: not whole entries of {self.entry_bytes}")
         return np.frombuffer(data, dtype="<f4").reshape(-1, 3 * self.d_sem + 1)
 
+    def cap(self) -> np.ndarray:
+        """One summary [3 d_sem + 1] holding every key any user can have: the box and ball of every item row
+        beside every category row (the semantic key is their concatenation), built once per model. It bounds
+        a block before its own summary is read (retrieval.block_search.prefilter)."""
+        if self._cap is None:
+            with torch.no_grad():
+                it, ct = self.item_w.double(), self.cate_w.double()
+                ci, cc = it.mean(0), ct.mean(0)
+                r = float(((it - ci).norm(dim=1).max() ** 2 + (ct - cc).norm(dim=1).max() ** 2).sqrt())
+                c = torch.cat([ci, cc]).float()
+                # the radius is taken from the fp32 centroid actually stored, and rounded up
+                r = max(r, float(((it - c[:self.d_att].double()).norm(dim=1).max() ** 2
+                                  + (ct - c[self.d_att:].double()).norm(dim=1).max() ** 2).sqrt()))
+                self._cap = np.concatenate([torch.cat([it.min(0).values, ct.min(0).values]).float().numpy(),
+                                            torch.cat([it.max(0).values, ct.max(0).values]).float().numpy(),
+                                            c.numpy(), np.nextafter(np.float32(r * (1 + 1e-9)), np.float32(np.inf))[None]])
+        return self._cap
+
     def position_bound(self) -> PositionBound:
         """Built once per model (the target's position row is the same for every candidate)."""
         if self._pos is None:
@@ -135,16 +154,20 @@ class BlockIndexer:
 
 @dataclass
 class IndexedSearch:
-    """One request's search over one user's indexed sequence, between the two round trips."""
+    """One request's search over one user's indexed sequence, across its reads."""
 
     head: object                 # service.state.IndexHead
     items: torch.Tensor          # [C] table ids
     cates: torch.Tensor
     query: torch.Tensor          # [C, D] attention query (target rows, position id 0)
+    q: torch.Tensor              # the same, segment scale applied (the reference's query)
     window: int                  # events searched: the newest min(visible, max_len)
     seed: np.ndarray             # the newest records of the window (already read), oldest first
-    ranges: list[tuple[int, int]]   # abs [lo, hi) of the blocks to read in the second round trip
-    blocks: int                  # blocks read past the seed
+    kth: torch.Tensor            # [C] each candidate's k-th score among the seed
+    candidates: np.ndarray       # blocks the position bound leaves (before their summaries are read)
+    entry_ranges: list[tuple[int, int]]   # those blocks as runs of block ids: the summaries to read
+    ranges: list[tuple[int, int]] = None  # abs [lo, hi) of the blocks to read: set by select_blocks
+    blocks: int = 0              # blocks read past the seed
 
 
 def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> torch.Tensor:
@@ -155,8 +178,9 @@ def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> torc
 
 
 def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tensor, max_len: int, k: int) -> IndexedSearch:
-    """After the first read: the seed's (newest events') exact top-k gives each candidate a k-th score;
-    the blocks whose bound reaches it are the ones to read."""
+    """After the first read (meta, the newest records): the seed's exact top-k gives each candidate a k-th
+    score; the blocks whose position bound, with the model-wide semantic bound, reaches it are the ones
+    whose summaries to read."""
     from retrieval import segment_scale
 
     B = ix.block
@@ -168,15 +192,28 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     seed = head.newest[len(head.newest) - min(len(head.newest), window):]
     seed_cols = np.arange(len(seed), dtype=np.int64)                          # newest = column 0
     s_seed, _ = topk_over(query, _event_keys(ix, seed[::-1], seed_cols), seed_cols, k, ix.segments)
-    plan = plan_blocks(q, ix.d_sem, head.ix0, ix.decode(head.index), n, window, B, ix.position_bound())
-    seed_abs = n - len(seed)
-    need = needed(plan, kth_scores(s_seed, k), plan.block_ids * B >= seed_abs)
-    return IndexedSearch(head, items, cates, query, window, seed, block_ranges(plan, need, B, seed_abs),
-                         int(need.sum()))
+    kth = kth_scores(s_seed, k)
+    ids = window_blocks(n, window, B)
+    if len(ids):
+        ids = ids[prefilter(q, ix.d_sem, ix.cap(), n, window, B, ix.position_bound(), kth)
+                  & (ids * B < n - len(seed))]                                  # blocks wholly in the seed: done
+    if len(ids) and ids[0] < head.ix0:
+        raise ValueError(f"block index starts at block {head.ix0}, the window at {ids[0]}")
+    return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids))
+
+
+def select_blocks(ix: BlockIndexer, s: IndexedSearch, entries: list[bytes]) -> None:
+    """After the second read (the summaries of s.entry_ranges): the blocks whose own bound reaches some
+    candidate's k-th score -> s.ranges (abs index runs to read)."""
+    got = ix.decode(b"".join(entries))
+    plan = plan_blocks(s.q, ix.d_sem, s.candidates, got, s.head.n, s.window, ix.block, ix.position_bound())
+    need = needed(plan, s.kth, np.zeros(len(s.candidates), bool))
+    s.ranges = block_ranges(plan, need, ix.block, s.head.n - len(s.seed))
+    s.blocks = int(need.sum())
 
 
 def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """After the second read (the records of s.ranges): one exact top-k over the seed and the blocks read,
+    """After the third read (the records of s.ranges): one exact top-k over the seed and the blocks read,
     in column order. -> (scores [C, k], columns [C, k], the kept records [C, k] (holes: column 0's))."""
     n = s.head.n
     recs = np.concatenate([s.seed[::-1]] + [r[::-1] for r in reversed(fetched)])       # newest first

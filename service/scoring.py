@@ -50,8 +50,8 @@ class ScoreResult:
 
 log = logging.getLogger("recsys.scoring")
 
-# The indexed path is taken when the blocks left to read hold at most this share of the searched window
-# (measured: with nothing pruned it is ~5x slower than the whole-sequence path at L = 10k).
+# The indexed path is taken when the position bound leaves at most this share of the window's blocks
+# (measured: with nothing pruned it was ~5x slower than the whole-sequence path at L = 10k).
 MAX_INDEXED_FRACTION = 0.25
 
 
@@ -90,9 +90,10 @@ class Scorer:
         return out
 
     def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob], out: list) -> dict[int, int]:
-        """The indexed path for the jobs it can serve (the others stay None in `out`). -> bytes read by the
-        jobs that fall back to the whole-sequence path, by job."""
-        from service.block_index import begin_search
+        """The indexed path for the jobs it can serve (the others stay None in `out`): three pipelined reads
+        for the whole micro-batch (heads; the summaries the position bound leaves; the blocks their bounds
+        leave). -> bytes read by the jobs that fall back to the whole-sequence path, by job."""
+        from service.block_index import begin_search, select_blocks
 
         users = list(dict.fromkeys(j.user_id for j in jobs))
         heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
@@ -100,6 +101,11 @@ class Scorer:
         searches = {}
         fallback: dict[int, int] = {}
         oov: dict[int, int] = {}
+
+        def give_up(i: int, s) -> None:
+            fallback[i] = s.head.bytes_read
+            searches.pop(i, None)
+
         with torch.inference_mode():
             for i, job in enumerate(jobs):
                 h = heads[job.user_id]
@@ -115,15 +121,29 @@ class Scorer:
                     continue
                 # When the bounds prune little (e.g. histories with no recency or topical structure), block
                 # reads and per-block scoring cost more than one whole read and the fused search.
-                if sum(hi - lo for lo, hi in search.ranges) <= MAX_INDEXED_FRACTION * search.window:
+                window_blocks = -(-search.window // indexer.block)
+                if len(search.candidates) <= MAX_INDEXED_FRACTION * window_blocks:
                     searches[i] = search
                     oov[i] = n_oov
                 else:
                     fallback[i] = h.bytes_read
+            entries = self.store.read_index_entries(
+                [(jobs[i].user_id, s.head, s.entry_ranges) for i, s in searches.items()], model.version,
+                indexer.entry_bytes)
+            for (i, s), got in list(zip(searches.items(), entries)):
+                if got is None:  # the sequence moved between the reads: the whole-sequence path
+                    give_up(i, s)
+                    continue
+                s.head.bytes_read += sum(map(len, got))
+                try:
+                    select_blocks(indexer, s, got)
+                except Exception:  # noqa: BLE001
+                    log.exception("user %s: block index unusable, reading the whole sequence", jobs[i].user_id)
+                    give_up(i, s)
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
-            for (i, s), recs in zip(searches.items(), reads):
-                if recs is None:  # the sequence moved between the reads: the whole-sequence path
-                    fallback[i] = s.head.bytes_read
+            for (i, s), recs in zip(list(searches.items()), reads):
+                if recs is None:
+                    give_up(i, s)
                     continue
                 try:
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)

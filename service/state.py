@@ -148,7 +148,6 @@ class IndexHead:
     visible: int           # min(stored, seq_cap)
     state: bytes | None    # current state of the version (None: absent, stale, or not asked for)
     ix0: int | None        # first block of the index; None when the index is not current (or absent)
-    index: bytes
     newest: np.ndarray     # the newest min(seed, visible) records, oldest first
     bytes_read: int = 0
 
@@ -485,8 +484,9 @@ class StateStore:
 
     def read_index_heads(self, user_ids: Sequence[int], version: str, fmt: str, seed: int,
                          with_state: bool) -> list[IndexHead]:
-        """The indexed path's first round trip, for many users: meta, the block index of `version` (current
-        only if its format is `fmt`), the newest `seed` records and (with_state) the state."""
+        """The indexed path's first round trip, for many users: meta (is the block index of `version` current,
+        in format `fmt`), the newest `seed` records and (with_state) the state. The summaries come next
+        (`read_index_entries`), only those of the blocks the position bound leaves."""
         check_version(version)
         pipe = self.client.pipeline(transaction=not self.cfg.cluster)
         span = seed * RECORD_BYTES
@@ -495,16 +495,15 @@ class StateStore:
             pipe.hmget(k.meta, "rev", "n", f"srev:{version}", f"ixrev:{version}", f"ix0:{version}", f"ixfmt:{version}")
             pipe.strlen(k.seq)
             pipe.strlen(k.tail)
-            pipe.get(k.index(version))
             pipe.getrange(k.seq, -span, -1)
             pipe.getrange(k.tail, -span, -1)
             if with_state:
                 pipe.get(k.state(version))
         replies = pipe.execute()
-        step = 7 if with_state else 6
+        step = 6 if with_state else 5
         out = []
         for i in range(len(user_ids)):
-            (rev, n, srev, ixrev, ix0, ixfmt), m, t, index, seq_end, tail_end, *st = replies[step * i: step * (i + 1)]
+            (rev, n, srev, ixrev, ix0, ixfmt), m, t, seq_end, tail_end, *st = replies[step * i: step * (i + 1)]
             rev = int(rev or 0)
             stored = (m + t) // RECORD_BYTES
             visible = min(stored, self.cfg.seq_cap)
@@ -513,9 +512,28 @@ class StateStore:
             current = ixrev is not None and int(ixrev) == rev and ixfmt is not None and ixfmt.decode() == fmt
             state = st[0] if st and srev is not None and int(srev) == rev else None
             out.append(IndexHead(rev=rev, n=int(n or 0), stored=stored, seq_records=m // RECORD_BYTES, visible=visible,
-                                 state=state, ix0=int(ix0) if current else None, index=(index or b"") if current else b"",
-                                 newest=newest, bytes_read=len(index or b"") + len(seq_end) + len(tail_end)
-                                 + len(st[0] or b"" if st else b"")))
+                                 state=state, ix0=int(ix0) if current else None, newest=newest,
+                                 bytes_read=len(seq_end) + len(tail_end) + len(st[0] or b"" if st else b"")))
+        return out
+
+    def read_index_entries(self, requests: Sequence[tuple[int, IndexHead, Sequence[tuple[int, int]]]], version: str,
+                           entry_bytes: int) -> list[list[bytes] | None]:
+        """The indexed path's second round trip: per (user, head, [(first block, last block + 1), ...]) the
+        block summaries of those runs, or None when the user's rev moved since the head was read."""
+        pipe = self.client.pipeline(transaction=not self.cfg.cluster)
+        for u, head, runs in requests:
+            k = self.keys.user(u)
+            pipe.hget(k.meta, "rev")
+            for a, b in runs:
+                pipe.getrange(k.index(version), (a - head.ix0) * entry_bytes, (b - head.ix0) * entry_bytes - 1)
+        replies = pipe.execute() if requests else []
+        out, at = [], 0
+        for u, head, runs in requests:
+            rev = int(replies[at] or 0)
+            got = replies[at + 1: at + 1 + len(runs)]
+            at += 1 + len(runs)
+            ok = rev == head.rev and all(len(g) == (b - a) * entry_bytes for g, (a, b) in zip(got, runs))
+            out.append(list(got) if ok else None)
         return out
 
     def read_ranges(self, requests: Sequence[tuple[int, IndexHead, Sequence[tuple[int, int]]]]) -> list[list[np.ndarray] | None]:

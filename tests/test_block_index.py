@@ -301,8 +301,12 @@ def test_a_sequence_that_moves_between_the_two_reads_is_not_read_as_blocks(store
         whole = store.read_users([1], serving.version)[0].sequence
         np.testing.assert_array_equal(np.concatenate(got), np.concatenate([whole[0:16], whole[24:42]]))
         np.testing.assert_array_equal(head.newest, whole[-8:])
-        store.apply(updater, _events(1, 3, rng, t0=50))            # a write between the two reads
+        entries = store.read_index_entries([(1, head, [(0, 2), (4, 6)])], serving.version, ix.entry_bytes)[0]
+        want = ix.decode(store.client.get(store.keys.user(1).index(serving.version)))
+        np.testing.assert_array_equal(ix.decode(b"".join(entries)), want[[0, 1, 4, 5]])
+        store.apply(updater, _events(1, 3, rng, t0=50))            # a write between the reads
         assert store.read_ranges([(1, head, ranges)]) == [None]
+        assert store.read_index_entries([(1, head, [(0, 2)])], serving.version, ix.entry_bytes) == [None]
 
 
 def test_an_unusable_index_falls_back_to_the_whole_sequence(store_cfg):
