@@ -198,6 +198,8 @@ def main() -> None:
                         res = {"model": name, "max_len": L, "seed": seed, "diverged": str(e)}
                     print(json.dumps(res), file=sys.stderr, flush=True)
                     results.append(res)
+                    if a.out:  # what has run so far survives a sweep stopped before its end
+                        a.out.write_text(json.dumps({"benchmark": "lifelong", "partial": True, "results": results}, indent=1))
     emit({
         "benchmark": "lifelong",
         "inputs": {"preset": "quick" if a.quick else "full", "data": preset["data"], "lengths": lengths,
