@@ -4,6 +4,12 @@
 - `grouped_auc`: mean of per-group AUCs weighted by the group's rows, over groups with both labels.
   Grouped by user it is GAUC; by target category, the original DARE code's reported AUC.
 - `logloss`: of the main head's probabilities only.
+- Mergeable partials, for metrics over sharded rows: `auc_counts` (per group and distinct score, the positive
+  and negative counts; `merge_auc_counts` sums them exactly), `group_aucs` (per-group AUC and rows: what a
+  shard holding whole users sends for GAUC; `merge_group_aucs` averages), `logloss_partial`, and
+  `ctr_partial` / `merge_ctr` for the whole set. The single-process functions are the one-shard case of
+  the same code, so a merge over any user-disjoint split gives the same AUC, GAUC and category AUC bit for
+  bit and the same logloss to float rounding.
 - `search_recall`: the search stage's recall of the true driver events on synthetic data (all of them);
   `evidence_recall`: the same counted within the searched window and k slots, plus the hit rate.
 """
@@ -25,39 +31,80 @@ def _check(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return labels.astype(np.float64), scores
 
 
-def _tied_ranks(groups: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1-based ranks of scores within each group, ties averaged. -> (ranks, order) in sorted order."""
+def _sum_runs(groups: np.ndarray, scores: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> dict[str, np.ndarray]:
     order = np.lexsort((scores, groups))
     g, s = groups[order], scores[order]
-    n = len(s)
-    new_group = np.r_[True, g[1:] != g[:-1]]
-    new_run = new_group | np.r_[True, s[1:] != s[:-1]]
-    run_start = np.flatnonzero(new_run)
-    run_len = np.diff(np.r_[run_start, n])
-    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
-    run_id = np.cumsum(new_run) - 1
-    ranks = (run_start - group_start[run_start])[run_id] + (run_len[run_id] + 1) / 2.0
-    return ranks, order
+    if not len(s):
+        return {"group": g, "score": s, "pos": np.zeros(0), "neg": np.zeros(0)}
+    start = np.flatnonzero(np.r_[True, (g[1:] != g[:-1]) | (s[1:] != s[:-1])])
+    return {"group": g[start], "score": s[start], "pos": np.add.reduceat(pos[order], start),
+            "neg": np.add.reduceat(neg[order], start)}
+
+
+def auc_counts(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Mergeable AUC partial: per (group, distinct score), sorted, the positive and negative row counts.
+
+    Counts are exact and order-free, so `merge_auc_counts` over any row split (groups may span shards, as
+    categories do) rebuilds the table one process builds, and every AUC computed from it is bit-identical."""
+    labels, scores = _check(labels, scores)
+    groups = np.zeros(len(labels), np.int64) if groups is None else np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups {groups.shape} must match labels {labels.shape}")
+    return _sum_runs(groups, scores, labels, 1.0 - labels)
+
+
+def merge_auc_counts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    # an empty shard's arrays may carry another dtype (float ids from np.asarray([])); they add nothing
+    parts = [p for p in parts if len(p["group"])] or list(parts[:1])
+    if not parts:
+        return {"group": np.zeros(0, np.int64), "score": np.zeros(0), "pos": np.zeros(0), "neg": np.zeros(0)}
+    cat = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in ("group", "score", "pos", "neg")}
+    return _sum_runs(cat["group"], cat["score"].astype(np.float64), cat["pos"].astype(np.float64), cat["neg"].astype(np.float64))
+
+
+def group_aucs(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per group of a count table: AUC with tied scores counted as half (NaN without both labels) and the
+    group's rows (its weight). Computed from a group's complete counts, it is also GAUC's mergeable partial:
+    a shard holding whole users sends only this."""
+    g, pos, neg = counts["group"], counts["pos"], counts["neg"]
+    if not len(g):
+        return {"group": g, "auc": np.zeros(0), "weight": np.zeros(0)}
+    new = np.r_[True, g[1:] != g[:-1]]
+    first, gid = np.flatnonzero(new), np.cumsum(new) - 1
+    below = np.cumsum(neg) - neg
+    below -= below[first][gid]
+    # each term is a half-integer, exact in float64 below 2^52 rows, so the sum is independent of order
+    wins = np.add.reduceat(pos * (below + neg / 2.0), first)
+    n_pos, n_neg = np.add.reduceat(pos, first), np.add.reduceat(neg, first)
+    both = (n_pos > 0) & (n_neg > 0)
+    per = np.full(len(first), np.nan)
+    per[both] = wins[both] / (n_pos[both] * n_neg[both])
+    return {"group": g[first], "auc": per, "weight": n_pos + n_neg}
+
+
+def merge_group_aucs(parts: list[dict[str, np.ndarray]]) -> float:
+    """Row-weighted mean AUC over groups that have both labels (NaN when none has). Each group must be in
+    exactly one part: per-group AUCs do not merge, only whole groups do."""
+    parts = [p for p in parts if len(p["group"])]
+    if not parts:
+        return float("nan")
+    g = np.concatenate([np.asarray(p["group"]) for p in parts])
+    a = np.concatenate([np.asarray(p["auc"], np.float64) for p in parts])
+    w = np.concatenate([np.asarray(p["weight"], np.float64) for p in parts])
+    order = np.argsort(g, kind="stable")  # the single-process order, so the weighted sum is bit-identical
+    g, a, w = g[order], a[order], w[order]
+    if len(g) > 1 and (g[1:] == g[:-1]).any():
+        dup = g[1:][g[1:] == g[:-1]][0]
+        raise ValueError(f"group {dup} is split across partials; shard by whole groups")
+    ok = ~np.isnan(a)
+    if not ok.any():
+        return float("nan")
+    return float(np.average(a[ok], weights=w[ok]))
 
 
 def grouped_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> float:
     """Row-weighted mean AUC over groups that have both labels (NaN when none has)."""
-    labels, scores = _check(labels, scores)
-    groups = np.asarray(groups)
-    if groups.shape != labels.shape:
-        raise ValueError(f"groups {groups.shape} must match labels {labels.shape}")
-    ranks, order = _tied_ranks(groups, scores)
-    _, gid = np.unique(groups[order], return_inverse=True)
-    y = labels[order]
-    n_pos = np.bincount(gid, weights=y)
-    n_all = np.bincount(gid).astype(np.float64)
-    n_neg = n_all - n_pos
-    rank_sum = np.bincount(gid, weights=ranks * y)
-    ok = (n_pos > 0) & (n_neg > 0)
-    if not ok.any():
-        return float("nan")
-    per_group = (rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
-    return float(np.average(per_group, weights=n_all[ok]))
+    return merge_group_aucs([group_aucs(auc_counts(labels, scores, groups))])
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -68,10 +115,20 @@ def gauc(labels: np.ndarray, scores: np.ndarray, users: np.ndarray) -> float:
     return grouped_auc(labels, scores, users)
 
 
-def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+def logloss_partial(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     labels, probs = _check(labels, probs)
     p = np.clip(probs, EPS, 1.0 - EPS)
-    return float(-np.mean(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p)))
+    return {"sum": float(-np.sum(labels * np.log(p) + (1.0 - labels) * np.log(1.0 - p))), "rows": len(labels)}
+
+
+def merge_logloss(parts: list[dict[str, float]]) -> float:
+    # float sums: a split changes the last bits only (relative ~1e-16 per shard)
+    rows = sum(p["rows"] for p in parts)
+    return sum(p["sum"] for p in parts) / rows if rows else float("nan")
+
+
+def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
+    return merge_logloss([logloss_partial(labels, probs)])
 
 
 def search_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndarray]) -> float:
@@ -134,12 +191,28 @@ def evidence_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndar
     }
 
 
+def ctr_partial(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, cates: np.ndarray) -> dict:
+    """ctr_metrics' mergeable partial of a shard holding whole users (categories may span shards)."""
+    return {
+        "auc": auc_counts(labels, probs),
+        "gauc": group_aucs(auc_counts(labels, probs, users)),
+        "cate": auc_counts(labels, probs, cates),
+        "logloss": logloss_partial(labels, probs),
+    }
+
+
+def merge_ctr(parts: list[dict]) -> dict[str, float]:
+    """ctr_metrics from the shards' ctr_partial results: AUC and category AUC exact, GAUC exact given
+    user-disjoint shards, logloss to float rounding."""
+    return {
+        "auc": merge_group_aucs([group_aucs(merge_auc_counts([p["auc"] for p in parts]))]),
+        "gauc": merge_group_aucs([p["gauc"] for p in parts]),
+        "logloss": merge_logloss([p["logloss"] for p in parts]),
+        "cate_auc": merge_group_aucs([group_aucs(merge_auc_counts([p["cate"] for p in parts]))]),
+        "rows": int(sum(p["logloss"]["rows"] for p in parts)),
+    }
+
+
 def ctr_metrics(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, cates: np.ndarray) -> dict[str, float]:
     """The metric set reported for a split: AUC, GAUC (by user), logloss, category-grouped AUC."""
-    return {
-        "auc": auc(labels, probs),
-        "gauc": gauc(labels, probs, users),
-        "logloss": logloss(labels, probs),
-        "cate_auc": grouped_auc(labels, probs, cates),
-        "rows": int(len(labels)),
-    }
+    return merge_ctr([ctr_partial(labels, probs, users, cates)])

@@ -9,7 +9,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from recsys.config.model import ModelConfig
 from recsys.data.sequences import iterate_batches, load_dataset
-from recsys.metrics import auc, ctr_metrics, gauc, grouped_auc, logloss, search_recall
+from recsys.metrics import (auc, auc_counts, ctr_metrics, ctr_partial, gauc, group_aucs, grouped_auc, logloss, merge_auc_counts,
+                            merge_ctr, merge_group_aucs, search_recall)
 from recsys.models import build_model
 from recsys.train.step import make_optimizers, train_step
 from recsys.config.train import TrainConfig
@@ -61,6 +62,81 @@ def test_gauc_and_category_auc_equal_per_group_loops(predictions):
     assert grouped_auc(t.label, p, t.cate) == pytest.approx(_loop_grouped_auc(t.label, p, t.cate), abs=1e-12)
     m = ctr_metrics(t.label, p, t.user, t.cate)
     assert set(m) == {"auc", "gauc", "logloss", "cate_auc", "rows"} and m["rows"] == 3000
+
+
+def _rank_grouped_auc(labels, scores, groups):
+    """The single-process implementation before partials existed (tied ranks per group), kept as reference."""
+    labels, scores, groups = np.asarray(labels, np.float64), np.asarray(scores, np.float64), np.asarray(groups)
+    order = np.lexsort((scores, groups))
+    g, s = groups[order], scores[order]
+    n = len(s)
+    new_group = np.r_[True, g[1:] != g[:-1]]
+    new_run = new_group | np.r_[True, s[1:] != s[:-1]]
+    run_start = np.flatnonzero(new_run)
+    run_len = np.diff(np.r_[run_start, n])
+    group_start = np.maximum.accumulate(np.where(new_group, np.arange(n), 0))
+    run_id = np.cumsum(new_run) - 1
+    ranks = (run_start - group_start[run_start])[run_id] + (run_len[run_id] + 1) / 2.0
+    _, gid = np.unique(g, return_inverse=True)
+    y = labels[order]
+    n_pos, n_all = np.bincount(gid, weights=y), np.bincount(gid).astype(np.float64)
+    n_neg = n_all - n_pos
+    rank_sum = np.bincount(gid, weights=ranks * y)
+    ok = (n_pos > 0) & (n_neg > 0)
+    if not ok.any():
+        return float("nan")
+    per = (rank_sum[ok] - n_pos[ok] * (n_pos[ok] + 1) / 2.0) / (n_pos[ok] * n_neg[ok])
+    return float(np.average(per, weights=n_all[ok]))
+
+
+def _same(a, b, tol=0.0):
+    return (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_partial_metrics_merged_over_user_shards_equal_one_process(seed):
+    """Random rows with heavy ties, split over user-disjoint shards several ways (empty shards, a shard whose
+    rows have one label only): the merged AUC, GAUC and category AUC equal one process exactly, logloss to
+    1e-12, and both equal the rank-based implementation."""
+    rng = np.random.default_rng(seed)
+    n, n_users = int(rng.integers(200, 3000)), int(rng.integers(5, 120))
+    user = rng.integers(0, n_users, n)
+    cate = rng.integers(0, 12, n)
+    label = (rng.random(n) < rng.uniform(0.1, 0.6)).astype(np.float32)
+    label[user == 0] = 1.0  # user 0 alone in a shard below: that shard has positives only
+    prob = np.round(rng.random(n), int(rng.integers(1, 4)))  # few distinct scores: ties within and across shards
+    one = ctr_metrics(label, prob, user, cate)
+    for k, g in (("auc", np.zeros(n, np.int64)), ("gauc", user), ("cate_auc", cate)):
+        assert _same(one[k], _rank_grouped_auc(label, prob, g), 1e-12), k
+    assert one["logloss"] == pytest.approx(log_loss(label, prob.clip(1e-7, 1 - 1e-7)), abs=1e-12)
+    for n_shards in (1, 2, 3, 7):
+        shard_of_user = rng.integers(1, n_shards + 1, n_users)  # shard 0 and maybe others get no user
+        shard_of_user[0] = 0
+        shard = shard_of_user[user]
+        parts = [ctr_partial(label[shard == i], prob[shard == i], user[shard == i], cate[shard == i]) for i in range(n_shards + 2)]
+        rng.shuffle(parts)
+        merged = merge_ctr(parts)
+        assert merged["rows"] == n
+        for k in ("auc", "gauc", "cate_auc"):
+            assert _same(merged[k], one[k]), (k, n_shards)
+        assert merged["logloss"] == pytest.approx(one["logloss"], abs=1e-12)
+
+
+def test_auc_counts_merge_to_the_whole_table_and_users_must_not_span_partials():
+    y = np.array([1, 0, 1, 0, 1, 0])
+    s = np.array([0.5, 0.5, 0.2, 0.9, 0.5, 0.2])
+    g = np.array([0, 0, 0, 1, 1, 1])
+    whole = auc_counts(y, s, g)
+    merged = merge_auc_counts([auc_counts(y[:3], s[:3], g[:3]), auc_counts(y[3:], s[3:], g[3:]), auc_counts(y[:0], s[:0])])
+    for k in whole:
+        np.testing.assert_array_equal(merged[k], whole[k])
+    np.testing.assert_array_equal(whole["pos"], [1, 1, 0, 1, 0])  # (0,.2) (0,.5) (1,.2) (1,.5) (1,.9)
+    per = group_aucs(whole)
+    # group 0: the positive at .5 ties the negative (1/2), the one at .2 loses: 0.25; group 1: 0.5 of 1 pair won
+    np.testing.assert_array_equal(per["auc"], [0.25, 0.5])
+    with pytest.raises(ValueError, match="group 1"):
+        merge_group_aucs([group_aucs(auc_counts(y[:4], s[:4], g[:4])), group_aucs(auc_counts(y[4:], s[4:], g[4:]))])
+    assert np.isnan(merge_ctr([])["auc"]) and merge_ctr([])["rows"] == 0
 
 
 def test_groups_with_one_label_are_skipped_and_bad_scores_named():

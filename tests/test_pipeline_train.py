@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from pipelines.evaluate import run_evaluate
+from pipelines.evaluate import run_evaluate, user_chunks
 from pipelines.runtime import init_ray
 from pipelines.train import FAULT_ENV, WorkerShare, _fused_optimizer_state, _restore, _save, run_train, worker_model
 from recsys.bundle import load_bundle
@@ -107,6 +107,25 @@ def test_batch_evaluation_equals_single_process(setup, bench_dataset):
     for k in ("auc", "gauc", "cate_auc"):
         assert got[k] == pytest.approx(want[k], abs=1e-9), k
     assert got["logloss"] == pytest.approx(want["logloss"], rel=1e-6)
+
+
+def test_evaluation_chunks_hold_whole_users():
+    """GAUC merges per-user AUCs, so the chunks the scoring actors get must cut only between users."""
+    import numpy as np
+
+    users = np.random.default_rng(0).integers(0, 50, 1000)
+    for size in (1, 7, 64, 5000):
+        order, bounds = user_chunks(users, size)
+        u = users[order]
+        assert bounds[0] == 0 and bounds[-1] == len(users) and (np.diff(bounds) > 0).all()
+        assert np.array_equal(np.sort(order), np.arange(len(users)))
+        assert (u[bounds[1:-1] - 1] != u[bounds[1:-1]]).all()
+        if size == 1:
+            assert len(bounds) - 1 == 50  # every user alone
+        if size >= len(users):
+            assert len(bounds) - 1 == 1
+    order, bounds = user_chunks(users[:0], 64)
+    assert len(order) == 0 and list(bounds) == [0]
 
 
 def test_fused_backend_two_workers(ray_local, bench_dataset, tmp_path, monkeypatch):
