@@ -351,3 +351,19 @@ def test_c_chunk_loop_equals_the_torch_form(monkeypatch, dtype, tol):
                 torch.testing.assert_close(a, b, rtol=tol, atol=tol)
             else:
                 assert float((a - b).norm()) <= tol * float(b.norm())
+
+
+def test_shapes_past_the_c_scratch_bound_take_the_torch_form():
+    """The C kernel keeps its per-user scratch on the stack; a chunk of 128 events x 32 dims is past its bound
+    and must run (on the torch form), not fail."""
+    from kernels.titans_memory import cpu as titans_cpu
+
+    mem = NeuralMemory(D_IN, d_key=32, d_hidden=32, chunk_size=128, d_query=D_Q)
+    x = torch.randn(2, 300, D_IN)
+    c = mem.chunks(x[:, :128], torch.ones(2, 128, dtype=torch.bool))
+    w, s = mem._initial(2)
+    assert not titans_cpu.supports(list(vars(c).values()) + w + s, 2)
+    small = mem.chunks(x[:, :16], torch.ones(2, 16, dtype=torch.bool))
+    assert titans_cpu.supports(list(vars(small).values()) + w + s, 2)
+    out = mem(x, torch.tensor([300, 140]), torch.randn(2, D_Q))
+    assert out.shape == (2, 32) and bool(torch.isfinite(out).all())

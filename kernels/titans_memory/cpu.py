@@ -45,11 +45,20 @@ def load():
     return lib
 
 
+# update.inc's MAX_BD and MAX_DD: its per-user scratch is on the stack
+MAX_BD, MAX_DD = 2048, 4096
+
+
 def supports(tensors: Sequence[torch.Tensor], n_layers: int) -> bool:
-    """Whether the kernel runs this case: a 2-layer memory, CPU float32/float64 tensors, and a build."""
+    """Whether the kernel runs this case: a 2-layer memory, CPU float32/float64 tensors within the scratch
+    bounds (tensors: the chunk fields, k [P, b, d_key] first, then the state, W1 [U, d_key, d_hidden] first),
+    and a build."""
     t = tensors[0]
-    return (n_layers == 2 and t.device.type == "cpu" and t.dtype in _SUFFIX
-            and all(x.dtype == t.dtype for x in tensors) and load() is not None)
+    if n_layers != 2 or t.dim() != 3 or t.device.type != "cpu" or t.dtype not in _SUFFIX:
+        return False
+    b, dk, dh = t.shape[1], t.shape[2], tensors[8].shape[-1]
+    return (b * max(dk, dh) <= MAX_BD and dk * dh <= MAX_DD and all(x.dtype == t.dtype for x in tensors)
+            and load() is not None)
 
 
 def _threads(work: int) -> int:
