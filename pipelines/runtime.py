@@ -245,7 +245,6 @@ def ray_session(
 ) -> Iterator[RayResources]:
     """`with ray_session(...) as res:` runs a job on Ray and shuts a locally started Ray down afterwards,
     also when the job raises."""
-    import ray
 
     started = init_ray(address, num_cpus, object_store_mb, log_to_driver)
     try:
