@@ -205,12 +205,71 @@ def measure(cls: str) -> dict:
 
 
 class _Cache:
-    """Choices per class: in memory, and in a JSON file shared by the processes of this machine."""
+    """Choices per class: in memory, and in a JSON file shared by the processes of this machine.
+
+    Deferred mode (a server: `defer_tuning`): a class not yet measured is answered with `fixed_choice` at
+    once and measured on a background thread, so no request waits the 0.02-0.8 s of a tune (a first
+    request of a new class at L = 100k waited ~0.8 s); later requests run the measured path."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.choices: dict[str, dict] = {}
         self.loaded_from: Path | None = None
+        self.defer = False
+        self.queue: list[str] = []               # classes waiting for the background thread, oldest first
+        self.queued: set[str] = set()
+        self.wake = threading.Condition()
+        self.worker: threading.Thread | None = None
+
+    def choose_now(self, cls: str) -> str | None:
+        """Deferred mode: the measured path, or None (the caller runs the fixed rule) while `cls` waits."""
+        hit = self.choices.get(cls)
+        if hit is not None:
+            return hit["path"]
+        path = self.path()
+        if self.loaded_from != path and self.lock.acquire(blocking=False):
+            try:   # another process may have measured it; a busy lock means the worker is measuring: skip
+                self.choices.update(self._read(path))
+                self.loaded_from = path
+            finally:
+                self.lock.release()
+            hit = self.choices.get(cls)
+            if hit is not None:
+                return hit["path"]
+        self.later(cls)
+        return None
+
+    def later(self, cls: str) -> None:
+        with self.wake:
+            if cls in self.queued or cls in self.choices:
+                return
+            self.queued.add(cls)
+            self.queue.append(cls)
+            if self.worker is None or not self.worker.is_alive():
+                self.worker = threading.Thread(target=self._drain, name="topk-dispatch-tune", daemon=True)
+                self.worker.start()
+            self.wake.notify()
+
+    def _drain(self) -> None:
+        while True:
+            with self.wake:
+                if not self.queue:
+                    self.worker = None
+                    return
+                cls = self.queue.pop(0)
+            try:
+                self.choose(cls)
+            except Exception:  # noqa: BLE001 - a failed tune leaves the fixed rule in place for that class
+                log.exception("top-k dispatch: tuning %s failed; the fixed rule stays", cls)
+            finally:
+                with self.wake:
+                    self.queued.discard(cls)
+                    self.wake.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Until the background thread has measured every queued class (tests, benchmarks' warm-up)."""
+        with self.wake:
+            return self.wake.wait_for(lambda: not self.queue and not self.queued, timeout)
 
     def path(self) -> Path:
         key = f"{cbuild.cpu_signature()}\n{fused.build_tag()}\n{torch.__version__}"
@@ -264,6 +323,23 @@ class _Cache:
 _cache = _Cache()
 
 
+def defer_tuning(on: bool = True) -> None:
+    """Servers: never measure inside a call; unmeasured classes run the fixed rule and are measured on a
+    background thread (`_Cache`)."""
+    _cache.defer = on
+
+
+def tune_later(serving: bool, rows: int, L: int, d: int, k: int) -> None:
+    """Queue a class for the background thread (a server's expected request shape, at start)."""
+    if autotune_enabled() and rows and L:
+        _cache.later(shape_class(serving, rows, L, d, k))
+
+
+def wait_tuned(timeout: float = 60.0) -> bool:
+    """Until the background thread is idle -> False on timeout."""
+    return _cache.wait_idle(timeout)
+
+
 def tune(serving: bool, rows: int, L: int, d: int, k: int) -> str:
     """Measure (or read) the class of this shape now, e.g. at a server's start, so that no request pays for
     it -> the path chosen."""
@@ -278,7 +354,10 @@ def choose(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | int,
     rows, L, d = query.shape[0], keys.shape[-2], query.shape[-1]
     if not autotune_enabled() or rows == 0 or L == 0:
         return fixed_choice(serving, rows, L, d)
-    name = _cache.choose(shape_class(serving, rows, L, d, k))
+    cls = shape_class(serving, rows, L, d, k)
+    name = _cache.choose_now(cls) if _cache.defer else _cache.choose(cls)
+    if name is None:
+        return fixed_choice(serving, rows, L, d)
     return name if name in candidates("serving" if serving else "training", rows, L) else fixed_choice(serving, rows, L, d)
 
 

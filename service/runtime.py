@@ -19,6 +19,7 @@ import redis
 import torch
 
 from recsys.config.http import ServiceConfig
+from retrieval import dispatch
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
@@ -59,6 +60,9 @@ class Runtime:
         cfg = self.config
         if cfg.http.torch_threads:
             torch.set_num_threads(cfg.http.torch_threads)
+        # a request never waits for the top-k path's measurement: new shape classes run the fixed rule
+        # while a background thread measures them (retrieval.dispatch)
+        dispatch.defer_tuning()
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)

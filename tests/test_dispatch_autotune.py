@@ -156,3 +156,30 @@ def test_tune_ahead_of_the_first_call(cache, monkeypatch):
     assert dispatch.tune(True, 200, 3_000, 16, 20) == "shared"
     monkeypatch.setattr(dispatch, "measure", lambda cls: pytest.fail(f"measured {cls} again"))
     assert dispatch.choose(torch.randn(200, 16), torch.randn(3_000, 16), 3_000, 20) == "shared"
+
+
+def test_deferred_tuning_never_measures_inside_a_call(cache, monkeypatch):
+    """A server's mode: the first call of a class runs the fixed rule at once while a background thread
+    measures; once measured, calls run the measured path (here forced to differ from the fixed rule)."""
+    monkeypatch.setattr(cache, "defer", True)
+    measuring, release = threading.Event(), threading.Event()
+    inside = []
+
+    def slow_measure(cls):
+        inside.append(threading.current_thread().name)
+        measuring.set()
+        assert release.wait(30)
+        return {"path": "shared" if fixed != "shared" else "blocked", "median_s": {}, "left_out_s": {}}
+
+    monkeypatch.setattr(dispatch, "measure", slow_measure)
+    q, keys = torch.randn(16, 16), torch.randn(3_000, 16)
+    fixed = dispatch.fixed_choice(True, 16, 3_000, 16)
+    assert dispatch.choose(q, keys, 3_000, 20) == fixed           # answered while nothing is measured yet
+    assert measuring.wait(30)
+    assert dispatch.choose(q, keys, 3_000, 20) == fixed           # ... and while the class is measured
+    release.set()
+    assert dispatch.wait_tuned(30)
+    assert inside == ["topk-dispatch-tune"]                       # measured once, off the calling thread
+    assert dispatch.choose(q, keys, 3_000, 20) == ("shared" if fixed != "shared" else "blocked")
+    want = topk_reference(q, keys, 3_000, 20)[1]
+    assert int((retrieval.topk(q, keys, 3_000, 20)[1] != want).sum()) == 0

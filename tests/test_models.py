@@ -136,6 +136,10 @@ def test_serving_entry_point_equals_batch_forward(name, data, batch):
         torch.testing.assert_close(got.aux_logit, want.aux_logit, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="max_len"):
         m.score_candidates(torch.ones(31, dtype=torch.long), torch.ones(31, dtype=torch.long), cand_item, cand_cate)
+    if name != "din":   # served without the auxiliary head (service.model_state drops it): the same logits
+        m.aux_mlp = None
+        served = m.score_candidates(batch.hist_item[b, :L], batch.hist_cate[b, :L], cand_item, cand_cate)
+        assert torch.equal(served.logit, got.logit) and torch.equal(served.indices, got.indices)
 
 
 @pytest.mark.parametrize("name", ["dare", "din"])

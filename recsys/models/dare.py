@@ -267,18 +267,28 @@ class DARE(nn.Module):
         way, with heads()' numbers (tests/test_models.py compares it with the batch forward):
         - table rows read straight from the weights: no id dedup or KJT, as nothing sends gradient back;
         - the shared-history top-k (retrieval.topk's serving layout: all C targets against one history);
-        - the kept events' embeddings gathered from the full-history ones, not looked up a second time.
+        - the kept events' attention rows gathered from the full-history ones, not looked up a second time;
+        - without the auxiliary head (serving drops it) the representation rows of the kept events only.
         """
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
         target = {**target, "pos": position_rows(target["pos"], self.config)}
         events = {**events, "pos": position_rows(events["pos"], self.config)}
         att = _lookup(att_set, att_prefix, target, events)
-        rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, events)
         idx = search(att, L, self.k, self.segments)                              # [C, k] stage 1
         safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
         kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
         att_k = Fields(att.target, [kept(e) for e in att.events])
-        rep_k = Fields(rep.target, [kept(e) for e in rep.events])
+        if rep_set is att_set:
+            rep, rep_k = att, att_k
+        elif self.aux_mlp is None:
+            # only the auxiliary head reads the whole history's representation rows: without it (serving)
+            # look up the kept events' rows alone (at L = 100k, C = 200: 3 lookups of 100k rows -> of 4k)
+            rep = None
+            got = _lookup(rep_set, rep_prefix, target, {f: events[f].index_select(0, safe) for f in FIELDS})
+            rep_k = Fields(got.target, [e.view(*idx.shape, -1) for e in got.events])
+        else:
+            rep = _lookup(rep_set, rep_prefix, target, events)
+            rep_k = Fields(rep.target, [kept(e) for e in rep.events])
         return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L, memory))
 
 
