@@ -14,7 +14,7 @@ handles by rebuilding the index from the merged sequence, as it does the state) 
 
 The stream worker (through `StateStore.apply`) widens the open block's summary and adds the new blocks'
 for each in-order batch: one SETRANGE of a few hundred bytes. Size: (3 x 2 d_a + 1) x 4 bytes per block =
-388 B per 256 events at d_a = 16, i.e. 7.2% of the 21-byte records.
+388 B per 256 events at d_a = 16, i.e. 5.2% of the 29-byte records.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from retrieval.block_search import (PositionBound, block_ranges, id_ranges, kth_scores, needed, plan_blocks, prefilter,
                                      summaries_many, topk_over, window_blocks, window_cols)
 from recsys.embeddings import TableSet
+from recsys.models.attention import stage1_inputs
 
 
 FULL_GROUP_EVENTS = 1 << 20
@@ -170,11 +171,22 @@ class IndexedSearch:
     blocks: int = 0              # blocks read past the seed
 
 
-def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-    """Full attention keys [m, D] (item, category, position row of recency col + 1) of records at columns cols."""
+def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> list[torch.Tensor]:
+    """Attention key fields (item, category, position row of recency col + 1) [m, d_a] each of records at
+    columns cols."""
     pos = ix.pos_rows(torch.from_numpy(cols + 1))
+    sem = ix.keys(records)
     with torch.no_grad():
-        return torch.cat([ix.keys(records), ix.pos_w.index_select(0, pos)], 1)
+        return [sem[:, :ix.d_att], sem[:, ix.d_att:], ix.pos_w.index_select(0, pos)]
+
+
+def _search(ix: BlockIndexer, query: torch.Tensor, keys: list[torch.Tensor], cols: np.ndarray, k: int):
+    """The exact top-k over some events, with the model's stage-1 inputs (position folded in, as in the
+    whole-sequence search: recsys.models.attention.stage1_inputs) -> (scores, columns)."""
+    d = ix.d_att
+    q, x, segs = stage1_inputs([query[:, :d], query[:, d:2 * d], query[:, 2 * d:]],
+                               [t.contiguous() for t in keys], ix.segments)
+    return topk_over(q, x, cols, k, segs)
 
 
 def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tensor, max_len: int, k: int) -> IndexedSearch:
@@ -191,7 +203,7 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     n, window = head.n, min(head.visible, max_len)
     seed = head.newest[len(head.newest) - min(len(head.newest), window):]
     seed_cols = np.arange(len(seed), dtype=np.int64)                          # newest = column 0
-    s_seed, _ = topk_over(query, _event_keys(ix, seed[::-1], seed_cols), seed_cols, k, ix.segments)
+    s_seed, _ = _search(ix, query, _event_keys(ix, seed[::-1], seed_cols), seed_cols, k)
     kth = kth_scores(s_seed, k)
     ids = window_blocks(n, window, B)
     if len(ids):
@@ -219,6 +231,6 @@ def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray],
     recs = np.concatenate([s.seed[::-1]] + [r[::-1] for r in reversed(fetched)])       # newest first
     cols = np.concatenate([np.arange(len(s.seed), dtype=np.int64)]
                           + [window_cols(n, lo, hi)[::-1] for lo, hi in reversed(s.ranges)])
-    top, idx = topk_over(s.query, _event_keys(ix, recs, cols), cols, k, ix.segments)
+    top, idx = _search(ix, s.query, _event_keys(ix, recs, cols), cols, k)
     at = np.searchsorted(cols, idx.clamp(min=0).numpy())
     return top, idx, recs[at]

@@ -262,3 +262,31 @@ def test_length_groups_give_the_one_padded_block_results(name, flags, data):
     atol = (1e-5 if flags else 1e-6) * max(float(g.abs().max()) for g in g2.values())
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["serving", "training"])
+def test_stage1_position_fold_equals_the_split_scaled_search(layout):
+    """Stage 1 folds the position segment into one key column (every target at position 0): the same top k
+    as the reference on the unfolded [item, category, position] keys, scores equal to fp32 rounding; a
+    query set whose position rows differ is searched unfolded."""
+    from kernels.topk_attention.reference import topk_reference
+    from recsys.models.attention import stage1_inputs
+
+    g = torch.Generator().manual_seed(3)
+    C, L, d = 9, 700, 16
+    shape = (L, d) if layout == "serving" else (C, L, d)
+    target = [torch.randn(C, d, generator=g), torch.randn(C, d, generator=g), torch.randn(1, d, generator=g).expand(C, d)]
+    events = [torch.randn(*shape, generator=g) for _ in range(3)]
+    lengths = L if layout == "serving" else torch.randint(1, L + 1, (C,), generator=g)
+    q, x, segs = stage1_inputs(target, events, [2 * d, d])
+    assert segs == [2 * d, 1] and q.shape[-1] == x.shape[-1] == 2 * d + 1
+    want_s, want_i = topk_reference(torch.cat(target, -1), torch.cat(events, -1), lengths, 20, [2 * d, d])
+    got_s, got_i = topk_reference(q, x, lengths, 20, segs)
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_s, want_s, rtol=1e-5, atol=1e-5)
+    import retrieval
+
+    assert torch.equal(retrieval.topk(q, x, lengths, 20, segs)[1], want_i)
+    target[-1] = torch.randn(C, d, generator=g)                 # per-target position rows: no fold
+    q, x, segs = stage1_inputs(target, events, [2 * d, d])
+    assert segs == [2 * d, d] and torch.equal(q, torch.cat(target, -1))

@@ -47,10 +47,30 @@ def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(w, nan=0.0)
 
 
+def stage1_inputs(target: list[torch.Tensor], events: list[torch.Tensor],
+                  segments: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The search's (query, keys, segments) for retrieval.topk, with the position segment folded into one
+    key column when every target reads the same position row (DARE and TWIN: targets are position 0):
+    <q_pos, k_pos,i> / sqrt(d_pos) is then one number per event, b_i, shared by all queries, so
+        s_i = <q_sem, k_sem,i> / sqrt(d_sem) + 1 * b_i,
+    a (d_sem + 1)-wide search instead of d_sem + d_pos (at L = 100k, C = 200 on one thread: 13.3 -> 10.9 ms
+    for the fused kernel). Training, serving and the block index (service.block_index) all search through
+    here, so their stage-1 scores are the same numbers. target per field [Q, d]; events per field
+    [Q, L, d] or [L, d]; segments [d_sem, d_pos] fall on the last field's boundary."""
+    qp, xp = target[-1], events[-1]
+    if len(segments) != 2 or segments[1] != qp.shape[-1] or not torch.equal(qp, qp[:1].expand_as(qp)):
+        return torch.cat(target, -1), torch.cat(events, -1), segments
+    w = qp[0] * (1.0 / segments[1] ** 0.5)
+    bias = (xp * w).sum(-1, keepdim=True)                                  # [..., L, 1]: elementwise, then a
+    query = torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1)     # sum of d_pos: the same per event
+    return query, torch.cat(events[:-1] + [bias], -1), [segments[0], 1]    # whatever the batch
+
+
 def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
     """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
     with torch.no_grad():
-        _, idx = retrieval.topk(att.target_vec(), att.events_vec(), lengths, k, segments)
+        query, keys, segs = stage1_inputs(att.target, att.events, segments)
+        _, idx = retrieval.topk(query, keys, lengths, k, segs)
     return idx
 
 
