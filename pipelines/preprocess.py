@@ -30,10 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SplitConfig
-from recsys.data.prepare import FORMAT, DenseEvents, split_of_events, split_rows, user_item_keys
+from recsys.data.prepare import (
+    FORMAT,
+    DenseEvents,
+    split_of_events,
+    split_rows,
+    user_item_keys,
+    write_vocabulary,
+)
 from recsys.data.raw import open_raw
 from recsys.data.report import BadInputError, LoadReport
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
+from recsys.vocab import Vocabulary
 
 RAW_COLUMNS = ("user_id", "item_id", "category_id", "ts")
 RAW_SCHEMA = pa.schema([pa.field(c, pa.int64()) for c in RAW_COLUMNS])
@@ -292,6 +300,7 @@ def run_preprocess(
             "load_report": report,
             "partitions": n_parts,
         }
+        write_vocabulary(Vocabulary(maps.item_ids, maps.cate_ids, maps.item_cate), final)
         (final / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _swap_in(final, out)
         return meta

@@ -3,7 +3,9 @@
 The job knows nothing of where sequences and states live (pipelines never import service): the caller
 passes a picklable zero-argument `make_rebuilder` that each Ray actor calls once (open the state store,
 load the bundle) and that returns `rebuild(user_ids) -> number of states written`. The service's
-`StateStore.rebuild(ModelStateUpdater(model), users)` has exactly that shape. Users are split into
+`StateStore.rebuild(ModelStateUpdater(model), users)` has exactly that shape: it reads the stored raw
+(catalogue) ids and maps them with the new bundle's vocabulary, so states and block indexes of a retrained
+bundle come from the same stored histories under its own dense ids. Users are split into
 fixed chunks in id order; a failed actor is restarted and its chunk retried, which is safe because a
 rebuild writes a pure function of the stored sequence and the model version (idempotent).
 """

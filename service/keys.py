@@ -4,7 +4,7 @@ Per user u (hash tag `{u:<id>}`: all of one user's keys live in one cluster slot
 may touch them all):
     <prefix>{u:<id>}:meta        hash: rev, n, hwm_ts, hwm_tb, hwm_eid, last_eid, floor, srev:<version>,
                                  ixrev:<version>, ix0:<version>, ixfmt:<version>
-    <prefix>{u:<id>}:seq         string: packed 21-byte records, time-ordered (service.state.SEQ_DTYPE),
+    <prefix>{u:<id>}:seq         string: packed 29-byte records (raw catalogue ids), time-ordered (service.state.SEQ_DTYPE),
                                  written whole only (exact allocation), at most the cap
     <prefix>{u:<id>}:seqt        string: the records appended since (the sequence is seq ++ seqt)
     <prefix>{u:<id>}:dedup       zset: applied event id -> ts, the idempotency window

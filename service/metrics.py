@@ -26,7 +26,9 @@ class ServiceMetrics:
         self.memory_source = Counter(
             "recsys_score_memory", "score requests of a memory model by where the user's memory came from "
             "(stored, rebuilt in the request, empty)", ["source"], registry=r)
-        self.oov_items = Counter("recsys_score_oov_items", "candidate ids outside the model's id space", registry=r)
+        self.oov_ids = Counter(
+            "recsys_score_oov_ids", "candidate ids the served model's vocabulary does not know (scored with the "
+            "out-of-vocabulary row), by field (item, category)", ["field"], registry=r)
         self.events_ingested = Counter("recsys_events_ingested", "events accepted into the stream", registry=r)
         self.events_applied = Counter("recsys_events_applied", "events applied to user state", registry=r)
         self.events_duplicate = Counter("recsys_events_duplicate", "events already applied (no-ops)", registry=r)

@@ -1,9 +1,11 @@
 """The served model as the service sees it, and the StateUpdater that keeps per-user state for it.
 
-`ServingModel` wraps a loaded bundle: its version, its id space, and one call to score one user's
-candidates. Out of vocabulary: an item or category id outside its table (>= the table's rows, or 0) maps
-to row 0, the padding row, and the served model's row 0 of every item and category table is set to zero
-at load. So an unknown id has one defined embedding, the zero vector, in every role (attention:
+`ServingModel` wraps a loaded bundle: its version, its id space and vocabulary, and one call to score one
+user's candidates. Requests and the state store hold raw (catalogue) ids; `map_ids` turns them into table rows
+with the bundle's vocabulary (recsys.vocab), at scoring, in the state updater and in the block index, so a
+retrain that renumbers the dense ids leaves stored histories valid. Out of vocabulary: a raw id the
+vocabulary does not know maps to row 0, the padding row, and the served model's row 0 of every item and
+category table is set to zero at load. So an unknown id has one defined embedding, the zero vector, in every role (attention:
 a semantic score of 0 against every event; representation: contributes nothing), independent of the
 seed that initialised the untrained padding row. Row 0 never reaches a known input's score (padding is
 masked by length everywhere), so this changes no in-vocabulary score: the offline=online parity tests
@@ -41,21 +43,29 @@ from recsys.data.batch import HistoryBatch
 from recsys.modules import state_codec
 from recsys.modules.aaren import Aaren
 from recsys.modules.titans import NeuralMemory
+from recsys.vocab import OOV as OOV_ID
+from recsys.vocab import Vocabulary
 from service.keys import check_version
 
-OOV_ID = 0
+NO_CATEGORY = -1  # a candidate sent without a category: the item's category from the vocabulary
 
 
 @dataclass
 class ServingModel:
     model: nn.Module          # in eval mode; exposes score_candidates(hist_item, hist_cate, cand_item, cand_cate[, memory])
     version: str
-    n_items: int              # rows of the item table (ids >= n_items are out of vocabulary)
+    n_items: int              # rows of the item table
     n_cates: int
     max_len: int              # the most recent events a forward reads
+    vocab: Vocabulary | None = None  # raw -> dense ids; None: the identity of the tables (raw id = row)
 
     def __post_init__(self) -> None:
         check_version(self.version)
+        if self.vocab is None:
+            self.vocab = Vocabulary.identity(self.n_items, self.n_cates)
+        if self.vocab.n_items > self.n_items or self.vocab.n_cates > self.n_cates:
+            raise ValueError(f"vocabulary of {self.vocab.n_items} item / {self.vocab.n_cates} category rows for tables "
+                             f"of {self.n_items} / {self.n_cates}")
         self.model.eval()
         # The auxiliary soft-attention head only exists to train attention embeddings: serving returns the
         # main head, so skip its O(C x L) pass. (Until score_candidates offers this itself.)
@@ -80,19 +90,32 @@ class ServingModel:
         b = load_bundle(Path(path))
         ids = b.id_space
         return cls(model=b.model, version=b.version, n_items=int(ids["n_items"]), n_cates=int(ids["n_cates"]),
-                   max_len=int(ids["max_len"]))
+                   max_len=int(ids["max_len"]), vocab=b.vocab)
 
     @property
     def has_memory(self) -> bool:
         return bool(getattr(self.model, "has_memory", False))
 
     def map_ids(self, ids: np.ndarray, field: str) -> tuple[torch.Tensor, int]:
-        """Raw ids [N] -> table ids [N] int64 (out-of-vocabulary -> OOV_ID), and how many were OOV."""
-        rows = self.n_items if field == "item" else self.n_cates
-        t = torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: record views are read-only
-        oov = t >= rows
-        n = int(oov.sum())
-        return (t.masked_fill(oov, OOV_ID) if n else t), n
+        """Raw (catalogue) ids [N] of `field` ("item" or "cate") -> table rows [N] int64 (unknown -> OOV_ID),
+        and how many were unknown."""
+        dense, n = self.vocab.dense(ids, field)
+        return torch.from_numpy(dense), n
+
+    def map_candidates(self, items: np.ndarray, cates: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """Raw candidate ids -> (item rows, category rows, unknown items, unknown categories). A category of
+        NO_CATEGORY is the item's category in the vocabulary (an unknown item's: OOV, not counted again)."""
+        item, n_item = self.map_ids(items, "item")
+        cates = np.asarray(cates, dtype=np.int64)
+        missing = cates == NO_CATEGORY
+        if not missing.any():
+            cate, n_cate = self.map_ids(cates, "cate")
+        else:
+            dense = self.vocab.category_of(item.numpy())  # a fresh array: the given ones go over it
+            given, n_cate = self.vocab.dense(cates[~missing], "cate")
+            dense[~missing] = given
+            cate = torch.from_numpy(dense)
+        return item, cate, n_item, n_cate
 
     def history(self, seq: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """SEQ_DTYPE records, oldest first -> (item, cate) [L] most recent first (HistoryBatch order)."""

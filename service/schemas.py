@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API (pydantic; they are also the OpenAPI schema).
 
 Requests are strict: no string-to-int coercion, no unknown fields, ids non-negative and below 2^53 (the
-state store's Lua scripts hold numbers as doubles). List caps come from the config, so the request models
+state store's Lua scripts hold numbers as doubles). Item and category ids are raw catalogue ids, stored as
+sent; the served bundle's vocabulary maps them to the model's rows (service.model_state). List caps come from the config, so the request models
 are built per app by `request_models(...)`; a violation is a 422 naming the field.
 """
 
@@ -31,9 +32,11 @@ class _Request(BaseModel):
 
 
 class Candidate(_Request):
-    # Any id is accepted: ones outside the model's tables (0 included) score as out-of-vocabulary.
+    # Raw (catalogue) ids. Any id is accepted: one the served bundle's vocabulary does not know scores with
+    # the out-of-vocabulary row.
     item_id: Id
-    category_id: Id
+    category_id: Id | None = Field(default=None, description="omitted or null: the item's category in the served "
+                                   "bundle's vocabulary (the out-of-vocabulary category for an unknown item)")
 
 
 class Event(_Request):
@@ -73,7 +76,7 @@ def request_models(max_candidates: int, max_events: int) -> RequestModels:
 
 
 class RetrievedEvent(BaseModel):
-    """A history event the search stage kept for a candidate, in search-score order."""
+    """A history event the search stage kept for a candidate, in search-score order (raw ids, as stored)."""
 
     position: int = Field(description="1 = the user's most recent event")
     item_id: int

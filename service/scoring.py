@@ -3,8 +3,10 @@
 Per micro-batch of concurrent requests (service.batching): one Redis round trip reads every user's capped
 sequence and current model state (`StateStore.read_users`), then each request is one call of the model's
 serving entry point (`score_candidates`: C candidates sharing one history, the retrieval serving layout),
-under `torch.inference_mode`. A user with no events scores with an empty history; ids outside the model's
-tables map to the out-of-vocabulary row (`ServingModel.map_ids`, shared with the state updater).
+under `torch.inference_mode`. A user with no events scores with an empty history. Requests and stored events
+carry raw (catalogue) ids: the served bundle's vocabulary maps them to table rows (`ServingModel.map_ids`,
+shared with the state updater and the block index), unknown ones to the out-of-vocabulary row, counted for
+candidates in `recsys_score_oov_ids_total`; a candidate without a category takes its item's.
 
 With the block index (service.block_index; `state.index_block` > 0 and a DARE-like model) a request reads
 the user's block summaries and newest events first, then only the blocks whose score bound can still beat a
@@ -100,7 +102,7 @@ class Scorer:
                                                             model.has_memory)))
         searches = {}
         fallback: dict[int, int] = {}
-        oov: dict[int, int] = {}
+        oov: dict[int, list[int]] = {}
 
         def give_up(i: int, s) -> None:
             fallback[i] = s.head.bytes_read
@@ -112,8 +114,7 @@ class Scorer:
                 if h.ix0 is None or h.visible == 0 or (model.has_memory and not h.state):
                     continue
                 try:
-                    items, n_oov = model.map_ids(job.items, "item")   # counted once the path is sure
-                    cates, _ = model.map_ids(job.cates, "cate")
+                    items, cates, *n_oov = model.map_candidates(job.items, job.cates)  # counted once the path is sure
                     search = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
                 except Exception:  # noqa: BLE001 - the index is an optimisation: the whole read still answers
                     log.exception("user %s: block index unusable, reading the whole sequence", job.user_id)
@@ -147,8 +148,7 @@ class Scorer:
                     continue
                 try:
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
-                    if oov[i]:
-                        self.metrics.oov_items.inc(oov[i])
+                    self._count_oov(*oov[i])
                 except Exception as e:  # noqa: BLE001
                     out[i] = e
         return fallback
@@ -177,15 +177,19 @@ class Scorer:
                            bytes_read=s.head.bytes_read + sum(r.nbytes for r in recs),
                            blocks_read=s.blocks)
 
+    def _count_oov(self, items: int, cates: int) -> None:
+        if items:
+            self.metrics.oov_ids.labels("item").inc(items)
+        if cates:
+            self.metrics.oov_ids.labels("category").inc(cates)
+
     def _score_one(self, model: ServingModel, view: UserView, job: ScoreJob) -> ScoreResult:
         seq = view.sequence[-model.max_len:]                                  # oldest first, [L]
         L = len(seq)
         if L == 0:
             self.metrics.cold_users.inc()
-        items, n_oov = model.map_ids(job.items, "item")
-        cates, _ = model.map_ids(job.cates, "cate")
-        if n_oov:
-            self.metrics.oov_items.inc(n_oov)
+        items, cates, *n_oov = model.map_candidates(job.items, job.cates)
+        self._count_oov(*n_oov)
         # [C], [C, k] (-1 = empty slot); the memory reads the state (or, rebuilt, the whole stored sequence)
         scores, idx, memory = model.score(view.sequence, view.state, items, cates, self.rebuild_max_events)
         self.metrics.scores_served.inc(len(scores))

@@ -31,13 +31,13 @@ from service.keys import KeySpace, check_version
 if TYPE_CHECKING:
     from service.block_index import BlockIndexer, IndexUpdate
 
-# One stored event, 21 bytes packed (no padding: nothing to copy or compare but the fields). Lua reads
+# One stored event, 29 bytes packed (no padding: nothing to copy or compare but the fields). Lua reads
 # the time key (ts, tb) from its first 12 bytes. ts stays below 2^53 so that Lua's doubles hold it
-# exactly. Item and category ids are kept as u32: an id >= ID_SATURATED is stored as ID_SATURATED,
-# which every model maps to its out-of-vocabulary row anyway (its tables have fewer rows).
-SEQ_DTYPE = np.dtype([("ts", "<i8"), ("tb", "<u4"), ("item", "<u4"), ("cate", "<u4"), ("action", "i1")])
+# exactly. Item and category ids are raw catalogue ids (any id the API accepts, up to 2^53 - 1): the
+# served bundle's vocabulary maps them to table rows when they are read (service.model_state), so a
+# retrain that renumbers its dense ids leaves stored histories valid.
+SEQ_DTYPE = np.dtype([("ts", "<i8"), ("tb", "<u4"), ("item", "<i8"), ("cate", "<i8"), ("action", "i1")])
 RECORD_BYTES = SEQ_DTYPE.itemsize
-ID_SATURATED = 2**32 - 1
 MAX_EXACT = 2**53 - 1  # Lua numbers are doubles
 
 
@@ -74,8 +74,8 @@ def to_records(events: Sequence[Event]) -> tuple[np.ndarray, list[str]]:
     """Events -> (SEQ_DTYPE records sorted by (ts, tb), ties kept in arrival order; their event ids)."""
     rec = np.zeros(len(events), dtype=SEQ_DTYPE)
     rec["ts"] = [e.ts for e in events]
-    rec["item"] = np.minimum(np.array([e.item_id for e in events], dtype=np.int64), ID_SATURATED)
-    rec["cate"] = np.minimum(np.array([e.category_id for e in events], dtype=np.int64), ID_SATURATED)
+    rec["item"] = [e.item_id for e in events]
+    rec["cate"] = [e.category_id for e in events]
     rec["tb"] = [tiebreak(e.event_id) for e in events]
     rec["action"] = [e.action for e in events]
     order = np.lexsort((rec["tb"], rec["ts"]))
@@ -221,7 +221,7 @@ class StateStore:
         """Recompute states of `updater.version` from the stored sequences (e.g. a new model version).
 
         Returns the number of users written; a user whose events moved on meanwhile is retried. Users go
-        `chunk` at a time, so memory holds at most `chunk` sequences (210 KB each at the default cap).
+        `chunk` at a time, so memory holds at most `chunk` sequences (290 KB each at the default cap).
         """
         check_version(updater.version)
         ids = list(user_ids)

@@ -37,6 +37,9 @@ def test_export_then_load_gives_identical_scores(name, data, tmp_path):
     assert sorted(p.name for p in d.iterdir()) == sorted(FILES)
     b = load_bundle(d)
     assert not b.model.training and b.id_space["n_items"] == data.n_items and b.id_space["max_len"] == 20
+    # the benchmark's dense ids are its catalogue ids: the identity vocabulary, with each item's category
+    assert b.vocab.item_ids.tolist() == list(range(1, data.n_items))
+    assert (b.vocab.item_cate[data.store.item] == data.store.cate).all()
     after = predict(b.model, data, "val", 20)
     np.testing.assert_array_equal(before.probs, after.probs)
     if before.indices is not None:
@@ -57,6 +60,16 @@ def test_tampered_or_incomplete_bundles_are_rejected(data, tmp_path):
     with pytest.raises(BundleError, match="VERSION"):
         load_bundle(d)
     (d / "id_space.json").write_text(ids)
+    load_bundle(d)
+    # the vocabulary decides which catalogue id is which row: another one under the same VERSION is refused
+    from recsys.vocab import Vocabulary
+
+    v = load_bundle(d).vocab
+    vocab = (d / "vocab.safetensors").read_bytes()
+    Vocabulary(v.item_ids + 1, v.cate_ids, v.item_cate).save(d / "vocab.safetensors")
+    with pytest.raises(BundleError, match="VERSION"):
+        load_bundle(d)
+    (d / "vocab.safetensors").write_bytes(vocab)
     load_bundle(d)
     (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("top_k: 4", "top_k: 5"))
     with pytest.raises(BundleError, match="VERSION"):

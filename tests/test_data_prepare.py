@@ -147,6 +147,19 @@ def test_taobao_sample_prepares_and_loads(taobao_csv, tmp_path):
     assert (ev.groupby("user").ts.apply(lambda s: s.is_monotonic_increasing)).all()
     ds = load_dataset(tmp_path)
     assert len(ds.splits["test"]) == meta["rows"]["test"] > 0
+    # the vocabulary beside the dense ids (what a bundle ships for serving's catalogue ids): every raw item
+    # is known, with the smallest raw category it was seen with, which is the events' dense category
+    from recsys.data.prepare import collect
+
+    raw = collect(read_taobao(taobao_csv))
+    v = ds.vocab
+    dense, unknown = v.dense(raw["item_id"], "item")
+    assert unknown == 0 and (v.item_ids[dense - 1] == raw["item_id"]).all() and v.n_items == meta["n_items"] + 1
+    order = np.lexsort((raw["category_id"], raw["item_id"]))
+    first = np.r_[True, np.diff(raw["item_id"][order]) != 0]
+    smallest = raw["category_id"][order][first]
+    assert (v.cate_ids[v.item_cate[1:] - 1] == smallest).all()
+    assert (v.item_cate[ev.item.to_numpy()] == ev.cate.to_numpy()).all()
     assert (ds.n_items, ds.n_cates) == (meta["n_items"] + 1, meta["n_categories"] + 1)  # ids 1..count, row 0 pads
     # ids that no event uses (a catalogue larger than the log) still get their rows, from meta's counts
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "n_items": meta["n_items"] + 5, "n_categories": meta["n_categories"] + 5}))

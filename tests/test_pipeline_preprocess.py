@@ -36,6 +36,8 @@ def assert_same_folder(a, b):
         assert ta.schema == tb.schema, f
         assert ta.num_rows == tb.num_rows, f
         assert ta.equals(tb), f"{f}.parquet differs"
+    # the raw -> dense vocabulary serving maps catalogue ids with: byte-identical
+    assert (a / "vocab.safetensors").read_bytes() == (b / "vocab.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
     for f in FILES:
         assert pq.read_table(out / f"{f}.parquet").num_rows == (first["n_events"] if f == "events" else first["rows"][f])
     assert pq.read_table(out / "train.parquet").column("item") != pq.read_table(tmp_path / "single/train.parquet").column("item")
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{f}.parquet" for f in FILES] + ["meta.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{f}.parquet" for f in FILES] + ["meta.json", "vocab.safetensors"])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".ray")]  # temp folders cleaned up
 
 

@@ -220,7 +220,8 @@ def test_cold_user_oov_items_and_concurrency(store, bundles, tmp_path):
                                                                   zero_oov=True), rtol=1e-5, atol=1e-6)
         # an unknown item id scores exactly as the out-of-vocabulary row 0 (the zero embedding)
         assert cold["scores"][1] == cold["scores"][2]
-        assert "recsys_score_oov_items_total 1.0" in client.get("/metrics").text
+        # 0 is no catalogue id either: two unknown items
+        assert 'recsys_score_oov_ids_total{field="item"} 2.0' in client.get("/metrics").text
 
         # concurrent requests (micro-batched together) get exactly their sequential answers
         body = lambda u: {"user_id": u, "candidates": [{"item_id": i, "category_id": 1 + i % 5} for i in range(1, 30)]}
@@ -307,7 +308,7 @@ EVENT = {"event_id": "e1", "user_id": 1, "item_id": 1, "category_id": 1, "action
     ("/v1/score", {"user_id": -3, "candidates": [CAND]}, "body.user_id"),
     ("/v1/score", {"user_id": 2**63, "candidates": [CAND]}, "body.user_id"),
     ("/v1/score", {"user_id": 1, "candidates": [CAND, {"item_id": -1, "category_id": 1}]}, "body.candidates.1.item_id"),
-    ("/v1/score", {"user_id": 1, "candidates": [{"item_id": 1}]}, "body.candidates.0.category_id"),
+    ("/v1/score", {"user_id": 1, "candidates": [{"item_id": 1, "category_id": -2}]}, "body.candidates.0.category_id"),
     ("/v1/score", {"user_id": 1, "candidates": [CAND] * 9}, "body.candidates"),
     ("/v1/score", {"user_id": 1, "candidates": []}, "body.candidates"),
     ("/v1/score", {"user_id": 1, "candidates": [CAND], "extra": 1}, "body.extra"),

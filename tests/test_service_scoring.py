@@ -75,7 +75,7 @@ def test_oov_ids_share_one_zero_embedding_and_leave_known_scores_alone(name):
     model = _model(name)
     serving = _serving(model)
     items, n_oov = serving.map_ids(np.array([7, N_ITEMS, N_ITEMS + 10**9, 0, N_ITEMS - 1]), "item")
-    assert items.tolist() == [7, OOV_ID, OOV_ID, OOV_ID, N_ITEMS - 1] and n_oov == 2
+    assert items.tolist() == [7, OOV_ID, OOV_ID, OOV_ID, N_ITEMS - 1] and n_oov == 3  # 0 is no catalogue id either
     cates, _ = serving.map_ids(np.array([3, N_CATES, 3, 3, 3]), "cate")
     assert cates.tolist() == [3, OOV_ID, 3, 3, 3]
 

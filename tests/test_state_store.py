@@ -21,7 +21,7 @@ import redis
 
 from recsys.config.serve import StateStoreConfig
 from service.redis_conn import connect, start_embedded
-from service.state import ID_SATURATED, RECORD_BYTES, Event, StateStore, StateStoreError, to_records
+from service.state import RECORD_BYTES, Event, StateStore, StateStoreError, to_records
 
 class HashChain:
     """State = (count, blake2b chain over each record's ts, item, category, action)."""
@@ -386,13 +386,18 @@ def test_scripts_reload_after_a_script_flush_and_nothing_runs_twice(backend):
         check_user(store, u, events)
 
 
-def test_ids_past_u32_are_stored_saturated_and_records_are_21_bytes(backend):
+def test_raw_catalogue_ids_up_to_2_pow_53_are_stored_exactly_in_29_byte_records(backend):
+    """Raw ids are stored as sent (the bundle's vocabulary maps them when read): one past u32 and the API's
+    largest id keep their value, and the Lua script's record size is the numpy one."""
+    from importlib import resources
+
     store = store_for(backend)
-    big = Event("big", 1, 2**40, 2**32 - 1, 1, 5)
+    big = Event("big", 1, 2**53 - 1, 2**32, 1, 5)
     store.apply(HashChain(), [big, Event("small", 1, 7, 3, 0, 6)])
     seq = store.read_users([1], "chain-v1")[0].sequence
-    assert RECORD_BYTES == 21 and seq.dtype.itemsize == 21
-    assert seq["item"].tolist() == [ID_SATURATED, 7] and seq["cate"].tolist() == [ID_SATURATED, 3]
+    assert RECORD_BYTES == 29 and seq.dtype.itemsize == 29
+    assert f"local REC = {RECORD_BYTES}\n" in (resources.files("service") / "lua" / "apply.lua").read_text()
+    assert seq["item"].tolist() == [2**53 - 1, 7] and seq["cate"].tolist() == [2**32, 3]
     assert seq["ts"].tolist() == [5, 6] and seq["action"].tolist() == [1, 0]
 
 

@@ -346,7 +346,8 @@ def stream_worker(
 def rebuild_state(
     bundle: Path = typer.Option(..., help="model bundle whose memory states to compute"),
     log: Optional[Path] = typer.Option(None, help="offline event log (Parquet: event_id, user_id, item_id, "
-                                      "category_id, action, ts); default: the stored (capped) sequences only"),
+                                      "category_id, action, ts; catalogue ids, as the service gets them); "
+                                      "default: the stored (capped) sequences only"),
     config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), or the preset name serve"),
     workers: int = typer.Option(2, help="Ray actors"),
     address: Optional[str] = typer.Option(None, help="Ray cluster address ('auto' to join); default: local Ray"),

@@ -3,7 +3,8 @@ in-process stream worker, live scores checked against the offline model, latency
 
 Held-out users: users of the test split, whose events up to their first test target are streamed in (the
 service starts empty). Their first test rows are then scored live and offline (the bundle's model on the
-same history): the two must agree.
+same history): the two must agree. The service speaks catalogue ids: the dataset's dense ids are sent as
+the raw ids they stand for (its vocabulary), as a client holding the original catalogue would.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
 
     ds = load_dataset(folder, splits=("test",))
     test = ds.splits["test"]
+    vocab = ds.vocabulary()
+
+    def raw(dense, field: str) -> list[int]:
+        return vocab.raw(np.atleast_1d(dense), field).tolist()
+
     rng = np.random.default_rng(0)
     first_row = {}  # user -> index of the first row of its first test target
     for i in np.lexsort((test.pos, test.user)):
@@ -84,8 +90,8 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
             items, cates, ts = ds.store.user_events(u)
             n = int(test.pos[r])
             expected[u] = n
-            batches += [{"event_id": f"{u}-{p}", "user_id": u, "item_id": int(items[p]), "category_id": int(cates[p]),
-                         "action": 0, "ts": int(ts[p]) * 1000} for p in range(n)]
+            batches += [{"event_id": f"{u}-{p}", "user_id": u, "item_id": i, "category_id": c, "action": 0,
+                         "ts": int(ts[p]) * 1000} for p, i, c in zip(range(n), raw(items[:n], "item"), raw(cates[:n], "cate"))]
         t = time.perf_counter()
         for a in range(0, len(batches), 1000):
             while True:
@@ -106,7 +112,7 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
             r0 = first_row[u]
             rows = np.flatnonzero((test.user == u) & (test.pos == test.pos[r0]))
             rows_all.append(rows)
-            cands = [{"item_id": int(test.item[i]), "category_id": int(test.cate[i])} for i in rows]
+            cands = [{"item_id": i, "category_id": c} for i, c in zip(raw(test.item[rows], "item"), raw(test.cate[rows], "cate"))]
             live = client.post("/v1/score", json={"user_id": u, "candidates": cands}).json()["scores"]
             diffs.append(np.abs(np.asarray(live) - _offline_scores(bundle, ds, rows)).max())
         result["parity_max_abs_diff"] = float(max(diffs))
@@ -117,8 +123,8 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
         lat = []
         for _ in range(n_req):
             u = int(rng.choice(users))
-            items = rng.integers(1, ds.n_items, 100)
-            cands = [{"item_id": int(i), "category_id": int(ds.store.cate[0])} for i in items]
+            items = rng.integers(1, vocab.n_items, 100)
+            cands = [{"item_id": i} for i in raw(items, "item")]  # the category from the bundle's vocabulary
             t = time.perf_counter()
             client.post("/v1/score", json={"user_id": u, "candidates": cands}).raise_for_status()
             lat.append((time.perf_counter() - t) * 1e3)
@@ -138,11 +144,11 @@ def service_stage(bundle: Path, folder: Path, out: Path, small: bool) -> dict:
                 if reach:
                     u, i = uu, int(reach[0])
                     break
-        body = {"user_id": u, "candidates": [{"item_id": int(test.item[i]), "category_id": int(test.cate[i])}],
+        body = {"user_id": u, "candidates": [{"item_id": raw(test.item[i], "item")[0], "category_id": raw(test.cate[i], "cate")[0]}],
                 "explain": True}
         ex = client.post("/v1/score", json=body).json()
         events = (ex.get("explanations") or [[]])[0]
-        result["explanation"] = {"user_id": u, "candidate_item": int(test.item[i]), "score": ex["scores"][0],
+        result["explanation"] = {"user_id": u, "candidate_item": raw(test.item[i], "item")[0], "score": ex["scores"][0],
                                  "events": _with_weights(bundle, ds, i, events)}
     (out / "service.json").write_text(json.dumps(result, indent=2))
     return {k: v for k, v in result.items() if k != "latency_ms"}

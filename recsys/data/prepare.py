@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from recsys.config.data import SplitConfig
 from recsys.data.raw import EventStream
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
+from recsys.vocab import FILE as VOCAB_FILE
+from recsys.vocab import Vocabulary
 
 FORMAT = "recsys-dataset/1"
 MAX_REJECTION_ROUNDS = 64
@@ -183,9 +185,16 @@ def write_table(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_vocabulary(vocab: Vocabulary, out: Path) -> None:
+    """The raw -> dense id maps beside the dense events (serving maps catalogue ids with them), atomically."""
+    tmp = out / (VOCAB_FILE + ".tmp")
+    vocab.save(tmp)
+    os.replace(tmp, out / VOCAB_FILE)
+
+
 def prepare(events: EventStream | Iterable[pa.RecordBatch], out_dir: str | Path, *, seed: int = 0,
             split: SplitConfig | None = None, source: str | None = None) -> dict:
-    """Write events.parquet, train/val/test.parquet and meta.json into `out_dir` (files replaced, never
+    """Write events.parquet, train/val/test.parquet, vocab.safetensors and meta.json into `out_dir` (files replaced, never
     appended). Returns the meta dict."""
     cfg = split or SplitConfig()
     out = Path(out_dir)
@@ -196,6 +205,7 @@ def prepare(events: EventStream | Iterable[pa.RecordBatch], out_dir: str | Path,
         raise ValueError(f"{source or report and report.source or 'events'}: no events to prepare")
     ev = densify(cols["user_id"], cols["item_id"], cols["category_id"], cols["ts"])
     del cols
+    write_vocabulary(Vocabulary(ev.item_ids, ev.cate_ids, ev.item_cate), out)
     n_items = len(ev.item_ids)
     write_table(pa.Table.from_arrays([
         pa.array(ev.user.astype(np.int32)), pa.array(ev.pos.astype(np.int32)), pa.array(ev.item.astype(np.int32)),

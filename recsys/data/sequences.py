@@ -24,6 +24,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from recsys.data.batch import HistoryBatch, Timeline
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
+from recsys.vocab import FILE as VOCAB_FILE
+from recsys.vocab import Vocabulary
 
 EVENT_COLUMNS = {f.name: f.type for f in DATASET_EVENTS_SCHEMA}
 SAMPLE_COLUMNS = {f.name: f.type for f in SPLIT_SCHEMA}
@@ -85,6 +87,18 @@ class Dataset:
     n_items: int  # size of the item id space incl. padding 0
     n_cates: int
     meta: dict = field(default_factory=dict)
+    vocab: Vocabulary | None = None  # the folder's vocab.safetensors (raw -> dense ids), if it has one
+
+    def vocabulary(self) -> Vocabulary:
+        """The raw -> dense id maps of this dataset: its vocab.safetensors, else the identity (its dense ids are
+        its catalogue ids: the fixed benchmark, synthetic data) with each item's smallest category seen."""
+        if self.vocab is not None:
+            return self.vocab
+        item_cate = np.full(self.n_items, np.iinfo(np.int64).max, np.int64)
+        np.minimum.at(item_cate, self.store.item, self.store.cate)
+        item_cate[item_cate == np.iinfo(np.int64).max] = 0
+        item_cate[0] = 0
+        return Vocabulary.identity(self.n_items, self.n_cates, item_cate)
 
 
 def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...] = ()) -> pa.Table:
@@ -168,7 +182,13 @@ def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Datase
     # gets its row. prepare and synthetic write "n_categories"; "n_cates" is read for older folders.
     n_items = max(n_items, int(meta.get("n_items", 0)) + 1)
     n_cates = max(n_cates, int(meta.get("n_categories", meta.get("n_cates", 0))) + 1)
-    return Dataset(store, loaded, n_items, n_cates, meta)
+    vocab = None
+    if (folder / VOCAB_FILE).is_file():
+        vocab = Vocabulary.load(folder / VOCAB_FILE)
+        if vocab.n_items > n_items or vocab.n_cates > n_cates:
+            raise DatasetError(f"{folder / VOCAB_FILE}: {vocab.n_items - 1} items and {vocab.n_cates - 1} categories, "
+                               f"more than the dataset's {n_items - 1} and {n_cates - 1}")
+    return Dataset(store, loaded, n_items, n_cates, meta, vocab)
 
 
 def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: int, trim: bool = True) -> HistoryBatch:

@@ -10,14 +10,15 @@
 --       mode 1: the entries replace the index from that block on (an append), 2: they are the whole
 --       index (a rebuild); 8 the entries; 9 the index format. Entries of blocks that fell out of the
 --       visible sequence are dropped when the sequence is cut back.
--- Record (21 bytes, packed): <i8 ts, <u4 tb, <u4 item, <u4 category, i1 action. ts below 2^53.
+-- Record (29 bytes, packed; service.state.SEQ_DTYPE): <i8 ts, <u4 tb, <i8 item, <i8 category, i1 action.
+-- ts below 2^53. Only ts and tb are read here.
 -- The sequence is seq ++ tail: seq is only ever written whole (SET: allocated at its exact size), the
 -- tail takes APPENDs (Redis over-allocates a growing string up to 2x) and is folded into seq once it
 -- holds more than `slack` records, so the over-allocation is bounded by the tail's.
 -- Returns {'ok', new rev, placed, outside} | {'conflict', rev} | {'dup', eid} | {'late', eid}.
 -- Nothing is written unless 'ok'. Few redis.call()s: each costs more than the Lua around it.
 
-local REC = 21
+local REC = 29
 local num = {}
 for w in string.gmatch(ARGV[1], '%S+') do
   num[#num + 1] = tonumber(w)
@@ -76,7 +77,7 @@ local function less(ats, atb, bts, btb)
   return ats < bts or (ats == bts and atb < btb)
 end
 
--- The whole sequence (up to 210 KB at the default cap) is copied into Lua only for a merge or when the
+-- The whole sequence (up to 290 KB at the default cap) is copied into Lua only for a merge or when the
 -- tail is folded into seq; appends read just the records they compare against.
 local seq = nil
 local M = redis.call('STRLEN', KEYS[2]) / REC

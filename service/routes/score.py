@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service import schemas
+from service.model_state import NO_CATEGORY
 from service.routes.deps import RuntimeDep, unavailable
 from service.scoring import ScoreJob
 
@@ -25,7 +26,8 @@ def router(score_request: type[BaseModel]) -> APIRouter:
         if scorer is None:
             raise HTTPException(503, "no model loaded: POST /v1/admin/reload with a bundle")
         items = np.fromiter((c.item_id for c in req.candidates), np.int64, len(req.candidates))
-        cates = np.fromiter((c.category_id for c in req.candidates), np.int64, len(req.candidates))
+        cates = np.fromiter((NO_CATEGORY if c.category_id is None else c.category_id for c in req.candidates), np.int64,
+                            len(req.candidates))
         try:
             res = await runtime.batcher.submit(ScoreJob(req.user_id, items, cates, req.explain))
         except redis.RedisError as e:
