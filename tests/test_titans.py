@@ -18,8 +18,8 @@ def make(chunk_size, depth=2, dtype=torch.float64, seed=0):
     # theta near 0.5 so that the memory moves a lot and a wrong update cannot hide; the clip bites on
     # about half of the events (test_the_clip_bites_on_some_events), so both of its branches are checked
     mem = NeuralMemory(D_IN, d_key=8, d_hidden=12, depth=depth, chunk_size=chunk_size, d_query=D_Q,
-                       gate_bias=(1.0, 0.0, -2.0), max_lr=1.0, max_grad_norm=CLIP)
-    return mem.to(dtype)
+                       gate_bias=(1.0, 0.0, -2.0), max_lr=1.0, max_grad_norm=CLIP, backprop_clip=float("inf"))
+    return mem.to(dtype)   # the backward's clip has its own test (test_backprop_clip_...)
 
 
 def batch(dtype=torch.float64, B=4, L=11, seed=1):
@@ -367,3 +367,71 @@ def test_shapes_past_the_c_scratch_bound_take_the_torch_form():
     assert titans_cpu.supports(list(vars(small).values()) + w + s, 2)
     out = mem(x, torch.tensor([300, 140]), torch.randn(2, D_Q))
     assert out.shape == (2, 32) and bool(torch.isfinite(out).all())
+
+
+class _JointClip(torch.autograd.Function):
+    """Identity whose backward scales each user's gradient over all the given tensors to norm <= A: the
+    backprop clip's definition, written independently of recsys.modules.titans."""
+
+    @staticmethod
+    def forward(ctx, A, norms, *ts):
+        ctx.A, ctx.norms = A, norms
+        return tuple(t.clone() for t in ts)
+
+    @staticmethod
+    def backward(ctx, *gs):
+        norm = torch.sqrt(sum((g * g).sum(tuple(range(1, g.dim()))) for g in gs))
+        ctx.norms.extend(norm.tolist())
+        scale = torch.where(norm > ctx.A, ctx.A / norm, torch.ones_like(norm))
+        return (None, None, *(g * scale.view(-1, *[1] * (g.dim() - 1)) for g in gs))
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_backprop_clip_equals_a_chunk_by_chunk_oracle(monkeypatch, path):
+    """The timeline node with backprop_clip = A equals a chain of single-chunk updates without the clip,
+    each boundary passed through an identity that clips each user's complete gradient to A; reads at
+    every boundary. A is set so that it bites at some boundaries and not at others (checked)."""
+    from kernels.titans_memory import cpu as titans_cpu
+    from recsys.modules.seq import TimelineBlocks
+
+    monkeypatch.setattr(titans_cpu, "supports", lambda *a, c=path == "c": c and titans_cpu.load() is not None)
+    chunk, A = 4, 5.0
+    torch.manual_seed(0)
+    mem = NeuralMemory(D_IN, d_key=8, d_hidden=12, chunk_size=chunk, d_query=D_Q, gate_bias=(1.0, 0.0, -2.0),
+                       max_lr=1.0, max_grad_norm=CLIP, backprop_clip=A).double()
+    n_chunks = 6
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, n_chunks * chunk, D_IN, generator=g, dtype=torch.float64)
+    q = torch.randn(2, n_chunks, D_Q, generator=g, dtype=torch.float64)
+    leaves = [x] + list(mem.parameters())
+
+    def loss_of(states):   # states[i]: (weights, momentum) per user after chunk i + 1
+        return sum((mem.read_memory(w, q[:, i]) ** 2).sum() * (i + 1) for i, (w, _) in enumerate(states))
+
+    # the timeline node: users of equal length, one row per (user, chunk) boundary
+    xi = x.clone().requires_grad_()
+    blocks = TimelineBlocks.of(torch.tensor([0, n_chunks * chunk, 2 * n_chunks * chunk]), chunk)
+    bnd = mem._chunk_boundaries(xi.reshape(-1, D_IN), blocks, 2)
+    n = len(bnd) // 2
+    states = [([t[2 * (i + 1):2 * (i + 2)] for t in bnd[:n]], None) for i in range(n_chunks)]
+    got = torch.autograd.grad(loss_of(states), [xi] + leaves[1:], allow_unused=True)
+
+    # the oracle: one chunk at a time without the node's clip, the clip as an identity between chunks
+    mem.backprop_clip = float("inf")
+    xo = x.clone().requires_grad_()
+    w, s = mem._initial(2)
+    norms, states = [], []
+    for i in range(n_chunks):
+        c = mem.chunks(xo[:, i * chunk:(i + 1) * chunk], torch.ones(2, chunk, dtype=torch.bool))
+        w, s = mem.chunk_update(w, s, c)
+        out = _JointClip.apply(A, norms, *w, *s)
+        w, s = list(out[:len(w)]), list(out[len(w):])
+        states.append((w, s))
+    want = torch.autograd.grad(loss_of(states), [xo] + leaves[1:], allow_unused=True)
+    assert any(v > A for v in norms) and any(v < A for v in norms), norms
+    for name, a, b in zip(["x"] + [nm for nm, _ in mem.named_parameters()], got, want):
+        if b is None:
+            assert a is None or not a.abs().sum(), name
+            continue
+        assert b.abs().sum() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)

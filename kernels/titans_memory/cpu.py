@@ -40,7 +40,7 @@ def load():
     for suf, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         fwd, bwd = getattr(lib, f"titans_loop_fwd_{suf}"), getattr(lib, f"titans_loop_bwd_{suf}")
         fwd.argtypes = [i64, i64, p, i64, i64, i64, real] + [p] * 12 + [i32]
-        bwd.argtypes = [i64, i64, p, i64, i64, i64, real] + [p] * 24 + [i32]
+        bwd.argtypes = [i64, i64, p, i64, i64, i64, real, real] + [p] * 24 + [i32]
         fwd.restype = bwd.restype = i32
     return lib
 
@@ -82,9 +82,10 @@ def loop_forward(G: float, active: Sequence[int], fields: Sequence[torch.Tensor]
         raise ValueError(f"Titans C kernel: chunk of {b} events x {dk}/{dh} dims is beyond its scratch bound")
 
 
-def loop_backward(G: float, active: Sequence[int], fields: Sequence[torch.Tensor], state: list[torch.Tensor],
+def loop_backward(G: float, A: float, active: Sequence[int], fields: Sequence[torch.Tensor], state: list[torch.Tensor],
                   g_state: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The gradients of `loop_forward`: g_state [U + P, ...] (the outputs' gradients, rows U:) is
+    """The gradients of `loop_forward`, each boundary's clipped to norm <= A per user before it flows back
+    (`recsys.modules.titans._clip_adjoint`): g_state [U + P, ...] (the outputs' gradients, rows U:) is
     completed in place (rows :U then hold the initial state's); -> the fields' gradients."""
     k = fields[0]
     P, b, dk = k.shape
@@ -93,7 +94,7 @@ def loop_backward(G: float, active: Sequence[int], fields: Sequence[torch.Tensor
     U = state[0].shape[0] - P
     g_fields = [torch.empty_like(f) for f in fields]
     fn = getattr(load(), f"titans_loop_bwd_{_SUFFIX[k.dtype]}")
-    rc = fn(U, len(active), act.data_ptr(), b, dk, dh, G, *(f.data_ptr() for f in fields),
+    rc = fn(U, len(active), act.data_ptr(), b, dk, dh, G, A, *(f.data_ptr() for f in fields),
             *(s.data_ptr() for s in state), *(g.data_ptr() for g in g_state), *(g.data_ptr() for g in g_fields),
             _threads(P * b * dk * dh * 24))
     if rc != 0:

@@ -45,6 +45,9 @@ class ModelConfig(StrictModel):
         "at any history length, docs/models.md)")
     titans_max_grad_norm: float = Field(
         1.0, gt=0.0, description="Titans: each event's inner gradient is clipped to this norm before the update")
+    titans_backprop_clip: float = Field(
+        1.0, gt=0.0, description="Titans, training: each user's gradient at a chunk boundary is clipped to this norm "
+        "before it flows back through earlier chunks (unclipped it exploded over ~60 chunks; .inf: off)")
     group_rows: int = Field(
         128, ge=1,
         description="compute only: training/eval batches are sorted by history length and processed in groups of this "

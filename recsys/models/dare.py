@@ -96,7 +96,7 @@ class DARE(nn.Module):
         self.aaren = Aaren(d_in=d_x) if self.config.aaren else None
         self.titans = (
             NeuralMemory(d_in=d_x, d_query=d_r, chunk_size=self.config.titans_chunk_size, max_lr=self.config.titans_max_lr,
-                         max_grad_norm=self.config.titans_max_grad_norm)
+                         max_grad_norm=self.config.titans_max_grad_norm, backprop_clip=self.config.titans_backprop_clip)
             if self.config.titans else None
         )
         return sum(m.d_out for m in (self.aaren, self.titans) if m is not None)

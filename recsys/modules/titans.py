@@ -45,6 +45,7 @@ Layout: x [B, L, d_in] chronological (oldest first), left-aligned, padded at the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -220,7 +221,7 @@ def _update_bwd(saved, g_new_w: list[torch.Tensor], g_new_s: list[torch.Tensor])
 class _ChunkLoop(torch.autograd.Function):
     """Chunk updates in `TimelineBlocks`' layout as one autograd node: users ranked by full-chunk count,
     most first; chunk i updates the first active[i] users of boundary i into boundary i + 1, stacked after
-    the initial state. (G, n_layers, active, *_Chunk fields of every (chunk, user) pair [P, ...],
+    the initial state. (G, A (`_clip_adjoint`), n_layers, active, *_Chunk fields of every (chunk, user) pair [P, ...],
     *initial weights, *initial momenta [U, ...]) -> per layer the stacked weights [U + P, ...], then per
     layer the stacked momenta. One chunk of B users (active = [B]) is the update of a state.
 
@@ -229,13 +230,13 @@ class _ChunkLoop(torch.autograd.Function):
     L = 2,698). Elsewhere the torch form above, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, G, n, active, *args):
+    def forward(ctx, G, A, n, active, *args):
         fields, init = [t.contiguous() for t in args[:8]], args[8:]
         U, P = init[0].shape[0], fields[0].shape[0]
         out = [t.new_empty(U + P, *t.shape[1:]) for t in init]
         for o, t in zip(out, init):
             o[:U] = t
-        ctx.G, ctx.active, ctx.U = G, list(active), U
+        ctx.G, ctx.A, ctx.active, ctx.U = G, A, list(active), U
         ctx.c_kernel = titans_cpu.supports(fields + list(init), n)
         if ctx.c_kernel:
             titans_cpu.loop_forward(G, active, fields, out)
@@ -266,8 +267,8 @@ class _ChunkLoop(torch.autograd.Function):
              for gr, (shape, dtype) in zip(grads, ctx.shapes)]
         if ctx.c_kernel:
             saved = ctx.saved_tensors
-            fields = titans_cpu.loop_backward(ctx.G, active, saved[:8], list(saved[8:]), g)
-            return (None, None, None, *fields, *(t[:U] for t in g))
+            fields = titans_cpu.loop_backward(ctx.G, ctx.A, active, saved[:8], list(saved[8:]), g)
+            return (None, None, None, None, *fields, *(t[:U] for t in g))
         saved = ctx.saved
         del ctx.saved
         starts = [0]
@@ -278,6 +279,7 @@ class _ChunkLoop(torch.autograd.Function):
             a, start = active[i], starts[i]
             prev = 0 if i == 0 else U + starts[i - 1]
             rows = slice(U + start, U + start + a)
+            _clip_adjoint(ctx.A, [t[rows] for t in g])
             gc, g_w, g_mom = _update_bwd(saved[i], [t[rows] for t in g[:n]], [t[rows] for t in g[n:]])
             for f, t in enumerate(vars(gc).values()):
                 if fields[f] is None:
@@ -285,12 +287,28 @@ class _ChunkLoop(torch.autograd.Function):
                 fields[f][start:start + a] = t
             for t, d in zip(g, g_w + g_mom):
                 t[prev:prev + a] += d
-        return (None, None, None, *fields, *(t[:U] for t in g))
+        return (None, None, None, None, *fields, *(t[:U] for t in g))
+
+
+def _clip_adjoint(A: float, g: list[torch.Tensor]) -> None:
+    """Scale each user's complete gradient at a chunk boundary (every layer's weights and momentum, rows
+    [a, ...]) in place to norm <= A before it flows into the chunks before: g -> g * rsqrt(max(1, |g|^2 / A^2)).
+    The forward's bounds keep the memory finite, but the backward multiplies ~L / chunk_size chunk Jacobians
+    (second derivatives of the memory MLP included), whose product grew to 1e6 and overflowed Adam's second
+    moment within 36 steps at L = 1,000 (docs/models.md). Clipping the carried gradient per step is the
+    classic bound for backprop through a long recurrence; it acts only where the gradient runs away."""
+    if math.isinf(A):
+        return
+    sq = sum((t * t).sum(tuple(range(1, t.dim()))) for t in g)             # [a]
+    r = torch.rsqrt((sq / A ** 2).clamp(min=1.0))
+    for t in g:
+        t.mul_(r.view(-1, *[1] * (t.dim() - 1)))
+
 
 class NeuralMemory(nn.Module):
     def __init__(self, d_in: int, d_key: int = 32, d_hidden: int = 32, depth: int = 2, chunk_size: int = 16,
                  d_query: int | None = None, gate_bias: tuple[float, float, float] = (2.0, -2.0, -4.0),
-                 max_lr: float = 0.1, max_grad_norm: float = 1.0):
+                 max_lr: float = 0.1, max_grad_norm: float = 1.0, backprop_clip: float = 1.0):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be >= 2 (a deep memory), got {depth}")
@@ -299,7 +317,9 @@ class NeuralMemory(nn.Module):
         if max_lr <= 0 or max_grad_norm <= 0:
             raise ValueError(f"max_lr and max_grad_norm must be > 0, got {max_lr}, {max_grad_norm}")
         self.d_in, self.d_key, self.chunk_size = d_in, d_key, chunk_size
-        self.max_lr, self.max_grad_norm = max_lr, max_grad_norm
+        if backprop_clip <= 0:
+            raise ValueError(f"backprop_clip must be > 0 (inf: off), got {backprop_clip}")
+        self.max_lr, self.max_grad_norm, self.backprop_clip = max_lr, max_grad_norm, backprop_clip
         self.d_query = d_in if d_query is None else d_query
         self.d_out = d_key
         self.to_k = nn.Linear(d_in, d_key, bias=False)
@@ -353,7 +373,7 @@ class NeuralMemory(nn.Module):
         """One chunk per user (c's leading dim [B]), every gradient at the chunk-start `weights`.
         Returns (weights, momentum) at its end."""
         n, B = len(weights), weights[0].shape[0]
-        out = _ChunkLoop.apply(self.max_grad_norm, n, [B], *vars(c).values(), *weights, *momentum)
+        out = _ChunkLoop.apply(self.max_grad_norm, self.backprop_clip, n, [B], *vars(c).values(), *weights, *momentum)
         return [t[B:] for t in out[:n]], [t[B:] for t in out[n:]]
 
     def read_memory(self, weights: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
@@ -434,7 +454,7 @@ class NeuralMemory(nn.Module):
         every = self.chunks(x.index_select(0, src.flatten()).view(*src.shape, x.shape[-1]),
                             torch.ones(src.shape, dtype=torch.bool, device=x.device))
         weights, momentum = self._initial(U)
-        return list(_ChunkLoop.apply(self.max_grad_norm, len(weights), blocks.active, *vars(every).values(),
+        return list(_ChunkLoop.apply(self.max_grad_norm, self.backprop_clip, len(weights), blocks.active, *vars(every).values(),
                                      *weights, *momentum))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
