@@ -6,8 +6,11 @@ users; the clock stops when the partitions' `applied` counters reach the number 
 exactly-once is checked: every user's stored history holds exactly the events sent for it, and a replay of
 a slice of the events changes nothing (counted as duplicates). Measured in the same run for comparison:
 the state store's direct `apply` of the same number of events in this process (no HTTP, no stream).
+Overload (`--max-backlog M` below what the clients push): the share of POSTs answered 429, the latency of
+accepted (202) and refused answers, and the stream backlog sampled every 50 ms (bounded by M plus at most one
+POST per client).
 
-    .venv/bin/python benchmarks/ingest.py [--quick] [--events N] [--users U] [--batch B] [--clients K]
+    .venv/bin/python benchmarks/ingest.py [--quick] [--events N] [--users U] [--batch B] [--clients K] [--max-backlog M]
                                           [--worker-batch W] [--out results/ingest.json]
 """
 
@@ -46,21 +49,25 @@ def make_events(n: int, users: int, seed: int, prefix: str) -> list[dict]:
              "category_id": int(cates[j]), "action": 0, "ts": ts0 + j} for j in range(n)]
 
 
-def post_all(port: int, events: list[dict], batch: int, clients: int, throttled: list | None = None) -> float:
+def post_all(port: int, events: list[dict], batch: int, clients: int, throttled: list | None = None,
+             latency: dict | None = None) -> float:
     """POST every batch; a 429 (the stream backlog at serve.stream.max_backlog) is retried after its
-    Retry-After, as a producer should, and counted in `throttled`."""
+    Retry-After, as a producer should, and counted in `throttled`. `latency`: seconds per answer, by status."""
     bodies = [json.dumps({"events": events[a:a + batch]}).encode() for a in range(0, len(events), batch)]
     errors: list[str] = []
     throttled = [] if throttled is None else throttled
+    latency = {} if latency is None else latency
 
     def run(mine: list[bytes]) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for body in mine:
             while True:
+                t0 = time.perf_counter()
                 conn.request("POST", "/v1/events", body=body,
                              headers={"Content-Type": "application/json", "X-API-Key": API_KEY})
                 r = conn.getresponse()
                 text = r.read()
+                latency.setdefault(r.status, []).append(time.perf_counter() - t0)
                 if r.status != 429:
                     break
                 throttled.append(1)
@@ -162,7 +169,23 @@ def main() -> None:
             try:
                 t0 = time.perf_counter()
                 throttled: list = []
-                http_s = post_all(port, events, args.batch, args.clients, throttled)
+                latency: dict = {}
+                backlog: list[int] = []          # sampled every 50 ms while the clients post
+                posting = threading.Event()
+                posting.set()
+
+                def sample() -> None:
+                    while posting.is_set():
+                        backlog.append(stream.backlog())
+                        time.sleep(0.05)
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    http_s = post_all(port, events, args.batch, args.clients, throttled, latency)
+                finally:
+                    posting.clear()
+                    sampler.join()
                 t_done = wait_counter(stream, "applied", n, 600)
                 e2e_s = t_done - t0
                 # exactly once: every user's history holds exactly its events; a replay is all duplicates
@@ -194,6 +217,11 @@ def main() -> None:
             "http_accept_events_per_s": round(n / http_s, 1),
             "end_to_end_s": round(e2e_s, 3),
             "posts": -(-n // args.batch), "posts_throttled_429": len(throttled),
+            "answers": {str(code): {"count": len(ts), "p50_ms": round(float(np.percentile(ts, 50)) * 1e3, 2),
+                                    "p99_ms": round(float(np.percentile(ts, 99)) * 1e3, 2)}
+                        for code, ts in sorted(latency.items())},
+            "share_answered_429": round(len(latency.get(429, [])) / max(1, sum(map(len, latency.values()))), 4),
+            "backlog_max_sampled": max(backlog, default=0),
             "direct_store_apply_events_per_s": round(n / direct_s, 1),
             "direct_store_apply_events_per_s_without_block_index": round(n / plain_s, 1),
             "ratio_end_to_end_to_direct_apply": round(direct_s / e2e_s, 3),
