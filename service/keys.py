@@ -11,6 +11,8 @@ may touch them all):
     <prefix>{u:<id>}:st:<ver>    string: opaque model state bytes of model version <ver>
     <prefix>{u:<id>}:ix:<ver>    string: block index of the sequence for model version <ver>
                                  (service.block_index: per block of events, a score-bound summary)
+    <prefix>{u:<id>}:erased      string, expiring: the stream position of an erase (DELETE /v1/users/<id>);
+                                 events of the user accepted up to it are not applied (service.state.erase)
 Per stream partition p (hash tag `{s:<p>}`: partitions spread over the cluster, and a partition's
 dead letters and counters share its slot so they can be written with its XACK in one MULTI):
     <prefix>{s:<p>}:events       stream of events
@@ -36,12 +38,18 @@ class UserKeys:
     dedup: str
     state_prefix: str
     index_prefix: str
+    erased: str
 
     def state(self, version: str) -> str:
         return self.state_prefix + version
 
     def index(self, version: str) -> str:
         return self.index_prefix + version
+
+    def data(self, versions: list[str]) -> list[str]:
+        """Every key holding the user's data, given the model versions that have a state or index (the meta
+        hash's srev:/ixrev:/ix0:/ixfmt: fields name them)."""
+        return [self.meta, self.seq, self.tail, self.dedup, *map(self.state, versions), *map(self.index, versions)]
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,7 @@ class KeySpace:
     def user(self, user_id: int) -> UserKeys:
         tag = f"{self.prefix}{{u:{user_id}}}"
         return UserKeys(meta=f"{tag}:meta", seq=f"{tag}:seq", tail=f"{tag}:seqt", dedup=f"{tag}:dedup",
-                        state_prefix=f"{tag}:st:", index_prefix=f"{tag}:ix:")
+                        state_prefix=f"{tag}:st:", index_prefix=f"{tag}:ix:", erased=f"{tag}:erased")
 
     def user_meta_pattern(self) -> str:
         """SCAN MATCH pattern of every user's meta key (one per user with applied events)."""

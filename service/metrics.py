@@ -40,6 +40,8 @@ class ServiceMetrics:
             "applied within about a second; measured when stream.max_backlog is set)", registry=r)
         self.events_rejected = Counter(
             "recsys_events_rejected", "events not applied, by reason", ["reason"], registry=r)
+        self.users_erased = Counter("recsys_users_erased", "DELETE /v1/users/{id} answered (idempotent: repeats "
+                                    "count)", registry=r)
         self.state_store_errors = Counter(
             "recsys_state_store_errors", "Redis failures by operation", ["op"], registry=r)
         self.model_info = Gauge("recsys_model_info", "1 for the model version being served", ["version"], registry=r)

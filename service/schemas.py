@@ -110,6 +110,14 @@ class UserResponse(BaseModel):
     rev: int
 
 
+class EraseResponse(BaseModel):
+    user_id: int
+    keys_deleted: int = Field(description="Redis keys of the user deleted (0: nothing was stored)")
+    dead_letters_deleted: int = Field(description="dead-letter entries of the user deleted")
+    stream_position: str = Field(description="the user's events accepted up to this stream entry id are dropped "
+                                 "if a worker has not applied them yet; later ones start a new history")
+
+
 class ReloadResponse(BaseModel):
     model_version: str
     previous_version: str | None

@@ -11,6 +11,11 @@ event is at or after the user's newest applied event and the stored state is cur
 forward (`updater.apply`); otherwise (an out-of-order event, or no current state for this model version)
 it is recomputed from the merged, capped sequence (`updater.rebuild`). Time order is (ts, tb), tb a
 32-bit digest of the event id, so ties in ts are broken the same way whatever the arrival order.
+
+Erasure (`erase`, DELETE /v1/users/<id>): one script deletes every key of the user and leaves a tombstone
+holding the stream position of the erase; the planner drops the user's events accepted up to that position
+(counted, never applied), and the apply script treats a tombstone written after planning as a conflict, so
+no event from before the erase brings the user back. Inactive users expire with `user_ttl_s`.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ class Event:
     category_id: int
     action: int
     ts: int  # ms
+    # the stream entry it came from ("<ms>-<seq>"; "" when applied directly): an erase drops the user's
+    # events up to its stream position
+    stream_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         if not self.event_id:
@@ -63,6 +71,13 @@ class Event:
                 raise ValueError(f"{name}: {v} out of range [{lo}, 2^53 - 1]")
         if not -128 <= self.action <= 127:
             raise ValueError(f"action: {self.action} out of int8 range")
+
+
+def stream_position(stream_id: str | bytes) -> tuple[int, int]:
+    """A stream entry id "<ms>-<seq>" as a comparable pair."""
+    text = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def tiebreak(event_id: str) -> int:
@@ -112,6 +127,7 @@ class ApplyReport:
     rebuilt_users: int = 0
     conflicts: int = 0     # CAS retries (another writer touched the user in between)
     late: list[Event] = field(default_factory=list)  # older than the dedup floor: rejected, not applied
+    erased: list[Event] = field(default_factory=list)  # accepted before their user was erased: not applied
     by_user: dict[int, Counter] = field(default_factory=dict)  # applied / duplicates / outside_cap
 
 
@@ -162,6 +178,8 @@ class _Plan:
     outside: int = 0
     duplicates: int = 0
     late: list[Event] = field(default_factory=list)
+    erased: list[Event] = field(default_factory=list)
+    tombstone: str = "-"                       # the erase tombstone planned with ("-": none)
     rebuilt: bool = False
     n: int = 0                                 # records ever placed, at `rev`
     index: "IndexUpdate | None" = None         # block index update written with the batch
@@ -196,6 +214,7 @@ class StateStore:
         self._apply_script = LuaScript((lua / "apply.lua").read_text())
         self._snapshot_script = LuaScript((lua / "snapshot.lua").read_text())
         self._set_state_script = LuaScript((lua / "set_state.lua").read_text())
+        self._erase_script = LuaScript((lua / "erase.lua").read_text())
 
     # ---- writes -------------------------------------------------------------------------------
 
@@ -260,10 +279,10 @@ class StateStore:
                 args = [v.rev, version, s]
                 if ix is not None:
                     args += [ix.b0, ix.entries, ix.fmt]
-                calls.append((self._set_state_script, [k.meta, k.state(version), k.index(version)], args))
+                calls.append((self._set_state_script, [k.meta, k.state(version), k.index(version), k.erased], args))
             replies = self._eval_many(calls)
             written += sum(r[0] == b"ok" for r in replies)
-            pending = [u for u, r in zip(pending, replies) if r[0] != b"ok"]
+            pending = [u for u, r in zip(pending, replies) if r[0] == b"conflict"]  # erased users: nothing to write
         if pending:
             raise StateStoreError(f"users {pending[:10]} still conflicting after {self.cfg.cas_retries} attempts")
         return written
@@ -285,23 +304,27 @@ class StateStore:
             for e in by_user[u]:
                 first.setdefault(e.event_id, e)
             uniq[u] = list(first.values())
-            calls.append((self._snapshot_script, [k.meta, k.state(version), k.dedup, k.index(version)],
+            calls.append((self._snapshot_script, [k.meta, k.state(version), k.dedup, k.index(version), k.erased],
                           [version, *_pack_ids([e.event_id for e in uniq[u]]), entry]))
         replies = self._eval_many(calls)
 
         plans, fast, slow = [], [], []
         ix_last: dict[int, bytes | None] = {}
-        for u, (rev, hwm_ts, hwm_tb, floor, srev, state, seen, n, ixrev, _ix0, ixfmt, last) in zip(users, replies):
+        for u, (rev, hwm_ts, hwm_tb, floor, srev, state, seen, n, ixrev, _ix0, ixfmt, last, tomb) in zip(users, replies):
             rev = int(rev or 0)
             floor = None if floor is None else int(floor)
-            fresh, late = [], []
+            cut = None if tomb is None else stream_position(tomb)
+            fresh, late, erased = [], [], []
             for e, s in zip(uniq[u], seen or b""):
                 if s == 49:  # b"1": in the dedup window
                     continue
+                if cut is not None and e.stream_id and stream_position(e.stream_id) <= cut:
+                    erased.append(e)
+                    continue
                 (late if floor is not None and e.ts < floor else fresh).append(e)
             rec, eids = to_records(fresh)
-            plan = _Plan(u, rev, rec, eids,
-                         duplicates=len(by_user[u]) - len(fresh) - len(late), late=late, n=int(n or 0))
+            plan = _Plan(u, rev, rec, eids, duplicates=len(by_user[u]) - len(fresh) - len(late) - len(erased),
+                         late=late, erased=erased, tombstone="-" if tomb is None else tomb.decode(), n=int(n or 0))
             plans.append(plan)
             if indexer is not None and (rev == 0 or (ixrev is not None and int(ixrev) == rev
                                                      and ixfmt is not None and ixfmt.decode() == indexer.fmt)):
@@ -375,13 +398,15 @@ class StateStore:
         cfg = self.cfg
         for p in todo:
             k = self.keys.user(p.user_id)
-            nums = f"{p.rev} {cfg.seq_cap} {cfg.seq_slack} {cfg.dedup_window_ms} {cfg.dedup_max_ids} {len(p.records)}"
+            nums = (f"{p.rev} {cfg.seq_cap} {cfg.seq_slack} {cfg.dedup_window_ms} {cfg.dedup_max_ids} {len(p.records)} "
+                    f"{cfg.user_ttl_s * 1000} {p.tombstone}")
             args = [nums, version, p.state, p.records.tobytes(), *_pack_ids(p.eids)]
             if p.index is not None:
                 ix = p.index
                 args += [f"{ix.mode} {cfg.index_block} {ix.entry_bytes} {ix.b0}",
                          ix.entries, ix.fmt]
-            calls.append((self._apply_script, [k.meta, k.seq, k.tail, k.dedup, k.state(version), k.index(version)], args))
+            calls.append((self._apply_script, [k.meta, k.seq, k.tail, k.dedup, k.state(version), k.index(version),
+                                               k.erased], args))
         replies = self._eval_many(calls)
         retry = []
         done = {p.user_id for p in plans} - {p.user_id for p in todo}
@@ -402,9 +427,27 @@ class StateStore:
                 report.duplicates += p.duplicates
                 report.rebuilt_users += p.rebuilt
                 report.late += p.late
+                report.erased += p.erased
                 report.by_user[p.user_id] = Counter(applied=len(p.records) - p.outside, duplicates=p.duplicates,
                                                     outside_cap=p.outside)
         return retry
+
+    def erase(self, user_id: int, position: str) -> int:
+        """Delete every key holding the user's data (sequence, meta, dedup window, every version's state and
+        block index) and leave the tombstone: the user's events accepted up to stream `position` (the
+        partition's last entry id when the erase was asked for) are dropped when a worker reaches them, for
+        `erase_tombstone_s`. Idempotent; -> keys deleted."""
+        k = self.keys.user(user_id)
+        for _ in range(self.cfg.cas_retries):
+            versions = sorted({f.split(":", 1)[1] for f in (b.decode() for b in self.client.hkeys(k.meta))
+                               if f.split(":", 1)[0] in ("srev", "ixrev", "ix0", "ixfmt")})
+            data = k.data(versions)
+            r = self._eval_many([(self._erase_script, data[:4] + [k.erased] + data[4:],
+                                  [" ".join(versions), position, self.cfg.erase_tombstone_s * 1000])])[0]
+            if r[0] == b"ok":
+                return int(r[1])
+        raise StateStoreError(f"user {user_id}: its model versions kept changing during {self.cfg.cas_retries} "
+                              "erase attempts")
 
     def _eval_many(self, calls: list[tuple["LuaScript", list[str], list]]) -> list:
         """EVALSHA each (script, keys, args) in one pipelined round trip; replies in order.

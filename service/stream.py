@@ -24,7 +24,7 @@ import redis
 from recsys.config.serve import ServeConfig
 from service.keys import KeySpace, partition_of
 from service.redis_conn import connect
-from service.state import Event, StateStore, StateUpdater
+from service.state import Event, StateStore, StateUpdater, stream_position
 
 log = logging.getLogger("recsys.stream")
 
@@ -48,8 +48,8 @@ def encode_event(e: Event) -> bytes:
     return f"{e.user_id}\t{e.item_id}\t{e.category_id}\t{e.action}\t{e.ts}\t{e.event_id}".encode()
 
 
-def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> Event:
-    """Stream entry fields -> Event, or EventRejected naming the field."""
+def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128, stream_id: str = "") -> Event:
+    """Stream entry fields (of entry `stream_id`) -> Event, or EventRejected naming the field."""
     raw = fields.get(FIELD)
     if raw is None:
         raise EventRejected("entry", f"entry: no field {FIELD.decode()!r}")
@@ -68,7 +68,7 @@ def parse_entry(fields: Mapping[bytes, bytes], max_event_id_len: int = 128) -> E
         except ValueError:
             raise EventRejected(name, f"{name}: not an integer: {text[:40]!r}") from None
     try:
-        return Event(**values)  # type: ignore[arg-type]
+        return Event(**values, stream_id=stream_id)  # type: ignore[arg-type]
     except ValueError as e:
         raise EventRejected(str(e).split(":", 1)[0], str(e)) from None
 
@@ -134,6 +134,33 @@ class EventStream:
         for h in pipe.execute():
             total.update({k.decode(): int(v) for k, v in h.items()})
         return dict(total)
+
+    def position(self, user_id: int) -> str:
+        """The id of the newest entry ever added to the user's partition ("0-0": none): every event of the
+        user accepted so far is at or before it."""
+        try:
+            info = self.client.xinfo_stream(self.partitions[self.partition(user_id)].events)
+        except redis.ResponseError as e:
+            if "no such key" in str(e).lower():
+                return "0-0"
+            raise
+        last = info["last-generated-id"]
+        return last.decode() if isinstance(last, bytes) else last
+
+    def erase_dead_letters(self, user_id: int, page: int = 1000) -> int:
+        """Delete the user's entries from its partition's dead-letter stream (they hold the events' fields).
+        Reads the whole dead-letter stream of the partition, a page at a time. -> entries deleted."""
+        key = self.partitions[self.partition(user_id)].dead
+        prefix = f"{user_id}\t".encode()
+        deleted, start = 0, "-"
+        while True:
+            got = self.client.xrange(key, min=start, max="+", count=page)
+            mine = [i for i, f in got if (f.get(FIELD) or b"").startswith(prefix)]
+            if mine:
+                deleted += self.client.xdel(key, *mine)
+            if len(got) < page:
+                return deleted
+            start = "(" + got[-1][0].decode()
 
     def dead_letters(self) -> list[dict[str, str]]:
         out = []
@@ -326,7 +353,7 @@ class StreamWorker:
                 dead[p].append((sid, fields, "max_deliveries", f"delivered more than {sc.max_deliveries} times"))
                 continue
             try:
-                ev = parse_entry(fields, sc.max_event_id_len)
+                ev = parse_entry(fields, sc.max_event_id_len, sid)
             except EventRejected as e:
                 dead[p].append((sid, fields, e.reason, str(e)))
                 continue
@@ -341,6 +368,11 @@ class StreamWorker:
         counts: dict[int, Counter] = defaultdict(Counter)
         for u, c in report.by_user.items():
             counts[user_p[u]].update(c)
+        # Events of an erased user: counted, and not dead-lettered (a dead letter would keep their data).
+        for ev in report.erased:
+            counts[origin[id(ev)][0]]["rejected:erased"] += 1
+        if report.erased:
+            stats.rejected["erased"] += len(report.erased)
         for reasons in dead.values():
             stats.rejected.update(reason for _, _, reason, _ in reasons)
         stats.applied += report.applied
@@ -403,15 +435,10 @@ class StreamWorker:
             minid = _next_id(last)
             summary = self.client.xpending(key, self.cfg.stream.group)
             if summary["pending"]:
-                minid = min(minid, summary["min"].decode(), key=_sid)
+                minid = min(minid, summary["min"].decode(), key=stream_position)
             self.client.xtrim(key, minid=minid, approximate=False)
 
 
-def _sid(s: str) -> tuple[int, int]:
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def _next_id(s: str) -> str:
-    ms, seq = _sid(s)
+    ms, seq = stream_position(s)
     return f"{ms}-{seq + 1}"

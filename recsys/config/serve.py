@@ -42,6 +42,14 @@ class StateStoreConfig(StrictModel):
     dedup_max_ids: int = Field(1_024, ge=1, description="most applied event ids remembered per user for dedup")
     cas_retries: int = Field(8, ge=1, description="optimistic-concurrency retries when another worker applied to "
                              "the same user in between")
+    user_ttl_s: int = Field(0, ge=0, description="inactive users expire: every key of a user lives this long after "
+                            "its last applied event (refreshed by each apply; scoring does not refresh it); 0: "
+                            "users never expire. Keep it far above the dedup window and any redelivery delay: an "
+                            "expired user's replayed events are new to it")
+    erase_tombstone_s: int = Field(86_400, ge=1, description="after DELETE /v1/users/{id}, how long the user's "
+                                   "events accepted before the erase are still recognised and dropped (they may sit "
+                                   "in the stream backlog); keep it above the longest time events can wait to be "
+                                   "applied")
 
     # Short timeouts and one quick retry: with Redis down a request fails (503) in well under a second;
     # redis-py's defaults (5 s socket timeout, 3 retries with backoff up to seconds) held it 3-4 s.

