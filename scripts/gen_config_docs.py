@@ -54,6 +54,19 @@ Environment variables that override a file:
 | `RECSYS_API_KEY` | `http.api_key` | `recsys serve` (keep secrets out of files) |
 | `RECSYS_SHARED` | the shared data folder: the first root searched for relative `data:` paths (then `../shared`, then the download cache) | training, evaluation, tests |
 | `RECSYS_DATA` | the download cache that `recsys data fetch` fills (default `~/.cache/recsys`), the last root searched | `recsys data fetch`, training, tests |
+
+Every field of the service config (the Service section below; `recsys serve`, `recsys stream-worker`, `recsys
+rebuild-state`) can also be set from the environment: `RECSYS_<FIELD>` for a top-level field,
+`RECSYS_<SECTION>__<FIELD>` below it (`__` between levels, any case), e.g. `RECSYS_HTTP__PORT=8001`,
+`RECSYS_SERVE__STATE__SEQ_CAP=500`, `RECSYS_SERVE__STREAM__PARTITIONS=8`, `RECSYS_HTTP__MAX_CANDIDATES=1000`.
+Precedence: the file (or preset, or the defaults without `--config`) < these variables < the command-line
+flags; `REDIS_URL` and `RECSYS_API_KEY` above still win for their fields. A value is read as YAML (`8001`,
+`0.25`, `true`, `null`, `[16, 8]`); a text field takes it as it is (so it cannot be set to null from the
+environment: leave the variable unset). A variable that names no field below a section
+(`RECSYS_HTTP__PORTT`) or holds a bad value is an error naming the variable; variables whose first part is
+no field of the service config (`RECSYS_API_KEY`, `RECSYS_SHARED`, ...) are left to what reads them.
+Experiment configs (training) come from their file only: a run is reproduced from its file and the bundle's
+`config.yaml`.
 """
 
 # (title, model, the preset shown above its table as an example). Nested models get their own subsections.

@@ -219,10 +219,12 @@ def evaluate(
 
 
 def _service_config(config: Optional[Path], bundle: Optional[Path], host: Optional[str], port: Optional[int]):
-    from recsys.config.base import load_yaml
+    import os
+
+    from recsys.config.base import load_config
     from recsys.config.http import ServiceConfig
 
-    cfg = load_yaml(config, ServiceConfig) if config else ServiceConfig()
+    cfg = load_config(config, ServiceConfig, os.environ)  # the file, then RECSYS_<SECTION>__<FIELD> variables
     http = cfg.http.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
     update = {"http": http}
     if bundle is not None:
