@@ -7,9 +7,10 @@ before the lookup: a 2048 x 200 history batch of a 10k-item catalogue touches a 
 lookup and its backward work on those rows only.
 
 How the tables learn (`backend`, measured in docs/models.md):
-- `sparse` (default): the collection's tables emit sparse row gradients and `torch.optim.SparseAdam` updates
-  only the rows of the batch (lazy Adam: moments of untouched rows are not decayed). Memory and time per
-  step scale with the rows touched, not the table size; this is what makes Taobao-sized tables cheap.
+- `sparse` (default): the collection's tables emit sparse row gradients and SparseAdam (fused,
+  recsys.train.sparse_adam) updates only the rows of the batch (lazy Adam: moments of untouched rows are
+  not decayed). Memory and time per step scale with the rows touched, not the table size; this is what
+  makes Taobao-sized tables cheap.
 - `dense`: the original DARE code's behaviour, dense gradients and dense Adam over every row.
 - `fused`: torchrec `DistributedModelParallel` shards the collection over a gloo process group with
   fbgemm's fused TBE kernel, which applies row-wise Adagrad inside backward (fbgemm's CPU build has no fused

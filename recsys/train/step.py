@@ -2,8 +2,8 @@
 and their state as plain tensors + JSON (never pickle).
 
 Dense weights: Adam with L2 as weight decay (the original's recipe). Embedding tables, by backend:
-`sparse` -> SparseAdam on the rows of the batch; `dense` -> Adam on every row (the original);
-`fused` -> none here, fbgemm applies row-wise Adagrad inside backward.
+`sparse` -> SparseAdam (fused: recsys/train/sparse_adam.py) on the rows of the batch; `dense` -> Adam on
+every row (the original); `fused` -> none here, fbgemm applies row-wise Adagrad inside backward.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from recsys.config.train import TrainConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import table_sets
 from recsys.models.output import bce_loss
+from recsys.train.sparse_adam import FusedSparseAdam
 
 
 @dataclass
@@ -41,7 +42,7 @@ def make_optimizers(model: nn.Module, train: TrainConfig) -> Optimizers:
     if not params:
         return Optimizers(dense, None)
     if backends == {"sparse"}:
-        return Optimizers(dense, torch.optim.SparseAdam(params, lr=train.embedding_lr))
+        return Optimizers(dense, FusedSparseAdam(params, lr=train.embedding_lr))
     return Optimizers(dense, torch.optim.Adam(params, lr=train.embedding_lr))
 
 
