@@ -245,7 +245,7 @@ def index_compare(args) -> None:
     from service.model_state import ModelStateUpdater, ServingModel
     from service.redis_conn import connect
     from service.scoring import Scorer, ScoreJob
-    from service.state import StateStore
+    from service.state import RECORD_BYTES, StateStore
 
     torch.set_num_threads(args.torch_threads)
     rng = np.random.default_rng(0)
@@ -291,7 +291,7 @@ def index_compare(args) -> None:
                        "redis_bytes_per_user": redis_bytes_per_user(handle.client, store.keys, serving.version)}
                 ix_key = store.keys.user(1).index(serving.version)
                 row["redis_bytes_per_user"]["index"] = int(handle.client.memory_usage(ix_key) or 0)
-                row["packed_record_bytes"] = L * 21
+                row["packed_record_bytes"] = L * RECORD_BYTES
                 for name in scorers:
                     lat = np.array(times[name]) * 1e3
                     row[name] = {"p50_ms": round(float(np.percentile(lat, 50)), 2),

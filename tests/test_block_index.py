@@ -22,7 +22,7 @@ from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
 from service.redis_conn import connect
 from service.scoring import Scorer, ScoreJob
-from service.state import Event, StateStore
+from service.state import RECORD_BYTES, Event, StateStore
 from test_service_support import cleanup_server_keys
 
 D = 4
@@ -350,7 +350,7 @@ def test_online_equals_offline_with_the_index_at_100k_events(redis_server):
             jobs = [ScoreJob(1, g.integers(1, 70, C), g.integers(1, 9, C), True)]
             got, plain = _scores_both_ways(cfg, handle, serving, jobs)
             assert got[0].blocks_read is not None and got[0].blocks_read < 40, got[0].blocks_read   # of 391
-            assert got[0].bytes_read < L * 21 / 5
+            assert got[0].bytes_read < L * RECORD_BYTES / 5
             assert got[0].explanations == plain[0].explanations
             torch.testing.assert_close(torch.tensor(got[0].scores), torch.tensor(plain[0].scores), rtol=1e-6, atol=1e-7)
             seq = store.read_users([1], serving.version)[0].sequence
