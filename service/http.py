@@ -1,4 +1,5 @@
-"""ASGI plumbing under the routes: body-size cap and deadline, latency metrics, API-key check, error bodies.
+"""ASGI plumbing under the routes: request id, latency metrics and access log, body-size cap and deadline,
+API-key check, error bodies.
 
 The body cap is a raw ASGI middleware so an oversized request is answered 413 before any JSON parsing or
 validation runs: by its Content-Length when declared, else by counting the streamed chunks. The same
@@ -9,13 +10,17 @@ HTTP protocol (service.http_protocol).
 import asyncio
 import hmac
 import json
+import logging
 import time
 
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service.logs import accept_request_id, request_id
 from service.metrics import ServiceMetrics
+
+access_log = logging.getLogger("recsys.access")
 
 
 async def _send_json(send, status: int, body: dict, close: bool = False) -> None:
@@ -75,31 +80,45 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-class RequestTimer:
-    """Latency histogram per (method, route template, status); unmatched paths share one label."""
+class RequestContext:
+    """Outermost: each request's id (service.logs: the client's X-Request-ID if well-formed, else a new one;
+    echoed in the response and on every log record of the request), its latency in the histogram per
+    (method, route template, status; unmatched paths share one label), and the access log line when
+    http.access_log is on."""
 
-    def __init__(self, app, metrics: ServiceMetrics):
+    def __init__(self, app, metrics: ServiceMetrics, access_log: bool = False):
         self.app = app
         self.metrics = metrics
+        self.access_log = access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = accept_request_id(None if given is None else given.decode("latin-1"))
+        token = request_id.set(rid)
         status = 500
 
         async def send_wrapper(msg):
             nonlocal status
             if msg["type"] == "http.response.start":
                 status = msg["status"]
+                msg = {**msg, "headers": [*msg.get("headers", ()), (b"x-request-id", rid.encode())]}
             await send(msg)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            took = time.perf_counter() - t0
             route = scope.get("route")
             path = getattr(route, "path", None) or "<unmatched>"
-            self.metrics.request_seconds.labels(scope["method"], path, str(status)).observe(time.perf_counter() - t0)
+            self.metrics.request_seconds.labels(scope["method"], path, str(status)).observe(took)
+            if self.access_log:
+                access_log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, took * 1000,
+                                extra={"method": scope["method"], "route": path, "status": status,
+                                       "duration_ms": round(took * 1000, 3)})
+            request_id.reset(token)
 
 
 def check_api_key(expected: str | None, given: str | None) -> None:

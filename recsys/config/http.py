@@ -8,12 +8,12 @@ state-store / stream section of `recsys.config.serve.ServeConfig`. Secrets never
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import Field
 
 from recsys.config.base import StrictModel
 from recsys.config.serve import ServeConfig
-
 
 MIN_API_KEY_CHARS = 16
 
@@ -61,7 +61,8 @@ class HttpConfig(StrictModel):
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle kept-alive connection is closed after "
                                         "this long (uvicorn's timeout_keep_alive)")
     # One log line per request costs about as much as a small forward.
-    access_log: bool = Field(False, description="uvicorn's per-request access log")
+    access_log: bool = Field(False, description="one log line per request (logger recsys.access: method, route, "
+                             "status, duration_ms, request_id)")
     torch_threads: int | None = Field(None, ge=1, description="threads torch may use for a forward (None: torch's "
                                       "default)")
 
@@ -75,12 +76,33 @@ class HttpConfig(StrictModel):
         return key
 
 
+class MonitoringConfig(StrictModel):
+    """Logs, metrics and health checks of `recsys serve` and `recsys stream-worker` (docs/operations.md)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="lowest level logged "
+                                                                    "(`--log-level` overrides it)")
+    log_format: Literal["text", "json"] = Field("text", description="text: one readable line per record; json: "
+                                                "one JSON object per line (ts, level, logger, message, pid, "
+                                                "request_id and the record's extra fields; `--log-format` "
+                                                "overrides it)")
+    # An idle worker completes an empty read every stream.block_ms, a busy one a batch every fraction of a
+    # second: 30 s without either is a worker stuck in a call or failing every attempt.
+    worker_stall_s: float = Field(30.0, gt=0, description="a stream worker (embedded thread or `recsys "
+                                  "stream-worker`) that completed no read for this long while entries wait is "
+                                  "stalled: the service's /readyz and the worker's /healthz answer 503")
+    worker_port: int | None = Field(None, ge=0, le=65535, description="`recsys stream-worker` serves GET "
+                                    "/metrics and /healthz on this port (0: a free port, logged at start; None: "
+                                    "no HTTP endpoint)")
+    worker_host: str = Field("127.0.0.1", description="bind address of the stream worker's metrics/health port")
+
+
 class ServiceConfig(StrictModel):
     """A service config (`recsys serve --config`, `recsys stream-worker --config`, e.g. the preset `serve`); the
     flags `--bundle`, `--host` and `--port` override the file."""
 
     http: HttpConfig = Field(HttpConfig(), description="the HTTP front end")
     serve: ServeConfig = Field(ServeConfig(), description="the Redis user-state store and the event stream")
+    monitoring: MonitoringConfig = Field(MonitoringConfig(), description="logs, metrics and health checks")
     bundle: str | None = Field(None, description="model bundle folder served at start (None: not ready until POST "
                                "/v1/admin/reload loads one); `--bundle` overrides it")
     embedded_worker: bool = Field(True, description="run the stream worker as a thread of the service process "

@@ -44,9 +44,6 @@ def router(events_request: type[BaseModel]) -> APIRouter:
                                 headers={"Retry-After": str(sc.retry_after_s)}) from None
         except redis.RedisError as e:
             raise unavailable(runtime, "append", e) from None
-        finally:
-            if runtime.stream.last_length is not None:
-                runtime.metrics.stream_backlog.set(runtime.stream.last_length)
         runtime.metrics.events_ingested.inc(len(batch))
         return {"accepted": len(batch)}
 
