@@ -88,7 +88,8 @@ def test_one_scrape_sums_both_uvicorn_workers_and_the_stream_worker_has_its_own_
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     (tmp_path / "serve.yaml").write_text(cfg.model_dump_json())
     worker = subprocess.Popen([sys.executable, "-m", "recsys.cli", "stream-worker", "--config",
-                               str(tmp_path / "serve.yaml"), "--consumer", "w1", "--log-format", "json"],
+                               str(tmp_path / "serve.yaml"), "--consumer", "w1", "--log-format", "json",
+                               "--log-level", "debug"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url, worker_url = f"http://127.0.0.1:{cfg.http.port}", f"http://127.0.0.1:{cfg.monitoring.worker_port}"
 
@@ -161,7 +162,24 @@ def test_one_scrape_sums_both_uvicorn_workers_and_the_stream_worker_has_its_own_
     assert len(probe) == 1 and probe[0]["logger"] == "recsys.access", probe
     assert (probe[0]["route"], probe[0]["status"], probe[0]["method"]) == ("/v1/users/{user_id}", 200, "GET")
     assert probe[0]["pid"] in per_pid
-    assert any(x["logger"] == "recsys.stream" for x in map(json.loads, worker_log.splitlines()))
+    worker_lines = [json.loads(x) for x in worker_log.splitlines()]
+    assert any(x["logger"] == "recsys.stream" and x["level"] == "INFO" for x in worker_lines)
+    # --log-level debug: the port's request lines (DEBUG) are there
+    assert any(x["level"] == "DEBUG" and "GET /healthz" in x["message"] for x in worker_lines)
+
+
+@pytest.mark.parametrize("flag,value,field", [("--log-level", "loud", "log_level"),
+                                              ("--log-format", "xml", "log_format"),
+                                              ("--metrics-port", "70000", "worker_port")])
+def test_bad_monitoring_flags_are_one_error_line(flag, value, field):
+    from typer.testing import CliRunner
+
+    from recsys.cli import app
+
+    command = "serve" if flag != "--metrics-port" else "stream-worker"
+    r = CliRunner().invoke(app, [command, flag, value], catch_exceptions=False)
+    assert r.exit_code == 2, (r.output, r.stderr)
+    assert r.stderr.startswith("error: ") and field in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_stream_worker_endpoint_reports_the_backlog_queued_while_it_is_stopped(tiny_bundle, tmp_path, redis_server):
