@@ -132,6 +132,22 @@ def test_one_scrape_sums_both_uvicorn_workers_and_the_stream_worker_has_its_own_
         assert samples(text, "recsys_model_info") == {(("version", version),): 1.0}
         assert samples(text, "recsys_stream_backlog") == {(): 0.0}
 
+        # A worker killed with SIGKILL: uvicorn starts another; its requests stay counted (sums never go back)
+        # and its per-process gauge leaves the scrape.
+        killed = min(per_pid)
+        os.kill(killed, signal.SIGKILL)
+
+        def replaced() -> bool:
+            alive = {c.pid for c in psutil.Process(service.pid).children() if c.pid != killed and c.is_running()}
+            got = samples(httpx.get(f"{url}/metrics").text, "recsys_stream_worker_last_read_timestamp_seconds")
+            pids = {int(dict(k)["pid"]) for k in got}
+            return len(pids) == 2 and killed not in pids and pids <= alive
+
+        wait_for(replaced, "a replacement worker reporting, the killed one gone", 120)
+        text = httpx.get(f"{url}/metrics").text
+        assert samples(text, "recsys_http_request_seconds_count")[HEALTHZ_COUNT] == sent
+        live_pids = {int(dict(k)["pid"]) for k in samples(text, "recsys_stream_worker_last_read_timestamp_seconds")}
+
         # Request id round trip through a worker process; its access line is checked in the log below.
         r = httpx.get(f"{url}/v1/users/7", headers={"X-Request-ID": "probe-7f3a"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "probe-7f3a"
@@ -161,7 +177,7 @@ def test_one_scrape_sums_both_uvicorn_workers_and_the_stream_worker_has_its_own_
     probe = [x for x in lines if x.get("request_id") == "probe-7f3a"]
     assert len(probe) == 1 and probe[0]["logger"] == "recsys.access", probe
     assert (probe[0]["route"], probe[0]["status"], probe[0]["method"]) == ("/v1/users/{user_id}", 200, "GET")
-    assert probe[0]["pid"] in per_pid
+    assert probe[0]["pid"] in live_pids
     worker_lines = [json.loads(x) for x in worker_log.splitlines()]
     assert any(x["logger"] == "recsys.stream" and x["level"] == "INFO" for x in worker_lines)
     # --log-level debug: the port's request lines (DEBUG) are there
