@@ -272,26 +272,27 @@ def test_readiness_follows_the_embedded_worker(tiny_bundle, tmp_path, redis_serv
         assert r.status_code == 503 and r.json()["detail"] == "stream worker thread not running"
 
 
-def test_readiness_follows_the_backlog_bound(tiny_bundle, tmp_path, redis_server):
+@pytest.mark.parametrize("backend", ["embedded", "server"])  # Redis 6.2 (no group lag) and Redis 7
+def test_readiness_follows_the_backlog_bound(backend, backend_url, tiny_bundle, tmp_path):
     from service.model_state import ModelStateUpdater, ServingModel
     from service.stream import StreamWorker
 
-    cfg = _with(service_config(redis_server, tmp_path, bundle=tiny_bundle), stream={"max_backlog": 5},
+    cfg = _with(service_config(backend_url, tmp_path, bundle=tiny_bundle), stream={"max_backlog": 5},
                 top={"embedded_worker": False})
-    with live(cfg) as (_, client):
+    with live(cfg) as (srv, client):
         assert client.get("/readyz").status_code == 200
+        # A worker that has not read yet: the group exists, the events wait undelivered.
+        worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(tiny_bundle)),
+                              client=srv.runtime.redis.client)
         events = [_event(i, 3 + i % 2) for i in range(8)]
         assert client.post("/v1/events", json={"events": events}, headers=HEADERS).status_code == 202
         r = client.get("/readyz")
         assert r.status_code == 503, r.text
         assert r.json()["detail"] == "stream backlog: 8 entries not yet applied, at stream.max_backlog (5) or above"
         assert samples(client.get("/metrics").text, "recsys_stream_backlog") == {(): 8.0}
-        rclient = redis.Redis.from_url(redis_server)
-        worker = StreamWorker(cfg.serve, ModelStateUpdater(ServingModel.from_bundle(tiny_bundle)), client=rclient)
         assert worker.run(until_idle=True).applied == 8
         assert client.get("/readyz").status_code == 200
         assert samples(client.get("/metrics").text, "recsys_stream_backlog") == {(): 0.0}
-        rclient.close()
 
 
 # ---- request ids and logs ----------------------------------------------------------------------------------
