@@ -44,7 +44,7 @@ class RequestIdFilter(logging.Filter):
 
 # What every LogRecord has: anything else on a record came through `extra=` and goes into the JSON line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "request_id",
-                                                                           "color_message", "taskName"}
+                                                                           "color_message", "taskName", "rid"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,7 +63,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-_TEXT = "%(asctime)s %(levelname)s %(name)s [%(process)d %(request_id)s] %(message)s"
+class _TextFormatter(logging.Formatter):
+    """`ts LEVEL logger [pid request-id] message` ("-": no request)."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(process)d %(rid)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.rid = getattr(record, "request_id", None) or "-"
+        return super().format(record)
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
@@ -71,7 +79,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     uvicorn's loggers propagate here (the service runs uvicorn with `log_config=None`). Replaces the
     handlers a previous call installed."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(_TEXT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else _TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     for h in list(root.handlers):
