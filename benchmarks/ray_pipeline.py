@@ -132,7 +132,7 @@ def bench_train(steps: int, repeats: int, tmp: Path) -> dict:
     try:
         for i in range(repeats):  # interleaved, so a burst of load from other jobs hits both sides
             for w in (1, 2):
-                r = run_train(cfg, tmp / f"train{w}-{i}", workers=w, dataset=ds, evaluate_test=False)
+                r = run_train(cfg, tmp / f"train{w}-{i}", workers=w, evaluate_test=False)
                 runs[w].append({"samples_per_s": round(r["samples_per_s"]), "wall_s": round(r["wall_s"], 1)})
     finally:
         ray.shutdown()
@@ -152,12 +152,13 @@ SUBSET_TRAIN = {"batch_size": 2048, "epochs": 6.0, "eval_every": 20, "seed": 3, 
 def bench_equivalence(epochs: float, tmp: Path, subset: bool = False, model: dict | None = None) -> dict:
     import ray
 
+    from recsys.train import loop
     import recsys.train.trainer as trainer
     from pipelines.runtime import init_ray
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
     from recsys.config.presets import preset_path
-    from recsys.data.sequences import batch_rows, load_dataset
+    from recsys.data.sequences import load_dataset
     from recsys.paths import benchmark_dir
 
     ds = load_dataset(benchmark_dir())
@@ -175,18 +176,20 @@ def bench_equivalence(epochs: float, tmp: Path, subset: bool = False, model: dic
 
     single = trainer.train(cfg, tmp / "eq-single", dataset=ds, evaluate_test=False)
 
-    def reversed_rows(n_rows, batch_size, shuffle, seed=None, drop_last=False):
-        for rows in batch_rows(n_rows, batch_size, shuffle, seed, drop_last):
-            yield rows[::-1].copy() if shuffle else rows
+    epoch_batches = loop.epoch_batches
 
-    trainer.batch_rows = reversed_rows  # the trainer's own batch order, each training batch reversed
+    def reversed_rows(*args):
+        for rows in epoch_batches(*args):
+            yield rows[::-1].copy()
+
+    loop.epoch_batches = reversed_rows  # the loop's own batch order, each training batch reversed
     try:
         floor = trainer.train(cfg, tmp / "eq-reversed", dataset=ds, evaluate_test=False)
     finally:
-        trainer.batch_rows = batch_rows
+        loop.epoch_batches = epoch_batches
     init_ray(log_to_driver=False)
     try:
-        two = run_train(cfg, tmp / "eq-ray2", workers=2, dataset=ds, evaluate_test=False)
+        two = run_train(cfg, tmp / "eq-ray2", workers=2, users=SUBSET_USERS if subset else None, evaluate_test=False)
     finally:
         ray.shutdown()
     ray_curve = [h["val_auc"] for h in two["history"]]

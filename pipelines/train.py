@@ -1,272 +1,174 @@
-"""Ray Train job: the single-process trainer's step (`recsys.train.step.train_step`) on N workers.
+"""Ray Train job: the ONE training loop (`recsys.train.loop.run_loop`) on N workers, fed by Ray Data.
 
-Equivalence with `recsys.train.trainer.train` by construction: every worker walks the same seeded global
-batch order (`batch_rows`, seed and epoch only) and takes a strided slice of each global batch, and one
-step of N workers on their slices is one step on the whole batch, up to float rounding:
-- BatchNorm layers become `SyncBatchNorm1d` (statistics and their gradients over the global batch; plain
-  BatchNorm would normalise each worker's slice with its own statistics);
-- DDP averages the workers' gradients, which is the gradient of the global mean loss only when the
-  slices are equally large; each worker's loss gradient is scaled by N * rows_here / rows_global, so an
-  odd last batch (rows split ceil/floor) is weighted as on one process;
+Data: the driver plans contiguous user ranges with about equal training rows (`recsys.data.shards`, a pure
+function of the folder and N: reruns and restarts get the same split) and hands Ray Data one dataset per
+rank and file (`events.<r>`, `train.<r>`, `val.<r>`, `test.<r>`: the folder's Parquet filtered to the
+rank's users, pushed down to the scan). Every worker reads its own with
+`ray.train.get_dataset_shard(f"<file>.<rank>").iter_batches(...)` (in file order) and builds its histories
+from its users' events only: a worker holds ~1/N of the events and rows, the driver holds none. Ray's own
+streaming split is not used: its row assignment is not a function of the data, and resume must replay
+the same rows.
+
+Equivalence with one process: every worker takes `batch_size / N` rows of its shard per step, so a step
+is one step on a global batch of `batch_size` rows, up to float rounding:
+- BatchNorm layers become `SyncBatchNorm1d` (statistics and their gradients over the global batch);
+- the ranks' batches are equally large (a rank with fewer rows wraps around its own order), so DDP's
+  average of their mean-loss gradients is the global mean's gradient;
 - sparse table gradients are all-reduced as sparse tensors, so SparseAdam updates the union of the
   workers' rows with their summed gradient, as on one process.
-The weights start identical (same seed; DDP broadcasts rank 0's anyway). Validation, best-by-val-AUC
-selection and the bundle are the trainer's functions.
+Validation is sharded: every rank scores its val users and the metrics merge from partials.
 
-Data: the dataset (CSR events + sample rows, plain numpy) is loaded once by the driver and materialised in
-the object store before `fit`; workers map it zero-copy (one copy per node). Nothing is left to a lazy
-Ray Data stage during training, so workers may take every CPU without starving it (DESIGN.md section 5).
+Resources: the shard datasets are materialised (read into the object store, in file order) before `fit`,
+while no worker holds a CPU; workers then only fetch their blocks, which needs no Ray Data task, so they
+may take every CPU. Streaming the reads next to the workers hung on 2 CPUs (Ray Data's ListFiles and
+ReadFiles operators found no CPU next to the training workers, also with the read tasks asking 0.25 or 0
+CPU and the workers leaving 0.5 free). The object store holds the dataset once (spilling to disk beyond
+its size); the driver holds only block references.
 
 Fault tolerance: rank 0 reports a checkpoint (weights + optimizer state in safetensors, for fused tables
-also fbgemm's accumulators gathered from their owners; the step counter in JSON) at every validation;
-`FailureConfig(max_failures)` restarts the worker group, which resumes from the latest checkpoint at the
-exact step (the data order is a function of seed and epoch). Each run gets a fresh storage folder, so no
-old checkpoint is ever picked up.
+also fbgemm's accumulators gathered from their owners; the step counter and the validation history in
+JSON) at every validation; `FailureConfig(max_failures)` restarts the worker group, which re-reads its
+shards and resumes from the latest checkpoint at the exact step (the data order is a function of seed,
+epoch and rank). Each run gets a fresh storage folder, so no old checkpoint is ever picked up.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import tempfile
 import time
 import uuid
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from recsys.config.experiment import ExperimentConfig, load_experiment
-from recsys.data.sequences import Dataset, assemble, batch_rows, load_dataset
+from recsys.data.schemas import SPLITS
+from recsys.train.loop import Context, OnStep
 
-# Fault injection for tests: "<rank>:<step>:<delay s>:<marker file>": that rank exits hard at that step,
-# once (the marker file records it). The delay first lets Ray register the checkpoints already reported
-# (the controller polls workers every few seconds; a crash within that window loses the newest one).
-FAULT_ENV = "RECSYS_RAY_FAULT"
 # Rank 0's line at each validation; the driver reads it back for its progress bar.
 _PROGRESS_LINE = re.compile(r"\[ray-train\] step (\d+)/(\d+)")
+FILES = ("events", *SPLITS)
 
 
-def _parse_fault(spec: str | None) -> dict | None:
-    if not spec:
-        return None
-    rank, step, delay, marker = spec.split(":", 3)
-    return {"rank": int(rank), "step": int(step), "delay": float(delay), "marker": marker}
+class RayContext(Context):
+    """A Ray Train worker's context: the default gloo/NCCL group Ray Train set up, checkpoints reported."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.t0 = time.perf_counter()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if self.world > 1 else model
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        box = [obj if self.rank == 0 else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    @contextmanager
+    def resume_dir(self) -> Iterator[str | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as d:
+            yield d
+
+    def save(self, write: Callable[[str], None], record: dict, metrics: dict) -> None:
+        import tempfile
+
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if self.rank == 0:
+                write(d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+                print(f"[ray-train] step {record['step']}/{self.total} epoch {record['epoch']} loss {record['train_loss']:.4f} "
+                      f"val_auc {record['val_auc']:.4f} {metrics['samples_per_s']:.0f} samples/s "
+                      f"({time.perf_counter() - self.t0:.0f}s)", flush=True)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def stepped(self, step: int, total: int, loss: float) -> None:
+        self.total = total
 
 
-def _worker_rows(rows: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This worker's part of a global batch (a batch smaller than the world is trained whole by every rank:
-    the averaged gradient is then that batch's gradient)."""
-    return rows if len(rows) < world else rows[rank::world]
+def read_shard(loop: dict[str, Any], rank: int):
+    """This rank's Shard, read from its Ray Data datasets in file order."""
+    import pyarrow as pa
+    import ray.train
 
+    from recsys.data.sequences import EVENT_COLUMNS, SAMPLE_COLUMNS
+    from recsys.data.shards import shard_from_tables
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by `scale`."""
+    def table(name: str, columns) -> pa.Table:
+        it = ray.train.get_dataset_shard(f"{name}.{rank}")
+        parts = list(it.iter_batches(batch_size=None, batch_format="pyarrow"))
+        if not parts:  # no rows in this range: an empty table of the file's columns
+            return pa.table({c: pa.array([], pa.int64()) for c in columns})
+        return pa.concat_tables(parts, promote_options="default")
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
-class WorkerShare(nn.Module):
-    """One worker's share of a global batch step: picks its rows, and scales its logits' gradient by
-    world * rows_here / rows_global.
-
-    The trainer's step takes the mean loss over the rows it is given and DDP averages over workers: that
-    is the global mean's gradient only for equal slices. With this scale the average is
-    sum_i dloss_i / rows_global, as on one process, whatever the split. Forward values are unchanged
-    (the reported loss stays this worker's mean). `model`: the DDP-wrapped model (or the plain one
-    when world = 1, where this is the identity).
-    """
-
-    def __init__(self, model: nn.Module, rank: int, world: int) -> None:
-        super().__init__()
-        self.model, self.rank, self.world, self.global_rows = model, rank, world, 0
-
-    def rows(self, rows: np.ndarray) -> np.ndarray:
-        """This worker's rows of the global batch `rows` (call before the step on them)."""
-        parts = [_worker_rows(rows, r, self.world) for r in range(self.world)]
-        self.global_rows = sum(len(p) for p in parts)
-        return parts[self.rank]
-
-    def forward(self, batch):
-        out = self.model(batch)
-        scale = self.world * len(batch.label) / self.global_rows
-        if scale == 1.0:
-            return out
-        aux = None if out.aux_logit is None else _ScaleGrad.apply(out.aux_logit, scale)
-        return replace(out, logit=_ScaleGrad.apply(out.logit, scale), aux_logit=aux)
-
-
-def _fused_optimizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The fused tables' optimizer state, keyed `<set>.<table>.<state>`, gathered to rank 0 (a collective;
-    empty when no set is sharded)."""
-    from recsys.embeddings import table_sets
-
-    return {f"{s}.{k}": v for s, t in table_sets(model).items() if t.sharded for k, v in t.optimizer_state().items()}
-
-
-def _save(dirname: str, weights: dict[str, torch.Tensor], tables_optim: dict[str, torch.Tensor], opt, state: dict) -> None:
-    """A checkpoint: weights, the dense (and sparse-table) optimizers, the fused tables' optimizer state."""
-    from safetensors.torch import save_file
-
-    from recsys.train.step import optimizer_state
-
-    save_file(weights, os.path.join(dirname, "model.safetensors"))
-    tensors, meta = optimizer_state(opt)
-    save_file(tensors, os.path.join(dirname, "optim.safetensors"))
-    if tables_optim:
-        save_file(tables_optim, os.path.join(dirname, "tables_optim.safetensors"))
-    Path(dirname, "state.json").write_text(json.dumps(state | {"optimizers": meta}))
-
-
-def _restore(dirname: str, model: nn.Module, opt) -> dict:
-    """Load a checkpoint written by `_save` into `model` and `opt` (on every rank) -> the saved state."""
-    from safetensors.torch import load_file
-
-    from recsys.checkpoint import load_state_tensors
-    from recsys.embeddings import table_sets
-    from recsys.train.step import load_optimizer_state
-
-    load_state_tensors(model, load_file(os.path.join(dirname, "model.safetensors")))
-    saved = json.loads(Path(dirname, "state.json").read_text())
-    load_optimizer_state(opt, load_file(os.path.join(dirname, "optim.safetensors")), saved.pop("optimizers"))
-    sharded = {s: t for s, t in table_sets(model).items() if t.sharded}
-    if sharded:
-        tables_optim = load_file(os.path.join(dirname, "tables_optim.safetensors"))
-        for s, t in sharded.items():
-            t.load_optimizer_state({k[len(s) + 1 :]: v for k, v in tables_optim.items() if k.startswith(s + ".")})
-    return saved
-
-
-def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) -> nn.Module:
-    """The model a data-parallel worker trains (before DDP wraps it): seeded as the single-process
-    trainer's; with world > 1 its BatchNorm layers synchronised over the workers (the same parameter and
-    buffer tensors under the same names, so checkpoints load in one process); with the fused backend its
-    tables sharded by torchrec DMP over the workers' gloo group (table-wise; fbgemm's fused row-wise
-    Adagrad updates each table on its owner inside backward) and marked for DDP to leave alone."""
-    from recsys.embeddings import table_sets
-    from recsys.models import build_model
-    from recsys.models.sync_batchnorm import convert_sync_batchnorm
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, n_items, n_cates)
-    if world > 1:
-        model = convert_sync_batchnorm(model)
-    if cfg.model.embedding_backend == "fused":
-        group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
-        sets = table_sets(model)
-        for tables in sets.values():
-            tables.shard(lr=cfg.train.embedding_lr, process_group=group)
-        if world > 1:
-            named = list(model.named_parameters()) + list(model.named_buffers())
-            in_tables = [n for n, _ in named if n.startswith(tuple(f"{s}." for s in sets))]
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, in_tables)
-    return model
+    events = table("events", EVENT_COLUMNS)
+    splits = {s: table(s, SAMPLE_COLUMNS) for s in loop["splits"]}
+    return shard_from_tables(events, splits, loop["folder"], loop["plan"], rank, loop["n_items"], loop["n_cates"], loop["meta"])
 
 
 def _train_loop(loop: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    from recsys.checkpoint import load_state_tensors, state_tensors
-    from recsys.models import build_model
-    from recsys.train.step import make_optimizers, train_step
-    from recsys.train.trainer import split_metrics
+    from recsys.train.loop import run_loop
 
-    cfg: ExperimentConfig = loop["config"]
-    tc, mc = cfg.train, cfg.model
-    ds: Dataset = ray.get(loop["dataset"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ctx = RayContext()
     torch.set_num_threads(loop["threads"])
-    np.random.seed(tc.seed)
-    model = worker_model(cfg, ds.n_items, ds.n_cates, world)
-    fused = mc.embedding_backend == "fused"
-    # A sharded forward is a collective: rank 0 validates an unsharded copy of the gathered weights
-    evaluator = model
-    if fused:
-        evaluator = build_model(mc.model_copy(update={"embedding_backend": "sparse"}), ds.n_items, ds.n_cates) if rank == 0 else None
-    opt = make_optimizers(model, tc)
-    state = {"step": 0, "best_auc": -1.0, "best_step": 0, "bad": 0, "stopped_early": False, "history": []}
-    resumed_from = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = _restore(d, model, opt)
-        resumed_from = state["step"]
-    # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
-    ddp = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if world > 1 else model
-    share = WorkerShare(ddp, rank, world)
-    train_rows = ds.splits["train"]
-    steps_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
-    total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    fault = loop["fault"]
-    aux = mc.aux_weight if mc.aux_loss else 0.0
-    model.train()
-    rates: list[float] = []
-    t_seen = time.perf_counter()
-    while state["step"] < total_steps and not state["stopped_early"]:
-        epoch, skip = divmod(state["step"], steps_per_epoch)
-        for i, rows in enumerate(batch_rows(len(train_rows), tc.batch_size, shuffle=True, seed=tc.seed * 100_003 + epoch)):
-            if i < skip:
-                continue
-            if fault and rank == fault["rank"] and state["step"] == fault["step"] and not os.path.exists(fault["marker"]):
-                Path(fault["marker"]).write_text(str(state["step"]))
-                time.sleep(fault["delay"])
-                os._exit(1)  # a hard crash: no exception, no cleanup, as when a node dies
-            batch = assemble(ds.store, train_rows, share.rows(rows), mc.max_len)
-            t0 = time.perf_counter()
-            loss = train_step(share, batch, opt, aux)
-            rates.append(len(rows) / (time.perf_counter() - t0))
-            state["step"] += 1
-            if state["step"] % tc.eval_every == 0 or state["step"] == total_steps:
-                metrics = {"step": state["step"], "epoch": epoch, "train_loss": loss,
-                           "samples_per_s": float(np.median(rates[-tc.eval_every:])), "resumed_from": resumed_from}
-                # gathers on every rank when the tables are sharded
-                weights, tables_optim = state_tensors(model), _fused_optimizer_state(model)
-                with tempfile.TemporaryDirectory() as d:
-                    checkpoint = None
-                    if rank == 0:
-                        if evaluator is not model:
-                            load_state_tensors(evaluator, weights)
-                        val = split_metrics(evaluator, ds, "val", mc.max_len, tc.eval_batch_size)
-                        if val["auc"] > state["best_auc"]:
-                            state.update(best_auc=val["auc"], best_step=state["step"], bad=0)
-                        else:
-                            state["bad"] += 1
-                        metrics |= {f"val_{k}": v for k, v in val.items()}
-                        # The history travels in the checkpoint: after a restart it holds exactly the
-                        # validations up to the checkpoint resumed from, then the new ones.
-                        state["history"].append(metrics)
-                        _save(d, weights, tables_optim, opt, state)
-                        checkpoint = ray.train.Checkpoint.from_directory(d)
-                        print(f"[ray-train] step {state['step']}/{total_steps} epoch {epoch} loss {loss:.4f} "
-                              f"val_auc {val['auc']:.4f} {metrics['samples_per_s']:.0f} samples/s "
-                              f"({time.perf_counter() - t_seen:.0f}s)", flush=True)
-                    ray.train.report(metrics, checkpoint=checkpoint)
-                # Early stopping must be decided identically on every rank: rank 0 knows the AUC.
-                if tc.patience is not None and world > 1:
-                    flag = torch.tensor([float(state["bad"] >= tc.patience)])
-                    torch.distributed.broadcast(flag, src=0)
-                    state["stopped_early"] = bool(flag.item())
-                elif tc.patience is not None:
-                    state["stopped_early"] = state["bad"] >= tc.patience
-                if state["stopped_early"]:
-                    break
-            if state["step"] >= total_steps:
-                break
+    shard = read_shard(loop, ctx.rank)
+    r = run_loop(loop["config"], shard, ctx, Path(loop["out"]), evaluate_test=loop["evaluate_test"], on_step=loop["on_step"])
+    if ctx.rank == 0:  # Ray keeps only metrics reported with a checkpoint: the summary goes beside best/
+        summary = {k: v for k, v in r.items() if k != "evaluator"}
+        (Path(loop["out"]) / "loop.json").write_text(json.dumps(summary))
+
+
+def shard_datasets(folder: Path, plan, splits: tuple[str, ...]) -> dict:
+    """One materialised Ray dataset per rank and file: the file's rows of the rank's users in file order,
+    the filter pushed down to the Parquet scan (row groups outside the range are skipped by their
+    statistics)."""
+    import ray.data
+    from ray.data.expressions import col, lit
+
+    out = {}
+    for name in ("events", *splits):
+        for r in range(plan.world):
+            lo, hi = plan.users(r)
+            ds = ray.data.read_parquet(str(folder / f"{name}.parquet"))
+            ds = ds.filter(expr=(col("user") >= lit(lo)) & (col("user") < lit(hi)))
+            ds.context.execution_options.preserve_order = True
+            out[f"{name}.{r}"] = ds.materialize()
+    return out
 
 
 def run_train(
@@ -276,50 +178,77 @@ def run_train(
     *,
     address: str | None = None,
     use_gpu: bool = False,
-    dataset: Dataset | None = None,
+    users: int | None = None,
     max_failures: int = 2,
     keep_checkpoints: int = 2,
     evaluate_test: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    on_step: OnStep | None = None,
 ) -> dict:
-    """Train `config` on `workers` Ray Train workers; export the best-by-val-AUC weights as a bundle in
-    `out_dir/bundle`. Returns {bundle_dir, best_step, best_val, test, steps, workers, samples_per_s, history
-    (every validation of the surviving timeline), storage, wall_s}. `dataset`: an already loaded dataset (else the config's data folder is loaded).
+    """Train `config` on `workers` Ray Train workers, each on its user range of the config's dataset folder;
+    export the best-by-val-AUC weights as a bundle in `out_dir/bundle` (`out_dir` must be on storage every
+    node sees). Returns {bundle_dir, best_step, best_val, test, steps, workers, samples_per_s, history (every
+    validation of the surviving timeline), shards (user bounds and training rows per rank), ranks (what each
+    worker read: its user range, events, rows per split), storage, wall_s}.
+    `users`: train on users 0..users-1 only (their rows; `recsys.train.trainer.user_subset`'s rows).
     `progress(step, total_steps)`: called at each validation, from rank 0's progress line as Ray forwards it
-    (so it works whether Ray's output goes to the terminal or to a `ray_log_file`)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    (so it works whether Ray's output goes to the terminal or to a `ray_log_file`).
+    `on_step(rank, step)`: called on every worker before each step (tests inject faults with it)."""
+    from ray.data import ExecutionOptions
+    from ray.train import (
+        CheckpointConfig,
+        DataConfig,
+        FailureConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_file
 
     from pipelines.runtime import on_worker_lines, ray_session
     from recsys.bundle import export_bundle
     from recsys.checkpoint import load_state_tensors
+    from recsys.data.shards import folder_vocabulary, id_space, plan_shards
     from recsys.models import build_model
-    from recsys.train.trainer import split_metrics
+    from recsys.train.loop import per_rank_batch
 
     cfg = load_experiment(config)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "best", out / "loop.json"):  # a previous run's best weights must not be exported
+        if stale.is_file():
+            stale.unlink()
+        elif stale.is_dir():
+            for f in stale.iterdir():
+                f.unlink()
+            stale.rmdir()
     t_start = time.perf_counter()
-    ds = dataset or load_dataset(cfg.data_path())
+    per_rank_batch(cfg.train.batch_size, workers)  # fail before Ray starts
+    folder = cfg.data_path()
+    n_items, n_cates, _, meta = id_space(folder)
+    plan = plan_shards(folder, workers, users)
+    splits = tuple(s for s in SPLITS if s != "test" or evaluate_test)
     run_name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with ray_session(address=address) as res:
         cpus_per_worker = max(1, int(res.cpus // workers)) if address is None else 1
-        loop = {"config": cfg, "dataset": ray.put(ds), "threads": cpus_per_worker, "fault": _parse_fault(os.environ.get(FAULT_ENV))}
+        loop = {"config": cfg, "folder": str(folder), "out": str(out), "plan": plan, "splits": splits, "n_items": n_items,
+                "n_cates": n_cates, "meta": meta, "threads": cpus_per_worker, "evaluate_test": evaluate_test, "on_step": on_step}
+        # preserve_order: a worker's rows come in file order, so its permutation picks the same rows on every run
+        ingest = ExecutionOptions(preserve_order=True)
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config=loop,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker}),
+            datasets=shard_datasets(folder, plan, splits),
+            dataset_config=DataConfig(datasets_to_split=[], execution_options=ingest),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(
                 name=run_name,
                 storage_path=str(out / "ray"),
-                checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints, checkpoint_score_attribute="val_auc",
-                                                   checkpoint_score_order="max"),
+                checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
                 failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
+
         def on_line(line: str) -> None:
             m = _PROGRESS_LINE.search(line)
             if m and progress is not None:
@@ -329,30 +258,35 @@ def run_train(
             result = trainer.fit()
     if result.error is not None:
         raise result.error
-    best = result.get_best_checkpoint(metric="val_auc", mode="max")
-    model = build_model(cfg.model if cfg.model.embedding_backend != "fused" else cfg.model.model_copy(update={"embedding_backend": "sparse"}),
-                        ds.n_items, ds.n_cates)
-    with best.as_directory() as d:
-        load_state_tensors(model, load_file(os.path.join(d, "model.safetensors")))
-        state = json.loads(Path(d, "state.json").read_text())
+    r = json.loads((out / "loop.json").read_text())
+    mc = cfg.model if cfg.model.embedding_backend != "fused" else cfg.model.model_copy(update={"embedding_backend": "sparse"})
+    model = build_model(mc, n_items, n_cates)
+    load_state_tensors(model, load_file(out / "best" / "model.safetensors"))
     model.eval()
-    val = split_metrics(model, ds, "val", cfg.model.max_len, cfg.train.eval_batch_size)
-    test = split_metrics(model, ds, "test", cfg.model.max_len, cfg.train.eval_batch_size) if evaluate_test and "test" in ds.splits else None
-    metrics = {"best_step": state["step"], "val": val} | ({"test": test} if test else {})
-    bundle_dir = export_bundle(model, cfg, out / "bundle", metrics, ds)
-    with result.checkpoint.as_directory() as d:  # the latest one: its history is the whole surviving timeline
-        history = json.loads(Path(d, "state.json").read_text())["history"]
+    metrics = {"best_step": r["best_step"], "val": r["best_val"]} | ({"test": r["test"]} if r["test"] else {})
+    bundle_dir = export_bundle(model, cfg, out / "bundle", metrics, _FolderInfo(meta),
+                               vocab=folder_vocabulary(folder, n_items, n_cates))
     summary = {
         "bundle_dir": str(bundle_dir),
-        "best_step": state["step"],
-        "best_val": val,
-        "test": test,
-        "steps": int(result.metrics["step"]),
+        "best_step": r["best_step"],
+        "best_val": r["best_val"],
+        "test": r["test"],
+        "steps": r["steps"],
         "workers": workers,
-        "samples_per_s": float(np.median([m["samples_per_s"] for m in history])) if history else float("nan"),
-        "history": history,
+        "samples_per_s": float(np.median([m["samples_per_s"] for m in r["history"]])) if r["history"] else float("nan"),
+        "history": r["history"],
+        "shards": {"user_bounds": list(plan.bounds), "train_rows": list(plan.train_rows)},
+        "ranks": r["ranks"],
         "storage": str(out / "ray" / run_name),
         "wall_s": time.perf_counter() - t_start,
     }
     (out / "result.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _FolderInfo:
+    """What the bundle export reads of a dataset besides its vocabulary (its meta), for a folder the driver
+    does not load."""
+
+    def __init__(self, meta: dict) -> None:
+        self.meta = meta

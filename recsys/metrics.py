@@ -11,7 +11,8 @@
   the same code, so a merge over any user-disjoint split gives the same AUC, GAUC and category AUC bit for
   bit and the same logloss to float rounding.
 - `search_recall`: the search stage's recall of the true driver events on synthetic data (all of them);
-  `evidence_recall`: the same counted within the searched window and k slots, plus the hit rate.
+  `evidence_recall`: the same counted within the searched window and k slots, plus the hit rate
+  (mergeable: `evidence_partial` / `merge_evidence`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,11 @@ def evidence_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndar
     reach = share of rows with evidence whose evidence is reachable at all (the others lie further back
     than max_len: no search over this window can find them). NaN where no row counts.
     """
+    return merge_evidence([evidence_partial(indices, pos, evidence, max_len)])
+
+
+def evidence_partial(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndarray], max_len: int) -> dict[str, float]:
+    """evidence_recall's mergeable partial of a shard of rows: the sums and counts behind its means."""
     indices, pos = np.asarray(indices), np.asarray(pos, dtype=np.int64)
     if indices.ndim != 2 or len(indices) != len(pos) or len(evidence) != len(pos):
         raise ValueError(f"indices {indices.shape}, pos {pos.shape} and evidence ({len(evidence)}) must have one row each")
@@ -183,11 +189,18 @@ def evidence_recall(indices: np.ndarray, pos: np.ndarray, evidence: list[np.ndar
     retrieved = rows[keep] * stride + (np.repeat(pos, k) - 1 - indices.reshape(-1))[keep]
     hits = np.bincount(ev_rows, weights=np.isin(ev_rows * stride + ev, retrieved), minlength=len(pos))
     has, any_ev = n_reach > 0, n_ev > 0
+    return {"recall_sum": float(np.sum(hits[has] / np.minimum(k, n_reach[has]))), "hit_rows": int(np.sum(hits[has] > 0)),
+            "reach_rows": int(has.sum()), "evidence_rows": int(any_ev.sum()), "reachable_rows": int(np.sum(has[any_ev]))}
+
+
+def merge_evidence(parts: list[dict[str, float]]) -> dict[str, float]:
+    # one part gives np.mean's value exactly (the same pairwise sum, divided once); more parts, to rounding
+    reach, any_ev = sum(p["reach_rows"] for p in parts), sum(p["evidence_rows"] for p in parts)
     nan = float("nan")
     return {
-        "recall": float(np.mean(hits[has] / np.minimum(k, n_reach[has]))) if has.any() else nan,
-        "hit": float(np.mean(hits[has] > 0)) if has.any() else nan,
-        "reach": float(np.mean(has[any_ev])) if any_ev.any() else nan,
+        "recall": sum(p["recall_sum"] for p in parts) / reach if reach else nan,
+        "hit": sum(p["hit_rows"] for p in parts) / reach if reach else nan,
+        "reach": sum(p["reachable_rows"] for p in parts) / any_ev if any_ev else nan,
     }
 
 

@@ -74,9 +74,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
     from recsys.config.presets import preset_path
-    from recsys.data.sequences import load_dataset
 
-    dataset = load_dataset(folder)
     results = {}
     for name in MODELS:
         # init 0.1 and embedding lr 0.1 (the presets: 0.01, 0.01): at 0.01 the attention logits stay ~1e-3
@@ -92,7 +90,7 @@ def train_stage(folder: Path, out: Path, small: bool, workers: int = 2) -> dict[
         console.print(f"[bold]{name}[/bold]: Ray Train, {workers} workers, L = {cfg.model.max_len}, "
                       f"k = {cfg.model.top_k}, {cfg.train.epochs:g} epochs")
         with progress_bar(f"  {name} steps") as update:
-            r = run_train(cfg, out / "models" / name, workers=workers, dataset=dataset, progress=update)
+            r = run_train(cfg, out / "models" / name, workers=workers, progress=update)
             update(r["steps"], r["steps"])  # an early stop ends the bar at the steps taken
         results[name] = {k: v for k, v in r.items() if k != "history"}
         (out / "models" / name / "history.json").write_text(json.dumps(r.get("history", []), indent=2))

@@ -29,6 +29,7 @@ from recsys.vocab import Vocabulary
 
 EVENT_COLUMNS = {f.name: f.type for f in DATASET_EVENTS_SCHEMA}
 SAMPLE_COLUMNS = {f.name: f.type for f in SPLIT_SCHEMA}
+SAMPLE_OPTIONAL = ("evidence", "p_label")  # synthetic data only
 
 
 class DatasetError(ValueError):
@@ -43,6 +44,8 @@ class SequenceStore:
     item: np.ndarray     # [N] int64
     cate: np.ndarray     # [N] int64
     ts: np.ndarray       # [N] int64
+    # the first user id held: a worker's shard holds the contiguous user range first_user..first_user + n_users - 1
+    first_user: int = 0
 
     @property
     def n_users(self) -> int:
@@ -60,7 +63,7 @@ class SequenceStore:
         return np.concatenate([self.item[::-1], pad]), np.concatenate([self.cate[::-1], pad])
 
     def user_events(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        a, b = self.offsets[user], self.offsets[user + 1]
+        a, b = self.offsets[user - self.first_user], self.offsets[user - self.first_user + 1]
         return self.item[a:b], self.cate[a:b], self.ts[a:b]
 
 
@@ -122,41 +125,55 @@ def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...]
     return table
 
 
-def _check(path: Path, name: str, bad: np.ndarray, what: str) -> None:
+def _check(path: Path | str, name: str, bad: np.ndarray, what: str) -> None:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({int(bad.sum())} bad rows)")
 
 
 def load_store(path: Path) -> SequenceStore:
-    t = _read(path, EVENT_COLUMNS)
+    return store_from_table(_read(path, EVENT_COLUMNS), str(path))
+
+
+def store_from_table(t: pa.Table, where: str, users: tuple[int, int] | None = None) -> SequenceStore:
+    """The store of an events table (sorted by user then pos). `users` = (first, end): the table holds the
+    events of users first..end-1 only (a worker's shard; rows are then counted within it in errors)."""
     user = t.column("user").to_numpy().astype(np.int64)
     pos = t.column("pos").to_numpy().astype(np.int64)
-    _check(path, "user", user < 0, "negative user id")
+    first = users[0] if users else 0
+    _check(where, "user", user < first, "negative user id" if users is None else f"user id below the shard's first user {first}")
+    if users is not None:
+        _check(where, "user", user >= users[1], f"user id at or above the shard's end {users[1]}")
     if len(user) and np.any(np.diff(user) < 0):
-        _check(path, "user", np.r_[False, np.diff(user) < 0], "events not sorted by user")
-    counts = np.bincount(user, minlength=int(user.max()) + 1 if len(user) else 0)
+        _check(where, "user", np.r_[False, np.diff(user) < 0], "events not sorted by user")
+    n_users = users[1] - first if users else (int(user.max()) + 1 if len(user) else 0)
+    counts = np.bincount(user - first, minlength=n_users)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    expected_pos = np.arange(len(user), dtype=np.int64) - offsets[user]
-    _check(path, "pos", pos != expected_pos, "pos must be 0, 1, 2, ... within each user in order")
+    expected_pos = np.arange(len(user), dtype=np.int64) - offsets[user - first]
+    _check(where, "pos", pos != expected_pos, "pos must be 0, 1, 2, ... within each user in order")
     item = t.column("item").to_numpy().astype(np.int64)
     cate = t.column("cate").to_numpy().astype(np.int64)
-    _check(path, "item", item <= 0, "item ids start at 1 (0 is padding)")
-    _check(path, "cate", cate <= 0, "category ids start at 1 (0 is padding)")
-    return SequenceStore(offsets, item, cate, t.column("ts").to_numpy().astype(np.int64))
+    _check(where, "item", item <= 0, "item ids start at 1 (0 is padding)")
+    _check(where, "cate", cate <= 0, "category ids start at 1 (0 is padding)")
+    return SequenceStore(offsets, item, cate, t.column("ts").to_numpy().astype(np.int64), first)
 
 
 def load_samples(path: Path, store: SequenceStore) -> Samples:
-    t = _read(path, SAMPLE_COLUMNS, optional=("evidence", "p_label"))
+    return samples_from_table(_read(path, SAMPLE_COLUMNS, optional=SAMPLE_OPTIONAL), str(path), store)
+
+
+def samples_from_table(t: pa.Table, where: str, store: SequenceStore) -> Samples:
+    """Checked samples of a split table whose users `store` holds."""
     user = t.column("user").to_numpy().astype(np.int64)
     pos = t.column("pos").to_numpy().astype(np.int64)
     label = t.column("label").to_numpy()
-    _check(path, "user", (user < 0) | (user >= store.n_users), f"user id outside 0..{store.n_users - 1}")
-    _check(path, "pos", (pos < 0) | (pos >= store.lengths[user]), "pos outside the user's sequence")
-    _check(path, "label", (label != 0) & (label != 1), "label must be 0 or 1")
+    first, end = store.first_user, store.first_user + store.n_users
+    _check(where, "user", (user < first) | (user >= end), f"user id outside {first}..{end - 1}")
+    _check(where, "pos", (pos < 0) | (pos >= store.lengths[user - first]), "pos outside the user's sequence")
+    _check(where, "label", (label != 0) & (label != 1), "label must be 0 or 1")
     item = t.column("item").to_numpy().astype(np.int64)
-    _check(path, "item", item <= 0, "item ids start at 1 (0 is padding)")
+    _check(where, "item", item <= 0, "item ids start at 1 (0 is padding)")
     evidence = None
     if "evidence" in t.column_names:
         col = t.column("evidence").combine_chunks()
@@ -202,7 +219,7 @@ def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: 
     W = int(n.max(initial=0))
     # Each history is one contiguous slice of the reversed store: copy fixed-width windows (a strided
     # view, no per-row Python), then zero what lies beyond each row's length.
-    start = len(store.item) - (store.offsets[user] + pos)         # [B]
+    start = len(store.item) - (store.offsets[user - store.first_user] + pos)  # [B]
     j = np.arange(W, dtype=np.int64)
     valid = j[None, :] < n[:, None]                                # [B, W]
     rev_item, rev_cate = store.reversed_padded
@@ -233,7 +250,7 @@ def timeline(store: SequenceStore, user: np.ndarray, pos: np.ndarray) -> Timelin
     offsets = np.zeros(len(users) + 1, np.int64)
     np.cumsum(need, out=offsets[1:])
     # store index of each given event: user u's first need[u] events, users one after another
-    src = np.repeat(store.offsets[users] - offsets[:-1], need) + np.arange(offsets[-1], dtype=np.int64)
+    src = np.repeat(store.offsets[users - store.first_user] - offsets[:-1], need) + np.arange(offsets[-1], dtype=np.int64)
     return Timeline(item=torch.from_numpy(store.item[src]), cate=torch.from_numpy(store.cate[src]),
                     offsets=torch.from_numpy(offsets), row_user=torch.from_numpy(row_user.astype(np.int64)),
                     row_prefix=torch.from_numpy(pos.astype(np.int64)))

@@ -1,4 +1,5 @@
-"""Training: the one step (step.py) and the single-process trainer (trainer.py)."""
+"""Training: the one step (step.py), the one loop (loop.py, also run by every Ray Train worker), the
+single-process trainer (trainer.py) and split metrics, whole or merged from shards (evaluation.py)."""
 
 from recsys.train.trainer import RunResult, evaluate, predict, score, train
 

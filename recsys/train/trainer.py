@@ -1,8 +1,10 @@
-"""Single-process training: seeded, validated every N steps in eval mode, best-by-val-AUC, resumable.
+"""Single-process training: the ONE training loop (`recsys.train.loop`) on one rank, seeded, validated
+every N steps in eval mode, best-by-val-AUC, resumable.
 
 `train(config, out_dir) -> RunResult` writes into out_dir:
   log.jsonl        one JSON line per validation (step, epoch, loss, val metrics): the learning curve
   checkpoint/      latest state for `resume=True`: model.safetensors, optim.safetensors, state.json
+                   (fused tables: also tables_optim.safetensors, their row-wise Adagrad state)
   best/            weights of the best validation AUC so far
   bundle/          the exported model bundle of the best weights (recsys.bundle)
 `evaluate(bundle_dir, split) -> metrics` and `score(model, dataset, split) -> probabilities`.
@@ -13,25 +15,23 @@ resumes ends with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-from recsys.checkpoint import load_state_tensors, state_tensors
-from recsys.config.experiment import ExperimentConfig, load_experiment
-from recsys.data.sequences import Dataset, assemble, batch_rows, load_dataset
-from recsys.embeddings import table_sets
-from recsys.metrics import ctr_metrics
-from recsys.models import build_model
-from recsys.train.step import Optimizers, load_optimizer_state, make_optimizers, optimizer_state, train_step
+from recsys.config.experiment import load_experiment
+from recsys.data.sequences import Dataset, load_dataset
+from recsys.data.shards import whole
+from recsys.train.evaluation import Predictions, predict, score, split_metrics
+from recsys.train.loop import Context, OnStep, run_loop
+
+__all__ = ["Predictions", "RunResult", "evaluate", "predict", "score", "split_metrics", "train", "user_subset"]
 
 
 @dataclass
@@ -51,68 +51,41 @@ class RunResult:
         return asdict(self)
 
 
-@dataclass
-class Predictions:
-    probs: np.ndarray            # [R] main head
-    indices: np.ndarray | None   # [R, k] retrieved history columns (DARE/TWIN)
+class LocalContext(Context):
+    """The one-process context: checkpoint/ replaced atomically, log.jsonl, a progress bar."""
+
+    def __init__(self, out: Path, resume: bool, bar) -> None:
+        self.out, self.resume, self.bar = out, resume, bar
+        self.ckpt, self.log = out / "checkpoint", out / "log.jsonl"
+
+    @contextmanager
+    def resume_dir(self) -> Iterator[str | None]:
+        if self.resume and self.ckpt.is_dir():
+            step = json.loads((self.ckpt / "state.json").read_text())["step"]
+            _truncate_log(self.log, step)
+            self.bar.update(step)
+            yield str(self.ckpt)
+            return
+        if self.log.exists():
+            self.log.unlink()
+        yield None
+
+    def save(self, write: Callable[[str], None], record: dict, metrics: dict) -> None:
+        with self.log.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        _replace_dir(self.ckpt, write)
+
+    def stepped(self, step: int, total: int, loss: float) -> None:
+        self.bar.total = total
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, split: str, max_len: int, batch_size: int = 4096) -> Predictions:
-    """Every row of `split`, in order, with the model in eval mode (restored afterwards)."""
-    if split not in dataset.splits:
-        raise KeyError(f"split {split!r} not loaded; have {sorted(dataset.splits)}")
-    samples = dataset.splits[split]
-    was_training = model.training
-    model.eval()
-    probs, idx = [], []
-    try:
-        for rows in batch_rows(len(samples), batch_size, shuffle=False):
-            out = model(assemble(dataset.store, samples, rows, max_len, trim=False))
-            probs.append(torch.sigmoid(out.logit).double().numpy())
-            if out.indices is not None:
-                idx.append(out.indices.numpy())
-    finally:
-        model.train(was_training)
-    return Predictions(np.concatenate(probs), np.concatenate(idx) if idx else None)
-
-
-def score(model: nn.Module, dataset: Dataset, split: str, max_len: int | None = None, batch_size: int = 4096) -> np.ndarray:
-    """Predicted click probabilities for every row of `split`."""
-    return predict(model, dataset, split, max_len or model.config.max_len, batch_size).probs
-
-
-def split_metrics(model: nn.Module, dataset: Dataset, split: str, max_len: int, batch_size: int = 4096) -> dict[str, float]:
-    """ctr_metrics; on synthetic data also the search's recall@k / hit@k of the evidence within the searched
-    window and the share of evidence rows whose evidence lies in it (metrics.evidence_recall), and the
-    Bayes ceiling: the AUC of the generator's P(label | full history) on the same rows."""
-    from recsys.metrics import auc, evidence_recall
-
-    pred = predict(model, dataset, split, max_len, batch_size)
-    s = dataset.splits[split]
-    m = ctr_metrics(s.label, pred.probs, s.user, s.cate)
-    if s.evidence is not None and pred.indices is not None:
-        k = pred.indices.shape[1]
-        r = evidence_recall(pred.indices, s.pos, s.evidence, max_len)
-        m |= {f"recall@{k}": r["recall"], f"hit@{k}": r["hit"], "evidence_in_window": r["reach"]}
-    if s.p_label is not None:
-        m["ceiling_auc"] = auc(s.label, s.p_label)
-    return m
-
-
-def _seed(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def _save_checkpoint(path: Path, model: nn.Module, opt: Optimizers, state: dict) -> None:
+def _replace_dir(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temp folder then rename, so a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(state_tensors(model), tmp / "model.safetensors")
-    tensors, meta = optimizer_state(opt)
-    save_file(tensors, tmp / "optim.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state | {"optimizers": meta}))
+    write(str(tmp))
     if path.exists():
         old = path.with_name(path.name + ".old")
         path.rename(old)
@@ -125,16 +98,18 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: Optimizers, state: dict)
 
 
 def train(
-    config: ExperimentConfig | str | Path,
+    config,
     out_dir: str | Path,
     resume: bool = False,
     dataset: Dataset | None = None,
     evaluate_test: bool = True,
+    on_step: OnStep | None = None,
 ) -> RunResult:
     """Train `config` (an ExperimentConfig or a YAML path) into `out_dir`; see the module docstring.
 
     `dataset`: an already loaded dataset (else `config.data` is loaded). `evaluate_test`: score the test
     split with the best-by-validation weights at the end (reporting only; selection uses val).
+    `on_step(rank, step)`: called before each step (tests inject faults with it).
     """
     from tqdm.auto import tqdm
 
@@ -147,94 +122,28 @@ def train(
     if tc.threads:
         torch.set_num_threads(tc.threads)
     ds = dataset or load_dataset(cfg.data_path())
-    train_rows = ds.splits["train"]
     t_start = time.perf_counter()
-
-    _seed(tc.seed)
-    model = build_model(mc, ds.n_items, ds.n_cates)
-    if mc.embedding_backend == "fused":
-        for tables in table_sets(model).values():
-            tables.shard(lr=tc.embedding_lr)
-    opt = make_optimizers(model, tc)
-
-    steps_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
-    total_steps = math.ceil(tc.epochs * steps_per_epoch)
-    state = {"step": 0, "best_auc": -1.0, "best_step": 0, "best_val": {}, "bad": 0, "stopped_early": False}
-    ckpt = out / "checkpoint"
-    log_path = out / "log.jsonl"
-    if resume and ckpt.is_dir():
-        if mc.embedding_backend == "fused":
-            raise NotImplementedError("resume: the fused backend keeps its optimizer state inside fbgemm; resume a sparse/dense run")
-        load_state_tensors(model, load_file(ckpt / "model.safetensors"))
-        saved = json.loads((ckpt / "state.json").read_text())
-        load_optimizer_state(opt, load_file(ckpt / "optim.safetensors"), saved.pop("optimizers"))
-        state = saved
-        _truncate_log(log_path, state["step"])
-    elif log_path.exists():
-        log_path.unlink()
-
-    model.train()
-    step_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not tc.progress, desc=f"{mc.name} seed {tc.seed}", unit="step")
-    last_loss = float("nan")
-    while state["step"] < total_steps and not state["stopped_early"]:
-        epoch, skip = divmod(state["step"], steps_per_epoch)
-        for i, rows in enumerate(batch_rows(len(train_rows), tc.batch_size, shuffle=True, seed=tc.seed * 100_003 + epoch)):
-            if i < skip:
-                continue
-            batch = assemble(ds.store, train_rows, rows, mc.max_len)
-            t0 = time.perf_counter()
-            last_loss = train_step(model, batch, opt, mc.aux_weight if mc.aux_loss else 0.0)
-            step_times.append((time.perf_counter() - t0) / len(rows))
-            state["step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}")
-            if state["step"] % tc.eval_every == 0 or state["step"] == total_steps:
-                _validate(model, ds, cfg, state, out, epoch, last_loss, log_path)
-                _save_checkpoint(ckpt, model, opt, state)
-                if state["stopped_early"]:
-                    break
-            if state["step"] >= total_steps:
-                break
-    bar.close()
-
-    best = load_file(out / "best" / "model.safetensors")
-    load_state_tensors(model, best)
-    model.eval()
-    test = split_metrics(model, ds, "test", mc.max_len, tc.eval_batch_size) if evaluate_test and "test" in ds.splits else None
-    metrics = {"best_step": state["best_step"], "val": state["best_val"]} | ({"test": test} if test else {})
-    bundle_dir = export_bundle(model, cfg, out / "bundle", metrics, ds)
-    rates = [1.0 / t for t in step_times[10:]] or [1.0 / t for t in step_times]
+    bar = tqdm(total=None, disable=not tc.progress, desc=f"{mc.name} seed {tc.seed}", unit="step")
+    try:
+        r = run_loop(cfg, whole(ds), LocalContext(out, resume, bar), out, evaluate_test=evaluate_test, on_step=on_step)
+    finally:
+        bar.close()
+    metrics = {"best_step": r["best_step"], "val": r["best_val"]} | ({"test": r["test"]} if r["test"] else {})
+    bundle_dir = export_bundle(r["evaluator"], cfg, out / "bundle", metrics, ds)
     result = RunResult(
         out_dir=str(out),
         bundle_dir=str(bundle_dir),
-        steps=state["step"],
-        best_step=state["best_step"],
-        best_val=state["best_val"],
-        test=test,
-        train_samples_per_s=float(np.median(rates)) if rates else float("nan"),
+        steps=r["steps"],
+        best_step=r["best_step"],
+        best_val=r["best_val"],
+        test=r["test"],
+        train_samples_per_s=r["samples_per_s"],
         wall_s=time.perf_counter() - t_start,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        stopped_early=bool(state["stopped_early"]),
+        stopped_early=r["stopped_early"],
     )
     (out / "result.json").write_text(json.dumps(result.to_json(), indent=2))
     return result
-
-
-def _validate(model: nn.Module, ds: Dataset, cfg: ExperimentConfig, state: dict, out: Path, epoch: int, loss: float, log_path: Path) -> None:
-    val = split_metrics(model, ds, "val", cfg.model.max_len, cfg.train.eval_batch_size)
-    improved = val["auc"] > state["best_auc"]
-    if improved:
-        state.update(best_auc=val["auc"], best_step=state["step"], best_val=val, bad=0)
-        (out / "best").mkdir(exist_ok=True)
-        save_file(state_tensors(model), out / "best" / "model.safetensors.tmp")
-        (out / "best" / "model.safetensors.tmp").replace(out / "best" / "model.safetensors")
-    else:
-        state["bad"] += 1
-        if cfg.train.patience is not None and state["bad"] >= cfg.train.patience:
-            state["stopped_early"] = True
-    with log_path.open("a") as f:
-        f.write(json.dumps({"step": state["step"], "epoch": epoch, "train_loss": loss, "improved": improved} | {f"val_{k}": v for k, v in val.items()}) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -262,6 +171,7 @@ def user_subset(dataset: Dataset, n_users: int) -> Dataset:
     def keep(s):
         m = s.user < n_users
         ev = [e for e, k in zip(s.evidence, m) if k] if s.evidence is not None else None
-        return replace(s, user=s.user[m], pos=s.pos[m], item=s.item[m], cate=s.cate[m], label=s.label[m], evidence=ev)
+        return replace(s, user=s.user[m], pos=s.pos[m], item=s.item[m], cate=s.cate[m], label=s.label[m], evidence=ev,
+                       p_label=s.p_label[m] if s.p_label is not None else None)
 
     return replace(dataset, splits={k: keep(s) for k, s in dataset.splits.items()})

@@ -1,0 +1,168 @@
+"""User-range shards of a dataset folder: what one data-parallel training worker holds.
+
+A shard is a contiguous range of dense user ids with every event and every sample row of those users, and
+nothing else: a row's history is its own user's earlier events, so a worker builds every history it
+trains or validates on from its own range (`recsys.data.sequences.store_from_table` with the range).
+
+The ranges are a pure function of the folder and the number of ranks (`plan_shards`): cut where the
+running count of training rows crosses r / N of the total, so the ranks get about equal rows and a rerun
+or a resumed run gets the same split. The driver reads only the `user` column of train.parquet for that
+(a bincount, O(users) memory), and the ids' extent from Parquet statistics; workers read their ranges.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys.data.schemas import SPLITS
+from recsys.data.sequences import (
+    Dataset,
+    DatasetError,
+    Samples,
+    SequenceStore,
+    samples_from_table,
+    store_from_table,
+)
+from recsys.vocab import FILE as VOCAB_FILE
+from recsys.vocab import Vocabulary
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rank r holds users bounds[r]..bounds[r + 1] - 1 and train_rows[r] training rows."""
+
+    bounds: tuple[int, ...]
+    train_rows: tuple[int, ...]
+
+    @property
+    def world(self) -> int:
+        return len(self.train_rows)
+
+    def users(self, rank: int) -> tuple[int, int]:
+        return self.bounds[rank], self.bounds[rank + 1]
+
+
+@dataclass
+class Shard:
+    """One rank's part of a dataset: its users' events (`store`) and sample rows (`splits`), plus what every
+    rank shares (the id space, the folder's meta, the plan)."""
+
+    store: SequenceStore
+    splits: dict[str, Samples]
+    n_items: int
+    n_cates: int
+    meta: dict
+    plan: ShardPlan
+    rank: int
+
+
+def split_users(rows_per_user: np.ndarray, world: int) -> ShardPlan:
+    """Contiguous user ranges with about equal training rows, each with at least one."""
+    rows_per_user = np.asarray(rows_per_user, np.int64)
+    total = int(rows_per_user.sum())
+    if world < 1:
+        raise ValueError(f"workers: {world}, need at least 1")
+    if total < world:
+        raise DatasetError(f"train split: {total} training rows cannot be split over {world} workers")
+    cum = np.cumsum(rows_per_user)
+    # rank r starts at the first user whose running row count reaches r / N of the total
+    cuts = [int(np.searchsorted(cum, r * total / world, side="right")) for r in range(1, world)]
+    bounds = (0, *cuts, len(rows_per_user))
+    rows = tuple(int(rows_per_user[a:b].sum()) for a, b in itertools.pairwise(bounds))
+    if min(rows) == 0:
+        raise DatasetError(f"train split: the users cannot be cut into {world} ranges that all hold training rows "
+                           f"(rows per range {list(rows)}): use fewer workers")
+    return ShardPlan(tuple(int(b) for b in bounds), rows)
+
+
+def _column_max(path: Path, column: str) -> int:
+    """Largest value of an integer column, from the row-group statistics where written (else read)."""
+    md = pq.ParquetFile(path).metadata
+    idx = md.schema.names.index(column)
+    best = -1
+    for g in range(md.num_row_groups):
+        col = md.row_group(g).column(idx)
+        if col.num_values == 0:
+            continue
+        st = col.statistics
+        if st is None or not st.has_min_max:
+            values = pq.read_table(path, columns=[column]).column(column)
+            return int(pa.compute.max(values).as_py()) if len(values) else -1
+        best = max(best, int(st.max))
+    return best
+
+
+def id_space(folder: str | Path) -> tuple[int, int, int, dict]:
+    """(n_items, n_cates, n_users, meta) of a dataset folder without loading it: the same id space as
+    `recsys.data.sequences.load_dataset` (largest id in the events and every split, or meta's counts, + 1)."""
+    folder = Path(folder)
+    files = [folder / "events.parquet"] + [folder / f"{s}.parquet" for s in SPLITS]
+    for f in files:
+        if not f.is_file():
+            raise DatasetError(f"{f}: file not found")
+    meta_path = folder / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    n_items = max(max(_column_max(f, "item") for f in files), int(meta.get("n_items", 0))) + 1
+    n_cates = max(max(_column_max(f, "cate") for f in files), int(meta.get("n_categories", meta.get("n_cates", 0)))) + 1
+    return n_items, n_cates, _column_max(files[0], "user") + 1, meta
+
+
+def folder_vocabulary(folder: str | Path, n_items: int, n_cates: int) -> Vocabulary:
+    """`Dataset.vocabulary()` of a folder without loading it: its vocab.safetensors, else the identity with
+    each item's smallest category, from events.parquet's item and category columns read in batches."""
+    folder = Path(folder)
+    if (folder / VOCAB_FILE).is_file():
+        vocab = Vocabulary.load(folder / VOCAB_FILE)
+        if (vocab.n_items, vocab.n_cates) != (n_items, n_cates):
+            raise DatasetError(f"{folder / VOCAB_FILE}: {vocab.n_items - 1} items and {vocab.n_cates - 1} categories, "
+                               f"the dataset has {n_items - 1} and {n_cates - 1}")
+        return vocab
+    none = np.iinfo(np.int64).max
+    item_cate = np.full(n_items, none, np.int64)
+    for batch in pq.ParquetFile(folder / "events.parquet").iter_batches(columns=["item", "cate"], batch_size=1 << 20):
+        np.minimum.at(item_cate, batch.column(0).to_numpy().astype(np.int64), batch.column(1).to_numpy().astype(np.int64))
+    item_cate[item_cate == none] = 0
+    item_cate[0] = 0
+    return Vocabulary.identity(n_items, n_cates, item_cate)
+
+
+def plan_shards(folder: str | Path, world: int, users: int | None = None) -> ShardPlan:
+    """The shard plan of `folder` over `world` ranks (training rows per user counted from train.parquet's
+    user column in batches). `users`: only users 0..users-1 (quick runs; `trainer.user_subset`'s rows)."""
+    folder = Path(folder)
+    n_users = id_space(folder)[2]
+    if users is not None:
+        n_users = min(n_users, users)
+    counts = np.zeros(n_users, np.int64)
+    for batch in pq.ParquetFile(folder / "train.parquet").iter_batches(columns=["user"], batch_size=1 << 20):
+        u = batch.column(0).to_numpy().astype(np.int64)
+        u = u[(u >= 0) & (u < n_users)]  # ids outside the events' range are reported by the workers' checks
+        counts += np.bincount(u, minlength=n_users)
+    return split_users(counts, world)
+
+
+def shard_from_tables(events: pa.Table, splits: dict[str, pa.Table], folder: str | Path, plan: ShardPlan, rank: int,
+                      n_items: int, n_cates: int, meta: dict) -> Shard:
+    """A rank's shard from its users' rows of events.parquet and of each split (in file order)."""
+    lo, hi = plan.users(rank)
+    where = f"{Path(folder)} (users {lo}..{hi - 1})"
+    store = store_from_table(events, f"{where} events.parquet", (lo, hi))
+    loaded = {s: samples_from_table(t, f"{where} {s}.parquet", store) for s, t in splits.items()}
+    if len(loaded["train"]) != plan.train_rows[rank]:
+        raise DatasetError(f"{where} train.parquet: {len(loaded['train'])} rows read, the plan counted "
+                           f"{plan.train_rows[rank]} (file changed during the run?)")
+    return Shard(store, loaded, n_items, n_cates, meta, plan, rank)
+
+
+def whole(dataset: Dataset) -> Shard:
+    """The whole in-memory dataset as the one shard of a single-process run."""
+    n_users = dataset.store.n_users
+    plan = ShardPlan((0, n_users), (len(dataset.splits["train"]),))
+    return Shard(dataset.store, dataset.splits, dataset.n_items, dataset.n_cates, dataset.meta, plan, 0)

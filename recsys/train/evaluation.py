@@ -1,0 +1,96 @@
+"""Scores and metrics of a split: whole (one process) or per shard, merged from mergeable partials.
+
+`split_partial` on each rank's user shard, gathered and merged by `merge_split`, gives the metrics of the
+whole split: AUC, GAUC (users are disjoint across shards) and category AUC bit for bit, logloss and the
+synthetic data's evidence means to float rounding. `split_metrics` is the one-shard case of the same code.
+Scores do not depend on the batch (eval mode, fixed-width histories), so any split of the rows scores
+each row the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.data.sequences import assemble, batch_rows
+from recsys.metrics import (
+    auc_counts,
+    ctr_partial,
+    evidence_partial,
+    group_aucs,
+    merge_auc_counts,
+    merge_ctr,
+    merge_evidence,
+    merge_group_aucs,
+)
+
+
+@dataclass
+class Predictions:
+    probs: np.ndarray            # [R] main head
+    indices: np.ndarray | None   # [R, k] retrieved history columns (DARE/TWIN)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> Predictions:
+    """Every row of `split` of `dataset` (a Dataset or a Shard), in order, with the model in eval mode
+    (restored afterwards)."""
+    if split not in dataset.splits:
+        raise KeyError(f"split {split!r} not loaded; have {sorted(dataset.splits)}")
+    samples = dataset.splits[split]
+    was_training = model.training
+    model.eval()
+    probs, idx = [], []
+    try:
+        for rows in batch_rows(len(samples), batch_size, shuffle=False):
+            out = model(assemble(dataset.store, samples, rows, max_len, trim=False))
+            probs.append(torch.sigmoid(out.logit).double().numpy())
+            if out.indices is not None:
+                idx.append(out.indices.numpy())
+    finally:
+        model.train(was_training)
+    probs_all = np.concatenate(probs) if probs else np.zeros(0)
+    return Predictions(probs_all, np.concatenate(idx) if idx else None)
+
+
+def score(model: nn.Module, dataset, split: str, max_len: int | None = None, batch_size: int = 4096) -> np.ndarray:
+    """Predicted click probabilities for every row of `split`."""
+    return predict(model, dataset, split, max_len or model.config.max_len, batch_size).probs
+
+
+def split_partial(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> dict:
+    """The mergeable metrics of `split` of `dataset` (a shard holding whole users, or the whole dataset)."""
+    pred = predict(model, dataset, split, max_len, batch_size)
+    s = dataset.splits[split]
+    part = {"ctr": ctr_partial(s.label, pred.probs, s.user, s.cate)}
+    if s.evidence is not None and pred.indices is not None:
+        part["k"] = pred.indices.shape[1]
+        part["evidence"] = evidence_partial(pred.indices, s.pos, s.evidence, max_len)
+    if s.p_label is not None:
+        part["ceiling"] = auc_counts(s.label, s.p_label)
+    return part
+
+
+def merge_split(parts: list[dict]) -> dict[str, float]:
+    """ctr_metrics of the whole split from every shard's `split_partial`; on synthetic data also the search's
+    recall@k / hit@k of the evidence within the searched window and the share of evidence rows whose evidence
+    lies in it (metrics.evidence_recall), and the Bayes ceiling: the AUC of the generator's
+    P(label | full history) on the same rows."""
+    m = merge_ctr([p["ctr"] for p in parts])
+    ev = [p for p in parts if "evidence" in p]
+    if ev:
+        k = ev[0]["k"]
+        r = merge_evidence([p["evidence"] for p in ev])
+        m |= {f"recall@{k}": r["recall"], f"hit@{k}": r["hit"], "evidence_in_window": r["reach"]}
+    ceiling = [p["ceiling"] for p in parts if "ceiling" in p]
+    if ceiling:
+        m["ceiling_auc"] = merge_group_aucs([group_aucs(merge_auc_counts(ceiling))])
+    return m
+
+
+def split_metrics(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> dict[str, float]:
+    """The metrics of `split` on one process (see merge_split)."""
+    return merge_split([split_partial(model, dataset, split, max_len, batch_size)])
