@@ -34,6 +34,8 @@ except ImportError as e:  # torchrec is installed on its own (README "Installing
     raise ImportError(f"{e}. torchrec is installed separately, without its declared dependencies (it names the "
                       "CUDA fbgemm-gpu): pip install --no-deps torchrec==1.8.0 (README, Installing)") from e
 
+from kernels.sparse_rows import cpu as rows_cpu
+from kernels.sparse_rows import reference as rows_reference
 from recsys.net import free_port
 
 Backend = Literal["sparse", "dense", "fused"]
@@ -221,8 +223,9 @@ def table_sets(model: nn.Module) -> dict[str, TableSet]:
 
 
 class _Expand(torch.autograd.Function):
-    """rows [U, d] -> rows[inverse] [n, d]. The backward sums with a serial index_add_: deterministic
-    under several threads (index_put's accumulate is not) and cheaper than F.embedding's sorting backward."""
+    """rows [U, d] -> rows[inverse] [n, d]. The backward sums each row's gradients in lookup order, serially
+    (kernels/sparse_rows: C, else index_add_, bitwise the same): deterministic under several threads
+    (index_put's accumulate is not) and cheaper than F.embedding's sorting backward."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
@@ -233,8 +236,9 @@ class _Expand(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.n_rows, grad.shape[-1])
-        return out.index_add_(0, inverse, grad), None
+        grad = grad.contiguous()
+        sums = rows_cpu if rows_cpu.supports(grad) else rows_reference
+        return sums.index_add_rows(ctx.n_rows, inverse, grad), None
 
 
 def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,9 +4,9 @@ torch's SparseAdam gathers each touched row's two moments, scatters three sparse
 and allocates temporaries in between; at Taobao-sized tables (~400k random rows per item table per step)
 that was half the training step. `FusedSparseAdam` keeps SparseAdam's arguments, state layout (`step`, a
 python int, `exp_avg`, `exp_avg_sq` per table) and state_dict, so checkpoints are unchanged, and does each
-row in one pass (kernels/sparse_adam: the C kernel, or its torch form without a compiler). Same elementwise
+row in one pass (kernels/sparse_rows: the C kernel, or its torch form without a compiler). Same elementwise
 operations in the same order: the moments are bitwise torch.optim.SparseAdam's, the weights are too but for
-the square root's rounding (correctly rounded here, MKL's in torch: kernels/sparse_adam/reference.py).
+the square root's rounding (correctly rounded here, MKL's in torch: kernels/sparse_rows/reference.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from kernels.sparse_adam import cpu, reference
+from kernels.sparse_rows import cpu, reference
 
 
 def _rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

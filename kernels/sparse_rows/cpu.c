@@ -1,4 +1,5 @@
-/* SparseAdam's row update, fused: one pass over the touched rows reads and writes each row of the weight
+/* The sparse table backend's row kernels (see cpu.py): the lookup's gradient summed into its rows, and
+ * SparseAdam's row update, fused: one pass over the touched rows reads and writes each row of the weight
  * and both moments once (torch's form gathers and scatters each of them separately, see cpu.py).
  *
  * Every elementwise operation is torch's, in its order and in float32 (built with -ffp-contract=off so that
@@ -7,6 +8,7 @@
  * bitwise with reference.py. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Rows ahead to prefetch: the touched rows are scattered over a table far larger than the caches. */
 #define AHEAD 8
@@ -38,5 +40,20 @@ void sparse_adam_rows_f32(int64_t n, int64_t d, const int64_t *restrict rows, co
             const float denom = sqrtf(dv + old_v) + eps;     /* update.add_(old).sqrt_().add_(eps) */
             wr[j] = wr[j] + ((dm + old_m) / denom) * neg_step;  /* param.add_(-step_size * numer.div_(denom)) */
         }
+    }
+}
+
+/* out[n_rows, d] = 0, then out[index[i]] += src[i] for i = 0, 1, ... in order (torch's index_add_ order, so
+ * the sums are bitwise its; serial, so they do not depend on the thread count). */
+void index_add_rows_f32(int64_t n, int64_t d, const int64_t *restrict index, const float *restrict src,
+                        float *restrict out, int64_t n_rows)
+{
+    memset(out, 0, sizeof(float) * (size_t)(n_rows * d));
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict o = out + index[i] * d;
+        const float *restrict s = src + i * d;
+        #pragma omp simd
+        for (int64_t j = 0; j < d; j++)
+            o[j] += s[j];
     }
 }

@@ -1,5 +1,6 @@
-"""recsys.train.sparse_adam.FusedSparseAdam against torch.optim.SparseAdam, on both of its paths: the C kernel
-(kernels/sparse_adam/cpu.c) and its torch form (kernels/sparse_adam/reference.py, the path without a compiler).
+"""The sparse table backend's row kernels (kernels/sparse_rows): the lookup's gradient sum against torch's
+index_add_, and recsys.train.sparse_adam.FusedSparseAdam against torch.optim.SparseAdam on both of its paths,
+the C kernel (cpu.c) and its torch form (reference.py, the path without a compiler).
 
 The moments (exp_avg, exp_avg_sq) and the step count must equal torch's bitwise. The weights equal torch's
 up to the rounding of the square root: ours is correctly rounded, torch's float32 sqrt on CPU is MKL's vector
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sparse_adam import cpu
+from kernels.sparse_rows import cpu, reference
 from recsys.train.sparse_adam import FusedSparseAdam
 from recsys.train.step import Optimizers, load_optimizer_state, optimizer_state
 
@@ -109,6 +110,19 @@ def test_resumes_from_torch_sparse_adam_state_through_the_checkpoint_form(monkey
         if writer is FusedSparseAdam:
             assert all(torch.equal(a, b) for a, b in zip(part, full))
         _check_against_torch(part, resumed_opt, full, full_opt)
+
+
+def test_lookup_gradient_sum_equals_index_add_bitwise():
+    """recsys.embeddings' lookup backward: each row's gradients summed in lookup order, as index_add_ does
+    (many repeats of few rows, as for a position table, and rows never looked up, which must be 0)."""
+    assert cpu.load() is not None
+    g = torch.Generator().manual_seed(6)
+    for n_rows, n in ((7, 5_000), (3_000, 2_000)):
+        index = torch.randint(0, n_rows - 1, (n,), generator=g)            # the last row is never looked up
+        src = torch.randn(n, 16, generator=g) * 10.0 ** torch.randint(-3, 3, (n, 1), generator=g)
+        out = cpu.index_add_rows(n_rows, index, src)
+        assert torch.equal(out, torch.zeros(n_rows, 16).index_add_(0, index, src))
+        assert torch.equal(out, reference.index_add_rows(n_rows, index, src)) and not bool(out[-1].any())
 
 
 def test_gradients_it_cannot_update_are_named():
