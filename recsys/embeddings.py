@@ -2,9 +2,11 @@
 
 A `TableSet` owns named tables (e.g. DARE's `att_item, att_cate, att_pos, rep_item, rep_cate, rep_pos`) in
 one torchrec `EmbeddingCollection`, one feature per table. `tables({"att_item": ids, ...})` accepts id
-tensors of any shape and returns embeddings of shape `ids.shape + (dim,)`. Ids are deduplicated per table
+tensors of any shape and returns embeddings of shape `ids.shape + (dim,)`; a tuple of id tensors (a batch's
+targets and history) gives the tuple of their embeddings from one lookup. Ids are deduplicated per table
 before the lookup: a 2048 x 200 history batch of a 10k-item catalogue touches a few thousand rows, so the
-lookup and its backward work on those rows only.
+lookup and its backward work on those rows only. The backward sums each row's gradients serially in lookup
+order (a C loop, kernels/sparse_rows).
 
 How the tables learn (`backend`, measured in docs/models.md):
 - `sparse` (default): the collection's tables emit sparse row gradients and SparseAdam (fused,
@@ -136,13 +138,17 @@ class TableSet(nn.Module):
     def sharded(self) -> bool:
         return self._sharded is not None
 
-    def forward(self, ids: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, ids: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
+        """Per table, ids of any shape -> embeddings of shape ids.shape + (dim,); or a tuple of id tensors ->
+        the tuple of their embeddings, one dedupe and lookup for all parts (e.g. a batch's targets and its
+        history), without concatenating the parts' embeddings and slicing them apart again."""
         names = list(ids)
+        parts = {n: (ids[n],) if torch.is_tensor(ids[n]) else tuple(ids[n]) for n in names}
         uniq, inverse = [], []
         for n in names:
             if n not in self.specs:
                 raise KeyError(f"no embedding table {n!r}; tables: {list(self.specs)}")
-            u, inv = _unique(ids[n].reshape(-1), self.specs[n].num_embeddings)
+            u, inv = _unique(torch.cat([p.reshape(-1) for p in parts[n]]), self.specs[n].num_embeddings)
             uniq.append(u)
             inverse.append(inv)
         kjt = KeyedJaggedTensor.from_lengths_sync(
@@ -151,7 +157,12 @@ class TableSet(nn.Module):
             lengths=torch.tensor([len(u) for u in uniq], dtype=torch.int64),
         )
         out = (self._sharded or self.collection)(kjt)
-        return {n: _Expand.apply(out[n].values(), inv).reshape(*ids[n].shape, -1) for n, inv in zip(names, inverse)}
+        result: dict[str, torch.Tensor | tuple[torch.Tensor, ...]] = {}
+        for n, inv in zip(names, inverse):
+            embs = _Expand.apply(out[n].values(), *inv.split([p.numel() for p in parts[n]]))
+            embs = tuple(e.reshape(*p.shape, -1) for e, p in zip(embs, parts[n]))
+            result[n] = embs[0] if torch.is_tensor(ids[n]) else embs
+        return result
 
     # --- weights as plain tensors (bundles and checkpoints never store ShardedTensors) ---
 
@@ -223,22 +234,29 @@ def table_sets(model: nn.Module) -> dict[str, TableSet]:
 
 
 class _Expand(torch.autograd.Function):
-    """rows [U, d] -> rows[inverse] [n, d]. The backward sums each row's gradients in lookup order, serially
-    (kernels/sparse_rows: C, else index_add_, bitwise the same): deterministic under several threads
-    (index_put's accumulate is not) and cheaper than F.embedding's sorting backward."""
+    """rows [U, d], inverse maps [n_i] -> rows[inverse_i] [n_i, d] for each. The backward sums each row's
+    gradients in lookup order (part after part), serially (kernels/sparse_rows: C, else index_add_, bitwise
+    the same): deterministic under several threads (index_put's accumulate is not) and cheaper than
+    F.embedding's sorting backward; parts without a gradient add nothing."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
+    def forward(ctx, rows: torch.Tensor, *inverse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.save_for_backward(*inverse)
         ctx.n_rows = rows.shape[0]
-        return rows.index_select(0, inverse)
+        ctx.set_materialize_grads(False)
+        return tuple(rows.index_select(0, inv) for inv in inverse)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        sums = rows_cpu if rows_cpu.supports(grad) else rows_reference
-        return sums.index_add_rows(ctx.n_rows, inverse, grad), None
+    def backward(ctx, *grads: torch.Tensor | None):
+        out = None
+        for inv, grad in zip(ctx.saved_tensors, grads):
+            if grad is None:
+                continue
+            grad = grad.contiguous()
+            if out is None:
+                out = grad.new_zeros(ctx.n_rows, grad.shape[-1])
+            (rows_cpu if rows_cpu.supports(out, grad) else rows_reference).index_add_rows(out, inv, grad)
+        return (out, *[None] * len(grads))
 
 
 def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,6 +31,33 @@ def test_lookup_equals_indexing_any_shape_with_duplicates(backend):
     torch.testing.assert_close(out["pos"], w["pos"][ids["pos"]])
 
 
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_lookup_of_parts_equals_the_concatenated_lookup_values_and_gradients(backend):
+    """A tuple of id tensors (a batch's targets and history) looks up like their concatenation, and its
+    table gradient is bitwise the concatenated form's, a part without gradient adding nothing (the table
+    backward sums part after part in lookup order)."""
+    torch.manual_seed(0)
+    t = TableSet(SPECS, backend)
+    g = torch.Generator().manual_seed(1)
+    target, events = torch.randint(0, 12, (5,), generator=g), torch.randint(0, 12, (5, 6), generator=g)
+    r_t, r_e = torch.randn(5, 4, generator=g), torch.randn(5, 6, 4, generator=g)
+    w = t.weights()["item"]
+    pos = torch.zeros(1, dtype=torch.long)   # the collection looks up every table it holds
+    for use_target in (True, False):
+        grads = []
+        for form in ("parts", "concatenated"):
+            if form == "parts":
+                e_t, e_e = t({"item": (target, events), "pos": pos})["item"]
+            else:
+                e = t({"item": torch.cat([target, events.reshape(-1)]), "pos": pos})["item"]
+                e_t, e_e = e[:5], e[5:].reshape(5, 6, 4)
+            assert torch.equal(e_t, w[target]) and torch.equal(e_e, w[events])
+            loss = (e_e * r_e).sum() + ((e_t * r_t).sum() if use_target else 0.0)
+            (grad,) = torch.autograd.grad(loss, [t.dense_parameters()[0]])
+            grads.append(grad.to_dense())
+        assert torch.equal(*grads) and bool(grads[0][events.flatten()].any())
+
+
 def test_unknown_table_and_bad_weights_are_named():
     t = TableSet(SPECS)
     with pytest.raises(KeyError, match="cate"):

@@ -8,7 +8,6 @@
  * bitwise with reference.py. */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 /* Rows ahead to prefetch: the touched rows are scattered over a table far larger than the caches. */
 #define AHEAD 8
@@ -43,12 +42,11 @@ void sparse_adam_rows_f32(int64_t n, int64_t d, const int64_t *restrict rows, co
     }
 }
 
-/* out[n_rows, d] = 0, then out[index[i]] += src[i] for i = 0, 1, ... in order (torch's index_add_ order, so
- * the sums are bitwise its; serial, so they do not depend on the thread count). */
+/* out[index[i]] += src[i] for i = 0, 1, ... in order (torch's index_add_ order, so the sums are bitwise its;
+ * serial, so they do not depend on the thread count). */
 void index_add_rows_f32(int64_t n, int64_t d, const int64_t *restrict index, const float *restrict src,
-                        float *restrict out, int64_t n_rows)
+                        float *restrict out)
 {
-    memset(out, 0, sizeof(float) * (size_t)(n_rows * d));
     for (int64_t i = 0; i < n; i++) {
         float *restrict o = out + index[i] * d;
         const float *restrict s = src + i * d;

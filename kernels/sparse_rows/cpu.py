@@ -41,16 +41,16 @@ def load():
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.sparse_adam_rows_f32.argtypes = [i64, i64, p, p, p, p, p, f32, f32, f32, f32, ctypes.c_int]
-    lib.index_add_rows_f32.argtypes = [i64, i64, p, p, p, i64]
+    lib.index_add_rows_f32.argtypes = [i64, i64, p, p, p]
     lib.sparse_adam_rows_f32.restype = lib.index_add_rows_f32.restype = None
     return lib
 
 
 def supports(*tables: torch.Tensor) -> bool:
-    """Whether the kernels run these [rows, dim] tables: CPU float32, contiguous, one shape, and a build."""
+    """Whether the kernels run these [rows, dim] tables: CPU float32, contiguous, one dim, and a build."""
     t = tables[0]
-    return (t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
-            and all(x.is_contiguous() and x.dtype == t.dtype and x.shape == t.shape for x in tables)
+    return (t.device.type == "cpu" and t.dtype == torch.float32
+            and all(x.dim() == 2 and x.is_contiguous() and x.dtype == t.dtype and x.shape[1] == t.shape[1] for x in tables)
             and load() is not None)
 
 
@@ -59,13 +59,11 @@ def _threads(rows: int) -> int:
     return max(1, min(torch.get_num_threads(), rows // 16_384 + 1))
 
 
-def index_add_rows(n_rows: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """-> out [n_rows, dim] with out[index[i]] += src[i] (src [n, dim], index [n] in 0..n_rows-1, unchecked:
-    the caller's inverse map)."""
-    index, src = index.contiguous(), src.contiguous()
-    out = src.new_empty(n_rows, src.shape[1])
-    load().index_add_rows_f32(index.numel(), src.shape[1], index.data_ptr(), src.data_ptr(), out.data_ptr(), n_rows)
-    return out
+def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
+    """out [rows, dim] in place: out[index[i]] += src[i] (src [n, dim] contiguous, index [n] in range,
+    unchecked: the caller's inverse map)."""
+    index = index.contiguous()
+    load().index_add_rows_f32(index.numel(), src.shape[1], index.data_ptr(), src.data_ptr(), out.data_ptr())
 
 
 def update_rows(rows: torch.Tensor, grad: torch.Tensor, param: torch.Tensor, exp_avg: torch.Tensor,

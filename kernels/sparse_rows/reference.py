@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def index_add_rows(n_rows: int, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+def index_add_rows(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> None:
     """`cpu.index_add_rows`' contract."""
-    return src.new_zeros(n_rows, src.shape[1]).index_add_(0, index, src)
+    out.index_add_(0, index, src)
 
 
 def update_rows(rows: torch.Tensor, grad: torch.Tensor, param: torch.Tensor, exp_avg: torch.Tensor,

@@ -147,14 +147,13 @@ class DARE(nn.Module):
     def _fields(self, tables: TableSet, prefix: str, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool) -> Fields:
         """target ids [Q] per field, event ids [..., n] per field -> per-field embeddings (one lookup per table)."""
         name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
-        n_t = target["item"].numel()
-        ids = {f: torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in FIELDS}
-        ids["pos"] = position_rows(ids["pos"], self.config)
+        ids = {f: (target[f].reshape(-1), events[f]) for f in FIELDS}
+        ids["pos"] = tuple(position_rows(p, self.config) for p in ids["pos"])
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             emb = tables({name(f): ids[f] for f in FIELDS})
         return Fields(
-            [emb[name(f)][:n_t] for f in FIELDS],                                          # [Q, d] each
-            [emb[name(f)][n_t:].reshape(*events[f].shape, -1) for f in FIELDS],            # [..., n, d] each
+            [emb[name(f)][0] for f in FIELDS],                                             # [Q, d] each
+            [emb[name(f)][1] for f in FIELDS],                                             # [..., n, d] each
         )
 
     def embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor], grad: bool, rep: bool = True) -> tuple[Fields, Fields | None]:

@@ -31,10 +31,9 @@ class DIN(nn.Module):
         init_weights(self, config.init_std)
 
     def _embed(self, target: dict[str, torch.Tensor], events: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        n_t = target["item"].numel()
-        emb = self.tables({f: torch.cat([target[f].reshape(-1), events[f].reshape(-1)]) for f in ("item", "cate")})
-        v_t = torch.cat([emb[f][:n_t] for f in ("item", "cate")], dim=-1)                                # [Q, 2d]
-        e = torch.cat([emb[f][n_t:].reshape(*events[f].shape, -1) for f in ("item", "cate")], dim=-1)    # [..., L, 2d]
+        emb = self.tables({f: (target[f].reshape(-1), events[f]) for f in ("item", "cate")})
+        v_t = torch.cat([emb[f][0] for f in ("item", "cate")], dim=-1)                                   # [Q, 2d]
+        e = torch.cat([emb[f][1] for f in ("item", "cate")], dim=-1)                                     # [..., L, 2d]
         return v_t, e
 
     def attend(self, v_t: torch.Tensor, e: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

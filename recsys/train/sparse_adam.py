@@ -62,6 +62,9 @@ class FusedSparseAdam(torch.optim.SparseAdam):
                     continue
                 t = state["step"]
                 step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)  # SparseAdam's, in float64
+                if not state["exp_avg"].shape == state["exp_avg_sq"].shape == p.shape:
+                    raise ValueError(f"FusedSparseAdam: state of a parameter of shape {tuple(p.shape)} has exp_avg "
+                                     f"{tuple(state['exp_avg'].shape)}, exp_avg_sq {tuple(state['exp_avg_sq'].shape)}")
                 w, m, v = (x.view(p.shape[0], -1) for x in (p, state["exp_avg"], state["exp_avg_sq"]))
                 update = cpu.update_rows if cpu.supports(w, m, v) else reference.update_rows
                 update(rows, values.reshape(rows.numel(), -1), w, m, v, 1 - beta1, 1 - beta2, group["eps"], -step_size)
