@@ -187,6 +187,18 @@ def test_batch_evaluation_equals_single_process(setup, bench_dataset):
     assert got["logloss"] == pytest.approx(want["logloss"], rel=1e-6)
 
 
+def test_local_ray_listens_on_loopback_only(ray_local):
+    """init_ray's local Ray (the one every job here starts) binds 127.0.0.1: no Ray server of this
+    process tree listens on another address."""
+    import psutil
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+    tree = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in tree]
+    assert len(listening) >= 3  # GCS, raylet, object manager at least
+    assert {c.laddr.ip.removeprefix("::ffff:") for c in listening} == {"127.0.0.1"}, [(c.laddr, c.pid) for c in listening]
+
+
 def test_evaluation_chunks_hold_whole_users():
     """GAUC merges per-user AUCs, so the chunks the scoring actors get must cut only between users."""
     import numpy as np
