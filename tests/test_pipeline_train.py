@@ -144,6 +144,7 @@ def test_each_worker_reads_only_its_user_shard(setup, bench_dir):
             assert got["row_users"][split] == [int(mine.min()), int(mine.max()), len(np.unique(mine))], (r, split)
     assert sum(g["rows"]["train"] for g in ranks) == len(ds.splits["train"])
     assert straight["shards"]["train_rows"] == [g["rows"]["train"] for g in ranks]
+    assert all(g["peak_rss_mb"] > 0 for g in ranks)
     # about equal training rows per rank (cut at half the rows)
     assert abs(ranks[0]["rows"]["train"] - ranks[1]["rows"]["train"]) < 0.1 * len(ds.splits["train"])
 

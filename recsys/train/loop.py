@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,12 +234,13 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
 
 def _held(shard: Shard) -> dict:
     """What this rank read: its user range, its events, and per split the rows and [min, max, distinct] of
-    their users."""
+    their users; and its process's peak RSS so far (MB)."""
     def users(u: np.ndarray) -> list[int]:
         return [int(u.min()), int(u.max()), len(np.unique(u))] if len(u) else []
 
     return {"users": list(shard.plan.users(shard.rank)), "events": len(shard.store.item),
-            "rows": {s: len(v) for s, v in shard.splits.items()}, "row_users": {s: users(v.user) for s, v in shard.splits.items()}}
+            "rows": {s: len(v) for s, v in shard.splits.items()}, "row_users": {s: users(v.user) for s, v in shard.splits.items()},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
 def _validate(cfg, shard: Shard, ctx: Context, out: Path, model: nn.Module, evaluator: nn.Module, opt, state: dict,
