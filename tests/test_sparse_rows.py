@@ -135,3 +135,9 @@ def test_gradients_it_cannot_update_are_named():
     p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.ones(2), (4, 2))
     with pytest.raises(ValueError, match=r"shape \(4, 2\) has a gradient sparse over 2 dims"):
         opt.step()
+    # a checkpoint's state that does not fit its parameter must not reach the C kernel
+    opt.load_state_dict({"state": {0: {"step": 1, "exp_avg": torch.zeros(3, 2), "exp_avg_sq": torch.zeros(3, 2)}},
+                         "param_groups": opt.state_dict()["param_groups"]})
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[3]]), torch.ones(1, 2), (4, 2))
+    with pytest.raises(ValueError, match=r"shape \(4, 2\) has exp_avg \(3, 2\)"):
+        opt.step()
