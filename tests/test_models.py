@@ -290,3 +290,21 @@ def test_stage1_position_fold_equals_the_split_scaled_search(layout):
     target[-1] = torch.randn(C, d, generator=g)                 # per-target position rows: no fold
     q, x, segs = stage1_inputs(target, events, [2 * d, d])
     assert segs == [2 * d, d] and torch.equal(q, torch.cat(target, -1))
+
+
+def test_stage1_from_tables_equals_stage1_inputs_on_the_gathered_rows():
+    """Serving builds the search's keys straight from the tables; the numbers are the ones stage1_inputs makes
+    from the gathered rows, bit for bit (the block index and the batch forward search those)."""
+    from recsys.models.attention import stage1_from_tables, stage1_inputs
+
+    g = torch.Generator().manual_seed(4)
+    d, L, C = 16, 5_000, 11
+    tables = [torch.randn(rows, d, generator=g) for rows in (3_000, 50, 9_000)]
+    ids = [torch.randint(0, t.shape[0], (L,), generator=g) for t in tables]
+    for shared in (True, False):
+        target = [torch.randn(C, d, generator=g) for _ in range(2)]
+        target.append(tables[2][:1].expand(C, d) if shared else torch.randn(C, d, generator=g))
+        got = stage1_from_tables(target, tables, ids, [2 * d, d])
+        want = stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], [2 * d, d])
+        assert got[2] == want[2] == ([2 * d, 1] if shared else [2 * d, d])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

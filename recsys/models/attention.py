@@ -66,6 +66,28 @@ def stage1_inputs(target: list[torch.Tensor], events: list[torch.Tensor],
     return query, torch.cat(events[:-1] + [bias], -1), [segments[0], 1]    # whatever the batch
 
 
+def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
+                       segments: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`stage1_inputs` for one shared history given as table rows (tables per field [rows, d], ids per field
+    [L]): every field gathered straight into its columns of the keys, and the folded position field computed
+    once per table row, then gathered as one number per event. The same numbers as `stage1_inputs` on the
+    gathered rows (the same elementwise product and sum of d_pos per row), without the [L, d] copies and
+    their concatenation (serving: at L = 1M these cost more than the search)."""
+    qp = target[-1]
+    if len(segments) != 2 or segments[1] != qp.shape[-1] or not torch.equal(qp, qp[:1].expand_as(qp)):
+        return stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], segments)
+    L = ids[0].shape[0]
+    keys = torch.empty(L, sum(t.shape[1] for t in tables[:-1]) + 1, dtype=tables[0].dtype)
+    a = 0
+    for t, i in zip(tables[:-1], ids[:-1]):
+        torch.index_select(t, 0, i, out=keys[:, a:a + t.shape[1]])
+        a += t.shape[1]
+    w = qp[0] * (1.0 / segments[1] ** 0.5)
+    keys[:, a] = (tables[-1] * w).sum(-1).index_select(0, ids[-1])
+    query = torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1)
+    return query, keys, [segments[0], 1]
+
+
 def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
     """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
     with torch.no_grad():

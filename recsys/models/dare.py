@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import retrieval
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.attention import Fields, aggregate, gather_ids, kept_weights, search, soft_attention
+from recsys.models.attention import (Fields, aggregate, gather_ids, kept_weights, search, soft_attention,
+                                     stage1_from_tables)
 from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
 from recsys.models.output import ModelOutput
 
@@ -266,29 +268,37 @@ class DARE(nn.Module):
         way, with heads()' numbers (tests/test_models.py compares it with the batch forward):
         - table rows read straight from the weights: no id dedup or KJT, as nothing sends gradient back;
         - the shared-history top-k (retrieval.topk's serving layout: all C targets against one history);
-        - the kept events' attention rows gathered from the full-history ones, not looked up a second time;
-        - without the auxiliary head (serving drops it) the representation rows of the kept events only.
+        - served (no auxiliary head: serving drops it, and only it reads the whole history's embeddings):
+          the search's keys gathered straight into place (`stage1_from_tables`: no per-field [L, d] copies,
+          the position field as one score per table row; at L = 1M, 190 -> 80 ms), and the attention and
+          representation rows of the kept events looked up alone (C x k rows instead of L).
         """
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
         target = {**target, "pos": position_rows(target["pos"], self.config)}
         events = {**events, "pos": position_rows(events["pos"], self.config)}
-        att = _lookup(att_set, att_prefix, target, events)
-        idx = search(att, L, self.k, self.segments)                              # [C, k] stage 1
-        safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
-        kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)          # noqa: E731 - [C, k, d]
-        att_k = Fields(att.target, [kept(e) for e in att.events])
-        if rep_set is att_set:
-            rep, rep_k = att, att_k
-        elif self.aux_mlp is None:
-            # only the auxiliary head reads the whole history's representation rows: without it (serving)
-            # look up the kept events' rows alone (at L = 100k, C = 200: 3 lookups of 100k rows -> of 4k)
-            rep = None
-            got = _lookup(rep_set, rep_prefix, target, {f: events[f].index_select(0, safe) for f in FIELDS})
-            rep_k = Fields(got.target, [e.view(*idx.shape, -1) for e in got.events])
-        else:
-            rep = _lookup(rep_set, rep_prefix, target, events)
+        if self.aux_mlp is not None:                                             # the batch forward's layout
+            att = _lookup(att_set, att_prefix, target, events)
+            rep = att if rep_set is att_set else _lookup(rep_set, rep_prefix, target, events)
+            idx = search(att, L, self.k, self.segments)                          # [C, k] stage 1
+            safe = idx.clamp(min=0).flatten()                                    # holes read column 0, weight 0
+            kept = lambda e: e.index_select(0, safe).view(*idx.shape, -1)      # noqa: E731 - [C, k, d]
+            att_k = Fields(att.target, [kept(e) for e in att.events])
             rep_k = Fields(rep.target, [kept(e) for e in rep.events])
-        return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L, memory))
+            return self.towers(*self.stage2(att, rep, att_k, rep_k, idx, L, memory))
+        w = att_set.weights()
+        tables = [w[f"{att_prefix}_{f}" if att_prefix else f] for f in FIELDS]
+        att_t = [t.index_select(0, target[f]) for t, f in zip(tables, FIELDS)]
+        query, keys, segs = stage1_from_tables(att_t, tables, [events[f] for f in FIELDS], self.segments)
+        _, idx = retrieval.topk(query, keys, L, self.k, segs)                    # [C, k] stage 1
+        safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
+        kept_ids = {f: events[f].index_select(0, safe) for f in FIELDS}
+        att_k = Fields(att_t, [t.index_select(0, kept_ids[f]).view(*idx.shape, -1) for t, f in zip(tables, FIELDS)])
+        if rep_set is att_set:
+            rep_k = att_k
+        else:
+            got = _lookup(rep_set, rep_prefix, target, kept_ids)
+            rep_k = Fields(got.target, [e.view(*idx.shape, -1) for e in got.events])
+        return self.towers(*self.stage2(att_k, None, att_k, rep_k, idx, L, memory))
 
 
 def position_rows(recency: torch.Tensor, config: ModelConfig) -> torch.Tensor:
