@@ -47,6 +47,11 @@ def masked_softmax(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(w, nan=0.0)
 
 
+def _foldable(qp: torch.Tensor, segments: list[int]) -> bool:
+    """Whether the last field (qp [Q, d]) is DARE's position segment with one row shared by every query."""
+    return len(segments) == 2 and segments[1] == qp.shape[-1] and torch.equal(qp, qp[:1].expand_as(qp))
+
+
 def stage1_inputs(target: list[torch.Tensor], events: list[torch.Tensor],
                   segments: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """The search's (query, keys, segments) for retrieval.topk, with the position segment folded into one
@@ -58,7 +63,7 @@ def stage1_inputs(target: list[torch.Tensor], events: list[torch.Tensor],
     here, so their stage-1 scores are the same numbers. target per field [Q, d]; events per field
     [Q, L, d] or [L, d]; segments [d_sem, d_pos] fall on the last field's boundary."""
     qp, xp = target[-1], events[-1]
-    if len(segments) != 2 or segments[1] != qp.shape[-1] or not torch.equal(qp, qp[:1].expand_as(qp)):
+    if not _foldable(qp, segments):
         return torch.cat(target, -1), torch.cat(events, -1), segments
     w = qp[0] * (1.0 / segments[1] ** 0.5)
     bias = (xp * w).sum(-1, keepdim=True)                                  # [..., L, 1]: elementwise, then a
@@ -74,7 +79,7 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     gathered rows (the same elementwise product and sum of d_pos per row), without the [L, d] copies and
     their concatenation (serving: at L = 1M these cost more than the search)."""
     qp = target[-1]
-    if len(segments) != 2 or segments[1] != qp.shape[-1] or not torch.equal(qp, qp[:1].expand_as(qp)):
+    if not _foldable(qp, segments):
         return stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], segments)
     L = ids[0].shape[0]
     keys = torch.empty(L, sum(t.shape[1] for t in tables[:-1]) + 1, dtype=tables[0].dtype)
