@@ -27,7 +27,7 @@ import torch
 from retrieval.block_search import (PositionBound, block_ranges, id_ranges, kth_scores, needed, plan_blocks, prefilter,
                                      summaries_many, topk_over, window_blocks, window_cols)
 from recsys.embeddings import TableSet
-from recsys.models.attention import stage1_inputs
+from recsys.models.attention import stage1_from_tables
 
 
 FULL_GROUP_EVENTS = 1 << 20
@@ -171,21 +171,17 @@ class IndexedSearch:
     blocks: int = 0              # blocks read past the seed
 
 
-def _event_keys(ix: BlockIndexer, records: np.ndarray, cols: np.ndarray) -> list[torch.Tensor]:
-    """Attention key fields (item, category, position row of recency col + 1) [m, d_a] each of records at
-    columns cols."""
+def _search(ix: BlockIndexer, query: torch.Tensor, records: np.ndarray, cols: np.ndarray, k: int):
+    """The exact top-k over some events (records at reference columns cols, position row of recency col + 1)
+    with the whole-sequence search's stage-1 inputs (recsys.models.attention.stage1_from_tables: the same
+    numbers) -> (scores, columns)."""
+    item, _ = ix.serving.map_ids(records["item"], "item")
+    cate, _ = ix.serving.map_ids(records["cate"], "cate")
     pos = ix.pos_rows(torch.from_numpy(cols + 1))
-    sem = ix.keys(records)
-    with torch.no_grad():
-        return [sem[:, :ix.d_att], sem[:, ix.d_att:], ix.pos_w.index_select(0, pos)]
-
-
-def _search(ix: BlockIndexer, query: torch.Tensor, keys: list[torch.Tensor], cols: np.ndarray, k: int):
-    """The exact top-k over some events, with the model's stage-1 inputs (position folded in, as in the
-    whole-sequence search: recsys.models.attention.stage1_inputs) -> (scores, columns)."""
     d = ix.d_att
-    q, x, segs = stage1_inputs([query[:, :d], query[:, d:2 * d], query[:, 2 * d:]],
-                               [t.contiguous() for t in keys], ix.segments)
+    with torch.no_grad():
+        q, x, segs = stage1_from_tables([query[:, :d], query[:, d:2 * d], query[:, 2 * d:]],
+                                        [ix.item_w, ix.cate_w, ix.pos_w], [item, cate, pos], ix.segments)
     return topk_over(q, x, cols, k, segs)
 
 
@@ -203,7 +199,7 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     n, window = head.n, min(head.visible, max_len)
     seed = head.newest[len(head.newest) - min(len(head.newest), window):]
     seed_cols = np.arange(len(seed), dtype=np.int64)                          # newest = column 0
-    s_seed, _ = _search(ix, query, _event_keys(ix, seed[::-1], seed_cols), seed_cols, k)
+    s_seed, _ = _search(ix, query, seed[::-1], seed_cols, k)
     kth = kth_scores(s_seed, k)
     ids = window_blocks(n, window, B)
     if len(ids):
@@ -231,6 +227,6 @@ def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray],
     recs = np.concatenate([s.seed[::-1]] + [r[::-1] for r in reversed(fetched)])       # newest first
     cols = np.concatenate([np.arange(len(s.seed), dtype=np.int64)]
                           + [window_cols(n, lo, hi)[::-1] for lo, hi in reversed(s.ranges)])
-    top, idx = _search(ix, s.query, _event_keys(ix, recs, cols), cols, k)
+    top, idx = _search(ix, s.query, recs, cols, k)
     at = np.searchsorted(cols, idx.clamp(min=0).numpy())
     return top, idx, recs[at]
