@@ -12,7 +12,8 @@ user partition, except the id maps, which are O(users + items)):
    shuffled by range (`groupby().map_groups`), and each range is sorted, numbered, split and given its
    negatives with the pure functions of `recsys.data.prepare`. Negatives depend only on (seed, user, pos),
    so they equal the single-process draw whatever the partitioning.
-4. commit: range outputs are concatenated in user order into the dataset files (one row group per range)
+4. commit: range outputs are concatenated in user order into the dataset files (one row group per range),
+   with the manifest (`recsys.data.manifest`: rows and user bounds per file and row group, rows per user),
    inside a fresh temporary folder that then replaces `out_dir`: re-running overwrites, never appends.
 """
 
@@ -30,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SplitConfig
+from recsys.data.manifest import write_manifest
 from recsys.data.prepare import (
     FORMAT,
     DenseEvents,
@@ -302,6 +304,7 @@ def run_preprocess(
         }
         write_vocabulary(Vocabulary(maps.item_ids, maps.cate_ids, maps.item_cate), final)
         (final / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_manifest(final)
         _swap_in(final, out)
         return meta
     finally:

@@ -275,7 +275,7 @@ def run_train(
         "workers": workers,
         "samples_per_s": float(np.median([m["samples_per_s"] for m in r["history"]])) if r["history"] else float("nan"),
         "history": r["history"],
-        "shards": {"user_bounds": list(plan.bounds), "train_rows": list(plan.train_rows)},
+        "shards": {"user_bounds": list(plan.bounds), "train_rows": list(plan.rows)},
         "ranks": r["ranks"],
         "storage": str(out / "ray" / run_name),
         "wall_s": time.perf_counter() - t_start,

@@ -165,3 +165,50 @@ def test_taobao_sample_prepares_and_loads(taobao_csv, tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({**meta, "n_items": meta["n_items"] + 5, "n_categories": meta["n_categories"] + 5}))
     ds = load_dataset(tmp_path)
     assert (ds.n_items, ds.n_cates) == (meta["n_items"] + 6, meta["n_categories"] + 6)
+
+
+def test_manifest_describes_the_files_and_plans_like_the_column_read(ml_prepared, bench_dir, tmp_path):
+    """prepare writes a manifest (rows and user bounds per file and row group, rows per user) that plans the
+    same shards as the user-column read of a folder without one (the fixed benchmark: same files)."""
+    import shutil
+
+    from recsys.data.manifest import FILE, USER_ROWS, read_manifest
+    from recsys.data.sequences import DatasetError
+    from recsys.data.shards import plan_shards
+
+    out, _ = ml_prepared
+    assert read_manifest(bench_dir) is None  # the fixed benchmark has none and still plans (column read)
+    m = read_manifest(out)
+    assert m.users == 610
+    for name in ("events", "train", "val", "test"):
+        users = read(out, name).column("user").to_numpy()
+        entry = m.files[f"{name}.parquet"]
+        assert (entry["rows"], entry["min_user"], entry["max_user"]) == (len(users), users.min(), users.max())
+        assert sum(g["rows"] for g in entry["row_groups"]) == len(users)
+        assert np.array_equal(m.user_rows(name), np.bincount(users, minlength=610))
+    for world, split in ((1, "train"), (3, "train"), (7, "val")):
+        assert plan_shards(out, world, split=split) == plan_shards(bench_dir, world, split=split)
+    assert plan_shards(out, 2, users=90) == plan_shards(bench_dir, 2, users=90)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    pq.write_table(read(out, "val").slice(0, 10), bad / "val.parquet")  # rewritten after the manifest
+    with pytest.raises(DatasetError, match=r"manifest.json files\['val.parquet'\]: field 'rows' is 30279, val.parquet has 10"):
+        plan_shards(bad, 2)
+    shutil.copy(out / "val.parquet", bad / "val.parquet")
+    doc = json.loads((out / FILE).read_text())
+    doc["files"]["train.parquet"]["row_groups"][0]["max_user"] = 610
+    (bad / FILE).write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"files\['train.parquet'\] row_groups\[0\]: fields 'min_user' 0, 'max_user' 610"):
+        read_manifest(bad)
+    doc["files"]["train.parquet"]["row_groups"][0]["max_user"] = "609"
+    (bad / FILE).write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"row_groups\[0\]: field 'max_user' must be an integer >= 0, got '609'"):
+        read_manifest(bad)
+    shutil.copy(out / FILE, bad / FILE)
+    pq.write_table(pq.read_table(out / USER_ROWS).slice(1), bad / USER_ROWS)
+    with pytest.raises(DatasetError, match=r"user_rows.parquet: must hold 610 rows \(field 'users' of .*manifest.json\)"):
+        read_manifest(bad)
+    (bad / FILE).write_text("{")
+    with pytest.raises(DatasetError, match=r"manifest.json: not JSON"):
+        read_manifest(bad)

@@ -3,8 +3,10 @@ seed: same events, same samples, same negatives; re-running replaces; bad rows a
 
 from __future__ import annotations
 
+import itertools
 import shutil
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -12,6 +14,7 @@ import ray
 from pipelines.preprocess import run_preprocess
 from pipelines.runtime import init_ray
 from recsys.config.data import SplitConfig
+from recsys.data.manifest import read_manifest
 from recsys.data.prepare import prepare
 from recsys.data.raw import open_raw
 from recsys.data.report import BadInputError
@@ -38,6 +41,12 @@ def assert_same_folder(a, b):
         assert ta.equals(tb), f"{f}.parquet differs"
     # the raw -> dense vocabulary serving maps catalogue ids with: byte-identical
     assert (a / "vocab.safetensors").read_bytes() == (b / "vocab.safetensors").read_bytes()
+    # the manifests: the same rows per user; row groups (one per user range here) in user order, disjoint
+    ma, mb = read_manifest(a), read_manifest(b)
+    for f in FILES:
+        assert np.array_equal(ma.user_rows(f), mb.user_rows(f)), f
+        groups = [g for g in mb.files[f"{f}.parquet"]["row_groups"] if g["rows"]]
+        assert all(g["max_user"] < h["min_user"] for g, h in itertools.pairwise(groups)), f
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +66,7 @@ def test_movielens_equals_single_process_across_partitions(movielens_dir, tmp_pa
     assert got.pop("partitions") >= 4
     assert got == want
     assert_same_folder(tmp_path / "single", tmp_path / "ray")
+    assert len(read_manifest(tmp_path / "ray").files["events.parquet"]["row_groups"]) >= 4
     ds = load_dataset(tmp_path / "ray")  # the output is a dataset folder the trainer can load
     assert len(ds.splits["train"]) == want["rows"]["train"]
 
@@ -79,7 +89,7 @@ def test_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
     for f in FILES:
         assert pq.read_table(out / f"{f}.parquet").num_rows == (first["n_events"] if f == "events" else first["rows"][f])
     assert pq.read_table(out / "train.parquet").column("item") != pq.read_table(tmp_path / "single/train.parquet").column("item")
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{f}.parquet" for f in FILES] + ["meta.json", "vocab.safetensors"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{f}.parquet" for f in FILES] + ["manifest.json", "meta.json", "user_rows.parquet", "vocab.safetensors"])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".ray")]  # temp folders cleaned up
 
 

@@ -303,7 +303,7 @@ def _step_plan(bench_dataset) -> ShardPlan:
 
 
 def _first_rows(plan: ShardPlan, rank: int, world: int, seed: int) -> np.ndarray:
-    return next(epoch_batches(plan.train_rows[rank], max(plan.train_rows), STEP_BATCH // world, seed, 0, rank))
+    return next(epoch_batches(plan.rows[rank], max(plan.rows), STEP_BATCH // world, seed, 0, rank))
 
 
 def _one_step(cfg, shard, rows: np.ndarray, world: int) -> dict[str, torch.Tensor]:
@@ -344,7 +344,7 @@ def test_data_parallel_step_equals_single_process(backend, bench_dataset, bench_
     got = torch.load(tmp_path / "rank0.pt")
     # the shards' train rows are consecutive runs of the file's (sorted by user): rank 1's start after rank 0's
     ds = user_subset(bench_dataset, STEP_USERS)
-    both = np.concatenate([_first_rows(plan, 0, 2, 3), plan.train_rows[0] + _first_rows(plan, 1, 2, 3)])
+    both = np.concatenate([_first_rows(plan, 0, 2, 3), plan.rows[0] + _first_rows(plan, 1, 2, 3)])
 
 
     want = _one_step(cfg, whole(ds), both, 1)

@@ -23,10 +23,10 @@ def test_split_users_cuts_contiguous_ranges_with_about_equal_rows():
     for world in (1, 2, 3, 7):
         plan = split_users(rows, world)
         assert plan.bounds[0] == 0 and plan.bounds[-1] == 500 and list(plan.bounds) == sorted(set(plan.bounds))
-        assert plan.train_rows == tuple(int(rows[a:b].sum()) for a, b in zip(plan.bounds[:-1], plan.bounds[1:]))
-        assert sum(plan.train_rows) == rows.sum()
-        assert max(plan.train_rows) - min(plan.train_rows) <= 2 * rows.max()  # one user's rows off the ideal cut
-    with pytest.raises(DatasetError, match="3 training rows cannot be split over 4 workers"):
+        assert plan.rows == tuple(int(rows[a:b].sum()) for a, b in zip(plan.bounds[:-1], plan.bounds[1:]))
+        assert sum(plan.rows) == rows.sum()
+        assert max(plan.rows) - min(plan.rows) <= 2 * rows.max()  # one user's rows off the ideal cut
+    with pytest.raises(DatasetError, match="train split: 3 rows cannot be split over 4 workers"):
         split_users(np.array([1, 0, 2]), 4)
     with pytest.raises(DatasetError, match="use fewer workers"):
         split_users(np.array([5, 0, 0, 1]), 3)

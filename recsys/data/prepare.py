@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SplitConfig
+from recsys.data.manifest import FILE as MANIFEST
+from recsys.data.manifest import write_manifest
 from recsys.data.raw import EventStream
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
 from recsys.vocab import FILE as VOCAB_FILE
@@ -194,11 +196,12 @@ def write_vocabulary(vocab: Vocabulary, out: Path) -> None:
 
 def prepare(events: EventStream | Iterable[pa.RecordBatch], out_dir: str | Path, *, seed: int = 0,
             split: SplitConfig | None = None, source: str | None = None) -> dict:
-    """Write events.parquet, train/val/test.parquet, vocab.safetensors and meta.json into `out_dir` (files replaced, never
-    appended). Returns the meta dict."""
+    """Write events.parquet, train/val/test.parquet, vocab.safetensors, meta.json and the manifest
+    (`recsys.data.manifest`) into `out_dir` (files replaced, never appended). Returns the meta dict."""
     cfg = split or SplitConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # files are replaced one by one: an old manifest must not outlive them
     cols = collect(events)
     report = events.report if isinstance(events, EventStream) else None
     if not len(cols["user_id"]):
@@ -237,4 +240,5 @@ def prepare(events: EventStream | Iterable[pa.RecordBatch], out_dir: str | Path,
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")
+    write_manifest(out)
     return meta

@@ -5,9 +5,11 @@ nothing else: a row's history is its own user's earlier events, so a worker buil
 trains or validates on from its own range (`recsys.data.sequences.store_from_table` with the range).
 
 The ranges are a pure function of the folder and the number of ranks (`plan_shards`): cut where the
-running count of training rows crosses r / N of the total, so the ranks get about equal rows and a rerun
-or a resumed run gets the same split. The driver reads only the `user` column of train.parquet for that
-(a bincount, O(users) memory), and the ids' extent from Parquet statistics; workers read their ranges.
+running count of a split's rows (training rows for training, the evaluated split's for evaluation)
+crosses r / N of the total, so the ranks get about equal rows and a rerun or a resumed run gets the same
+split. The driver reads the rows per user from the folder's manifest (`recsys.data.manifest`, O(users)),
+or, for a folder without one (the fixed benchmark), the split's `user` column in batches (O(rows) time,
+O(users) memory); the ids' extent comes from Parquet statistics; workers read their ranges.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.data.manifest import FILE as MANIFEST
+from recsys.data.manifest import read_manifest
 from recsys.data.schemas import SPLITS
 from recsys.data.sequences import (
     Dataset,
@@ -36,14 +40,16 @@ from recsys.vocab import Vocabulary
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Rank r holds users bounds[r]..bounds[r + 1] - 1 and train_rows[r] training rows."""
+    """Rank r holds users bounds[r]..bounds[r + 1] - 1 and rows[r] rows of `split` (the split the ranges
+    were balanced on)."""
 
     bounds: tuple[int, ...]
-    train_rows: tuple[int, ...]
+    rows: tuple[int, ...]
+    split: str = "train"
 
     @property
     def world(self) -> int:
-        return len(self.train_rows)
+        return len(self.rows)
 
     def users(self, rank: int) -> tuple[int, int]:
         return self.bounds[rank], self.bounds[rank + 1]
@@ -63,23 +69,23 @@ class Shard:
     rank: int
 
 
-def split_users(rows_per_user: np.ndarray, world: int) -> ShardPlan:
-    """Contiguous user ranges with about equal training rows, each with at least one."""
+def split_users(rows_per_user: np.ndarray, world: int, split: str = "train") -> ShardPlan:
+    """Contiguous user ranges with about equal rows of `split`, each with at least one."""
     rows_per_user = np.asarray(rows_per_user, np.int64)
     total = int(rows_per_user.sum())
     if world < 1:
         raise ValueError(f"workers: {world}, need at least 1")
     if total < world:
-        raise DatasetError(f"train split: {total} training rows cannot be split over {world} workers")
+        raise DatasetError(f"{split} split: {total} rows cannot be split over {world} workers")
     cum = np.cumsum(rows_per_user)
     # rank r starts at the first user whose running row count reaches r / N of the total
     cuts = [int(np.searchsorted(cum, r * total / world, side="right")) for r in range(1, world)]
     bounds = (0, *cuts, len(rows_per_user))
     rows = tuple(int(rows_per_user[a:b].sum()) for a, b in itertools.pairwise(bounds))
     if min(rows) == 0:
-        raise DatasetError(f"train split: the users cannot be cut into {world} ranges that all hold training rows "
+        raise DatasetError(f"{split} split: the users cannot be cut into {world} ranges that all hold rows "
                            f"(rows per range {list(rows)}): use fewer workers")
-    return ShardPlan(tuple(int(b) for b in bounds), rows)
+    return ShardPlan(tuple(int(b) for b in bounds), rows, split)
 
 
 def _column_max(path: Path, column: str) -> int:
@@ -133,19 +139,25 @@ def folder_vocabulary(folder: str | Path, n_items: int, n_cates: int) -> Vocabul
     return Vocabulary.identity(n_items, n_cates, item_cate)
 
 
-def plan_shards(folder: str | Path, world: int, users: int | None = None) -> ShardPlan:
-    """The shard plan of `folder` over `world` ranks (training rows per user counted from train.parquet's
-    user column in batches). `users`: only users 0..users-1 (quick runs; `trainer.user_subset`'s rows)."""
+def plan_shards(folder: str | Path, world: int, users: int | None = None, split: str = "train") -> ShardPlan:
+    """The shard plan of `folder` over `world` ranks, balanced on `split`'s rows per user (from the manifest,
+    else counted from the split's user column in batches). `users`: only users 0..users-1 (quick runs;
+    `trainer.user_subset`'s rows)."""
     folder = Path(folder)
-    n_users = id_space(folder)[2]
+    n_users = n_all = id_space(folder)[2]
     if users is not None:
         n_users = min(n_users, users)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        if manifest.users != n_all:
+            raise DatasetError(f"{folder / MANIFEST}: field 'users' is {manifest.users}, events.parquet holds {n_all} users")
+        return split_users(manifest.user_rows(split)[:n_users], world, split)
     counts = np.zeros(n_users, np.int64)
-    for batch in pq.ParquetFile(folder / "train.parquet").iter_batches(columns=["user"], batch_size=1 << 20):
+    for batch in pq.ParquetFile(folder / f"{split}.parquet").iter_batches(columns=["user"], batch_size=1 << 20):
         u = batch.column(0).to_numpy().astype(np.int64)
         u = u[(u >= 0) & (u < n_users)]  # ids outside the events' range are reported by the workers' checks
         counts += np.bincount(u, minlength=n_users)
-    return split_users(counts, world)
+    return split_users(counts, world, split)
 
 
 def shard_from_tables(events: pa.Table, splits: dict[str, pa.Table], folder: str | Path, plan: ShardPlan, rank: int,
@@ -155,9 +167,9 @@ def shard_from_tables(events: pa.Table, splits: dict[str, pa.Table], folder: str
     where = f"{Path(folder)} (users {lo}..{hi - 1})"
     store = store_from_table(events, f"{where} events.parquet", (lo, hi))
     loaded = {s: samples_from_table(t, f"{where} {s}.parquet", store) for s, t in splits.items()}
-    if len(loaded["train"]) != plan.train_rows[rank]:
-        raise DatasetError(f"{where} train.parquet: {len(loaded['train'])} rows read, the plan counted "
-                           f"{plan.train_rows[rank]} (file changed during the run?)")
+    if plan.split in loaded and len(loaded[plan.split]) != plan.rows[rank]:
+        raise DatasetError(f"{where} {plan.split}.parquet: {len(loaded[plan.split])} rows read, the plan counted "
+                           f"{plan.rows[rank]} (file changed during the run?)")
     return Shard(store, loaded, n_items, n_cates, meta, plan, rank)
 
 

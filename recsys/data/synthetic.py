@@ -37,6 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SyntheticConfig
+from recsys.data.manifest import FILE as MANIFEST
+from recsys.data.manifest import write_manifest
 from recsys.data.prepare import FORMAT, split_of_events
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLITS, SYNTHETIC_SPLIT_SCHEMA
 
@@ -266,12 +268,13 @@ def _chunks(lengths: np.ndarray, chunk_events: int) -> Iterator[tuple[int, int]]
 
 
 def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
-    """Write events.parquet, train/val/test.parquet (with evidence) and meta.json into `out_dir` (files
-    replaced). `progress(events_done, events_total)` is called after each chunk. Returns the meta dict."""
+    """Write events.parquet, train/val/test.parquet (with evidence), meta.json and the manifest into
+    `out_dir` (files replaced). `progress(events_done, events_total)` is called after each chunk. Returns the meta dict."""
     if cfg.split.min_history < 1:
         raise ValueError("synthetic targets need at least one history event: split.min_history must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # an old manifest must not outlive the files it described
     world = build_world(cfg)
     lengths = sequence_lengths(cfg)
     n_fam = len(world.fam_cate)
@@ -343,4 +346,5 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
     }
     (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(out / "meta.json.tmp", out / "meta.json")
+    write_manifest(out)
     return meta

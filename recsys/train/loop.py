@@ -192,7 +192,7 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
             resumed_from = state["step"]
     ddp = ctx.wrap(model)
     train_rows = shard.splits["train"]
-    n_max = max(shard.plan.train_rows)
+    n_max = max(shard.plan.rows)
     steps_per_epoch = math.ceil(n_max / batch)
     total_steps = math.ceil(tc.epochs * steps_per_epoch)
     aux = mc.aux_weight if mc.aux_loss else 0.0
