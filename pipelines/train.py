@@ -53,9 +53,6 @@ from recsys.train.loop import Context, OnStep
 
 # Rank 0's line at each validation; the driver reads it back for its progress bar.
 _PROGRESS_LINE = re.compile(r"\[ray-train\] step (\d+)/(\d+)")
-FILES = ("events", *SPLITS)
-
-
 class RayContext(Context):
     """A Ray Train worker's context: the default gloo/NCCL group Ray Train set up, checkpoints reported."""
 
@@ -120,55 +117,21 @@ class RayContext(Context):
         self.total = total
 
 
-def read_shard(loop: dict[str, Any], rank: int):
-    """This rank's Shard, read from its Ray Data datasets in file order."""
-    import pyarrow as pa
-    import ray.train
-
-    from recsys.data.sequences import EVENT_COLUMNS, SAMPLE_COLUMNS
-    from recsys.data.shards import shard_from_tables
-
-    def table(name: str, columns) -> pa.Table:
-        it = ray.train.get_dataset_shard(f"{name}.{rank}")
-        parts = list(it.iter_batches(batch_size=None, batch_format="pyarrow"))
-        if not parts:  # no rows in this range: an empty table of the file's columns
-            return pa.table({c: pa.array([], pa.int64()) for c in columns})
-        return pa.concat_tables(parts, promote_options="default")
-
-    events = table("events", EVENT_COLUMNS)
-    splits = {s: table(s, SAMPLE_COLUMNS) for s in loop["splits"]}
-    return shard_from_tables(events, splits, loop["folder"], loop["plan"], rank, loop["n_items"], loop["n_cates"], loop["meta"])
-
-
 def _train_loop(loop: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    import ray.train
+
+    from pipelines.shard_io import read_shard
     from recsys.train.loop import run_loop
 
     ctx = RayContext()
     torch.set_num_threads(loop["threads"])
-    shard = read_shard(loop, ctx.rank)
+    shard = read_shard(lambda name: ray.train.get_dataset_shard(f"{name}.{ctx.rank}"), loop["folder"], loop["plan"],
+                       ctx.rank, loop["splits"], loop["n_items"], loop["n_cates"], loop["meta"])
     r = run_loop(loop["config"], shard, ctx, Path(loop["out"]), evaluate_test=loop["evaluate_test"], on_step=loop["on_step"])
     if ctx.rank == 0:  # Ray keeps only metrics reported with a checkpoint: the summary goes beside best/
         summary = {k: v for k, v in r.items() if k != "evaluator"}
         (Path(loop["out"]) / "loop.json").write_text(json.dumps(summary))
-
-
-def shard_datasets(folder: Path, plan, splits: tuple[str, ...]) -> dict:
-    """One materialised Ray dataset per rank and file: the file's rows of the rank's users in file order,
-    the filter pushed down to the Parquet scan (row groups outside the range are skipped by their
-    statistics)."""
-    import ray.data
-    from ray.data.expressions import col, lit
-
-    out = {}
-    for name in ("events", *splits):
-        for r in range(plan.world):
-            lo, hi = plan.users(r)
-            ds = ray.data.read_parquet(str(folder / f"{name}.parquet"))
-            ds = ds.filter(expr=(col("user") >= lit(lo)) & (col("user") < lit(hi)))
-            ds.context.execution_options.preserve_order = True
-            out[f"{name}.{r}"] = ds.materialize()
-    return out
 
 
 def run_train(
@@ -206,6 +169,7 @@ def run_train(
     from safetensors.torch import load_file
 
     from pipelines.runtime import on_worker_lines, ray_session
+    from pipelines.shard_io import shard_datasets
     from recsys.bundle import export_bundle
     from recsys.checkpoint import load_state_tensors
     from recsys.data.shards import folder_vocabulary, id_space, plan_shards
