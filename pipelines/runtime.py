@@ -117,13 +117,23 @@ class _FileSink:
         """After ray.init: worker output to the file instead of the terminal. Ray's printer is private
         API of the pinned Ray (2.60); if it moves, the output stays on the terminal rather than failing."""
         try:
+            import ray._private.worker as ray_worker
             from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
         except ImportError:
             return
         dispatcher.remove_handler(_RAY_PRINTER)
         dispatcher.add_handler(_RAY_PRINTER, self)
+        # the raylet's error notices ("A worker died or was killed ...") bypass the dispatcher: the driver's
+        # error listener calls this module function by name
+        self.saved_print = getattr(ray_worker, "print_to_stdstream", None)
+        if self.saved_print is not None:
+            ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: self(data)
 
     def close(self) -> None:
+        if getattr(self, "saved_print", None) is not None:
+            import ray._private.worker as ray_worker
+
+            ray_worker.print_to_stdstream = self.saved_print
         self.logger.removeHandler(self.handler)
         for h in self.saved:
             self.logger.addHandler(h)

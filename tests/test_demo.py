@@ -75,3 +75,34 @@ def test_train_ray_is_quiet_unless_verbose(tmp_path):
     r = train(tmp_path / "loud", "--verbose")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[ray-train] step" in r.stdout + r.stderr and not (tmp_path / "loud" / "logs").exists()
+
+
+DEAD_WORKER = """
+import os, sys, ray
+from pipelines.runtime import init_ray, ray_log_file, shutdown_ray
+
+@ray.remote(max_retries=0)
+def die():
+    os._exit(1)
+
+with ray_log_file(sys.argv[1]):
+    init_ray(num_cpus=1)
+    try:
+        ray.get(die.remote())
+    except ray.exceptions.WorkerCrashedError:
+        print("crash seen by the driver")
+    import time
+    time.sleep(2)   # the raylet's notice arrives on the driver's error listener, asynchronously
+    shutdown_ray()
+"""
+
+
+def test_a_dead_ray_worker_is_noted_in_the_log_file_not_the_terminal(tmp_path):
+    """The raylet's notice of a dead worker ("A worker died or was killed ...") bypasses the worker-output
+    dispatcher; quiet mode routes it to the log file too (the full demo once printed it mid-table)."""
+    log = tmp_path / "ray.log"
+    r = subprocess.run([sys.executable, "-c", DEAD_WORKER, str(log)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "crash seen by the driver" in r.stdout
+    assert "worker died" not in (r.stdout + r.stderr).lower() and "(raylet)" not in r.stdout + r.stderr
+    assert "worker died" in log.read_text().lower()
