@@ -226,11 +226,9 @@ class _Cache:
         hit = self.choices.get(cls)
         if hit is not None:
             return hit["path"]
-        path = self.path()
-        if self.loaded_from != path and self.lock.acquire(blocking=False):
-            try:   # another process may have measured it; a busy lock means the worker is measuring: skip
-                self.choices.update(self._read(path))
-                self.loaded_from = path
+        if self.lock.acquire(blocking=False):   # busy: the worker is measuring, and will merge the file
+            try:
+                self._load(self.path())
             finally:
                 self.lock.release()
             hit = self.choices.get(cls)
@@ -238,6 +236,12 @@ class _Cache:
                 return hit["path"]
         self.later(cls)
         return None
+
+    def _load(self, path: Path) -> None:
+        """Merge the machine's cache file once per path (another process may have measured). Under self.lock."""
+        if self.loaded_from != path:
+            self.choices.update(self._read(path))
+            self.loaded_from = path
 
     def later(self, cls: str) -> None:
         with self.wake:
@@ -248,7 +252,6 @@ class _Cache:
             if self.worker is None or not self.worker.is_alive():
                 self.worker = threading.Thread(target=self._drain, name="topk-dispatch-tune", daemon=True)
                 self.worker.start()
-            self.wake.notify()
 
     def _drain(self) -> None:
         while True:
@@ -288,9 +291,7 @@ class _Cache:
             return hit["path"]
         with self.lock:
             path = self.path()
-            if self.loaded_from != path:   # another process may have tuned it already
-                self.choices.update(self._read(path))
-                self.loaded_from = path
+            self._load(path)
             if cls not in self.choices:
                 result = measure(cls)
                 log.info("top-k dispatch %s -> %s (%s)", cls, result["path"], ", ".join(
@@ -327,12 +328,6 @@ def defer_tuning(on: bool = True) -> None:
     """Servers: never measure inside a call; unmeasured classes run the fixed rule and are measured on a
     background thread (`_Cache`)."""
     _cache.defer = on
-
-
-def tune_later(serving: bool, rows: int, L: int, d: int, k: int) -> None:
-    """Queue a class for the background thread (a server's expected request shape, at start)."""
-    if autotune_enabled() and rows and L:
-        _cache.later(shape_class(serving, rows, L, d, k))
 
 
 def wait_tuned(timeout: float = 60.0) -> bool:
