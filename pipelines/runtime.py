@@ -1,7 +1,7 @@
 """One place that starts and stops Ray for every pipeline job.
 
 Locally (`address=None`) Ray is started inside this process with bounded CPUs and object store, no
-dashboard and quiet logs, every Ray server listening on 127.0.0.1 only (`loopback_only`); `address="auto"` (or `ray://host:10001`, `host:6379`) joins a running cluster
+dashboard and quiet logs, every Ray server listening on 127.0.0.1 only (`recsys.net.ray_loopback_only`); `address="auto"` (or `ray://host:10001`, `host:6379`) joins a running cluster
 whose resources are then the cluster's. If Ray is already initialised (a test fixture, a notebook), the
 session reuses it and leaves it running: whoever started Ray stops it.
 
@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from recsys.net import ray_loopback_only
 
 MiB = 1024 * 1024
 
@@ -174,23 +176,6 @@ def _quiet_env() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 
-# Ray (2.60) has no bind-address option. Its servers listen on loopback only when the node's address is
-# exactly 127.0.0.1 (GCS, raylet, object manager, agents), but ray.init turns a loopback `_node_ip_address`
-# back into the machine's network address unless "cluster mode" is off, which is what this variable does
-# (on Linux it defaults to on); the Ray processes inherit it. service/serve.py does the same for Ray Serve.
-RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def loopback_only() -> dict:
-    """Switch this process (and the Ray processes it starts) to a loopback-only local Ray -> the extra
-    ray.init arguments that bind it to 127.0.0.1."""
-    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
-    return {"_node_ip_address": "127.0.0.1", "dashboard_host": "127.0.0.1"}
-
-
 def init_ray(
     address: str | None = None,
     num_cpus: int | None = None,
@@ -223,7 +208,7 @@ def init_ray(
                 num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
                 object_store_memory=object_store_mb * MiB if object_store_mb else None,
                 **common,
-                **loopback_only(),
+                **ray_loopback_only(),
             )
     except BaseException:
         if sink is not None:

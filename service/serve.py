@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from recsys.config.http import ServiceConfig
+from recsys.net import ray_loopback_only
 from service.logs import configure_logging
 
 CONFIG_ENV = "RECSYS_SERVICE_CONFIG"
@@ -163,21 +164,8 @@ def ray_deployment(config: ServiceConfig, replicas: int):
     return ScoringDeployment.bind(config.model_dump_json())
 
 
-# Ray (2.60) has no bind-address option. Its servers listen on loopback only when the node's address is
-# exactly 127.0.0.1 (GCS, raylet, object manager: the C++ gRPC servers' listen_to_localhost_only; dashboard
-# agent, runtime-env agent, metrics exporter: the node IP), but ray.init turns a loopback `_node_ip_address`
-# back into the machine's network address (services.resolve_ip_for_localhost) unless "cluster mode" is off,
-# which is what this variable does (on Linux it defaults to on); the Ray processes inherit it.
-RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-def _ray_loopback_only() -> None:
-    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
-    # Serve replicas start an inter-deployment gRPC server on "[::]:0", hard-coded (replica.py); it is used
-    # only with RAY_SERVE_USE_GRPC_BY_DEFAULT. The replica actors run `_patch_replica_grpc_bind` first.
+# Serve replicas start an inter-deployment gRPC server on "[::]:0", hard-coded (replica.py); it is used only
+# with RAY_SERVE_USE_GRPC_BY_DEFAULT. The replica actors run `_patch_replica_grpc_bind` first.
 
 
 def _patch_replica_grpc_bind() -> None:
@@ -201,16 +189,11 @@ def _patch_replica_grpc_bind() -> None:
 
 
 def _run_ray_serve(config: ServiceConfig, replicas: int) -> None:
-    if config.ray_loopback:
-        _ray_loopback_only()
+    loopback = ray_loopback_only() if config.ray_loopback else {}
     import ray
     from ray import serve as rs
 
-    if config.ray_loopback:
-        ray.init(ignore_reinit_error=True, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 dashboard_host="127.0.0.1")
-    else:
-        ray.init(ignore_reinit_error=True, include_dashboard=False)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, **loopback)
     # Ray's own SIGTERM handler aborts the driver, which would skip the cleanup below (and leave an
     # embedded Redis server running): stop on SIGTERM as on Ctrl-C.
     stop = threading.Event()
