@@ -62,13 +62,18 @@ def stage1_inputs(target: list[torch.Tensor], events: list[torch.Tensor],
     for the fused kernel). Training, serving and the block index (service.block_index) all search through
     here, so their stage-1 scores are the same numbers. target per field [Q, d]; events per field
     [Q, L, d] or [L, d]; segments [d_sem, d_pos] fall on the last field's boundary."""
-    qp, xp = target[-1], events[-1]
-    if not _foldable(qp, segments):
+    if not _foldable(target[-1], segments):
         return torch.cat(target, -1), torch.cat(events, -1), segments
-    w = qp[0] * (1.0 / segments[1] ** 0.5)
-    bias = (xp * w).sum(-1, keepdim=True)                                  # [..., L, 1]: elementwise, then a
-    query = torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1)     # sum of d_pos: the same per event
-    return query, torch.cat(events[:-1] + [bias], -1), [segments[0], 1]    # whatever the batch
+    query, w = _folded_query(target, segments)
+    bias = (events[-1] * w).sum(-1, keepdim=True)                          # [..., L, 1]: elementwise, then a
+    return query, torch.cat(events[:-1] + [bias], -1), [segments[0], 1]    # sum of d_pos: the same per event
+
+
+def _folded_query(target: list[torch.Tensor], segments: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> the folded search's query (semantic fields, then 1 for the position column) and the scaled shared
+    position row w that makes each event's position number <k_pos, w>."""
+    qp = target[-1]
+    return torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1), qp[0] * (1.0 / segments[1] ** 0.5)
 
 
 def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
@@ -87,9 +92,8 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     for t, i in zip(tables[:-1], ids[:-1]):
         torch.index_select(t, 0, i, out=keys[:, a:a + t.shape[1]])
         a += t.shape[1]
-    w = qp[0] * (1.0 / segments[1] ** 0.5)
+    query, w = _folded_query(target, segments)
     keys[:, a] = (tables[-1] * w).sum(-1).index_select(0, ids[-1])
-    query = torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1)
     return query, keys, [segments[0], 1]
 
 
