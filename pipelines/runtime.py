@@ -204,7 +204,10 @@ def init_ray(
             # A cluster fixes its own CPUs and object store; passing them here is an error in Ray.
             ray.init(address=address, **common)
         else:
+            # address "local": a new instance; with None, Ray joins the last cluster started on this machine
+            # (/tmp/ray/ray_current_cluster, e.g. a benchmark's multi-node cluster) and rejects num_cpus
             ray.init(
+                address="local",
                 num_cpus=num_cpus if num_cpus is not None else os.cpu_count(),
                 object_store_memory=object_store_mb * MiB if object_store_mb else None,
                 **common,
