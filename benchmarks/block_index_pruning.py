@@ -80,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(1)
 
     from recsys.config.model import ModelConfig
-    from recsys.data.sequences import load_store
+    from recsys.data.sequences import load_dataset
     from recsys.models import build_model
     from service.model_state import ServingModel
 
@@ -89,7 +89,7 @@ def main() -> None:
     torch.manual_seed(0)
     untrained = ServingModel(build_model(cfg, trained.n_items, trained.n_cates), "untrained", trained.n_items,
                              trained.n_cates, trained.max_len)
-    store = load_store(Path(args.data) / "events.parquet")
+    store = load_dataset(Path(args.data), splits=()).store
     users = np.argsort(-store.lengths, kind="stable")[:args.users]
     rng = np.random.default_rng(0)
     real, cands = [], []

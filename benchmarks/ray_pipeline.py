@@ -58,6 +58,13 @@ def write_events(path: Path, n_events: int, seed: int = 0, chunk: int = 1_000_00
     return {"events": n_events, "users": int(len(lengths)), "file_mb": round(path.stat().st_size / 2**20, 1)}
 
 
+def read_all(folder: Path, name: str) -> pa.Table:
+    """A data name's rows in either layout (prepare: one file; preprocess: part files), in user order."""
+    from recsys.data.layout import data_files
+
+    return pa.concat_tables([pq.read_table(f) for f in data_files(folder, name)])
+
+
 def _tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc] + proc.children(recursive=True):
@@ -98,11 +105,10 @@ def bench_preprocess(n_events: int, tmp: Path) -> dict:
                    f"print(json.dumps({{'rows': m['rows'], 'maxrss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))")
     ray_code = (f"import json; from pipelines.preprocess import run_preprocess; "
                 f"m = run_preprocess({str(src)!r}, {str(tmp / 'ray')!r}, seed=0); "
-                f"print(json.dumps({{'rows': m['rows'], 'partitions': m['partitions']}}))")
+                f"print(json.dumps({{'rows': m['rows'], 'partitions': m['ray']['partitions']}}))")
     single, single_wall, single_tree = run_measured(single_code)
     ray_out, ray_wall, ray_tree = run_measured(ray_code)
-    same = all(pq.read_table(tmp / "single" / f"{f}.parquet").equals(pq.read_table(tmp / "ray" / f"{f}.parquet"))
-               for f in ("events", "train", "val", "test"))
+    same = all(read_all(tmp / "single", f).equals(read_all(tmp / "ray", f)) for f in ("events", "train", "val", "test"))
     return {
         "input": info,
         "single_process": {"wall_s": round(single_wall, 1), "events_per_s": round(n_events / single_wall),

@@ -1,8 +1,9 @@
 """Per-rank reading of a dataset folder on Ray: what a training worker and an evaluation actor hold.
 
 The driver plans the user ranges (`recsys.data.shards.plan_shards`) and `shard_datasets` gives one
-materialised Ray dataset per rank and file: the file's rows of the rank's users in file order, the range
-filter pushed down to the Parquet scan (row groups outside the range are skipped by their statistics).
+materialised Ray dataset per rank and data name (events, each split): the rows of the rank's users in user
+order, read from the part files the manifest says overlap the range (`recsys.data.layout.files_for_users`),
+the range filter pushed down to the Parquet scan (row groups outside the range are skipped by their statistics).
 The reads run before the workers or actors take their CPUs; a worker or actor then only fetches its
 blocks (`read_shard`), which needs no Ray Data task. The driver holds block references only.
 """
@@ -17,15 +18,22 @@ from recsys.data.shards import Shard, ShardPlan
 
 
 def shard_datasets(folder: Path, plan: ShardPlan, splits: tuple[str, ...]) -> dict:
-    """{"<file>.<rank>": materialised dataset} for events.parquet and each split."""
+    """{"<name>.<rank>": materialised dataset} for the events and each split."""
     import ray.data
     from ray.data.expressions import col, lit
 
+    from recsys.data.layout import data_files, files_for_users
+    from recsys.data.manifest import read_manifest
+
+    manifest = read_manifest(folder)
     out = {}
     for name in ("events", *splits):
         for r in range(plan.world):
             lo, hi = plan.users(r)
-            ds = ray.data.read_parquet(str(folder / f"{name}.parquet"))
+            # part files (and a single file's row groups, by their statistics) outside the range are never read;
+            # a range no file overlaps still gets a dataset of the file's columns, filtered empty
+            files = files_for_users(folder, name, lo, hi, manifest) or data_files(folder, name)[:1]
+            ds = ray.data.read_parquet([str(f) for f in files])
             ds = ds.filter(expr=(col("user") >= lit(lo)) & (col("user") < lit(hi)))
             ds.context.execution_options.preserve_order = True
             out[f"{name}.{r}"] = ds.materialize()

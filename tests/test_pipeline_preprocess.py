@@ -4,9 +4,11 @@ seed: same events, same samples, same negatives; re-running replaces; bad rows a
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -14,11 +16,15 @@ import ray
 from pipelines.preprocess import run_preprocess
 from pipelines.runtime import init_ray
 from recsys.config.data import SplitConfig
-from recsys.data.manifest import read_manifest
+from recsys.data.layout import data_files, relative
+from recsys.data.manifest import FILE as MANIFEST
+from recsys.data.manifest import USER_ROWS, read_manifest, write_manifest
 from recsys.data.prepare import prepare
 from recsys.data.raw import open_raw
 from recsys.data.report import BadInputError
+from recsys.data.report import describe
 from recsys.data.sequences import load_dataset
+from recsys.data.shards import id_space, plan_shards
 
 FILES = ("events", "train", "val", "test")
 # Appended to a real Taobao log: each line is one kind of bad row the loader counts under lenient=True.
@@ -33,20 +39,52 @@ def ray_local():
         ray.shutdown()
 
 
+def read_all(folder, name):
+    """A data name's rows, its files (either layout) read in user order."""
+    return pa.concat_tables([pq.read_table(f) for f in data_files(folder, name)])
+
+
 def assert_same_folder(a, b):
+    """`a` (single-file layout, prepare) holds the same data as `b` (part files, preprocess)."""
     for f in FILES:
-        ta, tb = pq.read_table(a / f"{f}.parquet"), pq.read_table(b / f"{f}.parquet")
+        assert data_files(a, f) == [a / f"{f}.parquet"]
+        assert len(data_files(b, f)) > 1 and not (b / f"{f}.parquet").exists(), f  # parts, never concatenated
+        ta, tb = read_all(a, f), read_all(b, f)
         assert ta.schema == tb.schema, f
         assert ta.num_rows == tb.num_rows, f
-        assert ta.equals(tb), f"{f}.parquet differs"
+        assert ta.equals(tb), f"{f} differs"
     # the raw -> dense vocabulary serving maps catalogue ids with: byte-identical
     assert (a / "vocab.safetensors").read_bytes() == (b / "vocab.safetensors").read_bytes()
-    # the manifests: the same rows per user; row groups (one per user range here) in user order, disjoint
+    # the manifests: the same rows per user; part files (one per user range) in user order, disjoint, and the
+    # entries the tasks reported equal to what reading the files gives
     ma, mb = read_manifest(a), read_manifest(b)
     for f in FILES:
         assert np.array_equal(ma.user_rows(f), mb.user_rows(f)), f
-        groups = [g for g in mb.files[f"{f}.parquet"]["row_groups"] if g["rows"]]
+        parts = [mb.files[relative(b, p)] for p in data_files(b, f)]
+        assert sum(e["rows"] for e in parts) == ma.files[f"{f}.parquet"]["rows"]
+        groups = [g for e in parts for g in e["row_groups"] if g["rows"]]
         assert all(g["max_user"] < h["min_user"] for g, h in itertools.pairwise(groups)), f
+    written = json.loads((b / MANIFEST).read_text())
+    rebuilt = tmp_copy(b)
+    assert json.loads((rebuilt / MANIFEST).read_text())["files"] == written["files"]
+    assert (rebuilt / USER_ROWS).read_bytes() == (b / USER_ROWS).read_bytes()
+    # every loader reads both layouts the same
+    da, db = load_dataset(a), load_dataset(b)
+    assert np.array_equal(da.store.offsets, db.store.offsets) and np.array_equal(da.store.item, db.store.item)
+    for s in ("train", "val", "test"):
+        assert np.array_equal(da.splits[s].item, db.splits[s].item) and np.array_equal(da.splits[s].user, db.splits[s].user)
+    assert id_space(a)[:3] == id_space(b)[:3]
+    assert describe(a) | {"folder": ""} == describe(b) | {"folder": ""}
+    for world, split in ((3, "train"), (4, "val")):
+        assert plan_shards(a, world, split=split) == plan_shards(b, world, split=split)
+
+
+def tmp_copy(folder):
+    """A copy of `folder` whose manifest is rebuilt by reading its files (the single-process way)."""
+    dest = folder.with_name(folder.name + "-reread")
+    shutil.copytree(folder, dest)
+    write_manifest(dest)
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +101,14 @@ def test_movielens_equals_single_process_across_partitions(movielens_dir, tmp_pa
     want = prepare(open_raw(src), tmp_path / "single", seed=7)
     # ~100k events in ranges of ~20k: several user ranges, so the partitioned path is what is compared.
     got = run_preprocess(src, tmp_path / "ray", seed=7, partition_events=20_000)
-    assert got.pop("partitions") >= 4
+    ray_info = got.pop("ray")
+    assert ray_info["partitions"] >= 4 and ray_info["read_tasks"] == 1
     assert got == want
     assert_same_folder(tmp_path / "single", tmp_path / "ray")
-    assert len(read_manifest(tmp_path / "ray").files["events.parquet"]["row_groups"]) >= 4
-    ds = load_dataset(tmp_path / "ray")  # the output is a dataset folder the trainer can load
-    assert len(ds.splits["train"]) == want["rows"]["train"]
+    assert len(data_files(tmp_path / "ray", "events")) == ray_info["partitions"]
+    # the driver received reduced counts only: one row per user and per (item, category) pair
+    assert ray_info["driver_rows"] == want["n_users"] + want["n_items"] + want["item_category_conflicts"]
+    assert ray_info["driver_rows"] < want["n_events"] / 5
 
 
 def test_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
@@ -80,16 +120,16 @@ def test_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
     assert sum(report["skipped"].values()) == len(BAD_LINES)
     assert report["rows_read"] == report["rows_kept"] + len(BAD_LINES) + sum(report["filtered"].values())
     assert len(report["examples"]) == len(BAD_LINES)  # each names its file and line
-    first.pop("partitions")
+    first.pop("ray")
     assert first == want
     assert_same_folder(tmp_path / "single", out)
     # A second run into the same folder, with another seed: replaced, not appended, no stale files.
     second = run_preprocess([bad_taobao], out, seed=2, lenient=True, split=split, partition_events=5_000)
     assert second["rows"] == first["rows"]
     for f in FILES:
-        assert pq.read_table(out / f"{f}.parquet").num_rows == (first["n_events"] if f == "events" else first["rows"][f])
-    assert pq.read_table(out / "train.parquet").column("item") != pq.read_table(tmp_path / "single/train.parquet").column("item")
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"{f}.parquet" for f in FILES] + ["manifest.json", "meta.json", "user_rows.parquet", "vocab.safetensors"])
+        assert read_all(out, f).num_rows == (first["n_events"] if f == "events" else first["rows"][f])
+    assert read_all(out, "train").column("item") != pq.read_table(tmp_path / "single/train.parquet").column("item")
+    assert sorted(p.name for p in out.iterdir()) == sorted(list(FILES) + ["manifest.json", "meta.json", "user_rows.parquet", "vocab.safetensors"])
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".ray")]  # temp folders cleaned up
 
 

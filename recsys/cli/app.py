@@ -137,10 +137,11 @@ def stats(folder: Path = typer.Argument(..., help="dataset folder")) -> None:
     \b
     Example: recsys stats ../shared/benchmarks/ml-latest-small
     """
+    from recsys.data.layout import has_data
     from recsys.data.report import describe
 
-    if not (folder / "events.parquet").is_file():
-        fail(f"{folder}: not a dataset folder (no events.parquet)")
+    if not has_data(folder, "events"):
+        fail(f"{folder}: not a dataset folder (no events.parquet, nor events/ part files)")
     _print_json(describe(folder))
 
 

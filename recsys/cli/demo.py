@@ -22,12 +22,11 @@ from recsys.cli.progress import console, progress_bar, stage
 MODELS = ("dare", "twin", "din")
 
 
-def _is_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "events.parquet").is_file() and (path / "train.parquet").is_file()
 
 
 def data_stage(data: Path | None, out: Path, small: bool) -> Path:
     """Returns the dataset folder the rest of the demo uses."""
+    from recsys.data.layout import is_dataset
     from recsys.data.report import describe
 
     if data is None:
@@ -47,7 +46,7 @@ def data_stage(data: Path | None, out: Path, small: bool) -> Path:
         console.print(f"synthetic lifelong data: {cfg.n_users} users, ~{per_user['mean']:.0f} events each")
         with progress_bar("generating events") as update:
             generate(cfg, folder, progress=update)
-    elif _is_dataset(data):
+    elif is_dataset(data):
         folder = data
         console.print(f"dataset folder: {folder}")
     else:

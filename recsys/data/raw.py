@@ -8,12 +8,18 @@ fields. Bad rows raise `BadInputError` (file, row, column) unless `lenient=True`
 skipped and counted per reason in `stream.report`; valid rows dropped by a rule (Taobao's time window) and
 blank lines are counted as `filtered`. An empty file, a wrong header or a wrong Parquet schema is always an
 error: there is no row to skip.
+
+A loader can read one `Span` of its file (distributed preprocessing splits large inputs over tasks): a CSV
+byte range aligned to line starts, or a range of Parquet row groups, with the absolute 1-based line (row)
+number of its first line (row), counted beforehand (`csv_span`), so errors name the same file and row as a
+whole-file read and event ids stay unique.
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,40 @@ TAOBAO_WINDOW_RULE = "ts outside 2017-11-25..2017-12-03 (UTC+8)"
 
 _INT64_MAX = "9223372036854775807"
 _MAX_TS_DIGITS = 15  # seconds; x1000 must still fit int64
+
+
+@dataclass(frozen=True)
+class Span:
+    """Part of one input file: CSV bytes start..end-1 (both at line starts), or Parquet row groups
+    start..end-1; `first_row`: the absolute 1-based line (row) number of its first line (row)."""
+
+    start: int
+    end: int
+    first_row: int
+
+
+def _line_start(f, offset: int, size: int) -> int:
+    """The first line start at or after byte `offset` (the line holding byte offset - 1 belongs to the span
+    before: each line is read by the span its first byte falls in)."""
+    if offset <= 0 or offset >= size:
+        return min(max(offset, 0), size)
+    f.seek(offset - 1)
+    f.readline()
+    return f.tell()
+
+
+def csv_span(path: str | Path, start: int, end: int, chunk: int = 16 << 20) -> tuple[int, int, int]:
+    """Byte range start..end of a CSV file aligned to line starts -> (start, end, newlines in it). The line
+    number of a span's first line is 1 + the newlines of every span before it."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        a, b = _line_start(f, start, size), _line_start(f, end, size)
+    newlines = 0
+    if b > a:
+        with pa.memory_map(str(path)) as mm:  # counted in place, in chunks: no copy of the span in memory
+            for at in range(a, b, chunk):
+                newlines += int(np.count_nonzero(np.frombuffer(mm.read_at(min(chunk, b - at), at), np.uint8) == 10))
+    return a, b, newlines
 
 
 class EventStream:
@@ -128,20 +168,30 @@ def _check_header(path: Path, expected: list[str]) -> None:
 
 
 def _csv_blocks(path: Path, columns: list[str], header: bool, lenient: bool, report: LoadReport,
-                block_bytes: int) -> Iterator[tuple[_Rows, dict[str, pa.Array]]]:
+                block_bytes: int, span: Span | None = None) -> Iterator[tuple[_Rows, dict[str, pa.Array]]]:
     """Yield (row checker, column -> string field) per block; rows with a wrong field count are flagged,
-    blank lines counted as filtered."""
+    blank lines counted as filtered. `span`: only those lines (the header is skipped where the span starts
+    at byte 0); a span may hold no rows (the caller checks the file as a whole)."""
     _check_nonempty(path)
     if header:
         _check_header(path, columns)
+    source = path
+    skip = 1 if header else 0
+    line = 2 if header else 1
+    if span is not None:
+        if span.end <= span.start:
+            return
+        source = pa.BufferReader(pa.memory_map(str(path)).read_at(span.end - span.start, span.start))
+        skip = skip if span.start == 0 else 0
+        line = span.first_row + skip
+    first_line = line
     reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(column_names=["line"], skip_rows=1 if header else 0, block_size=block_bytes),
+        source,
+        read_options=pacsv.ReadOptions(column_names=["line"], skip_rows=skip, block_size=block_bytes),
         parse_options=pacsv.ParseOptions(delimiter="\x01", quote_char=False, escape_char=False,
                                          ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(column_types={"line": pa.string()}, strings_can_be_null=False),
     )
-    line = 2 if header else 1
     for batch in reader:
         n = batch.num_rows
         lines = pc.utf8_rtrim(batch.column(0), characters="\r")
@@ -162,7 +212,7 @@ def _csv_blocks(path: Path, columns: list[str], header: bool, lenient: bool, rep
         for c, s in fields.items():
             rows.flag(_np(pc.equal(pc.utf8_length(s), 0)) & ~blank, c, "empty value", s)
         yield rows, fields
-    if line == (2 if header else 1):
+    if line == first_line and span is None:
         raise BadInputError(str(path), None, None, "file has no data rows")
 
 
@@ -224,14 +274,16 @@ def read_movie_genres(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return ids_np[order], cate[order].astype(np.int64), names
 
 
-def read_movielens(folder: str | Path, *, lenient: bool = False, block_bytes: int = BLOCK_BYTES) -> EventStream:
-    """MovieLens `ratings.csv` + `movies.csv`: one RATE event per rating; category = the movie's first genre."""
+def read_movielens(folder: str | Path, *, lenient: bool = False, block_bytes: int = BLOCK_BYTES,
+                   span: Span | None = None) -> EventStream:
+    """MovieLens `ratings.csv` + `movies.csv`: one RATE event per rating; category = the movie's first genre.
+    `span`: a part of ratings.csv only (movies.csv is read whole)."""
     folder = Path(folder)
     ratings = folder / "ratings.csv"
 
     def produce(report: LoadReport) -> Iterator[pa.RecordBatch]:
         movie_ids, movie_cate, _ = read_movie_genres(folder / "movies.csv")
-        for rows, f in _csv_blocks(ratings, RATINGS_COLUMNS, True, lenient, report, block_bytes):
+        for rows, f in _csv_blocks(ratings, RATINGS_COLUMNS, True, lenient, report, block_bytes, span):
             n = len(rows.bad)
             user = _int_column(rows, "userId", f["userId"])
             item = _int_column(rows, "movieId", f["movieId"])
@@ -254,7 +306,8 @@ def read_movielens(folder: str | Path, *, lenient: bool = False, block_bytes: in
 TAOBAO_COLUMNS = ["user_id", "item_id", "category_id", "behavior_type", "timestamp"]
 
 
-def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = BLOCK_BYTES) -> EventStream:
+def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = BLOCK_BYTES,
+                span: Span | None = None) -> EventStream:
     """Taobao `UserBehavior.csv` (no header). Rows outside TAOBAO_WINDOW_S are dropped and counted as filtered;
     sorting each user by time is the preprocessing's job (recsys.data.prepare)."""
     path = Path(path)
@@ -262,7 +315,7 @@ def read_taobao(path: str | Path, *, lenient: bool = False, block_bytes: int = B
     codes = np.asarray([TAOBAO_ACTIONS[k] for k in names.to_pylist()], dtype=np.int8)
 
     def produce(report: LoadReport) -> Iterator[pa.RecordBatch]:
-        for rows, f in _csv_blocks(path, TAOBAO_COLUMNS, False, lenient, report, block_bytes):
+        for rows, f in _csv_blocks(path, TAOBAO_COLUMNS, False, lenient, report, block_bytes, span):
             n = len(rows.bad)
             user = _int_column(rows, "user_id", f["user_id"])
             item = _int_column(rows, "item_id", f["item_id"])
@@ -305,36 +358,51 @@ def _check_parquet_schema(path: Path, schema: pa.Schema) -> None:
             raise BadInputError(str(path), None, f.name, f"wrong type: expected {f.type}, got {got}")
 
 
-def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: int = 1 << 20) -> EventStream:
+def parquet_files(path: str | Path) -> list[Path]:
+    """The Parquet files of an events input: the file, or a folder's files in name order."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = sorted(path.glob("*.parquet"))
+    if not files:
+        raise BadInputError(str(path), None, None, "folder has no .parquet files")
+    return files
+
+
+def read_parquet_events(path: str | Path, *, lenient: bool = False, batch_rows: int = 1 << 20,
+                        span: Span | None = None) -> EventStream:
     """Our own events in EVENT_SCHEMA (any integer width accepted, checked on cast): one Parquet file, or a
     folder of them (read in name order, e.g. a pipeline's part files). Rows are 1-based row numbers within
-    each file."""
+    each file. `span`: row groups of one file only."""
     path = Path(path)
 
     def produce(report: LoadReport) -> Iterator[pa.RecordBatch]:
-        if path.is_dir():
-            files = sorted(path.glob("*.parquet"))
-            if not files:
-                raise BadInputError(str(path), None, None, "folder has no .parquet files")
-        else:
-            files = [path]
-        for file in files:
-            yield from _parquet_file(file, lenient, batch_rows, report)
+        for file in parquet_files(path):
+            yield from _parquet_file(file, lenient, batch_rows, report, span)
 
     return EventStream(str(path), produce)
 
 
-def _parquet_file(path: Path, lenient: bool, batch_rows: int, report: LoadReport) -> Iterator[pa.RecordBatch]:
+def open_parquet(path: Path) -> pq.ParquetFile:
+    """A checked events Parquet file (not empty, readable, EVENT_SCHEMA's columns)."""
     _check_nonempty(path)
     try:
         pf = pq.ParquetFile(path)
     except pa.ArrowException as e:
         raise BadInputError(str(path), None, None, f"not a readable Parquet file: {e}") from None
     _check_parquet_schema(path, pf.schema_arrow)
-    if pf.metadata.num_rows == 0:
+    return pf
+
+
+def _parquet_file(path: Path, lenient: bool, batch_rows: int, report: LoadReport, span: Span | None = None
+                  ) -> Iterator[pa.RecordBatch]:
+    pf = open_parquet(path)
+    row, groups = 1, None
+    if span is not None:
+        row, groups = span.first_row, list(range(span.start, span.end))
+    elif pf.metadata.num_rows == 0:
         raise BadInputError(str(path), None, None, "file has no data rows")
-    row = 1
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=EVENT_SCHEMA.names):
+    for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=EVENT_SCHEMA.names):
         n = batch.num_rows
         rows = _Rows(str(path), row, n, lenient, report)
         row += n
@@ -362,16 +430,21 @@ def _parquet_file(path: Path, lenient: bool, batch_rows: int, report: LoadReport
             yield out
 
 
-def open_raw(path: str | Path, *, lenient: bool = False) -> EventStream:
-    """Pick the loader from the path: a folder with ratings.csv (MovieLens), a .parquet file or a folder of
-    them (our events), any other file (Taobao UserBehavior.csv)."""
+def raw_format(path: str | Path) -> str:
+    """The loader a path takes: "movielens" (a folder with ratings.csv), "parquet" (a .parquet file or a folder
+    of them: our events), "taobao" (any other file: UserBehavior.csv)."""
     path = Path(path)
     if path.is_dir():
         if (path / "ratings.csv").is_file():
-            return read_movielens(path, lenient=lenient)
+            return "movielens"
         if any(path.glob("*.parquet")):
-            return read_parquet_events(path, lenient=lenient)
+            return "parquet"
         raise BadInputError(str(path), None, None, "folder has neither ratings.csv (MovieLens) nor .parquet files")
-    if path.suffix == ".parquet":
-        return read_parquet_events(path, lenient=lenient)
-    return read_taobao(path, lenient=lenient)
+    return "parquet" if path.suffix == ".parquet" else "taobao"
+
+
+def open_raw(path: str | Path, *, lenient: bool = False, span: Span | None = None) -> EventStream:
+    """Pick the loader from the path (`raw_format`). `span`: a part of the file (of ratings.csv for MovieLens,
+    of one Parquet file, not a folder)."""
+    loader = {"movielens": read_movielens, "parquet": read_parquet_events, "taobao": read_taobao}[raw_format(path)]
+    return loader(path, lenient=lenient, span=span)

@@ -9,7 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
+
+from recsys.data.layout import data_files, has_data
 
 
 class BadInputError(ValueError):
@@ -96,8 +100,8 @@ def describe(folder: str | Path, batch_rows: int = 1 << 20) -> dict:
     per_user = np.zeros(0, np.int64)
     seen_item = np.zeros(0, bool)
     seen_cate = np.zeros(0, bool)
-    events = pq.ParquetFile(folder / "events.parquet")
-    for b in events.iter_batches(batch_size=batch_rows, columns=["user", "item", "cate"]):
+    events = data_files(folder, "events")
+    for b in (b for f in events for b in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["user", "item", "cate"])):
         user, item, cate = (b.column(c).to_numpy() for c in ("user", "item", "cate"))
         if not len(user):
             continue
@@ -121,11 +125,11 @@ def describe(folder: str | Path, batch_rows: int = 1 << 20) -> dict:
         "positive_rows": {},
     }
     for name in ("train", "val", "test"):
-        path = folder / f"{name}.parquet"
-        if path.is_file():
-            label = pq.read_table(path, columns=["label"]).column("label").to_numpy()
-            out["rows"][name] = int(len(label))
-            out["positive_rows"][name] = int(label.sum())
+        if has_data(folder, name):
+            files = data_files(folder, name)
+            out["rows"][name] = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            out["positive_rows"][name] = sum(int(pa.compute.sum(pq.read_table(f, columns=["label"]).column("label")).as_py() or 0)
+                                             for f in files)
     meta = folder / "meta.json"
     if meta.is_file():
         m = json.loads(meta.read_text())

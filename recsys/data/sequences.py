@@ -2,7 +2,7 @@
 
 A dataset folder has the fixed-benchmark format (../shared/benchmarks/README.md): `events.parquet`
 (user, pos, item, cate, ts; sorted by user then pos) and `train/val/test.parquet` (user, pos, item, cate,
-label[, evidence]). Histories are never stored per row: the store keeps every event once in CSR layout
+label[, evidence]), each either one file or part files in user order (`recsys.data.layout`). Histories are never stored per row: the store keeps every event once in CSR layout
 (user u's events are `offsets[u]:offsets[u+1]`), and a batch gathers the last L events before each
 target's position with one vectorised index computation. Memory is O(events + rows), not O(rows x L).
 """
@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
 from recsys.data.batch import HistoryBatch, Timeline
+from recsys.data.layout import DatasetError, data_files, row_locator
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA, SPLITS
 from recsys.vocab import FILE as VOCAB_FILE
 from recsys.vocab import Vocabulary
@@ -30,10 +31,6 @@ from recsys.vocab import Vocabulary
 EVENT_COLUMNS = {f.name: f.type for f in DATASET_EVENTS_SCHEMA}
 SAMPLE_COLUMNS = {f.name: f.type for f in SPLIT_SCHEMA}
 SAMPLE_OPTIONAL = ("evidence", "p_label")  # synthetic data only
-
-
-class DatasetError(ValueError):
-    """A dataset folder is malformed; the message names the file, column and (first bad) row."""
 
 
 @dataclass
@@ -104,6 +101,16 @@ class Dataset:
         return Vocabulary.identity(self.n_items, self.n_cates, item_cate)
 
 
+def _read_files(files: list[Path], columns: dict[str, pa.DataType], optional: tuple[str, ...] = ()
+                ) -> tuple[pa.Table, Path | str | Callable[[int], tuple[str, int]]]:
+    """The files read one after another (each checked), and where their rows are: the path of one file, or
+    for part files a locator of (file, row within it) for `_check`'s messages."""
+    tables = [_read(f, columns, optional) for f in files]
+    if len(tables) == 1:
+        return tables[0], files[0]
+    return pa.concat_tables(tables, promote_options="default"), row_locator(files, [t.num_rows for t in tables])
+
+
 def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...] = ()) -> pa.Table:
     if not path.is_file():
         raise DatasetError(f"{path}: file not found")
@@ -125,17 +132,21 @@ def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...]
     return table
 
 
-def _check(path: Path | str, name: str, bad: np.ndarray, what: str) -> None:
+def _check(path: Path | str | Callable[[int], tuple[str, int]], name: str, bad: np.ndarray, what: str) -> None:
+    """`path`: where the rows are; a callable maps a row of part files read together to (file, row in it)."""
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
+        if callable(path):
+            path, row = path(row)
         raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({int(bad.sum())} bad rows)")
 
 
 def load_store(path: Path) -> SequenceStore:
+    """The store of one events file (`load_dataset` reads a folder's events in either layout)."""
     return store_from_table(_read(path, EVENT_COLUMNS), str(path))
 
 
-def store_from_table(t: pa.Table, where: str, users: tuple[int, int] | None = None) -> SequenceStore:
+def store_from_table(t: pa.Table, where: str | Path | Callable[[int], tuple[str, int]], users: tuple[int, int] | None = None) -> SequenceStore:
     """The store of an events table (sorted by user then pos). `users` = (first, end): the table holds the
     events of users first..end-1 only (a worker's shard; rows are then counted within it in errors)."""
     user = t.column("user").to_numpy().astype(np.int64)
@@ -159,11 +170,7 @@ def store_from_table(t: pa.Table, where: str, users: tuple[int, int] | None = No
     return SequenceStore(offsets, item, cate, t.column("ts").to_numpy().astype(np.int64), first)
 
 
-def load_samples(path: Path, store: SequenceStore) -> Samples:
-    return samples_from_table(_read(path, SAMPLE_COLUMNS, optional=SAMPLE_OPTIONAL), str(path), store)
-
-
-def samples_from_table(t: pa.Table, where: str, store: SequenceStore) -> Samples:
+def samples_from_table(t: pa.Table, where: str | Path | Callable[[int], tuple[str, int]], store: SequenceStore) -> Samples:
     """Checked samples of a split table whose users `store` holds."""
     user = t.column("user").to_numpy().astype(np.int64)
     pos = t.column("pos").to_numpy().astype(np.int64)
@@ -189,8 +196,9 @@ def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Datase
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: dataset folder not found")
-    store = load_store(folder / "events.parquet")
-    loaded = {s: load_samples(folder / f"{s}.parquet", store) for s in splits}
+    store = store_from_table(*_read_files(data_files(folder, "events"), EVENT_COLUMNS))
+    loaded = {s: samples_from_table(*_read_files(data_files(folder, s), SAMPLE_COLUMNS, SAMPLE_OPTIONAL), store)
+              for s in splits}
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     n_items = max([int(store.item.max(initial=0))] + [int(s.item.max(initial=0)) for s in loaded.values()]) + 1

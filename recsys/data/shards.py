@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.data.layout import data_files
 from recsys.data.manifest import FILE as MANIFEST
 from recsys.data.manifest import read_manifest
 from recsys.data.schemas import SPLITS
@@ -109,20 +110,18 @@ def id_space(folder: str | Path) -> tuple[int, int, int, dict]:
     """(n_items, n_cates, n_users, meta) of a dataset folder without loading it: the same id space as
     `recsys.data.sequences.load_dataset` (largest id in the events and every split, or meta's counts, + 1)."""
     folder = Path(folder)
-    files = [folder / "events.parquet"] + [folder / f"{s}.parquet" for s in SPLITS]
-    for f in files:
-        if not f.is_file():
-            raise DatasetError(f"{f}: file not found")
+    events = data_files(folder, "events")
+    files = events + [f for s in SPLITS for f in data_files(folder, s)]
     meta_path = folder / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     n_items = max(max(_column_max(f, "item") for f in files), int(meta.get("n_items", 0))) + 1
     n_cates = max(max(_column_max(f, "cate") for f in files), int(meta.get("n_categories", meta.get("n_cates", 0)))) + 1
-    return n_items, n_cates, _column_max(files[0], "user") + 1, meta
+    return n_items, n_cates, max(_column_max(f, "user") for f in events) + 1, meta
 
 
 def folder_vocabulary(folder: str | Path, n_items: int, n_cates: int) -> Vocabulary:
     """`Dataset.vocabulary()` of a folder without loading it: its vocab.safetensors, else the identity with
-    each item's smallest category, from events.parquet's item and category columns read in batches."""
+    each item's smallest category, from the events' item and category columns read in batches."""
     folder = Path(folder)
     if (folder / VOCAB_FILE).is_file():
         vocab = Vocabulary.load(folder / VOCAB_FILE)
@@ -132,7 +131,8 @@ def folder_vocabulary(folder: str | Path, n_items: int, n_cates: int) -> Vocabul
         return vocab
     none = np.iinfo(np.int64).max
     item_cate = np.full(n_items, none, np.int64)
-    for batch in pq.ParquetFile(folder / "events.parquet").iter_batches(columns=["item", "cate"], batch_size=1 << 20):
+    batches = (b for f in data_files(folder, "events") for b in pq.ParquetFile(f).iter_batches(columns=["item", "cate"], batch_size=1 << 20))
+    for batch in batches:
         np.minimum.at(item_cate, batch.column(0).to_numpy().astype(np.int64), batch.column(1).to_numpy().astype(np.int64))
     item_cate[item_cate == none] = 0
     item_cate[0] = 0
@@ -150,10 +150,10 @@ def plan_shards(folder: str | Path, world: int, users: int | None = None, split:
     manifest = read_manifest(folder)
     if manifest is not None:
         if manifest.users != n_all:
-            raise DatasetError(f"{folder / MANIFEST}: field 'users' is {manifest.users}, events.parquet holds {n_all} users")
+            raise DatasetError(f"{folder / MANIFEST}: field 'users' is {manifest.users}, the events hold {n_all} users")
         return split_users(manifest.user_rows(split)[:n_users], world, split)
     counts = np.zeros(n_users, np.int64)
-    for batch in pq.ParquetFile(folder / f"{split}.parquet").iter_batches(columns=["user"], batch_size=1 << 20):
+    for batch in (b for f in data_files(folder, split) for b in pq.ParquetFile(f).iter_batches(columns=["user"], batch_size=1 << 20)):
         u = batch.column(0).to_numpy().astype(np.int64)
         u = u[(u >= 0) & (u < n_users)]  # ids outside the events' range are reported by the workers' checks
         counts += np.bincount(u, minlength=n_users)
