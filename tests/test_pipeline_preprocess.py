@@ -16,7 +16,8 @@ import ray
 from pipelines.preprocess import run_preprocess
 from pipelines.runtime import init_ray
 from recsys.config.data import SplitConfig
-from recsys.data.layout import data_files, relative
+from pipelines.shard_io import read_shard, shard_datasets
+from recsys.data.layout import data_files, files_for_users, relative
 from recsys.data.manifest import FILE as MANIFEST
 from recsys.data.manifest import USER_ROWS, read_manifest, write_manifest
 from recsys.data.prepare import prepare
@@ -24,7 +25,7 @@ from recsys.data.raw import open_raw
 from recsys.data.report import BadInputError
 from recsys.data.report import describe
 from recsys.data.sequences import load_dataset
-from recsys.data.shards import id_space, plan_shards
+from recsys.data.shards import id_space, plan_shards, shard_from_tables
 
 FILES = ("events", "train", "val", "test")
 # Appended to a real Taobao log: each line is one kind of bad row the loader counts under lenient=True.
@@ -109,13 +110,32 @@ def test_movielens_equals_single_process_across_partitions(movielens_dir, tmp_pa
     # the driver received reduced counts only: one row per user and per (item, category) pair
     assert ray_info["driver_rows"] == want["n_users"] + want["n_items"] + want["item_category_conflicts"]
     assert ray_info["driver_rows"] < want["n_events"] / 5
+    # per-rank reading on Ray (training workers, evaluation actors): the same shards from both layouts, each
+    # rank reading only the part files that overlap its users
+    single, parts = tmp_path / "single", tmp_path / "ray"
+    plan = plan_shards(parts, 2)
+    n_items, n_cates, _, meta = id_space(parts)
+    datasets = shard_datasets(parts, plan, ("train",))
+    for rank in range(2):
+        lo, hi = plan.users(rank)
+        assert len(files_for_users(parts, "train", lo, hi, read_manifest(parts))) < len(data_files(parts, "train"))
+        b = read_shard(lambda n: datasets[f"{n}.{rank}"], parts, plan, rank, ("train",), n_items, n_cates, meta)
+        rows = [("user", ">=", lo), ("user", "<", hi)]
+        a = shard_from_tables(pq.read_table(single / "events.parquet", filters=rows),
+                              {"train": pq.read_table(single / "train.parquet", filters=rows)}, single, plan, rank,
+                              n_items, n_cates, meta)
+        assert np.array_equal(a.store.offsets, b.store.offsets) and np.array_equal(a.store.item, b.store.item)
+        assert np.array_equal(a.splits["train"].item, b.splits["train"].item) and len(b.splits["train"]) == plan.rows[rank]
 
 
-def test_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
+def test_byte_ranges_bad_rows_counted_and_rerun_overwrites(bad_taobao, tmp_path):
     split = SplitConfig(negatives=3)
     want = prepare(open_raw(bad_taobao, lenient=True), tmp_path / "single", seed=1, split=split)
     out = tmp_path / "ray"
-    first = run_preprocess([bad_taobao], out, seed=1, lenient=True, split=split, partition_events=5_000)
+    # the ~530 kB CSV in ~100 kB byte ranges, one read task each: the same rows, report and line numbers
+    first = run_preprocess([bad_taobao], out, seed=1, lenient=True, split=split, partition_events=5_000,
+                           split_bytes=100_000)
+    assert first["ray"]["read_tasks"] == 6
     report = first["load_report"]
     assert sum(report["skipped"].values()) == len(BAD_LINES)
     assert report["rows_read"] == report["rows_kept"] + len(BAD_LINES) + sum(report["filtered"].values())
@@ -137,3 +157,26 @@ def test_strict_mode_names_the_bad_row(bad_taobao, tmp_path):
     with pytest.raises(BadInputError, match=r"UserBehavior.csv, row 1432[2-6]"):
         run_preprocess(bad_taobao, tmp_path / "strict", seed=1)
     assert not (tmp_path / "strict").exists()  # nothing half-written under the final name
+
+
+def test_strict_mode_names_a_bad_row_of_a_later_byte_range(taobao_csv, tmp_path):
+    """Line 5000 (byte ~180k) lies in the second 120 kB range: its task knows the absolute number of its first
+    line (counted before the reads), so the error names the file's line, not the range's."""
+    lines = taobao_csv.read_text().splitlines(keepends=True)
+    path = tmp_path / "UserBehavior.csv"
+    path.write_text("".join(lines[:4999] + ["1,2,3,teleport,1511544070\n"] + lines[4999:]))
+    assert 120_000 < len("".join(lines[:4999]).encode()) < 240_000
+    with pytest.raises(BadInputError, match=r"UserBehavior.csv, row 5000, column 'behavior_type': unknown behaviour type"):
+        run_preprocess(path, tmp_path / "strict", seed=1, split_bytes=120_000)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_parquet_input_split_by_row_groups_equals_single_process(taobao_csv, tmp_path):
+    """Our events Parquet with several row groups, one read task per row group: the same dataset."""
+    events = tmp_path / "events.parquet"
+    pq.write_table(open_raw(taobao_csv).read_all(), events, row_group_size=3_000)
+    want = prepare(open_raw(events), tmp_path / "single", seed=3)
+    got = run_preprocess(events, tmp_path / "ray", seed=3, partition_events=4_000, split_bytes=1)
+    assert got.pop("ray")["read_tasks"] == pq.ParquetFile(events).metadata.num_row_groups >= 4
+    assert got == want
+    assert_same_folder(tmp_path / "single", tmp_path / "ray")
