@@ -3,7 +3,8 @@
 Two levels:
 - EVENT_SCHEMA: a normalised raw event, as the raw loaders yield it (original ids, ts in milliseconds).
 - Dataset folder (the fixed-benchmark format): `events.parquet` (DATASET_EVENTS_SCHEMA) and
-  `train/val/test.parquet` (SPLIT_SCHEMA; synthetic data adds `evidence`). Ids are dense: users from 0,
+  `train/val/test.parquet` (SPLIT_SCHEMA; synthetic data adds `evidence`), each one file or part files in
+  user order (`recsys.data.layout`). Ids are dense: users from 0,
   items and categories from 1 (0 = padding). `ts` in a dataset folder is in SECONDS, as in the fixed
   benchmark folders, so every folder uses one unit.
 """
