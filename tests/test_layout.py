@@ -91,3 +91,17 @@ def test_errors_name_the_part_file_and_its_row(parts, tmp_path):
     shutil.copy(parts / "test" / part_name(0), tmp_path / "extra" / "test.parquet")
     with pytest.raises(DatasetError, match=r"both test.parquet and test/ exist"):
         data_files(tmp_path / "extra", "test")
+
+
+def test_a_single_file_writer_replaces_a_part_layout(parts, taobao_csv, tmp_path):
+    """prepare into a folder that preprocessing wrote: the old parts go, the new files load."""
+    from recsys.data.prepare import prepare
+    from recsys.data.raw import open_raw
+
+    out = tmp_path / "ds"
+    shutil.copytree(parts, out)
+    meta = prepare(open_raw(taobao_csv), out, seed=0)
+    for name in NAMES:
+        assert data_files(out, name) == [out / f"{name}.parquet"]
+    assert len(load_dataset(out).splits["train"]) == meta["rows"]["train"]
+    assert read_manifest(out).users == meta["n_users"]

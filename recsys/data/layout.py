@@ -51,6 +51,16 @@ def data_files(folder: str | Path, name: str) -> list[Path]:
     raise DatasetError(f"{single}: file not found (nor part files under {parts}/)")
 
 
+def remove_parts(folder: str | Path, names: tuple[str, ...]) -> None:
+    """Delete the part-file folders of `names`: a single-file writer rewriting a folder that preprocessing
+    wrote must not leave the old parts beside its files (`data_files` refuses both layouts for one name)."""
+    import shutil
+
+    for name in names:
+        if (Path(folder) / name).is_dir():
+            shutil.rmtree(Path(folder) / name)
+
+
 def has_data(folder: str | Path, name: str) -> bool:
     folder = Path(folder)
     return (folder / f"{name}.parquet").is_file() or (folder / name).is_dir()

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SplitConfig
+from recsys.data.layout import remove_parts
 from recsys.data.manifest import FILE as MANIFEST
 from recsys.data.manifest import write_manifest
 from recsys.data.raw import EventStream
@@ -202,6 +203,7 @@ def prepare(events: EventStream | Iterable[pa.RecordBatch], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # files are replaced one by one: an old manifest must not outlive them
+    remove_parts(out, ("events", *SPLITS))
     cols = collect(events)
     report = events.report if isinstance(events, EventStream) else None
     if not len(cols["user_id"]):

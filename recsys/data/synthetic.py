@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.config.data import SyntheticConfig
+from recsys.data.layout import remove_parts
 from recsys.data.manifest import FILE as MANIFEST
 from recsys.data.manifest import write_manifest
 from recsys.data.prepare import FORMAT, split_of_events
@@ -275,6 +276,7 @@ def generate(cfg: SyntheticConfig, out_dir: str | Path, progress=None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an old manifest must not outlive the files it described
+    remove_parts(out, ("events", *SPLITS))
     world = build_world(cfg)
     lengths = sequence_lengths(cfg)
     n_fam = len(world.fam_cate)
