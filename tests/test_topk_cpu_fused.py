@@ -41,8 +41,10 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx):
 
 
 # The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX, generic vectors
-# without either. This CPU compiles all three, so each is checked here whatever CPU runs it later.
-VARIANTS = {"native": (), "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
+# without either; with AVX512_BF16 pass 1 of a serving call with >= 16 rows scores in bf16 ("native" on such a
+# CPU), "fp32-pass1" is the same target without it. This CPU compiles all of them, so each is checked here
+# whatever CPU runs it later.
+VARIANTS = {"native": (), "fp32-pass1": ("-mno-avx512bf16",), "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
 
 
 @contextlib.contextmanager
@@ -237,3 +239,120 @@ def test_serving_layout_takes_one_length():
     assert torch.equal(same[1], topk_reference(q, keys, 40, 5)[1])
     with pytest.raises(ValueError, match="one length"):
         cpu.topk_fused(q, keys, torch.tensor([40, 30, 40]), 5)
+
+
+def _cpu_has_bf16() -> bool:
+    flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+    return "avx512_bf16" in flags.split()
+
+
+def test_bf16_pass1_runs_where_the_cpu_has_it():
+    """On an AVX512_BF16 CPU the native build scores pass 1 of a serving call with >= 16 rows in bf16; the
+    other builds, the training layout and fewer rows stay fp32."""
+    assert cpu.pass1_bits(200, 33) == (16 if _cpu_has_bf16() else 32)
+    assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
+    for build in ("fp32-pass1", "avx2", "no-avx"):
+        with using(build):
+            assert cpu.pass1_bits(200, 33) == 32
+
+
+def _adversarial(kind, L, gen, rows=40, d=33):
+    """Queries [rows, d] and keys [L, d] that stress the bf16 pass 1's bound (cpu.c's header)."""
+    q, x = torch.randn(rows, d, generator=gen), torch.randn(L, d, generator=gen)
+    if kind == "near_ties":           # scores within bf16 rounding of each other: the approximate pass cannot rank
+        x = torch.randn(1, d, generator=gen) + 2.0**-11 * x
+    elif kind == "bf16_boundaries":   # +-(1 + 2^-8 + m 2^-21) 2^e: ties of bf16's round-to-nearest-even and neighbours
+        def boundary(*shape):
+            m = torch.randint(-3, 4, shape, generator=gen).double()
+            e = torch.randint(-2, 3, shape, generator=gen).double()
+            sign = torch.randint(0, 2, shape, generator=gen).double() * 2 - 1
+            return (sign * (1 + 2.0**-8 + m * 2.0**-21) * 2.0**e).float()
+        q, x = boundary(rows, d), boundary(L, d)
+    elif kind == "outlier" and L:     # one key 1e30 (in one dim: no cancellation): first for some rows, last for others
+        x[L // 2, 0] = 1e30
+    elif kind == "denormal":          # denormal keys (bf16 conversion flushes them to 0), huge queries
+        x, q = x * 1e-39, q * 1e30
+    elif kind == "huge":              # keys at fp32's top (clamped below bf16's inf), tiny queries; positive, so
+        x = x.abs().clamp(max=4) * 0.85e38   # that no cancellation makes BLAS's order differ beyond the tolerance:
+        q = q.abs() * 1e-30                  # |x| up to 3.4e38, above bf16's largest finite 3.39e38
+    elif kind == "inverted":          # bf16 ranks the top events last: their error meets half the bound (below)
+        # q = +-1 (16 each) and 2^-15; "up" events 1 + 2^-8 + 2^-21 where q = +1 (rounded up by 2^-8) and 1 + 2^-8
+        # (a tie, rounded down) where q = -1, 0 in the last dim: score 2^-17 exactly, 2^-3 in bf16. "Down" events the
+        # other way round and 1 + 2^-10 u (u distinct) in the last dim: 2^-15 - 2^-17 + ~2^-25 u, bf16 ~2^-15 - 2^-3.
+        # One 16-event sub-block in four is "down": the exact top k, which a bound under half the proven one misses.
+        assert d == 33
+        plus = torch.arange(d - 1) % 2 == 0
+        q = torch.where(plus, 1.0, -1.0).expand(rows, d - 1)
+        q = torch.cat([q, torch.full((rows, 1), 2.0**-15)], 1)
+        tie, up = 1 + 2.0**-8, 1 + 2.0**-8 + 2.0**-21
+        down = (torch.arange(L) // 16) % 4 == 3
+        x = torch.where(down[:, None], torch.where(plus, tie, up), torch.where(plus, up, tie)).float()
+        x = torch.cat([x, torch.where(down, 1 + 2.0**-10 * torch.rand(L, generator=gen), 0.0)[:, None]], 1)
+    elif kind == "all_equal":
+        q, x = torch.ones(rows, d), torch.ones(L, d)
+    elif kind == "integers":          # every score exact: hundreds of real ties
+        q, x = torch.randint(-2, 3, (rows, d), generator=gen).float(), torch.randint(-2, 3, (L, d), generator=gen).float()
+    return q, x
+
+
+def _both_pass1s(q, keys, n, k):
+    """The native build's result, checked equal bit for bit to the fp32-pass1 build's (pass 2 is the same fp32
+    arithmetic, so any pruning mistake of the bf16 pass shows as a difference)."""
+    with using("native"):
+        got = cpu.topk_fused(q, keys, n, k)
+    with using("fp32-pass1"):
+        want = cpu.topk_fused(q, keys, n, k)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    return got
+
+
+@pytest.mark.parametrize("kind", ["normal", "near_ties", "bf16_boundaries", "outlier", "denormal", "huge",
+                                  "all_equal", "integers"])
+@pytest.mark.parametrize("L", [0, 1, 63, 64, 65, 5_037])
+def test_bf16_pass1_equals_the_fp32_kernel_and_the_reference(kind, L):
+    gen = torch.Generator().manual_seed(L + len(kind))
+    exact = kind in ("integers", "all_equal")   # d = 16: the scale 1/4 is exact, so is every score
+    q, x = _adversarial(kind, L, gen, d=16 if exact else 33)
+    k = 20
+    scores, idx = _both_pass1s(q, x, L, k)
+    if exact:   # the reference's result bit for bit, ties to the lower index
+        ref_scores, ref_idx = topk_reference(q, x, L, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+    else:
+        assert_same_topk(q, x, L, k, None, scores, idx)
+
+
+@pytest.mark.parametrize("L", [3_001, 5_037])
+def test_bf16_pass1_finds_the_events_it_ranks_last(L):
+    q, x = _adversarial("inverted", L, torch.Generator().manual_seed(L))
+    scores, idx = _both_pass1s(q, x, L, 20)
+    assert bool((idx // 16 % 4 == 3).all())   # all top events are "down" events, which bf16 ranks last
+    assert_same_topk(q, x, L, 20, None, scores, idx)
+
+
+@pytest.mark.parametrize("kind", ["near_ties", "inverted"])
+def test_bf16_pass1_with_two_threads_and_a_tail_block(kind):
+    gen = torch.Generator().manual_seed(5)
+    q, x = _adversarial(kind, 30_001, gen, rows=64)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        scores, idx = _both_pass1s(q, x, 30_001, 20)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_topk(q, x, 30_001, 20, None, scores, idx)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(16, 40), L=st.integers(0, 3_000), k=st.integers(1, 70), d=st.sampled_from([1, 2, 3, 16, 17, 33]),
+    kind=st.sampled_from(["normal", "near_ties", "bf16_boundaries", "integers"]), seed=st.integers(0, 2**16),
+)
+def test_property_bf16_pass1(rows, L, k, d, kind, seed):
+    q, x = _adversarial(kind, L, torch.Generator().manual_seed(seed), rows=rows, d=d)
+    scores, idx = _both_pass1s(q, x, L, k)
+    if kind == "integers" and d in (1, 4, 16, 64):   # exact scale 1/sqrt(d): exact scores
+        ref_scores, ref_idx = topk_reference(q, x, L, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+    else:
+        assert_same_topk(q, x, L, k, None, scores, idx)

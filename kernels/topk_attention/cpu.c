@@ -28,7 +28,45 @@
    width.
    Non-finite scores are ruled out up front instead of tested per event: a row is flagged bad[r] = 1
    (the caller recomputes it with the reference) when its query or the history holds a NaN or inf, or
-   when d * max|q| * max|x| could overflow fp32. */
+   when d * max|q| * max|x| could overflow fp32.
+
+   Pass 1 in bf16 (targets with AVX512_BF16, serving layout, R >= LOWP_MIN_ROWS, d <= LOWP_MAX_D): each
+   transposed block is converted once to bf16 pairs (dims 2i, 2i + 1 of an event in one 32-bit lane, d
+   padded to even with a zero column) and every row scores it with vdpbf16ps (two multiply-adds per lane
+   and instruction: half the instructions of the fp32 pass). Those approximate scores a(x) only prune:
+   pass 2 rescores in fp32 with the chain above, so the result is the fp32 pass's, bit for bit, provided
+   the pruning never drops an event of the top k. Proof:
+     Notation: w = 2^-23 (one fp32 ulp, relative: covers round-to-nearest and any faithful rounding), v = 2^-8
+     (bf16 unit roundoff), lam = 2^-126 (smallest normal fp32), D = d rounded up to even, g_n = n w / (1 - n w).
+     For query q (fp32) and an event x of block b: P = sum_j |q_j||x_j|, X_bj = max over the block's events
+     of |x_j|, so P <= S_b = sum_j |q_j| X_bj and sum_j |x_j| <= sum_j X_bj.
+     (a) bf16 rounding (vcvtne*: RNE; denormal inputs may become 0; inputs are first clamped to +-BF16_MAX,
+         which moves a value by < 2^-8 of itself): bq = bf(q) has |bq - q| <= v|q| + lam and
+         |bq| <= (1 + v)|q| + lam, the same for x. So sum_j |bq_j bx_j - q_j x_j|
+         <= (2v + v^2) P + 1.01 lam (sum |q_j| + sum |x_j|) (dropping terms of order lam^2 and v lam).
+     (b) vdpbf16ps: the products of bf16 values are exact in fp32 unless they flush to 0 (< lam each); the
+         D products are summed in fp32 in some order, each addition within one ulp or flushed (< lam): the
+         result a is within g_D (1 + v)^2 P + 1.01 (2 D lam + lam (sum |q_j| + sum |x_j|) v) of sum_j bq_j bx_j.
+     (c) the fp32 chain s (pass 2) is within g_2d P + 1.01 (2 d lam + lam (sum |q_j| + sum |x_j|)) of
+         q.x (2d roundings without fused multiply-add; denormal inputs or results may flush if MXCSR says).
+     So |a - s| <= c_rel S_b + 2.01 lam (sum_j |q_j| + sum_j X_bj) + 4.1 (d + 1) lam, with
+     c_rel = 2v + v^2 + g_D (1 + v)^2 + g_2d (~2^-7). With rho = 2^-117 (c_rel rho >= 2.01 lam):
+       |a - s| <= eps_b := c_rel sum_j (|q_j| + rho)(X_bj + rho) + 8 (d + 2) lam.
+     eps_b is evaluated in fp32 (pass 2, 16 blocks per vector) as fma(E, C_EPS, A_EPS) with E = sum_j
+     fl(|q_j| + rho) * fl(X_bj + rho), C_EPS = c_rel (1 + 2^-10) rounded up and A_EPS = 8 (d + 2) lam: the
+     at most d + 6 roundings on these nonnegative terms lose a factor >= (1 - w)^(d + 6) >= 1 - 2^-12
+     (d <= 2048) plus < 2 (d + 2) lam of flushes, so the computed eps_b exceeds the bound by at least
+     2^-11 c_rel E + lam ~ 2^-18 E, more than the rounding of U_b = fl(m_b + eps_b) and W_b = fl(m_b - eps_b)
+     (< w (|m_b| + eps_b) + lam with |m_b| <= 1.01 E): U_b >= m_b + |a - s| and W_b <= m_b - |a - s|.
+     Here m_b is the block's largest a over its events (its sub-blocks' likewise, with the block's eps_b).
+   Pruning: W_b <= s(e_b) for the event e_b attaining m_b, so k distinct blocks hold an event scoring >=
+   tau = the k-th largest W_b: the k-th best fp32 score is >= tau. An event e of the top k has s(e) >= tau,
+   and its block and sub-block have U >= m + eps_b >= a(e) + eps_b >= s(e) >= tau: pass 2 (which takes U in
+   place of the fp32 pass's maxima, and keeps the events with s >= tau) rescores it and keeps it. The same
+   holds for the thresholds keep_best raises later (U bounds every fp32 score of its sub-block), so U
+   replaces the maxima even when nb <= k and tau starts at -inf. Non-finite
+   inputs flag their rows as before; in a row not flagged d max|q| max|x| < FLT_MAX / 2, so neither a
+   nor eps overflows. */
 
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
@@ -87,6 +125,10 @@ typedef struct {
     int64_t tile_floats;     /* per worker: a tile of transposed blocks when T is not kept */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
+    int lowp;                /* pass 1 in bf16 (see the header): qb, X, c_eps, a_eps are set */
+    const uint32_t *qb;      /* lowp: [R][dh] the rows' queries as bf16 pairs (dims 2i, 2i + 1) */
+    float *X;                /* lowp: [d][nbp] per block, max over its events of |x_j|, plus RHO */
+    float c_eps, a_eps;      /* lowp: eps_b = c_eps sum_j (|q_j| + RHO) X[j][b] + a_eps */
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
     int x_ok[MAX_THREADS];
 } call_t;
@@ -174,6 +216,16 @@ static inline float sub_maxima(const vf a[NV], float sub[NV]) {
 #define S_PER 0
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define LOWP 1                 /* this target can run pass 1 in bf16 (see the header) */
+#else
+#define LOWP 0
+#endif
+#define LOWP_MIN_ROWS 16       /* fewer rows per history: converting each block to bf16 costs more than it saves */
+#define LOWP_MAX_D 2048        /* the fp32 evaluation of eps_b is proven for d <= 2048 (see the header) */
+#define RHO 0x1p-117f          /* added to |q_j| and X_bj so that c_rel RHO covers the denormal terms */
+#define BF16_MAX 0x1.fep127f   /* largest finite bf16: larger values are clamped, not rounded to inf */
+
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
 static inline int tile_blocks(int d) {
     int t = 4096 / SUB / (d > 0 ? d : 1);
@@ -216,10 +268,14 @@ static void load_blocks(const call_t *c, const float *keys, int64_t n, int64_t b
         int64_t e1 = n - b * SUB < SUB ? n - b * SUB : SUB;
         int64_t e = 0;
 #ifdef __AVX__
-        if (c->stride_d == 1 && d % 8 == 0)   /* 8 events x 8 dims at a time, transposed in registers */
-            for (; e + 8 <= e1; e += 8)
-                for (int j = 0; j < d; j += 8)
-                    transpose8(keys + (b * SUB + e) * c->stride_l + j, c->stride_l, Tb + j * SUB + e, SUB);
+        if (c->stride_d == 1 && d >= 8)   /* 8 events x 8 dims at a time, transposed in registers */
+            for (; e + 8 <= e1; e += 8) {
+                const float *x = keys + (b * SUB + e) * c->stride_l;
+                int j = 0;
+                for (; j + 8 <= d; j += 8) transpose8(x + j, c->stride_l, Tb + j * SUB + e, SUB);
+                for (; j < d; j++)   /* d not a multiple of 8 (DARE's 33): the last dims one by one */
+                    for (int t = 0; t < 8; t++) Tb[j * SUB + e + t] = x[t * c->stride_l + j];
+            }
 #endif
         for (; e < e1; e++) {
             const float *x = keys + (b * SUB + e) * c->stride_l;
@@ -385,19 +441,144 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
 }
 #endif
 
+#if LOWP
+/* Blocks Tt[0 .. nt) (transposed fp32, zeros past the history) -> Bt[blk][i][lane] (32 bits: the bf16 of dim 2i
+   in the low half, of dim 2i + 1 in the high half, zero for dim d), the layout vdpbf16ps multiplies lane by
+   lane; and X[j][b0 + blk] = fl(max over the block's events of |x_j| + RHO), the per-block factor of eps_b.
+   Once per block, shared by every row. */
+static void to_bf16(const float *Tt, int64_t nt, int d, int64_t b0, float *X, int64_t nbp, uint32_t *Bt) {
+    static const uint16_t pairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i inter = _mm512_loadu_si512(pairs);   /* word 2t <- low source t, word 2t + 1 <- high source t */
+    const int dh = (d + 1) / 2;
+    for (int64_t blk = 0; blk < nt; blk++) {
+        const float *Tb = Tt + blk * d * SUB;
+        uint32_t *Bb = Bt + blk * dh * SUB;
+        for (int i = 0; i < dh; i++) {
+            __m512 x[2][NV];
+            for (int h = 0; h < 2; h++) {
+                const int j = 2 * i + h;
+                if (j == d) {
+                    for (int v = 0; v < NV; v++) x[h][v] = _mm512_setzero_ps();
+                    continue;
+                }
+                for (int v = 0; v < NV; v++) x[h][v] = _mm512_loadu_ps(Tb + j * SUB + VW * v);
+                const __m512 a = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(x[h][0]), _mm512_abs_ps(x[h][1])),
+                                               _mm512_max_ps(_mm512_abs_ps(x[h][2]), _mm512_abs_ps(x[h][3])));
+                const float xm = _mm512_reduce_max_ps(a);
+                X[j * nbp + b0 + blk] = xm + RHO;
+                if (xm >= BF16_MAX)   /* would round to inf: clamp (moves a value by < 2^-8 of itself) */
+                    for (int v = 0; v < NV; v++)
+                        x[h][v] = _mm512_min_ps(_mm512_max_ps(x[h][v], _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
+            }
+            for (int v = 0; v < NV; v++) {
+                const __m512i lohi = (__m512i)_mm512_cvtne2ps_pbh(x[1][v], x[0][v]);   /* words 0..15: dim 2i */
+                _mm512_storeu_si512(Bb + i * SUB + VW * v, _mm512_permutexvar_epi16(inter, lohi));
+            }
+        }
+    }
+}
+
+/* Approximate block and sub-block maxima of QN rows (bf16 query pairs qb, qb + dh, ...) for bf16 block Bb:
+   block_max_rows with vdpbf16ps, each instruction two multiply-adds per lane. Only bounds (via eps_b) are
+   drawn from these values: pass 2 rescores in fp32. */
+static inline __attribute__((always_inline)) void block_max_bf16(const uint32_t *Bb, int64_t left, const uint32_t *qb,
+                                                                 int dh, int QN, float *out, float *sub, int64_t sub_stride) {
+    vf acc[4][NV];
+    for (int u = 0; u < QN; u++)
+        for (int v = 0; v < NV; v++) acc[u][v] = (vf){0};
+    for (int i = 0; i < dh; i++) {
+        /* each key vector loaded once and used by the QN rows at once (loaded per row, GCC reloaded it:
+           loads, not multiply-adds, bounded the loop) */
+        __m512bh qv[4];
+        for (int u = 0; u < QN; u++) qv[u] = (__m512bh)_mm512_set1_epi32((int32_t)qb[u * dh + i]);
+        for (int v = 0; v < NV; v++) {
+            const __m512bh x = (__m512bh)_mm512_loadu_si512(Bb + i * SUB + VW * v);
+            for (int u = 0; u < QN; u++) acc[u][v] = (vf)_mm512_dpbf16_ps((__m512)acc[u][v], x, qv[u]);
+        }
+    }
+    if (left < SUB) {
+        vfi lane;
+        for (int t = 0; t < VW; t++) lane[t] = t;
+        for (int v = 0; v < NV; v++) {
+            vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
+            for (int u = 0; u < QN; u++)
+                acc[u][v] = (vf)(((vfi)acc[u][v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+        }
+    }
+    for (int u = 0; u < QN; u++) out[u] = sub_maxima(acc[u], sub + u * sub_stride);
+}
+#define QL 4   /* rows per bf16 step: 16 accumulators, 4 key vectors */
+
+/* Row r after a bf16 pass 1: its block maxima M[b] and sub-block maxima S become the upper bounds
+   U = fl(m + eps_b) on the fp32 scores there (always: pass 2 compares them with a threshold that keep_best
+   raises even when it starts at -inf), and its threshold, the k-th largest W_b = fl(m_b - eps_b), is
+   returned, -inf when nb <= k (the header's proof). kth: kth_floats(nbp) floats, W is built in its first half. */
+static float lowp_bounds(const call_t *c, int r, float *M, float *S, int64_t nb, int k, float *kth) {
+    static const int32_t quarter[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+    const int d = c->d;
+    const int64_t nbp = c->nbp;
+    float qp[LOWP_MAX_D];
+    for (int j = 0; j < d; j++) qp[j] = fabsf(c->q[(int64_t)r * d + j]) + RHO;
+    const __m512 ce = _mm512_set1_ps(c->c_eps), ae = _mm512_set1_ps(c->a_eps);
+    const __m512i qi = _mm512_loadu_si512(quarter);
+    for (int64_t b = 0; b < nb; b += 16) {
+        const __mmask16 in = nb - b >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (nb - b)) - 1u);
+        __m512 e = _mm512_setzero_ps();
+        for (int j = 0; j < d; j++) e = _mm512_fmadd_ps(_mm512_set1_ps(qp[j]), _mm512_maskz_loadu_ps(in, c->X + j * nbp + b), e);
+        e = _mm512_fmadd_ps(e, ce, ae);
+        const __m512 m = _mm512_maskz_loadu_ps(in, M + b);
+        _mm512_mask_storeu_ps(kth + b, in, _mm512_sub_ps(m, e));
+        _mm512_mask_storeu_ps(M + b, in, _mm512_add_ps(m, e));
+        for (int w = 0; w < 4 && b + 4 * w < nb; w++) {   /* S: 4 blocks of NV = 4 sub-blocks per vector */
+            const int64_t blocks = nb - b - 4 * w;
+            const __mmask16 sm = blocks >= 4 ? (__mmask16)0xFFFF : (__mmask16)((1u << (4 * blocks)) - 1u);
+            const __m512 ew = _mm512_permutexvar_ps(_mm512_add_epi32(qi, _mm512_set1_epi32(4 * w)), e);
+            float *Sw = S + (b + 4 * w) * NV;
+            _mm512_mask_storeu_ps(Sw, sm, _mm512_add_ps(_mm512_maskz_loadu_ps(sm, Sw), ew));
+        }
+    }
+    return nb > k ? kth_largest_v(kth, (int)nb, k, kth) : -INFINITY;
+}
+#endif
+
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
    depends on the scores). */
 static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
-                  float *T, float *tile_buf, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
+                  float *T, float *tile_buf, uint32_t *bf_tile, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
     /* tile_buf non-NULL: the tile is transposed there and T is not kept (pass 2 transposes what it needs) */
     /* row r's maxima: M + (r - r0) nbp; with SUBMAX its sub-block maxima S + ((r - r0) nbp + b) NV */
+    /* bf_tile non-NULL (c->lowp): the tile is converted there and scored in bf16 */
     const int d = c->d, tile = tile_blocks(d);
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
         float *Tt = tile_buf ? tile_buf : T + t0 * d * SUB;
         load_blocks(c, keys, n, t0, t1, Tt, check, amax);
         int r = r0;
+#if LOWP
+        if (bf_tile) {
+            const int dh = (d + 1) / 2;
+            to_bf16(Tt, t1 - t0, d, t0, c->X, c->nbp, bf_tile);
+            for (; r < r1; r += QL) {
+                const uint32_t *qb = c->qb + (int64_t)r * dh;
+                float *Mr = M + (int64_t)(r - r0) * nbp;
+                float *Sr = S + (int64_t)(r - r0) * nbp * NV;
+                for (int64_t b = t0; b < t1; b++) {
+                    const uint32_t *Bb = bf_tile + (b - t0) * dh * SUB;
+                    float mx[QL];
+                    if (r + QL <= r1) block_max_bf16(Bb, n - b * SUB, qb, dh, QL, mx, Sr + b * NV, nbp * NV);
+                    else
+                        for (int u = 0; u < r1 - r; u++)   /* the rows left over, one at a time */
+                            block_max_bf16(Bb, n - b * SUB, qb + u * dh, dh, 1, mx + u, Sr + u * nbp * NV + b * NV, 0);
+                    for (int u = 0; u < QL && r + u < r1; u++) Mr[u * nbp + b] = mx[u];
+                }
+            }
+            continue;
+        }
+#else
+        (void)bf_tile;
+#endif
 #if QB > 1
         for (; r + QB <= r1; r += QB) {
             const float *q = c->q + (int64_t)r * d;
@@ -564,7 +745,7 @@ static inline void rescore_group(const call_t *c, const float *Tb, int64_t left,
    Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
    and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *keys, float *block_buf,
-                  const float *M, const float *sub_max, int64_t nbp,
+                  float *M, float *sub_max, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
     const int d = c->d, k = c->k, cap = c->cap;
@@ -572,6 +753,12 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
     for (int r = r0; r < r1; r++) {
         cnt[r - r0] = 0;
         tau[r - r0] = -INFINITY;
+#if LOWP
+        if (c->lowp) {   /* M and sub_max become upper bounds, tau the k-th largest lower one */
+            tau[r - r0] = lowp_bounds(c, r, M + (int64_t)(r - r0) * nbp, sub_max + (int64_t)(r - r0) * nbp * S_PER, nb, k, kth);
+            continue;
+        }
+#endif
         if (nb > k) {
 #ifdef __AVX512F__
             tau[r - r0] = kth_largest_v(M + (int64_t)(r - r0) * nbp, (int)nb, k, kth);
@@ -732,8 +919,10 @@ static void run_part(call_t *c, int t) {
         if (t == nt - 1)
             for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
                 for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
-        float *tile_buf = c->keep_T ? NULL : (float *)(mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4));
-        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
+        char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
+        float *tile_buf = c->keep_T ? NULL : (float *)bufs;
+        uint32_t *bf_tile = c->lowp ? (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4)) : NULL;
+        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, bf_tile, c->M, c->S, nbp, &check, &amax);
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
 #pragma omp barrier
         int x_ok = 1;
@@ -767,7 +956,7 @@ static void run_part(call_t *c, int t) {
             amax = (v8){0};
             const float *keys = c->keys + (int64_t)r * c->key_row_stride;
             float *tile_buf = few_rows_skip_T(1, c->k, nb) ? tile : NULL;
-            pass1(c, keys, n, 0, nb, r, r + 1, T, tile_buf, M, S, 0, &check, &amax);
+            pass1(c, keys, n, 0, nb, r, r + 1, T, tile_buf, NULL, M, S, 0, &check, &amax);
             int x_ok;
             float xmax;
             reduce_check(check, amax, &x_ok, &xmax);
@@ -802,6 +991,11 @@ static int forked;
 static void mark_forked(void) { forked = 1; }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
+/* 16 when a call with these sizes runs pass 1 in bf16 (see the header), else 32: what a measurement ran. */
+int topk_pass1_bits(int R, int d, int64_t key_row_stride) {
+    return LOWP && key_row_stride == 0 && R >= LOWP_MIN_ROWS && d <= LOWP_MAX_D ? 16 : 32;
+}
+
 /* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
    for a history of 2^31 - 128 events or more. */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
@@ -825,9 +1019,14 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
     const size_t s_bytes = align64((size_t)R * nbp * S_PER * sizeof(float));
-    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt shared; per worker: kth, start, rank (see run_part) */
-        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes;
-        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4);
+    /* bf16 pass 1 (see the header): the rows' bf16 queries qb and the blocks' X shared, a bf16 tile per worker */
+    const int dh = (d + 1) / 2;
+    c.lowp = topk_pass1_bits(R, d, key_row_stride) == 16;
+    const size_t qb_bytes = c.lowp ? align64((size_t)R * dh * 4) : 0, x_bytes = c.lowp ? align64((size_t)d * nbp * 4) : 0;
+    const size_t bf_tile_bytes = c.lowp ? align64((size_t)tile_blocks(d) * dh * SUB * 4) : 0;
+    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qb, X shared; per worker: kth, start, rank, tiles (see run_part) */
+        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + qb_bytes + x_bytes;
+        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4) + bf_tile_bytes;
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
         c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER + c.tile_floats) * 4) + t_bytes;
     }
@@ -842,6 +1041,29 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.ci = (int32_t *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes + c_bytes);
     c.S = (float *)(ws + t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes);
     c.ws = ws + shared;
+#if LOWP
+    if (c.lowp) {
+        uint32_t *qb = (uint32_t *)(ws + shared - qb_bytes - x_bytes);
+        c.qb = qb;
+        c.X = (float *)(ws + shared - x_bytes);
+        for (int r = 0; r < R; r++)   /* clamped, then RNE to bf16; the pad dim d (d odd) is 0 */
+            for (int j = 0; j < 2 * dh; j += 16) {
+                const int left = d - j;
+                const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+                __m512 x = _mm512_maskz_loadu_ps(in, q + (int64_t)r * d + j);
+                x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
+                const int words = 2 * dh - j >= 16 ? 16 : 2 * dh - j;
+                _mm256_mask_storeu_epi16((uint16_t *)(qb + (int64_t)r * dh) + j, (__mmask16)((1u << words) - 1u),
+                                         (__m256i)_mm512_cvtneps_pbh(x));
+            }
+        /* c_rel (header) for this d, with the 2^-10 margin the fp32 evaluation of eps_b needs, rounded up */
+        const double w = 0x1p-23, v = 0x1p-8, gD = 2 * dh * w / (1 - 2 * dh * w), g2d = 2 * d * w / (1 - 2 * d * w);
+        const double c_eval = (2 * v + v * v + gD * (1 + v) * (1 + v) + g2d) * (1 + 0x1p-10);
+        c.c_eps = (float)c_eval;
+        if ((double)c.c_eps < c_eval) c.c_eps = nextafterf(c.c_eps, INFINITY);
+        c.a_eps = (float)(8.0 * (d + 2)) * 0x1p-126f;
+    }
+#endif
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */
     if (forked || n_threads == 1) {

@@ -8,6 +8,8 @@ reference (the kernel flags them instead of testing every score).
 
 The C source is built once per machine by `kernels.cbuild` (the system C compiler, -march=native, a
 cache folder shared by concurrent processes and workers).
+Where the CPU has AVX512_BF16, pass 1 of a serving call (>= 16 queries) scores in bf16 with a proven error
+bound and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`, cpu.c's header).
 `available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
@@ -55,6 +57,8 @@ def load(extra_flags: tuple[str, ...] = ()):
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.topk_search.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, i32]
     lib.topk_search.restype = i32
+    lib.topk_pass1_bits.argtypes = [i32, i32, i64]
+    lib.topk_pass1_bits.restype = i32
     return lib
 
 
@@ -70,6 +74,15 @@ def build_tag() -> str:
     """The loaded build's name (a hash of source, flags, compiler and CPU), "none" without one: measurements
     of the kernel are valid for this build only."""
     return _loaded[()].stem if available() and () in _loaded else "none"
+
+
+def pass1_bits(rows: int, d: int, serving: bool = True) -> int:
+    """16 when the loaded build scores pass 1 of such a call in bf16 (AVX512_BF16 targets, serving layout, enough
+    rows; pass 2 and the result stay fp32), else 32."""
+    lib = _lib()
+    if lib is None:
+        raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
+    return int(lib.topk_pass1_bits(rows, d, 0 if serving else 1))
 
 
 def cpu_model() -> str:
