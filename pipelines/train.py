@@ -25,9 +25,10 @@ ReadFiles operators found no CPU next to the training workers, also with the rea
 CPU and the workers leaving 0.5 free). The object store holds the dataset once (spilling to disk beyond
 its size); the driver holds only block references.
 
-Fault tolerance: rank 0 reports a checkpoint (weights + optimizer state in safetensors, for fused tables
-also fbgemm's accumulators gathered from their owners; the step counter and the validation history in
-JSON) at every validation; `FailureConfig(max_failures)` restarts the worker group, which re-reads its
+Fault tolerance: every rank reports its part of a checkpoint at every validation and Ray gathers the
+files into one folder (rank 0: plain weights + optimizer state in safetensors, the step counter and the
+validation history in JSON; with fused tables every rank also its table shards and their row-wise Adagrad
+state, through torch.distributed.checkpoint: `recsys.checkpoint`); `FailureConfig(max_failures)` restarts the worker group, which re-reads its
 shards and resumes from the latest checkpoint at the exact step (the data order is a function of seed,
 epoch and rank). Each run gets a fresh storage folder, so no old checkpoint is ever picked up.
 """
@@ -35,7 +36,9 @@ epoch and rank). Each run gets a fresh storage folder, so no old checkpoint is e
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -104,10 +107,10 @@ class RayContext(Context):
         import ray.train
 
         with tempfile.TemporaryDirectory() as d:
-            checkpoint = None
+            write(d)  # every rank: with sharded tables each writes its own shard files
+            # Ray uploads every rank's files into the one checkpoint folder
+            checkpoint = ray.train.Checkpoint.from_directory(d) if os.listdir(d) else None
             if self.rank == 0:
-                write(d)
-                checkpoint = ray.train.Checkpoint.from_directory(d)
                 print(f"[ray-train] step {record['step']}/{self.total} epoch {record['epoch']} loss {record['train_loss']:.4f} "
                       f"val_auc {record['val_auc']:.4f} {metrics['samples_per_s']:.0f} samples/s "
                       f"({time.perf_counter() - self.t0:.0f}s)", flush=True)
@@ -130,8 +133,7 @@ def _train_loop(loop: dict[str, Any]) -> None:
                        ctx.rank, loop["splits"], loop["n_items"], loop["n_cates"], loop["meta"])
     r = run_loop(loop["config"], shard, ctx, Path(loop["out"]), evaluate_test=loop["evaluate_test"], on_step=loop["on_step"])
     if ctx.rank == 0:  # Ray keeps only metrics reported with a checkpoint: the summary goes beside best/
-        summary = {k: v for k, v in r.items() if k != "evaluator"}
-        (Path(loop["out"]) / "loop.json").write_text(json.dumps(summary))
+        (Path(loop["out"]) / "loop.json").write_text(json.dumps(r))
 
 
 def run_train(
@@ -166,26 +168,19 @@ def run_train(
         ScalingConfig,
     )
     from ray.train.torch import TorchTrainer
-    from safetensors.torch import load_file
 
     from pipelines.runtime import on_worker_lines, ray_session
     from pipelines.shard_io import shard_datasets
     from recsys.bundle import export_bundle
-    from recsys.checkpoint import load_state_tensors
     from recsys.data.shards import folder_vocabulary, id_space, plan_shards
-    from recsys.models import build_model
-    from recsys.train.loop import per_rank_batch
+    from recsys.train.loop import per_rank_batch, plain_model
 
     cfg = load_experiment(config)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "best", out / "loop.json"):  # a previous run's best weights must not be exported
-        if stale.is_file():
-            stale.unlink()
-        elif stale.is_dir():
-            for f in stale.iterdir():
-                f.unlink()
-            stale.rmdir()
+    for stale in ("best", "best.new", "best.old"):  # a previous run's best weights must not be exported
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "loop.json").unlink(missing_ok=True)
     t_start = time.perf_counter()
     per_rank_batch(cfg.train.batch_size, workers)  # fail before Ray starts
     folder = cfg.data_path()
@@ -223,10 +218,7 @@ def run_train(
     if result.error is not None:
         raise result.error
     r = json.loads((out / "loop.json").read_text())
-    mc = cfg.model if cfg.model.embedding_backend != "fused" else cfg.model.model_copy(update={"embedding_backend": "sparse"})
-    model = build_model(mc, n_items, n_cates)
-    load_state_tensors(model, load_file(out / "best" / "model.safetensors"))
-    model.eval()
+    model = plain_model(cfg, out / "best", n_items, n_cates)  # sharded tables: every rank's shard files
     metrics = {"best_step": r["best_step"], "val": r["best_val"]} | ({"test": r["test"]} if r["test"] else {})
     bundle_dir = export_bundle(model, cfg, out / "bundle", metrics, _FolderInfo(meta),
                                vocab=folder_vocabulary(folder, n_items, n_cates))

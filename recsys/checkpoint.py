@@ -1,38 +1,177 @@
 """A model's weights and buffers as plain named tensors, and back: what bundles (safetensors) and training
-checkpoints store. Embedding tables are written as `<set>.<table>` through their TableSet, so the same
-names come out whether the tables are plain or sharded."""
+checkpoints store. Embedding tables are named `<set>.<table>` through their TableSet, so the same names
+come out whether the tables are plain or sharded.
+
+A weights folder (`save_weights` / `load_weights` / `read_weights`; the training loop's best/ and every
+checkpoint):
+  model.safetensors   every plain tensor (with sharded tables: all but those tables), written by rank 0
+  tables/             sharded tables only: torch.distributed.checkpoint (DCP) with its safetensors
+                      storage: every rank writes one file holding its own shards
+                      (`shard-<rank + 1>-model-00001-of-00001.safetensors`; each shard's offset in the full
+                      table in the file's JSON header); no rank gathers a table
+  tables_optim/       checkpoints only: the fused optimizer's row-wise state of those shards, the same way
+Loading into a sharded model is per rank: each rank reads the parts of the files its shards cover, so a
+folder written by N ranks loads into M ranks (DCP reshards by row offsets). `read_weights` reads a folder
+into full plain tensors in one process without a process group (the bundle export). No file of a weights
+folder is ever unpickled: DCP's own default storage writes a pickled `.metadata`; its safetensors storage
+keeps the sharding in JSON headers instead.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recsys.embeddings import table_sets
 
+WEIGHTS, TABLES, TABLES_OPTIM = "model.safetensors", "tables", "tables_optim"
+SHAPES_KEY = "sharded_tables"  # model.safetensors' header: {"<set>.<table>": [rows, dim]} of the sharded tables
+
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All weights and buffers as plain named tensors (tables as `<set>.<table>`; works when sharded)."""
+    """All weights and buffers as plain named tensors (tables as `<set>.<table>`; unsharded sets only)."""
     sets = table_sets(model)
     out = {f"{s}.{n}": w.contiguous() for s, t in sets.items() for n, w in t.weights().items()}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if not any(name.startswith(s + ".") for s in sets):
-            out[name] = t.detach().contiguous()
-    return out
+    return out | _plain(model)
 
 
 def load_state_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of state_tensors; with `fused` table sets, every tensor but their tables (these load
+    from a weights folder's shards)."""
     sets = table_sets(model)
-    expected = {n for n, _ in list(model.named_parameters()) + list(model.named_buffers()) if not any(n.startswith(s + ".") for s in sets)}
-    expected |= {f"{s}.{n}" for s, t in sets.items() for n in t.specs}
+    plain = {n: t for n, t in list(model.named_parameters()) + list(model.named_buffers()) if not _in_set(n, sets)}
+    expected = set(plain) | {f"{s}.{n}" for s, t in sets.items() if t.backend != "fused" for n in t.specs}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         raise KeyError(f"model weights: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
     for s, t in sets.items():
-        t.load_weights({n: state[f"{s}.{n}"] for n in t.specs})
-    own = dict(list(model.named_parameters()) + list(model.named_buffers()))
+        if t.backend != "fused":
+            t.load_weights({n: state[f"{s}.{n}"] for n in t.specs})
     with torch.no_grad():
-        for name in expected:
-            if name in own:
-                if own[name].shape != state[name].shape:
-                    raise ValueError(f"model weight {name!r}: shape {tuple(state[name].shape)}, expected {tuple(own[name].shape)}")
-                own[name].copy_(state[name])
+        for name, own in plain.items():
+            if own.shape != state[name].shape:
+                raise ValueError(f"model weight {name!r}: shape {tuple(state[name].shape)}, expected {tuple(own.shape)}")
+            own.copy_(state[name])
+
+
+def save_weights(model: nn.Module, folder: str | Path, rank: int = 0, optimizer: bool = False) -> None:
+    """Write `model`'s weights into `folder` (see the module docstring); with `optimizer` also the sharded
+    tables' fused optimizer state. With sharded tables every rank calls it (a collective: each rank writes
+    its shards, rank 0 also the plain tensors); without, rank 0's call writes everything."""
+    folder = Path(folder)
+    sharded = _sharded_sets(model)
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        # the sharded tables' full shapes, so a reader can tell a complete set of shard files
+        shapes = {f"{s}.{n}": [spec.num_embeddings, spec.dim] for s, t in sharded.items() for n, spec in t.specs.items()}
+        save_file(_plain(model) if sharded else state_tensors(model), folder / WEIGHTS,
+                  metadata={SHAPES_KEY: json.dumps(shapes)})
+    if sharded:
+        _save_dcp(_shards(sharded, False), folder / TABLES, sharded)
+        if optimizer:
+            _save_dcp(_shards(sharded, True), folder / TABLES_OPTIM, sharded)
+
+
+def load_weights(model: nn.Module, folder: str | Path, optimizer: bool = False) -> None:
+    """Load a weights folder into `model` (on every rank when its tables are sharded: each rank reads its own
+    shards); with `optimizer` also the sharded tables' fused optimizer state."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    load_state_tensors(model, load_file(folder / WEIGHTS))
+    sharded = _sharded_sets(model)
+    if not sharded:
+        return
+    for sub, opt in [(TABLES, False)] + ([(TABLES_OPTIM, True)] if optimizer else []):
+        if not (folder / sub).is_dir():
+            raise FileNotFoundError(f"{folder}: no {sub}/ (sharded tables' files) for table sets {sorted(sharded)}")
+        reader, _ = _reader(folder / sub)
+        try:
+            dcp.load(_shards(sharded, opt), storage_reader=reader,
+                     process_group=next(iter(sharded.values())).process_group)
+        except Exception as e:  # DCP names the tensor; say which folder, so a wrong checkpoint is found
+            raise ValueError(f"{folder / sub}: cannot load the sharded tables: {e}") from e
+
+
+def read_weights(folder: str | Path, optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """A weights folder as full plain tensors, in one process and without a process group: the sharded
+    tables are assembled from every rank's shard file (bundle export, tests). `optimizer`: also the sharded
+    tables' optimizer state (`<set>.<table>.<state>`) of a checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = Path(folder)
+    out = load_file(folder / WEIGHTS)
+    with safe_open(folder / WEIGHTS, framework="pt") as f:
+        shapes = json.loads((f.metadata() or {}).get(SHAPES_KEY, "{}"))
+    for sub in [TABLES] + ([TABLES_OPTIM] if optimizer else []):
+        if not shapes:
+            break
+        reader, metadata = _reader(folder / sub)
+        missing = set(shapes) - {k if sub == TABLES else k.rsplit(".", 1)[0] for k in metadata}
+        if missing:
+            raise ValueError(f"{folder / sub}: no shards of tables {sorted(missing)}")
+        for key, md in metadata.items():
+            table = key if sub == TABLES else key.rsplit(".", 1)[0]
+            if table not in shapes or md.size[0] != shapes[table][0]:
+                raise ValueError(f"{folder / sub}: {key!r} has {md.size[0]} rows in its shard files, the model saved "
+                                 f"tables {shapes} (a rank's file missing or from another run?)")
+        # the full shapes come from the files' headers (each shard's offset + size)
+        tables = {k: torch.empty(md.size, dtype=md.properties.dtype) for k, md in metadata.items()}
+        dcp.load(tables, storage_reader=reader, no_dist=True)
+        out |= tables
+    return out
+
+
+def _reader(path: Path):
+    """DCP's safetensors reader of `path` and its tensors' metadata, checked complete: DCP would leave the
+    rows of a missing shard file unset without a word."""
+    import math
+
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    reader = HuggingFaceStorageReader(str(path))
+    metadata = reader.read_metadata().state_dict_metadata
+    if not metadata:
+        raise FileNotFoundError(f"{path}: no shard files")
+    for key, md in metadata.items():
+        covered = sum(math.prod(c.sizes) for c in md.chunks)
+        if covered != math.prod(md.size):
+            raise ValueError(f"{path}: {key!r} {tuple(md.size)}: the shard files hold {covered} of its "
+                             f"{math.prod(md.size)} values (a rank's file missing or from another run?)")
+    return reader, metadata
+
+
+def _save_dcp(state: dict, path: Path, sharded: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+
+    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True),
+             process_group=next(iter(sharded.values())).process_group)
+
+
+def _sharded_sets(model: nn.Module) -> dict:
+    sets = table_sets(model)
+    unsharded_fused = [s for s, t in sets.items() if t.backend == "fused" and not t.sharded]
+    if unsharded_fused:
+        raise ValueError(f"table sets {unsharded_fused} are fused but not sharded yet (TableSet.shard)")
+    return {s: t for s, t in sets.items() if t.sharded}
+
+
+def _shards(sharded: dict, optimizer: bool) -> dict:
+    return {f"{s}.{k}": st for s, t in sharded.items() for k, st in t.shard_state(optimizer).items()}
+
+
+def _in_set(name: str, sets: dict) -> bool:
+    return any(name.startswith(s + ".") for s in sets)
+
+
+def _plain(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight and buffer outside the table sets."""
+    sets = table_sets(model)
+    return {n: t.detach().contiguous() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            if not _in_set(n, sets)}

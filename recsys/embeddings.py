@@ -18,10 +18,21 @@ How the tables learn (`backend`, measured in docs/models.md):
   fbgemm's fused TBE kernel, which applies row-wise Adagrad inside backward (fbgemm's CPU build has no fused
   Adam). This is the multi-worker layout for Ray Train; on one CPU process it is slower than `sparse`.
   On CPU only `compute_kernel="fused"` is correct (the dense kernel pools sequence embeddings).
+
+A `fused` set is built on the meta device: no rank ever holds a whole table. `shard()` lets torchrec's
+planner choose table-wise or row-wise per table for a real topology (the group's world size, CPU, and a
+per-rank memory budget: the host's memory over the ranks on it, or `memory_budget`); on CPU it chooses
+row-wise, and a table above the budget can only be row-wise. Each rank then allocates and initialises only
+its shards: rows are drawn in blocks of `INIT_BLOCK_ROWS` rows, each block from its own generator seeded by
+(set seed, table, block), so a table starts the same whatever the world size and sharding. A sharded set is
+never gathered: its shards are saved and loaded per rank with torch.distributed.checkpoint
+(`shard_state`, used by recsys.checkpoint), and a sharded lookup is a collective, so every rank must make
+the same lookups in the same order (recsys.train.loop runs one length group per batch and pads validation).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +53,12 @@ from recsys.net import free_port
 
 Backend = Literal["sparse", "dense", "fused"]
 BACKENDS: tuple[str, ...] = ("sparse", "dense", "fused")
+# A sharded table's initial rows come in blocks of this many rows, each from its own seeded generator: a
+# shard boundary can fall anywhere, a block is drawn whole and the shard keeps its part (4 MB at d = 16).
+INIT_BLOCK_ROWS = 65_536
+# How torchrec may lay a table out: whole on one rank, or its rows split over the ranks. Column-wise would
+# split each row's few dims (16-64 here) over ranks and buys nothing at these widths.
+SHARDING_TYPES = ["table_wise", "row_wise"]
 
 
 @dataclass(frozen=True)
@@ -88,26 +105,35 @@ class TableSet(nn.Module):
             raise ValueError(f"tables of one set must share a dim, got {[(s.name, s.dim) for s in specs]}")
         self.specs = {s.name: s for s in specs}
         self.backend = backend
-        self.collection = _Collection(specs, init_std, torch.device("cpu"))
+        self.init_std = init_std
+        # fused: meta tensors only; shard() allocates each rank's shards. The set's seed comes from the
+        # global generator, which the model's build seeds alike on every rank.
+        self.init_seed = int(torch.randint(0, 2**62, (1,))) if backend == "fused" else None
+        self.collection = _Collection(specs, init_std, torch.device("meta" if backend == "fused" else "cpu"))
         if backend == "sparse":
             for emb in self.collection.ec.embeddings.values():
                 emb.sparse = True  # torchrec builds plain nn.Embedding tables; ask for row gradients
         self._sharded: nn.Module | None = None
         self._process_group = None
+        self.sharding_types: dict[str, str] = {}
 
-    def shard(self, lr: float, eps: float = 1e-8, process_group=None) -> None:
-        """Switch a `fused` set to its DMP-sharded form (call once, before training).
+    def shard(self, lr: float, eps: float = 1e-8, process_group=None, memory_budget: int | None = None) -> None:
+        """Switch a `fused` set to its DMP-sharded form (call once, on every rank, before training).
 
         `process_group`: the gloo group to shard over; a one-process group is created when none exists.
-        The current (seeded) weights are copied into the shards, so all backends start identical.
-        """
+        `memory_budget`: bytes a rank may hold (the planner's per-rank DDR capacity); default the host's
+        memory over the ranks on this host (LOCAL_WORLD_SIZE, which torchrun and Ray Train set; else the
+        group's size). The planner places tables within it, with a clear error when none fits."""
         if self.backend != "fused":
             raise ValueError(f"shard() is for the 'fused' backend, this set is {self.backend!r}")
+        if self.sharded:
+            raise ValueError("this table set is already sharded")
         import torch.distributed as dist
         from fbgemm_gpu.split_embedding_configs import EmbOptimType
         from torchrec.distributed import DistributedModelParallel
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+        from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
         from torchrec.distributed.types import ShardingEnv
 
         if process_group is None:
@@ -116,14 +142,15 @@ class TableSet(nn.Module):
                 os.environ.setdefault("MASTER_PORT", str(free_port()))
                 dist.init_process_group("gloo", rank=0, world_size=1)
             process_group = dist.group.WORLD
-        world = dist.get_world_size(process_group)
         self._process_group = process_group
-        weights = {n: e.weight.detach().clone() for n, e in self.collection.ec.embeddings.items()}
         sharder = EmbeddingCollectionSharder(
             fused_params={"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD, "learning_rate": lr, "eps": eps}
         )
-        constraints = {n: ParameterConstraints(sharding_types=["table_wise"], compute_kernels=["fused"]) for n in self.specs}
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"), constraints=constraints)
+        constraints = {n: ParameterConstraints(sharding_types=SHARDING_TYPES, compute_kernels=["fused"]) for n in self.specs}
+        # the planner keeps 15% of each rank's budget free (torchrec's default margin); the set holds no
+        # dense tensor, so the fixed margin, not torchrec's dense-tensor heuristic
+        planner = EmbeddingShardingPlanner(topology=topology(dist.get_world_size(process_group), memory_budget),
+                                           constraints=constraints, storage_reservation=FixedPercentageStorageReservation(0.15))
         plan = planner.collective_plan(self.collection, [sharder], process_group)
         self._sharded = DistributedModelParallel(
             self.collection,
@@ -132,11 +159,45 @@ class TableSet(nn.Module):
             sharders=[sharder],
             env=ShardingEnv.from_process_group(process_group),
         )
-        self.load_weights(weights)
+        # the planner's choice per table (e.g. {"item": "row_wise"}), for logs and tests
+        self.sharding_types = {n: ps.sharding_type for by_module in plan.plan.values() for n, ps in by_module.items()}
+        self._init_shards()
+
+    @torch.no_grad()
+    def _init_shards(self) -> None:
+        """N(0, init_std) rows, block by block (see INIT_BLOCK_ROWS): each local shard copies its part of every
+        block it overlaps, so row r's value depends on the set's seed, the table and r only."""
+        for name, st in self.shard_state().items():
+            rows, dim = self.specs[name].num_embeddings, self.specs[name].dim
+            for shard in st.local_shards():
+                (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+                for b in range(r0 // INIT_BLOCK_ROWS, -(-(r0 + nr) // INIT_BLOCK_ROWS)):
+                    lo, hi = b * INIT_BLOCK_ROWS, min((b + 1) * INIT_BLOCK_ROWS, rows)
+                    g = torch.Generator().manual_seed(_block_seed(self.init_seed, name, b))
+                    block = torch.empty(hi - lo, dim).normal_(0.0, self.init_std, generator=g)
+                    a, z = max(lo, r0), min(hi, r0 + nr)
+                    shard.tensor[a - r0 : z - r0].copy_(block[a - lo : z - lo, c0 : c0 + nc])
+
+    def shard_state(self, optimizer: bool = False) -> dict:
+        """This rank's part of a sharded set as torchrec ShardedTensors (views of the live shards, for
+        torch.distributed.checkpoint to save or load in place): the tables keyed by table name, or with
+        `optimizer` the fused optimizer's state keyed `<table>.<state>` (row-wise Adagrad: `momentum1`,
+        one value per row, sharded like its table's rows)."""
+        if not self.sharded:
+            raise ValueError("shard_state() is for a sharded set (call shard() first)")
+        if optimizer:
+            return {key: st for per_table in self._sharded.fused_optimizer.state_dict()["state"].values()
+                    for key, st in per_table.items()}
+        return {key.split(".")[-2]: st for key, st in self._sharded.state_dict().items()}
 
     @property
     def sharded(self) -> bool:
         return self._sharded is not None
+
+    @property
+    def process_group(self):
+        """The group a sharded set's shards live on (its checkpoints are collectives over it)."""
+        return self._process_group
 
     def forward(self, ids: dict[str, torch.Tensor | tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor | tuple[torch.Tensor, ...]]:
         """Per table, ids of any shape -> embeddings of shape ids.shape + (dim,); or a tuple of id tensors ->
@@ -167,19 +228,17 @@ class TableSet(nn.Module):
     # --- weights as plain tensors (bundles and checkpoints never store ShardedTensors) ---
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """Full tables as plain tensors, keyed by table name (gathered when sharded)."""
-        if not self.sharded:
-            return {n: e.weight.detach() for n, e in self.collection.ec.embeddings.items()}
-        out = {}
-        for key, st in self._sharded.state_dict().items():
-            name = key.split(".")[-2]
-            full = torch.empty(st.size()) if _rank() == 0 else None
-            st.gather(dst=0, out=full)
-            if full is not None:
-                out[name] = full
-        return out
+        """Full tables as plain tensors, keyed by table name (an unsharded set: a sharded one is read through
+        its checkpoint shards, recsys.checkpoint.read_weights, never gathered)."""
+        if self.sharded or self.backend == "fused":
+            raise ValueError("a fused (sharded) table set has no full tables in memory: save it with "
+                             "recsys.checkpoint.save_weights and read the folder with read_weights")
+        return {n: e.weight.detach() for n, e in self.collection.ec.embeddings.items()}
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if self.backend == "fused":
+            raise ValueError("a fused (sharded) table set loads its shards from a weights folder: "
+                             "recsys.checkpoint.load_weights")
         missing = set(self.specs) - set(weights)
         if missing:
             raise KeyError(f"embedding weights missing tables {sorted(missing)}")
@@ -187,41 +246,9 @@ class TableSet(nn.Module):
             want = (self.specs[n].num_embeddings, self.specs[n].dim)
             if tuple(w.shape) != want:
                 raise ValueError(f"embedding table {n!r}: weight shape {tuple(w.shape)}, expected {want}")
-        if not self.sharded:
-            with torch.no_grad():
-                for n, e in self.collection.ec.embeddings.items():
-                    e.weight.copy_(weights[n])
-            return
-        for key, st in self._sharded.state_dict().items():
-            _scatter(st, weights[key.split(".")[-2]])
-
-    def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """The fused optimizer's state of a sharded set (row-wise Adagrad's per-row accumulators) as full
-        plain tensors keyed `<table>.<state>`, gathered to rank 0 (a collective: call on every rank).
-
-        Each rank's optimizer holds only the tables it owns, so the ranks do not share a list of tensors
-        to gather one by one; one gather_object of every rank's local shards does it."""
-        import torch.distributed as dist
-
-        state = self._sharded.fused_optimizer.state_dict()["state"]
-        local = {key: (tuple(st.size()), [(s.metadata.shard_offsets, s.tensor) for s in st.local_shards()])
-                 for per_table in state.values() for key, st in per_table.items()}
-        group = self._process_group
-        parts = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
-        dist.gather_object(local, parts, dst=dist.get_global_rank(group, 0), group=group)
-        out: dict[str, torch.Tensor] = {}
-        for part in parts or []:
-            for key, (size, shards) in part.items():
-                full = out.setdefault(key, torch.zeros(size))
-                for offsets, t in shards:
-                    full[tuple(slice(o, o + n) for o, n in zip(offsets, t.shape))] = t
-        return out
-
-    def load_optimizer_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Write `optimizer_state()`'s tensors into this rank's shards of the live fused optimizer state."""
-        for per_table in self._sharded.fused_optimizer.state_dict()["state"].values():
-            for key, st in per_table.items():
-                _scatter(st, state[key])
+        with torch.no_grad():
+            for n, e in self.collection.ec.embeddings.items():
+                e.weight.copy_(weights[n])
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """Table parameters an outside optimizer must step (none when fused: backward updates them)."""
@@ -272,15 +299,18 @@ def _unique(ids: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.nonzero(seen).flatten(), slot[ids]
 
 
-@torch.no_grad()
-def _scatter(st, full: torch.Tensor) -> None:
-    """Copy the parts of the full tensor `full` that this rank holds into the ShardedTensor `st` (in place)."""
-    for shard in st.local_shards():
-        m = shard.metadata
-        shard.tensor.copy_(full[tuple(slice(o, o + n) for o, n in zip(m.shard_offsets, m.shard_sizes))])
+def topology(world: int, memory_budget: int | None = None):
+    """torchrec's Topology of `world` CPU ranks, each with `memory_budget` bytes (default: this host's memory
+    over the ranks on it)."""
+    from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
+
+    local = min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
+    if memory_budget is None:
+        memory_budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // local
+    return TopologyFactory.create_topology(TrainerConfig(world_size=world, local_world_size=local),
+                                           HardwareConfig(ddr_cap_bytes=int(memory_budget)), KernelConfig(compute_device="cpu"))
 
 
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
+def _block_seed(seed: int, table: str, block: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{table}/{block}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes a non-negative 63-bit int

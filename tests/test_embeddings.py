@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from recsys.checkpoint import read_weights, save_weights
 from recsys.config.train import TrainConfig
 from recsys.embeddings import TableSet, TableSpec
 from recsys.models.output import bce_loss
@@ -119,20 +120,24 @@ def one_process_group():
         dist.destroy_process_group()
 
 
-def test_fused_backend_shards_over_gloo_and_applies_rowwise_adagrad(one_process_group):
-    """DMP + fbgemm fused kernel on a 1-process gloo group: lookups equal the plain tables, and backward
-    applies exact row-wise Adagrad (v += mean(g^2) per row; w -= lr g / (sqrt(v) + eps)) to touched rows."""
+def test_fused_backend_shards_over_gloo_and_applies_rowwise_adagrad(one_process_group, tmp_path):
+    """DMP + fbgemm fused kernel on a 1-process gloo group: lookups equal the tables (read back from the
+    set's checkpoint shards), and backward applies exact row-wise Adagrad (v += mean(g^2) per row;
+    w -= lr g / (sqrt(v) + eps)) to touched rows."""
     torch.manual_seed(0)
-    plain = TableSet(SPECS, "sparse")
-    torch.manual_seed(0)
-    fused = TableSet(SPECS, "fused")
-    w0 = {n: w.clone() for n, w in plain.weights().items()}
+    holder = torch.nn.Module()
+    holder.tables = fused = TableSet(SPECS, "fused")
+    assert {p.device.type for p in fused.parameters()} == {"meta"}  # nothing allocated before sharding
+    with pytest.raises(ValueError, match="sharded"):
+        fused.weights()
     fused.shard(lr=0.1, eps=1e-8)
     assert dist.is_initialized() and fused.sharded
+    save_weights(holder, tmp_path / "w0")
+    w0 = {k.split(".", 1)[1]: v for k, v in read_weights(tmp_path / "w0").items()}
+    assert float(w0["item"].std()) == pytest.approx(0.01, rel=0.2)  # N(0, init_std)
     ids = _ids()
-    out_f, out_p = fused(ids), plain(ids)
-    torch.testing.assert_close(out_f["item"], out_p["item"])
-    torch.testing.assert_close(out_f["pos"], out_p["pos"])
+    out_f = fused(ids)
+    assert torch.equal(out_f["item"], w0["item"][ids["item"]]) and torch.equal(out_f["pos"], w0["pos"][ids["pos"]])
 
     target = torch.randn(5, 6, 4, generator=torch.Generator().manual_seed(1))
     ((out_f["item"] - target) ** 2).sum().backward()
@@ -142,5 +147,6 @@ def test_fused_backend_shards_over_gloo_and_applies_rowwise_adagrad(one_process_
     g = w.grad
     v = (g * g).mean(dim=1, keepdim=True)
     expected = w0["item"] - 0.1 * g / (v.sqrt() + 1e-8)
-    torch.testing.assert_close(fused.weights()["item"], expected, rtol=1e-5, atol=1e-6)
+    save_weights(holder, tmp_path / "w1")
+    torch.testing.assert_close(read_weights(tmp_path / "w1")["tables.item"], expected, rtol=1e-5, atol=1e-6)
     assert fused.dense_parameters() == []

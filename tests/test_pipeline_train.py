@@ -35,7 +35,7 @@ from pipelines.evaluate import run_evaluate
 from pipelines.runtime import init_ray
 from pipelines.train import run_train
 from recsys.bundle import load_bundle
-from recsys.checkpoint import state_tensors
+from recsys.checkpoint import read_weights, save_weights, state_tensors
 from recsys.config.experiment import load_experiment
 from recsys.config.presets import preset_path
 from recsys.data.sequences import assemble, batch_rows, load_dataset
@@ -45,7 +45,6 @@ from recsys.models import build_model
 from recsys.net import free_port
 from recsys.train.loop import (
     epoch_batches,
-    fused_optimizer_state,
     restore_checkpoint,
     save_checkpoint,
     worker_model,
@@ -243,8 +242,8 @@ def own_process_group():
 
 
 def test_fused_checkpoint_resumes_exactly(bench_dataset, tmp_path, own_process_group):
-    """A checkpoint holds the fused tables' row-wise Adagrad accumulators (inside fbgemm): 2 steps, save,
-    restore into a fresh model, 1 step gives exactly the weights of 3 uninterrupted steps."""
+    """A checkpoint holds the fused tables' shards and their row-wise Adagrad accumulators (inside fbgemm):
+    2 steps, save, restore into a fresh model, 1 step gives exactly the weights of 3 uninterrupted steps."""
     cfg = load_experiment(preset_path("tiny"), {"train": {"seed": 3}, "model": {"embedding_backend": "fused"}})
     ds = user_subset(bench_dataset, 20)
     train_rows = ds.splits["train"]
@@ -262,14 +261,16 @@ def test_fused_checkpoint_resumes_exactly(bench_dataset, tmp_path, own_process_g
     run(straight, opt, batches)
     first, opt = fresh()
     run(first, opt, batches[:2])
-    tables_optim = fused_optimizer_state(first)
-    assert len(tables_optim) == 6 and all(float(v.max()) > 0 for v in tables_optim.values())
-    save_checkpoint(str(tmp_path), state_tensors(first), tables_optim, opt, {"step": 2})
+    save_checkpoint(str(tmp_path / "ckpt"), first, opt, {"step": 2})
+    accumulators = {k: v for k, v in read_weights(tmp_path / "ckpt", optimizer=True).items() if k.endswith(".momentum1")}
+    assert len(accumulators) == 6 and all(float(v.max()) > 0 for v in accumulators.values())
     resumed, opt = fresh()
-    assert restore_checkpoint(str(tmp_path), resumed, opt)["step"] == 2
+    assert restore_checkpoint(str(tmp_path / "ckpt"), resumed, opt)["step"] == 2
     run(resumed, opt, batches[2:])
-    want, got = state_tensors(straight), state_tensors(resumed)
-    assert set(got) == set(want)
+    for name, model in (("straight", straight), ("resumed", resumed)):
+        save_weights(model, tmp_path / name)
+    want, got = read_weights(tmp_path / "straight"), read_weights(tmp_path / "resumed")
+    assert set(got) == set(want) and len(want) > 6
     for k in want:
         assert torch.equal(got[k], want[k]), k
 
@@ -298,9 +299,10 @@ def _first_rows(plan: ShardPlan, rank: int, world: int, seed: int) -> np.ndarray
     return next(epoch_batches(plan.rows[rank], max(plan.rows), STEP_BATCH // world, seed, 0, rank))
 
 
-def _one_step(cfg, shard, rows: np.ndarray, world: int) -> dict[str, torch.Tensor]:
+def _one_step(cfg, shard, rows: np.ndarray, world: int, folder: Path, rank: int = 0) -> dict[str, torch.Tensor]:
     """One training step on `rows` of the shard -> the gradients DDP leaves (dense), the BatchNorm buffers,
-    and the tables after the step (the fused kernel updates them inside backward)."""
+    and the tables after the step (the fused kernel updates them inside backward; read back from the
+    ranks' shard files in `folder`), on rank 0."""
     model = worker_model(cfg, shard.n_items, shard.n_cates, world)
     opt = make_optimizers(model, cfg.train)
     step_model = DistributedDataParallel(model, broadcast_buffers=True) if world > 1 else model
@@ -310,8 +312,10 @@ def _one_step(cfg, shard, rows: np.ndarray, world: int) -> dict[str, torch.Tenso
     out = {f"grad.{n}": (p.grad.coalesce().to_dense() if p.grad.is_sparse else p.grad)
            for n, p in model.named_parameters() if p.grad is not None}
     out |= {f"buffer.{n}": b for n, b in model.named_buffers() if ".net." in n}
-    if cfg.model.embedding_backend == "fused":  # a gather on every rank
-        out |= {f"table.{n}": w for n, w in state_tensors(model).items() if n.split(".")[0] in table_sets(model)}
+    if cfg.model.embedding_backend == "fused":  # every rank writes its shards
+        save_weights(model, folder, rank)
+        if rank == 0:
+            out |= {f"table.{n}": w for n, w in read_weights(folder).items() if n.split(".")[0] in table_sets(model)}
     return out
 
 
@@ -319,7 +323,7 @@ def _ddp_worker(rank: int, port: int, cfg, bench_dir, plan, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     shard = _shard(bench_dir, cfg, plan, rank)
-    got = _one_step(cfg, shard, _first_rows(plan, rank, 2, cfg.train.seed), 2)
+    got = _one_step(cfg, shard, _first_rows(plan, rank, 2, cfg.train.seed), 2, Path(out).parent / "tables2", rank)
     if rank == 0:
         torch.save(got, out)
     dist.destroy_process_group()
@@ -339,7 +343,7 @@ def test_data_parallel_step_equals_single_process(backend, bench_dataset, bench_
     both = np.concatenate([_first_rows(plan, 0, 2, 3), plan.rows[0] + _first_rows(plan, 1, 2, 3)])
 
 
-    want = _one_step(cfg, whole(ds), both, 1)
+    want = _one_step(cfg, whole(ds), both, 1, tmp_path / "tables1")
     assert set(got) == set(want)
     tables = [k for k in want if "embeddings" in k or k.startswith("table.")]
     assert len(tables) == 6  # every table is compared: its sparse gradient, or its fused update

@@ -109,12 +109,12 @@ class DARE(nn.Module):
 
     def memory_features(self, item: torch.Tensor, cate: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """The memories' per-event input, position-free: item, cate [...] -> [r_item, r_cate] [..., 2 d_r].
-        Without gradient the rows are read straight from the weights (the stream worker's path)."""
+        Without gradient the rows are read straight from the weights (the stream worker's path), unless sharded."""
         (_, _), (tables, prefix) = self.role_tables()
         name = (lambda f: f"{prefix}_{f}") if prefix else (lambda f: f)
         if item.numel() == 0:  # no event to read (a cold user): the table set cannot look up nothing
             return torch.zeros(*item.shape, 2 * self.config.dim_rep)
-        if not (grad and torch.is_grad_enabled()):
+        if not (grad and torch.is_grad_enabled()) and not tables.sharded:  # a sharded set has no full tables
             w = tables.weights()
             return torch.cat([w[name("item")][item], w[name("cate")][cate]], dim=-1)
         # the set looks up every table it holds: the position table gets one padding id

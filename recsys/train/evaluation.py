@@ -9,6 +9,7 @@ each row the same.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,12 +36,17 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> Predictions:
+def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096, batches: int | None = None) -> Predictions:
     """Every row of `split` of `dataset` (a Dataset or a Shard), in order, with the model in eval mode
-    (restored afterwards)."""
+    (restored afterwards). `batches`: run that many forwards in all, the ones past the split's batches on
+    a one-row filler whose output is dropped: a model with sharded tables makes collectives in its
+    forward, so every rank must run equally many (recsys.train.loop passes the ranks' largest count)."""
     if split not in dataset.splits:
         raise KeyError(f"split {split!r} not loaded; have {sorted(dataset.splits)}")
     samples = dataset.splits[split]
+    own = math.ceil(len(samples) / batch_size)
+    if batches is not None and batches < own:
+        raise ValueError(f"predict: {split!r} needs {own} batches of {batch_size}, asked to run {batches}")
     was_training = model.training
     model.eval()
     probs, idx = [], []
@@ -50,6 +56,12 @@ def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int
             probs.append(torch.sigmoid(out.logit).double().numpy())
             if out.indices is not None:
                 idx.append(out.indices.numpy())
+        if batches is not None and batches > own:
+            filler = next((s for s in dataset.splits.values() if len(s)), None)
+            if filler is None:
+                raise ValueError("predict: no row in any split to pad the scoring batches with")
+            for _ in range(batches - own):
+                model(assemble(dataset.store, filler, np.zeros(1, dtype=np.int64), max_len, trim=False))
     finally:
         model.train(was_training)
     probs_all = np.concatenate(probs) if probs else np.zeros(0)
@@ -61,9 +73,10 @@ def score(model: nn.Module, dataset, split: str, max_len: int | None = None, bat
     return predict(model, dataset, split, max_len or model.config.max_len, batch_size).probs
 
 
-def split_partial(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> dict:
-    """The mergeable metrics of `split` of `dataset` (a shard holding whole users, or the whole dataset)."""
-    pred = predict(model, dataset, split, max_len, batch_size)
+def split_partial(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096, batches: int | None = None) -> dict:
+    """The mergeable metrics of `split` of `dataset` (a shard holding whole users, or the whole dataset);
+    `batches`: see predict."""
+    pred = predict(model, dataset, split, max_len, batch_size, batches)
     s = dataset.splits[split]
     part = {"ctr": ctr_partial(s.label, pred.probs, s.user, s.cate)}
     if s.evidence is not None and pred.indices is not None:

@@ -11,9 +11,13 @@ The order depends on seed, epoch and rank only: a resumed run replays it exactly
 
 Validation: every rank scores its own val users and the metrics are merged from mergeable partials
 (`recsys.train.evaluation`), equal to the single-process metrics; every rank gets them, so early stopping
-is decided identically everywhere. Rank 0 writes the checkpoint (weights, optimizer state, the fused
-tables' optimizer state, the state with the validation history) and the best weights (`out/best`).
-At the end every rank loads the best weights and scores its test users.
+is decided identically everywhere. With sharded (`fused`) tables the sharded model itself scores (a lookup
+is a collective: every rank runs as many batches as the rank with the most rows, padding with a filler
+batch). Checkpoints and the best weights (`out/best`) are weights folders (`recsys.checkpoint`): rank 0
+writes the plain tensors, the dense optimizers' state and the state with the validation history; with
+sharded tables every rank writes its own table shards and their row-wise Adagrad state, and on resume
+every rank loads its own (no rank gathers a table). At the end every rank loads the best weights and
+scores its test users.
 
 Tests inject faults through `on_step(rank, step)`, called before each step; production passes none.
 """
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from recsys.checkpoint import load_state_tensors, state_tensors
+from recsys.checkpoint import load_state_tensors, load_weights, read_weights, save_weights
 from recsys.config.experiment import ExperimentConfig
 from recsys.data.sequences import assemble
 from recsys.data.shards import Shard
@@ -77,8 +82,9 @@ class Context:
         yield None
 
     def save(self, write: Callable[[str], None], record: dict, metrics: dict) -> None:
-        """Called on every rank at each validation: `write(folder)` writes the checkpoint (rank 0 only),
-        `record` is the validation's deterministic log line, `metrics` adds the timing."""
+        """Called on every rank at each validation: `write(folder)` writes this rank's part of the checkpoint
+        (call it on every rank: with sharded tables it is a collective), `record` is the validation's
+        deterministic log line, `metrics` adds the timing."""
 
     def stepped(self, step: int, total: int, loss: float) -> None:
         pass
@@ -104,19 +110,24 @@ def epoch_batches(n_here: int, n_max: int, batch: int, seed: int, epoch: int, ra
 def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) -> nn.Module:
     """The model a rank trains (before DDP wraps it): seeded alike on every rank; with world > 1 its
     BatchNorm layers synchronised over the ranks (the same parameter and buffer tensors under the same
-    names, so checkpoints load in one process); with the fused backend its tables sharded by torchrec DMP
-    over the default process group (table-wise; fbgemm's fused row-wise Adagrad updates each table on its
-    owner inside backward) and marked for DDP to leave alone."""
+    names, so checkpoints load in one process); with the fused backend its tables built on the meta device
+    and sharded by torchrec DMP over the default process group (the planner's layout; fbgemm's fused
+    row-wise Adagrad updates each shard on its owner inside backward) and marked for DDP to leave alone."""
     from recsys.embeddings import table_sets
     from recsys.models import build_model
     from recsys.models.sync_batchnorm import convert_sync_batchnorm
 
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    model = build_model(cfg.model, n_items, n_cates)
+    mc = cfg.model
+    if mc.embedding_backend == "fused":
+        # A sharded lookup is a collective, so every rank must look each set up equally often per forward;
+        # length groups (group_rows) differ between the ranks' batches: one group per batch.
+        mc = mc.model_copy(update={"group_rows": 2**62})
+    model = build_model(mc, n_items, n_cates)
     if world > 1:
         model = convert_sync_batchnorm(model)
-    if cfg.model.embedding_backend == "fused":
+    if mc.embedding_backend == "fused":
         group = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
         sets = table_sets(model)
         for tables in sets.values():
@@ -128,43 +139,55 @@ def worker_model(cfg: ExperimentConfig, n_items: int, n_cates: int, world: int) 
     return model
 
 
-def fused_optimizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The fused tables' optimizer state, keyed `<set>.<table>.<state>`, gathered to rank 0 (a collective;
-    empty when no set is sharded)."""
-    from recsys.embeddings import table_sets
+def plain_model(cfg: ExperimentConfig, folder: str | Path, n_items: int, n_cates: int) -> nn.Module:
+    """A weights folder (the best weights, a checkpoint) as one unsharded model in eval mode, fused tables as
+    plain ones (what bundles hold and serving loads): one process, no process group."""
+    from recsys.models import build_model
 
-    return {f"{s}.{k}": v for s, t in table_sets(model).items() if t.sharded for k, v in t.optimizer_state().items()}
+    mc = cfg.model if cfg.model.embedding_backend != "fused" else cfg.model.model_copy(update={"embedding_backend": "sparse"})
+    model = build_model(mc, n_items, n_cates)
+    load_state_tensors(model, read_weights(folder))
+    return model.eval()
 
 
-def save_checkpoint(dirname: str, weights: dict[str, torch.Tensor], tables_optim: dict[str, torch.Tensor], opt, state: dict) -> None:
-    """A checkpoint: weights, the dense (and sparse-table) optimizers, the fused tables' optimizer state."""
-    save_file(weights, os.path.join(dirname, "model.safetensors"))
-    tensors, meta = optimizer_state(opt)
-    save_file(tensors, os.path.join(dirname, "optim.safetensors"))
-    if tables_optim:
-        save_file(tables_optim, os.path.join(dirname, "tables_optim.safetensors"))
-    Path(dirname, "state.json").write_text(json.dumps(state | {"optimizers": meta}))
+def save_checkpoint(dirname: str, model: nn.Module, opt, state: dict, rank: int = 0) -> None:
+    """A checkpoint: the weights folder (with sharded tables also their optimizer state), the dense (and
+    sparse-table) optimizers, the state. Every rank calls it; with sharded tables it is a collective."""
+    save_weights(model, dirname, rank, optimizer=True)
+    if rank == 0:
+        tensors, meta = optimizer_state(opt)
+        save_file(tensors, os.path.join(dirname, "optim.safetensors"))
+        Path(dirname, "state.json").write_text(json.dumps(state | {"optimizers": meta}))
 
 
 def restore_checkpoint(dirname: str, model: nn.Module, opt) -> dict:
-    """Load a checkpoint written by `save_checkpoint` into `model` and `opt` (on every rank) -> its state."""
-    from recsys.embeddings import table_sets
-
-    load_state_tensors(model, load_file(os.path.join(dirname, "model.safetensors")))
+    """Load a checkpoint written by `save_checkpoint` into `model` and `opt` (on every rank; each rank
+    reads its own table shards) -> its state."""
+    load_weights(model, dirname, optimizer=True)
     saved = json.loads(Path(dirname, "state.json").read_text())
     load_optimizer_state(opt, load_file(os.path.join(dirname, "optim.safetensors")), saved.pop("optimizers"))
-    sharded = {s: t for s, t in table_sets(model).items() if t.sharded}
-    if sharded:
-        tables_optim = load_file(os.path.join(dirname, "tables_optim.safetensors"))
-        for s, t in sharded.items():
-            t.load_optimizer_state({k[len(s) + 1 :]: v for k, v in tables_optim.items() if k.startswith(s + ".")})
     return saved
 
 
-def _write_best(out: Path, weights: dict[str, torch.Tensor]) -> None:
-    (out / "best").mkdir(parents=True, exist_ok=True)
-    save_file(weights, out / "best" / "model.safetensors.tmp")
-    (out / "best" / "model.safetensors.tmp").replace(out / "best" / "model.safetensors")
+def _write_best(out: Path, model: nn.Module, ctx: Context) -> None:
+    """out/best, replaced whole: written beside it (every rank its shards), then renamed by rank 0."""
+    new, best, old = out / "best.new", out / "best", out / "best.old"
+    if ctx.rank == 0:
+        shutil.rmtree(new, ignore_errors=True)
+    ctx.barrier()  # nobody writes into best.new before rank 0 has cleared it
+    save_weights(model, new, ctx.rank)
+    if ctx.rank == 0:  # DCP's save returns on rank 0 once every rank's files are written
+        shutil.rmtree(old, ignore_errors=True)
+        if best.exists():
+            best.rename(old)
+        new.rename(best)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _eval_batches(ctx: Context, shard: Shard, batch_size: int) -> dict[str, int]:
+    """Per split, the most scoring batches any rank runs (every rank runs that many with sharded tables)."""
+    counts = ctx.gather({s: math.ceil(len(v) / batch_size) for s, v in shard.splits.items()})
+    return {s: max(c[s] for c in counts) for s in counts[0]}
 
 
 def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, evaluate_test: bool = True,
@@ -172,17 +195,12 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
     """Train `cfg` on this rank's `shard`; see the module docstring. Returns (on every rank) {steps,
     best_step, best_val, test (metrics of the best weights, or None), history (every validation of the
     surviving timeline), ranks (what each rank read: `_held`), samples_per_s (median global rows per second of a step, the first 10 steps
-    excluded), stopped_early, evaluator (the plain model holding the best weights)}."""
-    from recsys.models import build_model
-
+    excluded), stopped_early}. The best weights are in `out/best` (`plain_model` reads them)."""
     tc, mc = cfg.train, cfg.model
     rank, world = ctx.rank, ctx.world
     batch = per_rank_batch(tc.batch_size, world)
     model = worker_model(cfg, shard.n_items, shard.n_cates, world)
-    fused = mc.embedding_backend == "fused"
-    # a sharded forward is a collective, and the ranks' val shards differ in size: every rank validates
-    # an unsharded copy of the gathered weights
-    evaluator = build_model(mc.model_copy(update={"embedding_backend": "sparse"}), shard.n_items, shard.n_cates) if fused else model
+    pad = _eval_batches(ctx, shard, tc.eval_batch_size) if mc.embedding_backend == "fused" else {}
     opt = make_optimizers(model, tc)
     state: dict = {"step": 0, "best_auc": -1.0, "best_step": 0, "best_val": {}, "bad": 0, "stopped_early": False, "history": []}
     resumed_from = None
@@ -212,24 +230,24 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
             state["step"] += 1
             ctx.stepped(state["step"], total_steps, loss)
             if state["step"] % tc.eval_every == 0 or state["step"] == total_steps:
-                _validate(cfg, shard, ctx, out, model, evaluator, opt, state, epoch, loss, resumed_from,
-                          float(np.median(rates[-tc.eval_every:])))
+                _validate(cfg, shard, ctx, out, model, opt, state, epoch, loss, resumed_from,
+                          float(np.median(rates[-tc.eval_every:])), pad)
                 if state["stopped_early"]:
                     break
             if state["step"] >= total_steps:
                 break
 
-    ctx.barrier()  # rank 0 has written the best weights
-    load_state_tensors(evaluator, load_file(out / "best" / "model.safetensors"))
-    evaluator.eval()
+    ctx.barrier()  # the best weights are written
+    load_weights(model, out / "best")
+    model.eval()
     test = None
     if evaluate_test and "test" in shard.splits:
-        test = merge_split(ctx.gather(split_partial(evaluator, shard, "test", mc.max_len, tc.eval_batch_size)))
+        test = merge_split(ctx.gather(split_partial(model, shard, "test", mc.max_len, tc.eval_batch_size, pad.get("test"))))
     steady = rates[10:] or rates
     ranks = ctx.gather(_held(shard))
     return {"ranks": ranks, "steps": state["step"], "best_step": state["best_step"], "best_val": state["best_val"], "test": test,
             "history": state["history"], "samples_per_s": float(np.median(steady)) if steady else float("nan"),
-            "stopped_early": bool(state["stopped_early"]), "evaluator": evaluator}
+            "stopped_early": bool(state["stopped_early"])}
 
 
 def _held(shard: Shard) -> dict:
@@ -243,19 +261,14 @@ def _held(shard: Shard) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
-def _validate(cfg, shard: Shard, ctx: Context, out: Path, model: nn.Module, evaluator: nn.Module, opt, state: dict,
-              epoch: int, loss: float, resumed_from: int | None, samples_per_s: float) -> None:
+def _validate(cfg, shard: Shard, ctx: Context, out: Path, model: nn.Module, opt, state: dict, epoch: int, loss: float,
+              resumed_from: int | None, samples_per_s: float, pad: dict[str, int]) -> None:
     tc, mc = cfg.train, cfg.model
-    # collectives on every rank when the tables are sharded (the gathers land on rank 0)
-    weights, tables_optim = state_tensors(model), fused_optimizer_state(model)
-    if evaluator is not model:
-        load_state_tensors(evaluator, ctx.broadcast(weights))
-    val = merge_split(ctx.gather(split_partial(evaluator, shard, "val", mc.max_len, tc.eval_batch_size)))
+    val = merge_split(ctx.gather(split_partial(model, shard, "val", mc.max_len, tc.eval_batch_size, pad.get("val"))))
     improved = val["auc"] > state["best_auc"]
     if improved:
         state.update(best_auc=val["auc"], best_step=state["step"], best_val=val, bad=0)
-        if ctx.rank == 0:
-            _write_best(out, weights)
+        _write_best(out, model, ctx)
     else:
         state["bad"] += 1
         if tc.patience is not None and state["bad"] >= tc.patience:
@@ -267,4 +280,4 @@ def _validate(cfg, shard: Shard, ctx: Context, out: Path, model: nn.Module, eval
     # The history travels in the checkpoint: after a restart it holds exactly the validations up to the
     # checkpoint resumed from, then the new ones.
     state["history"].append(metrics)
-    ctx.save(lambda d: save_checkpoint(d, weights, tables_optim, opt, state), record, metrics)
+    ctx.save(lambda d: save_checkpoint(d, model, opt, state, ctx.rank), record, metrics)

@@ -4,8 +4,9 @@ every N steps in eval mode, best-by-val-AUC, resumable.
 `train(config, out_dir) -> RunResult` writes into out_dir:
   log.jsonl        one JSON line per validation (step, epoch, loss, val metrics): the learning curve
   checkpoint/      latest state for `resume=True`: model.safetensors, optim.safetensors, state.json
-                   (fused tables: also tables_optim.safetensors, their row-wise Adagrad state)
-  best/            weights of the best validation AUC so far
+                   (fused tables: also tables/ and tables_optim/, their shards and row-wise Adagrad state
+                   through torch.distributed.checkpoint, recsys.checkpoint)
+  best/            weights of the best validation AUC so far (a weights folder, recsys.checkpoint)
   bundle/          the exported model bundle of the best weights (recsys.bundle)
 `evaluate(bundle_dir, split) -> metrics` and `score(model, dataset, split) -> probabilities`.
 Resume replays the same data order (it depends on seed and epoch only), so an interrupted run that
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,7 +31,7 @@ from recsys.config.experiment import load_experiment
 from recsys.data.sequences import Dataset, load_dataset
 from recsys.data.shards import whole
 from recsys.train.evaluation import Predictions, predict, score, split_metrics
-from recsys.train.loop import Context, OnStep, run_loop
+from recsys.train.loop import Context, OnStep, plain_model, run_loop
 
 __all__ = ["Predictions", "RunResult", "evaluate", "predict", "score", "split_metrics", "train", "user_subset"]
 
@@ -84,15 +86,14 @@ class LocalContext(Context):
 def _replace_dir(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temp folder then rename, so a crash never leaves a half-written checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crash's half-written one
+    tmp.mkdir(parents=True)
     write(str(tmp))
     if path.exists():
         old = path.with_name(path.name + ".old")
         path.rename(old)
         tmp.rename(path)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
+        shutil.rmtree(old)  # sharded tables: a checkpoint holds folders
     else:
         tmp.rename(path)
 
@@ -129,7 +130,7 @@ def train(
     finally:
         bar.close()
     metrics = {"best_step": r["best_step"], "val": r["best_val"]} | ({"test": r["test"]} if r["test"] else {})
-    bundle_dir = export_bundle(r["evaluator"], cfg, out / "bundle", metrics, ds)
+    bundle_dir = export_bundle(plain_model(cfg, out / "best", ds.n_items, ds.n_cates), cfg, out / "bundle", metrics, ds)
     result = RunResult(
         out_dir=str(out),
         bundle_dir=str(bundle_dir),
