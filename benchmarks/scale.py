@@ -105,7 +105,8 @@ def child_preprocess(src: str, out: str, address: str) -> dict:
     t0 = time.perf_counter()
     meta = run_preprocess(src, out, seed=0, address=address)
     return {"wall_s": time.perf_counter() - t0, "driver_peak_rss_mb": vm_hwm_mb(), "rows": meta["rows"],
-            "partitions": meta.get("partitions"), "n_users": meta["n_users"], "n_items": meta["n_items"]}
+            "partitions": meta["ray"]["partitions"], "read_tasks": meta["ray"].get("read_tasks"),
+            "driver_rows": meta["ray"].get("driver_rows"), "n_users": meta["n_users"], "n_items": meta["n_items"]}
 
 
 def child_train(folder: str, out: str, address: str, steps: int, workers: int) -> dict:

@@ -193,7 +193,10 @@ def _run_ray_serve(config: ServiceConfig, replicas: int) -> None:
     import ray
     from ray import serve as rs
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False, **loopback)
+    # RAY_ADDRESS names a cluster to join; without it a new local instance (address None would join the
+    # last cluster started on this machine, e.g. a benchmark's multi-node cluster)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True, include_dashboard=False,
+             **loopback)
     # Ray's own SIGTERM handler aborts the driver, which would skip the cleanup below (and leave an
     # embedded Redis server running): stop on SIGTERM as on Ctrl-C.
     stop = threading.Event()
