@@ -18,12 +18,12 @@ from kernels.topk_attention.reference import segment_scale, topk_reference
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def assert_same_topk(q, keys, lengths, k, segments, scores, idx):
+def assert_same_topk(q, keys, lengths, k, segments, scores, idx, near_ties=False):
     """The reference's top k, up to near-ties. The kernel sums the d products in its own order, so with an
     inexact scale (1/sqrt(17)) a score's last bit can differ from BLAS's and swap two events whose scores
     are within fp32 rounding. So: scores equal the reference's to rounding; each chosen event is a valid,
     distinct event whose exact (fp64) score is the reference's score at that rank; indices differ only in
-    a few places."""
+    a few places (anywhere with near_ties: data made of scores within rounding of each other)."""
     ref_scores, ref_idx = topk_reference(q, keys, lengths, k, segments)
     torch.testing.assert_close(scores, ref_scores, **TOL)
     valid = idx >= 0
@@ -37,7 +37,7 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx):
     torch.testing.assert_close(exact[valid], ref_scores[valid].double(), **TOL)
     for r in range(idx.shape[0]):
         assert idx[r][valid[r]].unique().numel() == int(valid[r].sum())
-    assert int((idx != ref_idx).sum()) <= 2 + idx.numel() // 50
+    assert near_ties or int((idx != ref_idx).sum()) <= 2 + idx.numel() // 50
 
 
 # The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX, generic vectors
@@ -319,7 +319,7 @@ def test_bf16_pass1_equals_the_fp32_kernel_and_the_reference(kind, L):
         ref_scores, ref_idx = topk_reference(q, x, L, k)
         assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
     else:
-        assert_same_topk(q, x, L, k, None, scores, idx)
+        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))
 
 
 @pytest.mark.parametrize("L", [3_001, 5_037])
@@ -340,7 +340,7 @@ def test_bf16_pass1_with_two_threads_and_a_tail_block(kind):
         scores, idx = _both_pass1s(q, x, 30_001, 20)
     finally:
         torch.set_num_threads(before)
-    assert_same_topk(q, x, 30_001, 20, None, scores, idx)
+    assert_same_topk(q, x, 30_001, 20, None, scores, idx, near_ties=True)
 
 
 @settings(max_examples=40, deadline=None)
@@ -355,4 +355,4 @@ def test_property_bf16_pass1(rows, L, k, d, kind, seed):
         ref_scores, ref_idx = topk_reference(q, x, L, k)
         assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
     else:
-        assert_same_topk(q, x, L, k, None, scores, idx)
+        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))

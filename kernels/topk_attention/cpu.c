@@ -30,10 +30,11 @@
    (the caller recomputes it with the reference) when its query or the history holds a NaN or inf, or
    when d * max|q| * max|x| could overflow fp32.
 
-   Pass 1 in bf16 (targets with AVX512_BF16, serving layout, R >= LOWP_MIN_ROWS, d <= LOWP_MAX_D): each
-   transposed block is converted once to bf16 pairs (dims 2i, 2i + 1 of an event in one 32-bit lane, d
-   padded to even with a zero column) and every row scores it with vdpbf16ps (two multiply-adds per lane
-   and instruction: half the instructions of the fp32 pass). Those approximate scores a(x) only prune:
+   Pass 1 in bf16 (targets with AVX512_BF16, serving layout, R >= LOWP_MIN_ROWS, d <= LOWP_MAX_D; see
+   pass1_lowp): each block's events are converted once to bf16 pairs (dims 2i, 2i + 1 in 32 bits, d padded
+   to even with a zero column) and scored against all rows with vdpbf16ps (two multiply-adds per lane and
+   instruction: half the instructions of the fp32 pass), keeping each 16-event sub-block's maximum. T is not
+   written: pass 2 transposes the sub-blocks it rescores. Those approximate scores a(x) only prune:
    pass 2 rescores in fp32 with the chain above, so the result is the fp32 pass's, bit for bit, provided
    the pruning never drops an event of the top k. Proof:
      Notation: w = 2^-23 (one fp32 ulp, relative: covers round-to-nearest and any faithful rounding), v = 2^-8
@@ -56,15 +57,15 @@
      fl(|q_j| + rho) * fl(X_bj + rho), C_EPS = c_rel (1 + 2^-10) rounded up and A_EPS = 8 (d + 2) lam: the
      at most d + 6 roundings on these nonnegative terms lose a factor >= (1 - w)^(d + 6) >= 1 - 2^-12
      (d <= 2048) plus < 2 (d + 2) lam of flushes, so the computed eps_b exceeds the bound by at least
-     2^-11 c_rel E + lam ~ 2^-18 E, more than the rounding of U_b = fl(m_b + eps_b) and W_b = fl(m_b - eps_b)
-     (< w (|m_b| + eps_b) + lam with |m_b| <= 1.01 E): U_b >= m_b + |a - s| and W_b <= m_b - |a - s|.
-     Here m_b is the block's largest a over its events (its sub-blocks' likewise, with the block's eps_b).
-   Pruning: W_b <= s(e_b) for the event e_b attaining m_b, so k distinct blocks hold an event scoring >=
-   tau = the k-th largest W_b: the k-th best fp32 score is >= tau. An event e of the top k has s(e) >= tau,
-   and its block and sub-block have U >= m + eps_b >= a(e) + eps_b >= s(e) >= tau: pass 2 (which takes U in
-   place of the fp32 pass's maxima, and keeps the events with s >= tau) rescores it and keeps it. The same
-   holds for the thresholds keep_best raises later (U bounds every fp32 score of its sub-block), so U
-   replaces the maxima even when nb <= k and tau starts at -inf. Non-finite
+     2^-11 c_rel E + lam ~ 2^-18 E, more than the rounding of U = fl(m + eps_b) and W = fl(m - eps_b)
+     (< w (|m| + eps_b) + lam with |m| <= 1.01 E): U >= m + |a - s| and W <= m - |a - s|.
+     Here m is a sub-block's largest a over its events, with its block's eps_b (U and W per sub-block).
+   Pruning: W <= s(e) for the event e attaining m, so k distinct sub-blocks hold an event scoring >=
+   tau = the k-th largest W: the k-th best fp32 score is >= tau. An event e of the top k has s(e) >= tau,
+   and its sub-block has U >= m + eps_b >= a(e) + eps_b >= s(e) >= tau: pass 2 (which takes U in place of
+   the fp32 pass's maxima, and keeps the events with s >= tau) rescores it and keeps it. The same holds
+   for the thresholds keep_best raises later (U bounds every fp32 score of its sub-block), so U replaces
+   the maxima even when tau starts at -inf (no more than k sub-blocks). Non-finite
    inputs flag their rows as before; in a row not flagged d max|q| max|x| < FLT_MAX / 2, so neither a
    nor eps overflows. */
 
@@ -125,10 +126,11 @@ typedef struct {
     int64_t tile_floats;     /* per worker: a tile of transposed blocks when T is not kept */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
-    int lowp;                /* pass 1 in bf16 (see the header): qb, X, c_eps, a_eps are set */
-    const uint32_t *qb;      /* lowp: [R][dh] the rows' queries as bf16 pairs (dims 2i, 2i + 1) */
-    float *X;                /* lowp: [d][nbp] per block, max over its events of |x_j|, plus RHO */
-    float c_eps, a_eps;      /* lowp: eps_b = c_eps sum_j (|q_j| + RHO) X[j][b] + a_eps */
+    int lowp;                /* pass 1 in bf16 (see the header and pass1_lowp): the fields below are set */
+    int64_t Rp;              /* lowp: R rounded up to 16 */
+    const uint32_t *qt;      /* lowp: [dh][Rp] the rows' queries as bf16 pairs (dims 2i, 2i + 1) */
+    float *X;                /* lowp: [d][nbp] per block, fl(max over its events of |x_j| + RHO) */
+    float c_eps, a_eps;      /* lowp: eps_b = fl(c_eps sum_j fl(|q_j| + RHO) X[j][b] + a_eps) */
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
     int x_ok[MAX_THREADS];
 } call_t;
@@ -442,79 +444,156 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
 #endif
 
 #if LOWP
-/* Blocks Tt[0 .. nt) (transposed fp32, zeros past the history) -> Bt[blk][i][lane] (32 bits: the bf16 of dim 2i
-   in the low half, of dim 2i + 1 in the high half, zero for dim d), the layout vdpbf16ps multiplies lane by
-   lane; and X[j][b0 + blk] = fl(max over the block's events of |x_j| + RHO), the per-block factor of eps_b.
-   Once per block, shared by every row. */
-static void to_bf16(const float *Tt, int64_t nt, int d, int64_t b0, float *X, int64_t nbp, uint32_t *Bt) {
-    static const uint16_t pairs[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-    const __m512i inter = _mm512_loadu_si512(pairs);   /* word 2t <- low source t, word 2t + 1 <- high source t */
-    const int dh = (d + 1) / 2;
-    for (int64_t blk = 0; blk < nt; blk++) {
-        const float *Tb = Tt + blk * d * SUB;
-        uint32_t *Bb = Bt + blk * dh * SUB;
-        for (int i = 0; i < dh; i++) {
-            __m512 x[2][NV];
-            for (int h = 0; h < 2; h++) {
-                const int j = 2 * i + h;
-                if (j == d) {
-                    for (int v = 0; v < NV; v++) x[h][v] = _mm512_setzero_ps();
-                    continue;
-                }
-                for (int v = 0; v < NV; v++) x[h][v] = _mm512_loadu_ps(Tb + j * SUB + VW * v);
-                const __m512 a = _mm512_max_ps(_mm512_max_ps(_mm512_abs_ps(x[h][0]), _mm512_abs_ps(x[h][1])),
-                                               _mm512_max_ps(_mm512_abs_ps(x[h][2]), _mm512_abs_ps(x[h][3])));
-                const float xm = _mm512_reduce_max_ps(a);
-                X[j * nbp + b0 + blk] = xm + RHO;
-                if (xm >= BF16_MAX)   /* would round to inf: clamp (moves a value by < 2^-8 of itself) */
-                    for (int v = 0; v < NV; v++)
-                        x[h][v] = _mm512_min_ps(_mm512_max_ps(x[h][v], _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
-            }
-            for (int v = 0; v < NV; v++) {
-                const __m512i lohi = (__m512i)_mm512_cvtne2ps_pbh(x[1][v], x[0][v]);   /* words 0..15: dim 2i */
-                _mm512_storeu_si512(Bb + i * SUB + VW * v, _mm512_permutexvar_epi16(inter, lohi));
-            }
+/* bf16 pass 1 (see the header). Rows go in the vector lanes here (fp32's pass 1 puts events there): an
+   accumulator holds one event's scores for 16 rows, so a sub-block's maximum over its 16 events is 15
+   vertical maxima per 16 rows, where lanes of events needed a shuffle reduction per row and block (that
+   reduction took over a third of pass 1 once the multiply-adds were halved). The keys need no transpose:
+   an event's bf16 pairs, dims (2i, 2i + 1), are broadcast to all lanes. qt [dh][Rp] holds the rows' bf16
+   query pairs (Rp = R rounded up to 16), X [d][nbp] the blocks' fl(max |x_j| + RHO); the sub-block maxima
+   go to S in fp32's layout, and no block maxima are kept (pass 2 works on sub-blocks, lowp_bounds). */
+#define LE 8   /* events per micro-tile: 8 x 3 accumulators, 3 query vectors and a broadcast fit 32 registers */
+
+/* Events [e0, e1) of block b (e1 - e0 <= SUB) -> kb[e - e0][i] (bf16 of dims 2i, 2i + 1; dim d is 0),
+   X[b][j] = fl(max over them of |x_j| + RHO); check and amax as load_blocks when they are not NULL. */
+static void lowp_convert(const call_t *c, const float *keys, int64_t b, int64_t e0, int64_t e1, uint32_t *kb, float *xt,
+                         v8 *check, v8 *amax) {
+    const int d = c->d, dh = (d + 1) / 2;
+    for (int j = 0; j < d; j++) xt[j] = 0.0f;
+    __m512 ck = _mm512_setzero_ps(), am = _mm512_setzero_ps();
+    float row[2 * LOWP_MAX_D + 32];
+    for (int64_t e = e0; e < e1; e++) {
+        const float *x = keys + e * c->stride_l;
+        if (c->stride_d != 1) {   /* strided dims: gathered first */
+            for (int j = 0; j < d; j++) row[j] = x[j * c->stride_d];
+            x = row;
         }
+        uint32_t *out = kb + (e - e0) * dh;
+        for (int j = 0; j < d; j += 32) {
+            const int left = d - j;
+            const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+            __m512 lo = _mm512_maskz_loadu_ps(m0, x + j), hi = _mm512_maskz_loadu_ps(m1, x + j + 16);
+            const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
+            _mm512_mask_storeu_ps(xt + j, m0, _mm512_max_ps(_mm512_maskz_loadu_ps(m0, xt + j), alo));
+            _mm512_mask_storeu_ps(xt + j + 16, m1, _mm512_max_ps(_mm512_maskz_loadu_ps(m1, xt + j + 16), ahi));
+            if (check) {
+                ck = _mm512_add_ps(ck, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_setzero_ps()), _mm512_mul_ps(hi, _mm512_setzero_ps())));
+                am = _mm512_max_ps(am, _mm512_max_ps(alo, ahi));
+            }
+            if (_mm512_cmp_ps_mask(_mm512_max_ps(alo, ahi), _mm512_set1_ps(BF16_MAX), _CMP_GE_OQ)) {
+                /* would round to inf: clamp (moves a value by < 2^-8 of itself) */
+                lo = _mm512_min_ps(_mm512_max_ps(lo, _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
+                hi = _mm512_min_ps(_mm512_max_ps(hi, _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
+            }
+            /* words 0..15: dims j..j+15, 16..31: dims j+16..j+31, i.e. the pairs in order */
+            const int pairs = (left + 1) / 2 >= 16 ? 16 : (left + 1) / 2;
+            _mm512_mask_storeu_epi32(out + j / 2, (__mmask16)((1u << pairs) - 1u), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+    for (int j = 0; j < d; j++) c->X[j * c->nbp + b] = xt[j] + RHO;
+    if (check) {   /* fold into load_blocks's 8-lane form */
+        v8 c8, a8;
+        __m256 clo = _mm512_castps512_ps256(ck), chi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ck), 1));
+        __m256 alo = _mm512_castps512_ps256(am), ahi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(am), 1));
+        c8 = (v8)_mm256_add_ps(clo, chi);
+        a8 = (v8)_mm256_max_ps(alo, ahi);
+        *check += c8;
+        *amax = vmax(*amax, a8);
     }
 }
 
-/* Approximate block and sub-block maxima of QN rows (bf16 query pairs qb, qb + dh, ...) for bf16 block Bb:
-   block_max_rows with vdpbf16ps, each instruction two multiply-adds per lane. Only bounds (via eps_b) are
-   drawn from these values: pass 2 rescores in fp32. */
-static inline __attribute__((always_inline)) void block_max_bf16(const uint32_t *Bb, int64_t left, const uint32_t *qb,
-                                                                 int dh, int QN, float *out, float *sub, int64_t sub_stride) {
-    vf acc[4][NV];
-    for (int u = 0; u < QN; u++)
-        for (int v = 0; v < NV; v++) acc[u][v] = (vf){0};
+/* Maxima over events [0, ne) (1 <= ne <= LE) of kb of RB vectors of 16 rows (qt: their first row) -> out[RB]. */
+static inline __attribute__((always_inline)) void lowp_tile(const uint32_t *kb, int ne, int dh, const uint32_t *qt,
+                                                            int64_t Rp, int RB, __m512 out[3]) {
+    __m512 acc[LE][3];
+    for (int e = 0; e < LE; e++)
+        for (int u = 0; u < RB; u++) acc[e][u] = _mm512_setzero_ps();
     for (int i = 0; i < dh; i++) {
-        /* each key vector loaded once and used by the QN rows at once (loaded per row, GCC reloaded it:
-           loads, not multiply-adds, bounded the loop) */
-        __m512bh qv[4];
-        for (int u = 0; u < QN; u++) qv[u] = (__m512bh)_mm512_set1_epi32((int32_t)qb[u * dh + i]);
-        for (int v = 0; v < NV; v++) {
-            const __m512bh x = (__m512bh)_mm512_loadu_si512(Bb + i * SUB + VW * v);
-            for (int u = 0; u < QN; u++) acc[u][v] = (vf)_mm512_dpbf16_ps((__m512)acc[u][v], x, qv[u]);
+        __m512bh qv[3];
+        for (int u = 0; u < RB; u++) qv[u] = (__m512bh)_mm512_loadu_si512(qt + i * Rp + 16 * u);
+        for (int e = 0; e < LE; e++) {
+            const __m512bh x = (__m512bh)_mm512_set1_epi32((int32_t)kb[e * dh + i]);
+            for (int u = 0; u < RB; u++) acc[e][u] = _mm512_dpbf16_ps(acc[e][u], qv[u], x);
         }
     }
-    if (left < SUB) {
-        vfi lane;
-        for (int t = 0; t < VW; t++) lane[t] = t;
-        for (int v = 0; v < NV; v++) {
-            vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
-            for (int u = 0; u < QN; u++)
-                acc[u][v] = (vf)(((vfi)acc[u][v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
-        }
+    for (int u = 0; u < RB; u++) {   /* events past ne (a history's end) hold stale pairs: left out */
+        __m512 m = acc[0][u];
+        for (int e = 1; e < LE; e++)
+            if (e < ne) m = _mm512_max_ps(m, acc[e][u]);
+        out[u] = m;
     }
-    for (int u = 0; u < QN; u++) out[u] = sub_maxima(acc[u], sub + u * sub_stride);
 }
-#define QL 4   /* rows per bf16 step: 16 accumulators, 4 key vectors */
 
-/* Row r after a bf16 pass 1: its block maxima M[b] and sub-block maxima S become the upper bounds
-   U = fl(m + eps_b) on the fp32 scores there (always: pass 2 compares them with a threshold that keep_best
-   raises even when it starts at -inf), and its threshold, the k-th largest W_b = fl(m_b - eps_b), is
-   returned, -inf when nb <= k (the header's proof). kth: kth_floats(nbp) floats, W is built in its first half. */
-static float lowp_bounds(const call_t *c, int r, float *M, float *S, int64_t nb, int k, float *kth) {
+/* Sub-block maxima of rows [16 g0, 16 g1) (RB vectors at a time) for block b's events kb (nv of them), stored
+   in S's row-major layout, S[r][b][v], through a 4 x 4 transpose per 128-bit lane. */
+static inline __attribute__((always_inline)) void lowp_rows(const call_t *c, const uint32_t *kb, int64_t nv, int64_t b,
+                                                            int g0, int g1, int RB) {
+    const int dh = (c->d + 1) / 2;
+    const int64_t Rp = c->Rp, nbp = c->nbp;
+    for (int g = g0; g + RB <= g1; g += RB) {
+        __m512 m[NV][3];
+        for (int v = 0; v < NV; v++) {
+            const int64_t first = (int64_t)VW * v;
+            if (first >= nv) {   /* past the history's end: no event */
+                for (int u = 0; u < RB; u++) m[v][u] = _mm512_set1_ps(-INFINITY);
+                continue;
+            }
+            lowp_tile(kb + first * dh, (int)(nv - first < LE ? nv - first : LE), dh, c->qt + 16 * g, Rp, RB, m[v]);
+            if (nv - first > LE) {
+                __m512 m2[3];
+                lowp_tile(kb + (first + LE) * dh, (int)(nv - first - LE < LE ? nv - first - LE : LE), dh, c->qt + 16 * g, Rp, RB, m2);
+                for (int u = 0; u < RB; u++) m[v][u] = _mm512_max_ps(m[v][u], m2[u]);
+            }
+        }
+        for (int u = 0; u < RB; u++) {
+            const __m512 t0 = _mm512_unpacklo_ps(m[0][u], m[1][u]), t1 = _mm512_unpackhi_ps(m[0][u], m[1][u]);
+            const __m512 t2 = _mm512_unpacklo_ps(m[2][u], m[3][u]), t3 = _mm512_unpackhi_ps(m[2][u], m[3][u]);
+            __m512 rs[4];   /* 128-bit lane l of rs[s]: the NV sub-block maxima of row 16 (g + u) + 4 l + s */
+            rs[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+            rs[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+            rs[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+            rs[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+            const int row0 = 16 * (g + u);
+            if (row0 + 16 <= c->R) {
+                for (int s = 0; s < 4; s++) {
+                    float *o = c->S + ((int64_t)(row0 + s) * nbp + b) * NV;
+                    _mm_storeu_ps(o, _mm512_castps512_ps128(rs[s]));
+                    _mm_storeu_ps(o + 4 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 1));
+                    _mm_storeu_ps(o + 8 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 2));
+                    _mm_storeu_ps(o + 12 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 3));
+                }
+            } else {   /* the last rows: not past R */
+                float tmp[4][16];
+                for (int s = 0; s < 4; s++) _mm512_storeu_ps(tmp[s], rs[s]);
+                for (int r = row0; r < c->R; r++)
+                    memcpy(c->S + ((int64_t)r * nbp + b) * NV, &tmp[(r - row0) % 4][4 * ((r - row0) / 4)], NV * sizeof(float));
+            }
+        }
+    }
+}
+
+/* bf16 pass 1 over blocks [b0, b1) of the shared history, every row. With keep_T the blocks are also
+   transposed into T for pass 2 (load_blocks checks them); without, lowp_convert checks them. */
+static void pass1_lowp(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, float *T, uint32_t *kb,
+                       float *xt, v8 *check, v8 *amax) {
+    const int d = c->d, nrv = (int)(c->Rp / 16);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t nv = n - b * SUB < SUB ? n - b * SUB : SUB;
+        if (T) load_blocks(c, keys, n, b, b + 1, T + b * d * SUB, check, amax);
+        lowp_convert(c, keys, b, b * SUB, b * SUB + nv, kb, xt, T ? NULL : check, T ? NULL : amax);
+        const int g3 = nrv / 3 * 3;
+        lowp_rows(c, kb, nv, b, 0, g3, 3);
+        if (nrv - g3 == 2) lowp_rows(c, kb, nv, b, g3, nrv, 2);
+        if (nrv - g3 == 1) lowp_rows(c, kb, nv, b, g3, nrv, 1);
+    }
+}
+
+/* Row r after a bf16 pass 1: its sub-block maxima S become the upper bounds U = fl(m + eps_b) on the fp32
+   scores there (always: pass 2 compares them with a threshold that keep_best raises even when it starts at
+   -inf), and its threshold, the k-th largest sub-block W = fl(m - eps_b), is returned, -inf when there are
+   no more than k sub-blocks (the header's proof, with sub-blocks for blocks: k distinct sub-blocks hold an
+   event scoring >= their W). kth: kth_floats(NV nbp) floats, W is built in its first half. */
+static float lowp_bounds(const call_t *c, int r, float *S, int64_t nb, int k, float *kth) {
     static const int32_t quarter[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
     const int d = c->d;
     const int64_t nbp = c->nbp;
@@ -527,18 +606,17 @@ static float lowp_bounds(const call_t *c, int r, float *M, float *S, int64_t nb,
         __m512 e = _mm512_setzero_ps();
         for (int j = 0; j < d; j++) e = _mm512_fmadd_ps(_mm512_set1_ps(qp[j]), _mm512_maskz_loadu_ps(in, c->X + j * nbp + b), e);
         e = _mm512_fmadd_ps(e, ce, ae);
-        const __m512 m = _mm512_maskz_loadu_ps(in, M + b);
-        _mm512_mask_storeu_ps(kth + b, in, _mm512_sub_ps(m, e));
-        _mm512_mask_storeu_ps(M + b, in, _mm512_add_ps(m, e));
-        for (int w = 0; w < 4 && b + 4 * w < nb; w++) {   /* S: 4 blocks of NV = 4 sub-blocks per vector */
+        for (int w = 0; w < 4 && b + 4 * w < nb; w++) {   /* 4 blocks of NV = 4 sub-blocks per vector */
             const int64_t blocks = nb - b - 4 * w;
             const __mmask16 sm = blocks >= 4 ? (__mmask16)0xFFFF : (__mmask16)((1u << (4 * blocks)) - 1u);
             const __m512 ew = _mm512_permutexvar_ps(_mm512_add_epi32(qi, _mm512_set1_epi32(4 * w)), e);
             float *Sw = S + (b + 4 * w) * NV;
-            _mm512_mask_storeu_ps(Sw, sm, _mm512_add_ps(_mm512_maskz_loadu_ps(sm, Sw), ew));
+            const __m512 sv = _mm512_maskz_loadu_ps(sm, Sw);
+            _mm512_mask_storeu_ps(Sw, sm, _mm512_add_ps(sv, ew));
+            _mm512_mask_storeu_ps(kth + (b + 4 * w) * NV, sm, _mm512_sub_ps(sv, ew));
         }
     }
-    return nb > k ? kth_largest_v(kth, (int)nb, k, kth) : -INFINITY;
+    return NV * nb > k ? kth_largest_v(kth, (int)(NV * nb), k, kth) : -INFINITY;
 }
 #endif
 
@@ -546,39 +624,15 @@ static float lowp_bounds(const call_t *c, int r, float *M, float *S, int64_t nb,
    sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
    depends on the scores). */
 static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
-                  float *T, float *tile_buf, uint32_t *bf_tile, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
+                  float *T, float *tile_buf, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
     /* tile_buf non-NULL: the tile is transposed there and T is not kept (pass 2 transposes what it needs) */
     /* row r's maxima: M + (r - r0) nbp; with SUBMAX its sub-block maxima S + ((r - r0) nbp + b) NV */
-    /* bf_tile non-NULL (c->lowp): the tile is converted there and scored in bf16 */
     const int d = c->d, tile = tile_blocks(d);
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
         float *Tt = tile_buf ? tile_buf : T + t0 * d * SUB;
         load_blocks(c, keys, n, t0, t1, Tt, check, amax);
         int r = r0;
-#if LOWP
-        if (bf_tile) {
-            const int dh = (d + 1) / 2;
-            to_bf16(Tt, t1 - t0, d, t0, c->X, c->nbp, bf_tile);
-            for (; r < r1; r += QL) {
-                const uint32_t *qb = c->qb + (int64_t)r * dh;
-                float *Mr = M + (int64_t)(r - r0) * nbp;
-                float *Sr = S + (int64_t)(r - r0) * nbp * NV;
-                for (int64_t b = t0; b < t1; b++) {
-                    const uint32_t *Bb = bf_tile + (b - t0) * dh * SUB;
-                    float mx[QL];
-                    if (r + QL <= r1) block_max_bf16(Bb, n - b * SUB, qb, dh, QL, mx, Sr + b * NV, nbp * NV);
-                    else
-                        for (int u = 0; u < r1 - r; u++)   /* the rows left over, one at a time */
-                            block_max_bf16(Bb, n - b * SUB, qb + u * dh, dh, 1, mx + u, Sr + u * nbp * NV + b * NV, 0);
-                    for (int u = 0; u < QL && r + u < r1; u++) Mr[u * nbp + b] = mx[u];
-                }
-            }
-            continue;
-        }
-#else
-        (void)bf_tile;
-#endif
 #if QB > 1
         for (; r + QB <= r1; r += QB) {
             const float *q = c->q + (int64_t)r * d;
@@ -690,6 +744,28 @@ static inline const float *block_of(const call_t *c, const float *T, const float
 }
 
 #if SUBMAX
+/* Sub-block v of block b (events b SUB + VW v ..) transposed into buf's lanes VW v .. VW v + VW - 1 (the
+   blocked layout), zeros past n: pass 2 without T transposes only the sub-blocks it rescores (at L = 100k,
+   C = 200 about half of them; all of T was a fifth of a bf16 call, writing it included). */
+static void sub_block_of(const call_t *c, const float *keys, int64_t n, int64_t b, int v, float *buf) {
+    const int d = c->d;
+    const int64_t e0 = b * SUB + VW * v, e1 = n - e0 < VW ? n : e0 + VW;
+    float *out = buf + VW * v;
+    int64_t e = e0;
+    if (c->stride_d == 1 && d >= 8)
+        for (; e + 8 <= e1; e += 8) {
+            const float *x = keys + e * c->stride_l;
+            int j = 0;
+            for (; j + 8 <= d; j += 8) transpose8(x + j, c->stride_l, out + j * SUB + (e - e0), SUB);
+            for (; j < d; j++)
+                for (int t = 0; t < 8; t++) out[j * SUB + (e - e0) + t] = x[t * c->stride_l + j];
+        }
+    for (; e < e1; e++)
+        for (int j = 0; j < d; j++) out[j * SUB + (e - e0)] = keys[e * c->stride_l + j * c->stride_d];
+    for (; e < e0 + VW; e++)
+        for (int j = 0; j < d; j++) out[j * SUB + (e - e0)] = 0.0f;
+}
+
 /* Rescore items u < n_it (sub-block it_v[u] of the current block for row index it_row[u]) with independent
    accumulators, then append each one's events scoring >= the row's threshold to its candidates. */
 static inline void rescore_group(const call_t *c, const float *Tb, int64_t left, int64_t b, const int *it_row,
@@ -732,6 +808,9 @@ static inline void rescore_group(const call_t *c, const float *Tb, int64_t left,
 }
 #endif
 
+static void finish_rows(const call_t *c, int r0, int r1, float *cs, int32_t *ci, int32_t *cnt, float *tau, float *kth,
+                        int32_t *rank);
+
 /* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp, nb blocks, -inf padded to nbp, a
    multiple of 8). tau_r = the k-th largest block maximum of row r: k blocks hold an event scoring >=
    tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a block whose maximum
@@ -745,17 +824,18 @@ static inline void rescore_group(const call_t *c, const float *Tb, int64_t left,
    Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
    and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *keys, float *block_buf,
-                  float *M, float *sub_max, int64_t nbp,
+                  const float *M, float *sub_max, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
     const int d = c->d, k = c->k, cap = c->cap;
+    (void)cap;
     const int64_t nb = (n + SUB - 1) / SUB;
     for (int r = r0; r < r1; r++) {
         cnt[r - r0] = 0;
         tau[r - r0] = -INFINITY;
 #if LOWP
-        if (c->lowp) {   /* M and sub_max become upper bounds, tau the k-th largest lower one */
-            tau[r - r0] = lowp_bounds(c, r, M + (int64_t)(r - r0) * nbp, sub_max + (int64_t)(r - r0) * nbp * S_PER, nb, k, kth);
+        if (c->lowp) {   /* S becomes upper bounds, tau the k-th largest lower one */
+            tau[r - r0] = lowp_bounds(c, r, sub_max + (int64_t)(r - r0) * nbp * NV, nb, k, kth);
             continue;
         }
 #endif
@@ -775,9 +855,21 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const float *Mr = M + (int64_t)(r - r0) * nbp;
             const v8 vtau = (v8){0} + tau[r - r0];
             for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks with M[b] >= tau, 8 tested at once */
-                v8 mb;
-                memcpy(&mb, Mr + b8, sizeof mb);
-                uint32_t blocks = mask8(mb >= vtau);
+                uint32_t blocks;
+#if LOWP
+                if (c->lowp) {   /* no block maxima: the blocks with a sub-block U >= tau */
+                    const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NV;
+                    const __m512 vt = _mm512_set1_ps(tau[r - r0]);
+                    const uint32_t subs = (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(Sr), vt, _CMP_GE_OQ) |
+                                          (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(Sr + 16), vt, _CMP_GE_OQ) << 16;
+                    blocks = _pext_u32(subs | subs >> 1 | subs >> 2 | subs >> 3, 0x11111111u);
+                } else
+#endif
+                {
+                    v8 mb;
+                    memcpy(&mb, Mr + b8, sizeof mb);
+                    blocks = mask8(mb >= vtau);
+                }
                 if (nb - b8 < 8) blocks &= (1u << (nb - b8)) - 1u;   /* never the padding (tau may be -inf) */
                 for (; blocks; blocks &= blocks - 1) {
                     int64_t b = b8 + __builtin_ctz(blocks);
@@ -796,10 +888,10 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
        score_block's chain for that vector, so the same values. The items of a row come in index order. */
     enum { GROUP = 4 };
     int it_row[GROUP], it_v[GROUP];
-    (void)d;
     for (int64_t b = 0, p = 0; b < nb; b++) {
         if (p == start[b]) continue;
-        const float *Tb = block_of(c, T, keys, n, b, block_buf);
+        const float *Tb = block_buf ? block_buf : T + b * d * SUB;
+        uint32_t have = block_buf ? 0 : 0xF;   /* sub-blocks of Tb in place */
         const int64_t left = n - b * SUB;
         int n_it = 0;
         for (;;) {
@@ -809,6 +901,10 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
                 const __m128 sm = _mm_loadu_ps(sub_max + ((int64_t)i * nbp + b) * NV);
                 for (uint32_t subs = (uint32_t)_mm_movemask_ps(_mm_cmp_ps(sm, _mm_set1_ps(tau[i]), _CMP_GE_OQ));
                      subs; subs &= subs - 1) {
+                    if (!(have >> __builtin_ctz(subs) & 1)) {
+                        sub_block_of(c, keys, n, b, __builtin_ctz(subs), block_buf);
+                        have |= 1u << __builtin_ctz(subs);
+                    }
                     it_row[n_it] = i;
                     it_v[n_it++] = __builtin_ctz(subs);
                     if (n_it == GROUP) {
@@ -856,6 +952,16 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         }
     }
 #endif
+    finish_rows(c, r0, r1, cs, ci, cnt, tau, kth, rank);
+}
+
+/* Rows [r0, r1) after pass 2: each row's candidates (index order) ranked (score desc, index asc: ties to the
+   lower index) and the first k written out. */
+static void finish_rows(const call_t *c, int r0, int r1, float *cs, int32_t *ci, int32_t *cnt, float *tau, float *kth,
+                        int32_t *rank) {
+    const int k = c->k, cap = c->cap;
+    (void)tau;
+    (void)kth;
     for (int r = r0; r < r1; r++) {
         const int i = r - r0;
         float *S = c->out_s + (int64_t)r * k;
@@ -916,13 +1022,19 @@ static void run_part(call_t *c, int t) {
         const int64_t tiles = (nb + tile - 1) / tile;
         int64_t b0 = tiles * t / nt * tile, b1 = tiles * (t + 1) / nt * tile;
         b1 = b1 < nb ? b1 : nb;
-        if (t == nt - 1)
+        if (t == nt - 1 && !c->lowp)
             for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
                 for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
         char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
-        uint32_t *bf_tile = c->lowp ? (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4)) : NULL;
-        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, bf_tile, c->M, c->S, nbp, &check, &amax);
+#if LOWP
+        uint32_t *kb = (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4));   /* lowp: a block's bf16 keys */
+        float *xt = (float *)(kb + SUB * ((d + 1) / 2));
+        if (c->lowp) {
+            if (b0 < b1) pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, xt, &check, &amax);
+        } else
+#endif
+        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
 #pragma omp barrier
         int x_ok = 1;
@@ -956,7 +1068,7 @@ static void run_part(call_t *c, int t) {
             amax = (v8){0};
             const float *keys = c->keys + (int64_t)r * c->key_row_stride;
             float *tile_buf = few_rows_skip_T(1, c->k, nb) ? tile : NULL;
-            pass1(c, keys, n, 0, nb, r, r + 1, T, tile_buf, NULL, M, S, 0, &check, &amax);
+            pass1(c, keys, n, 0, nb, r, r + 1, T, tile_buf, M, S, 0, &check, &amax);
             int x_ok;
             float xmax;
             reduce_check(check, amax, &x_ok, &xmax);
@@ -1012,21 +1124,25 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.nbp = nbp;
     c.cap = (int)cap;
     c.sel = kth_floats(nbp > cap ? nbp : cap);
-    c.keep_T = key_row_stride != 0 || !few_rows_skip_T(R, k, nb);
+    c.lowp = topk_pass1_bits(R, d, key_row_stride) == 16;
+    /* the bf16 pass reads the keys untransposed: pass 2 transposes the sub-blocks it rescores (sub_block_of) */
+    c.keep_T = key_row_stride != 0 || (!c.lowp && !few_rows_skip_T(R, k, nb));
     c.tile_floats = (int64_t)tile_blocks(d) * d * SUB;
     const size_t t_bytes = c.keep_T ? align64((size_t)nb * d * SUB * sizeof(float)) : 0;
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
     const size_t s_bytes = align64((size_t)R * nbp * S_PER * sizeof(float));
-    /* bf16 pass 1 (see the header): the rows' bf16 queries qb and the blocks' X shared, a bf16 tile per worker */
+    /* bf16 pass 1 (see the header, pass1_lowp): qt and X shared, a block's bf16 keys and X row per worker, and
+       the selection scratch takes the sub-blocks' lower bounds (lowp_bounds) */
     const int dh = (d + 1) / 2;
-    c.lowp = topk_pass1_bits(R, d, key_row_stride) == 16;
-    const size_t qb_bytes = c.lowp ? align64((size_t)R * dh * 4) : 0, x_bytes = c.lowp ? align64((size_t)d * nbp * 4) : 0;
-    const size_t bf_tile_bytes = c.lowp ? align64((size_t)tile_blocks(d) * dh * SUB * 4) : 0;
-    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qb, X shared; per worker: kth, start, rank, tiles (see run_part) */
-        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + qb_bytes + x_bytes;
-        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4) + bf_tile_bytes;
+    c.Rp = (R + 15) / 16 * 16;
+    const size_t qt_bytes = c.lowp ? align64((size_t)dh * c.Rp * 4) : 0, x_bytes = c.lowp ? align64((size_t)d * nbp * 4) : 0;
+    const size_t kb_bytes = c.lowp ? align64((size_t)SUB * dh * 4 + ((size_t)d + 32) * 4) : 0;
+    if (c.lowp) c.sel = kth_floats(NV * nbp > cap ? NV * nbp : cap);
+    if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qt, X shared; per worker: kth, start, rank, tiles (see run_part) */
+        shared = t_bytes + 2 * m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + qt_bytes + x_bytes;
+        c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4) + kb_bytes;
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
         c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER + c.tile_floats) * 4) + t_bytes;
     }
@@ -1043,19 +1159,21 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.ws = ws + shared;
 #if LOWP
     if (c.lowp) {
-        uint32_t *qb = (uint32_t *)(ws + shared - qb_bytes - x_bytes);
-        c.qb = qb;
+        uint32_t *qt = (uint32_t *)(ws + shared - qt_bytes - x_bytes);
+        c.qt = qt;
         c.X = (float *)(ws + shared - x_bytes);
-        for (int r = 0; r < R; r++)   /* clamped, then RNE to bf16; the pad dim d (d odd) is 0 */
-            for (int j = 0; j < 2 * dh; j += 16) {
+        memset(qt, 0, qt_bytes);   /* the padding rows score 0 and are never read */
+        uint16_t pairs[2 * LOWP_MAX_D + 16];
+        for (int r = 0; r < R; r++) {
+            for (int j = 0; j < 2 * dh; j += 16) {   /* clamped, then RNE to bf16; the pad dim d (d odd) is 0 */
                 const int left = d - j;
                 const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
                 __m512 x = _mm512_maskz_loadu_ps(in, q + (int64_t)r * d + j);
                 x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
-                const int words = 2 * dh - j >= 16 ? 16 : 2 * dh - j;
-                _mm256_mask_storeu_epi16((uint16_t *)(qb + (int64_t)r * dh) + j, (__mmask16)((1u << words) - 1u),
-                                         (__m256i)_mm512_cvtneps_pbh(x));
+                _mm256_storeu_si256((__m256i *)(pairs + j), (__m256i)_mm512_cvtneps_pbh(x));
             }
+            for (int i = 0; i < dh; i++) qt[(int64_t)i * c.Rp + r] = pairs[2 * i] | (uint32_t)pairs[2 * i + 1] << 16;
+        }
         /* c_rel (header) for this d, with the 2^-10 margin the fp32 evaluation of eps_b needs, rounded up */
         const double w = 0x1p-23, v = 0x1p-8, gD = 2 * dh * w / (1 - 2 * dh * w), g2d = 2 * d * w / (1 - 2 * d * w);
         const double c_eval = (2 * v + v * v + gD * (1 + v) * (1 + v) + g2d) * (1 + 0x1p-10);
