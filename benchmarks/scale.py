@@ -246,7 +246,7 @@ def main() -> None:
             result["evaluation"] = run_child("evaluate", cluster.address, str(work / "eval"), str(a.workers))
         if a.table_rows:
             cmd = [sys.executable, str(REPO / "benchmarks" / "scale_tables.py"), "--rows", str(a.table_rows),
-                   "--dim", str(a.table_dim), "--ranks", str(a.workers), "--out", "-"]
+                   "--dim", str(a.table_dim), "--world", str(a.workers), "--read"]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, check=True)
             result["tables"] = json.loads(proc.stdout.strip().splitlines()[-1])
     finally:
