@@ -6,8 +6,10 @@ large-matmul and large-copy peaks, the fraction bound / median, the speedup over
 and whether its indices equal the exact (reference-tie-order) result. On CPU also the bound against the
 CPU's own fused multiply-add peak at its widest vectors (benchmarks/_fma_peak.c, compiled here): a BLAS
 matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512), and a kernel can then
-beat the matmul "peak". Without --quick, also the training layout (one history per query), which
-retrieval.dispatch sends to the torch paths.
+beat the matmul "peak". FLOPs are 2 C L d, fp32-equivalent: where the CPU has AVX512_BF16 the fused kernel
+scores its pruning pass in bf16 (fused_c.pass1_bits = 16), half the instructions, so its fraction of the fp32
+peak can pass what the same FLOPs in fp32 could reach. Without --quick, also the training layout (one
+history per query), which retrieval.dispatch sends to the torch paths.
 
     .venv/bin/python benchmarks/topk_search.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
 
@@ -140,7 +142,7 @@ def run(device, quick, reps):
                 q = torch.randn(C, d, generator=gen).to(device)
                 keys = torch.randn(L, d, generator=gen).to(device)
                 exact_idx = PATHS["packed"](q.cpu(), keys.cpu(), L, K)[1]
-                flops = 2 * C * L * d
+                flops = 2 * C * L * d  # fp32-equivalent: the fused kernel's bf16 pass 1 does half the instructions
                 nbytes = (L * d + C * d) * 4 + C * K * 12  # keys and queries read once, scores + indices written
                 bound = max(flops / flops_peak, nbytes / bw_peak)
                 fma_bound = max(flops / vector_peak, nbytes / bw_peak) if vector_peak else None
@@ -162,6 +164,8 @@ def run(device, quick, reps):
                         "speedup_vs_matmul_topk": (base / secs) if base else None,
                         "exact": bool(torch.equal(idx, exact_idx)),
                     }
+                if "median_s" in row.get("fused_c", {}):   # 16: pass 1 in bf16 (FLOP fractions count fp32 FLOPs)
+                    row["fused_c"]["pass1_bits"] = fused.pass1_bits(C, d)
                 if "dispatch" in row and device == "cpu":
                     row["dispatch"]["chose"] = dispatch.choose(q, keys, L, K)
                 compare(row)
