@@ -224,7 +224,8 @@ static inline float sub_maxima(const vf a[NV], float sub[NV]) {
 #define LOWP 0
 #endif
 #define LOWP_MIN_ROWS 16       /* fewer rows per history: converting each block costs more than it saves (L = 100k,
-                                  d = 33, one thread: C = 8 2.0 against 1.5 ms; C = 16 even; C = 32 3.2 against 3.7) */
+                                  d = 33, one thread: C = 8 1.7 against 1.1 ms; C = 16 1.8 against 2.0; C = 32 3.1
+                                  against 3.7; L = 10k, C = 16 even) */
 #define LOWP_MAX_D 2048        /* the fp32 evaluation of eps_b is proven for d <= 2048 (see the header) */
 #define RHO 0x1p-117f          /* added to |q_j| and X_bj so that c_rel RHO covers the denormal terms */
 #define BF16_MAX 0x1.fep127f   /* largest finite bf16: larger values are clamped, not rounded to inf */
