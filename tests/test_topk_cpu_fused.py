@@ -322,6 +322,15 @@ def test_bf16_pass1_equals_the_fp32_kernel_and_the_reference(kind, L):
         assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))
 
 
+@pytest.mark.parametrize("layout", ["dims_strided", "rows_strided"])
+def test_bf16_pass1_strided_keys(layout):
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(40, 33, generator=gen)
+    base = torch.randn(33, 4_001, generator=gen).t() if layout == "dims_strided" else torch.randn(8_002, 33, generator=gen)[::2]
+    scores, idx = _both_pass1s(q, base, 4_001, 20)
+    assert_same_topk(q, base, 4_001, 20, None, scores, idx)
+
+
 @pytest.mark.parametrize("L", [3_001, 5_037])
 def test_bf16_pass1_finds_the_events_it_ranks_last(L):
     q, x = _adversarial("inverted", L, torch.Generator().manual_seed(L))

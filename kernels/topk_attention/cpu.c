@@ -460,24 +460,26 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
 static void lowp_convert(const call_t *c, const float *keys, int64_t b, int64_t e0, int64_t e1, uint32_t *kb, float *xt,
                          v8 *check, v8 *amax) {
     const int d = c->d, dh = (d + 1) / 2;
-    for (int j = 0; j < d; j++) xt[j] = 0.0f;
     __m512 ck = _mm512_setzero_ps(), am = _mm512_setzero_ps();
-    float row[2 * LOWP_MAX_D + 32];
-    for (int64_t e = e0; e < e1; e++) {
-        const float *x = keys + e * c->stride_l;
-        if (c->stride_d != 1) {   /* strided dims: gathered first */
-            for (int j = 0; j < d; j++) row[j] = x[j * c->stride_d];
-            x = row;
-        }
-        uint32_t *out = kb + (e - e0) * dh;
-        for (int j = 0; j < d; j += 32) {
-            const int left = d - j;
-            const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-            const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
-            __m512 lo = _mm512_maskz_loadu_ps(m0, x + j), hi = _mm512_maskz_loadu_ps(m1, x + j + 16);
+    float row[32];
+    /* 32 dims of every event at a time, their maxima in registers (kept in xt per event, the maxima were a
+       chain of masked stores and reloads: a fifth of pass 1) */
+    for (int j = 0; j < d; j += 32) {
+        const int left = d - j;
+        const __mmask16 m0 = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __mmask16 m1 = left >= 32 ? (__mmask16)0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+        const int pairs = (left + 1) / 2 >= 16 ? 16 : (left + 1) / 2;
+        __m512 xlo = _mm512_setzero_ps(), xhi = _mm512_setzero_ps();
+        for (int64_t e = e0; e < e1; e++) {
+            const float *x = keys + e * c->stride_l + (int64_t)j * c->stride_d;
+            if (c->stride_d != 1) {   /* strided dims: gathered first */
+                for (int t = 0; t < (left < 32 ? left : 32); t++) row[t] = x[t * c->stride_d];
+                x = row;
+            }
+            __m512 lo = _mm512_maskz_loadu_ps(m0, x), hi = _mm512_maskz_loadu_ps(m1, x + 16);
             const __m512 alo = _mm512_abs_ps(lo), ahi = _mm512_abs_ps(hi);
-            _mm512_mask_storeu_ps(xt + j, m0, _mm512_max_ps(_mm512_maskz_loadu_ps(m0, xt + j), alo));
-            _mm512_mask_storeu_ps(xt + j + 16, m1, _mm512_max_ps(_mm512_maskz_loadu_ps(m1, xt + j + 16), ahi));
+            xlo = _mm512_max_ps(xlo, alo);
+            xhi = _mm512_max_ps(xhi, ahi);
             if (check) {
                 ck = _mm512_add_ps(ck, _mm512_add_ps(_mm512_mul_ps(lo, _mm512_setzero_ps()), _mm512_mul_ps(hi, _mm512_setzero_ps())));
                 am = _mm512_max_ps(am, _mm512_max_ps(alo, ahi));
@@ -488,9 +490,11 @@ static void lowp_convert(const call_t *c, const float *keys, int64_t b, int64_t 
                 hi = _mm512_min_ps(_mm512_max_ps(hi, _mm512_set1_ps(-BF16_MAX)), _mm512_set1_ps(BF16_MAX));
             }
             /* words 0..15: dims j..j+15, 16..31: dims j+16..j+31, i.e. the pairs in order */
-            const int pairs = (left + 1) / 2 >= 16 ? 16 : (left + 1) / 2;
-            _mm512_mask_storeu_epi32(out + j / 2, (__mmask16)((1u << pairs) - 1u), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_mask_storeu_epi32(kb + (e - e0) * dh + j / 2, (__mmask16)((1u << pairs) - 1u),
+                                     (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
         }
+        _mm512_mask_storeu_ps(xt + j, m0, xlo);
+        _mm512_mask_storeu_ps(xt + j + 16, m1, xhi);
     }
     for (int j = 0; j < d; j++) c->X[j * c->nbp + b] = xt[j] + RHO;
     if (check) {   /* fold into load_blocks's 8-lane form */
