@@ -38,7 +38,8 @@ def per_row_loop(ds, s, rows, L):
         item[i, : n[i]] = ds.store.item[h][::-1]
         cate[i, : n[i]] = ds.store.cate[h][::-1]
         pos[i, : n[i]] = np.arange(1, n[i] + 1)
-    return HistoryBatch(*(torch.from_numpy(x) for x in (s.user[rows], s.item[rows], s.cate[rows], item, cate, pos, n, s.label[rows])))
+    ids = (s.user[rows].astype(np.int64), s.item[rows].astype(np.int64), s.cate[rows].astype(np.int64))  # loaded as int32
+    return HistoryBatch(*(torch.from_numpy(x) for x in (*ids, item, cate, pos, n, s.label[rows])))
 
 
 def measure(fn, repeats):

@@ -35,11 +35,15 @@ SAMPLE_OPTIONAL = ("evidence", "p_label")  # synthetic data only
 
 @dataclass
 class SequenceStore:
-    """Every user's time-ordered events, once. Ids are dense; 0 is padding."""
+    """Every user's time-ordered events, once. Ids are dense; 0 is padding.
+
+    Loaded stores keep the files' int32 ids (`assemble` and `timeline` widen what a batch gathers to the
+    int64 torch indexes with); `item` and `cate` are then reversed views of `reversed_padded`, so each
+    event's ids are held once."""
 
     offsets: np.ndarray  # [U + 1] int64
-    item: np.ndarray     # [N] int64
-    cate: np.ndarray     # [N] int64
+    item: np.ndarray     # [N] int32 (loaded; any integer type works)
+    cate: np.ndarray     # [N] int32
     ts: np.ndarray       # [N] int64
     # the first user id held: a worker's shard holds the contiguous user range first_user..first_user + n_users - 1
     first_user: int = 0
@@ -55,23 +59,28 @@ class SequenceStore:
     @cached_property
     def reversed_padded(self) -> tuple[np.ndarray, np.ndarray]:
         """item and cate reversed, then zero-padded by the longest sequence: the most-recent-first
-        history ending before store index e is the contiguous slice starting at N - e."""
-        pad = np.zeros(int(self.lengths.max(initial=0)) + 1, np.int64)
-        return np.concatenate([self.item[::-1], pad]), np.concatenate([self.cate[::-1], pad])
+        history ending before store index e is the contiguous slice starting at N - e. (`store_from_table`
+        builds a loaded store's item and cate as views of these.)"""
+        pad = int(self.lengths.max(initial=0)) + 1
+        return (np.concatenate([self.item[::-1], np.zeros(pad, self.item.dtype)]),
+                np.concatenate([self.cate[::-1], np.zeros(pad, self.cate.dtype)]))
 
     def user_events(self, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One user's (item, cate, ts), the ids as int64 copies (callers hand them to torch, which takes no
+        int32 index arrays read backwards)."""
         a, b = self.offsets[user - self.first_user], self.offsets[user - self.first_user + 1]
-        return self.item[a:b], self.cate[a:b], self.ts[a:b]
+        return self.item[a:b].astype(np.int64), self.cate[a:b].astype(np.int64), self.ts[a:b]
 
 
 @dataclass
 class Samples:
-    """Training/evaluation rows: the target at `pos` of `user`'s sequence, and its label."""
+    """Training/evaluation rows: the target at `pos` of `user`'s sequence, and its label. Loaded rows keep
+    the files' int32 ids (`assemble` widens a batch's)."""
 
-    user: np.ndarray   # [R] int64
-    pos: np.ndarray    # [R] int64
-    item: np.ndarray   # [R] int64
-    cate: np.ndarray   # [R] int64
+    user: np.ndarray   # [R] int32 (loaded; any integer type works)
+    pos: np.ndarray    # [R] int32
+    item: np.ndarray   # [R] int32
+    cate: np.ndarray   # [R] int32
     label: np.ndarray  # [R] float32
     evidence: list[np.ndarray] | None = None  # synthetic data only: positions that drove the label
     p_label: np.ndarray | None = None          # synthetic data only: [R] P(label = 1 | full history, target)
@@ -104,7 +113,7 @@ class Dataset:
 def _read_files(files: list[Path], columns: dict[str, pa.DataType], optional: tuple[str, ...] = ()
                 ) -> tuple[pa.Table, Path | str | Callable[[int], tuple[str, int]]]:
     """The files read one after another (each checked), and where their rows are: the path of one file, or
-    for part files a locator of (file, row within it) for `_check`'s messages."""
+    for part files a locator of (file, row within it) for `_fail`'s messages."""
     tables = [_read(f, columns, optional) for f in files]
     if len(tables) == 1:
         return tables[0], files[0]
@@ -132,13 +141,62 @@ def _read(path: Path, columns: dict[str, pa.DataType], optional: tuple[str, ...]
     return table
 
 
-def _check(path: Path | str | Callable[[int], tuple[str, int]], name: str, bad: np.ndarray, what: str) -> None:
+Where = Path | str | Callable[[int], tuple[str, int]]
+
+# Rows of a table that the loaders check and convert at a time: their temporaries stay a few MB however
+# many rows a table holds (a worker's shard, a whole dataset).
+PIECE = 1 << 18
+
+
+def _fail(path: Where, name: str, row: int, count: int, what: str) -> None:
     """`path`: where the rows are; a callable maps a row of part files read together to (file, row in it)."""
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        if callable(path):
-            path, row = path(row)
-        raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({int(bad.sum())} bad rows)")
+    if callable(path):
+        path, row = path(row)
+    raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({count} bad rows)")
+
+
+def _col(t: pa.Table, name: str) -> np.ndarray:
+    """Column `name` of a piece of a table: a view of its buffer where it is one chunk."""
+    return t.column(name).to_numpy()
+
+
+def _scan(where: Where, t: pa.Table, name: str, what: str, bad: Callable[[pa.Table, int], np.ndarray]) -> None:
+    """Check column `name` over the whole table, PIECE rows at a time: `bad(piece, first row)` -> the
+    piece's bad rows; the error names the table's first bad row and counts them all (as one check over
+    the whole column did, without its whole-column temporaries)."""
+    first, count = -1, 0
+    for a in range(0, t.num_rows, PIECE):
+        b = bad(t.slice(a, PIECE), a)
+        c = int(np.count_nonzero(b))
+        if c and first < 0:
+            first = a + int(np.argmax(b))
+        count += c
+    if count:
+        _fail(where, name, first, count, what)
+
+
+def _integers(where: Where, t: pa.Table, names) -> None:
+    """The columns are integers without nulls (files are checked by `_read`; Ray blocks are not)."""
+    for name in names:
+        col = t.column(name)
+        if not pa.types.is_integer(col.type):
+            raise DatasetError(f"{where if not callable(where) else where(0)[0]}: column {name!r} has type {col.type}, "
+                               "expected an integer type")
+        if col.null_count:
+            _scan(where, t, name, "null value", lambda p, a: p.column(name).is_null().to_numpy(zero_copy_only=False))
+
+
+def _fill(out: np.ndarray, where: Where, t: pa.Table, name: str) -> np.ndarray:
+    """Column `name` of `t` written into `out` (its dtype: the compact one), PIECE rows at a time, so the
+    only copy made is `out`; values that do not fit its dtype are an error."""
+    if not np.can_cast(t.schema.field(name).type.to_pandas_dtype(), out.dtype):
+        info = np.iinfo(out.dtype)
+        _scan(where, t, name, f"outside the {out.dtype} range {info.min}..{info.max}",
+              lambda p, a: (_col(p, name) < info.min) | (_col(p, name) > info.max))
+    for a in range(0, t.num_rows, PIECE):
+        v = _col(t.slice(a, PIECE), name)
+        out[a:a + len(v)] = v
+    return out
 
 
 def load_store(path: Path) -> SequenceStore:
@@ -146,49 +204,76 @@ def load_store(path: Path) -> SequenceStore:
     return store_from_table(_read(path, EVENT_COLUMNS), str(path))
 
 
-def store_from_table(t: pa.Table, where: str | Path | Callable[[int], tuple[str, int]], users: tuple[int, int] | None = None) -> SequenceStore:
+def store_from_table(t: pa.Table, where: Where, users: tuple[int, int] | None = None) -> SequenceStore:
     """The store of an events table (sorted by user then pos). `users` = (first, end): the table holds the
-    events of users first..end-1 only (a worker's shard; rows are then counted within it in errors)."""
-    user = t.column("user").to_numpy().astype(np.int64)
-    pos = t.column("pos").to_numpy().astype(np.int64)
+    events of users first..end-1 only (a worker's shard; rows are then counted within it in errors).
+    The ids are copied once into int32 arrays (the store holds no table buffer), checked and converted
+    PIECE rows at a time."""
+    n = t.num_rows
     first = users[0] if users else 0
-    _check(where, "user", user < first, "negative user id" if users is None else f"user id below the shard's first user {first}")
+    _integers(where, t, EVENT_COLUMNS)
+    _scan(where, t, "user", "negative user id" if users is None else f"user id below the shard's first user {first}",
+          lambda p, a: _col(p, "user") < first)
     if users is not None:
-        _check(where, "user", user >= users[1], f"user id at or above the shard's end {users[1]}")
-    if len(user) and np.any(np.diff(user) < 0):
-        _check(where, "user", np.r_[False, np.diff(user) < 0], "events not sorted by user")
-    n_users = users[1] - first if users else (int(user.max()) + 1 if len(user) else 0)
-    counts = np.bincount(user - first, minlength=n_users)
+        _scan(where, t, "user", f"user id at or above the shard's end {users[1]}", lambda p, a: _col(p, "user") >= users[1])
+    last = [None]  # the previous piece's last user: the order check crosses the pieces' edges
+
+    def unsorted(p: pa.Table, a: int) -> np.ndarray:
+        u = _col(p, "user")
+        bad = np.zeros(len(u), bool)
+        np.less(u[1:], u[:-1], out=bad[1:])
+        if len(u):
+            bad[0] = last[0] is not None and u[0] < last[0]
+            last[0] = u[-1]
+        return bad
+
+    _scan(where, t, "user", "events not sorted by user", unsorted)
+    # sorted and in range: the last event's user is the largest
+    n_users = users[1] - first if users else (int(last[0]) + 1 if n else 0)
+    counts = np.zeros(n_users, np.int64)
+    for a in range(0, n, PIECE):
+        counts += np.bincount(_col(t.slice(a, PIECE), "user") - first, minlength=n_users)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    expected_pos = np.arange(len(user), dtype=np.int64) - offsets[user - first]
-    _check(where, "pos", pos != expected_pos, "pos must be 0, 1, 2, ... within each user in order")
-    item = t.column("item").to_numpy().astype(np.int64)
-    cate = t.column("cate").to_numpy().astype(np.int64)
-    _check(where, "item", item <= 0, "item ids start at 1 (0 is padding)")
-    _check(where, "cate", cate <= 0, "category ids start at 1 (0 is padding)")
-    return SequenceStore(offsets, item, cate, t.column("ts").to_numpy().astype(np.int64), first)
+    _scan(where, t, "pos", "pos must be 0, 1, 2, ... within each user in order",
+          lambda p, a: _col(p, "pos") != np.arange(a, a + p.num_rows, dtype=np.int64) - offsets[_col(p, "user") - first])
+    _scan(where, t, "item", "item ids start at 1 (0 is padding)", lambda p, a: _col(p, "item") <= 0)
+    _scan(where, t, "cate", "category ids start at 1 (0 is padding)", lambda p, a: _col(p, "cate") <= 0)
+    pad = int(counts.max(initial=0)) + 1
+    rev_item, rev_cate = np.zeros(n + pad, np.int32), np.zeros(n + pad, np.int32)
+    # written through the reversed views: the store's item/cate ARE reversed_padded, read backwards
+    item = _fill(rev_item[:n][::-1], where, t, "item")
+    cate = _fill(rev_cate[:n][::-1], where, t, "cate")
+    store = SequenceStore(offsets, item, cate, _fill(np.empty(n, np.int64), where, t, "ts"), first)
+    store.__dict__["reversed_padded"] = (rev_item, rev_cate)  # the cached_property's value, already built
+    return store
 
 
-def samples_from_table(t: pa.Table, where: str | Path | Callable[[int], tuple[str, int]], store: SequenceStore) -> Samples:
-    """Checked samples of a split table whose users `store` holds."""
-    user = t.column("user").to_numpy().astype(np.int64)
-    pos = t.column("pos").to_numpy().astype(np.int64)
-    label = t.column("label").to_numpy()
+def samples_from_table(t: pa.Table, where: Where, store: SequenceStore) -> Samples:
+    """Checked samples of a split table whose users `store` holds: ids as int32 and the label as float32,
+    each copied once (no table buffer is kept), checked PIECE rows at a time."""
+    n = t.num_rows
+    _integers(where, t, SAMPLE_COLUMNS)
     first, end = store.first_user, store.first_user + store.n_users
-    _check(where, "user", (user < first) | (user >= end), f"user id outside {first}..{end - 1}")
-    _check(where, "pos", (pos < 0) | (pos >= store.lengths[user - first]), "pos outside the user's sequence")
-    _check(where, "label", (label != 0) & (label != 1), "label must be 0 or 1")
-    item = t.column("item").to_numpy().astype(np.int64)
-    _check(where, "item", item <= 0, "item ids start at 1 (0 is padding)")
+    lengths = store.lengths
+    _scan(where, t, "user", f"user id outside {first}..{end - 1}",
+          lambda p, a: (_col(p, "user") < first) | (_col(p, "user") >= end))
+    _scan(where, t, "pos", "pos outside the user's sequence",
+          lambda p, a: (_col(p, "pos") < 0) | (_col(p, "pos") >= lengths[_col(p, "user") - first]))
+    _scan(where, t, "label", "label must be 0 or 1", lambda p, a: (_col(p, "label") != 0) & (_col(p, "label") != 1))
+    _scan(where, t, "item", "item ids start at 1 (0 is padding)", lambda p, a: _col(p, "item") <= 0)
+    user, pos, item, cate = (_fill(np.empty(n, np.int32), where, t, c) for c in ("user", "pos", "item", "cate"))
+    label = np.empty(n, np.float32)
+    for a in range(0, n, PIECE):
+        v = _col(t.slice(a, PIECE), "label")
+        label[a:a + len(v)] = v
     evidence = None
     if "evidence" in t.column_names:
         col = t.column("evidence").combine_chunks()
         flat = col.values.to_numpy().astype(np.int64)
         evidence = np.split(flat, col.offsets.to_numpy()[1:-1])
     p_label = t.column("p_label").to_numpy().astype(np.float64) if "p_label" in t.column_names else None
-    return Samples(user, pos, item, t.column("cate").to_numpy().astype(np.int64), label.astype(np.float32), evidence,
-                   p_label)
+    return Samples(user, pos, item, cate, label, evidence, p_label)
 
 
 def load_dataset(folder: str | Path, splits: tuple[str, ...] = SPLITS) -> Dataset:
@@ -220,9 +305,11 @@ def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: 
     """Build the batch for `rows` of `samples`: the last `max_len` events before each target.
 
     `trim`: cut the padded width to the longest history in this batch (same values, less padding).
+    The ids are widened to int64 here, per batch (what torch indexes with); the store and samples keep
+    the files' int32.
     """
-    user = samples.user[rows]
-    pos = samples.pos[rows]
+    user = samples.user[rows].astype(np.int64)
+    pos = samples.pos[rows].astype(np.int64)
     n = np.minimum(pos, max_len)                                   # [B] history lengths
     W = int(n.max(initial=0))
     # Each history is one contiguous slice of the reversed store: copy fixed-width windows (a strided
@@ -231,15 +318,15 @@ def assemble(store: SequenceStore, samples: Samples, rows: np.ndarray, max_len: 
     j = np.arange(W, dtype=np.int64)
     valid = j[None, :] < n[:, None]                                # [B, W]
     rev_item, rev_cate = store.reversed_padded
-    hist_item = sliding_window_view(rev_item, W)[start] * valid
-    hist_cate = sliding_window_view(rev_cate, W)[start] * valid
+    hist_item = np.multiply(sliding_window_view(rev_item, W)[start], valid, dtype=np.int64)
+    hist_cate = np.multiply(sliding_window_view(rev_cate, W)[start], valid, dtype=np.int64)
     hist_pos = (j[None, :] + 1) * valid
     if not trim and max_len > W:  # fixed width requested: pad the columns no row reaches
         hist_item, hist_cate, hist_pos = (np.pad(a, ((0, 0), (0, max_len - W))) for a in (hist_item, hist_cate, hist_pos))
     return HistoryBatch(
         user=torch.from_numpy(user),
-        target_item=torch.from_numpy(samples.item[rows]),
-        target_cate=torch.from_numpy(samples.cate[rows]),
+        target_item=torch.from_numpy(samples.item[rows].astype(np.int64)),
+        target_cate=torch.from_numpy(samples.cate[rows].astype(np.int64)),
         hist_item=torch.from_numpy(hist_item),
         hist_cate=torch.from_numpy(hist_cate),
         hist_pos=torch.from_numpy(hist_pos),
@@ -259,17 +346,18 @@ def timeline(store: SequenceStore, user: np.ndarray, pos: np.ndarray) -> Timelin
     np.cumsum(need, out=offsets[1:])
     # store index of each given event: user u's first need[u] events, users one after another
     src = np.repeat(store.offsets[users - store.first_user] - offsets[:-1], need) + np.arange(offsets[-1], dtype=np.int64)
-    return Timeline(item=torch.from_numpy(store.item[src]), cate=torch.from_numpy(store.cate[src]),
+    return Timeline(item=torch.from_numpy(store.item[src].astype(np.int64)), cate=torch.from_numpy(store.cate[src].astype(np.int64)),
                     offsets=torch.from_numpy(offsets), row_user=torch.from_numpy(row_user.astype(np.int64)),
                     row_prefix=torch.from_numpy(pos.astype(np.int64)))
 
 
 def batch_rows(n_rows: int, batch_size: int, shuffle: bool, seed: int | None = None, drop_last: bool = False) -> Iterator[np.ndarray]:
     """Row indices per batch. Every row is visited once per pass; the last batch may be partial."""
-    order = np.random.default_rng(seed).permutation(n_rows) if shuffle else np.arange(n_rows)
+    order = np.random.default_rng(seed).permutation(n_rows) if shuffle else None
     stop = n_rows - (n_rows % batch_size if drop_last else 0)
     for a in range(0, stop, batch_size):
-        yield order[a : a + batch_size]
+        # in file order each batch's range is made on its own (no index array over every row)
+        yield order[a : a + batch_size] if order is not None else np.arange(a, min(a + batch_size, stop))
 
 
 def iterate_batches(

@@ -101,7 +101,10 @@ def epoch_batches(n_here: int, n_max: int, batch: int, seed: int, epoch: int, ra
     """Rank `rank`'s rows of each step of `epoch`: ceil(n_max / batch) steps of `batch` rows (the last
     step n_max - its start), taken from a seeded permutation of its n_here rows, wrapped around."""
     base = seed * 100_003 + epoch
-    order = np.random.default_rng(base if rank == 0 else [base, rank]).permutation(n_here)
+    # int32 where the rows fit (half permutation(n_here)'s int64 bytes per row); shuffling an arange draws
+    # the same swaps as permutation, so the order is permutation's
+    order = np.arange(n_here, dtype=np.int32 if n_here <= np.iinfo(np.int32).max else np.int64)
+    np.random.default_rng(base if rank == 0 else [base, rank]).shuffle(order)
     for a in range(0, n_max, batch):
         idx = np.arange(a, min(a + batch, n_max))
         yield order[idx % n_here] if n_max > n_here else order[idx]
