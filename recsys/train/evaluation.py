@@ -36,11 +36,14 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096, batches: int | None = None) -> Predictions:
+def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096, batches: int | None = None,
+            indices: bool = True) -> Predictions:
     """Every row of `split` of `dataset` (a Dataset or a Shard), in order, with the model in eval mode
     (restored afterwards). `batches`: run that many forwards in all, the ones past the split's batches on
     a one-row filler whose output is dropped: a model with sharded tables makes collectives in its
-    forward, so every rank must run equally many (recsys.train.loop passes the ranks' largest count)."""
+    forward, so every rank must run equally many (recsys.train.loop passes the ranks' largest count).
+    `indices`: keep the retrieved columns (top_k int64 per row, the largest thing held per row: only the
+    evidence metrics read them)."""
     if split not in dataset.splits:
         raise KeyError(f"split {split!r} not loaded; have {sorted(dataset.splits)}")
     samples = dataset.splits[split]
@@ -54,7 +57,7 @@ def predict(model: nn.Module, dataset, split: str, max_len: int, batch_size: int
         for rows in batch_rows(len(samples), batch_size, shuffle=False):
             out = model(assemble(dataset.store, samples, rows, max_len, trim=False))
             probs.append(torch.sigmoid(out.logit).double().numpy())
-            if out.indices is not None:
+            if indices and out.indices is not None:
                 idx.append(out.indices.numpy())
         if batches is not None and batches > own:
             filler = next((s for s in dataset.splits.values() if len(s)), None)
@@ -76,8 +79,8 @@ def score(model: nn.Module, dataset, split: str, max_len: int | None = None, bat
 def split_partial(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096, batches: int | None = None) -> dict:
     """The mergeable metrics of `split` of `dataset` (a shard holding whole users, or the whole dataset);
     `batches`: see predict."""
-    pred = predict(model, dataset, split, max_len, batch_size, batches)
     s = dataset.splits[split]
+    pred = predict(model, dataset, split, max_len, batch_size, batches, indices=s.evidence is not None)
     part = {"ctr": ctr_partial(s.label, pred.probs, s.user, s.cate)}
     if s.evidence is not None and pred.indices is not None:
         part["k"] = pred.indices.shape[1]
