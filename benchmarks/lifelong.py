@@ -73,7 +73,7 @@ def target_distance(samples) -> np.ndarray:
     """Per row: the distance from its target to the most recent evidence of the target's rule-positive row
     (the same for the target's negatives; -1 where the target has no evidence, which the generator never
     writes)."""
-    key = samples.user * (int(samples.pos.max()) + 1) + samples.pos
+    key = samples.user.astype(np.int64) * (int(samples.pos.max()) + 1) + samples.pos  # loaded ids are int32
     last = np.array([e[-1] if len(e) else -1 for e in samples.evidence])
     d_row = np.where(last >= 0, samples.pos - last, -1)
     _, inv = np.unique(key, return_inverse=True)
