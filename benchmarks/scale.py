@@ -154,10 +154,11 @@ def child_evaluate(address: str, out: str, workers: int) -> dict:
 def dataset_bytes(folder: Path, meta: dict) -> dict:
     """On-disk bytes per event and per training row, and the uncompressed column widths (a worker holds
     16 bytes per event plus 8 per user, 20 per row: recsys.data.sequences)."""
+    from recsys.data.layout import data_files
     from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA
 
-    def disk(prefix: str) -> int:
-        return sum(p.stat().st_size for p in folder.rglob("*.parquet") if p.relative_to(folder).parts[0].startswith(prefix))
+    def disk(name: str) -> int:
+        return sum(p.stat().st_size for p in data_files(folder, name))
 
     def row_bytes(schema) -> int:
         return sum(f.type.bit_width // 8 if hasattr(f.type, "bit_width") else 0 for f in schema)
