@@ -184,8 +184,13 @@ def main() -> None:
     ap.add_argument("--table-rows", type=int, default=0, help="also run scale_tables.py with this many rows")
     ap.add_argument("--table-dim", type=int, default=16)
     ap.add_argument("--workdir", default=None, help="where data goes (default: a temp folder, removed)")
+    ap.add_argument("--keep-data", action="store_true",
+                    help="keep each size's preprocessed folder in --workdir (with its preprocessing figures beside it) "
+                         "and reuse one already there, so a failed training does not redo the preprocessing")
     add_out_arg(ap, "scale")
     a = ap.parse_args()
+    if a.keep_data and a.workdir is None:
+        ap.error("--keep-data needs --workdir")
     if a.child:
         job, *args = a.child
         fn = {"preprocess": child_preprocess, "train": child_train, "evaluate": child_evaluate}[job]
@@ -218,18 +223,28 @@ def main() -> None:
         sizes = []
         for n_events in (int(e) for e in a.events):
             src, folder = work / f"raw-{n_events}.parquet", work / f"data-{n_events}"
-            t0 = time.perf_counter()
-            info = write_events(src, n_events)
-            row: dict = {"events": n_events, "input": info, "generate_s": round(time.perf_counter() - t0, 1)}
-            print(f"[scale] {n_events:,} events: generated in {row['generate_s']} s", file=sys.stderr)
-            with RaySampler() as s:
-                pre = run_child("preprocess", str(src), str(folder), cluster.address)
-            src.unlink()
-            pre["ray_worker_peak_rss_mb"] = s.peaks_mb()[:4]
-            pre["events_per_s"] = round(n_events / pre["wall_s"])
-            row["preprocess"] = pre
+            kept = work / f"data-{n_events}.preprocess.json"
+            row: dict
+            # run_preprocess swaps its folder in whole at the end: a folder that exists is complete
+            if a.keep_data and kept.is_file() and (folder / "meta.json").is_file():
+                row = json.loads(kept.read_text()) | {"reused": True}
+                print(f"[scale] {n_events:,} events: reusing {folder}", file=sys.stderr)
+            else:
+                t0 = time.perf_counter()
+                info = write_events(src, n_events)
+                row = {"events": n_events, "input": info, "generate_s": round(time.perf_counter() - t0, 1)}
+                print(f"[scale] {n_events:,} events: generated in {row['generate_s']} s", file=sys.stderr)
+                with RaySampler() as s:
+                    pre = run_child("preprocess", str(src), str(folder), cluster.address)
+                src.unlink()
+                pre["ray_worker_peak_rss_mb"] = s.peaks_mb()[:4]
+                pre["events_per_s"] = round(n_events / pre["wall_s"])
+                row["preprocess"] = pre
+                if a.keep_data:
+                    kept.write_text(json.dumps(row))
             meta = json.loads((folder / "meta.json").read_text())
             row["bytes"] = dataset_bytes(folder, meta)
+            pre = row["preprocess"]
             print(f"[scale] {n_events:,} events: preprocessed in {pre['wall_s']:.1f} s, driver peak "
                   f"{pre['driver_peak_rss_mb']:.0f} MB", file=sys.stderr)
             if not a.no_train:
@@ -241,7 +256,8 @@ def main() -> None:
                 print(f"[scale] {n_events:,} events: trained {tr['steps']} steps in {tr['wall_s']:.1f} s, worker "
                       f"peaks {tr['train_worker_peak_rss_mb']} MB", file=sys.stderr)
                 shutil.rmtree(work / f"train-{n_events}", ignore_errors=True)
-            shutil.rmtree(folder, ignore_errors=True)
+            if not a.keep_data:
+                shutil.rmtree(folder, ignore_errors=True)
             sizes.append(row)
         result["sizes"] = sizes
         if not a.no_evaluate:
