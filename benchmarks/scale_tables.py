@@ -11,8 +11,9 @@ of processes (the first group is gone, as after a kill) resumes from that checkp
 
 Per rank it reports peak RSS (VmHWM) of the build, of training, and of the checkpoint alone (the peak is
 reset before it through /proc/self/clear_refs), RSS before and after the checkpoint, its shard's bytes
-and its checkpoint files' bytes. `--read` also times reading the checkpoint into full plain tensors in one
-process (the bundle export's path) with that process's peak RSS.
+and its checkpoint files' bytes, and of the resume (`resumed`: the peak covers build and load; the reader
+copies through a buffer of `read_chunk_bytes`). `--read` also times reading the checkpoint into full plain
+tensors in one process (the bundle export's path) with that process's peak RSS.
 
 Memory: the table is rows x dim x 4 bytes plus 4 bytes a row of optimizer state (50M x 16: 3.2 GB + 0.2 GB,
 0.85 GB a rank at 4 ranks). Checkpoints go under `--dir` (default: a temporary folder on the system's
@@ -155,6 +156,8 @@ def measure_tables(rows: int = 50_000_000, dim: int = 16, world: int = 4, steps:
     training / checkpoint memory, checkpoint files' MB), checkpoint_s, resume_s, exact, read (with `read`)}."""
     import torch.multiprocessing as mp
 
+    from recsys.checkpoint import CHUNK_BYTES
+
     if not 0 < ckpt_step < steps:
         raise ValueError(f"ckpt_step {ckpt_step} must lie inside 1..{steps - 1}")
     own = folder is None
@@ -178,7 +181,7 @@ def measure_tables(rows: int = 50_000_000, dim: int = 16, world: int = 4, steps:
                           "peak_reset": a["peak_reset"], "exact": a["digest"] == b["digest"]})
         result = {
             "inputs": {"rows": rows, "dim": dim, "world": world, "steps": steps, "ckpt_step": ckpt_step, "batch": batch,
-                       "threads": threads},
+                       "threads": threads, "read_chunk_bytes": CHUNK_BYTES},
             "table_mb": rows * dim * 4 / 2**20,
             "optimizer_state_mb": rows * 4 / 2**20,
             "sharding": straight[0]["sharding"],

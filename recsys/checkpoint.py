@@ -12,7 +12,9 @@ checkpoint):
   tables_optim/       checkpoints only: the fused optimizer's row-wise state of those shards, the same way
 Loading into a sharded model is per rank: each rank reads the parts of the files its shards cover, so a
 folder written by N ranks loads into M ranks (DCP reshards by row offsets). `read_weights` reads a folder
-into full plain tensors in one process without a process group (the bundle export). No file of a weights
+into full plain tensors in one process without a process group (the bundle export). Both read through
+`chunked_reader`: each stored shard, or the row range of it a destination needs, goes into the destination
+through one buffer of at most CHUNK_BYTES, so reading holds the destination plus a chunk. No file of a weights
 folder is ever unpickled: DCP's own default storage writes a pickled `.metadata`; its safetensors storage
 keeps the sharding in JSON headers instead.
 """
@@ -20,6 +22,8 @@ keeps the sharding in JSON headers instead.
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ from recsys.embeddings import table_sets
 
 WEIGHTS, TABLES, TABLES_OPTIM = "model.safetensors", "tables", "tables_optim"
 SHAPES_KEY = "sharded_tables"  # model.safetensors' header: {"<set>.<table>": [rows, dim]} of the sharded tables
+CHUNK_BYTES = 4 << 20  # what reading a shard holds beyond its destination
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,13 +133,9 @@ def read_weights(folder: str | Path, optimizer: bool = False) -> dict[str, torch
 
 
 def _reader(path: Path):
-    """DCP's safetensors reader of `path` and its tensors' metadata, checked complete: DCP would leave the
-    rows of a missing shard file unset without a word."""
-    import math
-
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
-
-    reader = HuggingFaceStorageReader(str(path))
+    """A chunked reader of `path` and its tensors' metadata, checked complete: DCP would leave the rows of a
+    missing shard file unset without a word."""
+    reader = chunked_reader(path)
     metadata = reader.read_metadata().state_dict_metadata
     if not metadata:
         raise FileNotFoundError(f"{path}: no shard files")
@@ -144,6 +145,89 @@ def _reader(path: Path):
             raise ValueError(f"{path}: {key!r} {tuple(md.size)}: the shard files hold {covered} of its "
                              f"{math.prod(md.size)} values (a rank's file missing or from another run?)")
     return reader, metadata
+
+
+def chunked_reader(path: str | Path, chunk_bytes: int = CHUNK_BYTES):
+    """DCP's safetensors storage reader (the layout from the files' JSON headers, as HuggingFaceStorageReader)
+    copying every stored shard, or the row range of it a destination shard covers, into the destination
+    through one buffer of at most `chunk_bytes` (at least one stored row), read with positioned reads at the
+    offsets the file's header gives. The stock reader materialises each requested slice whole
+    (safetensors' get_slice) before copying it: one transient copy of the rank's shards at resume, and of
+    the largest shard in a one-process read. `largest_buffer` / `reads`: the largest buffer it held (bytes)
+    and how many reads it made, for the tests."""
+    from torch.distributed.checkpoint._hf_utils import DTYPE_MAP
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.planner import LoadItemType
+    from torch.futures import Future
+
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+
+    def header(fd: int, name: str) -> tuple[dict, int]:
+        """The safetensors JSON header and where the data starts."""
+        n = int.from_bytes(os.pread(fd, 8, 0), "little")
+        raw = os.pread(fd, n, 8)
+        if len(raw) != n:
+            raise ValueError(f"{name}: the file ends inside its safetensors header")
+        return json.loads(raw), 8 + n
+
+    class ChunkedReader(HuggingFaceStorageReader):
+        largest_buffer, reads = 0, 0
+
+        def read_data(self, plan, planner):
+            per_file: dict[str, list] = {}
+            for req in plan.items:
+                per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+            for name, reqs in per_file.items():
+                fd = os.open(name, os.O_RDONLY)
+                try:
+                    head, start = header(fd, name)
+                    for req in reqs:
+                        self._copy(fd, name, head, start, req, planner)
+                finally:
+                    os.close(fd)
+            fut: Future = Future()
+            fut.set_result(None)
+            return fut
+
+        def _copy(self, fd, name, head, start, req, planner) -> None:
+            key = req.storage_index.fqn
+            if req.type != LoadItemType.TENSOR or key not in head:
+                raise ValueError(f"{name}: no tensor {key!r} to read ({req.type})")
+            entry = head[key]
+            dtype, shape = DTYPE_MAP[entry["dtype"]], list(entry["shape"])
+            begin, end = entry["data_offsets"]
+            esize = torch.empty((), dtype=dtype).element_size()
+            if end - begin != math.prod(shape) * esize:
+                raise ValueError(f"{name}: {key!r} {shape} {entry['dtype']} spans {end - begin} bytes")
+            target = planner.resolve_tensor(req).detach()
+            if tuple(target.shape) != tuple(req.lengths):
+                raise ValueError(f"{name}: {key!r}: destination {tuple(target.shape)}, read {tuple(req.lengths)}")
+            # chunks are whole stored rows (the first dimension); the other dimensions are cut after reading
+            row_shape = shape[1:]
+            row_bytes = math.prod(row_shape) * esize
+            first, count = (req.storage_offsets[0], req.lengths[0]) if shape else (0, 1)
+            inner = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets[1:], req.lengths[1:]))
+            step = max(1, chunk_bytes // max(row_bytes, 1))
+            buf = torch.empty(min(step, count) * row_bytes, dtype=torch.uint8)
+            self.largest_buffer = max(self.largest_buffer, buf.numel())
+            for at in range(0, count, step):
+                n = min(step, count - at)
+                view, pos = memoryview(buf.numpy())[: n * row_bytes], start + begin + (first + at) * row_bytes
+                while view:
+                    got = os.preadv(fd, [view], pos)
+                    if got == 0:
+                        raise ValueError(f"{name}: ends inside {key!r}")
+                    view, pos = view[got:], pos + got
+                    self.reads += 1
+                src = buf[: n * row_bytes].view(dtype)
+                if shape:
+                    target[at:at + n].copy_(src.view(n, *row_shape)[(slice(None),) + inner])
+                else:
+                    target.copy_(src.view(()))
+            planner.commit_tensor(req, target)
+
+    return ChunkedReader(str(path))
 
 
 def _save_dcp(state: dict, path: Path, sharded: dict) -> None:
@@ -157,8 +241,6 @@ def _streaming_writer(path: Path):
     HuggingFaceStorageReader reads) writing the file straight from the shards' memory. The stock writer
     serialises the whole file into one bytes object first (safetensors.torch.save): two transient copies of
     the rank's shards, measured as a checkpoint peak of 3x the shard's RSS."""
-    import os
-
     from torch.distributed.checkpoint._hf_utils import DTYPE_MAP, _gen_file_name
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
