@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (PositionBound, block_ranges, id_ranges, kth_scores, needed, plan_blocks, prefilter,
-                                     summaries_many, topk_over, window_blocks, window_cols)
+from retrieval.block_search import (PositionBound, _block_pos, block_ranges, id_ranges, kth_scores, needed, plan_blocks,
+                                     prefilter, summaries_many, topk_over, window_blocks, window_cols)
 from recsys.embeddings import TableSet
 from recsys.models.attention import stage1_from_tables
 
@@ -62,6 +62,8 @@ class BlockIndexer:
         self.entry_bytes = (3 * self.d_sem + 1) * 4
         self.fmt = f"{block} {self.d_sem} boxball"
         self._pos: PositionBound | None = None
+        self._pos_scores: np.ndarray | None = None   # float64 position term per recency 0..max_len
+        self._seed_kth: dict[int, float] = {}         # seed length -> k-th best position term among its recencies
         self._cap: np.ndarray | None = None
         cfg = getattr(model, "config", None)
         if getattr(cfg, "pos_exact", None) is not None:
@@ -146,8 +148,19 @@ class BlockIndexer:
             scale = segment_scale(self.d_sem + self.d_att, self.segments)[self.d_sem:]
             rows = self.pos_rows(torch.arange(self.serving.max_len + 1))
             with torch.no_grad():
-                self._pos = PositionBound(self.pos_w[0].float() * scale, self.pos_w.float(), self.block, rows)
+                q_pos = self.pos_w[0].float() * scale
+                self._pos = PositionBound(q_pos, self.pos_w.float(), self.block, rows)
+                self._pos_scores = (self.pos_w.float().double() @ q_pos.double()).numpy()[rows.numpy()]
         return self._pos
+
+    def seed_kth_position(self, seed: int, k: int) -> float:
+        """The k-th largest position term over recencies 1..seed (-inf for fewer than k): no candidate's k-th
+        best score among a seed of that many newest events exceeds its semantic cap plus this."""
+        if seed not in self._seed_kth:
+            self.position_bound()
+            s = self._pos_scores[1:seed + 1]
+            self._seed_kth[seed] = float(np.partition(s, len(s) - k)[len(s) - k]) if len(s) >= k else float("-inf")
+        return self._seed_kth[seed]
 
 
 # ---- the request side -----------------------------------------------------------------------------------
@@ -208,6 +221,25 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     if len(ids) and ids[0] < head.ix0:
         raise ValueError(f"block index starts at block {head.ix0}, the window at {ids[0]}")
     return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids))
+
+
+def surely_unpruned(ix: BlockIndexer, head, max_len: int, k: int, share: float) -> bool:
+    """Whether `begin_search` would leave more than `share` of the window's blocks whatever the candidates,
+    from the position term alone, before any embedding or search: the prefilter keeps a block whose position
+    bound reaches tau = min over candidates of (k-th seed score - margin - semantic cap), and a k-th seed
+    score is at most the semantic cap plus the k-th best position term among the seed's recencies, so every
+    block whose bound reaches that term is kept (the margin covers the fp32 rounding of the seed scores).
+    With a position term that does not prefer recent events (an untrained model, or one that learned none)
+    this holds for nearly every request, and the whole-sequence path answers it without the seed search."""
+    B = ix.block
+    window = min(head.visible, max_len)
+    seed = min(len(head.newest), window)
+    ids = window_blocks(head.n, window, B)
+    ids = ids[ids * B < head.n - seed]
+    if not len(ids):
+        return False
+    kept = int((_block_pos(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
+    return kept > share * -(-window // B)
 
 
 def select_blocks(ix: BlockIndexer, s: IndexedSearch, entries: list[bytes]) -> None:

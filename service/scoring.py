@@ -55,6 +55,8 @@ log = logging.getLogger("recsys.scoring")
 # The indexed path is taken when the position bound leaves at most this share of the window's blocks
 # (measured: with nothing pruned it was ~5x slower than the whole-sequence path at L = 10k).
 MAX_INDEXED_FRACTION = 0.25
+# How fast the share of index attempts that fell back follows the recent ones (per request: an EWMA).
+FALLBACK_SHARE_RATE = 0.125
 
 
 class Scorer:
@@ -63,6 +65,7 @@ class Scorer:
         self.store = store
         self.metrics = metrics
         self.rebuild_max_events = rebuild_max_events
+        self._fallback_share: dict[str, float] = {}  # model version -> recent share of index attempts that fell back
 
     @property
     def version(self) -> str:
@@ -75,11 +78,13 @@ class Scorer:
         out: list[ScoreResult | Exception | None] = [None] * len(jobs)
         indexer = model.block_indexer(self.store.cfg.index_block) if hasattr(model.model, "kept_heads") else None
         head_bytes: dict[int, int] = {}  # jobs that read the index first and then fell back
+        views: dict[int, UserView] = {}   # users whose whole sequence that first read brought
         if indexer is not None:
-            head_bytes = self._run_indexed(model, indexer, jobs, out)
+            head_bytes, views = self._run_indexed(model, indexer, jobs, out)
         rest = [i for i, r in enumerate(out) if r is None]
-        users = list(dict.fromkeys(jobs[i].user_id for i in rest))
-        views = dict(zip(users, self.store.read_users(users, model.version))) if users else {}
+        users = [u for u in dict.fromkeys(jobs[i].user_id for i in rest) if u not in views]
+        if users:
+            views.update(zip(users, self.store.read_users(users, model.version)))
         with torch.inference_mode():
             for i in rest:
                 try:
@@ -91,34 +96,48 @@ class Scorer:
         self.metrics.score_batch_requests.observe(len(jobs))
         return out
 
-    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob], out: list) -> dict[int, int]:
+    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob],
+                     out: list) -> tuple[dict[int, int], dict[int, UserView]]:
         """The indexed path for the jobs it can serve (the others stay None in `out`): three pipelined reads
         for the whole micro-batch (heads; the summaries the position bound leaves; the blocks their bounds
-        leave). -> bytes read by the jobs that fall back to the whole-sequence path, by job."""
-        from service.block_index import begin_search, select_blocks
+        leave). -> bytes read by the jobs that fall back to the whole-sequence path, by job (beyond their
+        view's), and the views of the users whose whole sequence the first read brought."""
+        from service.block_index import begin_search, select_blocks, surely_unpruned
 
         users = list(dict.fromkeys(j.user_id for j in jobs))
+        # While most recent requests of this model fell back, the first read brings the whole sequences too
+        # (the same snapshot): a fallback then costs no second round trip. It decides nothing about the path.
+        whole = self._fallback_share.get(model.version, 0.0) > 0.5
         heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
-                                                            model.has_memory)))
+                                                            model.has_memory, whole=whole)))
+        views = {u: h.view for u, h in heads.items() if h.view is not None}
         searches = {}
         fallback: dict[int, int] = {}
         oov: dict[int, list[int]] = {}
 
-        def give_up(i: int, s) -> None:
-            fallback[i] = s.head.bytes_read
+        def give_up(i: int, head) -> None:
+            view = views.get(jobs[i].user_id)
+            fallback[i] = head.bytes_read - (0 if view is None else view.sequence.nbytes + len(view.state or b""))
             searches.pop(i, None)
 
         with torch.inference_mode():
+            tried = fell_back = 0
             for i, job in enumerate(jobs):
                 h = heads[job.user_id]
                 if h.ix0 is None or h.visible == 0 or (model.has_memory and not h.state):
+                    continue
+                tried += 1
+                if surely_unpruned(indexer, h, model.max_len, model.model.k, MAX_INDEXED_FRACTION):
+                    give_up(i, h)
+                    fell_back += 1
                     continue
                 try:
                     items, cates, *n_oov = model.map_candidates(job.items, job.cates)  # counted once the path is sure
                     search = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
                 except Exception:  # noqa: BLE001 - the index is an optimisation: the whole read still answers
                     log.exception("user %s: block index unusable, reading the whole sequence", job.user_id)
-                    fallback[i] = h.bytes_read
+                    give_up(i, h)
+                    fell_back += 1
                     continue
                 # When the bounds prune little (e.g. histories with no recency or topical structure), block
                 # reads and per-block scoring cost more than one whole read and the fused search.
@@ -127,31 +146,35 @@ class Scorer:
                     searches[i] = search
                     oov[i] = n_oov
                 else:
-                    fallback[i] = h.bytes_read
+                    give_up(i, h)
+                    fell_back += 1
+            if tried:
+                share = self._fallback_share.get(model.version, 0.0)
+                self._fallback_share = {model.version: share + (fell_back / tried - share) * FALLBACK_SHARE_RATE}
             entries = self.store.read_index_entries(
                 [(jobs[i].user_id, s.head, s.entry_ranges) for i, s in searches.items()], model.version,
                 indexer.entry_bytes)
             for (i, s), got in list(zip(searches.items(), entries)):
                 if got is None:  # the sequence moved between the reads: the whole-sequence path
-                    give_up(i, s)
+                    give_up(i, s.head)
                     continue
                 s.head.bytes_read += sum(map(len, got))
                 try:
                     select_blocks(indexer, s, got)
                 except Exception:  # noqa: BLE001
                     log.exception("user %s: block index unusable, reading the whole sequence", jobs[i].user_id)
-                    give_up(i, s)
+                    give_up(i, s.head)
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
             for (i, s), recs in zip(list(searches.items()), reads):
                 if recs is None:
-                    give_up(i, s)
+                    give_up(i, s.head)
                     continue
                 try:
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
                     self._count_oov(*oov[i])
                 except Exception as e:  # noqa: BLE001
                     out[i] = e
-        return fallback
+        return fallback, views
 
     def _finish_indexed(self, model: ServingModel, indexer, s, recs, explain: bool) -> ScoreResult:
         from service.block_index import finish_search

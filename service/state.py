@@ -166,6 +166,7 @@ class IndexHead:
     ix0: int | None        # first block of the index; None when the index is not current (or absent)
     newest: np.ndarray     # the newest min(seed, visible) records, oldest first
     bytes_read: int = 0
+    view: UserView | None = None  # read with `whole`: the user's whole sequence and state, as read_users
 
 
 @dataclass
@@ -526,16 +527,25 @@ class StateStore:
         return views
 
     def read_index_heads(self, user_ids: Sequence[int], version: str, fmt: str, seed: int,
-                         with_state: bool) -> list[IndexHead]:
+                         with_state: bool, whole: bool = False) -> list[IndexHead]:
         """The indexed path's first round trip, for many users: meta (is the block index of `version` current,
         in format `fmt`), the newest `seed` records and (with_state) the state. The summaries come next
-        (`read_index_entries`), only those of the blocks the position bound leaves."""
+        (`read_index_entries`), only those of the blocks the position bound leaves.
+
+        `whole`: read each user's whole sequence and state instead of its newest records (the same snapshot,
+        in the same round trip), kept as `IndexHead.view` (what `read_users` returns): when the index is
+        expected not to prune, the whole-sequence path then needs no second read."""
         check_version(version)
         pipe = self.client.pipeline(transaction=not self.cfg.cluster)
         span = seed * RECORD_BYTES
         for u in user_ids:
             k = self.keys.user(u)
             pipe.hmget(k.meta, "rev", "n", f"srev:{version}", f"ixrev:{version}", f"ix0:{version}", f"ixfmt:{version}")
+            if whole:
+                pipe.get(k.seq)
+                pipe.get(k.tail)
+                pipe.get(k.state(version))
+                continue
             pipe.strlen(k.seq)
             pipe.strlen(k.tail)
             pipe.getrange(k.seq, -span, -1)
@@ -543,10 +553,16 @@ class StateStore:
             if with_state:
                 pipe.get(k.state(version))
         replies = pipe.execute()
-        step = 6 if with_state else 5
+        step = 4 if whole else 6 if with_state else 5
         out = []
         for i in range(len(user_ids)):
-            (rev, n, srev, ixrev, ix0, ixfmt), m, t, seq_end, tail_end, *st = replies[step * i: step * (i + 1)]
+            view = None
+            if whole:
+                (rev, n, srev, ixrev, ix0, ixfmt), seq, tail, state_bytes = replies[step * i: step * (i + 1)]
+                seq, tail = seq or b"", tail or b""
+                m, t, seq_end, tail_end, st = len(seq), len(tail), seq[-span:], tail[-span:], [state_bytes]
+            else:
+                (rev, n, srev, ixrev, ix0, ixfmt), m, t, seq_end, tail_end, *st = replies[step * i: step * (i + 1)]
             rev = int(rev or 0)
             stored = (m + t) // RECORD_BYTES
             visible = min(stored, self.cfg.seq_cap)
@@ -554,9 +570,14 @@ class StateStore:
             newest = newest[len(newest) - min(seed, visible, len(newest)):]
             current = ixrev is not None and int(ixrev) == rev and ixfmt is not None and ixfmt.decode() == fmt
             state = st[0] if st and srev is not None and int(srev) == rev else None
+            if whole:
+                view = UserView(sequence=self._visible(seq, tail), state=state, rev=rev, n=int(n or 0))
+                read = m + t + len(st[0] or b"")
+            else:
+                read = len(seq_end) + len(tail_end) + len(st[0] or b"" if st else b"")
             out.append(IndexHead(rev=rev, n=int(n or 0), stored=stored, seq_records=m // RECORD_BYTES, visible=visible,
-                                 state=state, ix0=int(ix0) if current else None, newest=newest,
-                                 bytes_read=len(seq_end) + len(tail_end) + len(st[0] or b"" if st else b"")))
+                                 state=state if with_state else None, ix0=int(ix0) if current else None, newest=newest,
+                                 bytes_read=read, view=view))
         return out
 
     def read_index_entries(self, requests: Sequence[tuple[int, IndexHead, Sequence[tuple[int, int]]]], version: str,

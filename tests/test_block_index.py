@@ -367,3 +367,89 @@ def test_online_equals_offline_with_the_index_at_100k_events(redis_server):
             torch.testing.assert_close(torch.tensor(got[0].scores), want, rtol=1e-5, atol=1e-6)
     finally:
         cleanup_server_keys(redis_server, prefix)
+
+
+def _exec_calls(client) -> int:
+    return int(client.info("commandstats").get("cmdstat_exec", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_a_sure_fallback_is_one_the_search_would_make(store_cfg, monkeypatch, decay):
+    """`surely_unpruned` (decided from the position term alone, before the seed search) never says "falls
+    back" where begin_search would take the index; with no recency preference it says so for most requests
+    (what lets the whole-sequence path skip the seed search)."""
+    import service.scoring
+    from service.block_index import begin_search, surely_unpruned
+
+    monkeypatch.setattr(service.scoring, "MAX_INDEXED_FRACTION", 0.25)
+    serving = _serving(max_len=400, seed=2)
+    if decay:
+        (att, p), _ = serving.model.role_tables()
+        with torch.no_grad():
+            pos = att.weights()[f"{p}_pos"]
+            pos.zero_()
+            pos[:, 0] = -decay * torch.log2(1 + torch.arange(pos.shape[0], dtype=torch.float64)).float()
+            pos[0, 0] = 2.0
+    ix = serving.block_indexer(8)
+    rng = random.Random(7)
+    sure = taken = 0
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        lengths = [3, 9, 16, 17, 40, 95, 150, 171]
+        for u, n in enumerate(lengths, 1):
+            store.apply(ModelStateUpdater(serving), _events(u, n, rng))
+        heads = store.read_index_heads(range(1, len(lengths) + 1), serving.version, ix.fmt, 8, False)
+        g = np.random.default_rng(1)
+        for h in heads:
+            for _ in range(6):
+                C = int(g.integers(1, 30))
+                items, cates, *_ = serving.map_candidates(g.integers(1, 70, C), g.integers(1, 9, C))
+                s = begin_search(ix, h, items, cates, serving.max_len, serving.model.k)
+                falls_back = len(s.candidates) > 0.25 * -(-s.window // 8)
+                if surely_unpruned(ix, h, serving.max_len, serving.model.k, 0.25):
+                    assert falls_back, (h.n, h.visible, len(s.candidates))
+                    sure += 1
+                taken += not falls_back
+    if decay:
+        assert taken >= 24, taken     # the long histories prune: only short ones (a block half in the seed) fall back
+    else:
+        assert sure >= 24, sure
+
+
+def test_a_model_whose_index_does_not_prune_scores_in_one_round_trip(store_cfg, monkeypatch):
+    """With no recency preference nothing can be pruned: once most requests fell back, the first read brings
+    the whole sequence (the same snapshot as `read_users`) and the request needs no second round trip;
+    the scores are those of the whole-sequence path, bit for bit."""
+    import service.scoring
+
+    monkeypatch.setattr(service.scoring, "MAX_INDEXED_FRACTION", 0.25)
+    serving = _serving(max_len=400, seed=2)
+    ix = serving.block_indexer(8)
+    rng = random.Random(8)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        store.apply(ModelStateUpdater(serving), _events(1, 150, rng))
+        lean = store.read_index_heads([1], serving.version, ix.fmt, 8, False)[0]
+        full = store.read_index_heads([1], serving.version, ix.fmt, 8, False, whole=True)[0]
+        view = store.read_users([1], serving.version)[0]
+        for f in ("rev", "n", "stored", "seq_records", "visible", "state", "ix0"):
+            assert getattr(full, f) == getattr(lean, f), f
+        np.testing.assert_array_equal(full.newest, lean.newest)
+        np.testing.assert_array_equal(full.view.sequence, view.sequence)
+        assert (full.view.state, full.view.rev, full.view.n) == (view.state, view.rev, view.n)
+
+        g = np.random.default_rng(4)
+        jobs = [ScoreJob(1, g.integers(1, 70, 20), g.integers(1, 9, 20), True) for _ in range(10)]
+        scorer = Scorer(serving, store, ServiceMetrics())
+        plain = Scorer(serving, StateStore(handle.client, store_cfg.model_copy(update={"index_block": 0})),
+                       ServiceMetrics())
+        trips = []
+        for job in jobs:
+            before = _exec_calls(handle.client)
+            got = scorer.run([job])[0]
+            trips.append(_exec_calls(handle.client) - before)
+            want = plain.run([job])[0]
+            assert got.blocks_read is None
+            assert got.scores == want.scores and got.explanations == want.explanations
+            assert got.bytes_read >= want.bytes_read
+        assert trips[:2] == [2, 2] and trips[-3:] == [1, 1, 1], trips
