@@ -4,10 +4,12 @@ The driver plans `workers` contiguous user ranges with about equal rows of the s
 manifest, else the split's user column: `recsys.data.shards.plan_shards`) and reads each range's events
 and split rows into the object store with the training workers' per-range reading
 (`pipelines.shard_io`); it never loads the split. Each actor loads the bundle once (eval mode: a row's
-score does not depend on its batch), builds its range's Shard (histories from its own users' events) and
-returns the mergeable partial metrics of its rows (`recsys.train.evaluation.split_partial`); the driver
-merges them (`merge_split`). Users are disjoint across ranges, so AUC, GAUC and category AUC equal
-`recsys.train.evaluation.split_metrics` on one process bit for bit, logloss to float rounding.
+score does not depend on its batch), builds its range's Shard (histories from its own users' events),
+scores its rows (`recsys.train.evaluation.split_partial`) and merges the metrics with the other actors
+over a gloo process group (`merge_split` on `pipelines.train.GroupContext`, the training workers' code):
+no process, the driver included, holds the split's count tables, each actor about 1/workers of them.
+Every actor returns the same metrics, equal bit for bit to `recsys.train.evaluation.split_metrics` on one
+process for the same scores (a row scored in a batch of another size can differ in the last bit).
 """
 
 from __future__ import annotations
@@ -27,16 +29,40 @@ class _Scorer:
         torch.set_num_threads(threads)
         self.bundle = load_bundle(bundle_dir)
 
+    def endpoint(self) -> str:
+        """An address for the process group's rendezvous on this actor's node (the OS picks a free port)."""
+        import socket
+
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return f"tcp://{ip}:{s.getsockname()[1]}"
+
     def score(self, datasets: dict, folder: str, plan, rank: int, split: str, n_items: int, n_cates: int,
-              meta: dict, batch_size: int) -> tuple[dict, dict]:
-        """(the range's split_partial, what the actor held: its users, events and rows)."""
+              meta: dict, batch_size: int, endpoint: str) -> tuple[dict, dict]:
+        """(the whole split's metrics, what the actor held: its users, events and rows); every actor of the
+        plan must run it at once (they merge over one process group)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
         from pipelines.shard_io import read_shard
-        from recsys.train.evaluation import split_partial
+        from pipelines.train import GroupContext
+        from recsys.train.evaluation import merge_split, split_partial
 
         shard = read_shard(datasets.__getitem__, folder, plan, rank, (split,), n_items, n_cates, meta)
         held = {"users": list(plan.users(rank)), "events": len(shard.store.item), "rows": len(shard.splits[split])}
-        model = self.bundle.model
-        return split_partial(model, shard, split, self.bundle.config.model.max_len, batch_size), held
+        part = split_partial(self.bundle.model, shard, split, self.bundle.config.model.max_len, batch_size)
+        del shard
+        if plan.world == 1:
+            return merge_split(part, GroupContext(0, 1)), held
+        dist.init_process_group("gloo", init_method=endpoint, rank=rank, world_size=plan.world, timeout=timedelta(minutes=30))
+        try:
+            return merge_split(part, GroupContext(rank, plan.world)), held
+        finally:
+            dist.destroy_process_group()
 
 
 def run_evaluate(
@@ -57,7 +83,6 @@ def run_evaluate(
     from pipelines.shard_io import shard_datasets
     from recsys.bundle import load_bundle
     from recsys.data.shards import id_space, plan_shards
-    from recsys.train.evaluation import merge_split
 
     t0 = time.perf_counter()
     b = load_bundle(bundle_dir)
@@ -72,11 +97,14 @@ def run_evaluate(
         datasets = shard_datasets(folder, plan, (split,))
         scorer = ray.remote(num_cpus=threads)(_Scorer)
         actors = [scorer.remote(str(bundle_dir), threads) for _ in range(plan.world)]
+        endpoint = ray.get(actors[0].endpoint.remote())
         done = ray.get([a.score.remote({n: datasets[f"{n}.{r}"] for n in ("events", split)}, str(folder), plan, r, split,
-                                       n_items, n_cates, meta, batch_size) for r, a in enumerate(actors)])
+                                       n_items, n_cates, meta, batch_size, endpoint) for r, a in enumerate(actors)])
         for a in actors:
             ray.kill(a)
-    metrics = merge_split([part for part, _ in done])
+    metrics = done[0][0]
+    if any(repr(m) != repr(metrics) for m, _ in done[1:]):  # repr: a float's exact digits, and NaN equals NaN
+        raise RuntimeError(f"evaluation actors disagree on the metrics: {[m for m, _ in done]}")
     if metrics["rows"] != sum(plan.rows):
         raise RuntimeError(f"evaluation scored {metrics['rows']} rows of {sum(plan.rows)}")
     wall = time.perf_counter() - t0

@@ -16,7 +16,8 @@ is one step on a global batch of `batch_size` rows, up to float rounding:
   average of their mean-loss gradients is the global mean's gradient;
 - sparse table gradients are all-reduced as sparse tensors, so SparseAdam updates the union of the
   workers' rows with their summed gradient, as on one process.
-Validation is sharded: every rank scores its val users and the metrics merge from partials.
+Validation is sharded: every rank scores its val users and the metrics merge from partials, the count
+tables range-partitioned over the ranks (`GroupContext.all_to_all`), so no rank holds the whole split's.
 
 Resources: the shard datasets are materialised (read into the object store, in file order) before `fit`,
 while no worker holds a CPU; workers then only fetch their blocks, which needs no Ray Data task, so they
@@ -56,21 +57,15 @@ from recsys.train.loop import Context, OnStep
 
 # Rank 0's line at each validation; the driver reads it back for its progress bar.
 _PROGRESS_LINE = re.compile(r"\[ray-train\] step (\d+)/(\d+)")
-class RayContext(Context):
-    """A Ray Train worker's context: the default gloo/NCCL group Ray Train set up, checkpoints reported."""
 
-    def __init__(self) -> None:
-        import ray.train
 
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.t0 = time.perf_counter()
+class GroupContext(Context):
+    """Rank `rank` of `world` processes in the default torch.distributed group (gloo): the collectives the
+    loop and the metric merge use. Ray Train's workers (`RayContext`) and the batch evaluation's actors
+    (`pipelines.evaluate`) both run on it."""
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        import ray.train.torch
-
-        # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
-        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if self.world > 1 else model
+    def __init__(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def gather(self, obj: Any) -> list[Any]:
         if self.world == 1:
@@ -86,9 +81,40 @@ class RayContext(Context):
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_to_all(self, objs: list[Any]) -> list[Any]:
+        # one scatter per source rank: a rank receives only what is addressed to it (all_gather_object
+        # would hand every rank every rank's objects)
+        if self.world == 1:
+            return list(objs)
+        if len(objs) != self.world:
+            raise ValueError(f"all_to_all: {len(objs)} objects for {self.world} ranks")
+        out = []
+        for src in range(self.world):
+            box = [None]
+            torch.distributed.scatter_object_list(box, list(objs) if self.rank == src else None, src=src)
+            out.append(box[0])
+        return out
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
+
+
+class RayContext(GroupContext):
+    """A Ray Train worker's context: the default gloo/NCCL group Ray Train set up, checkpoints reported."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        super().__init__(ctx.get_world_rank(), ctx.get_world_size())
+        self.t0 = time.perf_counter()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        # Sparse table gradients are all-reduced as sparse tensors over gloo; DDP broadcasts rank 0's weights.
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": True}) if self.world > 1 else model
 
     @contextmanager
     def resume_dir(self) -> Iterator[str | None]:

@@ -1,10 +1,13 @@
 """Scores and metrics of a split: whole (one process) or per shard, merged from mergeable partials.
 
-`split_partial` on each rank's user shard, gathered and merged by `merge_split`, gives the metrics of the
-whole split: AUC, GAUC (users are disjoint across shards) and category AUC bit for bit, logloss and the
-synthetic data's evidence means to float rounding. `split_metrics` is the one-shard case of the same code.
-Scores do not depend on the batch (eval mode, fixed-width histories), so any split of the rows scores
-each row the same.
+`split_partial` on each rank's user shard, merged by `merge_split` over the ranks' communicator, gives
+every rank the metrics of the whole split, equal bit for bit to one process's (`split_metrics`, the
+one-rank case of the same code): AUC, GAUC, category AUC, logloss and the synthetic data's evidence
+means are exact sums rounded once (`recsys.metrics`). No rank gathers the split's count tables: the
+global, category and Bayes-ceiling AUC tables are range-partitioned over the ranks (`metrics.merge_counts`),
+so a rank holds about 1/world of them. Scores do not depend on the batch (eval mode, fixed-width
+histories), so any split of the rows scores each row the same (up to the last bit of a matrix product
+blocked by batch size).
 """
 
 from __future__ import annotations
@@ -18,14 +21,14 @@ from torch import nn
 
 from recsys.data.sequences import assemble, batch_rows
 from recsys.metrics import (
+    OneRank,
     auc_counts,
     ctr_partial,
+    ctr_result,
     evidence_partial,
-    group_aucs,
-    merge_auc_counts,
-    merge_ctr,
+    grouped_mean,
+    merge_counts,
     merge_evidence,
-    merge_group_aucs,
 )
 
 
@@ -90,23 +93,27 @@ def split_partial(model: nn.Module, dataset, split: str, max_len: int, batch_siz
     return part
 
 
-def merge_split(parts: list[dict]) -> dict[str, float]:
-    """ctr_metrics of the whole split from every shard's `split_partial`; on synthetic data also the search's
-    recall@k / hit@k of the evidence within the searched window and the share of evidence rows whose evidence
-    lies in it (metrics.evidence_recall), and the Bayes ceiling: the AUC of the generator's
-    P(label | full history) on the same rows."""
-    m = merge_ctr([p["ctr"] for p in parts])
+def merge_split(part: dict, comm) -> dict[str, float]:
+    """ctr_metrics of the whole split, on every rank, from this rank's `split_partial` (`comm`: the ranks'
+    Context, see recsys.metrics); on synthetic data also the search's recall@k / hit@k of the evidence
+    within the searched window and the share of evidence rows whose evidence lies in it
+    (metrics.evidence_recall), and the Bayes ceiling: the AUC of the generator's P(label | full history) on
+    the same rows."""
+    ctr = part["ctr"]
+    tables = {"auc": ctr["auc"], "cate": ctr["cate"]} | ({"ceiling": part["ceiling"]} if "ceiling" in part else {})
+    extra = {"ctr": {"gauc": ctr["gauc"], "logloss": ctr["logloss"]}} | {k: part[k] for k in ("k", "evidence") if k in part}
+    groups, parts = merge_counts(tables, comm, extra)
+    m = ctr_result(groups, [p["ctr"] for p in parts])
     ev = [p for p in parts if "evidence" in p]
     if ev:
         k = ev[0]["k"]
         r = merge_evidence([p["evidence"] for p in ev])
         m |= {f"recall@{k}": r["recall"], f"hit@{k}": r["hit"], "evidence_in_window": r["reach"]}
-    ceiling = [p["ceiling"] for p in parts if "ceiling" in p]
-    if ceiling:
-        m["ceiling_auc"] = merge_group_aucs([group_aucs(merge_auc_counts(ceiling))])
+    if "ceiling" in groups:
+        m["ceiling_auc"] = grouped_mean(groups["ceiling"])
     return m
 
 
 def split_metrics(model: nn.Module, dataset, split: str, max_len: int, batch_size: int = 4096) -> dict[str, float]:
     """The metrics of `split` on one process (see merge_split)."""
-    return merge_split([split_partial(model, dataset, split, max_len, batch_size)])
+    return merge_split(split_partial(model, dataset, split, max_len, batch_size), OneRank())

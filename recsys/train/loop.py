@@ -10,8 +10,9 @@ many rows at every step and DDP's average of the ranks' mean gradients is the gl
 The order depends on seed, epoch and rank only: a resumed run replays it exactly.
 
 Validation: every rank scores its own val users and the metrics are merged from mergeable partials
-(`recsys.train.evaluation`), equal to the single-process metrics; every rank gets them, so early stopping
-is decided identically everywhere. With sharded (`fused`) tables the sharded model itself scores (a lookup
+(`recsys.train.evaluation.merge_split`: count tables range-partitioned over the ranks, no rank holds the
+split's), equal to the single-process metrics; every rank gets them, so early stopping is decided
+identically everywhere. With sharded (`fused`) tables the sharded model itself scores (a lookup
 is a collective: every rank runs as many batches as the rank with the most rows, padding with a filler
 batch). Checkpoints and the best weights (`out/best`) are weights folders (`recsys.checkpoint`): rank 0
 writes the plain tensors, the dense optimizers' state and the state with the validation history; with
@@ -72,6 +73,10 @@ class Context:
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         return obj
+
+    def all_to_all(self, objs: list[Any]) -> list[Any]:
+        """`objs[d]` goes to rank d; returns what every rank sent to this one, in rank order."""
+        return list(objs)
 
     def barrier(self) -> None:
         pass
@@ -245,7 +250,7 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
     model.eval()
     test = None
     if evaluate_test and "test" in shard.splits:
-        test = merge_split(ctx.gather(split_partial(model, shard, "test", mc.max_len, tc.eval_batch_size, pad.get("test"))))
+        test = merge_split(split_partial(model, shard, "test", mc.max_len, tc.eval_batch_size, pad.get("test")), ctx)
     steady = rates[10:] or rates
     ranks = ctx.gather(_held(shard))
     return {"ranks": ranks, "steps": state["step"], "best_step": state["best_step"], "best_val": state["best_val"], "test": test,
@@ -267,7 +272,7 @@ def _held(shard: Shard) -> dict:
 def _validate(cfg, shard: Shard, ctx: Context, out: Path, model: nn.Module, opt, state: dict, epoch: int, loss: float,
               resumed_from: int | None, samples_per_s: float, pad: dict[str, int]) -> None:
     tc, mc = cfg.train, cfg.model
-    val = merge_split(ctx.gather(split_partial(model, shard, "val", mc.max_len, tc.eval_batch_size, pad.get("val"))))
+    val = merge_split(split_partial(model, shard, "val", mc.max_len, tc.eval_batch_size, pad.get("val")), ctx)
     improved = val["auc"] > state["best_auc"]
     if improved:
         state.update(best_auc=val["auc"], best_step=state["step"], best_val=val, bad=0)
