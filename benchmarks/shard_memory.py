@@ -13,8 +13,9 @@ Two ways of building rank `--rank`'s Shard of a dataset folder (e.g. one written
   the object store, as a training worker fetches them), then assembles the same batches.
 `--score`: then one validation's scoring of the val rows (`split_partial`, the dare preset's model).
 Prints one JSON object: per stage RSS and peak in MB (anonymous and shared-memory parts: object-store pages
-a Ray worker has mapped count as shared), and the steady (after the batches) and peak (reading, converting,
-batches) bytes per event and per row of the rank: RSS minus the process's RSS before reading anything.
+a Ray worker has mapped count as shared), the shard's arrays' own size, and the steady (after the batches)
+and peak (reading, converting, batches) bytes per event and per row of the rank: RSS minus the process's
+RSS before reading anything; per event also the anonymous (private) part and the arrays'.
 """
 
 from __future__ import annotations
@@ -64,6 +65,15 @@ class Stages:
         reset_peak()
 
 
+def array_mb(shard) -> float:
+    """What the shard's arrays themselves take (MB): the store's (item and cate once, as their padded
+    reversed arrays), and every split's columns."""
+    st = shard.store
+    arrays = [st.offsets, *st.reversed_padded] + ([st.ts] if st.ts is not None else [])
+    arrays += [getattr(v, c) for v in shard.splits.values() for c in ("user", "pos", "item", "cate", "label")]
+    return sum(x.nbytes for x in arrays) / MiB
+
+
 def batches(shard, n: int, max_len: int, per_worker: int) -> None:
     from recsys.data.sequences import assemble
     from recsys.train.loop import epoch_batches
@@ -95,7 +105,7 @@ def arrow_path(folder: Path, plan, rank: int, splits: tuple[str, ...], a) -> dic
 
     from recsys.data.layout import data_files, files_for_users
     from recsys.data.manifest import read_manifest
-    from recsys.data.sequences import samples_from_table, store_from_table
+    from recsys.data.sequences import EVENT_COLUMNS, samples_from_table, store_from_table
     from recsys.data.shards import Shard
 
     lo, hi = plan.users(rank)
@@ -104,12 +114,14 @@ def arrow_path(folder: Path, plan, rank: int, splits: tuple[str, ...], a) -> dic
 
     def read(name: str) -> pa.Table:
         files = files_for_users(folder, name, lo, hi, manifest) or data_files(folder, name)[:1]
-        return pa.concat_tables([pq.read_table(f, filters=[("user", ">=", lo), ("user", "<", hi)]) for f in files])
+        columns = [c for c in EVENT_COLUMNS if c != "ts"] if name == "events" else None
+        return pa.concat_tables([pq.read_table(f, columns=columns, filters=[("user", ">=", lo), ("user", "<", hi)])
+                                 for f in files])
 
     events = read("events")
     tables = {s: read(s) for s in splits}
     st.mark("arrow_read")
-    store = store_from_table(events, "events", (lo, hi))
+    store = store_from_table(events, "events", (lo, hi), times=False)
     st.mark("store")
     samples = {s: samples_from_table(t, s, store) for s, t in tables.items()}
     st.mark("samples")
@@ -122,7 +134,8 @@ def arrow_path(folder: Path, plan, rank: int, splits: tuple[str, ...], a) -> dic
     if a.score:
         score(shard, folder)
         st.mark("score_val")
-    return {"base": st.base, "stages": st.rows, "events": len(store.ts), "rows": {s: len(v) for s, v in samples.items()}}
+    return {"base": st.base, "stages": st.rows, "events": len(store.item), "rows": {s: len(v) for s, v in samples.items()},
+            "arrays_mb": round(array_mb(shard), 1)}
 
 
 def ray_path(folder: Path, plan, rank: int, splits: tuple[str, ...], a) -> dict:
@@ -144,12 +157,11 @@ def ray_path(folder: Path, plan, rank: int, splits: tuple[str, ...], a) -> dict:
             if a.score:
                 score(shard, folder)
                 st.mark("score_val")
-            return {"base": st.base, "stages": st.rows, "events": len(shard.store.ts),
-                    "rows": {s: len(v) for s, v in shard.splits.items()}}
+            return {"base": st.base, "stages": st.rows, "events": len(shard.store.item),
+                    "rows": {s: len(v) for s, v in shard.splits.items()}, "arrays_mb": round(array_mb(shard), 1)}
 
-    with ray_session(num_cpus=2):
-        datasets = shard_datasets(folder, plan, splits)
-        mine = {k: v for k, v in datasets.items() if k.endswith(f".{rank}")}
+    with ray_session(num_cpus=2, object_store_mb=a.object_store_mb):
+        mine = shard_datasets(folder, plan, splits, ranks=[rank])
         return ray.get(Worker.remote().run.remote(mine))
 
 
@@ -164,6 +176,7 @@ def main() -> None:
     ap.add_argument("--per-worker", type=int, default=512, help="rows per batch (benchmarks/scale.py's)")
     ap.add_argument("--max-len", type=int, default=200, help="the dare preset's")
     ap.add_argument("--score", action="store_true", help="also score the val rows once (a validation)")
+    ap.add_argument("--object-store-mb", type=int, default=768, help="--via ray: the object store (benchmarks/scale.py's per node)")
     a = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from recsys.data.shards import plan_shards
@@ -176,11 +189,17 @@ def main() -> None:
     steady = r["stages"]["batches"]["rss"] - base
     # the data's peak: reading, converting, the first batches (a validation's scoring is reported on its own)
     peak = max(s["peak"] for k, s in r["stages"].items() if k != "score_val") - base
-    r["per_event_bytes"] = {"steady": round(steady * MiB / n_events, 1), "peak": round(peak * MiB / n_events, 1)}
+    # the private part (anonymous memory: the arrays, the loaders' temporaries); the rest of RSS is mapped
+    # object-store pages (shared with the store) and files
+    anon = r["stages"]["batches"]["anon"] - r["base"]["anon"]
+    r["per_event_bytes"] = {"steady": round(steady * MiB / n_events, 1), "peak": round(peak * MiB / n_events, 1),
+                            "anon_steady": round(anon * MiB / n_events, 1),
+                            "arrays": round(r["arrays_mb"] * MiB / n_events, 1)}
     # the same MB over the rank's rows (events and rows both grow with the data; a row costs less than an event)
     r["per_row_bytes"] = {"steady": round(steady * MiB / n_rows, 1), "peak": round(peak * MiB / n_rows, 1)}
     r["inputs"] = {"folder": str(a.folder), "via": a.via, "world": a.world, "rank": a.rank, "splits": a.splits,
-                   "batches": a.batches, "per_worker": a.per_worker, "max_len": a.max_len, "score": a.score}
+                   "batches": a.batches, "per_worker": a.per_worker, "max_len": a.max_len, "score": a.score,
+                   "object_store_mb": a.object_store_mb if a.via == "ray" else None}
     print(json.dumps(r))
 
 

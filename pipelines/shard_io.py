@@ -17,23 +17,27 @@ from typing import Any
 from recsys.data.shards import Shard, ShardPlan
 
 
-def shard_datasets(folder: Path, plan: ShardPlan, splits: tuple[str, ...]) -> dict:
-    """{"<name>.<rank>": materialised dataset} for the events and each split."""
+def shard_datasets(folder: Path, plan: ShardPlan, splits: tuple[str, ...], ranks=None) -> dict:
+    """{"<name>.<rank>": materialised dataset} for the events and each split; `ranks`: only these ranks'
+    (benchmarks/shard_memory.py measures one)."""
     import ray.data
     from ray.data.expressions import col, lit
 
     from recsys.data.layout import data_files, files_for_users
     from recsys.data.manifest import read_manifest
+    from recsys.data.sequences import EVENT_COLUMNS
 
     manifest = read_manifest(folder)
     out = {}
     for name in ("events", *splits):
-        for r in range(plan.world):
+        for r in range(plan.world) if ranks is None else ranks:
             lo, hi = plan.users(r)
             # part files (and a single file's row groups, by their statistics) outside the range are never read;
             # a range no file overlaps still gets a dataset of the file's columns, filtered empty
             files = files_for_users(folder, name, lo, hi, manifest) or data_files(folder, name)[:1]
-            ds = ray.data.read_parquet([str(f) for f in files])
+            # the events' times are not read: nothing a worker trains or scores reads them
+            columns = [c for c in EVENT_COLUMNS if c != "ts"] if name == "events" else None
+            ds = ray.data.read_parquet([str(f) for f in files], columns=columns)
             ds = ds.filter(expr=(col("user") >= lit(lo)) & (col("user") < lit(hi)))
             ds.context.execution_options.preserve_order = True
             out[f"{name}.{r}"] = ds.materialize()
@@ -43,18 +47,14 @@ def shard_datasets(folder: Path, plan: ShardPlan, splits: tuple[str, ...]) -> di
 def read_shard(dataset: Callable[[str], Any], folder: str | Path, plan: ShardPlan, rank: int, splits: tuple[str, ...],
                n_items: int, n_cates: int, meta: dict) -> Shard:
     """Rank `rank`'s Shard from `dataset(name)`, an iterable of its rows of file `name` (the dataset of
-    `shard_datasets`, or Ray Train's `get_dataset_shard` of it), read in file order."""
-    import pyarrow as pa
+    `shard_datasets`, or Ray Train's `get_dataset_shard` of it), read in file order. The blocks are streamed:
+    each is copied into the shard's arrays (sized from the manifest's rows per user) and released before the
+    next is fetched, so a worker pins one block of the object store at a time, not its whole shard."""
+    from recsys.data.manifest import read_manifest
+    from recsys.data.shards import shard_from_blocks, shard_rows
 
-    from recsys.data.sequences import EVENT_COLUMNS, SAMPLE_COLUMNS
-    from recsys.data.shards import shard_from_tables
-
-    def table(name: str, columns) -> pa.Table:
-        parts = list(dataset(name).iter_batches(batch_size=None, batch_format="pyarrow"))
-        if not parts:  # no rows in this range: an empty table of the file's columns
-            return pa.table({c: pa.array([], pa.int64()) for c in columns})
-        return pa.concat_tables(parts, promote_options="default")
-
-    events = table("events", EVENT_COLUMNS)
-    tables = {s: table(s, SAMPLE_COLUMNS) for s in splits}
-    return shard_from_tables(events, tables, folder, plan, rank, n_items, n_cates, meta)
+    lo, hi = plan.users(rank)
+    manifest = read_manifest(folder)
+    return shard_from_blocks(lambda name: dataset(name).iter_batches(batch_size=None, batch_format="pyarrow"),
+                             lambda name: shard_rows(folder, name, lo, hi, manifest), folder, plan, rank, splits,
+                             n_items, n_cates, meta)

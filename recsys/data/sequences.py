@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -44,7 +44,7 @@ class SequenceStore:
     offsets: np.ndarray  # [U + 1] int64
     item: np.ndarray     # [N] int32 (loaded; any integer type works)
     cate: np.ndarray     # [N] int32
-    ts: np.ndarray       # [N] int64
+    ts: np.ndarray | None  # [N] int64; None in a worker's shard (nothing it trains or scores reads times)
     # the first user id held: a worker's shard holds the contiguous user range first_user..first_user + n_users - 1
     first_user: int = 0
 
@@ -148,11 +148,15 @@ Where = Path | str | Callable[[int], tuple[str, int]]
 PIECE = 1 << 18
 
 
-def _fail(path: Where, name: str, row: int, count: int, what: str) -> None:
-    """`path`: where the rows are; a callable maps a row of part files read together to (file, row in it)."""
-    if callable(path):
-        path, row = path(row)
-    raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({count} bad rows)")
+def _pieces(tables: Iterable[pa.Table]) -> Iterator[tuple[int, pa.Table]]:
+    """(first row, piece) of PIECE rows or fewer of the tables read one after another. A table is let go as
+    soon as its last piece is handed out, so a stream of Ray blocks is held one block at a time."""
+    a = 0
+    for t in tables:
+        for b in range(0, t.num_rows, PIECE):
+            p = t.slice(b, PIECE)
+            yield a, p
+            a += p.num_rows
 
 
 def _col(t: pa.Table, name: str) -> np.ndarray:
@@ -160,43 +164,89 @@ def _col(t: pa.Table, name: str) -> np.ndarray:
     return t.column(name).to_numpy()
 
 
-def _scan(where: Where, t: pa.Table, name: str, what: str, bad: Callable[[pa.Table, int], np.ndarray]) -> None:
-    """Check column `name` over the whole table, PIECE rows at a time: `bad(piece, first row)` -> the
-    piece's bad rows; the error names the table's first bad row and counts them all (as one check over
-    the whole column did, without its whole-column temporaries)."""
-    first, count = -1, 0
-    for a in range(0, t.num_rows, PIECE):
-        b = bad(t.slice(a, PIECE), a)
+class _Checks:
+    """The loaders' checks over a stream of pieces, reporting what running each check over the whole table,
+    one after another, reported: the error of the first check (in the order they are run on a piece) that
+    found bad rows anywhere, naming its first bad row and counting them all.
+
+    A check runs on a piece only while no earlier check has failed (in this piece or before), so each check
+    sees rows every earlier check passed (integers for the range checks, sorted users for the position
+    check), and the checks after a failed one are not computed at all."""
+
+    def __init__(self, where: Where) -> None:
+        self.where = where
+        self.order = 0
+        # the earliest check that failed: (order, column, first bad row, count, what); row None: a column
+        # that is not an integer (the message is `what`)
+        self.failed: tuple[int, str, int | None, int, str] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None
+
+    def start(self) -> None:
+        """A new piece: the checks are numbered from 0 again, in the order they are run."""
+        self.order = 0
+
+    def _next(self) -> int | None:
+        """The next check's number, or None when an earlier check has failed (it need not run)."""
+        k, self.order = self.order, self.order + 1
+        return k if self.failed is None or k <= self.failed[0] else None
+
+    def _file(self) -> str:
+        return str(self.where if not callable(self.where) else self.where(0)[0])
+
+    def rows(self, name: str, what: str, a: int, bad: Callable[[], np.ndarray]) -> None:
+        """`bad()` -> the bad rows of the piece starting at row `a` of the stream."""
+        k = self._next()
+        if k is None:
+            return
+        b = bad()
         c = int(np.count_nonzero(b))
-        if c and first < 0:
-            first = a + int(np.argmax(b))
-        count += c
-    if count:
-        _fail(where, name, first, count, what)
+        if not c:
+            return
+        if self.failed is None or k < self.failed[0]:
+            self.failed = (k, name, a + int(np.argmax(b)), c, what)
+        else:  # the same check, a later piece
+            self.failed = (k, name, self.failed[2], self.failed[3] + c, what)
+
+    def integers(self, p: pa.Table, names, a: int) -> None:
+        """The columns are integers without nulls (files are checked by `_read`; Ray blocks are not)."""
+        for name in names:
+            col = p.column(name)
+            k = self._next()
+            if k is not None and not pa.types.is_integer(col.type):
+                self.failed = (k, name, None, 0, f"{self._file()}: column {name!r} has type {col.type}, "
+                                                  "expected an integer type")
+            self.rows(name, "null value", a,
+                      lambda: col.is_null().to_numpy(zero_copy_only=False) if col.null_count else np.zeros(0, bool))
+
+    def fits(self, p: pa.Table, name: str, dtype: np.dtype, a: int) -> None:
+        """Column `name`'s values fit `dtype` (the compact one it is copied into)."""
+        if np.can_cast(p.schema.field(name).type.to_pandas_dtype(), dtype):
+            self._next()
+            return
+        info = np.iinfo(dtype)
+        self.rows(name, f"outside the {dtype} range {info.min}..{info.max}", a,
+                  lambda: (_col(p, name) < info.min) | (_col(p, name) > info.max))
+
+    def done(self, n: int, seen: int) -> None:
+        """After the stream (or when it holds more than `n` rows): the first failed check's error, else an
+        error if the stream did not hold `n` rows."""
+        if self.failed is not None:
+            _, name, row, count, what = self.failed
+            if row is None:
+                raise DatasetError(what)
+            _fail(self.where, name, row, count, what)
+        if seen != n:
+            raise DatasetError(f"{self._file()}: {seen} rows read, {n} expected (data changed during the run?)")
 
 
-def _integers(where: Where, t: pa.Table, names) -> None:
-    """The columns are integers without nulls (files are checked by `_read`; Ray blocks are not)."""
-    for name in names:
-        col = t.column(name)
-        if not pa.types.is_integer(col.type):
-            raise DatasetError(f"{where if not callable(where) else where(0)[0]}: column {name!r} has type {col.type}, "
-                               "expected an integer type")
-        if col.null_count:
-            _scan(where, t, name, "null value", lambda p, a: p.column(name).is_null().to_numpy(zero_copy_only=False))
-
-
-def _fill(out: np.ndarray, where: Where, t: pa.Table, name: str) -> np.ndarray:
-    """Column `name` of `t` written into `out` (its dtype: the compact one), PIECE rows at a time, so the
-    only copy made is `out`; values that do not fit its dtype are an error."""
-    if not np.can_cast(t.schema.field(name).type.to_pandas_dtype(), out.dtype):
-        info = np.iinfo(out.dtype)
-        _scan(where, t, name, f"outside the {out.dtype} range {info.min}..{info.max}",
-              lambda p, a: (_col(p, name) < info.min) | (_col(p, name) > info.max))
-    for a in range(0, t.num_rows, PIECE):
-        v = _col(t.slice(a, PIECE), name)
-        out[a:a + len(v)] = v
-    return out
+def _fail(path: Where, name: str, row: int, count: int, what: str) -> None:
+    """`path`: where the rows are; a callable maps a row of part files read together to (file, row in it)."""
+    if callable(path):
+        path, row = path(row)
+    raise DatasetError(f"{path}: column {name!r} row {row}: {what} ({count} bad rows)")
 
 
 def load_store(path: Path) -> SequenceStore:
@@ -204,75 +254,146 @@ def load_store(path: Path) -> SequenceStore:
     return store_from_table(_read(path, EVENT_COLUMNS), str(path))
 
 
-def store_from_table(t: pa.Table, where: Where, users: tuple[int, int] | None = None) -> SequenceStore:
-    """The store of an events table (sorted by user then pos). `users` = (first, end): the table holds the
-    events of users first..end-1 only (a worker's shard; rows are then counted within it in errors).
-    The ids are copied once into int32 arrays (the store holds no table buffer), checked and converted
-    PIECE rows at a time."""
-    n = t.num_rows
+def store_from_table(t: pa.Table, where: Where, users: tuple[int, int] | None = None, times: bool = True) -> SequenceStore:
+    """The store of an events table (sorted by user then pos): `store_from_tables` of the one table."""
+    return store_from_tables([t], t.num_rows, where, users, times)
+
+
+def store_from_tables(tables: Iterable[pa.Table], n: int, where: Where, users: tuple[int, int] | None = None,
+                      times: bool = True) -> SequenceStore:
+    """The store of the `n` events of `tables` read one after another (a table, or a worker's Ray blocks
+    streamed one at a time), sorted by user then pos. `users` = (first, end): they hold the events of users
+    first..end-1 only (a worker's shard; rows are then counted within it in errors). `times`: also keep the
+    timestamps (training and scoring never read them; a worker's shard leaves them out, `ts` is then None).
+    The ids are copied once into int32 arrays allocated up front (the store holds no table buffer), checked
+    and converted PIECE rows at a time, so the only copy of the data a load makes is the store itself."""
     first = users[0] if users else 0
-    _integers(where, t, EVENT_COLUMNS)
-    _scan(where, t, "user", "negative user id" if users is None else f"user id below the shard's first user {first}",
-          lambda p, a: _col(p, "user") < first)
-    if users is not None:
-        _scan(where, t, "user", f"user id at or above the shard's end {users[1]}", lambda p, a: _col(p, "user") >= users[1])
-    last = [None]  # the previous piece's last user: the order check crosses the pieces' edges
+    names = [c for c in EVENT_COLUMNS if times or c != "ts"]
+    checks = _Checks(where)
+    counts = np.zeros(users[1] - first if users else 0, np.int64)
+    # item and cate are written through reversed views of `reversed_padded`, whose zero padding past the
+    # events (the longest sequence + 1) is known only at the end: the arrays are grown in place then
+    rev_item, rev_cate = np.empty(n, np.int32), np.empty(n, np.int32)
+    item, cate = rev_item[::-1], rev_cate[::-1]
+    ts = np.empty(n, np.int64) if times else None
+    # carried from piece to piece by the order and position checks: the last user seen, and the row its
+    # events start at
+    last_user, run_start, seen = -1, 0, 0
+    for a, p in _pieces(tables):
+        m = p.num_rows
+        seen = a + m
+        if seen > n:
+            checks.done(n, seen)
+        checks.start()
+        checks.integers(p, names, a)
+        checks.rows("user", "negative user id" if users is None else f"user id below the shard's first user {first}",
+                    a, lambda: _col(p, "user") < first)
+        if users is not None:
+            checks.rows("user", f"user id at or above the shard's end {users[1]}", a, lambda: _col(p, "user") >= users[1])
+        prev_user = last_user
 
-    def unsorted(p: pa.Table, a: int) -> np.ndarray:
-        u = _col(p, "user")
-        bad = np.zeros(len(u), bool)
-        np.less(u[1:], u[:-1], out=bad[1:])
-        if len(u):
-            bad[0] = last[0] is not None and u[0] < last[0]
-            last[0] = u[-1]
-        return bad
+        def unsorted() -> np.ndarray:
+            nonlocal last_user
+            u = _col(p, "user")
+            bad = np.zeros(m, bool)
+            np.less(u[1:], u[:-1], out=bad[1:])
+            bad[0] = a > 0 and u[0] < prev_user
+            last_user = int(u[-1])
+            return bad
 
-    _scan(where, t, "user", "events not sorted by user", unsorted)
-    # sorted and in range: the last event's user is the largest
-    n_users = users[1] - first if users else (int(last[0]) + 1 if n else 0)
-    counts = np.zeros(n_users, np.int64)
-    for a in range(0, n, PIECE):
-        counts += np.bincount(_col(t.slice(a, PIECE), "user") - first, minlength=n_users)
+        checks.rows("user", "events not sorted by user", a, unsorted)
+
+        def pos_bad() -> np.ndarray:
+            # sorted: a user's events start at its first row (offsets[user], without the whole column)
+            nonlocal run_start
+            u = _col(p, "user")
+            idx = np.arange(a, a + m, dtype=np.int64)
+            new = np.empty(m, bool)
+            new[0] = a == 0 or u[0] != prev_user
+            np.not_equal(u[1:], u[:-1], out=new[1:])
+            start = np.where(new, idx, -1)
+            start[0] = a if new[0] else run_start
+            np.maximum.accumulate(start, out=start)
+            run_start = int(start[-1])
+            return _col(p, "pos") != idx - start
+
+        checks.rows("pos", "pos must be 0, 1, 2, ... within each user in order", a, pos_bad)
+        checks.rows("item", "item ids start at 1 (0 is padding)", a, lambda: _col(p, "item") <= 0)
+        checks.rows("cate", "category ids start at 1 (0 is padding)", a, lambda: _col(p, "cate") <= 0)
+        checks.fits(p, "item", item.dtype, a)
+        checks.fits(p, "cate", cate.dtype, a)
+        if ts is not None:
+            checks.fits(p, "ts", ts.dtype, a)
+        if not checks.ok:  # nothing is copied; the stream is read on, for the first bad row and the count
+            continue
+        c = np.bincount(_col(p, "user") - first)
+        if users is None and len(c) > len(counts):
+            counts = np.r_[counts, np.zeros(len(c) - len(counts), np.int64)]
+        counts[:len(c)] += c
+        item[a:seen] = _col(p, "item")
+        cate[a:seen] = _col(p, "cate")
+        if ts is not None:
+            ts[a:seen] = _col(p, "ts")
+    checks.done(n, seen)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    _scan(where, t, "pos", "pos must be 0, 1, 2, ... within each user in order",
-          lambda p, a: _col(p, "pos") != np.arange(a, a + p.num_rows, dtype=np.int64) - offsets[_col(p, "user") - first])
-    _scan(where, t, "item", "item ids start at 1 (0 is padding)", lambda p, a: _col(p, "item") <= 0)
-    _scan(where, t, "cate", "category ids start at 1 (0 is padding)", lambda p, a: _col(p, "cate") <= 0)
     pad = int(counts.max(initial=0)) + 1
-    rev_item, rev_cate = np.zeros(n + pad, np.int32), np.zeros(n + pad, np.int32)
-    # written through the reversed views: the store's item/cate ARE reversed_padded, read backwards
-    item = _fill(rev_item[:n][::-1], where, t, "item")
-    cate = _fill(rev_cate[:n][::-1], where, t, "cate")
-    store = SequenceStore(offsets, item, cate, _fill(np.empty(n, np.int64), where, t, "ts"), first)
+    del item, cate  # views of the arrays grown next (realloc may move them)
+    for rev in (rev_item, rev_cate):
+        rev.resize(n + pad, refcheck=False)  # the new tail is zeroed; a large array is remapped, not copied
+    store = SequenceStore(offsets, rev_item[:n][::-1], rev_cate[:n][::-1], ts, first)
     store.__dict__["reversed_padded"] = (rev_item, rev_cate)  # the cached_property's value, already built
     return store
 
 
 def samples_from_table(t: pa.Table, where: Where, store: SequenceStore) -> Samples:
-    """Checked samples of a split table whose users `store` holds: ids as int32 and the label as float32,
-    each copied once (no table buffer is kept), checked PIECE rows at a time."""
-    n = t.num_rows
-    _integers(where, t, SAMPLE_COLUMNS)
+    """Checked samples of a split table whose users `store` holds: `samples_from_tables` of the one table."""
+    return samples_from_tables([t], t.num_rows, where, store)
+
+
+def samples_from_tables(tables: Iterable[pa.Table], n: int, where: Where, store: SequenceStore) -> Samples:
+    """Checked samples of the `n` rows of `tables` read one after another (a split table, or a worker's Ray
+    blocks streamed one at a time), whose users `store` holds: ids as int32 and the label as float32, in
+    arrays allocated up front and filled PIECE rows at a time (no table buffer is kept)."""
     first, end = store.first_user, store.first_user + store.n_users
     lengths = store.lengths
-    _scan(where, t, "user", f"user id outside {first}..{end - 1}",
-          lambda p, a: (_col(p, "user") < first) | (_col(p, "user") >= end))
-    _scan(where, t, "pos", "pos outside the user's sequence",
-          lambda p, a: (_col(p, "pos") < 0) | (_col(p, "pos") >= lengths[_col(p, "user") - first]))
-    _scan(where, t, "label", "label must be 0 or 1", lambda p, a: (_col(p, "label") != 0) & (_col(p, "label") != 1))
-    _scan(where, t, "item", "item ids start at 1 (0 is padding)", lambda p, a: _col(p, "item") <= 0)
-    user, pos, item, cate = (_fill(np.empty(n, np.int32), where, t, c) for c in ("user", "pos", "item", "cate"))
+    checks = _Checks(where)
+    user, pos, item, cate = (np.empty(n, np.int32) for _ in range(4))
     label = np.empty(n, np.float32)
-    for a in range(0, n, PIECE):
-        v = _col(t.slice(a, PIECE), "label")
-        label[a:a + len(v)] = v
-    evidence = None
-    if "evidence" in t.column_names:
-        col = t.column("evidence").combine_chunks()
-        flat = col.values.to_numpy().astype(np.int64)
-        evidence = np.split(flat, col.offsets.to_numpy()[1:-1])
-    p_label = t.column("p_label").to_numpy().astype(np.float64) if "p_label" in t.column_names else None
+    evidence: list[np.ndarray] | None = None
+    p_label: np.ndarray | None = None
+    seen = 0
+    for a, p in _pieces(tables):
+        m = p.num_rows
+        seen = a + m
+        if seen > n:
+            checks.done(n, seen)
+        checks.start()
+        checks.integers(p, SAMPLE_COLUMNS, a)
+        checks.rows("user", f"user id outside {first}..{end - 1}", a,
+                    lambda: (_col(p, "user") < first) | (_col(p, "user") >= end))
+        checks.rows("pos", "pos outside the user's sequence", a,
+                    lambda: (_col(p, "pos") < 0) | (_col(p, "pos") >= lengths[_col(p, "user") - first]))
+        checks.rows("label", "label must be 0 or 1", a, lambda: (_col(p, "label") != 0) & (_col(p, "label") != 1))
+        checks.rows("item", "item ids start at 1 (0 is padding)", a, lambda: _col(p, "item") <= 0)
+        for name in ("user", "pos", "item", "cate"):
+            checks.fits(p, name, np.dtype(np.int32), a)
+        if not checks.ok:
+            continue
+        for name, out in (("user", user), ("pos", pos), ("item", item), ("cate", cate), ("label", label)):
+            out[a:seen] = _col(p, name)
+        if "evidence" in p.column_names:
+            col = p.column("evidence").combine_chunks()
+            offsets = col.offsets.to_numpy()
+            flat = col.flatten().to_numpy().astype(np.int64)
+            if evidence is None:
+                evidence = []
+            evidence.extend(np.split(flat, (offsets - offsets[0])[1:-1]))
+        if "p_label" in p.column_names:
+            if p_label is None:
+                p_label = np.empty(n, np.float64)
+            p_label[a:seen] = _col(p, "p_label")
+    checks.done(n, seen)
     return Samples(user, pos, item, cate, label, evidence, p_label)
 
 

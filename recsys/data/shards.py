@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from recsys.data.sequences import (
     DatasetError,
     Samples,
     SequenceStore,
-    samples_from_table,
-    store_from_table,
+    samples_from_tables,
+    store_from_tables,
 )
 from recsys.vocab import FILE as VOCAB_FILE
 from recsys.vocab import Vocabulary
@@ -160,17 +161,41 @@ def plan_shards(folder: str | Path, world: int, users: int | None = None, split:
     return split_users(counts, world, split)
 
 
-def shard_from_tables(events: pa.Table, splits: dict[str, pa.Table], folder: str | Path, plan: ShardPlan, rank: int,
-                      n_items: int, n_cates: int, meta: dict) -> Shard:
-    """A rank's shard from its users' rows of events.parquet and of each split (in file order)."""
+def shard_rows(folder: str | Path, name: str, lo: int, hi: int, manifest=None) -> int:
+    """Rows of `name` ("events" or a split) of users lo..hi-1: from the manifest's rows per user (the folder's
+    `read_manifest`, read once by the caller), else counted from the files' `user` column in batches."""
+    if manifest is not None:
+        return int(manifest.user_rows(name)[lo:hi].sum())
+    n = 0
+    for f in data_files(folder, name):
+        for b in pq.ParquetFile(f).iter_batches(columns=["user"], batch_size=1 << 20):
+            u = b.column(0).to_numpy()
+            n += int(np.count_nonzero((u >= lo) & (u < hi)))
+    return n
+
+
+def shard_from_blocks(blocks: Callable[[str], Iterable[pa.Table]], rows: Callable[[str], int], folder: str | Path,
+                      plan: ShardPlan, rank: int, splits: tuple[str, ...], n_items: int, n_cates: int, meta: dict) -> Shard:
+    """A rank's shard from `blocks(name)`, its users' rows of events and of each split in file order (tables,
+    or Ray blocks fetched one at a time), `rows(name)` of them. Each block is copied into arrays allocated up
+    front and let go, so a worker holds one block of a stream at a time besides its arrays, and the copy is
+    the only one; the events' times are not loaded (nothing a worker trains or scores reads them)."""
     lo, hi = plan.users(rank)
     where = f"{Path(folder)} (users {lo}..{hi - 1})"
-    store = store_from_table(events, f"{where} events.parquet", (lo, hi))
-    loaded = {s: samples_from_table(t, f"{where} {s}.parquet", store) for s, t in splits.items()}
+    store = store_from_tables(blocks("events"), rows("events"), f"{where} events.parquet", (lo, hi), times=False)
+    loaded = {s: samples_from_tables(blocks(s), rows(s), f"{where} {s}.parquet", store) for s in splits}
     if plan.split in loaded and len(loaded[plan.split]) != plan.rows[rank]:
         raise DatasetError(f"{where} {plan.split}.parquet: {len(loaded[plan.split])} rows read, the plan counted "
                            f"{plan.rows[rank]} (file changed during the run?)")
     return Shard(store, loaded, n_items, n_cates, meta, plan, rank)
+
+
+def shard_from_tables(events: pa.Table, splits: dict[str, pa.Table], folder: str | Path, plan: ShardPlan, rank: int,
+                      n_items: int, n_cates: int, meta: dict) -> Shard:
+    """A rank's shard from its users' rows of events.parquet and of each split (in file order)."""
+    tables = {"events": events} | splits
+    return shard_from_blocks(lambda name: [tables[name]], lambda name: tables[name].num_rows, folder, plan, rank,
+                             tuple(splits), n_items, n_cates, meta)
 
 
 def whole(dataset: Dataset) -> Shard:
