@@ -8,7 +8,8 @@ measure what one machine can do, and the memory figures show what grows with wha
   the DRIVER's peak RSS (its own VmHWM: the goal is flat in dataset size), plus the peak RSS of the largest
   Ray worker process (RSS counts the object-store pages a worker maps, so it overstates private memory);
 - training (`pipelines.train.run_train`, the dare preset, per-worker batch fixed) for `--train-steps` steps
-  on 4 workers: peak RSS of each Ray Train worker (goal: about 1/N of the data plus a constant);
+  on 4 workers: peak RSS of each Ray Train worker (goal: about 1/N of the data plus a constant), and its
+  private part (RSS less the object-store pages it mapped, which are its node's store's);
 - bytes per event and per training row on disk and as loaded (`SequenceStore` / `Samples` arrays);
 - sharded evaluation on ml-latest-small (the fixed benchmark): a briefly trained bundle scored by
   `pipelines.evaluate.run_evaluate` on 4 actors against the single-process `recsys.train.trainer.evaluate`;
@@ -52,10 +53,12 @@ def vm_hwm_mb() -> float:
 
 
 class RaySampler:
-    """Peak RSS per Ray worker process (title `ray::...`), sampled every 0.25 s while a job runs."""
+    """Peak RSS per Ray worker process (title `ray::...`), sampled every 0.25 s while a job runs, and the peak
+    of its private part (RSS less the file and shared-memory pages: the object-store pages a worker has
+    mapped are its node's store's, counted in the worker's RSS too)."""
 
     def __init__(self) -> None:
-        self.peak: dict[int, tuple[str, int]] = {}
+        self.peak: dict[int, tuple[str, int, int]] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -66,12 +69,12 @@ class RaySampler:
                     title = " ".join(p.info["cmdline"] or [])
                     if not title.startswith("ray::"):
                         continue
-                    rss = p.memory_info().rss
+                    m = p.memory_info()
                 except psutil.Error:
                     continue
                 old = self.peak.get(p.pid)
                 name = title if "RayTrainWorker" in title or old is None else old[0]
-                self.peak[p.pid] = (name, max(rss, old[1] if old else 0))
+                self.peak[p.pid] = (name, max(m.rss, old[1] if old else 0), max(m.rss - m.shared, old[2] if old else 0))
             time.sleep(0.25)
 
     def __enter__(self) -> "RaySampler":
@@ -82,8 +85,9 @@ class RaySampler:
         self._done.set()
         self._thread.join()
 
-    def peaks_mb(self, contains: str = "") -> list[float]:
-        return sorted((round(rss / MiB) for name, rss in self.peak.values() if contains in name), reverse=True)
+    def peaks_mb(self, contains: str = "", private: bool = False) -> list[float]:
+        return sorted((round((own if private else rss) / MiB) for name, rss, own in self.peak.values() if contains in name),
+                      reverse=True)
 
 
 def run_child(*args: str) -> dict:
@@ -152,8 +156,9 @@ def child_evaluate(address: str, out: str, workers: int) -> dict:
 
 
 def dataset_bytes(folder: Path, meta: dict) -> dict:
-    """On-disk bytes per event and per training row, and the uncompressed column widths (a worker holds
-    16 bytes per event plus 8 per user, 20 per row: recsys.data.sequences)."""
+    """On-disk bytes per event and per training row, and the uncompressed column widths (a worker reads
+    the events without their times and holds 8 bytes per event plus 8 per user, 20 per row:
+    recsys.data.shards.shard_from_blocks)."""
     from recsys.data.layout import data_files
     from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLIT_SCHEMA
 
@@ -252,6 +257,7 @@ def main() -> None:
                     tr = run_child("train", str(folder), str(work / f"train-{n_events}"), cluster.address,
                                    str(a.train_steps), str(a.workers))
                 tr["train_worker_peak_rss_mb"] = s.peaks_mb("RayTrainWorker")
+                tr["train_worker_peak_private_mb"] = s.peaks_mb("RayTrainWorker", private=True)
                 row["train"] = tr
                 print(f"[scale] {n_events:,} events: trained {tr['steps']} steps in {tr['wall_s']:.1f} s, worker "
                       f"peaks {tr['train_worker_peak_rss_mb']} MB", file=sys.stderr)
