@@ -40,10 +40,11 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx, near_ties=False
     assert near_ties or int((idx != ref_idx).sum()) <= 2 + idx.numel() // 50
 
 
-# The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX, generic vectors
-# without either; with AVX512_BF16 pass 1 of a serving call with >= 16 rows scores in bf16 ("native" on such a
-# CPU), "fp32-pass1" is the same target without it. This CPU compiles all of them, so each is checked here
-# whatever CPU runs it later.
+# The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX (AVX2: pass 1 blocks 3
+# rows x half a block in 16 registers), generic vectors without either; with AVX512_BF16 pass 1 of a serving
+# call with >= 16 rows scores in bf16 ("native" on such a CPU), "fp32-pass1" is the same target without it.
+# This CPU compiles all of them, so each is checked here whatever CPU runs it later ("avx2" is the native
+# build on a CPU without AVX-512).
 VARIANTS = {"native": (), "fp32-pass1": ("-mno-avx512bf16",), "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
 
 
@@ -156,6 +157,42 @@ def test_non_finite_rows_fall_back_to_the_reference(bad, variant):
     assert torch.equal(idx, ref_idx)
     assert torch.equal(scores.isnan(), ref_scores.isnan())
     torch.testing.assert_close(scores.nan_to_num(), ref_scores.nan_to_num(), **TOL)
+
+
+@pytest.mark.parametrize("bad", ["nan_key", "inf_query"])
+def test_non_finite_inputs_in_the_serving_layout(bad, variant):
+    """Enough events that pass 2 selects its threshold among hundreds of sub-block maxima with a NaN among them."""
+    gen = torch.Generator().manual_seed(5)
+    q, keys = torch.randn(40, 16, generator=gen), torch.randn(5_000, 16, generator=gen)
+    if bad == "nan_key":
+        keys[1_234, 5] = float("nan")
+    else:
+        q[7, 3] = float("inf")
+    scores, idx = cpu.topk_fused(q, keys, 5_000, 20)
+    ref_scores, ref_idx = topk_reference(q, keys, 5_000, 20)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.isnan(), ref_scores.isnan())
+    torch.testing.assert_close(scores.nan_to_num(), ref_scores.nan_to_num(), **TOL)
+
+
+@pytest.mark.parametrize("k", [1, 20, 32, 33, 100])
+@pytest.mark.parametrize("layout,rows,L,d", [("serving", 200, 10_000, 16), ("serving", 8, 9_000, 33),
+                                              ("serving", 3, 40_000, 64), ("training", 7, 3_000, 16)])
+def test_fused_multiply_add_builds_agree_bit_for_bit(layout, rows, L, d, k):
+    """Every build with the same multiply-add (all but no-avx, which has no FMA instruction) sums each score in the
+    same order, whatever its vector width, row blocking (AVX-512: 2 rows of whole blocks; AVX2: 3 rows of half
+    blocks), bound (block or sub-block maxima) or pass 1 (bf16): scores and indices equal bit for bit, on
+    inexact data where a different order would show. So the AVX2 build is checked on AVX-512 CPUs too."""
+    gen = torch.Generator().manual_seed(L + d + k)
+    q, keys, lengths = _case(layout, rows, L, d, False, gen)
+    got = {}
+    for build in ("native", "fp32-pass1", "avx2"):
+        with using(build):
+            got[build] = cpu.topk_fused(q, keys, lengths, k, None if d % 2 else [d // 2, d // 2])
+    for build, (scores, idx) in got.items():
+        assert torch.equal(idx, got["native"][1]), build
+        assert torch.equal(scores.view(torch.int32), got["native"][0].view(torch.int32)), build
+    assert_same_topk(q, keys, lengths, k, None if d % 2 else [d // 2, d // 2], *got["avx2"])
 
 
 def test_thread_count_does_not_change_the_result():

@@ -6,17 +6,19 @@
 
    The history is transposed block by block into T[b][j][lane] (block b = events 64 b .. 64 b + 63), so
    that consecutive events share a vector and a block's d rows are one contiguous read. Pass 1: a tile
-   of blocks is transposed and, while it sits in L1, every row scores it, a block (64 events) per step in
-   vector accumulators (16 lanes with AVX-512, two rows at a time; else 8 lanes, one row), keeping only
-   each block's maximum (no score-dependent branch). The k-th largest block maximum tau bounds the k-th
-   best score from below, so pass 2 rescores only the blocks whose maximum reaches tau (about k per row)
-   and appends their events scoring >= tau to the row's candidates, which are ranked once at the end
-   (score desc, index asc: ties go to the lower index, as in the reference). (A single pass with a
-   running threshold does ~k (1 + ln(L / k)) list inserts per row, each with mispredicted branches:
-   measured 1.5x slower at L = 10k, C = 200, d = 16, k = 20.) With AVX-512 pass 1 also keeps the maxima
-   of each block's four 16-event sub-blocks, and pass 2 rescores only those that reach tau.
+   of blocks is transposed and, while it sits in L1, every row scores it in vector accumulators (16 lanes
+   with AVX-512, two rows x a block of 64 events at a time; with AVX2 8 lanes, three rows x half a block;
+   else 8 lanes, one row x a block), keeping only each block's maximum (no score-dependent branch). The
+   k-th largest block maximum tau bounds the k-th best score from below, so pass 2 rescores only the
+   blocks whose maximum reaches tau (about k per row) and appends their events scoring >= tau to the row's
+   candidates, which are ranked once at the end (score desc, index asc: ties go to the lower index, as in
+   the reference). (A single pass with a running threshold does ~k (1 + ln(L / k)) list inserts per row,
+   each with mispredicted branches: measured 1.5x slower at L = 10k, C = 200, d = 16, k = 20.) Pass 1
+   also keeps the maxima of each block's four 16-event sub-blocks, and pass 2 rescores only those that
+   reach tau. Without AVX-512 pass 1 keeps only those: tau is the k-th largest sub-block maximum (k
+   sub-blocks hold an event scoring >= it, so the same argument holds with a higher bound).
    With few rows per history (2 R (k + 1) < blocks) T is not kept: pass 1 transposes tile by tile into
-   an L1 buffer and pass 2 transposes again the few blocks it visits (writing T cost more than the
+   an L1 buffer and pass 2 transposes again the few sub-blocks it visits (writing T cost more than the
    search there: 25.6 MB at L = 100k, d = 64).
 
    Threads (torch's OpenMP team, see topk_search): with one shared history the workers split its blocks for pass 1
@@ -99,6 +101,11 @@ typedef v8 vf;
 typedef v8i vfi;
 #endif
 #define NV (SUB / VW)  /* scoring vectors per block */
+/* Pass 1 keeps the maximum of each of a block's NS sub-blocks (S), pass 2 rescores only the sub-blocks that
+   can still hold a top-k event (about k + 1 per row instead of k whole blocks) */
+#define NS 4
+#define SUBW (SUB / NS)  /* events per sub-block: one AVX-512 vector, two of 8 lanes */
+#define SV (SUBW / VW)   /* scoring vectors per sub-block */
 
 typedef struct {
     const float *q;          /* [R, d] */
@@ -113,7 +120,7 @@ typedef struct {
     int n_threads;           /* workers taking part (fixed before any starts work) */
     float *T;                /* shared history: [nb][d][SUB] blocked transpose */
     float *M;                /* shared history: [R][nbp] block maxima */
-    float *S;                /* shared history, SUBMAX: [R][nbp][NV] sub-block maxima */
+    float *S;                /* shared history: [R][nbp][NS] sub-block maxima */
     float *tau;              /* shared history: [R] pass-2 thresholds */
     int32_t *pairs;          /* shared history: [R][nbp] pass-2 (block, row) pairs, a row range per worker */
     float *cs;               /* shared history: [R][cap] pass-2 candidate scores */
@@ -164,14 +171,6 @@ static inline uint32_t lanes_ge(vf a, vf t) {
 #endif
 }
 
-static inline vf vfmax(vf a, vf b) {
-#ifdef __AVX512F__
-    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
-#else
-    return vmax(a, b);
-#endif
-}
-
 static inline float hmax(v8 a) {
 #ifdef __AVX__
     __m128 m = _mm_max_ps(_mm256_castps256_ps128((__m256)a), _mm256_extractf128_ps((__m256)a, 1));
@@ -185,20 +184,12 @@ static inline float hmax(v8 a) {
 #endif
 }
 
-static inline float hfmax(vf a) {
-#ifdef __AVX512F__
-    return _mm512_reduce_max_ps((__m512)a);
-#else
-    return hmax(a);
-#endif
-}
-
 #ifdef __AVX512F__
 /* Maxima of a block's NV = 4 scoring vectors (its 16-event sub-blocks) -> sub[0..3], and their maximum,
    the block's, returned: shuffles that reduce the four vectors together (as many instructions as
    one block-wide reduction took). Pass 2 then rescores only the sub-blocks that can still hold a top-k
    event (a quarter of the work at L = 10k, C = 200, d = 16). */
-static inline float sub_maxima(const vf a[NV], float sub[NV]) {
+static inline float sub_maxima(const vf a[NV], float sub[NS]) {
     const __m512 a0 = (__m512)a[0], a1 = (__m512)a[1], a2 = (__m512)a[2], a3 = (__m512)a[3];
     const __m512 ab = _mm512_max_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
     const __m512 cd = _mm512_max_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
@@ -211,11 +202,33 @@ static inline float sub_maxima(const vf a[NV], float sub[NV]) {
     y = _mm_max_ss(y, _mm_shuffle_ps(y, y, 1));
     return _mm_cvtss_f32(y);
 }
-#define SUBMAX 1   /* pass 1 keeps sub-block maxima (S), pass 2 rescores sub-blocks */
-#define S_PER NV   /* floats of S per (row, block) */
+/* AVX-512 also keeps each block's maximum (M): tau is the k-th largest of those, as measured on Zen 4/5 and
+   the Xeon. Elsewhere tau is the k-th largest sub-block maximum (sub_threshold): a higher bound, fewer blocks
+   and candidates in pass 2. */
+#define KEEP_M 1
 #else
-#define SUBMAX 0
-#define S_PER 0
+/* Maxima of a block's four sub-blocks from p[s], the lane-wise maximum of sub-block s's two scoring vectors,
+   -> sub[0..3]: the four reduced together (with AVX 11 instructions, 15 with the 4 maxima that make p, where
+   the one block-wide maximum took 13). */
+static inline void sub_maxima_of_pairs(const vf p[NS], float sub[NS]) {
+#ifdef __AVX__
+    const __m256 p0 = (__m256)p[0], p1 = (__m256)p[1], p2 = (__m256)p[2], p3 = (__m256)p[3];
+    const __m256 t01 = _mm256_max_ps(_mm256_unpacklo_ps(p0, p1), _mm256_unpackhi_ps(p0, p1));
+    const __m256 t23 = _mm256_max_ps(_mm256_unpacklo_ps(p2, p3), _mm256_unpackhi_ps(p2, p3));
+    /* 128-bit half h: lane s = sub-block s's maximum over that half's lanes */
+    const __m256 u = _mm256_max_ps(_mm256_shuffle_ps(t01, t23, 0x44), _mm256_shuffle_ps(t01, t23, 0xEE));
+    _mm_storeu_ps(sub, _mm_max_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+#else
+    for (int s = 0; s < NS; s++) sub[s] = hmax(p[s]);
+#endif
+}
+
+/* Maxima of a block's NV = 8 scoring vectors, two per 16-event sub-block -> sub[0..3]. */
+static inline void sub_maxima(const vf a[NV], float sub[NS]) {
+    const vf p[NS] = {vmax(a[0], a[1]), vmax(a[2], a[3]), vmax(a[4], a[5]), vmax(a[6], a[7])};
+    sub_maxima_of_pairs(p, sub);
+}
+#define KEEP_M 0
 #endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
@@ -328,6 +341,17 @@ static inline void score_block(const float *Tb, int64_t left, const float *q, in
     }
 }
 
+#if !defined(__AVX512F__) && defined(__AVX2__)
+/* compress8[mask] lists the set lanes of an 8-bit mask first: a permutation that packs them (AVX2 has no
+   compress instruction). Filled when the library loads. */
+static int32_t compress8[256][8];
+__attribute__((constructor)) static void fill_compress8(void) {
+    for (int m = 0; m < 256; m++)
+        for (int t = 0, j = 0; t < 8; t++)
+            if (m >> t & 1) compress8[m][j++] = t;
+}
+#endif
+
 /* Scratch floats for the k-th largest block maximum of a row of nbp (padded) maxima. */
 static inline int64_t kth_floats(int64_t nbp) { return 2 * (nbp + 16); }
 
@@ -364,6 +388,43 @@ static float kth_largest_v(const float *a, int m, int k, float *buf) {
                                         : _mm512_mask_cmp_ps_mask(in, v, vp, _CMP_LT_OQ);
             _mm512_storeu_ps(out + j, _mm512_maskz_compress_ps(side, v));
             j += __builtin_popcount(side);
+        }
+        a = out;
+        m = j;
+    }
+}
+#elif defined(__AVX2__)
+/* kth_largest_v above in 8 lanes, the compress a permutation (compress8): with the scalar partition below
+   the thresholds took 0.107 of pass 2's 0.376 ms on Zen 3 (L = 10k, C = 200, d = 16, one thread; 0.070 with
+   this and sub_threshold's filter). */
+static float kth_largest_v(const float *a, int m, int k, float *buf) {
+    const int half = m + 8;   /* a full-vector store of the compressed lanes may write 7 past the end */
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    int want = k - 1;
+    for (;;) {
+        float x = a[0], y = a[m / 2], z = a[m - 1];
+        float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        const __m256 vp = _mm256_set1_ps(p);
+        int above = 0, below = 0;
+        for (int i = 0; i < m; i += 8) {
+            const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(m - i), iota);
+            const __m256 v = _mm256_maskload_ps(a + i, in);
+            above += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vp, _CMP_GT_OQ), (__m256)in)));
+            below += __builtin_popcount((unsigned)_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, vp, _CMP_LT_OQ), (__m256)in)));
+        }
+        /* as above: each side is smaller than m, and a NaN pivot is returned */
+        const int keep_above = want < above;
+        if (!keep_above && want < m - below) return p;
+        if (!keep_above) want -= m - below;
+        float *out = a == buf ? buf + half : buf;
+        int j = 0;
+        for (int i = 0; i < m; i += 8) {
+            const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(m - i), iota);
+            const __m256 v = _mm256_maskload_ps(a + i, in);
+            const __m256 side = keep_above ? _mm256_cmp_ps(v, vp, _CMP_GT_OQ) : _mm256_cmp_ps(v, vp, _CMP_LT_OQ);
+            const unsigned lanes = (unsigned)_mm256_movemask_ps(_mm256_and_ps(side, (__m256)in));
+            _mm256_storeu_ps(out + j, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)compress8[lanes])));
+            j += __builtin_popcount(lanes);
         }
         a = out;
         m = j;
@@ -408,16 +469,12 @@ static float kth_largest(float *a, int m, int k) {
 #endif
 
 /* Block maxima of QB rows (queries q, q + d, ...) for block Tb. With 32 vector registers (AVX-512) each
-   loaded key vector feeds QB rows' accumulators, so loads no longer bound the multiply-adds; with 16
-   the accumulators of one row fill them. Each score is score_block's multiply-add chain over j, so
-   pass 2 rescoring reproduces these values exactly. (With 16 registers, QB = 1 here would hold 8 loaded
-   vectors and 8 accumulators at once and spill: 6x slower than score_block's load-as-you-go loop.) */
+   loaded key vector feeds QB rows' accumulators, so loads no longer bound the multiply-adds. With 16 (AVX2)
+   see block_max_rows below. Each score is score_block's multiply-add chain over j, so pass 2 rescoring
+   reproduces these values exactly. (With 16 registers, QB = 1 here would hold 8 loaded vectors and 8
+   accumulators at once and spill: 6x slower than score_block's load-as-you-go loop.) */
 #ifdef __AVX512F__
 #define QB 2
-#else
-#define QB 1
-#endif
-#if QB > 1
 static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float out[QB],
                                   float *sub, int64_t sub_stride) {
     vf acc[QB][NV];
@@ -442,6 +499,48 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
         }
     }
     for (int u = 0; u < QB; u++) out[u] = sub_maxima(acc[u], sub + u * sub_stride);
+}
+#else
+/* With 16 registers: half a block (4 vectors, 32 events) of QB = 3 rows at a time, 12 accumulators, each
+   loaded key vector feeding the three rows. score_block's loop (one row, the whole block) loads a key vector
+   per multiply-add plus the query's broadcasts, 9 loads per 8 multiply-adds: Zen 3 takes two 256-bit loads
+   a cycle, so loads bounded pass 1 at 80% of the FMA peak there (L = 10k, C = 200, d = 16, one thread: pass 1
+   0.79 ms; 2 rows, 6 loads per 8, 0.74 ms; 3 rows, 7 per 12, 0.72 ms). Each half's two sub-blocks are
+   reduced to their lane maxima as it ends. */
+#define QB 3
+static inline void block_max_rows(const float *Tb, int64_t left, const float *q, int d, float *sub, int64_t sub_stride) {
+    enum { HV = NV / 2 };   /* vectors per half block */
+    vf pm[QB][NS];
+    for (int h = 0; h < 2; h++) {
+        vf acc[QB][HV];
+        for (int u = 0; u < QB; u++)
+            for (int v = 0; v < HV; v++) acc[u][v] = (vf){0};
+        for (int j = 0; j < d; j++) {
+            const float *row = Tb + j * SUB + h * HV * VW;
+            float qj[QB];
+            for (int u = 0; u < QB; u++) qj[u] = q[u * d + j];
+            for (int v = 0; v < HV; v++) {   /* one key vector live at a time: the rows' accumulators fill the rest */
+                vf x;
+                memcpy(&x, row + VW * v, sizeof x);
+#ifdef __AVX__
+                __asm__("" : "+x"(x));   /* loaded once into a register: GCC folds it into each row's multiply-add */
+#endif
+                for (int u = 0; u < QB; u++) acc[u][v] += qj[u] * x;
+            }
+        }
+        if (left < SUB) {
+            vfi lane;
+            for (int t = 0; t < VW; t++) lane[t] = t;
+            for (int v = 0; v < HV; v++) {
+                vfi keep = (lane + (int32_t)(VW * (h * HV + v))) < (int32_t)left;
+                for (int u = 0; u < QB; u++)
+                    acc[u][v] = (vf)(((vfi)acc[u][v] & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+            }
+        }
+        for (int u = 0; u < QB; u++)
+            for (int v = 0; v < HV; v += 2) pm[u][(h * HV + v) / 2] = vmax(acc[u][v], acc[u][v + 1]);
+    }
+    for (int u = 0; u < QB; u++) sub_maxima_of_pairs(pm[u], sub + u * sub_stride);
 }
 #endif
 
@@ -647,58 +746,48 @@ static float lowp_bounds(const call_t *c, int r, float *S, int64_t nb, int k, fl
 #endif
 
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
-   sits in L1, every row scores it, keeping only each block's maximum in M[row][b] (no branch that
-   depends on the scores). */
+   sits in L1, every row scores it, keeping only each sub-block's maximum in S[row][b][s] and, with KEEP_M,
+   each block's in M[row][b] (no branch that depends on the scores). */
 static void pass1(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, int r0, int r1,
                   float *T, float *tile_buf, float *M, float *S, int64_t nbp, v8 *check, v8 *amax) {
     /* tile_buf non-NULL: the tile is transposed there and T is not kept (pass 2 transposes what it needs) */
-    /* row r's maxima: M + (r - r0) nbp; with SUBMAX its sub-block maxima S + ((r - r0) nbp + b) NV */
+    /* row r's maxima: M + (r - r0) nbp; its sub-block maxima S + ((r - r0) nbp + b) NS */
     const int d = c->d, tile = tile_blocks(d);
     for (int64_t t0 = b0; t0 < b1; t0 += tile) {
         int64_t t1 = t0 + tile < b1 ? t0 + tile : b1;
         float *Tt = tile_buf ? tile_buf : T + t0 * d * SUB;
         load_blocks(c, keys, n, t0, t1, Tt, check, amax);
         int r = r0;
-#if QB > 1
         for (; r + QB <= r1; r += QB) {
             const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
+#if KEEP_M
                 float m[QB];
-                block_max_rows(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, m, S + ((int64_t)(r - r0) * nbp + b) * NV, nbp * NV);
+                block_max_rows(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, m, S + ((int64_t)(r - r0) * nbp + b) * NS, nbp * NS);
                 for (int u = 0; u < QB; u++) Mr[u * nbp + b] = m[u];
+#else
+                (void)Mr;
+                block_max_rows(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, S + ((int64_t)(r - r0) * nbp + b) * NS, nbp * NS);
+#endif
             }
         }
-#endif
         for (; r < r1; r++) {   /* the rows left over, one at a time */
             const float *q = c->q + (int64_t)r * d;
             float *Mr = M + (int64_t)(r - r0) * nbp;
             for (int64_t b = t0; b < t1; b++) {
                 vf acc[NV];
                 score_block(Tt + (b - t0) * d * SUB, n - b * SUB, q, d, acc);
-#if SUBMAX
-                Mr[b] = sub_maxima(acc, S + ((int64_t)(r - r0) * nbp + b) * NV);
+#if KEEP_M
+                Mr[b] = sub_maxima(acc, S + ((int64_t)(r - r0) * nbp + b) * NS);
 #else
-                (void)S;
-                vf m = acc[0];
-                for (int v = 1; v < NV; v++) m = vfmax(m, acc[v]);
-                Mr[b] = hfmax(m);
+                (void)Mr;
+                sub_maxima(acc, S + ((int64_t)(r - r0) * nbp + b) * NS);
 #endif
             }
         }
     }
 }
-
-#if !defined(__AVX512F__) && defined(__AVX2__)
-/* compress8[mask] lists the set lanes of an 8-bit mask first: a permutation that packs them (AVX2 has no
-   compress instruction). Filled when the library loads. */
-static int32_t compress8[256][8];
-__attribute__((constructor)) static void fill_compress8(void) {
-    for (int m = 0; m < 256; m++)
-        for (int t = 0, j = 0; t < 8; t++)
-            if (m >> t & 1) compress8[m][j++] = t;
-}
-#endif
 
 /* Candidate slots per row: a row is compacted to its best k once it holds more than 2 k' (k' = k rounded
    up to 16), so each compaction (linear in the count) is paid for by >= k' appends; a block adds at most
@@ -739,7 +828,7 @@ static void rank_candidates(const float *s, int m, int32_t *rank) {
    score t by selection, then one pass keeps every score above t and the first k - #(above t) equal to it.
    sel: kth_floats(m) floats of scratch. Returns k. */
 static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *tau) {
-#ifdef __AVX512F__
+#ifdef __AVX2__
     const float t = kth_largest_v(cs, m, k, sel);
 #else
     memcpy(sel, cs, (size_t)m * sizeof(float));
@@ -760,24 +849,62 @@ static int keep_best(float *cs, int32_t *ci, int m, int k, float *sel, float *ta
     return w;
 }
 
-/* Block b in the blocked layout: T's, or transposed again from the keys into buf when T was not kept. */
-static inline const float *block_of(const call_t *c, const float *T, const float *keys, int64_t n, int64_t b,
-                                    float *buf) {
-    if (buf == NULL) return T + b * c->d * SUB;
-    v8 check = (v8){0}, amax = (v8){0};   /* pass 1 checked these keys */
-    load_blocks(c, keys, n, b, b + 1, buf, &check, &amax);
-    return buf;
+#if !KEEP_M
+/* A row's threshold without block maxima: the k-th largest of its m sub-block maxima S[0..m) (0 < k < m; S is
+   -inf past m up to a multiple of 8). kth: kth_floats(m) floats. With AVX2 and k <= 32: k of 32 disjoint
+   subsets have a maximum >= p, the k-th largest of the 32 maxima, so at least k values are >= p and the k-th
+   largest is one of them: only those (29 on average at L = 10k, k = 20; 114 with p the least of the 32
+   maxima) go to the selection, which partitioned all 628 of them otherwise. */
+static float sub_threshold(const float *S, int m, int k, float *kth) {
+#ifdef __AVX2__
+    if (k <= 32) {
+        const int m8 = (m + 7) / 8 * 8;
+        __m256 top[4];
+        for (int w = 0; w < 4; w++) top[w] = _mm256_set1_ps(-INFINITY);
+        int i = 0;
+        for (; i + 32 <= m8; i += 32)
+            for (int w = 0; w < 4; w++) top[w] = _mm256_max_ps(top[w], _mm256_loadu_ps(S + i + 8 * w));
+        for (int w = 0; i < m8; i += 8, w++) top[w] = _mm256_max_ps(top[w], _mm256_loadu_ps(S + i));
+        float tops[32], sel[2 * (32 + 16)];
+        for (int w = 0; w < 4; w++) _mm256_storeu_ps(tops + 8 * w, top[w]);
+        const __m256 p = _mm256_set1_ps(kth_largest_v(tops, 32, k, sel));
+        int n_kept = 0;
+        for (i = 0; i < m8; i += 8) {
+            const __m256 v = _mm256_loadu_ps(S + i);
+            const uint32_t ge = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, p, _CMP_GE_OQ));
+            _mm256_storeu_ps(kth + n_kept, _mm256_permutevar8x32_ps(v, _mm256_loadu_si256((const __m256i *)compress8[ge])));
+            n_kept += __builtin_popcount(ge);
+        }
+        if (n_kept >= k) return kth_largest_v(kth, n_kept, k, kth);   /* fewer: a NaN (a row flagged bad) */
+    }
+    return kth_largest_v(S, m, k, kth);
+#else
+    memcpy(kth, S, (size_t)m * sizeof(float));
+    return kth_largest(kth, m, k);
+#endif
+}
+#endif
+
+/* The sub-blocks of s[0..NS) whose maximum reaches t -> bits. */
+static inline uint32_t subs_ge(const float *s, float t) {
+#ifdef __AVX__
+    return (uint32_t)_mm_movemask_ps(_mm_cmp_ps(_mm_loadu_ps(s), _mm_set1_ps(t), _CMP_GE_OQ));
+#else
+    uint32_t m = 0;
+    for (int v = 0; v < NS; v++) m |= (uint32_t)(s[v] >= t) << v;
+    return m;
+#endif
 }
 
-#if SUBMAX
-/* Sub-block v of block b (events b SUB + VW v ..) transposed into buf's lanes VW v .. VW v + VW - 1 (the
-   blocked layout), zeros past n: pass 2 without T transposes only the sub-blocks it rescores (at L = 100k,
-   C = 200 about half of them; all of T was a fifth of a bf16 call, writing it included). */
+/* Sub-block v of block b (events b SUB + SUBW v ..) transposed into buf's lanes SUBW v .. SUBW v + SUBW - 1
+   (the blocked layout), zeros past n: pass 2 without T transposes only the sub-blocks it rescores (at
+   L = 100k, C = 200 about half of them; all of T was a fifth of a bf16 call, writing it included). */
 static void sub_block_of(const call_t *c, const float *keys, int64_t n, int64_t b, int v, float *buf) {
     const int d = c->d;
-    const int64_t e0 = b * SUB + VW * v, e1 = n - e0 < VW ? n : e0 + VW;
-    float *out = buf + VW * v;
+    const int64_t e0 = b * SUB + SUBW * v, e1 = n - e0 < SUBW ? n : e0 + SUBW;
+    float *out = buf + SUBW * v;
     int64_t e = e0;
+#ifdef __AVX__
     if (c->stride_d == 1 && d >= 8)
         for (; e + 8 <= e1; e += 8) {
             const float *x = keys + e * c->stride_l;
@@ -786,10 +913,35 @@ static void sub_block_of(const call_t *c, const float *keys, int64_t n, int64_t 
             for (; j < d; j++)
                 for (int t = 0; t < 8; t++) out[j * SUB + (e - e0) + t] = x[t * c->stride_l + j];
         }
+#endif
     for (; e < e1; e++)
         for (int j = 0; j < d; j++) out[j * SUB + (e - e0)] = keys[e * c->stride_l + j * c->stride_d];
-    for (; e < e0 + VW; e++)
+    for (; e < e0 + SUBW; e++)
         for (int j = 0; j < d; j++) out[j * SUB + (e - e0)] = 0.0f;
+}
+
+/* Appends the lanes of a set in `lanes` (scores to s, indices first + lane to e), branch-free -> how many. A
+   full-vector store: up to VW slots past them are written. */
+static inline int append_lanes(vf a, uint32_t lanes, int32_t first, float *s, int32_t *e) {
+#ifdef __AVX512F__
+    _mm512_storeu_ps(s, _mm512_maskz_compress_ps((__mmask16)lanes, (__m512)a));
+    _mm512_storeu_si512(e, _mm512_maskz_compress_epi32(
+        (__mmask16)lanes, _mm512_add_epi32(_mm512_set1_epi32(first),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))));
+#elif defined(__AVX2__)
+    const __m256i perm = _mm256_loadu_si256((const __m256i *)compress8[lanes]);
+    _mm256_storeu_ps(s, _mm256_permutevar8x32_ps((__m256)a, perm));
+    _mm256_storeu_si256((__m256i *)e, _mm256_add_epi32(_mm256_set1_epi32(first), perm));
+#else
+    int m = 0;
+    for (; lanes; lanes &= lanes - 1, m++) {
+        const int t = __builtin_ctz(lanes);
+        s[m] = a[t];
+        e[m] = first + t;
+    }
+    return m;
+#endif
+    return __builtin_popcount(lanes);
 }
 
 /* Rescore items u < n_it (sub-block it_v[u] of the current block for row index it_row[u]) with independent
@@ -802,55 +954,56 @@ static inline void rescore_group(const call_t *c, const float *Tb, int64_t left,
     for (int u = 0; u < 4; u++) {   /* the slots past n_it repeat the last item; their results are dropped */
         const int w = u < n_it ? u : n_it - 1;
         q[u] = c->q + (int64_t)(it_row[w] + r0) * d;
-        x[u] = Tb + VW * it_v[w];
+        x[u] = Tb + SUBW * it_v[w];
     }
-    vf acc[4] = {{0}, {0}, {0}, {0}};
+    vf acc[4][SV];
+    for (int u = 0; u < 4; u++)
+        for (int h = 0; h < SV; h++) acc[u][h] = (vf){0};
     for (int j = 0; j < d; j++)
-        for (int u = 0; u < 4; u++) {
-            vf xv;
-            memcpy(&xv, x[u] + j * SUB, sizeof xv);
-            acc[u] += q[u][j] * xv;
-        }
+        for (int u = 0; u < 4; u++)
+            for (int h = 0; h < SV; h++) {
+                vf xv;
+                memcpy(&xv, x[u] + j * SUB + VW * h, sizeof xv);
+                acc[u][h] += q[u][j] * xv;
+            }
     for (int u = 0; u < n_it; u++) {
         const int i = it_row[u], v = it_v[u];
         float *s = cs + (int64_t)i * cap;
         int32_t *e = ci + (int64_t)i * cap;
-        if (cnt[i] > cap - VW - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
-        vf a = acc[u];
-        if (left < SUB) {
-            vfi lane;
-            for (int t = 0; t < VW; t++) lane[t] = t;
-            const vfi keep = (lane + (int32_t)(VW * v)) < (int32_t)left;
-            a = (vf)(((vfi)a & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+        if (cnt[i] > cap - SUBW - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
+        for (int h = 0; h < SV; h++) {
+            vf a = acc[u][h];
+            const int32_t offset = SUBW * v + VW * h;   /* of lane 0 in the block */
+            if (left < SUB) {
+                vfi lane;
+                for (int t = 0; t < VW; t++) lane[t] = t;
+                const vfi keep = (lane + offset) < (int32_t)left;
+                a = (vf)(((vfi)a & keep) | ((vfi)((vf){0} - INFINITY) & ~keep));
+            }
+            const uint32_t lanes = lanes_ge(a, (vf){0} + tau[i]);
+            cnt[i] += append_lanes(a, lanes, (int32_t)(b * SUB) + offset, s + cnt[i], e + cnt[i]);
         }
-        const uint32_t lanes = lanes_ge(a, (vf){0} + tau[i]);
-        const int m = cnt[i];
-        _mm512_storeu_ps(s + m, _mm512_maskz_compress_ps((__mmask16)lanes, (__m512)a));
-        _mm512_storeu_si512(e + m, _mm512_maskz_compress_epi32(
-            (__mmask16)lanes, _mm512_add_epi32(_mm512_set1_epi32((int32_t)(b * SUB + VW * v)),
-                                               _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))));
-        cnt[i] = m + __builtin_popcount(lanes);
     }
 }
-#endif
 
 static void finish_rows(const call_t *c, int r0, int r1, float *cs, int32_t *ci, int32_t *cnt, float *tau, float *kth,
                         int32_t *rank);
 
-/* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp, nb blocks, -inf padded to nbp, a
-   multiple of 8). tau_r = the k-th largest block maximum of row r: k blocks hold an event scoring >=
-   tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a block whose maximum
-   reaches tau_r. Only those blocks (about k per row) are rescored (same arithmetic, same values) and
-   their events scoring >= tau_r appended to the row's candidates (about k + 1 per row; when the slots
-   fill up, the best k are kept and tau_r raised). The (block, row) pairs are visited block by block, so
+/* Pass 2 for rows [r0, r1) (row r's block maxima at M + (r - r0) nbp with KEEP_M, nb blocks, -inf padded to
+   nbp, a multiple of 8; its sub-block maxima at sub_max + (r - r0) nbp NS). tau_r = the k-th largest block
+   maximum of row r (KEEP_M), else the k-th largest sub-block maximum: k blocks (sub-blocks) hold an event
+   scoring >= tau_r, so the k-th best score is >= tau_r and every event of the top k lies in a sub-block whose
+   maximum reaches tau_r. Only those sub-blocks (about k + 1 per row) are rescored (same arithmetic, same
+   values) and their events scoring >= tau_r appended to the row's candidates (about k + 1 per row; when the
+   slots fill up, the best k are kept and tau_r raised). The (block, row) pairs are visited block by block, so
    a block is read once into L1 for all the rows that need it (rows visiting the whole T one by one were
    bound by L2 reads), and each row appends in increasing index. At the end each row's candidates are
    ranked (score desc, index asc: ties to the lower index) and the first k written: a sorted list with an
    insert per candidate was 60% of this pass (a mispredicted branch and a store-forwarding stall each).
    Scratch: tau [r1 - r0], start [nbp + 1], rows [(r1 - r0) nb], kth [kth_floats(max(nbp, cap))], cs
-   and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]. */
+   and ci [(r1 - r0) cap], cnt [r1 - r0], rank [cap]; without KEEP_M also M [(r1 - r0) nbp], the block lists. */
 static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, const float *keys, float *block_buf,
-                  const float *M, float *sub_max, int64_t nbp,
+                  float *M, float *sub_max, int64_t nbp,
                   float *tau, int32_t *start, int32_t *rows, float *kth, float *cs, int32_t *ci, int32_t *cnt,
                   int32_t *rank) {
     const int d = c->d, k = c->k, cap = c->cap;
@@ -861,30 +1014,27 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         tau[r - r0] = -INFINITY;
 #if LOWP
         if (c->lowp) {   /* S becomes upper bounds, tau the k-th largest lower one */
-            tau[r - r0] = lowp_bounds(c, r, sub_max + (int64_t)(r - r0) * nbp * NV, nb, k, kth);
+            tau[r - r0] = lowp_bounds(c, r, sub_max + (int64_t)(r - r0) * nbp * NS, nb, k, kth);
             continue;
         }
 #endif
-        if (nb > k) {
-#ifdef __AVX512F__
-            tau[r - r0] = kth_largest_v(M + (int64_t)(r - r0) * nbp, (int)nb, k, kth);
+#if KEEP_M
+        if (nb > k) tau[r - r0] = kth_largest_v(M + (int64_t)(r - r0) * nbp, (int)nb, k, kth);
 #else
-            memcpy(kth, M + (int64_t)(r - r0) * nbp, (size_t)nb * sizeof(float));
-            tau[r - r0] = kth_largest(kth, (int)nb, k);
+        if (NS * nb > k) tau[r - r0] = sub_threshold(sub_max + (int64_t)(r - r0) * nbp * NS, (int)(NS * nb), k, kth);
 #endif
-        }
     }
     /* counting sort of the pairs by block: start[b + 1] counts, then offsets, then fill */
     for (int64_t b = 0; b <= nb; b++) start[b] = 0;
+#if KEEP_M
     for (int pass = 0; pass < 2; pass++) {
         for (int r = r0; r < r1; r++) {
-            const float *Mr = M + (int64_t)(r - r0) * nbp;
             const v8 vtau = (v8){0} + tau[r - r0];
-            for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks with M[b] >= tau, 8 tested at once */
+            for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks that reach tau, 8 tested at once */
                 uint32_t blocks;
 #if LOWP
                 if (c->lowp) {   /* no block maxima: the blocks with a sub-block U >= tau */
-                    const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NV;
+                    const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NS;
                     const __m512 vt = _mm512_set1_ps(tau[r - r0]);
                     const uint32_t subs = (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(Sr), vt, _CMP_GE_OQ) |
                                           (uint32_t)_mm512_cmp_ps_mask(_mm512_loadu_ps(Sr + 16), vt, _CMP_GE_OQ) << 16;
@@ -893,7 +1043,7 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
 #endif
                 {
                     v8 mb;
-                    memcpy(&mb, Mr + b8, sizeof mb);
+                    memcpy(&mb, M + (int64_t)(r - r0) * nbp + b8, sizeof mb);
                     blocks = mask8(mb >= vtau);
                 }
                 if (nb - b8 < 8) blocks &= (1u << (nb - b8)) - 1u;   /* never the padding (tau may be -inf) */
@@ -907,8 +1057,40 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         if (pass == 0)
             for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
     }
+#else
+    /* the blocks with a sub-block maximum >= tau: each row's listed in M's place as they are counted, so the
+       fill reads the lists instead of testing all of S again (pairing took 0.085 of pass 2's 0.30 ms at
+       L = 10k, C = 200, d = 16, one thread on Zen 3, 0.032 so); cnt holds the list lengths until the fill */
+    for (int r = r0; r < r1; r++) {
+        int32_t *list = (int32_t *)M + (int64_t)(r - r0) * nbp;
+        int m = 0;
+        const v8 vtau = (v8){0} + tau[r - r0];
+        for (int64_t b8 = 0; b8 < nb; b8 += 8) {
+            const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NS;   /* two blocks per 8 lanes */
+            uint32_t blocks = 0;
+            for (int h = 0; h < 4; h++) {
+                v8 sv;
+                memcpy(&sv, Sr + 8 * h, sizeof sv);
+                const uint32_t ge = mask8(sv >= vtau);
+                blocks |= (uint32_t)((ge & 0xF) != 0) << 2 * h | (uint32_t)((ge >> 4) != 0) << (2 * h + 1);
+            }
+            if (nb - b8 < 8) blocks &= (1u << (nb - b8)) - 1u;   /* never the padding (tau may be -inf) */
+            for (; blocks; blocks &= blocks - 1) {
+                const int32_t b = (int32_t)b8 + __builtin_ctz(blocks);
+                start[b + 1]++;
+                list[m++] = b;
+            }
+        }
+        cnt[r - r0] = m;
+    }
+    for (int64_t b = 0; b < nb; b++) start[b + 1] += start[b];
+    for (int r = r0; r < r1; r++) {
+        const int32_t *list = (const int32_t *)M + (int64_t)(r - r0) * nbp;
+        for (int t = 0; t < cnt[r - r0]; t++) rows[start[list[t]]++] = r;
+        cnt[r - r0] = 0;
+    }
+#endif
     /* after the fill start[b] is the end of block b's rows, i.e. the start of block b + 1's */
-#if SUBMAX
     /* Only the sub-blocks whose maximum reaches the row's threshold are rescored (about k + 1 per row),
        GROUP of them at once: one alone is a chain of d dependent multiply-adds, latency-bound. Each is
        score_block's chain for that vector, so the same values. The items of a row come in index order. */
@@ -921,20 +1103,20 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         uint32_t have = block_buf ? 0 : 0xF;   /* sub-blocks of Tb in place */
         if (block_buf) {
             /* the keys of the sub-blocks the next block rescores, one block ahead: transposing them from
-               memory waited on cache misses for 60% of this pass at L = 100k, C = 200 */
+               memory waited on cache misses for 60% of this pass at L = 100k, C = 200 (prefetching T's
+               sub-blocks the same way made rescoring slower at L = 10k, C = 200, d = 16 on Zen 3) */
             if (next <= b) next = b + 1;
             while (next < nb && start[next] == start[next - 1]) next++;
             if (next < nb) {
                 uint32_t need = 0;
                 for (int64_t q = start[b]; q < start[next]; q++) {
                     const int i = rows[q] - r0;
-                    need |= (uint32_t)_mm_movemask_ps(_mm_cmp_ps(_mm_loadu_ps(sub_max + ((int64_t)i * nbp + next) * NV),
-                                                                 _mm_set1_ps(tau[i]), _CMP_GE_OQ));
+                    need |= subs_ge(sub_max + ((int64_t)i * nbp + next) * NS, tau[i]);
                 }
                 for (; need; need &= need - 1) {
-                    const int64_t e0 = next * SUB + VW * __builtin_ctz(need), e1 = n - e0 < VW ? n : e0 + VW;
+                    const int64_t e0 = next * SUB + SUBW * __builtin_ctz(need), e1 = n - e0 < SUBW ? n : e0 + SUBW;
                     const char *lo = (const char *)(keys + e0 * c->stride_l), *hi = (const char *)(keys + (e1 - 1) * c->stride_l + (int64_t)(d - 1) * c->stride_d);
-                    for (const char *a = lo; a <= hi + 63; a += 64) _mm_prefetch(a, _MM_HINT_T0);
+                    for (const char *a = lo; a <= hi + 63; a += 64) __builtin_prefetch(a, 0, 3);
                 }
             }
         }
@@ -944,9 +1126,7 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const int done = p == start[b];
             if (!done) {
                 const int i = rows[p++] - r0;
-                const __m128 sm = _mm_loadu_ps(sub_max + ((int64_t)i * nbp + b) * NV);
-                for (uint32_t subs = (uint32_t)_mm_movemask_ps(_mm_cmp_ps(sm, _mm_set1_ps(tau[i]), _CMP_GE_OQ));
-                     subs; subs &= subs - 1) {
+                for (uint32_t subs = subs_ge(sub_max + ((int64_t)i * nbp + b) * NS, tau[i]); subs; subs &= subs - 1) {
                     if (!(have >> __builtin_ctz(subs) & 1)) {
                         sub_block_of(c, keys, n, b, __builtin_ctz(subs), block_buf);
                         have |= 1u << __builtin_ctz(subs);
@@ -963,41 +1143,6 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
         }
         if (n_it) rescore_group(c, Tb, left, b, it_row, it_v, n_it, r0, cs, ci, cnt, tau, kth);
     }
-#else
-    (void)sub_max;
-    for (int64_t b = 0, p = 0; b < nb; b++) {
-        if (p == start[b]) continue;
-        const float *Tb = block_of(c, T, keys, n, b, block_buf);
-        for (; p < start[b]; p++) {
-            const int i = rows[p] - r0;
-            float *s = cs + (int64_t)i * cap;
-            int32_t *e = ci + (int64_t)i * cap;
-            if (cnt[i] > cap - SUB - 16) cnt[i] = keep_best(s, e, cnt[i], k, kth, &tau[i]);
-            const float *q = c->q + (int64_t)rows[p] * d;
-            const vf vt = (vf){0} + tau[i];
-            int m = cnt[i];
-            vf acc[NV];
-            score_block(Tb, n - b * SUB, q, d, acc);
-            for (int v = 0; v < NV; v++) {
-                uint32_t lanes = lanes_ge(acc[v], vt);
-                const int32_t first = (int32_t)(b * SUB + VW * v);
-#if defined(__AVX2__)
-                const __m256i perm = _mm256_loadu_si256((const __m256i *)compress8[lanes]);
-                _mm256_storeu_ps(s + m, _mm256_permutevar8x32_ps((__m256)acc[v], perm));
-                _mm256_storeu_si256((__m256i *)(e + m), _mm256_add_epi32(_mm256_set1_epi32(first), perm));
-                m += __builtin_popcount(lanes);
-#else
-                for (; lanes; lanes &= lanes - 1, m++) {
-                    const int t = __builtin_ctz(lanes);
-                    s[m] = acc[v][t];
-                    e[m] = first + t;
-                }
-#endif
-            }
-            cnt[i] = m;
-        }
-    }
-#endif
     finish_rows(c, r0, r1, cs, ci, cnt, tau, kth, rank);
 }
 
@@ -1056,6 +1201,18 @@ static inline size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
    C = 1, d = 64 T is 25.6 MB: the search was DRAM-bound on it). */
 static inline int few_rows_skip_T(int64_t R, int k, int64_t nb) { return 2 * R * ((int64_t)k + 1) < nb; }
 
+/* A row's maxima past its nb blocks, to nbp: -inf (KEEP_M: M's, read 8 at a time; else S's, which
+   sub_threshold reads 8 at a time). */
+static void pad_maxima(float *M, float *S, int64_t nb, int64_t nbp) {
+#if KEEP_M
+    (void)S;
+    for (int64_t b = nb; b < nbp; b++) M[b] = -INFINITY;
+#else
+    (void)M;
+    for (int64_t i = nb * NS; i < nbp * NS; i++) S[i] = -INFINITY;
+#endif
+}
+
 /* Worker t's part of call c (t < c->n_threads). */
 static void run_part(call_t *c, int t) {
     const int nt = c->n_threads, d = c->d;
@@ -1069,8 +1226,7 @@ static void run_part(call_t *c, int t) {
         int64_t b0 = tiles * t / nt * tile, b1 = tiles * (t + 1) / nt * tile;
         b1 = b1 < nb ? b1 : nb;
         if (t == nt - 1 && !c->lowp)
-            for (int r = 0; r < c->R; r++)   /* the padding of every row's maxima */
-                for (int64_t b = nb; b < nbp; b++) c->M[(int64_t)r * nbp + b] = -INFINITY;
+            for (int r = 0; r < c->R; r++) pad_maxima(c->M + (int64_t)r * nbp, c->S + (int64_t)r * nbp * NS, nb, nbp);
         char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
 #if LOWP
@@ -1095,7 +1251,7 @@ static void run_part(call_t *c, int t) {
         float *kth = (float *)mine;
         int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
         if (r0 < r1)
-            pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * S_PER, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
+            pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * NS, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
         for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
     } else {
@@ -1106,10 +1262,10 @@ static void run_part(call_t *c, int t) {
         float *tau = (float *)mine, *kth = tau + 8, *M = kth + c->sel, *cs = M + nbp;
         int32_t *start = (int32_t *)(cs + cap), *rows = start + align8(nbp + 1), *ci = rows + nbp, *rank = ci + cap;
         int32_t *cnt = rank + cap;
-        float *S = (float *)(cnt + 16), *tile = S + nbp * S_PER, *T = tile + c->tile_floats;   /* sizes: multiples of 32 floats */
+        float *S = (float *)(cnt + 16), *tile = S + nbp * NS, *T = tile + c->tile_floats;   /* sizes: multiples of 32 floats */
         for (int r = c->R * t / nt; r < c->R * (t + 1) / nt; r++) {
             const int64_t n = c->n[r], nb = blocks_of(n);
-            for (int64_t b = nb; b < padded8(nb); b++) M[b] = -INFINITY;
+            pad_maxima(M, S, nb, padded8(nb));
             check = (v8){0};
             amax = (v8){0};
             const float *keys = c->keys + (int64_t)r * c->key_row_stride;
@@ -1176,22 +1332,23 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.tile_floats = (int64_t)tile_blocks(d) * d * SUB;
     const size_t t_bytes = c.keep_T ? align64((size_t)nb * d * SUB * sizeof(float)) : 0;
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
-    const size_t mx_bytes = c.lowp ? 0 : m_bytes;   /* M: the bf16 pass keeps no block maxima (pairs: m_bytes) */
+    const size_t mx_bytes = c.lowp ? 0 : m_bytes;   /* M: the bf16 pass keeps no block maxima (pairs: m_bytes); without
+                                                          KEEP_M M holds pass 2's block lists */
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
-    const size_t s_bytes = align64((size_t)R * nbp * S_PER * sizeof(float));
+    const size_t s_bytes = align64((size_t)R * nbp * NS * sizeof(float));
     /* bf16 pass 1 (see the header, pass1_lowp): qt and X shared, a block's bf16 keys and X row per worker, and
        the selection scratch takes the sub-blocks' lower bounds (lowp_bounds) */
     const int dh = (d + 1) / 2;
     c.Rp = (R + 15) / 16 * 16;
     const size_t qt_bytes = c.lowp ? align64((size_t)dh * c.Rp * 4) : 0, x_bytes = c.lowp ? align64((size_t)d * nbp * 4) : 0;
     const size_t kb_bytes = c.lowp ? align64((size_t)SUB * dh * 4 + ((size_t)d + 32) * 4) : 0;
-    if (c.lowp) c.sel = kth_floats(NV * nbp > cap ? NV * nbp : cap);
+    if (c.lowp || !KEEP_M) c.sel = kth_floats(NS * nbp > cap ? NS * nbp : cap);   /* a selection over sub-blocks */
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qt, X shared; per worker: kth, start, rank, tiles (see run_part) */
         shared = t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + qt_bytes + x_bytes;
         c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4) + kb_bytes;
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
-        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * S_PER + c.tile_floats) * 4) + t_bytes;
+        c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * NS + c.tile_floats) * 4) + t_bytes;
     }
     char *ws = workspace(shared + (size_t)n_threads * c.ws_stride);
     if (ws == NULL) return -1;
