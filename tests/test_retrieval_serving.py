@@ -72,3 +72,46 @@ def test_serving_forward_equals_the_batch_forward_on_a_long_history(name, aux):
         got = m.score_candidates(hist_item[:700], hist_cate[:700], cand_item, cand_cate)
     assert torch.equal(got.indices, want.indices)
     torch.testing.assert_close(got.logit, want.logit, rtol=1e-5, atol=1e-6)
+
+
+def test_served_position_bias_is_kept_per_table_and_follows_reloads_and_edits():
+    """The serving forward keeps the folded position field per table row across requests (DARE.position_bias):
+    a reload (load_state_dict) or an in-place edit of the position table must refresh it, and a copy of the
+    model must not carry it; every result bit-identical to a model computing it afresh."""
+    import copy
+
+    L, C = 2_000, 9
+    cfg = ModelConfig(max_len=L, init_std=0.3, mlp=[16])
+
+    def served(seed: int):
+        torch.manual_seed(seed)
+        m = build_model(cfg, 3_000, 40).eval()
+        m.aux_mlp = None                                   # as service.model_state serves it
+        return m
+
+    a, b = served(0), served(1)
+    hist_item, hist_cate = torch.randint(1, 3_000, (L,)), torch.randint(1, 40, (L,))
+    cand_item, cand_cate = torch.randint(1, 3_000, (C,)), torch.randint(1, 40, (C,))
+
+    def score(m):
+        with torch.inference_mode():                       # as service.scoring runs it
+            return m.score_candidates(hist_item, hist_cate, cand_item, cand_cate)
+
+    def same(x, y):
+        return torch.equal(x.logit, y.logit) and torch.equal(x.indices, y.indices)
+
+    first = score(a)
+    entry = a.position_bias._entry
+    assert entry is not None and same(score(a), first) and a.position_bias._entry is entry   # kept, same numbers
+    want = score(b)
+    a.load_state_dict(b.state_dict())
+    reloaded = score(a)
+    assert a.position_bias._entry is not entry and same(reloaded, want) and not same(reloaded, first)
+    with torch.no_grad():                                  # row 0 (the targets', so the query) unchanged
+        a.att_tables.weights()["att_pos"][1:] *= -1.0
+    edited = score(a)
+    fresh = copy.deepcopy(a)
+    assert fresh.position_bias._entry is None
+    assert same(edited, score(fresh)) and not torch.equal(edited.indices, reloaded.indices)
+    with torch.no_grad():                                  # outside inference mode, reading the kept entry
+        assert same(a.score_candidates(hist_item, hist_cate, cand_item, cand_cate), edited)

@@ -76,13 +76,44 @@ def _folded_query(target: list[torch.Tensor], segments: list[int]) -> tuple[torc
     return torch.cat(target[:-1] + [qp.new_ones(qp.shape[0], 1)], -1), qp[0] * (1.0 / segments[1] ** 0.5)
 
 
+class RowBias:
+    """The folded position field per table row, (table * w).sum(-1), kept while the table and w stay the same:
+    it depends on the model only, and at a position table of 100k rows its [rows, d] product cost ~1.8 ms
+    per request (thread CPU, L = 100k). A table is "the same" while its storage, shape and version counter
+    are (in-place writes through the parameter or a detach(), load_state_dict, optimizer steps all bump the
+    counter; writes through `.data` do not and are not seen). One entry, replaced as a whole, so threads
+    sharing a model read a consistent one."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def __call__(self, table: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if table.is_inference():  # no version counter to tell a change by
+            return _row_bias(table, w)
+        key = (table.data_ptr(), table._version, tuple(table.shape), table.dtype)
+        entry = self._entry
+        if entry is not None and entry[0] == key and torch.equal(entry[1], w):
+            return entry[2]
+        bias = _row_bias(table, w)
+        self._entry = (key, w.clone(), bias, table)  # the table held: its address cannot go to another one
+        return bias
+
+    def __getstate__(self) -> dict:  # a copied or pickled model rebuilds it from its own tables
+        return {"_entry": None}
+
+
+def _row_bias(table: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (table * w).sum(-1)
+
+
 def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
-                       segments: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                       segments: list[int], row_bias: RowBias | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """`stage1_inputs` for one shared history given as table rows (tables per field [rows, d], ids per field
     [L]): every field gathered straight into its columns of the keys, and the folded position field computed
     once per table row, then gathered as one number per event. The same numbers as `stage1_inputs` on the
     gathered rows (the same elementwise product and sum of d_pos per row), without the [L, d] copies and
-    their concatenation (serving: at L = 1M these cost more than the search)."""
+    their concatenation (serving: at L = 1M these cost more than the search). `row_bias`: a cache of the
+    per-row position numbers across calls (the model's)."""
     qp = target[-1]
     if not _foldable(qp, segments):
         return stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], segments)
@@ -93,7 +124,7 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
         torch.index_select(t, 0, i, out=keys[:, a:a + t.shape[1]])
         a += t.shape[1]
     query, w = _folded_query(target, segments)
-    keys[:, a] = (tables[-1] * w).sum(-1).index_select(0, ids[-1])
+    keys[:, a] = (row_bias or _row_bias)(tables[-1], w).index_select(0, ids[-1])
     return query, keys, [segments[0], 1]
 
 

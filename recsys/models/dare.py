@@ -33,7 +33,7 @@ import retrieval
 from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
-from recsys.models.attention import (Fields, aggregate, gather_ids, kept_weights, search, soft_attention,
+from recsys.models.attention import (Fields, RowBias, aggregate, gather_ids, kept_weights, search, soft_attention,
                                      stage1_from_tables)
 from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
 from recsys.models.output import ModelOutput
@@ -81,6 +81,7 @@ class DARE(nn.Module):
         self.k = config.top_k
         self.rows = {"item": n_items, "cate": n_cates, "pos": int(position_rows(torch.tensor([config.max_len]), config)) + 1}
         self.build_tables(config)
+        self.position_bias = RowBias()                     # per model: a reload builds a new model, so starts empty
         d_r = len(FIELDS) * config.dim_rep
         self.mlp = MLP(3 * d_r + self.build_branches(d_r), list(config.mlp))
         self.aux_mlp = MLP(3 * d_r, list(config.mlp)) if config.aux_loss else None
@@ -288,7 +289,8 @@ class DARE(nn.Module):
         w = att_set.weights()
         tables = [w[f"{att_prefix}_{f}" if att_prefix else f] for f in FIELDS]
         att_t = [t.index_select(0, target[f]) for t, f in zip(tables, FIELDS)]
-        query, keys, segs = stage1_from_tables(att_t, tables, [events[f] for f in FIELDS], self.segments)
+        query, keys, segs = stage1_from_tables(att_t, tables, [events[f] for f in FIELDS], self.segments,
+                                               self.position_bias)
         _, idx = retrieval.topk(query, keys, L, self.k, segs)                    # [C, k] stage 1
         safe = idx.clamp(min=0).flatten()                                        # holes read column 0, weight 0
         kept_ids = {f: events[f].index_select(0, safe) for f in FIELDS}
