@@ -113,7 +113,7 @@ def child_preprocess(src: str, out: str, address: str) -> dict:
             "driver_rows": meta["ray"].get("driver_rows"), "n_users": meta["n_users"], "n_items": meta["n_items"]}
 
 
-def child_train(folder: str, out: str, address: str, steps: int, workers: int) -> dict:
+def child_train(folder: str, out: str, address: str, steps: int, workers: int, val_users: float | None) -> dict:
     from pipelines.train import run_train
     from recsys.config.experiment import load_experiment
     from recsys.config.presets import preset_path
@@ -124,7 +124,7 @@ def child_train(folder: str, out: str, address: str, steps: int, workers: int) -
     cfg = load_experiment(preset_path("dare"), {
         "data": folder,
         "train": {"batch_size": per_worker * workers, "epochs": epochs, "eval_every": 10**9, "patience": None,
-                  "progress": False},
+                  "progress": False, "val_users": val_users},
     })
     r = run_train(cfg, out, workers=workers, address=address, evaluate_test=False)
     return {"wall_s": r["wall_s"], "steps": r["steps"], "samples_per_s": r["samples_per_s"],
@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--workers", type=int, default=4, help="Ray Train workers / evaluation actors")
     ap.add_argument("--object-store-mb", type=int, default=768, help="per node")
+    ap.add_argument("--val-users", type=float, default=None,
+                    help="validate the trained model on this share of the users (train.val_users; default all): "
+                         "the validation at the end scores every val row otherwise, hours at 100M events here")
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--no-evaluate", action="store_true")
     ap.add_argument("--table-rows", type=int, default=0, help="also run scale_tables.py with this many rows")
@@ -199,7 +202,7 @@ def main() -> None:
     if a.child:
         job, *args = a.child
         fn = {"preprocess": child_preprocess, "train": child_train, "evaluate": child_evaluate}[job]
-        conv = {"train": lambda f, o, ad, s, w: (f, o, ad, int(s), int(w)), "evaluate": lambda ad, o, w: (ad, o, int(w))}
+        conv = {"train": lambda f, o, ad, s, w, v: (f, o, ad, int(s), int(w), None if v == "all" else float(v)), "evaluate": lambda ad, o, w: (ad, o, int(w))}
         print(json.dumps(fn(*conv.get(job, lambda *x: x)(*args))))
         return
 
@@ -216,7 +219,8 @@ def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={**node, "node_ip_address": lo["_node_ip_address"],
                                                             "include_dashboard": False})
     result: dict = {"inputs": {"events": [int(e) for e in a.events], "nodes": a.nodes, "workers": a.workers,
-                               "train_steps": a.train_steps, "object_store_mb_per_node": a.object_store_mb}}
+                               "train_steps": a.train_steps, "object_store_mb_per_node": a.object_store_mb,
+                               "val_users": a.val_users}}
     try:
         for _ in range(a.nodes - 1):
             cluster.add_node(**node, node_ip_address=lo["_node_ip_address"])
@@ -255,7 +259,7 @@ def main() -> None:
             if not a.no_train:
                 with RaySampler() as s:
                     tr = run_child("train", str(folder), str(work / f"train-{n_events}"), cluster.address,
-                                   str(a.train_steps), str(a.workers))
+                                   str(a.train_steps), str(a.workers), str(a.val_users or "all"))
                 tr["train_worker_peak_rss_mb"] = s.peaks_mb("RayTrainWorker")
                 tr["train_worker_peak_private_mb"] = s.peaks_mb("RayTrainWorker", private=True)
                 row["train"] = tr

@@ -77,3 +77,33 @@ def test_yaml_path_is_accepted_and_bad_keys_are_named(tmp_path):
 
     with pytest.raises(ConfigError, match="model.nmae"):
         train(bad, tmp_path / "out")
+
+
+def test_validation_on_a_user_share_scores_exactly_those_users(data, tmp_path):
+    """`val_users`: every validation scores the val rows of a fixed share of the users, and its metrics are
+    the best weights' metrics on exactly those rows; the share depends on the user id alone (so N ranks
+    holding user ranges pick the rows one process picks)."""
+    import dataclasses
+
+    import numpy as np
+
+    from recsys.bundle import load_bundle
+    from recsys.data.sequences import user_share
+    from recsys.train.evaluation import split_metrics
+
+    val = data.splits["val"]
+    mask = user_share(val.user, 0.5)
+    assert 0 < mask.sum() < len(val)
+    # a function of the id alone: any subset or order of the users picks the same ones
+    order = np.random.default_rng(0).permutation(len(val))
+    assert np.array_equal(user_share(val.user[order], 0.5), mask[order])
+    assert not user_share(np.arange(1 << 16), 0.25)[::2].all() and 0.2 < user_share(np.arange(1 << 16), 0.25).mean() < 0.3
+
+    cfg, _ = _cfg(data, 0.5)
+    cfg = load_experiment(cfg, {"train": {"val_users": 0.5}})
+    r = train(cfg, tmp_path / "run", dataset=data, evaluate_test=False)
+    sampled = dataclasses.replace(data, splits={**data.splits, "val": val.take(mask)})
+    want = split_metrics(load_bundle(r.bundle_dir).model, sampled, "val", cfg.model.max_len)
+    assert r.best_val["rows"] == int(mask.sum())
+    for k in ("auc", "gauc", "cate_auc", "logloss"):
+        assert r.best_val[k] == want[k], k

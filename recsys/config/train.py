@@ -19,5 +19,8 @@ class TrainConfig(StrictModel):
     l2: float = Field(1e-6, ge=0.0, description="L2 on non-embedding weights (Adam weight_decay)")
     eval_every: int = Field(19, ge=1, description="validate every N steps (and at the end)")
     patience: int | None = Field(None, ge=1, description="stop after this many validations without a better val AUC")
+    val_users: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "validate on this share of the users (a fixed hash of the user id: the same users on every rank count "
+        "and in one process); None: every validation row. For splits too large to score at every validation"))
     threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default")
     progress: bool = Field(True, description="show a progress bar while training")

@@ -88,6 +88,20 @@ class Samples:
     def __len__(self) -> int:
         return len(self.user)
 
+    def take(self, rows: np.ndarray) -> Samples:
+        """These rows (indices or a boolean mask), in their order."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return Samples(self.user[rows], self.pos[rows], self.item[rows], self.cate[rows], self.label[rows],
+                       None if self.evidence is None else [self.evidence[i] for i in rows],
+                       None if self.p_label is None else self.p_label[rows])
+
+
+def user_share(users: np.ndarray, share: float) -> np.ndarray:
+    """Mask of the rows whose user is in a fixed `share` of all users: the top 24 bits of a multiplicative
+    hash of the id (Fibonacci hashing), so the choice depends on the id alone, not on which rank holds it."""
+    h = (users.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
+    return h < np.uint64(round(share * (1 << 24)))
+
 
 @dataclass
 class Dataset:

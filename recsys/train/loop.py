@@ -43,7 +43,7 @@ from torch import nn
 
 from recsys.checkpoint import load_state_tensors, load_weights, read_weights, save_weights
 from recsys.config.experiment import ExperimentConfig
-from recsys.data.sequences import assemble
+from recsys.data.sequences import assemble, user_share
 from recsys.data.shards import Shard
 from recsys.train.evaluation import merge_split, split_partial
 from recsys.train.step import (
@@ -208,6 +208,8 @@ def run_loop(cfg: ExperimentConfig, shard: Shard, ctx: Context, out: Path, *, ev
     rank, world = ctx.rank, ctx.world
     batch = per_rank_batch(tc.batch_size, world)
     model = worker_model(cfg, shard.n_items, shard.n_cates, world)
+    if tc.val_users is not None and "val" in shard.splits:
+        shard.splits["val"] = shard.splits["val"].take(user_share(shard.splits["val"].user, tc.val_users))
     pad = _eval_batches(ctx, shard, tc.eval_batch_size) if mc.embedding_backend == "fused" else {}
     opt = make_optimizers(model, tc)
     state: dict = {"step": 0, "best_auc": -1.0, "best_step": 0, "best_val": {}, "bad": 0, "stopped_early": False, "history": []}
