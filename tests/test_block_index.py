@@ -453,3 +453,26 @@ def test_a_model_whose_index_does_not_prune_scores_in_one_round_trip(store_cfg, 
             assert got.scores == want.scores and got.explanations == want.explanations
             assert got.bytes_read >= want.bytes_read
         assert trips[:2] == [2, 2] and trips[-3:] == [1, 1, 1], trips
+
+
+def test_indexed_requests_compute_the_position_term_once_per_model(store_cfg, monkeypatch):
+    """The index's searches (seed and blocks) read the model's per-row position term from its cache
+    (`DARE.position_bias`), as the forward does: recomputed per search it cost ~50 ms at a 1M-row position
+    table, twice a request, for a search of a few thousand events. Scores unchanged (the cache holds the
+    same numbers: tests/test_retrieval_serving.py)."""
+    import recsys.models.attention as attention
+
+    serving = _serving(max_len=400, seed=3)
+    calls = []
+    real = attention._row_bias
+    monkeypatch.setattr(attention, "_row_bias", lambda t, w: calls.append(t.shape) or real(t, w))
+    rng = random.Random(9)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        for u in (1, 2):
+            store.apply(ModelStateUpdater(serving), _events(u, 120, rng))
+        g = np.random.default_rng(2)
+        jobs = [ScoreJob(u, g.integers(1, 70, 9), g.integers(1, 9, 9), True) for u in (1, 2, 1, 2)]
+        out = Scorer(serving, StateStore(handle.client, store_cfg), ServiceMetrics()).run(jobs)
+    assert all(r.blocks_read is not None for r in out), "the indexed path did not run"
+    assert len(calls) == 1, calls
