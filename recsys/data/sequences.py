@@ -178,6 +178,19 @@ def _col(t: pa.Table, name: str) -> np.ndarray:
     return t.column(name).to_numpy()
 
 
+def _checked_pieces(tables: Iterable[pa.Table], n: int, checks: "_Checks") -> Iterator[tuple[int, pa.Table]]:
+    """_pieces of a stream that must hold n rows, each after `checks.start()`; more rows than n fail before
+    the piece is handed out (nothing is written past the arrays), fewer once the stream ends."""
+    seen = 0
+    for a, p in _pieces(tables):
+        seen = a + p.num_rows
+        if seen > n:
+            checks.done(n, seen)
+        checks.start()
+        yield a, p
+    checks.done(n, seen)
+
+
 class _Checks:
     """The loaders' checks over a stream of pieces, reporting what running each check over the whole table,
     one after another, reported: the error of the first check (in the order they are run on a piece) that
@@ -292,13 +305,10 @@ def store_from_tables(tables: Iterable[pa.Table], n: int, where: Where, users: t
     ts = np.empty(n, np.int64) if times else None
     # carried from piece to piece by the order and position checks: the last user seen, and the row its
     # events start at
-    last_user, run_start, seen = -1, 0, 0
-    for a, p in _pieces(tables):
+    last_user, run_start = -1, 0
+    for a, p in _checked_pieces(tables, n, checks):
         m = p.num_rows
         seen = a + m
-        if seen > n:
-            checks.done(n, seen)
-        checks.start()
         checks.integers(p, names, a)
         checks.rows("user", "negative user id" if users is None else f"user id below the shard's first user {first}",
                     a, lambda: _col(p, "user") < first)
@@ -348,7 +358,6 @@ def store_from_tables(tables: Iterable[pa.Table], n: int, where: Where, users: t
         cate[a:seen] = _col(p, "cate")
         if ts is not None:
             ts[a:seen] = _col(p, "ts")
-    checks.done(n, seen)
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     pad = int(counts.max(initial=0)) + 1
@@ -376,13 +385,8 @@ def samples_from_tables(tables: Iterable[pa.Table], n: int, where: Where, store:
     label = np.empty(n, np.float32)
     evidence: list[np.ndarray] | None = None
     p_label: np.ndarray | None = None
-    seen = 0
-    for a, p in _pieces(tables):
-        m = p.num_rows
-        seen = a + m
-        if seen > n:
-            checks.done(n, seen)
-        checks.start()
+    for a, p in _checked_pieces(tables, n, checks):
+        seen = a + p.num_rows
         checks.integers(p, SAMPLE_COLUMNS, a)
         checks.rows("user", f"user id outside {first}..{end - 1}", a,
                     lambda: (_col(p, "user") < first) | (_col(p, "user") >= end))
@@ -407,7 +411,6 @@ def samples_from_tables(tables: Iterable[pa.Table], n: int, where: Where, store:
             if p_label is None:
                 p_label = np.empty(n, np.float64)
             p_label[a:seen] = _col(p, "p_label")
-    checks.done(n, seen)
     return Samples(user, pos, item, cate, label, evidence, p_label)
 
 
