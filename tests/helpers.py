@@ -1,4 +1,5 @@
-"""Helpers every test file may use (no tests here): servers the tests start themselves."""
+"""Helpers every test file may use (no tests here): servers the tests start themselves, and data-file edits
+for the loaders' error tests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+import pytest
 import redis
 
+from recsys.data.sequences import DatasetError
 from recsys.net import free_port
 
 
@@ -56,3 +60,17 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def set_rows(t: pa.Table, name: str, rows, value) -> pa.Table:
+    """`t` with column `name` set to `value` at `rows` (its type kept)."""
+    col = t.column(name).to_numpy().copy()
+    col[list(rows)] = value
+    return t.set_column(t.schema.get_field_index(name), name, pa.array(col, t.schema.field(name).type))
+
+
+def dataset_error(fn) -> str:
+    """The message of the DatasetError `fn()` raises."""
+    with pytest.raises(DatasetError) as e:
+        fn()
+    return str(e.value)

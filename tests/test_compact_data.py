@@ -5,11 +5,11 @@ piece of rows at a time, report what one check over the whole table reported."""
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 
+from helpers import dataset_error, set_rows
 from recsys.data import sequences
-from recsys.data.sequences import DatasetError, Samples, SequenceStore, assemble, samples_from_table, store_from_table
+from recsys.data.sequences import Samples, SequenceStore, assemble, samples_from_table, store_from_table
 
 ID_COLUMNS = ("user", "pos", "item", "cate")
 
@@ -56,18 +56,6 @@ def test_loaded_arrays_are_compact_and_equal_the_int64_values(bench_dir, bench_d
             assert x.dtype == y.dtype == np.int64 and np.array_equal(x, y)
 
 
-def _set(t: pa.Table, name: str, rows, value) -> pa.Table:
-    col = t.column(name).to_numpy().copy()
-    col[list(rows)] = value
-    return t.set_column(t.schema.get_field_index(name), name, pa.array(col, t.schema.field(name).type))
-
-
-def _message(fn) -> str:
-    with pytest.raises(DatasetError) as e:
-        fn()
-    return str(e.value)
-
-
 def test_checks_by_pieces_name_the_first_bad_row_and_count_them_all(bench_dir, monkeypatch):
     ev = pq.read_table(bench_dir / "events.parquet")
     train = pq.read_table(bench_dir / "train.parquet")
@@ -77,30 +65,30 @@ def test_checks_by_pieces_name_the_first_bad_row_and_count_them_all(bench_dir, m
     user = _int64(ev, "user")
     edge = int(np.flatnonzero((user[1:] == user[:-1]) & (np.arange(1, len(user)) % 1000 == 0) & (user[1:] > 0))[0]) + 1
     cases = [
-        (lambda t: _set(t, "item", [1500, 2999, 3000, 40_000], 0), "ev: column 'item' row 1500: item ids start at 1 (0 is padding) (4 bad rows)"),
-        (lambda t: _set(t, "cate", [999, 1000], -1), "ev: column 'cate' row 999: category ids start at 1 (0 is padding) (2 bad rows)"),
+        (lambda t: set_rows(t, "item", [1500, 2999, 3000, 40_000], 0), "ev: column 'item' row 1500: item ids start at 1 (0 is padding) (4 bad rows)"),
+        (lambda t: set_rows(t, "cate", [999, 1000], -1), "ev: column 'cate' row 999: category ids start at 1 (0 is padding) (2 bad rows)"),
         # the only decrease is from the last row of one piece to the first of the next
-        (lambda t: _set(t, "user", [edge], int(user[edge]) - 1), f"ev: column 'user' row {edge}: events not sorted by user (1 bad rows)"),
-        (lambda t: _set(t, "pos", [5, 2500], 10**6), "ev: column 'pos' row 5: pos must be 0, 1, 2, ... within each user in order (2 bad rows)"),
+        (lambda t: set_rows(t, "user", [edge], int(user[edge]) - 1), f"ev: column 'user' row {edge}: events not sorted by user (1 bad rows)"),
+        (lambda t: set_rows(t, "pos", [5, 2500], 10**6), "ev: column 'pos' row 5: pos must be 0, 1, 2, ... within each user in order (2 bad rows)"),
     ]
     for breaks, want in cases:
         bad = breaks(ev)
         for piece in (sequences.PIECE, 1000, 333):
             monkeypatch.setattr(sequences, "PIECE", piece)
-            assert _message(lambda: store_from_table(bad, "ev")) == want
-            assert _message(lambda: store_from_table(chunked(bad), "ev")) == want
+            assert dataset_error(lambda: store_from_table(bad, "ev")) == want
+            assert dataset_error(lambda: store_from_table(chunked(bad), "ev")) == want
         monkeypatch.undo()
     sample_cases = [
-        (lambda t: _set(t, "pos", [10, 1000, 2001], 10**6), "tr: column 'pos' row 10: pos outside the user's sequence (3 bad rows)"),
-        (lambda t: _set(t, "label", [4000, 4001], 2), "tr: column 'label' row 4000: label must be 0 or 1 (2 bad rows)"),
-        (lambda t: _set(t, "item", [999], 0), "tr: column 'item' row 999: item ids start at 1 (0 is padding) (1 bad rows)"),
+        (lambda t: set_rows(t, "pos", [10, 1000, 2001], 10**6), "tr: column 'pos' row 10: pos outside the user's sequence (3 bad rows)"),
+        (lambda t: set_rows(t, "label", [4000, 4001], 2), "tr: column 'label' row 4000: label must be 0 or 1 (2 bad rows)"),
+        (lambda t: set_rows(t, "item", [999], 0), "tr: column 'item' row 999: item ids start at 1 (0 is padding) (1 bad rows)"),
     ]
     for breaks, want in sample_cases:
         bad = breaks(train)
         for piece in (sequences.PIECE, 1000, 333):
             monkeypatch.setattr(sequences, "PIECE", piece)
-            assert _message(lambda: samples_from_table(bad, "tr", store)) == want
-            assert _message(lambda: samples_from_table(chunked(bad), "tr", store)) == want
+            assert dataset_error(lambda: samples_from_table(bad, "tr", store)) == want
+            assert dataset_error(lambda: samples_from_table(chunked(bad), "tr", store)) == want
         monkeypatch.undo()
     # and a good table loads the same whatever the pieces
     monkeypatch.setattr(sequences, "PIECE", 333)
@@ -116,9 +104,9 @@ def test_blocks_with_nulls_or_ids_past_int32_are_named(bench_dir):
     item = ev.column("item").to_pylist()
     item[12] = None
     nulls = ev.set_column(ev.schema.get_field_index("item"), "item", pa.array(item, pa.int32()))
-    assert _message(lambda: store_from_table(nulls, "ev")) == "ev: column 'item' row 12: null value (1 bad rows)"
+    assert dataset_error(lambda: store_from_table(nulls, "ev")) == "ev: column 'item' row 12: null value (1 bad rows)"
     wide = ev.set_column(ev.schema.get_field_index("cate"), "cate", pa.array(_int64(ev, "cate"), pa.int64()))
     assert np.array_equal(store_from_table(wide, "ev").cate, _int64(ev, "cate"))  # int64 files load when ids fit
-    big = _set(wide, "cate", [30], 2**31)
-    assert _message(lambda: store_from_table(big, "ev")) == \
+    big = set_rows(wide, "cate", [30], 2**31)
+    assert dataset_error(lambda: store_from_table(big, "ev")) == \
         "ev: column 'cate' row 30: outside the int32 range -2147483648..2147483647 (1 bad rows)"

@@ -4,13 +4,13 @@ at a time) equals the reference load exactly, and the checks name what one check
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import ray
 
+from helpers import dataset_error, set_rows
 from pipelines.runtime import init_ray
 from pipelines.shard_io import read_shard
 from recsys.data import sequences
-from recsys.data.sequences import DatasetError, store_from_table, store_from_tables
+from recsys.data.sequences import store_from_table, store_from_tables
 from recsys.data.shards import plan_shards, shard_from_blocks, shard_from_tables, shard_rows
 
 ID_COLUMNS = ("user", "pos", "item", "cate")
@@ -95,38 +95,26 @@ def test_a_shard_read_from_ray_blocks_equals_the_reference_load(bench_dir):
             ray.shutdown()
 
 
-def _set(t: pa.Table, name: str, rows, value) -> pa.Table:
-    col = t.column(name).to_numpy().copy()
-    col[list(rows)] = value
-    return t.set_column(t.schema.get_field_index(name), name, pa.array(col, t.schema.field(name).type))
-
-
-def _message(fn) -> str:
-    with pytest.raises(DatasetError) as e:
-        fn()
-    return str(e.value)
-
-
 def test_streamed_checks_report_what_the_whole_table_check_reported(bench_dir, monkeypatch):
     ev = pq.read_table(bench_dir / "events.parquet")
     user = ev.column("user").to_numpy()
     cases = [
         # a later check's bad rows in an early block, an earlier check's in a later block: the earlier check wins
-        lambda t: _set(_set(t, "item", [3], 0), "pos", [30_000], 10**6),
-        lambda t: _set(_set(t, "cate", [2], 0), "item", [20_000, 40_000], 0),
+        lambda t: set_rows(set_rows(t, "item", [3], 0), "pos", [30_000], 10**6),
+        lambda t: set_rows(set_rows(t, "cate", [2], 0), "item", [20_000, 40_000], 0),
         # the only decrease in users is across the edge of two blocks
-        lambda t: _set(t, "user", [777], int(user[776]) - 1),
-        lambda t: _set(t, "pos", [5, 6000, 50_000], 10**6),
-        lambda t: _set(t, "user", [100, 90_000], -1),
+        lambda t: set_rows(t, "user", [777], int(user[776]) - 1),
+        lambda t: set_rows(t, "pos", [5, 6000, 50_000], 10**6),
+        lambda t: set_rows(t, "user", [100, 90_000], -1),
     ]
     monkeypatch.setattr(sequences, "PIECE", 1000)
     for breaks in cases:
         bad = breaks(ev)
-        want = _message(lambda: store_from_table(bad, "ev"))
-        assert _message(lambda: store_from_tables(iter(_blocks(bad)), bad.num_rows, "ev")) == want
-        assert _message(lambda: store_from_tables(iter(_blocks(bad)), bad.num_rows, "ev", times=False)) == want
+        want = dataset_error(lambda: store_from_table(bad, "ev"))
+        assert dataset_error(lambda: store_from_tables(iter(_blocks(bad)), bad.num_rows, "ev")) == want
+        assert dataset_error(lambda: store_from_tables(iter(_blocks(bad)), bad.num_rows, "ev", times=False)) == want
     # a stream that does not hold the rows it was sized for
-    assert _message(lambda: store_from_tables(iter(_blocks(ev)), ev.num_rows + 1, "ev")) == \
+    assert dataset_error(lambda: store_from_tables(iter(_blocks(ev)), ev.num_rows + 1, "ev")) == \
         f"ev: {ev.num_rows} rows read, {ev.num_rows + 1} expected (data changed during the run?)"
-    assert _message(lambda: store_from_tables(iter(_blocks(ev)), ev.num_rows - 1, "ev")) == \
+    assert dataset_error(lambda: store_from_tables(iter(_blocks(ev)), ev.num_rows - 1, "ev")) == \
         f"ev: {ev.num_rows} rows read, {ev.num_rows - 1} expected (data changed during the run?)"
