@@ -352,6 +352,11 @@ __attribute__((constructor)) static void fill_compress8(void) {
 }
 #endif
 
+/* The pivot of the k-th largest selections below: the median of three of the values. */
+static inline float median3(float x, float y, float z) {
+    return x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+}
+
 /* Scratch floats for the k-th largest block maximum of a row of nbp (padded) maxima. */
 static inline int64_t kth_floats(int64_t nbp) { return 2 * (nbp + 16); }
 
@@ -364,8 +369,7 @@ static float kth_largest_v(const float *a, int m, int k, float *buf) {
     const int half = m + 16;   /* a full-vector store of the compressed lanes may write 15 past the end */
     int want = k - 1;
     for (;;) {
-        float x = a[0], y = a[m / 2], z = a[m - 1];
-        float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        const float p = median3(a[0], a[m / 2], a[m - 1]);
         const __m512 vp = _mm512_set1_ps(p);
         int above = 0, below = 0;
         for (int i = 0; i < m; i += 16) {
@@ -402,8 +406,7 @@ static float kth_largest_v(const float *a, int m, int k, float *buf) {
     const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     int want = k - 1;
     for (;;) {
-        float x = a[0], y = a[m / 2], z = a[m - 1];
-        float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));
+        const float p = median3(a[0], a[m / 2], a[m - 1]);
         const __m256 vp = _mm256_set1_ps(p);
         int above = 0, below = 0;
         for (int i = 0; i < m; i += 8) {
@@ -436,8 +439,7 @@ static float kth_largest_v(const float *a, int m, int k, float *buf) {
 static float kth_largest(float *a, int m, int k) {
     int lo = 0, hi = m, want = k - 1;
     while (hi - lo > 16) {
-        float x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi - 1];
-        float p = x > y ? (y > z ? y : (x > z ? z : x)) : (x > z ? x : (y > z ? z : y));  /* median of 3 */
+        const float p = median3(a[lo], a[lo + (hi - lo) / 2], a[hi - 1]);
         int j = lo;
         for (int i = lo; i < hi; i++) {   /* [lo, j) > p */
             float t = a[i];
