@@ -153,7 +153,7 @@ def window_blocks(n: int, window: int, block: int) -> np.ndarray:
     return np.arange((n - window) // block, (n - 1) // block + 1)
 
 
-def _block_pos(ids: np.ndarray, n: int, block: int, pos: PositionBound) -> np.ndarray:
+def block_position_bounds(ids: np.ndarray, n: int, block: int, pos: PositionBound) -> np.ndarray:
     """Max position term over each block's current recency range (its newest event has the smallest id)."""
     return pos.over(n - (np.minimum((ids + 1) * block, n) - 1))
 
@@ -171,7 +171,7 @@ def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, windo
     D = d_sem
     box = q.clamp(max=0) @ e[:D] + q.clamp(min=0) @ e[D:2 * D]
     ball = q @ e[2 * D:3 * D] + q.norm(dim=1) * e[3 * D]
-    p = _block_pos(ids, n, block, pos)
+    p = block_position_bounds(ids, n, block, pos)
     kabs = float(e[:2 * D].abs().max())
     margin = MARGIN * (q.abs().sum(1) * kabs + pos.abs_sum + (float(np.abs(p).max()) if len(p) else 0.0)) + 1e-30
     tau = float((kth - margin - torch.minimum(box, ball)).min())
@@ -195,7 +195,7 @@ def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ids: np.ndarray, entries: np
     e = torch.from_numpy(np.asarray(entries, dtype=np.float32).copy())                       # [nb, 3D + 1]
     D = d_sem
     q = q_scaled[:, :d_sem]
-    p = torch.from_numpy(_block_pos(ids, n, block, pos).astype(np.float32))[:, None]         # [nb, 1]
+    p = torch.from_numpy(block_position_bounds(ids, n, block, pos).astype(np.float32))[:, None]         # [nb, 1]
     # entries are [lo, hi, c, r]: the box is [q-, q+] . [lo, hi], the ball [q, |q|] . [c, r]; p rides along
     # as addmm's broadcast input; [nb, C], so "does some candidate need block b" reduces along contiguous memory
     box = torch.addmm(p, e[:, :2 * D], torch.cat([q.clamp(max=0), q.clamp(min=0)], 1).T)

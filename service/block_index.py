@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from retrieval.block_search import (PositionBound, _block_pos, block_ranges, id_ranges, kth_scores, needed, plan_blocks,
-                                     prefilter, summaries_many, topk_over, window_blocks, window_cols)
+from retrieval.block_search import (PositionBound, block_position_bounds, block_ranges, id_ranges, kth_scores, needed,
+                                     plan_blocks, prefilter, summaries_many, topk_over, window_blocks, window_cols)
 from recsys.embeddings import TableSet
 from recsys.models.attention import stage1_from_tables
 
@@ -241,7 +241,7 @@ def surely_unpruned(ix: BlockIndexer, head, max_len: int, k: int, share: float) 
     ids = ids[ids * B < head.n - seed]
     if not len(ids):
         return False
-    kept = int((_block_pos(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
+    kept = int((block_position_bounds(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
     return kept > share * -(-window // B)
 
 
