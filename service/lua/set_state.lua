@@ -19,9 +19,14 @@ if ARGV[4] then
   redis.call('SET', KEYS[3], ARGV[5])
   redis.call('HSET', KEYS[1], 'ixrev:' .. ARGV[2], rev, 'ix0:' .. ARGV[2], ARGV[4], 'ixfmt:' .. ARGV[2], ARGV[6])
 end
+-- One absolute time for both keys: two relative PEXPIREs can land a clock tick apart (Redis < 7.2 reads the
+-- clock per command, not per script). PEXPIRETIME would give the meta's exact time but needs Redis 7
+-- (the embedded server is 6.2); TIME + PTTL is within a millisecond of it.
 local ttl = redis.call('PTTL', KEYS[1])
 if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('PEXPIRE', KEYS[3], ttl)
+  local t = redis.call('TIME')
+  local at = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl
+  redis.call('PEXPIREAT', KEYS[2], at)
+  redis.call('PEXPIREAT', KEYS[3], at)
 end
 return {'ok', rev}
