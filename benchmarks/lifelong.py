@@ -14,6 +14,12 @@ every model should be close to the ceiling.
 
     .venv/bin/python benchmarks/lifelong.py --quick                       # minutes: small data, L 100 / 1000
     .venv/bin/python benchmarks/lifelong.py --out results/lifelong.json   # 10k-100k events per user, L up to 10k
+    .venv/bin/python benchmarks/lifelong.py --models dare --lengths 10000 --pos-exact 100 \
+        --data-dir /tmp/lifelong-data --bundles /tmp/lifelong-bundles   # keep data and the trained bundles
+
+`--bundles DIR` keeps each run's exported bundle (the best validation checkpoint) as DIR/<model>-L<L>-s<seed>,
+e.g. for benchmarks/block_index_pruning.py; `--pos-exact E` gives every model log-distance position buckets
+beyond recency E (ModelConfig.pos_exact; default: one position row per recency up to L).
 
 Prints one JSON object (inputs, machine, per model and L: overall and per-distance figures).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -104,14 +111,15 @@ def figures(samples, probs, indices, max_len: int) -> dict:
     return out
 
 
-def run_one(name: str, max_len: int, ds, folder: Path, train_over: dict, threads: int, seed: int, work: Path) -> dict:
+def run_one(name: str, max_len: int, ds, folder: Path, train_over: dict, threads: int, seed: int, work: Path,
+            model_defaults: dict, bundles: Path | None) -> dict:
     from recsys.bundle import load_bundle
     from recsys.config.experiment import load_experiment
     from recsys.config.presets import preset_path
     from recsys.train.trainer import predict, train
 
     base, *flags = name.split("+")
-    model = MODEL_DEFAULTS | {"max_len": max_len} | {f: True for f in flags}
+    model = model_defaults | {"max_len": max_len} | {f: True for f in flags}
     cfg = load_experiment(preset_path(base), {"data": str(folder), "model": model,
                                               "train": train_over | {"progress": False, "threads": threads, "seed": seed,
                                                                      "patience": None}})
@@ -119,9 +127,14 @@ def run_one(name: str, max_len: int, ds, folder: Path, train_over: dict, threads
     r = train(cfg, work / f"{name}-L{max_len}-s{seed}", dataset=ds, evaluate_test=False)
     m = load_bundle(r.bundle_dir).model
     pred = predict(m, ds, "test", max_len, cfg.train.eval_batch_size)
+    kept = {}
+    if bundles is not None:
+        dst = bundles / f"{name}-L{max_len}-s{seed}"
+        shutil.copytree(r.bundle_dir, dst, dirs_exist_ok=True)
+        kept = {"bundle": str(dst)}
     return {"model": name, "max_len": max_len, "seed": seed, "steps": r.steps, "best_step": r.best_step,
             "best_val_auc": round(r.best_val["auc"], 4), "train_wall_s": round(time.perf_counter() - t0, 1),
-            "test": figures(ds.splits["test"], pred.probs, pred.indices, max_len)}
+            **kept, "test": figures(ds.splits["test"], pred.probs, pred.indices, max_len)}
 
 
 def markdown(result: dict) -> str:
@@ -161,6 +174,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="1")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-dir", type=Path, default=None, help="keep the generated data here (reused if present)")
+    ap.add_argument("--bundles", type=Path, default=None, help="keep each run's exported bundle here")
+    ap.add_argument("--pos-exact", type=int, default=None, help="model.pos_exact for every model (log-distance "
+                    "position buckets beyond this recency)")
     ap.add_argument("--table", type=Path, default=None, help="print the markdown table of this result JSON and exit")
     add_out_arg(ap, "lifelong")
     a = ap.parse_args()
@@ -177,6 +193,7 @@ def main() -> None:
     preset = QUICK if a.quick else FULL
     lengths = [int(x) for x in a.lengths.split(",")] if a.lengths else preset["lengths"]
     cfg = SyntheticConfig.model_validate(preset["data"])
+    model_defaults = MODEL_DEFAULTS | ({"pos_exact": a.pos_exact} if a.pos_exact is not None else {})
     results = []
     with tempfile.TemporaryDirectory(prefix="recsys-lifelong-") as tmp:
         folder = a.data_dir or Path(tmp) / "data"
@@ -191,7 +208,8 @@ def main() -> None:
                     continue
                 for seed in (int(s) for s in a.seeds.split(",")):
                     try:
-                        res = run_one(name, L, ds, folder, preset["train"], a.threads, seed, Path(tmp) / "runs")
+                        res = run_one(name, L, ds, folder, preset["train"], a.threads, seed, Path(tmp) / "runs",
+                                      model_defaults, a.bundles)
                     except ValueError as e:  # a run that diverges (non-finite scores) is a result, not a crash
                         if "not finite" not in str(e):
                             raise
@@ -204,7 +222,7 @@ def main() -> None:
         "benchmark": "lifelong",
         "inputs": {"preset": "quick" if a.quick else "full", "data": preset["data"], "lengths": lengths,
                    "models": a.models or preset["models"],
-                   "train": preset["train"], "model_defaults": MODEL_DEFAULTS, "seeds": a.seeds,
+                   "train": preset["train"], "model_defaults": model_defaults, "seeds": a.seeds,
                    "buckets_evidence_distance": bucket_names(), "split_scored": "test (selection on val)"},
         "data": {k: meta[k] for k in ("n_events", "history_length", "rows", "far_positive_share", "ceiling_auc")},
         "results": results,
