@@ -25,9 +25,10 @@ def router(score_request: type[BaseModel]) -> APIRouter:
         scorer = runtime.scorer
         if scorer is None:
             raise HTTPException(503, "no model loaded: POST /v1/admin/reload with a bundle")
-        items = np.fromiter((c.item_id for c in req.candidates), np.int64, len(req.candidates))
-        cates = np.fromiter((NO_CATEGORY if c.category_id is None else c.category_id for c in req.candidates), np.int64,
-                            len(req.candidates))
+        n = len(req.candidates)
+        items = np.fromiter((c["item_id"] for c in req.candidates), np.int64, n)
+        cates = np.fromiter((NO_CATEGORY if (g := c.get("category_id")) is None else g for c in req.candidates),
+                            np.int64, n)
         try:
             res = await runtime.batcher.submit(ScoreJob(req.user_id, items, cates, req.explain))
         except redis.RedisError as e:
