@@ -226,23 +226,22 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids))
 
 
-def surely_unpruned(ix: BlockIndexer, head, max_len: int, k: int, share: float) -> bool:
-    """Whether `begin_search` would leave more than `share` of the window's blocks whatever the candidates,
-    from the position term alone, before any embedding or search: the prefilter keeps a block whose position
-    bound reaches tau = min over candidates of (k-th seed score - margin - semantic cap), and a k-th seed
-    score is at most the semantic cap plus the k-th best position term among the seed's recencies, so every
-    block whose bound reaches that term is kept (the margin covers the fp32 rounding of the seed scores).
-    With a position term that does not prefer recent events (an untrained model, or one that learned none)
-    this holds for nearly every request, and the whole-sequence path answers it without the seed search."""
+def surely_kept(ix: BlockIndexer, head, max_len: int, k: int) -> int:
+    """How many blocks `begin_search` leaves at least, whatever the candidates, from the position term alone,
+    before any embedding or search: the prefilter keeps a block whose position bound reaches tau = min over
+    candidates of (k-th seed score - margin - semantic cap), and a k-th seed score is at most the semantic cap
+    plus the k-th best position term among the seed's recencies, so every block whose bound reaches that term
+    is kept (the margin covers the fp32 rounding of the seed scores). With a position term that does not
+    prefer recent events (an untrained model, or one that learned none) that is nearly every block, and the
+    whole-sequence path answers without the seed search (service.scoring)."""
     B = ix.block
     window = min(head.visible, max_len)
     seed = min(len(head.newest), window)
     ids = window_blocks(head.n, window, B)
     ids = ids[ids * B < head.n - seed]
     if not len(ids):
-        return False
-    kept = int((block_position_bounds(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
-    return kept > share * -(-window // B)
+        return 0
+    return int((block_position_bounds(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
 
 
 def select_blocks(ix: BlockIndexer, s: IndexedSearch, entries: list[bytes]) -> None:

@@ -13,15 +13,19 @@ the user's block summaries and newest events first, then only the blocks whose s
 candidate's k-th best (`StateStore.read_index_heads`, then `read_ranges`: two round trips per micro-batch),
 and runs stage 2 on the kept events (`DARE.kept_heads`): exactly the top-k of the whole-sequence search.
 A user without a current index (a new version not yet rebuilt), with no events, or whose memory state is not
-current, or whose sequence changed between the two reads, takes the whole-sequence path.
+current, or whose sequence changed between the two reads, takes the whole-sequence path; so does one for whom
+the index is expected to cost more, by the timings of both paths on this process's earlier requests
+(`PathCosts`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import threading
 import time
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,24 +56,140 @@ class ScoreResult:
 
 log = logging.getLogger("recsys.scoring")
 
-# The indexed path is taken when the position bound leaves at most this share of the window's blocks
-# (measured: with nothing pruned it was ~5x slower than the whole-sequence path at L = 10k).
+# Before both paths have been timed on this process (see `PathCosts`), the indexed path is taken when the
+# position bound leaves at most this share of the window's blocks (measured once, on one machine: with nothing
+# pruned it was ~5x slower than the whole-sequence path at L = 10k), and skipped without the seed search when
+# the blocks the position term alone surely leaves (`surely_kept`) are more.
 MAX_INDEXED_FRACTION = 0.25
 # How fast the share of index attempts that fell back follows the recent ones (per request: an EWMA).
 FALLBACK_SHARE_RATE = 0.125
+# The path costs (`PathCosts`): the weight of one request's timing in its fit (later ones weigh 1 - this less
+# each: the fit follows the machine's load within ~10 requests of a path) ...
+COST_RATE = 0.125
+# ... where the history lengths (or block counts) a fit has seen spread by less than this share of their mean,
+# the cost is taken as proportional to them (one length cannot tell the fixed part from the per-event one);
+COST_MIN_SPREAD = 0.1
+# ... and every this many choices the path the costs rank second runs instead, if it is predicted at most
+# EXPLORE_FACTOR times as slow: a fit that a slow first request (cold caches) or a load burst left too high
+# gets timed again, and a path several times slower never runs again once timed.
+EXPLORE_EVERY = 32
+EXPLORE_FACTOR = 4.0
+
+
+class LinearCost:
+    """seconds ~ a + b x for one part of one path (x: events, or blocks), fitted to the requests this process
+    served: least squares with each request's weight decaying by 1 - COST_RATE per later one."""
+
+    def __init__(self, pinned: tuple[float, float] | None = None):
+        self.pinned = pinned   # (a, b): not learned (tests, benchmarks: a forced path)
+        self.seen = 0
+        self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)   # weight, x, y, x^2, x y
+        self._lock = threading.Lock()             # two scoring threads share a Scorer
+
+    def observe(self, x: float, y: float) -> None:
+        if self.pinned is not None:
+            return
+        k = 1.0 - COST_RATE
+        with self._lock:
+            w, sx, sy, sxx, sxy = self._sums
+            self._sums = (k * w + 1, k * sx + x, k * sy + y, k * sxx + x * x, k * sxy + x * y)
+            self.seen += 1
+
+    def predict(self, x: float) -> float | None:
+        """None until timed once."""
+        if self.pinned is not None:
+            return self.pinned[0] + self.pinned[1] * x
+        with self._lock:
+            if not self.seen:
+                return None
+            w, sx, sy, sxx, sxy = self._sums
+        mx, my = sx / w, sy / w
+        var, cov = sxx / w - mx * mx, sxy / w - mx * my
+        if var > (COST_MIN_SPREAD * mx) ** 2:
+            if cov <= 0:       # noise over a spread of x: no per-unit cost to be seen
+                return my
+            b = cov / var
+            if my - b * mx >= 0:
+                return my - b * mx + b * x
+        # x barely varied, or noise made the fixed part negative: proportional, exact at the mean
+        return my * x / mx if mx > 0 else my
+
+
+@dataclass
+class PathCosts:
+    """What each path cost on this process's requests of one model version, in the parts each decision still
+    has to pay: the whole-sequence path's read (x: events stored) and forward (x: events in the window); the
+    index's seed search (`begin_search`, x = 1) and the rest (x: candidate blocks the position bound left:
+    the summaries' and blocks' reads, `select_blocks`, `finish_search`, stage 2); and how many candidate
+    blocks the seed search left beyond those the position term alone surely leaves (`beyond_sure`, x = 1),
+    which is what the choice before the seed search expects it to leave.
+
+    Why learned from requests rather than measured up front, as retrieval.dispatch measures the top-k
+    kernels: most of either path's cost is Redis (round trips, and bytes: 2.9 MB a whole read at L = 100k),
+    and what that costs depends on where Redis runs and how loaded it is, which a synthetic calibration could
+    only measure by writing to the store it serves from. Every request of a path times it anyway."""
+
+    read: LinearCost = field(default_factory=LinearCost)
+    forward: LinearCost = field(default_factory=LinearCost)
+    seed: LinearCost = field(default_factory=LinearCost)
+    index: LinearCost = field(default_factory=LinearCost)
+    beyond_sure: LinearCost = field(default_factory=LinearCost)
+    explore_every: int = EXPLORE_EVERY
+    _turns: itertools.count = field(default_factory=itertools.count)
+
+    @classmethod
+    def forced(cls, path: str) -> "PathCosts":
+        """Costs that always pick `path` ("index" or "whole") where the index can serve (tests, benchmarks)."""
+        whole, index = {"index": (1.0, 0.0), "whole": (0.0, 1.0)}[path]
+        return cls(read=LinearCost((0.0, 0.0)), forward=LinearCost((whole, 0.0)), seed=LinearCost((0.0, 0.0)),
+                   index=LinearCost((index, 0.0)), explore_every=0)
+
+    def whole_s(self, stored: int, window: int, prefetched: bool) -> float | None:
+        """The whole-sequence path from here: its forward, and its read unless the first read brought it."""
+        fwd = self.forward.predict(window)
+        rd = 0.0 if prefetched else self.read.predict(stored)
+        return None if fwd is None or rd is None else fwd + rd
+
+    def explore(self) -> bool:
+        """Once per request that reaches a cost decision: whether this one runs the path ranked second."""
+        return bool(self.explore_every) and next(self._turns) % self.explore_every == self.explore_every - 1
+
+    def prefer_index(self, whole_s: float | None, blocks: float, with_seed: bool, explore: bool) -> bool | None:
+        """Whether the index path (its seed search if with_seed, then `blocks` candidate blocks) costs less
+        than the whole-sequence path's `whole_s`; the other way round on an exploring request where the
+        path ranked second is predicted within EXPLORE_FACTOR. None while either path is untimed."""
+        index_s = self.index.predict(blocks)
+        seed_s = self.seed.predict(1) if with_seed else 0.0
+        if whole_s is None or index_s is None or seed_s is None:
+            return None
+        index_s += seed_s
+        cheaper = index_s <= whole_s
+        if explore and max(index_s, whole_s) <= EXPLORE_FACTOR * min(index_s, whole_s):
+            return not cheaper
+        return cheaper
 
 
 class Scorer:
-    def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics, rebuild_max_events: int = 0):
+    def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics, rebuild_max_events: int = 0,
+                 costs: Callable[[], PathCosts] = PathCosts):
         self.model = model
         self.store = store
         self.metrics = metrics
         self.rebuild_max_events = rebuild_max_events
         self._fallback_share: dict[str, float] = {}  # model version -> recent share of index attempts that fell back
+        self._new_costs = costs
+        self._costs: dict[str, PathCosts] = {}       # the served model version's (a reload starts anew)
 
     @property
     def version(self) -> str:
         return self.model.version
+
+    def path_costs(self, version: str) -> PathCosts:
+        costs = self._costs.get(version)
+        if costs is None:
+            costs = self._new_costs()
+            self._costs = {version: costs}
+        return costs
 
     def run(self, jobs: Sequence[ScoreJob]) -> list[ScoreResult | Exception]:
         """Score a micro-batch. A Redis failure fails the whole batch (raised); a model error, one job."""
@@ -77,18 +197,28 @@ class Scorer:
         model = self.model  # one model for the whole batch, even if a reload swaps it meanwhile
         out: list[ScoreResult | Exception | None] = [None] * len(jobs)
         indexer = model.block_indexer(self.store.cfg.index_block) if hasattr(model.model, "kept_heads") else None
+        costs = self.path_costs(model.version) if indexer is not None else None   # only where there is a choice
         head_bytes: dict[int, int] = {}  # jobs that read the index first and then fell back
         views: dict[int, UserView] = {}   # users whose whole sequence that first read brought
         if indexer is not None:
-            head_bytes, views = self._run_indexed(model, indexer, jobs, out)
+            head_bytes, views = self._run_indexed(model, indexer, costs, jobs, out)
         rest = [i for i, r in enumerate(out) if r is None]
         users = [u for u in dict.fromkeys(jobs[i].user_id for i in rest) if u not in views]
         if users:
-            views.update(zip(users, self.store.read_users(users, model.version)))
+            t = time.perf_counter()
+            read = self.store.read_users(users, model.version)
+            share = (time.perf_counter() - t) / len(users)   # one pipelined round trip for all of them
+            views.update(zip(users, read))
+            if costs is not None:
+                for v in read:
+                    costs.read.observe(len(v.sequence), share)
         with torch.inference_mode():
             for i in rest:
                 try:
+                    t = time.perf_counter()
                     out[i] = self._score_one(model, views[jobs[i].user_id], jobs[i])
+                    if costs is not None and out[i].history_length:
+                        costs.forward.observe(out[i].history_length, time.perf_counter() - t)
                     out[i].bytes_read += head_bytes.get(i, 0)
                 except Exception as e:  # noqa: BLE001 - reported to that request as a 503, never a crash
                     out[i] = e
@@ -96,22 +226,33 @@ class Scorer:
         self.metrics.score_batch_requests.observe(len(jobs))
         return out
 
-    def _run_indexed(self, model: ServingModel, indexer, jobs: Sequence[ScoreJob],
+    def _run_indexed(self, model: ServingModel, indexer, costs: PathCosts, jobs: Sequence[ScoreJob],
                      out: list) -> tuple[dict[int, int], dict[int, UserView]]:
-        """The indexed path for the jobs it can serve (the others stay None in `out`): three pipelined reads
-        for the whole micro-batch (heads; the summaries the position bound leaves; the blocks their bounds
-        leave). -> bytes read by the jobs that fall back to the whole-sequence path, by job (beyond their
-        view's), and the views of the users whose whole sequence the first read brought."""
-        from service.block_index import begin_search, select_blocks, surely_unpruned
+        """The indexed path for the jobs it can serve and is expected to serve faster (the others stay None
+        in `out`): three pipelined reads for the whole micro-batch (heads; the summaries the position bound
+        leaves; the blocks their bounds leave). -> bytes read by the jobs that fall back to the
+        whole-sequence path, by job (beyond their view's), and the views of the users whose whole sequence
+        the first read brought.
+
+        The choice, per job, from `costs` (this process's timings of both paths, `PathCosts`), at two
+        points, each with what is known there: after the first read, from the window's length and the
+        blocks the search is expected to leave (those the position term alone surely leaves, `surely_kept`,
+        and as many more as recent searches left), whether to run the seed search at all; after it
+        (`begin_search`), from the candidate blocks, which path finishes sooner. Until both paths have been timed the fixed rule
+        (MAX_INDEXED_FRACTION) decides, except that after the seed search a path timed on no request yet is
+        taken once its rival has been. Either path gives the same top-k and the same scores."""
+        from service.block_index import begin_search, select_blocks, surely_kept
 
         users = list(dict.fromkeys(j.user_id for j in jobs))
         # While most recent requests of this model fell back, the first read brings the whole sequences too
-        # (the same snapshot): a fallback then costs no second round trip. It decides nothing about the path.
+        # (the same snapshot): a fallback then costs no second round trip, and the choice below counts the
+        # whole path's read as paid.
         whole = self._fallback_share.get(model.version, 0.0) > 0.5
         heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
                                                             model.has_memory, whole=whole)))
         views = {u: h.view for u, h in heads.items() if h.view is not None}
         searches = {}
+        spent: dict[int, float] = {}    # seconds of each search's own work after begin_search
         fallback: dict[int, int] = {}
         oov: dict[int, list[int]] = {}
 
@@ -127,23 +268,43 @@ class Scorer:
                 if h.ix0 is None or h.visible == 0 or (model.has_memory and not h.state):
                     continue
                 tried += 1
-                if surely_unpruned(indexer, h, model.max_len, model.model.k, MAX_INDEXED_FRACTION):
+                window = min(h.visible, model.max_len)
+                whole_s = costs.whole_s(h.visible, window, h.view is not None)
+                explore = costs.explore()
+                window_blocks = -(-window // indexer.block)
+                # The blocks the search is expected to leave: the sure ones and as many more as recent searches
+                # left beyond theirs. Expecting only the sure ones (a bound: never a wrong skip) ran every
+                # search at L = 10k and then read the whole sequence anyway, 1-2 ms a request.
+                kept = surely_kept(indexer, h, model.max_len, model.model.k)
+                beyond = costs.beyond_sure.predict(1)
+                expected = kept if beyond is None else min(window_blocks, kept + beyond)
+                search_first = costs.prefer_index(whole_s, expected, True, explore)
+                if search_first is None:   # a path untimed: the fixed rule's sure fallback
+                    search_first = kept <= MAX_INDEXED_FRACTION * window_blocks
+                if not search_first:
                     give_up(i, h)
                     fell_back += 1
                     continue
                 try:
+                    t = time.perf_counter()
                     items, cates, *n_oov = model.map_candidates(job.items, job.cates)  # counted once the path is sure
                     search = begin_search(indexer, h, items, cates, model.max_len, model.model.k)
+                    costs.seed.observe(1, time.perf_counter() - t)
+                    costs.beyond_sure.observe(1, len(search.candidates) - kept)
                 except Exception:  # noqa: BLE001 - the index is an optimisation: the whole read still answers
                     log.exception("user %s: block index unusable, reading the whole sequence", job.user_id)
                     give_up(i, h)
                     fell_back += 1
                     continue
-                # When the bounds prune little (e.g. histories with no recency or topical structure), block
-                # reads and per-block scoring cost more than one whole read and the fused search.
-                window_blocks = -(-search.window // indexer.block)
-                if len(search.candidates) <= MAX_INDEXED_FRACTION * window_blocks:
+                take = costs.prefer_index(whole_s, len(search.candidates), False, explore)
+                if take is None:   # a path untimed: timed now if its rival has been, else the fixed rule
+                    if (costs.index.seen == 0) != (whole_s is None):
+                        take = whole_s is not None
+                    else:
+                        take = len(search.candidates) <= MAX_INDEXED_FRACTION * window_blocks
+                if take:
                     searches[i] = search
+                    spent[i] = 0.0
                     oov[i] = n_oov
                 else:
                     give_up(i, h)
@@ -151,26 +312,36 @@ class Scorer:
             if tried:
                 share = self._fallback_share.get(model.version, 0.0)
                 self._fallback_share = {model.version: share + (fell_back / tried - share) * FALLBACK_SHARE_RATE}
+            t = time.perf_counter()
             entries = self.store.read_index_entries(
                 [(jobs[i].user_id, s.head, s.entry_ranges) for i, s in searches.items()], model.version,
                 indexer.entry_bytes)
+            for i in spent:
+                spent[i] += (time.perf_counter() - t) / len(spent)
             for (i, s), got in list(zip(searches.items(), entries)):
                 if got is None:  # the sequence moved between the reads: the whole-sequence path
                     give_up(i, s.head)
                     continue
                 s.head.bytes_read += sum(map(len, got))
                 try:
+                    t = time.perf_counter()
                     select_blocks(indexer, s, got)
+                    spent[i] += time.perf_counter() - t
                 except Exception:  # noqa: BLE001
                     log.exception("user %s: block index unusable, reading the whole sequence", jobs[i].user_id)
                     give_up(i, s.head)
+            t = time.perf_counter()
             reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
+            for i in searches:
+                spent[i] += (time.perf_counter() - t) / len(searches)
             for (i, s), recs in zip(list(searches.items()), reads):
                 if recs is None:
                     give_up(i, s.head)
                     continue
                 try:
+                    t = time.perf_counter()
                     out[i] = self._finish_indexed(model, indexer, s, recs, jobs[i].explain)
+                    costs.index.observe(len(s.candidates), spent[i] + time.perf_counter() - t)
                     self._count_oov(*oov[i])
                 except Exception as e:  # noqa: BLE001
                     out[i] = e

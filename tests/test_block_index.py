@@ -374,14 +374,13 @@ def _exec_calls(client) -> int:
 
 
 @pytest.mark.parametrize("decay", [0.0, 1.0])
-def test_a_sure_fallback_is_one_the_search_would_make(store_cfg, monkeypatch, decay):
-    """`surely_unpruned` (decided from the position term alone, before the seed search) never says "falls
-    back" where begin_search would take the index; with no recency preference it says so for most requests
-    (what lets the whole-sequence path skip the seed search)."""
-    import service.scoring
-    from service.block_index import begin_search, surely_unpruned
+def test_a_sure_fallback_is_one_the_search_would_make(store_cfg, decay):
+    """`surely_kept` (from the position term alone, before the seed search) is a lower bound on the blocks
+    begin_search leaves, so a fallback decided from it is one the search would make; with no recency
+    preference it leaves more than 25% of the window for most requests (what lets the whole-sequence path
+    skip the seed search)."""
+    from service.block_index import begin_search, surely_kept
 
-    monkeypatch.setattr(service.scoring, "MAX_INDEXED_FRACTION", 0.25)
     serving = _serving(max_len=400, seed=2)
     if decay:
         (att, p), _ = serving.model.role_tables()
@@ -401,15 +400,15 @@ def test_a_sure_fallback_is_one_the_search_would_make(store_cfg, monkeypatch, de
         heads = store.read_index_heads(range(1, len(lengths) + 1), serving.version, ix.fmt, 8, False)
         g = np.random.default_rng(1)
         for h in heads:
+            kept = surely_kept(ix, h, serving.max_len, serving.model.k)
             for _ in range(6):
                 C = int(g.integers(1, 30))
                 items, cates, *_ = serving.map_candidates(g.integers(1, 70, C), g.integers(1, 9, C))
                 s = begin_search(ix, h, items, cates, serving.max_len, serving.model.k)
-                falls_back = len(s.candidates) > 0.25 * -(-s.window // 8)
-                if surely_unpruned(ix, h, serving.max_len, serving.model.k, 0.25):
-                    assert falls_back, (h.n, h.visible, len(s.candidates))
-                    sure += 1
-                taken += not falls_back
+                assert kept <= len(s.candidates), (h.n, h.visible, kept, len(s.candidates))
+                blocks = -(-s.window // 8)
+                sure += kept > 0.25 * blocks
+                taken += len(s.candidates) <= 0.25 * blocks
     if decay:
         assert taken >= 24, taken     # the long histories prune: only short ones (a block half in the seed) fall back
     else:
