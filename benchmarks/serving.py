@@ -23,8 +23,10 @@ compared at lifetimes of 10k and 1M events.
         [--lengths 10000 --candidates 200] [--runs 3] [--out results/serving_L10k_C200.json]
 
 `--index-compare` times the scoring path in process instead (no HTTP): `Scorer.run` for one request of C
-candidates, with the per-user block index (state.index_block = 256) and without it (whole-sequence read),
-interleaved on the same stored users, with Redis bytes and blocks read per request.
+candidates, with the per-user block index (state.index_block = 256) and the service's choice of path per
+request ("index", with the share of requests it answered from the index), with the index wherever it can
+serve ("index_forced") and without it (whole-sequence read), interleaved on the same stored users, with
+Redis bytes and blocks read per request, and the choice's p50 against the faster forced path's.
 
 The bare forward is timed on two paths, interleaved: the served one (`ServingModel.score`, DARE's
 `shared_history_heads`) and the generic `heads()` that served before it, so their ratio comes from the
@@ -291,7 +293,7 @@ def index_compare(args) -> None:
     from service.metrics import ServiceMetrics
     from service.model_state import ModelStateUpdater, ServingModel
     from service.redis_conn import connect
-    from service.scoring import Scorer, ScoreJob
+    from service.scoring import PathCosts, Scorer, ScoreJob
     from service.state import RECORD_BYTES, StateStore
 
     torch.set_num_threads(args.torch_threads)
@@ -312,7 +314,9 @@ def index_compare(args) -> None:
                 t = time.perf_counter()
                 populate(store, ModelStateUpdater(serving), L, rng)
                 populate_s = time.perf_counter() - t
+                # "index": the service's choice per request; "index_forced": the index wherever it can serve
                 scorers = {"index": Scorer(serving, store, ServiceMetrics()),
+                           "index_forced": Scorer(serving, store, ServiceMetrics(), costs=lambda: PathCosts.forced("index")),
                            "whole": Scorer(serving, StateStore(handle.client, state.model_copy(update={"index_block": 0})),
                                            ServiceMetrics())}
                 jobs = [ScoreJob(u, rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C), False)
@@ -332,7 +336,7 @@ def index_compare(args) -> None:
                             times[name].append(dt)
                             info[name].append((r.bytes_read, r.blocks_read))
                     if i == 1:
-                        a, b = scorers["index"].run([jobs[0]])[0], scorers["whole"].run([jobs[0]])[0]
+                        a, b = scorers["index_forced"].run([jobs[0]])[0], scorers["whole"].run([jobs[0]])[0]
                         assert np.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6), "index and whole-sequence scores differ"
                 row = {"L": L, "C": C, "reps": reps, "populate_s": round(populate_s, 1),
                        "redis_bytes_per_user": redis_bytes_per_user(handle.client, store.keys, serving.version)}
@@ -344,9 +348,14 @@ def index_compare(args) -> None:
                     row[name] = {"p50_ms": round(float(np.percentile(lat, 50)), 2),
                                  "p99_ms": round(float(np.percentile(lat, 99)), 2),
                                  "bytes_read_per_request": int(np.median([x[0] for x in info[name]])),
-                                 "blocks_searched": None if info[name][0][1] is None else int(np.median([x[1] for x in info[name]])),
-                                 "blocks_in_window": -(-L // 256)}
+                                 "blocks_searched": int(np.median(blocks)) if (blocks := [x[1] for x in info[name]
+                                                                                       if x[1] is not None]) else None,
+                                 "blocks_in_window": -(-L // 256),
+                                 "share_on_index": round(float(np.mean([x[1] is not None for x in info[name]])), 3)}
                 row["ratio_p50_index_to_whole"] = round(row["index"]["p50_ms"] / row["whole"]["p50_ms"], 3)
+                # the choice against the faster of the two paths, each forced
+                best = min(row["index_forced"]["p50_ms"], row["whole"]["p50_ms"])
+                row["ratio_p50_chosen_to_best"] = round(row["index"]["p50_ms"] / best, 3)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
     emit({"benchmark": "serving_index_compare",
