@@ -1,8 +1,9 @@
 """Distributed preprocessing on Ray: raw logs -> a dataset folder with the same data as `recsys.data.prepare`'s,
 in the part-file layout (`recsys.data.layout`: events/part-00000.parquet, train/part-00000.parquet, ...).
 
-No per-row data passes through the driver; what reaches it is O(unique ids) (the id maps, the only global
-state) and O(users) per-range counts for the manifest. Stages:
+No per-row data passes through the driver, nor any per-item data: what reaches it is O(users) (the user map,
+the per-range counts for the manifest) and a few scalars, so its memory does not grow with the catalogue.
+Stages:
 1. read: every input file is cut into spans (`recsys.data.raw.Span`): a CSV larger than `split_bytes` into
    byte ranges that tasks first align to line starts and count the newlines of (so each span knows the
    absolute line number of its first line: errors name the file and its line exactly as a whole-file read
@@ -11,8 +12,10 @@ state) and O(users) per-range counts for the manifest. Stages:
    preprocessing needs as a Parquet part; it returns its `LoadReport`, so bad rows are counted, merged
    and reported, never lost.
 2. id maps (Ray Data): per-block partial counts of users and (item, category) pairs, summed by a
-   distributed `groupby(...).sum()`; only the reduced counts (one row per user, one per pair) come to the
-   driver, which sorts them into the dense id maps, each item's category (smallest seen) and popularity.
+   distributed `groupby(...).sum()`; one task sorts the reduced counts (one row per user, one per pair)
+   into the dense id maps, each item's category (smallest seen) and popularity, and writes the vocabulary.
+   The driver receives the user map (it cuts the user ranges and writes the manifest's per-user rows) and
+   the item and category counts; the item maps stay in the object store for the range tasks.
 3. per-user work (Ray Data): events are assigned to contiguous dense-user ranges balanced by event count,
    at least one per CPU of the cluster, shuffled by range (`groupby().map_groups`), and each range is
    sorted, numbered, split and given its negatives with the pure functions of `recsys.data.prepare`.
@@ -20,7 +23,7 @@ state) and O(users) per-range counts for the manifest. Stages:
    partitioning. Each range writes its part of the events and of every split, and returns its rows, its
    files' row-group user bounds and its users' rows per split.
 4. commit: the manifest (`recsys.data.manifest.save_manifest`) is written from what the ranges returned,
-   with the vocabulary and meta, inside a fresh temporary folder that then replaces `out_dir`: re-running
+   with the meta, inside a fresh temporary folder that then replaces `out_dir`: re-running
    overwrites, never appends.
 """
 
@@ -32,6 +35,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +57,9 @@ from recsys.data.report import BadInputError, LoadReport
 from recsys.data.schemas import DATASET_EVENTS_SCHEMA, SPLITS
 from recsys.vocab import Vocabulary
 
+if TYPE_CHECKING:
+    import ray
+
 RAW_COLUMNS = ("user_id", "item_id", "category_id", "ts")
 RAW_SCHEMA = pa.schema([pa.field(c, pa.int64()) for c in RAW_COLUMNS])
 TARGET_PARTITION_EVENTS = 2_000_000  # events per user range at most: a few hundred MB of numpy
@@ -61,17 +68,23 @@ DATA = ("events", *SPLITS)
 
 
 @dataclass(frozen=True)
-class IdMaps:
-    """Global inputs of the per-user stage (the only global state of preprocessing)."""
+class UserMaps:
+    """The user half of the id maps: the driver's (user ranges, manifest) and the range tasks'."""
 
     user_ids: np.ndarray    # [U] sorted original user ids; dense user = index
     user_counts: np.ndarray  # [U] events per user
+
+
+@dataclass(frozen=True)
+class ItemMaps:
+    """The item half of the id maps: built in a task and read by the range tasks, never by the driver (it
+    grows with the catalogue: 1.94M items at 100M events)."""
+
     item_ids: np.ndarray    # [I] sorted original item ids; dense item = index + 1
     cate_ids: np.ndarray    # [C] sorted original category ids; dense category = index + 1
     item_cate: np.ndarray   # [I + 1] dense category of each dense item (smallest seen), 0 for padding
     popularity: np.ndarray  # [I + 1] events per dense item
     cate_conflicts: int
-    driver_rows: int        # rows of counts the driver received: users + (item, category) pairs
 
 
 # --------------------------------------------------------------------------------------------- stage 1
@@ -190,7 +203,7 @@ def _block_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def maps_from_counts(kind: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarray) -> IdMaps:
+def maps_from_counts(kind: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarray) -> tuple[UserMaps, ItemMaps]:
     """The id maps from reduced counts: one row per user (kind 0: user a, n events) and per (item a,
     category b) pair (kind 1), in any order. Equal to `recsys.data.prepare.densify`'s."""
     u, p = kind == 0, kind == 1
@@ -202,21 +215,33 @@ def maps_from_counts(kind: np.ndarray, a: np.ndarray, b: np.ndarray, n: np.ndarr
     cate_ids = np.unique(cates)
     item_cate = np.r_[0, np.searchsorted(cate_ids, cates[first]) + 1].astype(np.int64)
     popularity = np.r_[0, np.add.reduceat(pair_counts, first) if len(first) else []].astype(np.int64)
-    return IdMaps(user_ids, user_counts, item_ids, cate_ids, item_cate, popularity, len(items) - len(item_ids),
-                  len(kind))
+    return (UserMaps(user_ids, user_counts),
+            ItemMaps(item_ids, cate_ids, item_cate, popularity, len(items) - len(item_ids)))
 
 
-def id_maps(events_ds, num_partitions: int) -> IdMaps:
+def _maps_task(vocab_dir: str, *blocks: pa.Table) -> tuple[UserMaps, dict, ItemMaps]:
+    """The id maps from the reduced count blocks, the vocabulary written into `vocab_dir`; -> the user maps,
+    the item side's sizes, the item maps (three returns: the driver fetches the first two only)."""
+    blocks = tuple(t for t in blocks if t.num_rows)  # an empty block may carry no columns
+    cols = [np.concatenate([t.column(c).to_numpy() for t in blocks]).astype(np.int64) if blocks
+            else np.zeros(0, np.int64) for c in ("kind", "a", "b", "sum(n)")]
+    users, items = maps_from_counts(*cols)
+    write_vocabulary(Vocabulary(items.item_ids, items.cate_ids, items.item_cate), Path(vocab_dir))
+    sizes = {"n_items": len(items.item_ids), "n_categories": len(items.cate_ids), "cate_conflicts": items.cate_conflicts}
+    return users, sizes, items
+
+
+def id_maps(events_ds, num_partitions: int, vocab_dir: str
+            ) -> tuple[UserMaps, dict, ray.ObjectRef]:
     """Dense id maps of a Ray dataset of RAW_SCHEMA events: block partial counts summed per key by a
-    distributed groupby; the driver receives the reduced rows only (`IdMaps.driver_rows`)."""
+    distributed groupby, sorted into the maps by one task that also writes the vocabulary into `vocab_dir`.
+    -> (UserMaps, the item side's sizes, an ObjectRef of the ItemMaps): the driver receives no item data."""
+    import ray
+
     reduced = (events_ds.map_batches(_block_counts, batch_format="numpy", batch_size=None)
                .groupby(["kind", "a", "b"], num_partitions=num_partitions).sum("n"))
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in ("kind", "a", "b", "sum(n)")}
-    for batch in reduced.iter_batches(batch_format="numpy", batch_size=None):
-        for c, v in parts.items():
-            v.append(batch[c])
-    cols = [np.concatenate(v).astype(np.int64) if v else np.zeros(0, np.int64) for v in parts.values()]
-    return maps_from_counts(*cols)
+    users, sizes, items = ray.remote(num_returns=3)(_maps_task).remote(vocab_dir, *reduced.to_arrow_refs())
+    return ray.get(users), ray.get(sizes), items
 
 
 def user_ranges(user_counts: np.ndarray, n_ranges: int) -> np.ndarray:
@@ -236,10 +261,10 @@ def range_count(n_events: int, partition_events: int, cpus: float) -> int:
 # --------------------------------------------------------------------------------------------- stage 3
 
 
-def _dense(maps: IdMaps, batch: dict[str, np.ndarray]) -> DenseEvents:
+def _dense(user_ids: np.ndarray, maps: ItemMaps, batch: dict[str, np.ndarray]) -> DenseEvents:
     """One user range's events in dataset order, with the global dense ids (prepare.densify's order:
     user, ts, original item id)."""
-    user = np.searchsorted(maps.user_ids, batch["user_id"])
+    user = np.searchsorted(user_ids, batch["user_id"])
     item = np.searchsorted(maps.item_ids, batch["item_id"]) + 1
     order = np.lexsort((batch["item_id"], batch["ts"], user))
     user, item, ts_ms = user[order], item[order], batch["ts"][order]
@@ -249,7 +274,7 @@ def _dense(maps: IdMaps, batch: dict[str, np.ndarray]) -> DenseEvents:
     np.cumsum(counts, out=offsets[1:])
     pos = np.arange(len(user), dtype=np.int64) - offsets[user - lo]
     return DenseEvents(user, pos, item, maps.item_cate[item], np.floor_divide(ts_ms, 1000), offsets,
-                       maps.user_ids, maps.item_ids, maps.cate_ids, maps.item_cate, maps.cate_conflicts)
+                       user_ids, maps.item_ids, maps.cate_ids, maps.item_cate, maps.cate_conflicts)
 
 
 def _write_part(table: pa.Table, path: str) -> dict:
@@ -267,13 +292,13 @@ def _write_part(table: pa.Table, path: str) -> dict:
             "max_user": int(user[-1]) if len(user) else None, "row_groups": groups}
 
 
-def _process_range(batch: dict[str, np.ndarray], maps: IdMaps, bounds: np.ndarray, cfg: SplitConfig, seed: int,
-                   out_dir: str) -> dict:
+def _process_range(batch: dict[str, np.ndarray], user_ids: np.ndarray, maps: ItemMaps, bounds: np.ndarray,
+                   cfg: SplitConfig, seed: int, out_dir: str) -> dict:
     """Everything per user for one range: writes its part of the events and of each split; returns (as JSON)
     the part files' manifest entries and its users' rows per split."""
     part = int(batch["part"][0])
     lo, hi = int(bounds[part]), int(bounds[part + 1])
-    ev = _dense(maps, batch)
+    ev = _dense(user_ids, maps, batch)
     if int(ev.user[0]) != lo or int(ev.user[-1]) != hi - 1 or len(ev.offsets) - 1 != hi - lo:
         raise RuntimeError(f"user range {part} ({lo}..{hi - 1}) got users {int(ev.user[0])}..{int(ev.user[-1])}")
     name = part_name(part)
@@ -291,13 +316,14 @@ def _process_range(batch: dict[str, np.ndarray], maps: IdMaps, bounds: np.ndarra
     return {"part": np.array([part]), "info": np.array([json.dumps({"entries": entries, "user_rows": user_rows})])}
 
 
-def _range_fn(maps_ref, bounds_ref, cfg: SplitConfig, seed: int, out_dir: str):
+def _range_fn(user_ids_ref, maps_ref, bounds_ref, cfg: SplitConfig, seed: int, out_dir: str):
     """The map_groups callable; the global maps travel once through the object store."""
 
     def process_range(batch: dict[str, np.ndarray]) -> dict:
         import ray
 
-        return _process_range(batch, ray.get(maps_ref), ray.get(bounds_ref), cfg, seed, out_dir)
+        return _process_range(batch, ray.get(user_ids_ref), ray.get(maps_ref), ray.get(bounds_ref), cfg, seed,
+                              out_dir)
 
     return process_range
 
@@ -339,8 +365,8 @@ def run_preprocess(
     """Raw log files (MovieLens folder, Taobao CSV, our events Parquet; format from the path as in
     `recsys.data.raw.open_raw`) -> dataset folder `out_dir` (replaced) in the part-file layout. Returns the
     meta dict (the same keys as `recsys.data.prepare.prepare`'s, plus `ray`: partitions, read tasks and the
-    rows of counts the driver received), whose `load_report` counts bad rows. `address`: an existing Ray
-    cluster (else a local one); the input and output paths must be reachable from every node."""
+    rows of counts the driver received, one per user), whose `load_report` counts bad rows. `address`: an
+    existing Ray cluster (else a local one); the input and output paths must be reachable from every node."""
     import ray
 
     from pipelines.runtime import ray_session
@@ -364,12 +390,12 @@ def run_preprocess(
                 raise ValueError(f"{report['source']}: no events to prepare")
             events = ray.data.read_parquet(str(raw_dir), schema=RAW_SCHEMA)
             n_ranges = range_count(report["rows_kept"], partition_events, res.cpus)
-            maps = id_maps(events, n_ranges)
-            bounds = user_ranges(maps.user_counts, n_ranges)
+            users, sizes, items_ref = id_maps(events, n_ranges, str(final))
+            bounds = user_ranges(users.user_counts, n_ranges)
             n_parts = len(bounds) - 1
-            bounds_ref = ray.put(bounds)
-            fn = _range_fn(ray.put(maps), bounds_ref, cfg, seed, str(final))
-            done = (events.map_batches(_tag_fn(ray.put(maps.user_ids), bounds_ref), batch_format="numpy")
+            bounds_ref, user_ids_ref = ray.put(bounds), ray.put(users.user_ids)
+            fn = _range_fn(user_ids_ref, items_ref, bounds_ref, cfg, seed, str(final))
+            done = (events.map_batches(_tag_fn(user_ids_ref, bounds_ref), batch_format="numpy")
                     .groupby("part", num_partitions=n_parts)
                     .map_groups(fn, batch_format="numpy")
                     .take_all())
@@ -377,27 +403,26 @@ def run_preprocess(
         if sorted(infos) != list(range(n_parts)):
             raise RuntimeError(f"preprocessing: user ranges {sorted(set(range(n_parts)) - set(infos))} reported nothing")
         entries = {k: e for p in range(n_parts) for k, e in infos[p]["entries"].items()}
-        user_rows = {"events": maps.user_counts} | {
+        user_rows = {"events": users.user_counts} | {
             s: np.concatenate([np.asarray(infos[p]["user_rows"][s], np.int64) for p in range(n_parts)]) for s in SPLITS}
         rows = {s: int(user_rows[s].sum()) for s in SPLITS}
-        lengths = maps.user_counts
+        lengths = users.user_counts
         meta = {
             "format": FORMAT,
             "source": report["source"],
             "seed": seed,
             "split": cfg.model_dump(),
             "ts_unit": "s",
-            "n_users": int(len(maps.user_ids)),
-            "n_items": int(len(maps.item_ids)),
-            "n_categories": int(len(maps.cate_ids)),
+            "n_users": int(len(users.user_ids)),
+            "n_items": int(sizes["n_items"]),
+            "n_categories": int(sizes["n_categories"]),
             "n_events": int(lengths.sum()),
             "history_length": {"mean": float(lengths.mean()), "max": int(lengths.max())},
             "rows": rows,
-            "item_category_conflicts": int(maps.cate_conflicts),
+            "item_category_conflicts": int(sizes["cate_conflicts"]),
             "load_report": report,
-            "ray": {"partitions": n_parts, "read_tasks": read_tasks, "driver_rows": maps.driver_rows},
+            "ray": {"partitions": n_parts, "read_tasks": read_tasks, "driver_rows": int(len(users.user_ids))},
         }
-        write_vocabulary(Vocabulary(maps.item_ids, maps.cate_ids, maps.item_cate), final)
         (final / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         save_manifest(final, entries, user_rows)
         _swap_in(final, out)
