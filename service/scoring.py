@@ -246,7 +246,7 @@ class Scorer:
         users = list(dict.fromkeys(j.user_id for j in jobs))
         # While most recent requests of this model fell back, the first read brings the whole sequences too
         # (the same snapshot): a fallback then costs no second round trip, and the choice below counts the
-        # whole path's read as paid.
+        # whole path's read as paid (but not the share: see `unpaid_s`).
         whole = self._fallback_share.get(model.version, 0.0) > 0.5
         heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
                                                             model.has_memory, whole=whole)))
@@ -270,6 +270,10 @@ class Scorer:
                 tried += 1
                 window = min(h.visible, model.max_len)
                 whole_s = costs.whole_s(h.visible, window, h.view is not None)
+                # The share that decides whether the first read brings the whole sequence counts the choices
+                # as they would be without it: counting those made with its read already paid would keep it
+                # on where the index, read and all, is the cheaper path.
+                unpaid_s = whole_s if h.view is None else costs.whole_s(h.visible, window, False)
                 explore = costs.explore()
                 window_blocks = -(-window // indexer.block)
                 # The blocks the search is expected to leave: the sure ones and as many more as recent searches
@@ -283,7 +287,7 @@ class Scorer:
                     search_first = kept <= MAX_INDEXED_FRACTION * window_blocks
                 if not search_first:
                     give_up(i, h)
-                    fell_back += 1
+                    fell_back += costs.prefer_index(unpaid_s, expected, True, False) is not True
                     continue
                 try:
                     t = time.perf_counter()
@@ -308,7 +312,7 @@ class Scorer:
                     oov[i] = n_oov
                 else:
                     give_up(i, h)
-                    fell_back += 1
+                    fell_back += costs.prefer_index(unpaid_s, len(search.candidates), False, False) is not True
             if tried:
                 share = self._fallback_share.get(model.version, 0.0)
                 self._fallback_share = {model.version: share + (fell_back / tried - share) * FALLBACK_SHARE_RATE}

@@ -249,3 +249,15 @@ def test_fallbacks_chosen_by_cost_make_the_first_read_bring_the_whole_sequence(u
         before = _exec_calls(handle.client)
         assert scorer.run([job])[0].blocks_read is not None
         assert _exec_calls(handle.client) - before == 3
+
+
+def test_a_whole_read_brought_by_the_first_read_does_not_keep_itself_on(users):
+    """With the whole sequence already read, the whole path costs only its forward and wins (3 ms against the
+    index's 4); without it, it costs 5 ms and the index wins. Those choices count as the index's in the
+    share of fallbacks, so the first read stops bringing the whole sequence and the index answers."""
+    serving, handle, store = users
+    scorer = Scorer(serving, store, ServiceMetrics(), costs=_costs(0.003, 0.0, (0.004, 0.0), read=0.002))
+    scorer._fallback_share[serving.version] = 1.0          # as after a run of fallbacks
+    got = [scorer.run([job])[0].blocks_read is not None for job in _jobs(8, users=(2,))]
+    # 1, 7/8, (7/8)^2, ...: at or below one half from the 7th request on
+    assert got == [False] * 6 + [True] * 2, got
