@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import subprocess
@@ -324,10 +325,11 @@ def index_compare(args) -> None:
                 times = {name: [] for name in scorers}
                 info = {name: [] for name in scorers}
                 reps = args.reps or (30 if L <= 100_000 else 5)
-                names = list(scorers)
+                # every order in turn, so each path follows each other alike: a request right after a whole
+                # read (megabytes through the caches) runs slower
+                orders = list(itertools.permutations(scorers))
                 for i in range(reps + 1):
-                    # rotated: a request right after a whole read (megabytes through the caches) runs slower
-                    for name in names[i % len(names):] + names[:i % len(names)]:
+                    for name in orders[i % len(orders)]:
                         sc = scorers[name]
                         job = jobs[i % len(jobs)]
                         t = time.perf_counter()
