@@ -74,3 +74,16 @@ def dataset_error(fn) -> str:
     with pytest.raises(DatasetError) as e:
         fn()
     return str(e.value)
+
+
+def prefer_recent_positions(model, decay: float) -> None:
+    """Set a DARE's attention position table so its position term falls by `decay` per doubling of recency
+    (row 0, the targets', high), as a trained model's does where recent events matter: the block index prunes."""
+    import torch
+
+    (att, prefix), _ = model.role_tables()
+    with torch.no_grad():
+        pos = att.weights()[f"{prefix}_pos"]
+        pos.zero_()
+        pos[:, 0] = -decay * torch.log2(1 + torch.arange(pos.shape[0], dtype=torch.float64)).float()
+        pos[0, 0] = 2.0

@@ -23,6 +23,7 @@ from service.model_state import ModelStateUpdater, ServingModel
 from service.redis_conn import connect
 from service.scoring import Scorer, ScoreJob
 from service.state import RECORD_BYTES, Event, StateStore
+from helpers import prefer_recent_positions
 from test_service_support import cleanup_server_keys
 
 D = 4
@@ -383,12 +384,7 @@ def test_a_sure_fallback_is_one_the_search_would_make(store_cfg, decay):
 
     serving = _serving(max_len=400, seed=2)
     if decay:
-        (att, p), _ = serving.model.role_tables()
-        with torch.no_grad():
-            pos = att.weights()[f"{p}_pos"]
-            pos.zero_()
-            pos[:, 0] = -decay * torch.log2(1 + torch.arange(pos.shape[0], dtype=torch.float64)).float()
-            pos[0, 0] = 2.0
+        prefer_recent_positions(serving.model, decay)
     ix = serving.block_indexer(8)
     rng = random.Random(7)
     sure = taken = 0

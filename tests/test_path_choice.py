@@ -22,6 +22,7 @@ from service.model_state import ModelStateUpdater, ServingModel
 from service.redis_conn import connect
 from service.scoring import COST_RATE, EXPLORE_FACTOR, LinearCost, PathCosts, Scorer, ScoreJob
 from service.state import Event, StateStore
+from helpers import prefer_recent_positions
 from test_service_support import cleanup_server_keys
 
 BLOCK = 8
@@ -32,12 +33,7 @@ def _serving(decay: float = 1.0) -> ServingModel:
     torch.manual_seed(0)
     cfg = ModelConfig(max_len=400, top_k=4, dim_rep=8, dim_att=4, mlp=[8], init_std=0.3)
     serving = ServingModel(build_model(cfg, 60, 7), "pc-v1", 60, 7, 400)
-    (att, p), _ = serving.model.role_tables()
-    with torch.no_grad():
-        pos = att.weights()[f"{p}_pos"]
-        pos.zero_()
-        pos[:, 0] = -decay * torch.log2(1 + torch.arange(pos.shape[0], dtype=torch.float64)).float()
-        pos[0, 0] = 2.0
+    prefer_recent_positions(serving.model, decay)
     return serving
 
 
