@@ -159,9 +159,16 @@ def _field_scores(query: list[torch.Tensor], keys: list[torch.Tensor], segments:
     return out
 
 
+_SMALL_N = 256  # retrieval's largest k: up to it, values are kept events
+
+
 def _weighted_sum(w: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
-    """w [Q, n], values per field [Q, n, d] or [n, d] -> [Q, D]."""
-    return torch.cat([w @ v if v.dim() == 2 else torch.einsum("qn,qnd->qd", w, v) for v in values], dim=-1)
+    """w [Q, n], values per field [Q, n, d] or [n, d] -> [Q, D]. Per-row values over the kept events (n = k)
+    as a product and a sum: einsum's Q one-row batched matmuls cost 2-3x more, with gradient too (C = 200,
+    k = 20, d = 16: 0.33 -> 0.09 ms for three fields on one thread); over a whole history (the auxiliary
+    head) the product's [Q, n, d] temporary would be the size of the history's embeddings, so einsum."""
+    return torch.cat([w @ v if v.dim() == 2 else (w.unsqueeze(-1) * v).sum(-2) if v.shape[-2] <= _SMALL_N
+                      else torch.einsum("qn,qnd->qd", w, v) for v in values], dim=-1)
 
 
 def kept_weights(att_kept: Fields, idx: torch.Tensor, segments: list[int]) -> torch.Tensor:
