@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import retrieval
+from kernels.gather_keys.cpu import gather_keys
 
 NEG_INF = float("-inf")
 
@@ -112,19 +113,14 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     [L]): every field gathered straight into its columns of the keys, and the folded position field computed
     once per table row, then gathered as one number per event. The same numbers as `stage1_inputs` on the
     gathered rows (the same elementwise product and sum of d_pos per row), without the [L, d] copies and
-    their concatenation (serving: at L = 1M these cost more than the search). `row_bias`: a cache of the
-    per-row position numbers across calls (the model's)."""
+    their concatenation (serving: at L = 1M these cost more than the search); each event's key row written
+    once by `kernels.gather_keys` (C, where it runs these tensors; the same bits as its torch form).
+    `row_bias`: a cache of the per-row position numbers across calls (the model's)."""
     qp = target[-1]
     if not _foldable(qp, segments):
         return stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], segments)
-    L = ids[0].shape[0]
-    keys = torch.empty(L, sum(t.shape[1] for t in tables[:-1]) + 1, dtype=tables[0].dtype)
-    a = 0
-    for t, i in zip(tables[:-1], ids[:-1]):
-        torch.index_select(t, 0, i, out=keys[:, a:a + t.shape[1]])
-        a += t.shape[1]
     query, w = _folded_query(target, segments)
-    keys[:, a] = (row_bias or _row_bias)(tables[-1], w).index_select(0, ids[-1])
+    keys = gather_keys([*tables[:-1], (row_bias or _row_bias)(tables[-1], w)], ids)
     return query, keys, [segments[0], 1]
 
 

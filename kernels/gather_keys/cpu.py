@@ -1,0 +1,89 @@
+"""The stage-1 key gather in C (`cpu.c`), float32 on CPU: every event's output row written once from its
+fields' table rows, the rows a few events ahead prefetched. torch's form (`reference.py`) gathers field by
+field into strided column slices, ~21 ns per random 64-byte row on a Zen 4 VM.
+
+`gather_keys` runs the kernel where `supports` says it can, else the reference; the result is the same bits
+either way (a gather is a copy). RECSYS_GATHER_KEYS_KERNEL=0 in the environment (read per call) keeps
+every call on the reference: the switch that tests and A/B runs use.
+
+Ids are checked against their tables in the kernel, before any row is read: an id out of range raises
+IndexError (torch's type for it) naming the field and the event. Callers pass vocabulary rows and
+position rows, always in range; the check costs one compare per id.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from kernels import cbuild
+from kernels.gather_keys import reference
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu.c")
+SWITCH_ENV = "RECSYS_GATHER_KEYS_KERNEL"
+# Events ahead whose rows are prefetched (benchmarks/gather_keys.py measures the distance): see docs/kernels.md.
+AHEAD = 16
+
+
+@functools.cache
+def load():
+    """The built library, or None (logged once) when it cannot be built here."""
+    try:
+        lib = ctypes.CDLL(str(cbuild.build(SOURCE, "gather_keys")))
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
+        log.warning("key gather kernel unavailable, using the torch path: %s", e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gather_keys_f32.argtypes = [i64, i64, p, p, p, p, p, i64, i64, p]
+    lib.gather_keys_f32.restype = i64
+    return lib
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def supports(tables: list[torch.Tensor], ids: list[torch.Tensor]) -> bool:
+    """Whether the kernel runs these fields: CPU float32 contiguous tables ([rows, d] or [rows]), int64 ids
+    of one length, nothing for autograd to record, the switch on and a build."""
+    n = ids[0].shape[0]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tables)
+    return (not grad and len(tables) == len(ids) and enabled()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() in (1, 2) and t.is_contiguous()
+                    for t in tables)
+            and all(i.device.type == "cpu" and i.dtype == torch.int64 and i.dim() == 1 and i.shape[0] == n
+                    for i in ids)
+            and load() is not None)
+
+
+def gather_keys(tables: list[torch.Tensor], ids: list[torch.Tensor], ahead: int = AHEAD,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """`reference.gather_keys`' contract: field f's table rows at ids[f] side by side, [L, sum d]; into
+    `out` (contiguous, that shape) when given (the benchmark's gather without the allocation's page faults)."""
+    if not supports(tables, ids):
+        return reference.gather_keys(tables, ids, out)
+    ids = [i.contiguous() for i in ids]
+    fields = len(tables)
+    dims = [1 if t.dim() == 1 else t.shape[1] for t in tables]
+    if out is None:
+        out = torch.empty(ids[0].shape[0], sum(dims), dtype=torch.float32)
+    elif not (out.is_contiguous() and out.dtype == torch.float32 and out.shape == (ids[0].shape[0], sum(dims))):
+        raise ValueError(f"gather_keys: out must be contiguous float32 [{ids[0].shape[0]}, {sum(dims)}]")
+    arr = lambda ctype, xs: (ctype * fields)(*xs)  # noqa: E731
+    bad = ctypes.c_int64(-1)
+    f = load().gather_keys_f32(out.shape[0], fields, arr(ctypes.c_void_p, [t.data_ptr() for t in tables]),
+                               arr(ctypes.c_int64, [t.shape[0] for t in tables]), arr(ctypes.c_int64, dims),
+                               arr(ctypes.c_void_p, [i.data_ptr() for i in ids]), out.data_ptr(), out.shape[1],
+                               max(0, ahead), ctypes.byref(bad))
+    if f >= 0:
+        j = bad.value
+        raise IndexError(f"gather_keys: ids[{f}][{j}] = {int(ids[f][j])} is out of range for field {f}'s "
+                         f"table of {tables[f].shape[0]} rows")
+    return out
