@@ -32,7 +32,9 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 SHAPES = [
     [(3_000, 16), (50, 16), (9_000,)],   # DARE's: item, category, the position number per row
     [(3_000, 16), (50, 16)],             # no position column
-    [(1, 5), (7, 3), (2, 1), (11,)],     # odd widths, a one-row table
+    [(500, 32), (40,)],                  # the other unrolled layouts (cpu.c's LAYOUT)
+    [(20, 64), (7, 64), (9,)],
+    [(1, 5), (7, 3), (2, 1), (11,)],     # odd widths, a one-row table: the general loop
     [(100,)],
 ]
 
