@@ -124,6 +124,21 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     return query, keys, [segments[0], 1]
 
 
+def folded_kept_weights(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
+                        idx: torch.Tensor, segments: list[int], row_bias: RowBias | None = None) -> torch.Tensor:
+    """`kept_weights` for one served history's kept events given as table rows (tables per field [rows, d],
+    ids per field [C k], idx [C, k]): each kept event's key gathered in stage1_from_tables' folded layout
+    and scored by one product and sum over its width (kept_weights sums three per-field batched products:
+    the same function, another summation order). Every served target reads position row 0, so the
+    position field folds (stage1_inputs)."""
+    if not _foldable(target[-1], segments):
+        raise ValueError(f"folded_kept_weights: segments {segments} with per-target position rows do not fold")
+    query, w = _folded_query(target, segments)                                        # [C, d_sem + 1]
+    keys = gather_keys([*tables[:-1], (row_bias or _row_bias)(tables[-1], w)], ids)    # [C k, d_sem + 1]
+    q = query * retrieval.segment_scale(query.shape[1], [segments[0], 1])
+    return masked_softmax((keys.view(*idx.shape, -1) * q.unsqueeze(1)).sum(-1), idx >= 0)
+
+
 def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:
     """Stage 1: the top-k history columns per query by split-scaled score. -> indices [B, k], -1 = empty."""
     with torch.no_grad():
