@@ -7,11 +7,15 @@ and whether its indices equal the exact (reference-tie-order) result. On CPU als
 CPU's own fused multiply-add peak at its widest vectors (benchmarks/_fma_peak.c, compiled here): a BLAS
 matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512), and a kernel can then
 beat the matmul "peak". FLOPs are 2 C L d, fp32-equivalent: where the CPU has AVX512_BF16 the fused kernel
-scores its pruning pass in bf16 (fused_c.pass1_bits = 16), half the instructions, so its fraction of the fp32
-peak can pass what the same FLOPs in fp32 could reach. Without --quick, also the training layout (one
-history per query), which retrieval.dispatch sends to the torch paths.
+scores its pruning pass in bf16 (fused_c.pass1_bits = 16), half the instructions, or in int8 where it has
+AVX512_VNNI (pass1_bits = 8), a quarter, so its fraction of the fp32 peak can pass what the same FLOPs in fp32
+could reach. --pass1-variants adds the same kernel built without VNNI (fused_c_bf16_pass1) and without VNNI and
+bf16 (fused_c_fp32_pass1): the pass-1 variants measured side by side. d = 33 is DARE's serving search (32 semantic
+dims and the folded position column). Without --quick, also the training layout (one history per query), which
+retrieval.dispatch sends to the torch paths.
 
     .venv/bin/python benchmarks/topk_search.py [--quick] [--out FILE] [--device cpu|cuda|all] [--threads N]
+        [--pass1-variants]
 
 This is the benchmark the issue calls `benchmarks/retrieval.py`: under that name it would shadow the
 `retrieval` package for every script in this folder (Python puts a script's folder first on sys.path;
@@ -92,12 +96,25 @@ def shared(query, keys, lengths, k, segments=None):
     return topk_shared(query, keys[:lengths], k, segments)
 
 
-def cpu_backends(quick):
+# The fused kernel's pass 1 variants (--pass1-variants): name -> extra build flags; the default build is fused_c.
+PASS1_VARIANTS = {"fused_c_bf16_pass1": ("-mno-avx512vnni",),
+                  "fused_c_fp32_pass1": ("-mno-avx512vnni", "-mno-avx512bf16")}
+
+
+def fused_build(flags):
+    def run(query, keys, lengths, k, segments=None):
+        return fused.topk_fused(query, keys, lengths, k, segments, build=flags)
+    return run
+
+
+def cpu_backends(quick, pass1_variants=False):
     backends = {"matmul_topk": matmul_topk, "bf16_matmul_topk": bf16_matmul_topk}
     backends.update({name: fn for name, fn in PATHS.items()})
     backends["shared"] = shared  # the exact torch serving path (retrieval.serving)
     if fused.available():
         backends["fused_c"] = fused.topk_fused  # kernels/topk_attention/cpu.c: what retrieval.topk runs
+        if pass1_variants:
+            backends.update({name: fused_build(flags) for name, flags in PASS1_VARIANTS.items()})
     if not quick:
         # The int() of the serving length graph-breaks; torch.compile then runs the pieces eagerly.
         backends["compiled_packed"] = torch.compile(PATHS["packed"], dynamic=True)
@@ -108,7 +125,7 @@ def cpu_backends(quick):
 
 
 # Not exact (torch's tie order) or not a path of ours: left out of "best exact torch path".
-NOT_EXACT_TORCH = ("fused_c", "matmul_topk", "bf16_matmul_topk", "dispatch")
+NOT_EXACT_TORCH = ("fused_c", *PASS1_VARIANTS, "matmul_topk", "bf16_matmul_topk", "dispatch")
 
 
 def compare(row):
@@ -127,13 +144,13 @@ def cuda_backends():
     return {"matmul_topk": matmul_topk, "triton": topk_triton}
 
 
-def run(device, quick, reps):
+def run(device, quick, reps, pass1_variants=False):
     flops_peak, bw_peak = peaks(device, quick)
     fma = fma_peak(torch.get_num_threads()) if device == "cpu" else None
     vector_peak = max(flops_peak, fma) if fma else None
-    backends = cpu_backends(quick) if device == "cpu" else cuda_backends()
+    backends = cpu_backends(quick, pass1_variants) if device == "cpu" else cuda_backends()
     Ls = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
-    ds = [16] if quick else [16, 64]
+    ds = [16] if quick else [16, 33, 64]
     rows = []
     gen = torch.Generator().manual_seed(0)
     for L in Ls:
@@ -164,7 +181,7 @@ def run(device, quick, reps):
                         "speedup_vs_matmul_topk": (base / secs) if base else None,
                         "exact": bool(torch.equal(idx, exact_idx)),
                     }
-                if "median_s" in row.get("fused_c", {}):   # 16: pass 1 in bf16 (FLOP fractions count fp32 FLOPs)
+                if "median_s" in row.get("fused_c", {}):   # 16: pass 1 in bf16, 8 int8 (FLOP fractions count fp32 FLOPs)
                     row["fused_c"]["pass1_bits"] = fused.pass1_bits(C, d)
                 if "dispatch" in row and device == "cpu":
                     row["dispatch"]["chose"] = dispatch.choose(q, keys, L, K)
@@ -230,16 +247,18 @@ def main():
     add_out_arg(parser, "topk_search_cpu")
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--pass1-variants", action="store_true",
+                        help="also the fused kernel built without VNNI (bf16 pass 1) and without VNNI and bf16 (fp32)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 9
     result = {
         "benchmark": "retrieval.topk",
         "inputs": {"layout": "serving", "k": K, "quick": args.quick, "reps": reps, "threads": args.threads,
-                   "autotune": dispatch.autotune_enabled()},
+                   "autotune": dispatch.autotune_enabled(), "pass1_variants": args.pass1_variants},
     }
     if args.device in ("cpu", "all"):
-        result["cpu"] = run("cpu", args.quick, reps)
+        result["cpu"] = run("cpu", args.quick, reps, args.pass1_variants)
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         result["cuda"] = run("cuda", args.quick, reps)
     if "cpu" in result:

@@ -41,11 +41,12 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx, near_ties=False
 
 
 # The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX (AVX2: pass 1 blocks 3
-# rows x half a block in 16 registers), generic vectors without either; with AVX512_BF16 pass 1 of a serving
-# call with >= 16 rows scores in bf16 ("native" on such a CPU), "fp32-pass1" is the same target without it.
-# This CPU compiles all of them, so each is checked here whatever CPU runs it later ("avx2" is the native
-# build on a CPU without AVX-512).
-VARIANTS = {"native": (), "fp32-pass1": ("-mno-avx512bf16",), "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
+# rows x half a block in 16 registers), generic vectors without either; pass 1 of a serving call with >= 16 rows
+# scores in int8 with AVX512_VNNI ("native" on such a CPU), else in bf16 with AVX512_BF16 ("bf16-pass1" is the
+# target without VNNI), and "fp32-pass1" is the target without either. This CPU compiles all of them, so each is
+# checked here whatever CPU runs it later ("avx2" is the native build on a CPU without AVX-512).
+VARIANTS = {"native": (), "bf16-pass1": ("-mno-avx512vnni",), "fp32-pass1": ("-mno-avx512bf16", "-mno-avx512vnni"),
+            "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
 
 
 @contextlib.contextmanager
@@ -181,12 +182,12 @@ def test_non_finite_inputs_in_the_serving_layout(bad, variant):
 def test_fused_multiply_add_builds_agree_bit_for_bit(layout, rows, L, d, k):
     """Every build with the same multiply-add (all but no-avx, which has no FMA instruction) sums each score in the
     same order, whatever its vector width, row blocking (AVX-512: 2 rows of whole blocks; AVX2: 3 rows of half
-    blocks), bound (block or sub-block maxima) or pass 1 (bf16): scores and indices equal bit for bit, on
+    blocks), bound (block or sub-block maxima) or pass 1 (int8, bf16): scores and indices equal bit for bit, on
     inexact data where a different order would show. So the AVX2 build is checked on AVX-512 CPUs too."""
     gen = torch.Generator().manual_seed(L + d + k)
     q, keys, lengths = _case(layout, rows, L, d, False, gen)
     got = {}
-    for build in ("native", "fp32-pass1", "avx2"):
+    for build in ("native", "bf16-pass1", "fp32-pass1", "avx2"):
         with using(build):
             got[build] = cpu.topk_fused(q, keys, lengths, k, None if d % 2 else [d // 2, d // 2])
     for build, (scores, idx) in got.items():
@@ -278,16 +279,17 @@ def test_serving_layout_takes_one_length():
         cpu.topk_fused(q, keys, torch.tensor([40, 30, 40]), 5)
 
 
-def _cpu_has_bf16() -> bool:
+def cpu_has(flag: str) -> bool:
     flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
-    return "avx512_bf16" in flags.split()
+    return flag in flags.split()
 
 
 def test_bf16_pass1_runs_where_the_cpu_has_it():
-    """On an AVX512_BF16 CPU the native build scores pass 1 of a serving call with >= 16 rows in bf16; the
-    other builds, the training layout and fewer rows stay fp32."""
-    assert cpu.pass1_bits(200, 33) == (16 if _cpu_has_bf16() else 32)
-    assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
+    """On an AVX512_BF16 CPU the bf16-pass1 build (the native one where the CPU has no AVX512_VNNI) scores pass 1
+    of a serving call with >= 16 rows in bf16; the other builds, the training layout and fewer rows stay fp32."""
+    with using("bf16-pass1"):
+        assert cpu.pass1_bits(200, 33) == (16 if cpu_has("avx512_bf16") else 32)
+        assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
     for build in ("fp32-pass1", "avx2", "no-avx"):
         with using(build):
             assert cpu.pass1_bits(200, 33) == 32
@@ -332,10 +334,10 @@ def _adversarial(kind, L, gen, rows=40, d=33):
     return q, x
 
 
-def _both_pass1s(q, keys, n, k):
-    """The native build's result, checked equal bit for bit to the fp32-pass1 build's (pass 2 is the same fp32
-    arithmetic, so any pruning mistake of the bf16 pass shows as a difference)."""
-    with using("native"):
+def _both_pass1s(q, keys, n, k, low="bf16-pass1"):
+    """The `low` build's result, checked equal bit for bit to the fp32-pass1 build's (pass 2 is the same fp32
+    arithmetic, so any pruning mistake of the bf16 or int8 pass shows as a difference)."""
+    with using(low):
         got = cpu.topk_fused(q, keys, n, k)
     with using("fp32-pass1"):
         want = cpu.topk_fused(q, keys, n, k)

@@ -69,7 +69,40 @@
    for the thresholds keep_best raises later (U bounds every fp32 score of its sub-block), so U replaces
    the maxima even when tau starts at -inf (no more than k sub-blocks). Non-finite
    inputs flag their rows as before; in a row not flagged d max|q| max|x| < FLT_MAX / 2, so neither a
-   nor eps overflows. */
+   nor eps overflows.
+
+   Pass 1 in int8 (targets with AVX512_VNNI, serving layout, R >= INT8_MIN_ROWS, d <= INT8_MAX_D; see pass1_int8;
+   before bf16 where both exist): bf16's layout (rows in the lanes, an event broadcast), four dims per 32-bit word,
+   vpdpbusd (four u8 x s8 multiply-adds per lane and instruction: at d = 33, 9 instructions and an integer maximum
+   per event and 16 rows where bf16 takes 17 and a maximum). Quantization, exactly:
+     Column scales g_j = 2^e_j, e_j in [-8, 8] (int8_setup: ~log2 sqrt(max_r |q_rj| / max |x_j|) over a sample of
+     the keys; any powers of two keep the bound below, these keep one column, such as DARE's folded position, 100x
+     smaller in the keys than in the queries, from setting the scales). Row r: M = max_j |q_j| / g_j (exact),
+     inv_s = fl(127 / M), 2^40 where M < 127 2^-40, p_j = inv_s / g_j (exact), q~_j = RNE(fl(q_j p_j)) in
+     [-127, 127] (q_j p_j <= 127 (1 + 2^-24)). Block b: K = max over its events and j of |x_j| g_j (exact),
+     inv_t = fl(127 / K) (2^40 below 127 2^-40), h_j = g_j inv_t (exact), k~_j = RNE(fl(x_j h_j)) in [-127, 127],
+     stored k~ + 128 as u8 (dims past d: 0); the accumulators start at -128 sum_j q~_j, so the int32 result is
+     P = sum_j q~_j k~_j exactly (|P| <= 127^2 D < 2^24 with D = d rounded up to 4, d <= INT8_MAX_D: exact in fp32
+     too). A row with M > 2^47 or a block with K > 2^47 (or not finite) is not quantized: its sub-blocks get
+     U = inf, W = -inf (rescored in full, never a threshold), so below M, K <= 2^47 and 2^-40 <= s, t <= 2^40.
+     Residuals: q_j p_j = q~_j + a_j, x_j h_j = k~_j + b_j with |a_j|, |b_j| <= alpha = 1/2 + 2^-16 (the
+     rounding to integer, one fp32 rounding < 2^-17, and a denormal input or product flushed to 0: < 2^-78).
+     Since p_j h_j = inv_s inv_t for every j, with sigma = 1 / (inv_s inv_t):
+       q.x = sigma sum_j (q~_j + a_j)(k~_j + b_j), so |q.x - sigma P| <= sigma (alpha (K1 + Q1) + d alpha^2)
+     with K1 = ||k~||_1 (the event's) and Q1 = ||q~||_1 (the row's). The fp32 chain s (pass 2) is within
+     g_2d P' + A of q.x (bf16's (c)), P' = sum_j |q_j x_j| <= sigma (127 + alpha)(K1 + alpha d), and
+     A = 1.01 (2 d lam + lam (sum |q_j| + sum |x_j|)) < sigma (|q_j| <= 127.5 g_j s <= 2^15 s, the same for x,
+     s, t >= 2^-40, sigma >= 2^-80). So |s - sigma P| <= sigma E with
+       E = K1 c_k + e_r,  c_k = alpha + g_2d (127 + alpha),  e_r = alpha Q1 + d alpha^2 + g_2d (127 + alpha) alpha d + 1
+     (c_k and e_r are rounded up to fp32; K1 is the sub-block's largest, an upper bound for each of its events).
+     int8_bounds evaluates, per sub-block with m its largest P: c = fl(s_r t_b) (s_r = fl(1 / inv_s),
+     t_b = fl(1 / inv_t): c = sigma (1 + th), |th| <= 3.01 2^-24), E' = fl(fma(K1, c_k, e_r)) >= E (1 - 2^-24),
+     E2 = fl(fma(fl(|m| + E'), 2^-20, E')) >= E' + 2^-20 (|m| + E') (1 - 2^-23) - 2^-24 E', U = fl(c fl(m + E2)),
+     W = fl(c fl(m - E2)). The slack E2 - E >= 2^-20 (1 - 2^-3 - 2^-22) (|m| + E') exceeds what the roundings of
+     the sum, c and the product take, 5.1 2^-24 (|m| + E2) (an underflow of the product, < 2^-149, is far below
+     sigma 2^-24 as |m| + E' >= 1), so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the
+     pruning argument above holds word for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs
+     flag their rows as in the fp32 pass: whatever pass 1 made of them is discarded. */
 
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
@@ -133,11 +166,15 @@ typedef struct {
     int64_t tile_floats;     /* per worker: a tile of transposed blocks when T is not kept */
     char *ws;                /* per-worker scratch, ws_stride bytes each */
     size_t ws_stride;
-    int lowp;                /* pass 1 in bf16 (see the header and pass1_lowp): the fields below are set */
+    int lowp;                /* pass 1's bits, 16 (bf16, pass1_lowp) or 8 (int8, pass1_int8), else 0: the fields below are set */
     int64_t Rp;              /* lowp: R rounded up to 16 */
     const uint32_t *qt;      /* lowp: [dh][Rp] the rows' queries as bf16 pairs (dims 2i, 2i + 1) */
     float *X;                /* lowp: [d][nbp] per block, fl(max over its events of |x_j| + RHO) */
     float c_eps, a_eps;      /* lowp: eps_b = fl(c_eps sum_j fl(|q_j| + RHO) X[j][b] + a_eps) */
+    int32_t *qbias;          /* int8: [Rp] -128 sum_j q~_rj (qt holds the s8 query quads [D4][Rp]; X [nbp] t_b, [nbp][NV] K1) */
+    float *srow, *erow;      /* int8: [R] s_r (inf: row not quantized) and e_r */
+    float *gcol;             /* int8: [d] column scales g_j (powers of two) */
+    float c_k;               /* int8: E = fl(K1 c_k + e_r) */
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
     int x_ok[MAX_THREADS];
 } call_t;
@@ -242,6 +279,18 @@ static inline void sub_maxima(const vf a[NV], float sub[NS]) {
 #define LOWP_MAX_D 2048        /* the fp32 evaluation of eps_b is proven for d <= 2048 (see the header) */
 #define RHO 0x1p-117f          /* added to |q_j| and X_bj so that c_rel RHO covers the denormal terms */
 #define BF16_MAX 0x1.fep127f   /* largest finite bf16: larger values are clamped, not rounded to inf */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
+#define INT8 1                 /* this target can run pass 1 in int8 (see the header), before bf16 */
+#else
+#define INT8 0
+#endif
+#define INT8_MAX_D 1024        /* exact dots in fp32: 127^2 D < 2^24 (D = d rounded up to 4) */
+/* Fewer rows: converting a block (two passes over its keys, a sum of |k~| per event) costs more than the halved
+   multiply-adds save. With bf16 beside it (Zen 4, one thread, ms int8 / bf16): C = 32 L = 10k d = 33 0.32 / 0.30,
+   L = 100k 2.7 / 3.0; C = 48 0.37 / 0.32 and 2.9 / 3.2; C = 64 0.43 / 0.40 and 3.5 / 4.4; C = 200 0.97 / 1.09 and
+   8.7 / 11.4. Against fp32 (a target with VNNI but no bf16): C = 16 0.24 / 0.19 and 1.9 / 2.1, C = 32 0.32 / 0.39
+   and 2.7 / 3.5 (ms int8 / fp32). */
+#define INT8_MIN_ROWS (LOWP ? 64 : 32)
 
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
 static inline int tile_blocks(int d) {
@@ -546,7 +595,7 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
 }
 #endif
 
-#if LOWP
+#if LOWP || INT8
 /* bf16 pass 1 (see the header). Rows go in the vector lanes here (fp32's pass 1 puts events there): an
    accumulator holds one event's scores for 16 rows, so a sub-block's maximum over its 16 events is 15
    vertical maxima per 16 rows, where lanes of events needed a shuffle reduction per row and block (that
@@ -555,6 +604,35 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
    query pairs (Rp = R rounded up to 16), X [d][nbp] the blocks' fl(max |x_j| + RHO); the sub-block maxima
    go to S in fp32's layout, and no block maxima are kept (pass 2 works on sub-blocks, lowp_bounds). */
 #define LE 8   /* events per micro-tile: 8 x 3 accumulators, 3 query vectors and a broadcast fit 32 registers */
+
+/* Sub-block maxima m[v] (lanes: rows row0 .. row0 + 15) of block b -> S[r][b][v], through a 4 x 4 transpose per
+   128-bit lane; rows past R are not written. */
+static inline __attribute__((always_inline)) void store_sub_maxima(const call_t *c, const __m512 m[NV], int row0, int64_t b) {
+    const int64_t nbp = c->nbp;
+    const __m512 t0 = _mm512_unpacklo_ps(m[0], m[1]), t1 = _mm512_unpackhi_ps(m[0], m[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(m[2], m[3]), t3 = _mm512_unpackhi_ps(m[2], m[3]);
+    __m512 rs[4];   /* 128-bit lane l of rs[s]: the NV sub-block maxima of row row0 + 4 l + s */
+    rs[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    rs[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    rs[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    rs[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    if (row0 + 16 <= c->R) {
+        for (int s = 0; s < 4; s++) {
+            float *o = c->S + ((int64_t)(row0 + s) * nbp + b) * NV;
+            _mm_storeu_ps(o, _mm512_castps512_ps128(rs[s]));
+            _mm_storeu_ps(o + 4 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 1));
+            _mm_storeu_ps(o + 8 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 2));
+            _mm_storeu_ps(o + 12 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 3));
+        }
+    } else {   /* the last rows: not past R */
+        float tmp[4][16];
+        for (int s = 0; s < 4; s++) _mm512_storeu_ps(tmp[s], rs[s]);
+        for (int r = row0; r < c->R; r++)
+            memcpy(c->S + ((int64_t)r * nbp + b) * NV, &tmp[(r - row0) % 4][4 * ((r - row0) / 4)], NV * sizeof(float));
+    }
+}
+
+#if LOWP
 
 /* Events [e0, e1) of block b (e1 - e0 <= SUB) -> kb[e - e0][i] (bf16 of dims 2i, 2i + 1; dim d is 0),
    X[b][j] = fl(max over them of |x_j| + RHO); check and amax as load_blocks when they are not NULL. */
@@ -636,7 +714,7 @@ static inline __attribute__((always_inline)) void lowp_tile(const uint32_t *kb, 
 static inline __attribute__((always_inline)) void lowp_rows(const call_t *c, const uint32_t *kb, int64_t nv, int64_t b,
                                                             int g0, int g1, int RB) {
     const int dh = (c->d + 1) / 2;
-    const int64_t Rp = c->Rp, nbp = c->nbp;
+    const int64_t Rp = c->Rp;
     for (int g = g0; g + RB <= g1; g += RB) {
         __m512 m[NV][3];
         for (int v = 0; v < NV; v++) {
@@ -653,28 +731,8 @@ static inline __attribute__((always_inline)) void lowp_rows(const call_t *c, con
             }
         }
         for (int u = 0; u < RB; u++) {
-            const __m512 t0 = _mm512_unpacklo_ps(m[0][u], m[1][u]), t1 = _mm512_unpackhi_ps(m[0][u], m[1][u]);
-            const __m512 t2 = _mm512_unpacklo_ps(m[2][u], m[3][u]), t3 = _mm512_unpackhi_ps(m[2][u], m[3][u]);
-            __m512 rs[4];   /* 128-bit lane l of rs[s]: the NV sub-block maxima of row 16 (g + u) + 4 l + s */
-            rs[0] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-            rs[1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-            rs[2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-            rs[3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-            const int row0 = 16 * (g + u);
-            if (row0 + 16 <= c->R) {
-                for (int s = 0; s < 4; s++) {
-                    float *o = c->S + ((int64_t)(row0 + s) * nbp + b) * NV;
-                    _mm_storeu_ps(o, _mm512_castps512_ps128(rs[s]));
-                    _mm_storeu_ps(o + 4 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 1));
-                    _mm_storeu_ps(o + 8 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 2));
-                    _mm_storeu_ps(o + 12 * nbp * NV, _mm512_extractf32x4_ps(rs[s], 3));
-                }
-            } else {   /* the last rows: not past R */
-                float tmp[4][16];
-                for (int s = 0; s < 4; s++) _mm512_storeu_ps(tmp[s], rs[s]);
-                for (int r = row0; r < c->R; r++)
-                    memcpy(c->S + ((int64_t)r * nbp + b) * NV, &tmp[(r - row0) % 4][4 * ((r - row0) / 4)], NV * sizeof(float));
-            }
+            const __m512 mu[NV] = {m[0][u], m[1][u], m[2][u], m[3][u]};
+            store_sub_maxima(c, mu, 16 * (g + u), b);
         }
     }
 }
@@ -695,6 +753,31 @@ static void pass1_lowp(const call_t *c, const float *keys, int64_t n, int64_t b0
     }
 }
 
+#endif
+
+/* The k-th largest of a row's m sub-block lower bounds W (kth[0..m), built by the bounds below; top: lane maxima
+   of W over 32 disjoint subsets), -inf when m <= k: pass 2's threshold. kth: kth_floats(m) floats. */
+static float bounds_threshold(const __m512 top[2], float *kth, int m, int k) {
+    if (m <= k) return -INFINITY;
+    if (k <= 32) {
+        /* 32 disjoint subsets each hold a W >= p = the least of their maxima: at least 32 >= k values are
+           >= p, so the k-th largest is, and only the values >= p (a few dozen) go to the selection, which
+           otherwise partitioned all NV nb of them (5% of a call at L = 100k, C = 200) */
+        const __m512 p = _mm512_set1_ps(_mm512_reduce_min_ps(_mm512_min_ps(top[0], top[1])));
+        float *kept = kth + m + 16;
+        int n_kept = 0;
+        for (int i = 0; i < m; i += 16) {
+            const __mmask16 in = m - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - i)) - 1u);
+            const __mmask16 ge = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, kth + i), p, _CMP_GE_OQ);
+            _mm512_storeu_ps(kept + n_kept, _mm512_maskz_compress_ps(ge, _mm512_maskz_loadu_ps(in, kth + i)));
+            n_kept += __builtin_popcount(ge);
+        }
+        if (n_kept >= k) return kth_largest_v(kept, n_kept, k, kth);   /* fewer: NaN (a row flagged bad) */
+    }
+    return kth_largest_v(kth, m, k, kth);
+}
+
+#if LOWP
 /* Row r after a bf16 pass 1: its sub-block maxima S become the upper bounds U = fl(m + eps_b) on the fp32
    scores there (always: pass 2 compares them with a threshold that keep_best raises even when it starts at
    -inf), and its threshold, the k-th largest sub-block W = fl(m - eps_b), is returned, -inf when there are
@@ -726,26 +809,211 @@ static float lowp_bounds(const call_t *c, int r, float *S, int64_t nb, int k, fl
             top[w & 1] = _mm512_mask_max_ps(top[w & 1], sm, top[w & 1], lower);
         }
     }
-    const int m = (int)(NV * nb);
-    if (m <= k) return -INFINITY;
-    if (k <= 32) {
-        /* 32 disjoint subsets each hold a W >= p = the least of their maxima: at least 32 >= k values are
-           >= p, so the k-th largest is, and only the values >= p (a few dozen) go to the selection, which
-           otherwise partitioned all NV nb of them (5% of a call at L = 100k, C = 200) */
-        const __m512 p = _mm512_set1_ps(_mm512_reduce_min_ps(_mm512_min_ps(top[0], top[1])));
-        float *kept = kth + m + 16;
-        int n_kept = 0;
-        for (int i = 0; i < m; i += 16) {
-            const __mmask16 in = m - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - i)) - 1u);
-            const __mmask16 ge = _mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, kth + i), p, _CMP_GE_OQ);
-            _mm512_storeu_ps(kept + n_kept, _mm512_maskz_compress_ps(ge, _mm512_maskz_loadu_ps(in, kth + i)));
-            n_kept += __builtin_popcount(ge);
-        }
-        if (n_kept >= k) return kth_largest_v(kept, n_kept, k, kth);   /* fewer: NaN (a row flagged bad) */
-    }
-    return kth_largest_v(kth, m, k, kth);
+    return bounds_threshold(top, kth, (int)(NV * nb), k);
 }
 #endif
+
+#if INT8
+/* int8 pass 1 (see the header): the bf16 pass's layout (rows in the lanes, an event broadcast) with vpdpbusd, four
+   u8 x s8 products per lane and instruction. qt [D4][Rp] holds the rows' s8 query quads (dims 4i .. 4i + 3), qbias
+   [Rp] -128 times each row's sum of them (the keys are stored + 128 as u8), X [nbp] the blocks' key scales t_b
+   (INFINITY: not quantized) and X + nbp [nbp][NV] each sub-block's largest ||k~||_1. The exact int32 dots' sub-block
+   maxima go to S as floats (exact: |q~.k~| <= 127^2 D < 2^24); int8_bounds turns them into bounds. */
+
+/* Lane t <- the sum of v[t]'s 16 lanes, for 16 vectors at once (a transposing tree: 45 instructions where 16
+   separate reductions took ~150). */
+static inline __m512i hsum16(const __m512i v[16]) {
+    __m512i a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)   /* 128-bit lane l: [v2i, v2i+1, v2i, v2i+1] partial sums */
+        a[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)   /* 128-bit lane l: vectors 4i .. 4i + 3's sums over that lane */
+        b[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_epi64(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_i32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(c[0], c[1], 0x88), _mm512_shuffle_i32x4(c[0], c[1], 0xDD));
+}
+
+/* Events [e0, e1) of block b -> kb [e - e0][4 D4] bytes (k~ + 128; dims past d 128), c->X[b] = t_b and the
+   sub-blocks' largest ||k~||_1; check and amax as load_blocks. */
+static void int8_convert(const call_t *c, const float *keys, int64_t b, int64_t e0, int64_t e1, uint8_t *kb,
+                         v8 *check, v8 *amax) {
+    const int d = c->d, D = (d + 3) / 4 * 4;
+    __m512 ck = _mm512_setzero_ps(), am = _mm512_setzero_ps(), colmax = _mm512_setzero_ps();
+    float row[INT8_MAX_D];
+    /* the block's largest |x_j| g_j (g: the column scales) */
+    for (int j = 0; j < d; j += 16) {
+        const int left = d - j;
+        const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        __m512 xm = _mm512_setzero_ps();
+        for (int64_t e = e0; e < e1; e++) {
+            const float *x = keys + e * c->stride_l + (int64_t)j * c->stride_d;
+            if (c->stride_d != 1) {
+                for (int t = 0; t < (left < 16 ? left : 16); t++) row[t] = x[t * c->stride_d];
+                x = row;
+            }
+            const __m512 v = _mm512_maskz_loadu_ps(in, x);
+            ck = _mm512_add_ps(ck, _mm512_mul_ps(v, _mm512_setzero_ps()));
+            xm = _mm512_max_ps(xm, _mm512_abs_ps(v));
+        }
+        am = _mm512_max_ps(am, xm);
+        colmax = _mm512_max_ps(colmax, _mm512_mul_ps(xm, _mm512_maskz_loadu_ps(in, c->gcol + j)));
+    }
+    const float kmax = _mm512_reduce_max_ps(colmax);
+    /* inv_t = fl(127 / kmax), at most 2^40; a block past 2^47 (or not finite) is not quantized: t_b = inf */
+    const int ok = kmax <= 0x1p47f;
+    const float inv_t = !ok ? 0.0f : kmax > 127.0f * 0x1p-40f ? 127.0f / kmax : 0x1p40f;
+    c->X[b] = ok ? 1.0f / inv_t : INFINITY;
+    __m512 h[INT8_MAX_D / 16];   /* h_j = g_j inv_t, exact (a power of two times a float in range) */
+    for (int j = 0; j < D; j += 16) {
+        const int left = d - j;
+        const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        h[j / 16] = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, c->gcol + j), _mm512_set1_ps(inv_t));
+    }
+    float *K1 = c->X + c->nbp + b * NV;
+    for (int v = 0; v < NV; v++) {
+        /* lane t of sums[t]: partial sums of event t's |k~_j|, added up for the 16 events at once (hsum16) */
+        __m512i sums[SUBW];
+        const int64_t f = e0 + SUBW * v, ne = e1 - f < 0 ? 0 : e1 - f < SUBW ? e1 - f : SUBW;
+        for (int64_t t = 0; t < SUBW; t++) {
+            sums[t] = _mm512_setzero_si512();
+            if (t >= ne) continue;
+            const float *x = keys + (f + t) * c->stride_l;
+            if (c->stride_d != 1) {
+                for (int j = 0; j < d; j++) row[j] = x[j * c->stride_d];
+                x = row;
+            }
+            uint8_t *out = kb + (f + t - e0) * D;
+            for (int j = 0; j < D; j += 16) {
+                const int left = d - j;
+                const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+                /* RNE whatever MXCSR says; dims past d load 0 and store 0 + 128 */
+                const __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, x + j), h[j / 16]),
+                                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                sums[t] = _mm512_add_epi32(sums[t], _mm512_abs_epi32(k));
+                const int bytes = D - j >= 16 ? 16 : D - j;
+                _mm_mask_storeu_epi8(out + j, (__mmask16)((1u << bytes) - 1u),
+                                     _mm_xor_si128(_mm512_cvtsepi32_epi8(k), _mm_set1_epi8((char)0x80)));
+            }
+        }
+        K1[v] = (float)_mm512_reduce_max_epi32(hsum16(sums));
+    }
+    if (check) {
+        const __m256 clo = _mm512_castps512_ps256(ck), chi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ck), 1));
+        const __m256 alo = _mm512_castps512_ps256(am), ahi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(am), 1));
+        *check += (v8)_mm256_add_ps(clo, chi);
+        *amax = vmax(*amax, (v8)_mm256_max_ps(alo, ahi));
+    }
+}
+
+/* Largest exact dots over events [0, ne) (1 <= ne <= LE) of kb (4 D4 bytes each) for RB vectors of 16 rows (qt,
+   qbias: their first row) -> out[RB] as floats. */
+static inline __attribute__((always_inline)) void int8_tile(const uint32_t *kb, int ne, int D4, const uint32_t *qt,
+                                                            const int32_t *qbias, int64_t Rp, int RB, __m512 out[3]) {
+    __m512i acc[LE][3];
+    for (int u = 0; u < RB; u++) {
+        const __m512i bias = _mm512_loadu_si512(qbias + 16 * u);
+        for (int e = 0; e < LE; e++) acc[e][u] = bias;
+    }
+    for (int i = 0; i < D4; i++) {
+        __m512i qv[3];
+        for (int u = 0; u < RB; u++) qv[u] = _mm512_loadu_si512(qt + i * Rp + 16 * u);
+        for (int e = 0; e < LE; e++) {
+            const __m512i x = _mm512_set1_epi32((int32_t)kb[e * D4 + i]);
+            for (int u = 0; u < RB; u++) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc[e][u]) : "v"(x), "v"(qv[u]));
+        }
+    }
+    for (int u = 0; u < RB; u++) {   /* events past ne (a history's end) hold stale keys: left out */
+        __m512i m = acc[0][u];
+        for (int e = 1; e < LE; e++)
+            if (e < ne) m = _mm512_max_epi32(m, acc[e][u]);
+        out[u] = _mm512_cvtepi32_ps(m);
+    }
+}
+
+/* Sub-block maxima of rows [16 g0, 16 g1) (RB vectors at a time) for block b's keys kb (nv events) -> S; each group
+   of rows also prefetches `lines` cache lines from *pf on (the next block's keys), advancing *pf. */
+static inline __attribute__((always_inline)) void int8_rows(const call_t *c, const uint32_t *kb, int64_t nv, int64_t b,
+                                                            int g0, int g1, int RB, const char **pf, const char *pf_end,
+                                                            int64_t lines) {
+    const int D4 = (c->d + 3) / 4;
+    const int64_t Rp = c->Rp;
+    for (int g = g0; g + RB <= g1; g += RB) {
+        for (int64_t t = 0; t < lines && *pf < pf_end; t++, *pf += 64) __builtin_prefetch(*pf, 0, 3);
+        __m512 m[NV][3];
+        for (int v = 0; v < NV; v++) {
+            const int64_t first = (int64_t)VW * v;
+            if (first >= nv) {   /* past the history's end: no event */
+                for (int u = 0; u < RB; u++) m[v][u] = _mm512_set1_ps(-INFINITY);
+                continue;
+            }
+            int8_tile(kb + first * D4, (int)(nv - first < LE ? nv - first : LE), D4, c->qt + 16 * g, c->qbias + 16 * g, Rp, RB, m[v]);
+            if (nv - first > LE) {
+                __m512 m2[3];
+                int8_tile(kb + (first + LE) * D4, (int)(nv - first - LE < LE ? nv - first - LE : LE), D4, c->qt + 16 * g,
+                          c->qbias + 16 * g, Rp, RB, m2);
+                for (int u = 0; u < RB; u++) m[v][u] = _mm512_max_ps(m[v][u], m2[u]);
+            }
+        }
+        for (int u = 0; u < RB; u++) {
+            const __m512 mu[NV] = {m[0][u], m[1][u], m[2][u], m[3][u]};
+            store_sub_maxima(c, mu, 16 * (g + u), b);
+        }
+    }
+}
+
+/* int8 pass 1 over blocks [b0, b1) of the shared history, every row (T is not kept). */
+static void pass1_int8(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, uint8_t *kb,
+                       v8 *check, v8 *amax) {
+    const int nrv = (int)(c->Rp / 16), g3 = nrv / 3 * 3, groups = g3 / 3 + (nrv > g3);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t nv = n - b * SUB < SUB ? n - b * SUB : SUB;
+        int8_convert(c, keys, b, b * SUB, b * SUB + nv, kb, check, amax);
+        /* the next block's keys, prefetched while this one is scored: its conversion waited on memory for a fifth of
+           pass 1 (L = 100k, d = 33); rows strided by dims are left to the hardware */
+        const char *pf = (const char *)(keys + (b + 1) * SUB * c->stride_l), *pf_end = pf;
+        if (b + 1 < b1 && c->stride_d == 1) {
+            const int64_t nn = n - (b + 1) * SUB < SUB ? n - (b + 1) * SUB : SUB;
+            pf_end = (const char *)(keys + ((b + 1) * SUB + nn - 1) * c->stride_l + c->d);
+        }
+        const int64_t lines = ((pf_end - pf) / 64 + groups) / groups;
+        const uint32_t *kw = (const uint32_t *)kb;
+        int8_rows(c, kw, nv, b, 0, g3, 3, &pf, pf_end, lines);
+        if (nrv - g3 == 2) int8_rows(c, kw, nv, b, g3, nrv, 2, &pf, pf_end, lines);
+        if (nrv - g3 == 1) int8_rows(c, kw, nv, b, g3, nrv, 1, &pf, pf_end, lines);
+    }
+}
+
+/* Row r after an int8 pass 1: S's exact dot maxima m become U = fl(c fl(m + E2)) and W = fl(c fl(m - E2)) with
+   c = fl(s_r t_b), E = fl(K1 c_k + e_r), E2 = E + 2^-20 (|m| + E) (the header's bound); a row or block that was not
+   quantized gets U = inf, W = -inf. Returns the threshold, as lowp_bounds. */
+static float int8_bounds(const call_t *c, int r, float *S, int64_t nb, int k, float *kth) {
+    static const int32_t quarter[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
+    const __m512 s = _mm512_set1_ps(c->srow[r]), er = _mm512_set1_ps(c->erow[r]), ck = _mm512_set1_ps(c->c_k);
+    const __m512 slack = _mm512_set1_ps(0x1p-20f), inf = _mm512_set1_ps(INFINITY);
+    const __m512i qi = _mm512_loadu_si512(quarter);
+    __m512 top[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
+    for (int64_t b = 0; b < nb; b += 4) {   /* 4 blocks of NV = 4 sub-blocks per vector */
+        const int64_t blocks = nb - b;
+        const __mmask16 sm = blocks >= 4 ? (__mmask16)0xFFFF : (__mmask16)((1u << (4 * blocks)) - 1u);
+        const __m512 t = _mm512_permutexvar_ps(qi, _mm512_maskz_loadu_ps(blocks >= 4 ? 0xF : (__mmask16)((1u << blocks) - 1u), c->X + b));
+        const __m512 cst = _mm512_mul_ps(s, t);
+        const __mmask16 open = _mm512_cmp_ps_mask(cst, inf, _CMP_EQ_OQ);   /* not quantized: rescored in full */
+        float *Sw = S + b * NV;
+        const __m512 m = _mm512_maskz_loadu_ps(sm, Sw);
+        const __m512 e = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(sm, c->X + c->nbp + b * NV), ck, er);
+        /* an empty sub-block (m = -inf) stays -inf in both */
+        const __m512 absm = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), _mm512_abs_ps(m));
+        const __m512 e2 = _mm512_fmadd_ps(_mm512_add_ps(absm, e), slack, e);
+        const __m512 upper = _mm512_mask_blend_ps(open, _mm512_mul_ps(cst, _mm512_add_ps(m, e2)), inf);
+        const __m512 lower = _mm512_mask_blend_ps(open, _mm512_mul_ps(cst, _mm512_sub_ps(m, e2)), _mm512_set1_ps(-INFINITY));
+        _mm512_mask_storeu_ps(Sw, sm, upper);
+        _mm512_mask_storeu_ps(kth + b * NV, sm, lower);
+        top[(b >> 2) & 1] = _mm512_mask_max_ps(top[(b >> 2) & 1], sm, top[(b >> 2) & 1], lower);
+    }
+    return bounds_threshold(top, kth, (int)(NV * nb), k);
+}
+#endif
+#endif   /* LOWP || INT8 */
 
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
    sits in L1, every row scores it, keeping only each sub-block's maximum in S[row][b][s] and, with KEEP_M,
@@ -1014,8 +1282,14 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
     for (int r = r0; r < r1; r++) {
         cnt[r - r0] = 0;
         tau[r - r0] = -INFINITY;
+#if INT8
+        if (c->lowp == 8) {   /* S becomes upper bounds, tau the k-th largest lower one */
+            tau[r - r0] = int8_bounds(c, r, sub_max + (int64_t)(r - r0) * nbp * NS, nb, k, kth);
+            continue;
+        }
+#endif
 #if LOWP
-        if (c->lowp) {   /* S becomes upper bounds, tau the k-th largest lower one */
+        if (c->lowp) {
             tau[r - r0] = lowp_bounds(c, r, sub_max + (int64_t)(r - r0) * nbp * NS, nb, k, kth);
             continue;
         }
@@ -1034,7 +1308,7 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const v8 vtau = (v8){0} + tau[r - r0];
             for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks that reach tau, 8 tested at once */
                 uint32_t blocks;
-#if LOWP
+#if LOWP || INT8
                 if (c->lowp) {   /* no block maxima: the blocks with a sub-block U >= tau */
                     const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NS;
                     const __m512 vt = _mm512_set1_ps(tau[r - r0]);
@@ -1231,11 +1505,16 @@ static void run_part(call_t *c, int t) {
             for (int r = 0; r < c->R; r++) pad_maxima(c->M + (int64_t)r * nbp, c->S + (int64_t)r * nbp * NS, nb, nbp);
         char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
-#if LOWP
-        uint32_t *kb = (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4));   /* lowp: a block's bf16 keys */
+#if LOWP || INT8
+        uint32_t *kb = (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4));   /* lowp: a block's converted keys */
         float *xt = (float *)(kb + SUB * ((d + 1) / 2));
         if (c->lowp) {
-            if (b0 < b1) pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, xt, &check, &amax);
+#if INT8
+            if (c->lowp == 8 && b0 < b1) pass1_int8(c, c->keys, n, b0, b1, (uint8_t *)kb, &check, &amax);
+#endif
+#if LOWP
+            if (c->lowp == 16 && b0 < b1) pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, xt, &check, &amax);
+#endif
         } else
 #endif
         if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
@@ -1307,10 +1586,85 @@ static int forked;
 static void mark_forked(void) { forked = 1; }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
-/* 16 when a call with these sizes runs pass 1 in bf16 (see the header), else 32: what a measurement ran. */
+/* 8 when a call with these sizes runs pass 1 in int8, 16 in bf16 (see the header), else 32: what a measurement ran. */
 int topk_pass1_bits(int R, int d, int64_t key_row_stride) {
-    return LOWP && key_row_stride == 0 && R >= LOWP_MIN_ROWS && d <= LOWP_MAX_D ? 16 : 32;
+    if (key_row_stride != 0 || R < LOWP_MIN_ROWS) return 32;
+    if (INT8 && d <= INT8_MAX_D && R >= INT8_MIN_ROWS) return 8;
+    return LOWP && d <= LOWP_MAX_D ? 16 : 32;
 }
+
+#if INT8
+static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
+
+/* The int8 pass's per-call state (see the header): column scales g_j from the queries and a sample of the keys,
+   each row's s8 query, bias, s_r and e_r, and c_k. */
+static void int8_setup(call_t *c, const float *q, int64_t n) {
+    const int d = c->d, R = c->R, D = (d + 3) / 4 * 4;
+    const int64_t Rp = c->Rp;
+    /* g_j = 2^e_j, e_j ~ log2 sqrt(max_r |q_rj| / max |x_j|) (over up to 256 events spread over the history) less
+       their median, within [-8, 8]: a column far smaller in the keys than in the queries (DARE's folded position)
+       no longer sets a row's scale alone. Any powers of two keep the bound; these make it tight. */
+    int ex[INT8_MAX_D], sorted[INT8_MAX_D], n_ok = 0;
+    const int64_t ns = n < 256 ? n : 256;
+    for (int j = 0; j < d; j++) {
+        float qc = 0.0f, xc = 0.0f;
+        for (int r = 0; r < R; r++) qc = fmaxf(qc, fabsf(q[(int64_t)r * d + j]));
+        for (int64_t i = 0; i < ns; i++) {
+            const int64_t e = ns > 1 ? i * (n - 1) / (ns - 1) : 0;
+            xc = fmaxf(xc, fabsf(c->keys[e * c->stride_l + j * c->stride_d]));
+        }
+        ex[j] = INT32_MIN;
+        if (qc > 0.0f && xc > 0.0f && qc <= FLT_MAX && xc <= FLT_MAX) sorted[n_ok++] = ex[j] = (int)lrint(0.5 * log2((double)qc / xc));
+    }
+    int med = 0;
+    if (n_ok) {
+        qsort(sorted, (size_t)n_ok, sizeof(int), cmp_int);
+        med = sorted[n_ok / 2];
+    }
+    for (int j = 0; j < d; j++) {
+        const int e = ex[j] == INT32_MIN ? 0 : ex[j] - med < -8 ? -8 : ex[j] - med > 8 ? 8 : ex[j] - med;
+        c->gcol[j] = ldexpf(1.0f, e);
+    }
+    const double w = 0x1p-23, alpha = 0.5 + 0x1p-16, g2d = 2 * d * w / (1 - 2 * d * w);
+    const double ck = alpha + g2d * (127 + alpha);
+    c->c_k = (float)ck;
+    if ((double)c->c_k < ck) c->c_k = nextafterf(c->c_k, INFINITY);
+    uint32_t *qt = (uint32_t *)c->qt;
+    memset(qt, 0, (size_t)(D / 4) * Rp * 4);   /* the padding rows score their bias, 0, and are never read */
+    memset(c->qbias, 0, (size_t)Rp * 4);
+    int8_t q8[INT8_MAX_D + 16];
+    for (int r = 0; r < R; r++) {
+        const float *qr = q + (int64_t)r * d;
+        float maxq = 0.0f;
+        for (int j = 0; j < d; j++) maxq = fmaxf(maxq, fabsf(qr[j]) / c->gcol[j]);
+        const int ok = maxq <= 0x1p47f;
+        const float inv_s = !ok ? 0.0f : maxq > 127.0f * 0x1p-40f ? 127.0f / maxq : 0x1p40f;
+        c->srow[r] = ok ? 1.0f / inv_s : INFINITY;
+        __m512i q1 = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
+        for (int j = 0; j < D; j += 16) {   /* q~_j = RNE(q_j p_j), p_j = inv_s / g_j (exact); dims past d 0 */
+            const int left = d - j;
+            const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+            const __m512 p = _mm512_div_ps(_mm512_set1_ps(inv_s), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, c->gcol + j));
+            __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, qr + j), p),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            /* within +-127 by construction; the clamp only keeps a NaN query (its row is redone) from -128 */
+            k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+            q1 = _mm512_add_epi32(q1, _mm512_abs_epi32(k));
+            sum = _mm512_add_epi32(sum, k);
+            _mm_storeu_si128((__m128i *)(q8 + j), _mm512_cvtsepi32_epi8(k));
+        }
+        c->qbias[r] = -128 * _mm512_reduce_add_epi32(sum);
+        for (int i = 0; i < D / 4; i++) {
+            uint32_t word;
+            memcpy(&word, q8 + 4 * i, 4);
+            qt[(int64_t)i * Rp + r] = word;
+        }
+        const double er = alpha * _mm512_reduce_add_epi32(q1) + d * alpha * alpha + g2d * (127 + alpha) * alpha * d + 1;
+        c->erow[r] = (float)er;
+        if ((double)c->erow[r] < er) c->erow[r] = nextafterf(c->erow[r], INFINITY);
+    }
+}
+#endif
 
 /* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
    for a history of 2^31 - 128 events or more. */
@@ -1328,7 +1682,8 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.nbp = nbp;
     c.cap = (int)cap;
     c.sel = kth_floats(nbp > cap ? nbp : cap);
-    c.lowp = topk_pass1_bits(R, d, key_row_stride) == 16;
+    c.lowp = topk_pass1_bits(R, d, key_row_stride);
+    if (c.lowp == 32) c.lowp = 0;
     /* the bf16 pass reads the keys untransposed: pass 2 transposes the sub-blocks it rescores (sub_block_of) */
     c.keep_T = key_row_stride != 0 || (!c.lowp && !few_rows_skip_T(R, k, nb));
     c.tile_floats = (int64_t)tile_blocks(d) * d * SUB;
@@ -1343,11 +1698,15 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
        the selection scratch takes the sub-blocks' lower bounds (lowp_bounds) */
     const int dh = (d + 1) / 2;
     c.Rp = (R + 15) / 16 * 16;
-    const size_t qt_bytes = c.lowp ? align64((size_t)dh * c.Rp * 4) : 0, x_bytes = c.lowp ? align64((size_t)d * nbp * 4) : 0;
+    /* int8 (fits in bf16's sizes): qt [D4][Rp], X [1 + NV][nbp], a block's u8 keys per worker; and its
+       per-row qbias, srow, erow and the column scales */
+    const size_t qt_bytes = c.lowp ? align64((size_t)dh * c.Rp * 4) : 0;
+    const size_t x_bytes = c.lowp ? align64((size_t)(d > 1 + NV ? d : 1 + NV) * nbp * 4) : 0;
     const size_t kb_bytes = c.lowp ? align64((size_t)SUB * dh * 4 + ((size_t)d + 32) * 4) : 0;
+    const size_t r8_bytes = c.lowp == 8 ? align64((size_t)(c.Rp + 2 * R + d) * 4) : 0;
     if (c.lowp || !KEEP_M) c.sel = kth_floats(NS * nbp > cap ? NS * nbp : cap);   /* a selection over sub-blocks */
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qt, X shared; per worker: kth, start, rank, tiles (see run_part) */
-        shared = t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + qt_bytes + x_bytes;
+        shared = t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + r8_bytes + qt_bytes + x_bytes;
         c.ws_stride = align64((size_t)(c.sel + align8(nbp + 1) + cap) * 4) + (c.keep_T ? 0 : (size_t)c.tile_floats * 4) + kb_bytes;
     } else {                     /* per worker: tau, kth, M, cs, start, rows, ci, rank, cnt, S, T */
         c.ws_stride = align64((size_t)(8 + c.sel + nbp + cap + align8(nbp + 1) + nbp + 2 * cap + 16 + nbp * NS + c.tile_floats) * 4) + t_bytes;
@@ -1363,8 +1722,19 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.ci = (int32_t *)(ws + t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + c_bytes);
     c.S = (float *)(ws + t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + 2 * c_bytes);
     c.ws = ws + shared;
+#if INT8
+    if (c.lowp == 8) {
+        c.qt = (uint32_t *)(ws + shared - qt_bytes - x_bytes);
+        c.X = (float *)(ws + shared - x_bytes);
+        c.qbias = (int32_t *)(ws + shared - qt_bytes - x_bytes - r8_bytes);
+        c.srow = (float *)(c.qbias + c.Rp);
+        c.erow = c.srow + R;
+        c.gcol = c.erow + R;
+        int8_setup(&c, q, n_max);
+    }
+#endif
 #if LOWP
-    if (c.lowp) {
+    if (c.lowp == 16) {
         uint32_t *qt = (uint32_t *)(ws + shared - qt_bytes - x_bytes);
         c.qt = qt;
         c.X = (float *)(ws + shared - x_bytes);

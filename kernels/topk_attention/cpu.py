@@ -8,8 +8,9 @@ reference (the kernel flags them instead of testing every score).
 
 The C source is built once per machine by `kernels.cbuild` (the system C compiler, -march=native, a
 cache folder shared by concurrent processes and workers).
-Where the CPU has AVX512_BF16, pass 1 of a serving call (>= 16 queries) scores in bf16 with a proven error
-bound and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`, cpu.c's header).
+Where the CPU has AVX512_VNNI, pass 1 of a serving call with >= 64 queries (>= 32 without AVX512_BF16) scores in
+int8, else where it has AVX512_BF16 (>= 16 queries) in bf16, each with a proven error bound, and pass 2 rescores in
+fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`, cpu.c's header).
 `available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
@@ -77,8 +78,8 @@ def build_tag() -> str:
 
 
 def pass1_bits(rows: int, d: int, serving: bool = True) -> int:
-    """16 when the loaded build scores pass 1 of such a call in bf16 (AVX512_BF16 targets, serving layout, enough
-    rows; pass 2 and the result stay fp32), else 32."""
+    """8 when the loaded build scores pass 1 of such a call in int8 (AVX512_VNNI targets), 16 in bf16 (AVX512_BF16
+    targets), both for the serving layout with enough rows (pass 2 and the result stay fp32), else 32."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
@@ -109,10 +110,14 @@ def topk_fused(
     lengths: torch.Tensor | int,
     k: int,
     segments: Sequence[int] | None = None,
+    *,
+    build: tuple[str, ...] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
-    Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k]."""
-    lib = _lib()
+    Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k].
+    `build`: extra flags of the build to run (`load`), e.g. ("-mno-avx512vnni",) for the bf16 pass 1 where the
+    default build runs int8: benchmarks compare them (the results are the same bit for bit)."""
+    lib = load(build) if build else _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log); use retrieval.topk")
     if query.device.type != "cpu" or keys.device.type != "cpu":

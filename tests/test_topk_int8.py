@@ -1,0 +1,170 @@
+"""The int8 pass 1 of the fused CPU top-k kernel (kernels/topk_attention/cpu.c, AVX512_VNNI, serving calls with
+>= 64 rows): its pruning bound must never drop an event of the top k, so the native build (int8 pass 1 on a VNNI
+CPU) returns the fp32-pass1 build's indices and scores bit for bit, on random and adversarial data. On a CPU
+without VNNI the native build runs another pass 1 and the comparisons still hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from kernels.topk_attention import cpu
+from kernels.topk_attention.reference import topk_reference
+from test_topk_cpu_fused import _adversarial, _both_pass1s, assert_same_topk, cpu_has, using
+
+ROWS = 64   # the fewest rows the int8 pass takes where bf16 is there too (cpu.c's INT8_MIN_ROWS)
+
+
+def _int8(q, keys, n, k, segments=None):
+    """The native build's result, equal bit for bit to the fp32-pass1 build's."""
+    with using("native"):
+        got = cpu.topk_fused(q, keys, n, k, segments)
+    with using("fp32-pass1"):
+        want = cpu.topk_fused(q, keys, n, k, segments)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    return got
+
+
+def test_int8_pass1_runs_where_the_cpu_has_vnni():
+    with using("native"):
+        bits = cpu.pass1_bits(200, 33)
+        assert bits == (8 if cpu_has("avx512_vnni") else 16 if cpu_has("avx512_bf16") else 32)
+        assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
+        if bits == 8:
+            assert cpu.pass1_bits(ROWS, 33) == 8 and cpu.pass1_bits(ROWS - 1, 33) == (16 if cpu_has("avx512_bf16") else 8)   # exact int32 dots need 127^2 * d (d rounded up to 4) < 2^24: bf16 beyond d = 1024
+            assert cpu.pass1_bits(200, 1024) == 8 and cpu.pass1_bits(200, 1025) == (16 if cpu_has("avx512_bf16") else 32)
+
+
+def _int8_case(kind, L, gen, rows=ROWS, d=33):
+    """Queries [rows, d] and keys [L, d] that stress the int8 pass's bound (cpu.c's header), beyond _adversarial's."""
+    q, x = torch.randn(rows, d, generator=gen), torch.randn(L, d, generator=gen)
+    if kind == "zero_keys":             # zero keys (scale floor), a zero query row, a zero block
+        x[: L // 2] = 0.0
+        q[3] = 0.0
+    elif kind == "tiny_queries":        # every query below the 2^-40 scale floor: q~ all 0, the bound is all slack
+        q = q * 1e-15
+    elif kind == "huge_queries":        # queries past 2^47: those rows are not quantized (rescored in full)
+        q[::3] = q[::3] * 1e20
+        x = x * 1e-20
+    elif kind == "one_huge_block" and L:  # one event past 2^47: its block is not quantized, the others are
+        x[L // 3] = x[L // 3] * 1e14
+    elif kind == "folded_position":     # DARE's serving search: query column 1, a key column ~100x smaller
+        q[:, -1] = 1.0 * d**0.5         # (times sqrt(d): topk_fused scales the query by 1/sqrt(d))
+        x[:, -1] = 0.01 * torch.linspace(-1, 1, L)
+    elif kind == "mixed_scales":        # columns of very different sizes in both queries and keys
+        c = 2.0 ** torch.randint(-12, 13, (d,), generator=gen).float()
+        q, x = q * c, x / c.flip(0)
+    return q, x
+
+
+KINDS = ["normal", "near_ties", "bf16_boundaries", "outlier", "denormal", "huge", "all_equal", "integers",
+         "zero_keys", "tiny_queries", "huge_queries", "one_huge_block", "folded_position", "mixed_scales"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("L", [0, 1, 63, 64, 65, 5_037])
+def test_int8_pass1_equals_the_fp32_kernel_and_the_reference(kind, L):
+    gen = torch.Generator().manual_seed(L + len(kind))
+    exact = kind in ("integers", "all_equal")   # d = 16: the scale 1/4 is exact, so is every score
+    d = 16 if exact else 33
+    if kind in KINDS[:8]:
+        q, x = _adversarial(kind, L, gen, rows=ROWS, d=d)
+    else:
+        q, x = _int8_case(kind, L, gen, d=d)
+    scores, idx = _int8(q, x, L, 20)
+    if exact:   # the reference's result bit for bit, ties to the lower index
+        ref_scores, ref_idx = topk_reference(q, x, L, 20)
+        assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+    elif kind not in ("huge_queries", "one_huge_block"):   # cancellation in 1e20 * 1e-20 terms, or beside 1e14 ones:
+        # BLAS's summation order differs from the kernel's beyond the tolerance (the fp32 kernel's result is checked)
+        assert_same_topk(q, x, L, 20, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))
+
+
+def _inverted(L, rows=ROWS, d=33):
+    """Data that int8 ranks upside down, within its bound (cpu.c's header): every row q = +-1 (one sign pattern);
+    event 0 of each 64-event block -127 q (all columns, so the column scales are 1 and the block's key scale
+    t = 1); "up" events 0.5 + 2^-8 q in all but 2 columns (k~ = q there: int8 dot 127 (d - 2), exact ~(d - 2) / 2);
+    "down" events (0.5 - u) q in every column, u ~ 2^-12 distinct (k~ = 0: int8 dot 0, exact ~d / 2, the top).
+    Sub-blocks 1-3 of every 4th block hold "down" events, of the others "up" events, sub-block 0 zeros but event 0.
+    Each one's int8 error is ~127 d / 2 of the bound's ~(127 d + K1) / 2: a bound a quarter as large (or half)
+    drops every "down" sub-block, as int8 ranks them below every "up" one by 127 (d - 2) ~ the bound."""
+    sign = torch.where(torch.arange(d) % 3 == 1, -1.0, 1.0)
+    q = sign.expand(rows, d).clone()
+    e = torch.arange(L)
+    block, sub = e // 64, e % 64 // 16
+    down = (block % 4 == 3) & (sub > 0)
+    up = (block % 4 != 3) & (sub > 0)
+    u = 2.0**-12 * (1 + (e % 97).float() / 97)
+    x = torch.zeros(L, d)
+    x[down] = (0.5 - u[down])[:, None] * sign
+    x[up] = 0.5 + 2.0**-8
+    x[up, -2:] = 0.0
+    x[up] = x[up] * sign
+    x[e % 64 == 0] = -127.0 * sign
+    return q, x
+
+
+@pytest.mark.parametrize("L", [3_001, 5_037])
+def test_int8_pass1_finds_the_events_it_ranks_last(L):
+    q, x = _inverted(L)
+    scores, idx = _int8(q, x, L, 20)
+    e = idx.flatten()
+    assert bool(((e // 64 % 4 == 3) & (e % 64 >= 16)).all())   # all top events are "down" events
+    assert_same_topk(q, x, L, 20, None, scores, idx)
+
+
+@pytest.mark.parametrize("kind", ["near_ties", "inverted"])
+def test_int8_pass1_with_two_threads_and_a_tail_block(kind):
+    L = 30_001
+    q, x = _inverted(L, rows=80) if kind == "inverted" else _adversarial(kind, L, torch.Generator().manual_seed(5), rows=80)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        scores, idx = _int8(q, x, L, 20)
+    finally:
+        torch.set_num_threads(before)
+    assert_same_topk(q, x, L, 20, None, scores, idx, near_ties=True)
+
+
+@pytest.mark.parametrize("layout", ["dims_strided", "rows_strided"])
+def test_int8_pass1_strided_keys(layout):
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(ROWS, 33, generator=gen)
+    base = torch.randn(33, 4_001, generator=gen).t() if layout == "dims_strided" else torch.randn(8_002, 33, generator=gen)[::2]
+    scores, idx = _int8(q, base, 4_001, 20)
+    assert_same_topk(q, base, 4_001, 20, None, scores, idx)
+
+
+def test_int8_pass1_serving_segments_and_large_k():
+    """DARE's segments [32, 1] (the position column's scale 1), k > L and k past a block's events."""
+    gen = torch.Generator().manual_seed(7)
+    q, x = _int8_case("folded_position", 20_000, gen, rows=200)
+    for L, k in [(20_000, 20), (20_000, 300), (50, 64)]:
+        scores, idx = _int8(q, x, L, k, [32, 1])
+        assert_same_topk(q, x, L, k, [32, 1], scores, idx)
+
+
+def test_all_three_pass1s_agree():
+    gen = torch.Generator().manual_seed(8)
+    q, x = torch.randn(200, 33, generator=gen), torch.randn(10_000, 33, generator=gen)
+    want = _int8(q, x, 10_000, 20)
+    got = _both_pass1s(q, x, 10_000, 20)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(ROWS, 100), L=st.integers(0, 3_000), k=st.integers(1, 70), d=st.sampled_from([1, 2, 3, 4, 5, 16, 17, 33]),
+    kind=st.sampled_from(["normal", "near_ties", "integers", "zero_keys", "folded_position", "mixed_scales"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_int8_pass1(rows, L, k, d, kind, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, x = (_adversarial if kind in ("normal", "near_ties", "integers") else _int8_case)(kind, L, gen, rows=rows, d=d)
+    scores, idx = _int8(q, x, L, k)
+    if kind == "integers" and d in (1, 4, 16):   # exact scale 1/sqrt(d): exact scores
+        ref_scores, ref_idx = topk_reference(q, x, L, k)
+        assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
+    else:
+        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "mixed_scales"))
