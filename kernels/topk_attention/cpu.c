@@ -94,15 +94,16 @@
      A = 1.01 (2 d lam + lam (sum |q_j| + sum |x_j|)) < sigma (|q_j| <= 127.5 g_j s <= 2^15 s, the same for x,
      s, t >= 2^-40, sigma >= 2^-80). So |s - sigma P| <= sigma E with
        E = K1 c_k + e_r,  c_k = alpha + g_2d (127 + alpha),  e_r = alpha Q1 + d alpha^2 + g_2d (127 + alpha) alpha d + 1
-     (c_k and e_r are rounded up to fp32; K1 is the sub-block's largest, an upper bound for each of its events).
-     int8_bounds evaluates, per sub-block with m its largest P: c = fl(s_r t_b) (s_r = fl(1 / inv_s),
-     t_b = fl(1 / inv_t): c = sigma (1 + th), |th| <= 3.01 2^-24), E' = fl(fma(K1, c_k, e_r)) >= E (1 - 2^-24),
-     E2 = fl(fma(fl(|m| + E'), 2^-20, E')) >= E' + 2^-20 (|m| + E') (1 - 2^-23) - 2^-24 E', U = fl(c fl(m + E2)),
-     W = fl(c fl(m - E2)). The slack E2 - E >= 2^-20 (1 - 2^-3 - 2^-22) (|m| + E') exceeds what the roundings of
-     the sum, c and the product take, 5.1 2^-24 (|m| + E2) (an underflow of the product, < 2^-149, is far below
-     sigma 2^-24 as |m| + E' >= 1), so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the
-     pruning argument above holds word for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs
-     flag their rows as in the fp32 pass: whatever pass 1 made of them is discarded. */
+     (c_k >= its value; K1 is the sub-block's largest, an upper bound for each of its events). For a sub-block
+     with m its largest P, |m| <= 127 Q1 and K1 <= 127 d, so |m| + E <= Z = 127 Q1 + 127 d c_k + e_r; the row's
+     constant e2_r = e_r + 2^-20 Z is rounded up to fp32 (erow) and int8_bounds evaluates c = fl(s_r t_b)
+     (s_r = fl(1 / inv_s), t_b = fl(1 / inv_t): c = sigma (1 + th), |th| <= 3.01 2^-24),
+     E2 = fl(fma(K1, c_k, e2_r)) >= E + 2^-20 Z (1 - 2^-4 - 2^-24), U = fl(c fl(m + E2)), W = fl(c fl(m - E2)).
+     The slack E2 - E >= 0.93 2^-20 Z exceeds what the roundings of the sum, c and the product take,
+     5.2 2^-24 (|m| + E2) <= 5.3 2^-24 Z (an underflow of the product, < 2^-149, is far below sigma 2^-24 as Z >= 1),
+     so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the pruning argument above holds word
+     for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs flag their rows as in the fp32
+     pass: whatever pass 1 made of them is discarded. */
 
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
@@ -172,9 +173,9 @@ typedef struct {
     float *X;                /* lowp: [d][nbp] per block, fl(max over its events of |x_j| + RHO) */
     float c_eps, a_eps;      /* lowp: eps_b = fl(c_eps sum_j fl(|q_j| + RHO) X[j][b] + a_eps) */
     int32_t *qbias;          /* int8: [Rp] -128 sum_j q~_rj (qt holds the s8 query quads [D4][Rp]; X [nbp] t_b, [nbp][NV] K1) */
-    float *srow, *erow;      /* int8: [R] s_r (inf: row not quantized) and e_r */
+    float *srow, *erow;      /* int8: [R] s_r (inf: row not quantized) and e2_r */
     float *gcol;             /* int8: [d] column scales g_j (powers of two) */
-    float c_k;               /* int8: E = fl(K1 c_k + e_r) */
+    float c_k;               /* int8: E2 = fl(K1 c_k + e2_r) (the header) */
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
     int x_ok[MAX_THREADS];
 } call_t;
@@ -984,12 +985,12 @@ static void pass1_int8(const call_t *c, const float *keys, int64_t n, int64_t b0
 }
 
 /* Row r after an int8 pass 1: S's exact dot maxima m become U = fl(c fl(m + E2)) and W = fl(c fl(m - E2)) with
-   c = fl(s_r t_b), E = fl(K1 c_k + e_r), E2 = E + 2^-20 (|m| + E) (the header's bound); a row or block that was not
-   quantized gets U = inf, W = -inf. Returns the threshold, as lowp_bounds. */
+   c = fl(s_r t_b), E2 = fl(K1 c_k + e2_r) (the header's bound); a row or block that was not quantized gets U = inf,
+   W = -inf. Returns the threshold, as lowp_bounds. */
 static float int8_bounds(const call_t *c, int r, float *S, int64_t nb, int k, float *kth) {
     static const int32_t quarter[16] = {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3};
     const __m512 s = _mm512_set1_ps(c->srow[r]), er = _mm512_set1_ps(c->erow[r]), ck = _mm512_set1_ps(c->c_k);
-    const __m512 slack = _mm512_set1_ps(0x1p-20f), inf = _mm512_set1_ps(INFINITY);
+    const __m512 inf = _mm512_set1_ps(INFINITY);
     const __m512i qi = _mm512_loadu_si512(quarter);
     __m512 top[2] = {_mm512_set1_ps(-INFINITY), _mm512_set1_ps(-INFINITY)};
     for (int64_t b = 0; b < nb; b += 4) {   /* 4 blocks of NV = 4 sub-blocks per vector */
@@ -1000,10 +1001,7 @@ static float int8_bounds(const call_t *c, int r, float *S, int64_t nb, int k, fl
         const __mmask16 open = _mm512_cmp_ps_mask(cst, inf, _CMP_EQ_OQ);   /* not quantized: rescored in full */
         float *Sw = S + b * NV;
         const __m512 m = _mm512_maskz_loadu_ps(sm, Sw);
-        const __m512 e = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(sm, c->X + c->nbp + b * NV), ck, er);
-        /* an empty sub-block (m = -inf) stays -inf in both */
-        const __m512 absm = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ), _mm512_abs_ps(m));
-        const __m512 e2 = _mm512_fmadd_ps(_mm512_add_ps(absm, e), slack, e);
+        const __m512 e2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(sm, c->X + c->nbp + b * NV), ck, er);   /* m = -inf stays */
         const __m512 upper = _mm512_mask_blend_ps(open, _mm512_mul_ps(cst, _mm512_add_ps(m, e2)), inf);
         const __m512 lower = _mm512_mask_blend_ps(open, _mm512_mul_ps(cst, _mm512_sub_ps(m, e2)), _mm512_set1_ps(-INFINITY));
         _mm512_mask_storeu_ps(Sw, sm, upper);
@@ -1596,6 +1594,14 @@ int topk_pass1_bits(int R, int d, int64_t key_row_stride) {
 #if INT8
 static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
 
+/* mx[j] = max(mx[j], |x_j|) for j < d (mx holds d rounded up to 16). */
+static inline void fold_abs_max(float *mx, const float *x, int d) {
+    for (int j = 0; j < d; j += 16) {
+        const __mmask16 in = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1u);
+        _mm512_storeu_ps(mx + j, _mm512_max_ps(_mm512_loadu_ps(mx + j), _mm512_abs_ps(_mm512_maskz_loadu_ps(in, x + j))));
+    }
+}
+
 /* The int8 pass's per-call state (see the header): column scales g_j from the queries and a sample of the keys,
    each row's s8 query, bias, s_r and e_r, and c_k. */
 static void int8_setup(call_t *c, const float *q, int64_t n) {
@@ -1605,16 +1611,24 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
        their median, within [-8, 8]: a column far smaller in the keys than in the queries (DARE's folded position)
        no longer sets a row's scale alone. Any powers of two keep the bound; these make it tight. */
     int ex[INT8_MAX_D], sorted[INT8_MAX_D], n_ok = 0;
+    float qc[INT8_MAX_D + 16], xc[INT8_MAX_D + 16], row[INT8_MAX_D + 16];
+    memset(qc, 0, sizeof(float) * (size_t)(d + 16));
+    memset(xc, 0, sizeof(float) * (size_t)(d + 16));
+    for (int r = 0; r < R; r++) fold_abs_max(qc, q + (int64_t)r * d, d);
     const int64_t ns = n < 256 ? n : 256;
-    for (int j = 0; j < d; j++) {
-        float qc = 0.0f, xc = 0.0f;
-        for (int r = 0; r < R; r++) qc = fmaxf(qc, fabsf(q[(int64_t)r * d + j]));
-        for (int64_t i = 0; i < ns; i++) {
-            const int64_t e = ns > 1 ? i * (n - 1) / (ns - 1) : 0;
-            xc = fmaxf(xc, fabsf(c->keys[e * c->stride_l + j * c->stride_d]));
+    for (int64_t i = 0; i < ns; i++) {
+        const int64_t e = ns > 1 ? i * (n - 1) / (ns - 1) : 0;
+        const float *x = c->keys + e * c->stride_l;
+        if (c->stride_d != 1) {
+            for (int j = 0; j < d; j++) row[j] = x[j * c->stride_d];
+            x = row;
         }
+        fold_abs_max(xc, x, d);
+    }
+    for (int j = 0; j < d; j++) {
         ex[j] = INT32_MIN;
-        if (qc > 0.0f && xc > 0.0f && qc <= FLT_MAX && xc <= FLT_MAX) sorted[n_ok++] = ex[j] = (int)lrint(0.5 * log2((double)qc / xc));
+        if (qc[j] > 0.0f && xc[j] > 0.0f && qc[j] <= FLT_MAX && xc[j] <= FLT_MAX)
+            sorted[n_ok++] = ex[j] = (int)lrint(0.5 * log2((double)qc[j] / xc[j]));
     }
     int med = 0;
     if (n_ok) {
@@ -1635,8 +1649,13 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
     int8_t q8[INT8_MAX_D + 16];
     for (int r = 0; r < R; r++) {
         const float *qr = q + (int64_t)r * d;
-        float maxq = 0.0f;
-        for (int j = 0; j < d; j++) maxq = fmaxf(maxq, fabsf(qr[j]) / c->gcol[j]);
+        __m512 mq = _mm512_setzero_ps();
+        for (int j = 0; j < d; j += 16) {   /* |q_j| / g_j: exact (powers of two); a NaN is this row's flag's business */
+            const __mmask16 in = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1u);
+            mq = _mm512_max_ps(mq, _mm512_div_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(in, qr + j)),
+                                                 _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, c->gcol + j)));
+        }
+        const float maxq = _mm512_reduce_max_ps(mq);
         const int ok = maxq <= 0x1p47f;
         const float inv_s = !ok ? 0.0f : maxq > 127.0f * 0x1p-40f ? 127.0f / maxq : 0x1p40f;
         c->srow[r] = ok ? 1.0f / inv_s : INFINITY;
@@ -1659,9 +1678,10 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
             memcpy(&word, q8 + 4 * i, 4);
             qt[(int64_t)i * Rp + r] = word;
         }
-        const double er = alpha * _mm512_reduce_add_epi32(q1) + d * alpha * alpha + g2d * (127 + alpha) * alpha * d + 1;
-        c->erow[r] = (float)er;
-        if ((double)c->erow[r] < er) c->erow[r] = nextafterf(c->erow[r], INFINITY);
+        const double q1s = _mm512_reduce_add_epi32(q1), er = alpha * q1s + d * alpha * alpha + g2d * (127 + alpha) * alpha * d + 1;
+        const double e2r = er + 0x1p-20 * (127 * q1s + 127.0 * d * c->c_k + er);   /* the header's e2_r */
+        c->erow[r] = (float)e2r;
+        if ((double)c->erow[r] < e2r) c->erow[r] = nextafterf(c->erow[r], INFINITY);
     }
 }
 #endif
