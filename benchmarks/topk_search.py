@@ -182,7 +182,7 @@ def run(device, quick, reps, pass1_variants=False):
                         "exact": bool(torch.equal(idx, exact_idx)),
                     }
                 if "median_s" in row.get("fused_c", {}):   # 16: pass 1 in bf16, 8 int8 (FLOP fractions count fp32 FLOPs)
-                    row["fused_c"]["pass1_bits"] = fused.pass1_bits(C, d)
+                    row["fused_c"]["pass1_bits"] = fused.pass1_bits(C, d, length=L)
                 if "dispatch" in row and device == "cpu":
                     row["dispatch"]["chose"] = dispatch.choose(q, keys, L, K)
                 compare(row)

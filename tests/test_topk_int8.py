@@ -1,7 +1,8 @@
 """The int8 pass 1 of the fused CPU top-k kernel (kernels/topk_attention/cpu.c, AVX512_VNNI, serving calls with
->= 64 rows): its pruning bound must never drop an event of the top k, so the native build (int8 pass 1 on a VNNI
-CPU) returns the fp32-pass1 build's indices and scores bit for bit, on random and adversarial data. On a CPU
-without VNNI the native build runs another pass 1 and the comparisons still hold."""
+>= 64 rows and >= 4096 events): its pruning bound must never drop an event of the top k, so it returns the
+fp32-pass1 build's indices and scores bit for bit, on random and adversarial data. The comparisons run the native
+build with INT8_MIN_LEN = 0 (int8 on short histories too: tail blocks, k > L). On a CPU without VNNI that build
+runs another pass 1 and the comparisons still hold."""
 
 from __future__ import annotations
 
@@ -11,29 +12,34 @@ from hypothesis import given, settings, strategies as st
 
 from kernels.topk_attention import cpu
 from kernels.topk_attention.reference import topk_reference
-from test_topk_cpu_fused import _adversarial, _both_pass1s, assert_same_topk, cpu_has, using
+from test_topk_cpu_fused import VARIANTS, _adversarial, _both_pass1s, assert_same_topk, cpu_has, using
 
 ROWS = 64   # the fewest rows the int8 pass takes where bf16 is there too (cpu.c's INT8_MIN_ROWS)
+INT8 = ("-DINT8_MIN_LEN=0",)   # the native build, int8 whatever the history's length
+FP32 = VARIANTS["fp32-pass1"]
 
 
 def _int8(q, keys, n, k, segments=None):
-    """The native build's result, equal bit for bit to the fp32-pass1 build's."""
-    with using("native"):
-        got = cpu.topk_fused(q, keys, n, k, segments)
-    with using("fp32-pass1"):
-        want = cpu.topk_fused(q, keys, n, k, segments)
+    """The int8 build's result, equal bit for bit to the fp32-pass1 build's."""
+    got = cpu.topk_fused(q, keys, n, k, segments, build=INT8)
+    want = cpu.topk_fused(q, keys, n, k, segments, build=FP32)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     return got
 
 
 def test_int8_pass1_runs_where_the_cpu_has_vnni():
+    bf16 = 16 if cpu_has("avx512_bf16") else 32
     with using("native"):
         bits = cpu.pass1_bits(200, 33)
-        assert bits == (8 if cpu_has("avx512_vnni") else 16 if cpu_has("avx512_bf16") else 32)
+        assert bits == (8 if cpu_has("avx512_vnni") else bf16)
         assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
-        if bits == 8:
-            assert cpu.pass1_bits(ROWS, 33) == 8 and cpu.pass1_bits(ROWS - 1, 33) == (16 if cpu_has("avx512_bf16") else 8)   # exact int32 dots need 127^2 * d (d rounded up to 4) < 2^24: bf16 beyond d = 1024
-            assert cpu.pass1_bits(200, 1024) == 8 and cpu.pass1_bits(200, 1025) == (16 if cpu_has("avx512_bf16") else 32)
+        if bits == 8:   # bf16 (where there) takes fewer rows and shorter histories
+            assert cpu.pass1_bits(ROWS, 33) == 8 and cpu.pass1_bits(ROWS - 1, 33) == (16 if bf16 == 16 else 8)
+            assert cpu.pass1_bits(200, 33, length=4096) == 8 and cpu.pass1_bits(200, 33, length=4095) == (16 if bf16 == 16 else 8)
+            # exact int32 dots need 127^2 * d (d rounded up to 4) < 2^24: bf16 beyond d = 1024
+            assert cpu.pass1_bits(200, 1024) == 8 and cpu.pass1_bits(200, 1025) == bf16
+    lib = cpu.load(INT8)
+    assert lib.topk_pass1_bits(ROWS, 33, 0, 1) == (8 if cpu_has("avx512_vnni") else bf16)
 
 
 def _int8_case(kind, L, gen, rows=ROWS, d=33):
@@ -125,6 +131,30 @@ def test_int8_pass1_with_two_threads_and_a_tail_block(kind):
     finally:
         torch.set_num_threads(before)
     assert_same_topk(q, x, L, 20, None, scores, idx, near_ties=True)
+
+
+@pytest.mark.parametrize("bad", ["nan_key", "inf_key", "inf_query", "nan_query", "overflow"])
+def test_int8_pass1_non_finite_inputs_go_to_the_reference(bad):
+    """As in the fp32 pass: such rows are flagged and recomputed by the reference, whatever the int8 pass made of
+    them (a NaN key quantizes to garbage; an inf key or query row is not quantized)."""
+    gen = torch.Generator().manual_seed(9)
+    q, x = torch.randn(ROWS + 16, 33, generator=gen), torch.randn(5_000, 33, generator=gen)
+    if bad == "nan_key":
+        x[1_234, 5] = float("nan")
+    elif bad == "inf_key":
+        x[77, 0] = float("-inf")
+    elif bad == "inf_query":
+        q[7, 3] = float("inf")
+    elif bad == "nan_query":
+        q[70, 32] = float("nan")
+    else:
+        q[5] = q[5].abs() * 1e30      # d max|q| max|x| past FLT_MAX / 2 for row 5 only; positive, so that its
+        x[4_000] = x[4_000].abs() * 1e10   # score is +inf (inf - inf would make the reference's order batch-dependent)
+    scores, idx = cpu.topk_fused(q, x, 5_000, 20, build=INT8)
+    ref_scores, ref_idx = topk_reference(q, x, 5_000, 20)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores.isnan(), ref_scores.isnan())
+    torch.testing.assert_close(scores.nan_to_num(), ref_scores.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["dims_strided", "rows_strided"])

@@ -71,8 +71,8 @@
    inputs flag their rows as before; in a row not flagged d max|q| max|x| < FLT_MAX / 2, so neither a
    nor eps overflows.
 
-   Pass 1 in int8 (targets with AVX512_VNNI, serving layout, R >= INT8_MIN_ROWS, d <= INT8_MAX_D; see pass1_int8;
-   before bf16 where both exist): bf16's layout (rows in the lanes, an event broadcast), four dims per 32-bit word,
+   Pass 1 in int8 (targets with AVX512_VNNI, serving layout, R >= INT8_MIN_ROWS, L >= INT8_MIN_LEN, d <= INT8_MAX_D;
+   see pass1_int8; before bf16 where both exist): bf16's layout (rows in the lanes, an event broadcast), four dims per 32-bit word,
    vpdpbusd (four u8 x s8 multiply-adds per lane and instruction: at d = 33, 9 instructions and an integer maximum
    per event and 16 rows where bf16 takes 17 and a maximum). Quantization, exactly:
      Column scales g_j = 2^e_j, e_j in [-8, 8] (int8_setup: ~log2 sqrt(max_r |q_rj| / max |x_j|) over a sample of
@@ -292,6 +292,13 @@ static inline void sub_maxima(const vf a[NV], float sub[NS]) {
    8.7 / 11.4. Against fp32 (a target with VNNI but no bf16): C = 16 0.24 / 0.19 and 1.9 / 2.1, C = 32 0.32 / 0.39
    and 2.7 / 3.5 (ms int8 / fp32). */
 #define INT8_MIN_ROWS (LOWP ? 64 : 32)
+/* Shorter histories, with bf16 beside: pass 2 (more sub-blocks pass the int8 bound: ~48 per row at L = 100k,
+   d = 33 where bf16 passes ~34) outweighs pass 1 (C = 200, one thread, ms int8 / bf16: L = 1k d = 33 0.45 / 0.42,
+   d = 64 0.60 / 0.52; L = 2k 0.40 / 0.42 and 0.78 / 0.73; L = 4k 0.57 / 0.63 and 1.09 / 1.07; L = 8k 0.87 / 1.01
+   and 1.65 / 1.78). Tests build with 0 to run the int8 pass on short histories too. */
+#ifndef INT8_MIN_LEN
+#define INT8_MIN_LEN (LOWP ? 4096 : 0)
+#endif
 
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
 static inline int tile_blocks(int d) {
@@ -1584,10 +1591,11 @@ static int forked;
 static void mark_forked(void) { forked = 1; }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
-/* 8 when a call with these sizes runs pass 1 in int8, 16 in bf16 (see the header), else 32: what a measurement ran. */
-int topk_pass1_bits(int R, int d, int64_t key_row_stride) {
+/* 8 when a call with these sizes (n: the longest history) runs pass 1 in int8, 16 in bf16 (see the header), else
+   32: what a measurement ran. */
+int topk_pass1_bits(int R, int d, int64_t key_row_stride, int64_t n) {
     if (key_row_stride != 0 || R < LOWP_MIN_ROWS) return 32;
-    if (INT8 && d <= INT8_MAX_D && R >= INT8_MIN_ROWS) return 8;
+    if (INT8 && d <= INT8_MAX_D && R >= INT8_MIN_ROWS && n >= INT8_MIN_LEN) return 8;
     return LOWP && d <= LOWP_MAX_D ? 16 : 32;
 }
 
@@ -1702,7 +1710,7 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.nbp = nbp;
     c.cap = (int)cap;
     c.sel = kth_floats(nbp > cap ? nbp : cap);
-    c.lowp = topk_pass1_bits(R, d, key_row_stride);
+    c.lowp = topk_pass1_bits(R, d, key_row_stride, n_max);
     if (c.lowp == 32) c.lowp = 0;
     /* the bf16 pass reads the keys untransposed: pass 2 transposes the sub-blocks it rescores (sub_block_of) */
     c.keep_T = key_row_stride != 0 || (!c.lowp && !few_rows_skip_T(R, k, nb));

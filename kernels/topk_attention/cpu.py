@@ -8,9 +8,10 @@ reference (the kernel flags them instead of testing every score).
 
 The C source is built once per machine by `kernels.cbuild` (the system C compiler, -march=native, a
 cache folder shared by concurrent processes and workers).
-Where the CPU has AVX512_VNNI, pass 1 of a serving call with >= 64 queries (>= 32 without AVX512_BF16) scores in
-int8, else where it has AVX512_BF16 (>= 16 queries) in bf16, each with a proven error bound, and pass 2 rescores in
-fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`, cpu.c's header).
+Where the CPU has AVX512_VNNI, pass 1 of a serving call with >= 64 queries and >= 4096 events (>= 32 queries and
+any length without AVX512_BF16) scores in int8, else where it has AVX512_BF16 (>= 16 queries) in bf16, each with a
+proven error bound, and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`,
+cpu.c's header).
 `available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
@@ -58,7 +59,7 @@ def load(extra_flags: tuple[str, ...] = ()):
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.topk_search.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, i32]
     lib.topk_search.restype = i32
-    lib.topk_pass1_bits.argtypes = [i32, i32, i64]
+    lib.topk_pass1_bits.argtypes = [i32, i32, i64, i64]
     lib.topk_pass1_bits.restype = i32
     return lib
 
@@ -77,13 +78,14 @@ def build_tag() -> str:
     return _loaded[()].stem if available() and () in _loaded else "none"
 
 
-def pass1_bits(rows: int, d: int, serving: bool = True) -> int:
-    """8 when the loaded build scores pass 1 of such a call in int8 (AVX512_VNNI targets), 16 in bf16 (AVX512_BF16
-    targets), both for the serving layout with enough rows (pass 2 and the result stay fp32), else 32."""
+def pass1_bits(rows: int, d: int, serving: bool = True, length: int = 1 << 20) -> int:
+    """8 when the loaded build scores pass 1 of such a call (`length`: the history's events) in int8 (AVX512_VNNI
+    targets; where bf16 is there too, from 4096 events), 16 in bf16 (AVX512_BF16 targets), both for the serving
+    layout with enough rows (pass 2 and the result stay fp32), else 32."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
-    return int(lib.topk_pass1_bits(rows, d, 0 if serving else 1))
+    return int(lib.topk_pass1_bits(rows, d, 0 if serving else 1, length))
 
 
 def cpu_model() -> str:
