@@ -79,7 +79,7 @@
      the keys; any powers of two keep the bound below, these keep one column, such as DARE's folded position, 100x
      smaller in the keys than in the queries, from setting the scales). Row r: M = max_j |q_j| / g_j (exact),
      inv_s = fl(127 / M), 2^40 where M < 127 2^-40, p_j = inv_s / g_j (exact), q~_j = RNE(fl(q_j p_j)) in
-     [-127, 127] (q_j p_j <= 127 (1 + 2^-24)). Block b: K = max over its events and j of |x_j| g_j (exact),
+     [-127, 127] (q_j p_j <= 127 (1 + w)^2 < 127.5). Block b: K = max over its events and j of |x_j| g_j (exact),
      inv_t = fl(127 / K) (2^40 below 127 2^-40), h_j = g_j inv_t (exact), k~_j = RNE(fl(x_j h_j)) in [-127, 127],
      stored k~ + 128 as u8 (dims past d: 0); the accumulators start at -128 sum_j q~_j, so the int32 result is
      P = sum_j q~_j k~_j exactly (|P| <= 127^2 D < 2^24 with D = d rounded up to 4, d <= INT8_MAX_D: exact in fp32
@@ -96,14 +96,14 @@
        E = K1 c_k + e_r,  c_k = alpha + g_2d (127 + alpha),  e_r = alpha Q1 + d alpha^2 + g_2d (127 + alpha) alpha d + 1
      (c_k >= its value; K1 is the sub-block's largest, an upper bound for each of its events). For a sub-block
      with m its largest P, |m| <= 127 Q1 and K1 <= 127 d, so |m| + E <= Z = 127 Q1 + 127 d c_k + e_r; the row's
-     constant e2_r = e_r + 2^-20 Z is rounded up to fp32 (erow) and int8_bounds evaluates c = fl(s_r t_b)
-     (s_r = fl(1 / inv_s), t_b = fl(1 / inv_t): c = sigma (1 + th), |th| <= 3.01 2^-24),
-     E2 = fl(fma(K1, c_k, e2_r)) >= E + 2^-20 Z (1 - 2^-4 - 2^-24), U = fl(c fl(m + E2)), W = fl(c fl(m - E2)).
-     The slack E2 - E >= 0.93 2^-20 Z exceeds what the roundings of the sum, c and the product take,
-     5.2 2^-24 (|m| + E2) <= 5.3 2^-24 Z (an underflow of the product, < 2^-149, is far below sigma 2^-24 as Z >= 1),
-     so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the pruning argument above holds word
-     for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs flag their rows as in the fp32
-     pass: whatever pass 1 made of them is discarded. */
+     constant e2_r = e_r + 2^-18 Z is rounded up to fp32 (erow) and int8_bounds evaluates c = fl(s_r t_b)
+     (s_r = fl(1 / inv_s), t_b = fl(1 / inv_t): c = sigma (1 + th), |th| <= 3.01 w, w = 2^-23 as above: any
+     faithful rounding), E2 = fl(fma(K1, c_k, e2_r)) >= E + 2^-18 Z (1 - 2^-5 - 2^-22), U = fl(c fl(m + E2)),
+     W = fl(c fl(m - E2)). The slack E2 - E >= 0.96 2^-18 Z = 30.7 w Z exceeds what the roundings of the sum, c and
+     the product take, 5.1 w (|m| + E2) <= 5.2 w Z (a product flushed or rounded below 2^-126 is off by < 2^-126, far
+     below sigma w Z >= 2^-103), so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the pruning
+     argument above holds word for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs flag
+     their rows as in the fp32 pass: whatever pass 1 made of them is discarded. */
 
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
@@ -1687,7 +1687,7 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
             qt[(int64_t)i * Rp + r] = word;
         }
         const double q1s = _mm512_reduce_add_epi32(q1), er = alpha * q1s + d * alpha * alpha + g2d * (127 + alpha) * alpha * d + 1;
-        const double e2r = er + 0x1p-20 * (127 * q1s + 127.0 * d * c->c_k + er);   /* the header's e2_r */
+        const double e2r = er + 0x1p-18 * (127 * q1s + 127.0 * d * c->c_k + er);   /* the header's e2_r */
         c->erow[r] = (float)e2r;
         if ((double)c->erow[r] < e2r) c->erow[r] = nextafterf(c->erow[r], INFINITY);
     }
