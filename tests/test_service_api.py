@@ -356,6 +356,17 @@ def test_writes_refused_without_a_configured_key(bundles, tmp_path, monkeypatch)
         assert r.status_code == 403 and "no API key is configured" in r.json()["detail"]
 
 
+def test_non_finite_scores_are_503_not_null(bundles, tmp_path):
+    """The response writer (orjson) would write a NaN score as null: a model that produces one answers 503."""
+    with live(service_config(None, tmp_path, bundle=bundles[0])) as (srv, client):
+        body = {"user_id": 1, "candidates": [CAND]}
+        assert client.post("/v1/score", json=body).status_code == 200
+        with torch.no_grad():
+            srv.runtime.scorer.model.model.mlp.net[-1].bias.fill_(float("nan"))
+        r = client.post("/v1/score", json=body)
+        assert r.status_code == 503 and "non-finite" in r.json()["detail"], r.text
+
+
 def test_state_store_down_is_503_not_500(bundles, tmp_path):
     import psutil
 

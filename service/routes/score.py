@@ -1,11 +1,13 @@
 """POST /v1/score: score one user's candidates (through the app's micro-batcher)."""
 
 import logging
+import math
 
 import numpy as np
+import orjson
 import redis
 from fastapi import APIRouter, HTTPException
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel
 
 from service import schemas
@@ -36,11 +38,17 @@ def router(score_request: type[BaseModel]) -> APIRouter:
         except Exception as e:  # noqa: BLE001 - the model failed on this request: say so, never a 500
             log.exception("scoring user %s failed", req.user_id)
             raise HTTPException(503, f"scoring failed ({type(e).__name__})") from None
-        # Built by hand: validating C floats through the response model costs more than the forward.
+        if not all(map(math.isfinite, res.scores)):   # orjson would write NaN as null
+            log.error("user %s: the model produced non-finite scores", req.user_id)
+            raise HTTPException(503, "scoring failed (non-finite scores)")
+        # Built by hand: validating C floats through the response model costs more than the forward, and
+        # orjson writes them in ~10 us where json.dumps took ~140 us for 200 (float repr).
         # the version of the model that ran this request's batch, not the one current when it was queued
         # (a reload in between would otherwise label one model's scores with the other's version)
-        return JSONResponse({"user_id": req.user_id, "model_version": res.version, "history_length": res.history_length,
-                             "scores": res.scores, "explanations": res.explanations}
-                            | ({"memory": res.memory} if res.memory is not None else {}))
+        body = {"user_id": req.user_id, "model_version": res.version, "history_length": res.history_length,
+                "scores": res.scores, "explanations": res.explanations}
+        if res.memory is not None:
+            body["memory"] = res.memory
+        return Response(orjson.dumps(body), media_type="application/json")
 
     return r
