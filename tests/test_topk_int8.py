@@ -157,6 +157,18 @@ def test_int8_pass1_non_finite_inputs_go_to_the_reference(bad):
     torch.testing.assert_close(scores.nan_to_num(), ref_scores.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d", [1_021, 1_024])
+def test_int8_pass1_at_the_largest_d(d):
+    """d = 1024: dots up to 127^2 * 1024, just below 2^24 (exact in fp32); +-1 entries make them all reach it."""
+    gen = torch.Generator().manual_seed(d)
+    q = torch.randint(0, 2, (ROWS, d), generator=gen).float() * 2 - 1
+    x = torch.randint(0, 2, (300, d), generator=gen).float() * 2 - 1
+    x[7] = q[0]                      # row 0's score d / sqrt(d): its int8 dot is 127^2 d
+    scores, idx = _int8(q, x, 300, 20)
+    assert int(idx[0, 0]) == 7
+    assert_same_topk(q, x, 300, 20, None, scores, idx, near_ties=True)
+
+
 @pytest.mark.parametrize("layout", ["dims_strided", "rows_strided"])
 def test_int8_pass1_strided_keys(layout):
     gen = torch.Generator().manual_seed(6)
