@@ -14,6 +14,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +106,33 @@ def fma_peak(threads: int) -> float | None:
             return None
         out = subprocess.run([str(exe), str(threads)], capture_output=True, text=True, check=True).stdout
     return float(out.split()[0])
+
+
+def _matmul_seconds(_=None) -> float:
+    import torch
+
+    torch.set_num_threads(1)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(100):
+        a @ b
+    return time.perf_counter() - t
+
+
+def fp_scaling() -> dict:
+    """Whether this machine's cores add up for floating-point work: the same one-thread fp32 matmul loop in
+    one process, then in two at once. A VM's two vCPUs can be one physical core's SMT siblings, whose
+    vector units the two share: two processes then take ~2x as long each (seen on a Zen 4 VM), and a
+    server's concurrent requests get no more FP throughput than one (its many-client figures say so)."""
+    import multiprocessing as mp
+
+    one = _matmul_seconds()
+    with mp.get_context("spawn").Pool(2) as pool:
+        two = pool.map(_matmul_seconds, [0, 1])
+    return {"matmul_512_x100_one_process_s": round(one, 3), "two_processes_s": [round(x, 3) for x in two],
+            "slowdown_two_vs_one": round(sum(two) / len(two) / one, 2)}
 
 
 def add_out_arg(parser, name: str) -> None:

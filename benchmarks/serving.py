@@ -51,7 +51,7 @@ import numpy as np
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-from _machine import add_out_arg, emit  # noqa: E402
+from _machine import add_out_arg, emit, fp_scaling  # noqa: E402
 
 from recsys.net import free_port  # noqa: E402
 
@@ -414,6 +414,7 @@ def main() -> None:
     from service.state import StateStore
 
     memory = {} if args.memory == "none" else {b: True for b in args.memory.split("+")}
+    scaling = fp_scaling()  # before any server: what the 8-client figures can gain from the second core
     results, forward, redis_bytes = [], [], {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -500,6 +501,7 @@ def main() -> None:
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},
         "targets": targets,
+        "machine": {"fp_scaling": scaling},
     }, args.out)
 
 
