@@ -82,8 +82,9 @@ def test_int8_pass1_equals_the_fp32_kernel_and_the_reference(kind, L):
     if exact:   # the reference's result bit for bit, ties to the lower index
         ref_scores, ref_idx = topk_reference(q, x, L, 20)
         assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
-    elif kind not in ("huge_queries", "one_huge_block"):   # cancellation in 1e20 * 1e-20 terms, or beside 1e14 ones:
-        # BLAS's summation order differs from the kernel's beyond the tolerance (the fp32 kernel's result is checked)
+    elif kind not in ("huge_queries", "one_huge_block", "mixed_scales"):
+        # cancellation (1e20 * 1e-20 terms, terms beside 1e14 ones, columns 2^24 apart): BLAS's summation order differs
+        # from the kernel's beyond the tolerance there (_int8 checked the fp32 kernel's result bit for bit)
         assert_same_topk(q, x, L, 20, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))
 
 
@@ -208,5 +209,6 @@ def test_property_int8_pass1(rows, L, k, d, kind, seed):
     if kind == "integers" and d in (1, 4, 16):   # exact scale 1/sqrt(d): exact scores
         ref_scores, ref_idx = topk_reference(q, x, L, k)
         assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
-    else:
-        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "mixed_scales"))
+    elif kind != "mixed_scales":   # as above: only the fp32 kernel's result, bit for bit
+        # integers with an inexact scale 1/sqrt(d): exact ties become rounding artefacts of each summation order
+        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "integers"))
