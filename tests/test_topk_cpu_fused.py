@@ -402,5 +402,5 @@ def test_property_bf16_pass1(rows, L, k, d, kind, seed):
     if kind == "integers" and d in (1, 4, 16, 64):   # exact scale 1/sqrt(d): exact scores
         ref_scores, ref_idx = topk_reference(q, x, L, k)
         assert torch.equal(idx, ref_idx) and torch.equal(scores, ref_scores)
-    else:
-        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries"))
+    else:   # integers with an inexact scale 1/sqrt(d): exact ties become rounding artefacts of each summation order
+        assert_same_topk(q, x, L, k, None, scores, idx, near_ties=kind in ("near_ties", "bf16_boundaries", "integers"))
