@@ -122,10 +122,11 @@ def _matmul_seconds(_=None) -> float:
 
 
 def fp_scaling() -> dict:
-    """Whether this machine's cores add up for floating-point work: the same one-thread fp32 matmul loop in
-    one process, then in two at once. A VM's two vCPUs can be one physical core's SMT siblings, whose
-    vector units the two share: two processes then take ~2x as long each (seen on a Zen 4 VM), and a
-    server's concurrent requests get no more FP throughput than one (its many-client figures say so)."""
+    """Whether this machine's cores add up for floating-point work right now: the same one-thread fp32 matmul
+    loop in one process, then in two at once. On a VM the second vCPU can share a physical core with the
+    first or with another tenant: on one Zen 4 VM two processes took 1.7-2.1x as long each at midday and
+    0.97x an hour later. Where they slow down, a server's concurrent requests get little more FP throughput
+    than one, and the many-client figures of the same run say so."""
     import multiprocessing as mp
 
     one = _matmul_seconds()
