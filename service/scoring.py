@@ -76,14 +76,19 @@ COST_MIN_SPREAD = 0.1
 # whole path ran ~3.8x the index's inside the scorer), so every 32nd (3%) would have been the p99 itself.
 EXPLORE_EVERY = 256
 EXPLORE_FACTOR = 4.0
+# ... and the first timing of each part is not fitted: a process's first seed search cost 15.7 ms where the
+# next ones cost ~1 ms (library loads, cold caches and tables; L = 100k, Zen 4), which priced the index path
+# above the whole read, so 17% of requests took the 2.4x dearer path until an exploring request re-timed it.
+COST_WARMUP = 1
 
 
 class LinearCost:
     """seconds ~ a + b x for one part of one path (x: events, or blocks), fitted to the requests this process
     served: least squares with each request's weight decaying by 1 - COST_RATE per later one."""
 
-    def __init__(self, pinned: tuple[float, float] | None = None):
+    def __init__(self, pinned: tuple[float, float] | None = None, warmup: int = 0):
         self.pinned = pinned   # (a, b): not learned (tests, benchmarks: a forced path)
+        self.warmup = warmup   # first timings not fitted (COST_WARMUP): until then the part counts as untimed
         self.seen = 0
         self._sums = (0.0, 0.0, 0.0, 0.0, 0.0)   # weight, x, y, x^2, x y
         self._lock = threading.Lock()             # two scoring threads share a Scorer
@@ -93,6 +98,9 @@ class LinearCost:
             return
         k = 1.0 - COST_RATE
         with self._lock:
+            if self.warmup > 0:
+                self.warmup -= 1
+                return
             w, sx, sy, sxx, sxy = self._sums
             self._sums = (k * w + 1, k * sx + x, k * sy + y, k * sxx + x * x, k * sxy + x * y)
             self.seen += 1
@@ -131,11 +139,11 @@ class PathCosts:
     and what that costs depends on where Redis runs and how loaded it is, which a synthetic calibration could
     only measure by writing to the store it serves from. Every request of a path times it anyway."""
 
-    read: LinearCost = field(default_factory=LinearCost)
-    forward: LinearCost = field(default_factory=LinearCost)
-    seed: LinearCost = field(default_factory=LinearCost)
-    index: LinearCost = field(default_factory=LinearCost)
-    beyond_sure: LinearCost = field(default_factory=LinearCost)
+    read: LinearCost = field(default_factory=lambda: LinearCost(warmup=COST_WARMUP))
+    forward: LinearCost = field(default_factory=lambda: LinearCost(warmup=COST_WARMUP))
+    seed: LinearCost = field(default_factory=lambda: LinearCost(warmup=COST_WARMUP))
+    index: LinearCost = field(default_factory=lambda: LinearCost(warmup=COST_WARMUP))
+    beyond_sure: LinearCost = field(default_factory=LinearCost)   # a count, not a timing: nothing cold in it
     explore_every: int = EXPLORE_EVERY
     _turns: itertools.count = field(default_factory=itertools.count)
 

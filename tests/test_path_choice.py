@@ -20,7 +20,7 @@ from recsys.models import build_model
 from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
 from service.redis_conn import connect
-from service.scoring import COST_RATE, EXPLORE_FACTOR, LinearCost, PathCosts, Scorer, ScoreJob
+from service.scoring import COST_RATE, COST_WARMUP, EXPLORE_FACTOR, LinearCost, PathCosts, Scorer, ScoreJob
 from service.state import Event, StateStore
 from helpers import prefer_recent_positions
 from test_service_support import cleanup_server_keys
@@ -200,23 +200,40 @@ def test_exploring_requests_take_the_dearer_path_only_within_the_factor(users):
 
 
 def test_timings_fit_the_costs_and_each_path_is_timed_once_its_rival_has_been(users):
-    """A fresh scorer: the fixed rule takes one path (here the index: the position term prunes); the next
-    request, past the seed search, takes the untimed whole read; from then on both are timed and every
-    request feeds the path it took."""
+    """A fresh scorer: the fixed rule takes one path (here the index: the position term prunes) until its
+    parts are timed past their warm-up (COST_WARMUP: a process's first timing is not fitted); then requests,
+    past the seed search, take the untimed whole read until it is timed too; from then on both are timed and
+    every request feeds the path it took."""
     serving, handle, store = users
     scorer = Scorer(serving, store, ServiceMetrics())
     costs = scorer.path_costs(serving.version)
+    assert COST_WARMUP == 1
     first = scorer.run(_jobs(1, users=(3,)))[0]
     assert first.blocks_read is not None
+    assert costs.index.seen == costs.seed.seen == 0 and costs.index.predict(3) is None   # the warm-up timing
+    assert scorer.run(_jobs(1, seed=1, users=(3,)))[0].blocks_read is not None
     assert costs.index.seen == costs.seed.seen == 1 and costs.forward.seen == costs.read.seen == 0
-    second = scorer.run(_jobs(1, seed=1, users=(3,)))[0]
-    assert second.blocks_read is None
-    assert costs.seed.seen == 2 and costs.index.seen == 1 and costs.forward.seen == costs.read.seen == 1
+    for j in (2, 3):   # the whole read: its warm-up, then its first fitted timing
+        assert scorer.run(_jobs(1, seed=j, users=(3,)))[0].blocks_read is None
+    assert costs.seed.seen == 3 and costs.index.seen == 1 and costs.forward.seen == costs.read.seen == 1
     assert costs.forward.predict(300) > 0 and costs.read.predict(300) > 0 and costs.index.predict(3) > 0
-    out = scorer.run(_jobs(4, seed=2))
+    out = scorer.run(_jobs(4, seed=4))
     taken = sum(r.blocks_read is not None for r in out)
     assert costs.index.seen == 1 + taken and costs.forward.seen == 1 + 4 - taken
     assert scorer.path_costs("another") is not costs and scorer.path_costs(serving.version) is not costs
+
+
+def test_a_cold_first_timing_does_not_price_a_path_out():
+    """A process's first seed search cost 15.7 ms where the next ones cost ~1 ms: fitted, it priced the index
+    path above the whole read until an exploring request (every 256th) timed it again."""
+    costs = PathCosts()
+    for y in (0.0157, 0.001, 0.001):
+        costs.seed.observe(1, y)
+    for y in (0.2, 0.004, 0.004):
+        costs.index.observe(30, y)
+    assert costs.seed.predict(1) == pytest.approx(0.001) and costs.index.predict(30) == pytest.approx(0.004)
+    assert costs.prefer_index(0.017, 30, True, False) is True
+    assert PathCosts().beyond_sure.warmup == 0   # a block count, not a timing: its first value is as good
 
 
 def test_fallbacks_chosen_by_cost_make_the_first_read_bring_the_whole_sequence(users):
