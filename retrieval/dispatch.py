@@ -60,6 +60,7 @@ import torch
 
 from kernels import cbuild
 from kernels.topk_attention import cpu as fused
+from retrieval import lend
 from retrieval.cpu import topk_blocked, topk_chunked
 from retrieval.serving import topk_shared
 
@@ -388,4 +389,11 @@ def topk(
         if torch.as_tensor(lengths).numel() != query.shape[0]:
             return topk_chunked(query, keys, lengths, k, segments)
     layout = "serving" if shared else "training"
-    return CANDIDATES[layout][choose(query, keys, lengths, k)](query, keys, lengths, k, segments)
+    name = choose(query, keys, lengths, k)
+    lender = lend.current()
+    if lender is not None and name == "fused":   # a service batch with a core to spare (retrieval.lend)
+        n = max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))
+        split = lender.search(query, keys, n, k, segments)
+        if split is not None:
+            return split
+    return CANDIDATES[layout][name](query, keys, lengths, k, segments)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import torch
 
 from recsys.config.http import ServiceConfig
 from retrieval import dispatch
+from retrieval.lend import CoreLender
 from service.batching import MicroBatcher
 from service.metrics import ServiceMetrics
 from service.model_state import ModelStateUpdater, ServingModel
@@ -49,6 +51,7 @@ class Runtime:
     stream: EventStream | None = None
     scorer: Scorer | None = None
     batcher: MicroBatcher | None = None
+    lender: CoreLender | None = None  # an idle core for a batch's search (retrieval.lend), if configured
     worker: StreamWorker | None = None
     worker_thread: threading.Thread | None = None
     worker_stop: threading.Event | None = None
@@ -65,6 +68,8 @@ class Runtime:
         # a request never waits for the top-k path's measurement: new shape classes run the fixed rule
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
+        if cfg.http.lend_idle_core:
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads())
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)
@@ -131,6 +136,8 @@ class Runtime:
             await asyncio.to_thread(self.worker_thread.join)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.lender is not None:
+            self.lender.close()
         if self.request_redis is not None:
             self.request_redis.close()
         if self.redis is not None:
@@ -152,7 +159,8 @@ class Runtime:
     def set_model(self, model: ServingModel) -> None:
         previous = None if self.scorer is None else self.scorer.version
         if self.scorer is None:
-            self.scorer = Scorer(model, self.store, self.metrics, self.config.http.memory_rebuild_max_events)
+            self.scorer = Scorer(model, self.store, self.metrics, self.config.http.memory_rebuild_max_events,
+                                 lender=self.lender)
         else:
             self.scorer.model = model
         if self.worker is not None:

@@ -20,6 +20,7 @@ the index is expected to cost more, by the timings of both paths on this process
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -30,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from retrieval.lend import CoreLender
 from service.metrics import ServiceMetrics
 from service.model_state import ServingModel
 from service.state import StateStore, UserView
@@ -181,8 +183,9 @@ class PathCosts:
 
 class Scorer:
     def __init__(self, model: ServingModel, store: StateStore, metrics: ServiceMetrics, rebuild_max_events: int = 0,
-                 costs: Callable[[], PathCosts] = PathCosts):
+                 costs: Callable[[], PathCosts] = PathCosts, lender: CoreLender | None = None):
         self.model = model
+        self.lender = lender
         self.store = store
         self.metrics = metrics
         self.rebuild_max_events = rebuild_max_events
@@ -203,6 +206,10 @@ class Scorer:
 
     def run(self, jobs: Sequence[ScoreJob]) -> list[ScoreResult | Exception]:
         """Score a micro-batch. A Redis failure fails the whole batch (raised); a model error, one job."""
+        with self.lender.scoring() if self.lender is not None else contextlib.nullcontext():
+            return self._run(jobs)
+
+    def _run(self, jobs: Sequence[ScoreJob]) -> list[ScoreResult | Exception]:
         t0 = time.perf_counter()
         model = self.model  # one model for the whole batch, even if a reload swaps it meanwhile
         out: list[ScoreResult | Exception | None] = [None] * len(jobs)

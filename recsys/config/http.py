@@ -65,6 +65,10 @@ class HttpConfig(StrictModel):
                              "status, duration_ms, request_id)")
     torch_threads: int | None = Field(None, ge=1, description="threads torch may use for a forward (None: torch's "
                                       "default)")
+    lend_idle_core: bool = Field(True, description="while fewer micro-batches score than the process has cores "
+                                 "for (score_concurrency x torch_threads below them), a long history's top-k search "
+                                 "borrows an idle core: its two halves searched at once, the same result "
+                                 "(retrieval.lend)")
 
     def resolved_api_key(self) -> str | None:
         """The key write/admin endpoints require; RECSYS_API_KEY wins and is held to the same length rule as
