@@ -391,7 +391,7 @@ def topk(
     layout = "serving" if shared else "training"
     name = choose(query, keys, lengths, k)
     lender = lend.current()
-    if lender is not None and name == "fused":   # a service batch with a core to spare (retrieval.lend)
+    if lender is not None and shared and name == "fused":   # a service batch with a core to spare (retrieval.lend)
         n = max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))
         split = lender.search(query, keys, n, k, segments)
         if split is not None:

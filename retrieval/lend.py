@@ -25,7 +25,7 @@ import contextlib
 import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -47,8 +47,9 @@ class CoreLender:
     """Cores the process may use, `cores`, of which each batch in `scoring()` takes `threads_per_batch`;
     while at least one more is free, one search at a time may borrow it."""
 
-    def __init__(self, cores: int, threads_per_batch: int = 1):
+    def __init__(self, cores: int, threads_per_batch: int = 1, on_split: Callable[[bool], None] | None = None):
         self.cores, self.threads_per_batch = cores, threads_per_batch
+        self._on_split = on_split   # called after each split search: True when its second half was taken back
         self._lock = threading.Lock()
         self._batches = 0
         self._lent = False
@@ -104,15 +105,17 @@ class CoreLender:
             self._give_back()
             raise
         older = fused.topk_fused(query, keys[:half], half, k, segments, bad_rows=bad[0])
-        if lent.cancel():   # not started: the lent core is busy elsewhere, so search that half here
+        taken_back = lent.cancel()   # not started: the lent core is busy elsewhere, so search that half here
+        if taken_back:
             self._give_back()
             second = fused.topk_fused(query, keys[half:n], n - half, k, segments, bad_rows=bad[1])
-            with self._lock:
-                self.taken_back += 1
         else:
             second = lent.result()
         with self._lock:
             self.splits += 1
+            self.taken_back += taken_back
+        if self._on_split is not None:
+            self._on_split(taken_back)
         return merge(older, second, half, bad[0] | bad[1], query, keys[:n], n, k, segments)
 
     def close(self) -> None:

@@ -69,7 +69,9 @@ class Runtime:
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
         if cfg.http.lend_idle_core:
-            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads())
+            searches = self.metrics.lent_searches
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(),
+                                     on_split=lambda back: searches.labels("batch" if back else "lent").inc())
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)

@@ -1,7 +1,8 @@
 """A serving search split over an idle core (retrieval.lend): the two halves' merged top-k is the unsplit
 fused kernel's, bit for bit (indices and scores), on random and adversarial histories (ties across the split
 point, signed zeros, k beyond a half, non-finite and near-overflow inputs that send rows to the reference);
-the split runs only while a core is free, a half the lent core has not started is searched by the caller;
+the split runs only while a core is free, a half the lent core has not started is searched by the caller
+(and reported so);
 retrieval.topk splits inside a scoring batch; a service Scorer with a lender gives the scores one without gives.
 Redis: the session's own server (tests/conftest.py)."""
 
@@ -60,11 +61,12 @@ def test_split_search_equals_the_whole(split_all, kind, L, n, k):
     q, x = _case(kind, L, 12, 17, gen)
     segments = [16, 1]
     want = fused.topk_fused(q, x, n, k, segments)
-    lender = CoreLender(cores=2)
+    seen = []
+    lender = CoreLender(cores=2, on_split=seen.append)
     try:
         with lender.scoring():
             got = lender.search(q, x, n, k, segments)
-        assert got is not None and lender.splits == 1
+        assert got is not None and lender.splits == 1 and len(seen) == 1
         assert torch.equal(got[1], want[1]), (got[1] != want[1]).nonzero()[:5]
         assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))   # the same bits, NaN included
     finally:
@@ -115,13 +117,14 @@ def test_small_searches_run_whole():
 def test_a_half_the_lent_core_has_not_started_is_searched_here(split_all):
     gen = torch.Generator().manual_seed(1)
     q, x = torch.randn(16, 16, generator=gen), torch.randn(3_000, 16, generator=gen)
-    lender = CoreLender(cores=2)
+    seen = []
+    lender = CoreLender(cores=2, on_split=seen.append)
     release = threading.Event()
     blocker = lender._pool.submit(release.wait)   # the lent thread is busy elsewhere
     try:
         with lender.scoring():
             got = lender.search(q, x, 3_000, 20, None)
-        assert lender.taken_back == 1 and lender.splits == 1
+        assert lender.taken_back == 1 and lender.splits == 1 and seen == [True]
         want = fused.topk_fused(q, x, 3_000, 20)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
         with lender.scoring():                   # the borrowed core was given back
@@ -186,3 +189,18 @@ def test_a_scorer_with_a_lender_scores_as_one_without(split_all, monkeypatch, re
     finally:
         lender.close()
         cleanup_server_keys(redis_server, prefix)
+
+
+def test_the_training_layout_is_not_split(split_all, monkeypatch):
+    # one history per query (a cold user's batch forward in the service): the lender stays out of it
+    monkeypatch.setattr(dispatch, "choose", lambda *a: "fused")
+    gen = torch.Generator().manual_seed(3)
+    q, x, n = torch.randn(4, 16, generator=gen), torch.randn(4, 600, 16, generator=gen), torch.tensor([600, 1, 300, 0])
+    want = retrieval.topk(q, x, n, 8)
+    lender = CoreLender(cores=2)
+    try:
+        with lender.scoring():
+            got = retrieval.topk(q, x, n, 8)
+        assert lender.splits == 0 and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    finally:
+        lender.close()
