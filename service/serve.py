@@ -89,10 +89,21 @@ def _with_url(config: ServiceConfig, url: str) -> ServiceConfig:
     return config.model_copy(update={"serve": config.serve.model_copy(update={"state": state})})
 
 
+def for_processes(config: ServiceConfig, workers: int, ray_serve: bool) -> ServiceConfig:
+    """The config each serving process runs. Several processes share the machine's cores and cannot see which
+    the others leave idle: lending an idle core to a search (http.lend_idle_core) would then put two threads on
+    one core, so it is off for them."""
+    if (workers == 1 and not ray_serve) or not config.http.lend_idle_core:
+        return config
+    log.info("http.lend_idle_core is off with %d serving processes: each cannot see the others' idle cores", workers)
+    return config.model_copy(update={"http": config.http.model_copy(update={"lend_idle_core": False})})
+
+
 def serve(config: ServiceConfig, workers: int = 1, ray_serve: bool = False) -> None:
     """Serve until interrupted. `workers`: uvicorn worker processes, or Ray Serve replicas."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    config = for_processes(config, workers, ray_serve)
     mon = config.monitoring
     configure_logging(mon.log_level, mon.log_format)
     # uvicorn installs no handlers of its own (log_config=None): its records reach the ones set up above.

@@ -204,3 +204,15 @@ def test_the_training_layout_is_not_split(split_all, monkeypatch):
         assert lender.splits == 0 and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     finally:
         lender.close()
+
+
+def test_several_serving_processes_do_not_lend():
+    from recsys.config.http import HttpConfig, ServiceConfig
+    from service.serve import for_processes
+
+    config = ServiceConfig(http=HttpConfig(port=1234))
+    assert config.http.lend_idle_core                                   # on by default
+    assert for_processes(config, 1, False).http.lend_idle_core          # one process: it sees every idle core
+    assert not for_processes(config, 2, False).http.lend_idle_core      # uvicorn workers share the cores
+    assert not for_processes(config, 1, True).http.lend_idle_core       # so do Ray Serve replicas
+    assert for_processes(config, 2, False).http.port == 1234            # nothing else changes
