@@ -8,9 +8,10 @@ CPU's own fused multiply-add peak at its widest vectors (benchmarks/_fma_peak.c,
 matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512), and a kernel can then
 beat the matmul "peak". FLOPs are 2 C L d, fp32-equivalent: where the CPU has AVX512_BF16 the fused kernel
 scores its pruning pass in bf16 (fused_c.pass1_bits = 16), half the instructions, or in int8 where it has
-AVX512_VNNI (pass1_bits = 8), a quarter, so its fraction of the fp32 peak can pass what the same FLOPs in fp32
-could reach. --pass1-variants adds the same kernel built without VNNI (fused_c_bf16_pass1) and without VNNI and
-bf16 (fused_c_fp32_pass1): the pass-1 variants measured side by side. d = 33 is DARE's serving search (32 semantic
+AVX512_VNNI, or AVX2 without AVX-512 from 128 queries and 16384 events (pass1_bits = 8), a quarter, so its fraction
+of the fp32 peak can pass what the same FLOPs in fp32 could reach. --pass1-variants adds the same kernel built
+without VNNI (fused_c_bf16_pass1) and without VNNI and bf16 (fused_c_fp32_pass1), both without the AVX2 int8 pass
+(-DINT8_AVX2=0): the pass-1 variants measured side by side. d = 33 is DARE's serving search (32 semantic
 dims and the folded position column). Without --quick, also the training layout (one history per query), which
 retrieval.dispatch sends to the torch paths.
 
@@ -97,8 +98,8 @@ def shared(query, keys, lengths, k, segments=None):
 
 
 # The fused kernel's pass 1 variants (--pass1-variants): name -> extra build flags; the default build is fused_c.
-PASS1_VARIANTS = {"fused_c_bf16_pass1": ("-mno-avx512vnni",),
-                  "fused_c_fp32_pass1": ("-mno-avx512vnni", "-mno-avx512bf16")}
+PASS1_VARIANTS = {"fused_c_bf16_pass1": ("-mno-avx512vnni", "-DINT8_AVX2=0"),
+                  "fused_c_fp32_pass1": ("-mno-avx512vnni", "-mno-avx512bf16", "-DINT8_AVX2=0")}
 
 
 def fused_build(flags):
@@ -248,7 +249,7 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--pass1-variants", action="store_true",
-                        help="also the fused kernel built without VNNI (bf16 pass 1) and without VNNI and bf16 (fp32)")
+                        help="also the fused kernel built without int8 (bf16 pass 1) and without int8 and bf16 (fp32 pass 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 9

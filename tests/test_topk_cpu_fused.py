@@ -43,9 +43,12 @@ def assert_same_topk(q, keys, lengths, k, segments, scores, idx, near_ties=False
 # The kernel's vector code depends on the target: 16 lanes with AVX-512, 8 with AVX (AVX2: pass 1 blocks 3
 # rows x half a block in 16 registers), generic vectors without either; pass 1 of a serving call with >= 16 rows
 # scores in int8 with AVX512_VNNI ("native" on such a CPU), else in bf16 with AVX512_BF16 ("bf16-pass1" is the
-# target without VNNI), and "fp32-pass1" is the target without either. This CPU compiles all of them, so each is
-# checked here whatever CPU runs it later ("avx2" is the native build on a CPU without AVX-512).
-VARIANTS = {"native": (), "bf16-pass1": ("-mno-avx512vnni",), "fp32-pass1": ("-mno-avx512bf16", "-mno-avx512vnni"),
+# target without VNNI), and "fp32-pass1" is the target without either; AVX2 without AVX-512 scores the calls with
+# enough rows and events in int8 too ("avx2"; -DINT8_AVX2=0 keeps the fp32 and bf16 builds what they say on such a
+# CPU). This CPU compiles all of them, so each is checked here whatever CPU runs it later ("avx2" is the native build
+# on a CPU without AVX-512).
+VARIANTS = {"native": (), "bf16-pass1": ("-mno-avx512vnni", "-DINT8_AVX2=0"),
+            "fp32-pass1": ("-mno-avx512bf16", "-mno-avx512vnni", "-DINT8_AVX2=0"),
             "avx2": ("-mno-avx512f",), "no-avx": ("-mno-avx",)}
 
 
@@ -286,13 +289,16 @@ def cpu_has(flag: str) -> bool:
 
 def test_bf16_pass1_runs_where_the_cpu_has_it():
     """On an AVX512_BF16 CPU the bf16-pass1 build (the native one where the CPU has no AVX512_VNNI) scores pass 1
-    of a serving call with >= 16 rows in bf16; the other builds, the training layout and fewer rows stay fp32."""
+    of a serving call with >= 16 rows in bf16; the other builds, the training layout and fewer rows stay fp32 (but
+    the avx2 build's int8 pass, tests/test_topk_int8.py)."""
     with using("bf16-pass1"):
         assert cpu.pass1_bits(200, 33) == (16 if cpu_has("avx512_bf16") else 32)
         assert cpu.pass1_bits(15, 33) == 32 and cpu.pass1_bits(200, 33, serving=False) == 32
-    for build in ("fp32-pass1", "avx2", "no-avx"):
+    for build in ("fp32-pass1", "no-avx"):
         with using(build):
             assert cpu.pass1_bits(200, 33) == 32
+    with using("avx2"):
+        assert cpu.pass1_bits(200, 33) == 8 and cpu.pass1_bits(200, 33, serving=False) == 32
 
 
 def _adversarial(kind, L, gen, rows=40, d=33):

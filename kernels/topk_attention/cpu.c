@@ -103,7 +103,27 @@
      the product take, 5.1 w (|m| + E2) <= 5.2 w Z (a product flushed or rounded below 2^-126 is off by < 2^-126, far
      below sigma w Z >= 2^-103), so U >= sigma (m + E) and W <= sigma (m - E). These are bf16's U and W: the pruning
      argument above holds word for word (an empty sub-block has m = -inf: U = W = -inf). Non-finite inputs flag
-     their rows as in the fp32 pass: whatever pass 1 made of them is discarded. */
+     their rows as in the fp32 pass: whatever pass 1 made of them is discarded.
+
+   Pass 1 in int8 on AVX2 targets without AVX-512 (INT8_AVX2; serving layout, R >= INT8_MIN_ROWS, L >= INT8_MIN_LEN,
+   d <= INT8_MAX_D; the second pass1_int8, 8 rows per vector): the quantization and bounds above, with vpmaddubsw +
+   vpmaddwd in place of vpdpbusd. vpmaddubsw adds each two u8 x s8 products to int16 WITH SATURATION, which would make P
+   inexact, so the queries are quantized to QMAX = 63 in place of 127 (the keys as above):
+     inv_s = fl(63 / M) (2^40 where M < 63 2^-40), so q_j p_j <= 63 (1 + w)^2 < 63.5 and q~_j in [-63, 63]. With keys
+     stored k~ + 128 in [1, 255], a pair is at most 2 * 255 * 63 = 32130 < 32767 in size: none saturates. vpmaddwd by
+     ones adds a lane's two pairs to int32 and vpaddd accumulates them from -128 sum_j q~_j; every partial sum is at
+     most (128 + 255) 63 D < 2^31 in size (D <= 1024), so the result is P = sum_j q~_j k~_j exactly, |P| <= 63 * 127 D
+     < 2^24 (exact in fp32). Every step above that bounds |q~| by 127 takes QMAX = 63: P' <= sigma (63 + alpha)(K1 +
+     alpha d), so c_k = alpha + g_2d (63 + alpha) and e_r = alpha Q1 + d alpha^2 + g_2d (63 + alpha) alpha d + 1;
+     |q_j| <= 63.5 g_j s <= 2^14 s; s = fl(1 / inv_s) lies in [2^-40, 2^47 / 63 < 2^41], so s, t >= 2^-40, sigma >=
+     2^-80 and A < sigma as before. The steps that use |k~| <= 127 (|m| <= 127 Q1, K1 <= 127 d: Z = 127 Q1 + 127 d c_k
+     + e_r) and the slack (relative to Z: 30.7 w Z against 5.2 w Z, whatever QMAX) are unchanged: U >= sigma (m + E),
+     W <= sigma (m - E), and the pruning argument holds (the threshold is sub_threshold's k-th largest W).
+   Keys at 7 bits (|k~| <= 63, stored + 64) with queries at 127 keep the pairs below 2^15 too, but the keys' scale is
+   set by a whole block's largest value, so their rounding weighs more: more sub-blocks pass the bound (C = 200, L =
+   10k, one thread: 63.7 per row at d = 33 and 158.9 at d = 64, against 61.2 and 131.0 with queries at 63; the fp32
+   pass rescores 20). Signed keys with the sign moved onto the query (vpsignb, both at 127: 43.7 per row at d = 33)
+   take a fourth instruction per multiply-add step: pass 1 took 18.4 ms against 15.4 at L = 100k. */
 
 #define _POSIX_C_SOURCE 200112L
 #include <float.h>
@@ -281,23 +301,48 @@ static inline void sub_maxima(const vf a[NV], float sub[NS]) {
 #define RHO 0x1p-117f          /* added to |q_j| and X_bj so that c_rel RHO covers the denormal terms */
 #define BF16_MAX 0x1.fep127f   /* largest finite bf16: larger values are clamped, not rounded to inf */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define INT8 1                 /* this target can run pass 1 in int8 (see the header), before bf16 */
+#define INT8_VNNI 1            /* this target can run pass 1 in int8 with vpdpbusd (see the header), before bf16 */
 #else
-#define INT8 0
+#define INT8_VNNI 0
 #endif
+/* AVX2 without AVX-512: pass 1 in int8 with vpmaddubsw + vpmaddwd (see the header), queries within +-63. Where
+   AVX-512 is there without VNNI (Skylake-X) the fp32 pass stays: its 512-bit FMAs (two a cycle on the Xeons with
+   two FMA units) already do the 32 multiply-adds a cycle that 256-bit vpmaddubsw does. -DINT8_AVX2=0 turns it off
+   (the fp32-pass1 builds of the tests and benchmarks). */
+#ifndef INT8_AVX2
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+#define INT8_AVX2 1
+#else
+#define INT8_AVX2 0
+#endif
+#endif
+#if INT8_AVX2 && (INT8_VNNI || !defined(__AVX2__))
+#error "INT8_AVX2 is for AVX2 targets without AVX-512"
+#endif
+#define INT8 (INT8_VNNI || INT8_AVX2)
+#define QMAX (INT8_VNNI ? 127 : 63)   /* |q~| bound: vpmaddubsw's int16 pair sums 2 * 255 * 63 < 2^15 do not saturate */
 #define INT8_MAX_D 1024        /* exact dots in fp32: 127^2 D < 2^24 (D = d rounded up to 4) */
 /* Fewer rows: converting a block (two passes over its keys, a sum of |k~| per event) costs more than the halved
    multiply-adds save. With bf16 beside it (Zen 4, one thread, ms int8 / bf16): C = 32 L = 10k d = 33 0.32 / 0.30,
    L = 100k 2.7 / 3.0; C = 48 0.37 / 0.32 and 2.9 / 3.2; C = 64 0.43 / 0.40 and 3.5 / 4.4; C = 200 0.97 / 1.09 and
    8.7 / 11.4. Against fp32 (a target with VNNI but no bf16): C = 16 0.24 / 0.19 and 1.9 / 2.1, C = 32 0.32 / 0.39
    and 2.7 / 3.5 (ms int8 / fp32). */
-#define INT8_MIN_ROWS (LOWP ? 64 : 32)
+/* AVX2 (Zen 3, one thread, ms int8 / fp32; d = 16 / 33 / 64): the looser bound (queries at 63) sends 3 to 6 times
+   the fp32 pass's sub-blocks to pass 2 (C = 200, L = 10k: 40 / 61 / 131 per row against 20), which fewer rows
+   do not pay back: C = 64 L = 20k 0.71 / 0.64, 1.36 / 1.25, 2.28 / 2.42, L = 100k 2.98 / 3.52, 6.11 / 7.14, 12.2 /
+   15.1; C = 128 L = 20k 1.19 / 1.22, 2.15 / 2.27, 3.96 / 4.97; C = 32 L = 100k d = 33 4.03 / 3.75. Tests build
+   with 16 to run it on fewer rows too. */
+#ifndef INT8_MIN_ROWS
+#define INT8_MIN_ROWS (INT8_AVX2 ? 128 : LOWP ? 64 : 32)
+#endif
 /* Shorter histories, with bf16 beside: pass 2 (more sub-blocks pass the int8 bound: ~48 per row at L = 100k,
    d = 33 where bf16 passes ~34) outweighs pass 1 (C = 200, one thread, ms int8 / bf16: L = 1k d = 33 0.45 / 0.42,
    d = 64 0.60 / 0.52; L = 2k 0.40 / 0.42 and 0.78 / 0.73; L = 4k 0.57 / 0.63 and 1.09 / 1.07; L = 8k 0.87 / 1.01
-   and 1.65 / 1.78). Tests build with 0 to run the int8 pass on short histories too. */
+   and 1.65 / 1.78). AVX2 against fp32 (C = 200, d = 16 / 33 / 64, ms int8 / fp32): L = 1k d = 33 0.53 / 0.42;
+   L = 4k 1.01 / 0.87; L = 10k 1.01 / 1.03, 1.82 / 1.85, 3.53 / 3.50; L = 20k 1.79 / 1.87, 3.09 / 3.59, 6.61 / 7.15;
+   L = 100k 7.34 / 9.96, 13.7 / 17.8, 24.5 / 34.3. Tests build with 0 to run the int8 pass on short histories too. */
 #ifndef INT8_MIN_LEN
-#define INT8_MIN_LEN (LOWP ? 4096 : 0)
+#define INT8_MIN_LEN (INT8_AVX2 ? 16384 : LOWP ? 4096 : 0)
 #endif
 
 /* Blocks transposed and scored at once: their d * SUB floats each stay within 16 KB of L1. */
@@ -603,7 +648,7 @@ static inline void block_max_rows(const float *Tb, int64_t left, const float *q,
 }
 #endif
 
-#if LOWP || INT8
+#if LOWP || INT8_VNNI
 /* bf16 pass 1 (see the header). Rows go in the vector lanes here (fp32's pass 1 puts events there): an
    accumulator holds one event's scores for 16 rows, so a sub-block's maximum over its 16 events is 15
    vertical maxima per 16 rows, where lanes of events needed a shuffle reduction per row and block (that
@@ -821,7 +866,7 @@ static float lowp_bounds(const call_t *c, int r, float *S, int64_t nb, int k, fl
 }
 #endif
 
-#if INT8
+#if INT8_VNNI
 /* int8 pass 1 (see the header): the bf16 pass's layout (rows in the lanes, an event broadcast) with vpdpbusd, four
    u8 x s8 products per lane and instruction. qt [D4][Rp] holds the rows' s8 query quads (dims 4i .. 4i + 3), qbias
    [Rp] -128 times each row's sum of them (the keys are stored + 128 as u8), X [nbp] the blocks' key scales t_b
@@ -1018,7 +1063,7 @@ static float int8_bounds(const call_t *c, int r, float *S, int64_t nb, int k, fl
     return bounds_threshold(top, kth, (int)(NV * nb), k);
 }
 #endif
-#endif   /* LOWP || INT8 */
+#endif   /* LOWP || INT8_VNNI */
 
 /* Pass 1 over blocks [b0, b1) of T for rows [r0, r1): a tile of blocks is transposed and, while it
    sits in L1, every row scores it, keeping only each sub-block's maximum in S[row][b][s] and, with KEEP_M,
@@ -1157,6 +1202,190 @@ static float sub_threshold(const float *S, int m, int k, float *kth) {
     memcpy(kth, S, (size_t)m * sizeof(float));
     return kth_largest(kth, m, k);
 #endif
+}
+#endif
+
+#if INT8_AVX2
+/* int8 pass 1 with AVX2 (see the header): the VNNI pass's layout (rows in the lanes, 8 per vector, an event's 4-dim
+   u8 quad broadcast) and its buffers (qt [D4][Rp] s8 query quads, qbias, X [nbp] t_b and X + nbp [nbp][NS] K1). Each
+   quad is vpmaddubsw (u8 keys x s8 queries, pairs summed to int16: |pair| <= 2 * 255 * 63 < 2^15, never saturated)
+   and vpmaddwd by ones (pairs -> int32), added to the accumulator: 32 multiply-adds per cycle on Zen 3 where fp32's
+   FMAs do 16 (the two multiplies share the FMA pipes). */
+#define LE8 4   /* events per micro-tile: 4 x 3 accumulators, ones, the broadcast and a product: 15 of 16 registers */
+#define RB8 3   /* row vectors per micro-tile */
+
+static inline __m256i lanes_below(int left) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+
+/* 8 floats from x, the lanes at or past `left` 0 (not read). */
+static inline __m256 load_part(const float *x, int left) {
+    return left >= 8 ? _mm256_loadu_ps(x) : left <= 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(x, lanes_below(left));
+}
+
+/* int8_convert of the VNNI pass with 8 lanes: events [e0, e1) of block b -> kb [e - e0][D] bytes (k~ + 128; dims past d
+   128; up to 31 bytes past the last event are written), c->X[b] = t_b and the sub-blocks' largest ||k~||_1. */
+static void int8_convert(const call_t *c, const float *keys, int64_t b, int64_t e0, int64_t e1, uint8_t *kb,
+                         v8 *check, v8 *amax) {
+    const int d = c->d, D = (d + 3) / 4 * 4;
+    const float *g = c->gcol;   /* 0 past d, to D + 32 */
+    const __m256 zero = _mm256_setzero_ps(), absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 ck = zero, am = zero, colmax = zero;
+    float row[INT8_MAX_D + 32];
+    for (int j = 0; j < d; j += 8) {   /* the block's largest |x_j| g_j */
+        const int left = d - j;
+        __m256 xm = zero;
+        for (int64_t e = e0; e < e1; e++) {
+            const float *x = keys + e * c->stride_l + (int64_t)j * c->stride_d;
+            if (c->stride_d != 1) {
+                for (int t = 0; t < (left < 8 ? left : 8); t++) row[t] = x[t * c->stride_d];
+                x = row;
+            }
+            const __m256 v = load_part(x, left);
+            ck = _mm256_or_ps(ck, _mm256_mul_ps(v, zero));   /* NaN once a key is NaN or inf: an or, no add chain */
+            xm = _mm256_max_ps(xm, _mm256_and_ps(v, absm));
+        }
+        am = _mm256_max_ps(am, xm);
+        colmax = _mm256_max_ps(colmax, _mm256_mul_ps(xm, _mm256_loadu_ps(g + j)));
+    }
+    const float kmax = hmax((v8)colmax);
+    /* as the VNNI pass: inv_t = fl(127 / kmax), at most 2^40; past 2^47 (or not finite) not quantized, t_b = inf */
+    const int ok = kmax <= 0x1p47f;
+    const float inv_t = !ok ? 0.0f : kmax > 127.0f * 0x1p-40f ? 127.0f / kmax : 0x1p40f;
+    c->X[b] = ok ? 1.0f / inv_t : INFINITY;
+    float h[INT8_MAX_D + 32];   /* h_j = g_j inv_t, exact; 0 past d */
+    for (int j = 0; j < D; j += 8) _mm256_storeu_ps(h + j, _mm256_mul_ps(_mm256_loadu_ps(g + j), _mm256_set1_ps(inv_t)));
+    for (int j = D; j < (D + 31) / 32 * 32; j++) h[j] = 0.0f;
+    const __m256i bias = _mm256_set1_epi8((char)0x80), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int32_t k1[NS] = {0};
+    for (int64_t e = e0; e < e1; e++) {
+        const float *x = keys + e * c->stride_l;
+        if (c->stride_d != 1) {
+            for (int j = 0; j < d; j++) row[j] = x[j * c->stride_d];
+            x = row;
+        }
+        uint8_t *out = kb + (e - e0) * D;
+        __m256i sad = _mm256_setzero_si256();
+        for (int j = 0; j < D; j += 32) {   /* 32 dims -> 32 bytes */
+            __m256i k[4];
+            for (int u = 0; u < 4; u++)   /* RNE whatever MXCSR says; dims past d load 0 */
+                k[u] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(load_part(x + j + 8 * u, d - j - 8 * u), _mm256_loadu_ps(h + j + 8 * u)),
+                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+            /* packs interleave the 128-bit halves: dwords k0 lo, k1 lo, .., k3 lo, k0 hi, .., k3 hi -> in order */
+            const __m256i p = _mm256_xor_si256(_mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(k[0], k[1]), _mm256_packs_epi32(k[2], k[3])), order), bias);
+            sad = _mm256_add_epi64(sad, _mm256_sad_epu8(p, bias));   /* sum |k~_j| (dims past d: 0) */
+            _mm256_storeu_si256((__m256i *)(out + j), p);
+        }
+        const __m128i s2 = _mm_add_epi64(_mm256_castsi256_si128(sad), _mm256_extracti128_si256(sad, 1));
+        const int32_t sum = (int32_t)_mm_cvtsi128_si32(_mm_add_epi64(s2, _mm_unpackhi_epi64(s2, s2)));
+        const int v = (int)((e - e0) / SUBW);
+        k1[v] = sum > k1[v] ? sum : k1[v];
+    }
+    float *K1 = c->X + c->nbp + b * NS;
+    for (int v = 0; v < NS; v++) K1[v] = (float)k1[v];
+    if (check) {
+        *check += (v8)ck;
+        *amax = vmax(*amax, (v8)am);
+    }
+}
+
+/* Largest exact dots over events [0, ne) (1 <= ne <= LE8) of kb (4 D4 bytes each) for RB vectors of 8 rows (qt,
+   qbias: their first row) -> out[RB] as floats. */
+static inline __attribute__((always_inline)) void int8_tile(const uint32_t *kb, int ne, int D4, const uint32_t *qt,
+                                                            const int32_t *qbias, int64_t Rp, int RB, __m256 out[RB8]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[LE8][RB8];
+    for (int u = 0; u < RB; u++) {
+        const __m256i bias = _mm256_loadu_si256((const __m256i *)(qbias + 8 * u));
+        for (int e = 0; e < LE8; e++) acc[e][u] = bias;
+    }
+    for (int i = 0; i < D4; i++)
+        for (int e = 0; e < LE8; e++) {
+            const __m256i x = _mm256_set1_epi32((int32_t)kb[e * D4 + i]);
+            for (int u = 0; u < RB; u++)
+                acc[e][u] = _mm256_add_epi32(acc[e][u], _mm256_madd_epi16(_mm256_maddubs_epi16(x, _mm256_loadu_si256((const __m256i *)(qt + i * Rp + 8 * u))), ones));
+        }
+    for (int u = 0; u < RB; u++) {   /* events past ne (a history's end) hold stale keys: left out */
+        __m256i m = acc[0][u];
+        for (int e = 1; e < LE8; e++)
+            if (e < ne) m = _mm256_max_epi32(m, acc[e][u]);
+        out[u] = _mm256_cvtepi32_ps(m);
+    }
+}
+
+/* Sub-block maxima m[v] (lanes: rows row0 .. row0 + 7) of block b -> S[r][b][v]; rows past R are not written. */
+static inline void store_sub_maxima8(const call_t *c, const __m256 m[NS], int row0, int64_t b) {
+    const int64_t nbp = c->nbp;
+    const __m256 t0 = _mm256_unpacklo_ps(m[0], m[1]), t1 = _mm256_unpackhi_ps(m[0], m[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(m[2], m[3]), t3 = _mm256_unpackhi_ps(m[2], m[3]);
+    __m256 rs[4];   /* 128-bit half h of rs[s]: the NS sub-block maxima of row row0 + 4 h + s */
+    rs[0] = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    rs[1] = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+    rs[2] = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    rs[3] = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+    for (int s = 0; s < 4; s++)
+        for (int h = 0; h < 2; h++)
+            if (row0 + 4 * h + s < c->R)
+                _mm_storeu_ps(c->S + ((int64_t)(row0 + 4 * h + s) * nbp + b) * NS, h ? _mm256_extractf128_ps(rs[s], 1) : _mm256_castps256_ps128(rs[s]));
+}
+
+/* int8_rows of the VNNI pass: rows [8 g0, 8 g1), RB vectors at a time. */
+static inline __attribute__((always_inline)) void int8_rows(const call_t *c, const uint32_t *kb, int64_t nv, int64_t b,
+                                                            int g0, int g1, int RB, const char **pf, const char *pf_end,
+                                                            int64_t lines) {
+    const int D4 = (c->d + 3) / 4;
+    const int64_t Rp = c->Rp;
+    for (int g = g0; g + RB <= g1; g += RB) {
+        for (int64_t t = 0; t < lines && *pf < pf_end; t++, *pf += 64) __builtin_prefetch(*pf, 0, 3);
+        __m256 m[RB8][NS];
+        for (int v = 0; v < NS; v++) {
+            const int64_t first = (int64_t)SUBW * v;
+            for (int u = 0; u < RB; u++) m[u][v] = _mm256_set1_ps(-INFINITY);   /* past the history's end: no event */
+            for (int64_t e = first; e < first + SUBW && e < nv; e += LE8) {
+                __m256 t[RB8];
+                int8_tile(kb + e * D4, (int)(nv - e < LE8 ? nv - e : LE8), D4, c->qt + 8 * g, c->qbias + 8 * g, Rp, RB, t);
+                for (int u = 0; u < RB; u++) m[u][v] = _mm256_max_ps(m[u][v], t[u]);
+            }
+        }
+        for (int u = 0; u < RB; u++) store_sub_maxima8(c, m[u], 8 * (g + u), b);
+    }
+}
+
+/* pass1_int8 of the VNNI pass, 8 rows per vector. */
+static void pass1_int8(const call_t *c, const float *keys, int64_t n, int64_t b0, int64_t b1, uint8_t *kb,
+                       v8 *check, v8 *amax) {
+    const int nrv = (int)((c->R + 7) / 8), gm = nrv / RB8 * RB8, groups = gm / RB8 + (nrv > gm);
+    for (int64_t b = b0; b < b1; b++) {
+        const int64_t nv = n - b * SUB < SUB ? n - b * SUB : SUB;
+        int8_convert(c, keys, b, b * SUB, b * SUB + nv, kb, check, amax);
+        const char *pf = (const char *)(keys + (b + 1) * SUB * c->stride_l), *pf_end = pf;
+        if (b + 1 < b1 && c->stride_d == 1) {
+            const int64_t nn = n - (b + 1) * SUB < SUB ? n - (b + 1) * SUB : SUB;
+            pf_end = (const char *)(keys + ((b + 1) * SUB + nn - 1) * c->stride_l + c->d);
+        }
+        const int64_t lines = ((pf_end - pf) / 64 + groups) / groups;
+        const uint32_t *kw = (const uint32_t *)kb;
+        int8_rows(c, kw, nv, b, 0, gm, RB8, &pf, pf_end, lines);
+        if (nrv - gm == 2) int8_rows(c, kw, nv, b, gm, nrv, 2, &pf, pf_end, lines);
+        if (nrv - gm == 1) int8_rows(c, kw, nv, b, gm, nrv, 1, &pf, pf_end, lines);
+    }
+}
+
+/* int8_bounds of the VNNI pass with 8 lanes (two blocks), the threshold sub_threshold's over W. */
+static float int8_bounds(const call_t *c, int r, float *S, int64_t nb, int k, float *kth) {
+    const __m256 s = _mm256_set1_ps(c->srow[r]), er = _mm256_set1_ps(c->erow[r]), ck = _mm256_set1_ps(c->c_k);
+    const __m256 inf = _mm256_set1_ps(INFINITY), ninf = _mm256_set1_ps(-INFINITY);
+    for (int64_t b = 0; b < nb; b += 2) {   /* block nb (when nb is odd) is padding: its lanes are overwritten below */
+        const __m256 t = _mm256_setr_m128(_mm_set1_ps(c->X[b]), _mm_set1_ps(c->X[b + 1]));
+        const __m256 cst = _mm256_mul_ps(s, t);
+        const __m256 open = _mm256_cmp_ps(cst, inf, _CMP_EQ_OQ);   /* not quantized: rescored in full */
+        const __m256 m = _mm256_loadu_ps(S + b * NS);
+        const __m256 e2 = _mm256_fmadd_ps(_mm256_loadu_ps(c->X + c->nbp + b * NS), ck, er);   /* m = -inf stays */
+        _mm256_storeu_ps(S + b * NS, _mm256_blendv_ps(_mm256_mul_ps(cst, _mm256_add_ps(m, e2)), inf, open));
+        _mm256_storeu_ps(kth + b * NS, _mm256_blendv_ps(_mm256_mul_ps(cst, _mm256_sub_ps(m, e2)), ninf, open));
+    }
+    const int m = (int)(NS * nb);
+    for (int i = m; i < (m + 7) / 8 * 8; i++) kth[i] = -INFINITY;   /* sub_threshold reads 8 at a time */
+    return m > k ? sub_threshold(kth, m, k, kth) : -INFINITY;
 }
 #endif
 
@@ -1313,7 +1542,7 @@ static void pass2(const call_t *c, int r0, int r1, int64_t n, const float *T, co
             const v8 vtau = (v8){0} + tau[r - r0];
             for (int64_t b8 = 0; b8 < nb; b8 += 8) {   /* the blocks that reach tau, 8 tested at once */
                 uint32_t blocks;
-#if LOWP || INT8
+#if LOWP || INT8_VNNI
                 if (c->lowp) {   /* no block maxima: the blocks with a sub-block U >= tau */
                     const float *Sr = sub_max + ((int64_t)(r - r0) * nbp + b8) * NS;
                     const __m512 vt = _mm512_set1_ps(tau[r - r0]);
@@ -1512,13 +1741,13 @@ static void run_part(call_t *c, int t) {
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
 #if LOWP || INT8
         uint32_t *kb = (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4));   /* lowp: a block's converted keys */
-        float *xt = (float *)(kb + SUB * ((d + 1) / 2));
         if (c->lowp) {
 #if INT8
             if (c->lowp == 8 && b0 < b1) pass1_int8(c, c->keys, n, b0, b1, (uint8_t *)kb, &check, &amax);
 #endif
 #if LOWP
-            if (c->lowp == 16 && b0 < b1) pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, xt, &check, &amax);
+            if (c->lowp == 16 && b0 < b1)
+                pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, (float *)(kb + SUB * ((d + 1) / 2)), &check, &amax);
 #endif
         } else
 #endif
@@ -1602,6 +1831,7 @@ int topk_pass1_bits(int R, int d, int64_t key_row_stride, int64_t n) {
 #if INT8
 static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
 
+#if INT8_VNNI
 /* mx[j] = max(mx[j], |x_j|) for j < d (mx holds d rounded up to 16). */
 static inline void fold_abs_max(float *mx, const float *x, int d) {
     for (int j = 0; j < d; j += 16) {
@@ -1609,6 +1839,61 @@ static inline void fold_abs_max(float *mx, const float *x, int d) {
         _mm512_storeu_ps(mx + j, _mm512_max_ps(_mm512_loadu_ps(mx + j), _mm512_abs_ps(_mm512_maskz_loadu_ps(in, x + j))));
     }
 }
+
+/* max_j |q_j| / g_j (exact: powers of two); a NaN is its row's flag's business. */
+static inline float row_max(const float *qr, const float *g, int d) {
+    __m512 mq = _mm512_setzero_ps();
+    for (int j = 0; j < d; j += 16) {
+        const __mmask16 in = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1u);
+        mq = _mm512_max_ps(mq, _mm512_div_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(in, qr + j)),
+                                             _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, g + j)));
+    }
+    return _mm512_reduce_max_ps(mq);
+}
+
+/* q8[j] = q~_j = RNE(q_j p_j), p_j = inv_s / g_j (exact), for j < D (dims past d 0); *q1 = sum |q~_j|, *sum = sum q~_j. */
+static inline void row_quantize(const float *qr, const float *g, int d, int D, float inv_s, int8_t *q8, int *q1, int *sum) {
+    __m512i a1 = _mm512_setzero_si512(), as = _mm512_setzero_si512();
+    for (int j = 0; j < D; j += 16) {
+        const int left = d - j;
+        const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
+        const __m512 p = _mm512_div_ps(_mm512_set1_ps(inv_s), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, g + j));
+        __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, qr + j), p),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* within +-QMAX by construction; the clamp only keeps a NaN query (its row is redone) from -128 */
+        k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-QMAX)), _mm512_set1_epi32(QMAX));
+        a1 = _mm512_add_epi32(a1, _mm512_abs_epi32(k));
+        as = _mm512_add_epi32(as, k);
+        _mm_storeu_si128((__m128i *)(q8 + j), _mm512_cvtsepi32_epi8(k));
+    }
+    *q1 = _mm512_reduce_add_epi32(a1);
+    *sum = _mm512_reduce_add_epi32(as);
+}
+#else
+/* The same in scalar code: once per call and row, d values each. */
+static inline void fold_abs_max(float *mx, const float *x, int d) {
+    for (int j = 0; j < d; j++) mx[j] = fabsf(x[j]) > mx[j] ? fabsf(x[j]) : mx[j];
+}
+
+static inline float row_max(const float *qr, const float *g, int d) {
+    float m = 0.0f;
+    for (int j = 0; j < d; j++) m = fabsf(qr[j]) / g[j] > m ? fabsf(qr[j]) / g[j] : m;
+    return m;
+}
+
+static inline void row_quantize(const float *qr, const float *g, int d, int D, float inv_s, int8_t *q8, int *q1, int *sum) {
+    *q1 = *sum = 0;
+    for (int j = 0; j < D; j++) {
+        const float p = inv_s / (j < d ? g[j] : 1.0f), x = j < d ? qr[j] * p : 0.0f;
+        /* RNE whatever MXCSR says; the clamp only keeps a NaN query (its row is redone) in range */
+        int k = _mm_cvtss_si32(_mm_round_ss(_mm_setzero_ps(), _mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        k = k < -QMAX ? -QMAX : k > QMAX ? QMAX : k;
+        *q1 += k < 0 ? -k : k;
+        *sum += k;
+        q8[j] = (int8_t)k;
+    }
+}
+#endif
 
 /* The int8 pass's per-call state (see the header): column scales g_j from the queries and a sample of the keys,
    each row's s8 query, bias, s_r and e_r, and c_k. */
@@ -1647,8 +1932,9 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
         const int e = ex[j] == INT32_MIN ? 0 : ex[j] - med < -8 ? -8 : ex[j] - med > 8 ? 8 : ex[j] - med;
         c->gcol[j] = ldexpf(1.0f, e);
     }
+    for (int j = d; j < D + 32; j++) c->gcol[j] = 0.0f;   /* AVX2's conversion reads whole 32-dim groups */
     const double w = 0x1p-23, alpha = 0.5 + 0x1p-16, g2d = 2 * d * w / (1 - 2 * d * w);
-    const double ck = alpha + g2d * (127 + alpha);
+    const double ck = alpha + g2d * (QMAX + alpha);
     c->c_k = (float)ck;
     if ((double)c->c_k < ck) c->c_k = nextafterf(c->c_k, INFINITY);
     uint32_t *qt = (uint32_t *)c->qt;
@@ -1657,37 +1943,20 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
     int8_t q8[INT8_MAX_D + 16];
     for (int r = 0; r < R; r++) {
         const float *qr = q + (int64_t)r * d;
-        __m512 mq = _mm512_setzero_ps();
-        for (int j = 0; j < d; j += 16) {   /* |q_j| / g_j: exact (powers of two); a NaN is this row's flag's business */
-            const __mmask16 in = d - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - j)) - 1u);
-            mq = _mm512_max_ps(mq, _mm512_div_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(in, qr + j)),
-                                                 _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, c->gcol + j)));
-        }
-        const float maxq = _mm512_reduce_max_ps(mq);
+        const float maxq = row_max(qr, c->gcol, d);
         const int ok = maxq <= 0x1p47f;
-        const float inv_s = !ok ? 0.0f : maxq > 127.0f * 0x1p-40f ? 127.0f / maxq : 0x1p40f;
+        const float inv_s = !ok ? 0.0f : maxq > (float)QMAX * 0x1p-40f ? (float)QMAX / maxq : 0x1p40f;
         c->srow[r] = ok ? 1.0f / inv_s : INFINITY;
-        __m512i q1 = _mm512_setzero_si512(), sum = _mm512_setzero_si512();
-        for (int j = 0; j < D; j += 16) {   /* q~_j = RNE(q_j p_j), p_j = inv_s / g_j (exact); dims past d 0 */
-            const int left = d - j;
-            const __mmask16 in = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1u);
-            const __m512 p = _mm512_div_ps(_mm512_set1_ps(inv_s), _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), in, c->gcol + j));
-            __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, qr + j), p),
-                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            /* within +-127 by construction; the clamp only keeps a NaN query (its row is redone) from -128 */
-            k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
-            q1 = _mm512_add_epi32(q1, _mm512_abs_epi32(k));
-            sum = _mm512_add_epi32(sum, k);
-            _mm_storeu_si128((__m128i *)(q8 + j), _mm512_cvtsepi32_epi8(k));
-        }
-        c->qbias[r] = -128 * _mm512_reduce_add_epi32(sum);
+        int q1i, sum;
+        row_quantize(qr, c->gcol, d, D, inv_s, q8, &q1i, &sum);
+        c->qbias[r] = -128 * sum;
         for (int i = 0; i < D / 4; i++) {
             uint32_t word;
             memcpy(&word, q8 + 4 * i, 4);
             qt[(int64_t)i * Rp + r] = word;
         }
-        const double q1s = _mm512_reduce_add_epi32(q1), er = alpha * q1s + d * alpha * alpha + g2d * (127 + alpha) * alpha * d + 1;
-        const double e2r = er + 0x1p-18 * (127 * q1s + 127.0 * d * c->c_k + er);   /* the header's e2_r */
+        const double q1s = q1i, er = alpha * q1s + d * alpha * alpha + g2d * (QMAX + alpha) * alpha * d + 1;
+        const double e2r = er + 0x1p-18 * (127 * q1s + 127.0 * d * c->c_k + er);   /* the header's e2_r (127: |k~|'s bound) */
         c->erow[r] = (float)e2r;
         if ((double)c->erow[r] < e2r) c->erow[r] = nextafterf(c->erow[r], INFINITY);
     }
@@ -1717,8 +1986,8 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     c.tile_floats = (int64_t)tile_blocks(d) * d * SUB;
     const size_t t_bytes = c.keep_T ? align64((size_t)nb * d * SUB * sizeof(float)) : 0;
     const size_t m_bytes = align64((size_t)R * nbp * sizeof(float)), tau_bytes = align64((size_t)R * sizeof(float));
-    const size_t mx_bytes = c.lowp ? 0 : m_bytes;   /* M: the bf16 pass keeps no block maxima (pairs: m_bytes); without
-                                                          KEEP_M M holds pass 2's block lists */
+    const size_t mx_bytes = c.lowp && KEEP_M ? 0 : m_bytes;   /* M: the bf16 pass keeps no block maxima (pairs: m_bytes);
+                                                                    without KEEP_M M holds pass 2's block lists */
     size_t shared = 0;
     const size_t c_bytes = align64((size_t)R * cap * 4);
     const size_t s_bytes = align64((size_t)R * nbp * NS * sizeof(float));
@@ -1731,7 +2000,7 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     const size_t qt_bytes = c.lowp ? align64((size_t)dh * c.Rp * 4) : 0;
     const size_t x_bytes = c.lowp ? align64((size_t)(d > 1 + NV ? d : 1 + NV) * nbp * 4) : 0;
     const size_t kb_bytes = c.lowp ? align64((size_t)SUB * dh * 4 + ((size_t)d + 32) * 4) : 0;
-    const size_t r8_bytes = c.lowp == 8 ? align64((size_t)(c.Rp + 2 * R + d) * 4) : 0;
+    const size_t r8_bytes = c.lowp == 8 ? align64((size_t)(c.Rp + 2 * R + d + 36) * 4) : 0;
     if (c.lowp || !KEEP_M) c.sel = kth_floats(NS * nbp > cap ? NS * nbp : cap);   /* a selection over sub-blocks */
     if (key_row_stride == 0) {   /* T, M, pairs, tau, cs, ci, S, cnt, qt, X shared; per worker: kth, start, rank, tiles (see run_part) */
         shared = t_bytes + mx_bytes + m_bytes + 2 * tau_bytes + 2 * c_bytes + s_bytes + r8_bytes + qt_bytes + x_bytes;
