@@ -1,28 +1,31 @@
-"""An idle core lent to a serving search: the history's two halves searched at once, the results merged.
+"""An idle core lent to a serving search: the history searched in parts by two threads, the results merged.
 
 A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
 cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
 serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
-borrows one idle core, searches the newer half of the history there and the older half here, and merges the
-two top-k lists. Nothing else of the forward is split: the search is most of it at long histories.
+borrows one idle core. The history is cut into consecutive parts (2 at 10k events, 12 at 100k, 16 from 131k
+on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
+the forward is split: the search is most of it at long histories.
 
 Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
 the event loop, Redis and the client need between and beside the forward's many small ops, and a team
 member preempted by them holds the others at the kernel's barrier (Zen 3, L = 10k, C = 200: HTTP p50 9.88
-ms with two threads against 7.94 with one, README). Here the lent thread sleeps until a half arrives, and a
-half it has not started when this thread finishes its own is taken back and searched here: the search never
-waits for a core that is busy elsewhere, only for a half already running.
+ms with two threads against 7.94 with one, README). Here the lent thread sleeps until a search arrives, and
+when it is slow or busy elsewhere this thread takes the parts it has not: a search waits at most for the one
+part the lent thread is in, never for a core that has not started.
 
 Exact: the fused kernel scores each event by the same fp32 chain wherever it sits in the history, and the k
-best of the whole are among the k best of its half, so the merge by (score desc, index asc) is the unsplit
-search's result bit for bit (tests/test_lend.py). Rows that the kernel hands to the reference (non-finite or
-near-overflow inputs) in either half are searched again whole by the reference, as the unsplit call does.
+best of the whole are among the k best of their parts, so the merge by (score desc, index asc) is the
+unsplit search's result bit for bit (tests/test_lend.py). Rows that the kernel hands to the reference
+(non-finite or near-overflow inputs) in any part are searched again whole by the reference, as the unsplit
+call does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -33,7 +36,9 @@ from kernels.topk_attention import cpu as fused
 from kernels.topk_attention.reference import topk_reference
 
 SPLIT_MIN_WORK = 1 << 24   # rows x events x d below which one thread finishes first (hand-off ~0.1 ms)
-ALIGN = 64                 # the split point on the kernel's block boundary: no block is cut in two
+PART_EVENTS = 8192         # a part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row)
+MAX_PARTS = 16             # ... and this thread waits at most for the one part the lent thread is in
+ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
 
@@ -47,15 +52,16 @@ class CoreLender:
     """Cores the process may use, `cores`, of which each batch in `scoring()` takes `threads_per_batch`;
     while at least one more is free, one search at a time may borrow it."""
 
-    def __init__(self, cores: int, threads_per_batch: int = 1, on_split: Callable[[bool], None] | None = None):
+    def __init__(self, cores: int, threads_per_batch: int = 1, on_split: Callable[[int, int], None] | None = None):
         self.cores, self.threads_per_batch = cores, threads_per_batch
-        self._on_split = on_split   # called after each split search: True when its second half was taken back
+        self._on_split = on_split   # after each split search: (parts the lent thread searched, parts searched here)
         self._lock = threading.Lock()
         self._batches = 0
         self._lent = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lent-core")
-        self.splits = 0      # searches that ran split (both halves at once or taken back)
-        self.taken_back = 0  # of those, searches whose second half this thread searched itself
+        self.splits = 0      # searches that ran in parts
+        self.parts_lent = 0  # parts the lent thread searched
+        self.parts_here = 0  # parts the batches' own threads searched
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
@@ -83,56 +89,77 @@ class CoreLender:
 
     def search(self, query: torch.Tensor, keys: torch.Tensor, n: int, k: int,
                segments) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n) over the two halves of
-        the history at once, or None when no core is free or the search is too small to split (the caller
-        then runs it whole)."""
-        half = n // 2 // ALIGN * ALIGN
-        if half == 0 or query.shape[0] * n * query.shape[1] < SPLIT_MIN_WORK or not self._borrow():
+        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n) with an idle core helping,
+        or None when no core is free or the search is too small to split (the caller then runs it whole). The
+        history is cut into `parts(n)` consecutive parts that this thread and the lent one take in turn, oldest
+        first: if the lent core is slow or busy elsewhere, this thread searches the rest, and waits at most for
+        the one part the lent thread is in."""
+        bounds = parts(n)
+        if len(bounds) < 3 or query.shape[0] * n * query.shape[1] < SPLIT_MIN_WORK or not self._borrow():
             return None
-        bad = torch.empty(2, query.shape[0], dtype=torch.bool)
+        m = len(bounds) - 1
+        found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * m
+        bad = torch.zeros(m, query.shape[0], dtype=torch.bool)
+        taken = itertools.count()   # next() is atomic under the GIL: each part goes to one thread
+
+        def work() -> int:
+            done = 0
+            while (i := next(taken)) < m:
+                a, b = bounds[i], bounds[i + 1]
+                found[i] = fused.topk_fused(query, keys[a:b], b - a, k, segments, bad_rows=bad[i])
+                done += 1
+            return done
+
         inference = torch.is_inference_mode_enabled()   # thread-local: the lent thread takes the caller's
 
-        def newer():
+        def lent_work() -> int:
             try:
                 with torch.inference_mode(inference):
-                    return fused.topk_fused(query, keys[half:n], n - half, k, segments, bad_rows=bad[1])
+                    return work()
             finally:
                 self._give_back()
 
         try:
-            lent = self._pool.submit(newer)
+            lent = self._pool.submit(lent_work)
         except BaseException:
             self._give_back()
             raise
-        older = fused.topk_fused(query, keys[:half], half, k, segments, bad_rows=bad[0])
-        taken_back = lent.cancel()   # not started: the lent core is busy elsewhere, so search that half here
-        if taken_back:
+        here = work()
+        if lent.cancel():   # never started (the lent core is busy elsewhere): this thread searched every part
             self._give_back()
-            second = fused.topk_fused(query, keys[half:n], n - half, k, segments, bad_rows=bad[1])
+            there = 0
         else:
-            second = lent.result()
+            there = lent.result()
         with self._lock:
             self.splits += 1
-            self.taken_back += taken_back
+            self.parts_lent += there
+            self.parts_here += here
         if self._on_split is not None:
-            self._on_split(taken_back)
-        return merge(older, second, half, bad[0] | bad[1], query, keys[:n], n, k, segments)
+            self._on_split(there, here)
+        return merge(found, bounds, bad.any(0), query, keys[:n], n, k, segments)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
 
-def merge(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor], offset: int,
-          bad: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, n: int, k: int,
-          segments) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel's top-k of events [0, offset) (first) and [offset, n) (second, its indices relative) -> its
-    top-k of [0, n): the 2k kept sorted by score, stably, so that equal scores keep the first part's (lower)
-    indices first, each part's already index-ascending; empty slots (index -1, score -inf) sort after every
-    kept score, which is finite in a row the kernel searched. Rows either part handed to the reference (`bad`
-    [C]: the kernel flags a row by its query and the largest and non-finite keys, so the whole history flags
-    exactly the rows either part does) are searched again whole by the reference, as the kernel does."""
-    s = torch.cat([first[0], second[0]], 1)                                             # [C, 2k]
-    idx = torch.cat([first[1], torch.where(second[1] >= 0, second[1] + offset, second[1])], 1)
+def parts(n: int) -> list[int]:
+    """Bounds of the parts a lent search cuts a history of n events into: n // PART_EVENTS of them, at least 2
+    and at most MAX_PARTS, on the kernel's block boundaries; [0, n] where two block-aligned parts do not fit."""
+    m = max(2, min(MAX_PARTS, n // PART_EVENTS))
+    bounds = sorted({min(n, round(i * n / m / ALIGN) * ALIGN) for i in range(m)} | {n})
+    return bounds if len(bounds) >= 3 and bounds[1] > 0 else [0, n]
+
+
+def merge(found: list[tuple[torch.Tensor, torch.Tensor]], bounds: list[int], bad: torch.Tensor, query: torch.Tensor,
+          keys: torch.Tensor, n: int, k: int, segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's top-k of each part [bounds[i], bounds[i + 1]) (indices relative to the part) -> its top-k
+    of [0, n): all kept sorted by score, stably, so that equal scores keep the order of the parts (lower indices
+    first), each part's already index-ascending; empty slots (index -1, score -inf) sort after every kept score,
+    which is finite in a row the kernel searched. Rows any part handed to the reference (`bad` [C]: the kernel
+    flags a row by its query and the largest and non-finite keys, so the whole history flags exactly the rows
+    some part does) are searched again whole by the reference, as the kernel does."""
+    s = torch.cat([f[0] for f in found], 1)                                                 # [C, parts k]
+    idx = torch.cat([torch.where(f[1] >= 0, f[1] + a, f[1]) for f, a in zip(found, bounds)], 1)
     order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     scores, idx = s.gather(1, order), idx.gather(1, order)
     if bool(bad.any()):

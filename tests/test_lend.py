@@ -1,8 +1,8 @@
-"""A serving search split over an idle core (retrieval.lend): the two halves' merged top-k is the unsplit
-fused kernel's, bit for bit (indices and scores), on random and adversarial histories (ties across the split
-point, signed zeros, k beyond a half, non-finite and near-overflow inputs that send rows to the reference);
-the split runs only while a core is free, a half the lent core has not started is searched by the caller
-(and reported so);
+"""A serving search split over an idle core (retrieval.lend): the parts' merged top-k is the unsplit fused
+kernel's, bit for bit (indices and scores), on random and adversarial histories (ties across parts, signed
+zeros, k beyond a part, non-finite and near-overflow inputs that send rows to the reference); the parts
+cover the history on block boundaries; the split runs only while a core is free, and the parts the lent core
+has not started are searched by the caller (and reported so);
 retrieval.topk splits inside a scoring batch; a service Scorer with a lender gives the scores one without gives.
 Redis: the session's own server (tests/conftest.py)."""
 
@@ -27,9 +27,9 @@ def split_all(monkeypatch):
 
 def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     q, x = torch.randn(rows, d, generator=gen), torch.randn(L, d, generator=gen)
-    if kind == "all_equal":            # every score ties: the k lowest indices, all in the first half
+    if kind == "all_equal":            # every score ties: the k lowest indices, all in the first part
         x[:] = x[0]
-    elif kind == "mirrored":           # the second half repeats the first: each tie spans the split point
+    elif kind == "mirrored":           # the second half repeats the first: each tie spans two parts
         h = L // 2
         x[h: 2 * h] = x[:h]
     elif kind == "signed_zeros":       # +0 and -0 scores tie
@@ -55,31 +55,44 @@ KINDS = ["normal", "all_equal", "mirrored", "signed_zeros", "integers", "outlier
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("L,n,k", [(300, 300, 20), (1_000, 777, 20), (150, 150, 100), (5_000, 4_999, 64)])
+@pytest.mark.parametrize("L,n,k", [(300, 300, 20), (1_000, 777, 20), (150, 150, 100), (5_000, 4_999, 64),
+                                   (40_000, 39_000, 20)])
 def test_split_search_equals_the_whole(split_all, kind, L, n, k):
     gen = torch.Generator().manual_seed(L + n + k + len(kind))
     q, x = _case(kind, L, 12, 17, gen)
     segments = [16, 1]
     want = fused.topk_fused(q, x, n, k, segments)
     seen = []
-    lender = CoreLender(cores=2, on_split=seen.append)
+    lender = CoreLender(cores=2, on_split=lambda lent, here: seen.append((lent, here)))
     try:
         with lender.scoring():
             got = lender.search(q, x, n, k, segments)
-        assert got is not None and lender.splits == 1 and len(seen) == 1
+        assert got is not None and lender.splits == 1 and len(seen) == 1 and sum(seen[0]) == len(lend.parts(n)) - 1
         assert torch.equal(got[1], want[1]), (got[1] != want[1]).nonzero()[:5]
         assert torch.equal(got[0].view(torch.int32), want[0].view(torch.int32))   # the same bits, NaN included
     finally:
         lender.close()
 
 
-def test_merge_keeps_the_lower_index_on_a_tie_across_the_split():
-    # the same score in both halves, one slot left: the first half's event wins
+def test_merge_keeps_the_lower_index_on_a_tie_across_parts():
+    # the same score in three parts, k = 4: the earlier parts' events first
     first = (torch.tensor([[2.0, 1.0]]), torch.tensor([[3, 0]]))
     second = (torch.tensor([[2.0, -float("inf")]]), torch.tensor([[1, -1]]))
+    third = (torch.tensor([[2.0, 2.0]]), torch.tensor([[0, 5]]))
     bad = torch.zeros(1, dtype=torch.bool)
-    scores, idx = lend.merge(first, second, 64, bad, torch.zeros(1, 1), torch.zeros(100, 1), 100, 3, None)
-    assert idx.tolist() == [[3, 65, 0]] and scores.tolist() == [[2.0, 2.0, 1.0]]
+    scores, idx = lend.merge([first, second, third], [0, 64, 128, 200], bad, torch.zeros(1, 1), torch.zeros(200, 1),
+                             200, 4, None)
+    assert idx.tolist() == [[3, 65, 128, 133]] and scores.tolist() == [[2.0, 2.0, 2.0, 2.0]]
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 100, 127, 128, 129, 5_000, 10_000, 16_384, 100_000, 131_072, 1_000_000])
+def test_parts_cover_the_history_on_block_boundaries(n):
+    b = lend.parts(n)
+    assert b[0] == 0 and b[-1] == n and (n == 0 or all(x < y for x, y in zip(b, b[1:])))
+    assert all(x % lend.ALIGN == 0 for x in b[:-1])
+    if len(b) > 2:
+        assert len(b) - 1 == max(2, min(lend.MAX_PARTS, n // lend.PART_EVENTS))
+    assert (len(b) > 2) == (n > lend.ALIGN)   # two parts whenever a block-aligned first part leaves events
 
 
 def test_the_split_needs_a_free_core(split_all):
@@ -97,7 +110,7 @@ def test_the_split_needs_a_free_core(split_all):
                 assert two.search(q, x, 512, 8, None) is None
         with wide.scoring():             # a batch on two threads takes both cores
             assert wide.search(q, x, 512, 8, None) is None
-        assert two.search(q, x, 16, 8, None) is None   # too short to split (no 64-event half)
+        assert two.search(q, x, 64, 8, None) is None   # too short to split (one 64-event block)
     finally:
         for lender in (busy, two, wide):
             lender.close()
@@ -114,18 +127,18 @@ def test_small_searches_run_whole():
         lender.close()
 
 
-def test_a_half_the_lent_core_has_not_started_is_searched_here(split_all):
+def test_parts_the_lent_core_has_not_started_are_searched_here(split_all):
     gen = torch.Generator().manual_seed(1)
-    q, x = torch.randn(16, 16, generator=gen), torch.randn(3_000, 16, generator=gen)
+    q, x = torch.randn(16, 16, generator=gen), torch.randn(30_000, 16, generator=gen)
     seen = []
-    lender = CoreLender(cores=2, on_split=seen.append)
+    lender = CoreLender(cores=2, on_split=lambda lent, here: seen.append((lent, here)))
     release = threading.Event()
     blocker = lender._pool.submit(release.wait)   # the lent thread is busy elsewhere
     try:
         with lender.scoring():
-            got = lender.search(q, x, 3_000, 20, None)
-        assert lender.taken_back == 1 and lender.splits == 1 and seen == [True]
-        want = fused.topk_fused(q, x, 3_000, 20)
+            got = lender.search(q, x, 30_000, 20, None)
+        assert lender.splits == 1 and seen == [(0, 3)] and lender.parts_here == 3 and lender.parts_lent == 0
+        want = fused.topk_fused(q, x, 30_000, 20)
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
         with lender.scoring():                   # the borrowed core was given back
             assert lender._borrow()

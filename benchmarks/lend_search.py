@@ -1,0 +1,95 @@
+"""The served search with and without an idle core lent to it (retrieval.lend), measured in one run.
+
+Serving layout, DARE's serving width (d = 33: 32 semantic dims and the folded position column), k = 20, one
+torch thread (the benchmark server's), C candidates against one history of L events. For each point, in
+interleaved rounds so that load from other processes hits both alike: the fused kernel on the whole history
+(`whole`, what a batch runs when no core is free) and `CoreLender.search` (`lent`: the history's parts taken
+in turn by this thread and the lent one, the same result bit for bit; checked here). Reports medians, the ratio whole / lent, and where the split is on
+(the size rule lend.SPLIT_MIN_WORK), so the rule can be read against the crossover on this machine. Also the
+same with the lent core busy (`busy`: another process spinning, so the lent thread shares a core with it and
+this thread takes the parts it does not): what a batch pays when the lender's count of idle cores is wrong.
+
+    .venv/bin/python benchmarks/lend_search.py [--quick] [--out results/lend_search.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels.topk_attention import cpu as fused  # noqa: E402
+from retrieval import lend  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import add_out_arg, emit  # noqa: E402
+
+K, D, SEGMENTS = 20, 33, [32, 1]
+
+
+def point(C: int, L: int, reps: int, busy: bool) -> dict:
+    gen = torch.Generator().manual_seed(C * 7 + L)
+    q, x = torch.randn(C, D, generator=gen), torch.randn(L, D, generator=gen)
+    lender = lend.CoreLender(cores=2)
+    saved = lend.SPLIT_MIN_WORK
+    lend.SPLIT_MIN_WORK = 0   # measure the split wherever it can run; the rule is reported beside it
+    spinner = None
+    try:
+        want = fused.topk_fused(q, x, L, K, SEGMENTS)
+        with lender.scoring():
+            got = lender.search(q, x, L, K, SEGMENTS)
+        assert got is not None and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        if busy:   # another process on the machine: the lender counts the core idle, the OS shares it
+            spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.2)
+        whole, lent = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fused.topk_fused(q, x, L, K, SEGMENTS)
+            whole.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with lender.scoring():
+                lender.search(q, x, L, K, SEGMENTS)
+            lent.append(time.perf_counter() - t)
+    finally:
+        if spinner:
+            spinner.kill()
+            spinner.wait()
+        lend.SPLIT_MIN_WORK = saved
+        lender.close()
+    w, s = statistics.median(whole), statistics.median(lent)
+    return {"C": C, "L": L, "lent_core_busy": busy, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
+            "ratio_whole_to_lent": round(w / s, 3), "parts": len(lend.parts(L)) - 1, "splits": lender.splits,
+            "parts_lent": lender.parts_lent, "parts_here": lender.parts_here,
+            "split_by_rule": C * L * D >= lend.SPLIT_MIN_WORK, "reps": reps}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer points and repetitions")
+    add_out_arg(ap, "lend_search")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    Ls = [1_000, 10_000, 100_000] if args.quick else [1_000, 2_000, 4_000, 10_000, 30_000, 100_000]
+    Cs = [200] if args.quick else [20, 200]
+    rows = []
+    for busy in (False, True):
+        for C in Cs:
+            for L in Ls:
+                reps = max(5, min(200, int(2e9 / (C * L * D))))
+                rows.append(point(C, L, reps // (4 if args.quick else 1) or 3, busy))
+                print(rows[-1], file=sys.stderr)
+    emit({"benchmark": "lend_search",
+          "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "split_min_work": lend.SPLIT_MIN_WORK,
+                     "pass1_bits_C200": fused.pass1_bits(200, D)},
+          "results": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
