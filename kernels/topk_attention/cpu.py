@@ -9,9 +9,10 @@ reference (the kernel flags them instead of testing every score).
 The C source is built once per machine by `kernels.cbuild` (the system C compiler, -march=native, a
 cache folder shared by concurrent processes and workers).
 Where the CPU has AVX512_VNNI, pass 1 of a serving call with >= 64 queries and >= 4096 events (>= 32 queries and
-any length without AVX512_BF16) scores in int8, else where it has AVX512_BF16 (>= 16 queries) in bf16, each with a
-proven error bound, and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit (`pass1_bits`,
-cpu.c's header).
+any length without AVX512_BF16) scores in int8, else where it has AVX512_BF16 (>= 16 queries) in bf16; with AVX2 and
+no AVX-512 (>= 128 queries and >= 16384 events) in int8 with queries within +-63 (vpmaddubsw's int16 pairs must not
+saturate). Each has a proven error bound, and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit
+(`pass1_bits`, cpu.c's header).
 `available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
@@ -80,8 +81,9 @@ def build_tag() -> str:
 
 def pass1_bits(rows: int, d: int, serving: bool = True, length: int = 1 << 20) -> int:
     """8 when the loaded build scores pass 1 of such a call (`length`: the history's events) in int8 (AVX512_VNNI
-    targets; where bf16 is there too, from 4096 events), 16 in bf16 (AVX512_BF16 targets), both for the serving
-    layout with enough rows (pass 2 and the result stay fp32), else 32."""
+    targets, where bf16 is there too from 4096 events; AVX2 targets without AVX-512 from 128 rows and 16384 events),
+    16 in bf16 (AVX512_BF16 targets), all for the serving layout with enough rows (pass 2 and the result stay fp32),
+    else 32."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
