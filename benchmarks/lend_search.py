@@ -33,12 +33,14 @@ from _machine import add_out_arg, emit  # noqa: E402
 K, D, SEGMENTS = 20, 33, [32, 1]
 
 
-def point(C: int, L: int, reps: int, busy: bool) -> dict:
+def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
     gen = torch.Generator().manual_seed(C * 7 + L)
     q, x = torch.randn(C, D, generator=gen), torch.randn(L, D, generator=gen)
     lender = lend.CoreLender(cores=2)
-    saved = lend.SPLIT_MIN_WORK
+    saved = lend.SPLIT_MIN_WORK, lend.PART_EVENTS
     lend.SPLIT_MIN_WORK = 0   # measure the split wherever it can run; the rule is reported beside it
+    lend.PART_EVENTS = part_events
+    parts = len(lend.parts(L)) - 1
     spinner = None
     try:
         want = fused.topk_fused(q, x, L, K, SEGMENTS)
@@ -61,18 +63,20 @@ def point(C: int, L: int, reps: int, busy: bool) -> dict:
         if spinner:
             spinner.kill()
             spinner.wait()
-        lend.SPLIT_MIN_WORK = saved
+        lend.SPLIT_MIN_WORK, lend.PART_EVENTS = saved
         lender.close()
     w, s = statistics.median(whole), statistics.median(lent)
-    return {"C": C, "L": L, "lent_core_busy": busy, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
-            "ratio_whole_to_lent": round(w / s, 3), "parts": len(lend.parts(L)) - 1, "splits": lender.splits,
+    return {"C": C, "L": L, "lent_core_busy": busy, "part_events": part_events, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
+            "ratio_whole_to_lent": round(w / s, 3), "splits": lender.splits,
             "parts_lent": lender.parts_lent, "parts_here": lender.parts_here,
-            "split_by_rule": C * L * D >= lend.SPLIT_MIN_WORK, "reps": reps}
+            "split_by_rule": C * L * D >= lend.SPLIT_MIN_WORK, "reps": reps, "parts": parts}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and repetitions")
+    ap.add_argument("--part-events", type=int, nargs="+", default=[lend.PART_EVENTS],
+                    help="lend.PART_EVENTS values to compare (events per part)")
     add_out_arg(ap, "lend_search")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -82,11 +86,13 @@ def main(argv=None) -> None:
     for busy in (False, True):
         for C in Cs:
             for L in Ls:
-                reps = max(5, min(200, int(2e9 / (C * L * D))))
-                rows.append(point(C, L, reps // (4 if args.quick else 1) or 3, busy))
-                print(rows[-1], file=sys.stderr)
+                for part_events in args.part_events:
+                    reps = max(5, min(200, int(2e9 / (C * L * D))))
+                    rows.append(point(C, L, reps // (4 if args.quick else 1) or 3, busy, part_events))
+                    print(rows[-1], file=sys.stderr)
     emit({"benchmark": "lend_search",
           "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "split_min_work": lend.SPLIT_MIN_WORK,
+                     "part_events_default": lend.PART_EVENTS, "max_parts": lend.MAX_PARTS,
                      "pass1_bits_C200": fused.pass1_bits(200, D)},
           "results": rows}, args.out)
 
