@@ -3,7 +3,7 @@
 A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
 cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
 serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
-borrows one idle core. The history is cut into consecutive parts (2 at 10k events, 12 at 100k, 16 from 131k
+borrows one idle core. The history is cut into consecutive parts (2 at 10k events, 6 at 100k, 16 from 262k
 on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
 the forward is split: the search is most of it at long histories.
 
@@ -36,7 +36,9 @@ from kernels.topk_attention import cpu as fused
 from kernels.topk_attention.reference import topk_reference
 
 SPLIT_MIN_WORK = 1 << 24   # rows x events x d below which one thread finishes first (hand-off ~0.1 ms)
-PART_EVENTS = 8192         # a part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row)
+# A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and a part this long runs
+# the int8 pass 1 (its shortest history: 16384 events on AVX2, 4096 with AVX-512; cpu.c INT8_MIN_LEN).
+PART_EVENTS = 16384
 MAX_PARTS = 16             # ... and this thread waits at most for the one part the lent thread is in
 ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
 
