@@ -5,7 +5,7 @@ torch thread (the benchmark server's), C candidates against one history of L eve
 interleaved rounds so that load from other processes hits both alike: the fused kernel on the whole history
 (`whole`, what a batch runs when no core is free) and `CoreLender.search` (`lent`: the history's parts taken
 in turn by this thread and the lent one, the same result bit for bit; checked here). Reports medians, the ratio whole / lent, and where the split is on
-(the size rule lend.SPLIT_MIN_WORK), so the rule can be read against the crossover on this machine. Also the
+(the size rule lend.worth_splitting), so the rule can be read against the crossover on this machine. Also the
 same with the lent core busy (`busy`: another process spinning, so the lent thread shares a core with it and
 this thread takes the parts it does not): what a batch pays when the lender's count of idle cores is wrong.
 
@@ -37,8 +37,9 @@ def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
     gen = torch.Generator().manual_seed(C * 7 + L)
     q, x = torch.randn(C, D, generator=gen), torch.randn(L, D, generator=gen)
     lender = lend.CoreLender(cores=2)
-    saved = lend.SPLIT_MIN_WORK, lend.PART_EVENTS
-    lend.SPLIT_MIN_WORK = 0   # measure the split wherever it can run; the rule is reported beside it
+    saved = lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS
+    split_by_rule = lend.worth_splitting(C, L, D)
+    lend.SPLIT_MIN_WORK = lend.SPLIT_MIN_EVENTS = 0   # measure the split wherever it can run; the rule beside it
     lend.PART_EVENTS = part_events
     parts = len(lend.parts(L)) - 1
     spinner = None
@@ -63,13 +64,13 @@ def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
         if spinner:
             spinner.kill()
             spinner.wait()
-        lend.SPLIT_MIN_WORK, lend.PART_EVENTS = saved
+        lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS = saved
         lender.close()
     w, s = statistics.median(whole), statistics.median(lent)
     return {"C": C, "L": L, "lent_core_busy": busy, "part_events": part_events, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
             "ratio_whole_to_lent": round(w / s, 3), "splits": lender.splits,
             "parts_lent": lender.parts_lent, "parts_here": lender.parts_here,
-            "split_by_rule": C * L * D >= lend.SPLIT_MIN_WORK, "reps": reps, "parts": parts}
+            "split_by_rule": split_by_rule, "reps": reps, "parts": parts}
 
 
 def main(argv=None) -> None:
@@ -92,6 +93,7 @@ def main(argv=None) -> None:
                     print(rows[-1], file=sys.stderr)
     emit({"benchmark": "lend_search",
           "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "split_min_work": lend.SPLIT_MIN_WORK,
+                     "split_min_events": lend.SPLIT_MIN_EVENTS,
                      "part_events_default": lend.PART_EVENTS, "max_parts": lend.MAX_PARTS,
                      "pass1_bits_C200": fused.pass1_bits(200, D)},
           "results": rows}, args.out)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import itertools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -35,10 +37,15 @@ import torch
 from kernels.topk_attention import cpu as fused
 from kernels.topk_attention.reference import topk_reference
 
-SPLIT_MIN_WORK = 1 << 24   # rows x events x d below which one thread finishes first (hand-off ~0.1 ms)
+# Where a lent search pays (benchmarks/lend_search.py, Zen 3 VM, one torch thread, d = 33, whole / lent search):
+# C = 200: 1k 0.46-0.55x (waking the lent thread costs ~0.3-0.5 ms on this VM), 10k 0.98-1.14x, 30k 0.86-0.93x
+# (its two parts of 15k events are too short for the int8 pass 1 that the whole history runs), 100k 1.12-1.23x;
+# C = 20, 100k: 0.84-0.96x. So: at least two parts of PART_EVENTS, and enough work for the wake-up to pay.
+SPLIT_MIN_WORK = 1 << 27   # rows x events x d (C = 200, d = 33: 20k events)
 # A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and a part this long runs
 # the int8 pass 1 (its shortest history: 16384 events on AVX2, 4096 with AVX-512; cpu.c INT8_MIN_LEN).
 PART_EVENTS = 16384
+SPLIT_MIN_EVENTS = 2 * PART_EVENTS
 MAX_PARTS = 16             # ... and this thread waits at most for the one part the lent thread is in
 ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
 
@@ -61,6 +68,8 @@ class CoreLender:
         self._batches = 0
         self._lent = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lent-core")
+        self._lent_tid = self._pool.submit(threading.get_native_id).result()
+        self._cpus = os.sched_getaffinity(0)
         self.splits = 0      # searches that ran in parts
         self.parts_lent = 0  # parts the lent thread searched
         self.parts_here = 0  # parts the batches' own threads searched
@@ -97,7 +106,7 @@ class CoreLender:
         first: if the lent core is slow or busy elsewhere, this thread searches the rest, and waits at most for
         the one part the lent thread is in."""
         bounds = parts(n)
-        if len(bounds) < 3 or query.shape[0] * n * query.shape[1] < SPLIT_MIN_WORK or not self._borrow():
+        if len(bounds) < 3 or not worth_splitting(query.shape[0], n, query.shape[1]) or not self._borrow():
             return None
         m = len(bounds) - 1
         found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * m
@@ -121,6 +130,7 @@ class CoreLender:
             finally:
                 self._give_back()
 
+        self._elsewhere()
         try:
             lent = self._pool.submit(lent_work)
         except BaseException:
@@ -140,8 +150,37 @@ class CoreLender:
             self._on_split(there, here)
         return merge(found, bounds, bad.any(0), query, keys[:n], n, k, segments)
 
+    def _elsewhere(self) -> None:
+        """Keep the lent thread off this thread's CPU. Woken by this thread, the scheduler would queue it on this
+        CPU (wake-affine), behind this thread's own part, until a balance moved it: two threads of one process
+        searching at once took 3.0 and 4.0 ms a part where pinned apart they took 2.7 and 2.8 (Zen 3 VM; two
+        processes were not affected)."""
+        cpu = _sched_getcpu()
+        if cpu in self._cpus and len(self._cpus) > 1:
+            try:
+                os.sched_setaffinity(self._lent_tid, self._cpus - {cpu})
+            except OSError:   # a CPU set changed under us (cgroup): leave the placement to the scheduler
+                pass
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _load_sched_getcpu() -> Callable[[], int]:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sched_getcpu
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):   # not glibc / not Linux: no placement
+        return lambda: -1
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+
+def worth_splitting(rows: int, n: int, d: int) -> bool:
+    """Whether a search of `rows` queries over n events of d dims pays for a lent core (see SPLIT_MIN_WORK)."""
+    return n >= SPLIT_MIN_EVENTS and rows * n * d >= SPLIT_MIN_WORK
 
 
 def parts(n: int) -> list[int]:

@@ -23,6 +23,7 @@ from retrieval.lend import CoreLender
 def split_all(monkeypatch):
     """Every search splits, however small (the size rule is a speed rule, not a correctness one)."""
     monkeypatch.setattr(lend, "SPLIT_MIN_WORK", 0)
+    monkeypatch.setattr(lend, "SPLIT_MIN_EVENTS", 0)
 
 
 def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +118,15 @@ def test_the_split_needs_a_free_core(split_all):
 
 
 def test_small_searches_run_whole():
-    q, x = torch.randn(200, 33), torch.randn(2_000, 33)
-    assert 200 * 2_000 * 33 < lend.SPLIT_MIN_WORK
+    q, x = torch.randn(200, 33), torch.randn(20_000, 33)
     lender = CoreLender(cores=2)
     try:
         with lender.scoring():
-            assert lender.search(q, x, 2_000, 20, None) is None
+            assert lender.search(q, x, 2_000, 20, None) is None          # too little work
+            assert lender.search(q, x, 20_000, 20, None) is None         # parts too short for the int8 pass
+            assert lender.search(q[:20], x, 20_000, 20, None) is None
+        assert not lend.worth_splitting(200, lend.SPLIT_MIN_EVENTS - 1, 33)
+        assert lend.worth_splitting(200, lend.SPLIT_MIN_EVENTS, 33) and not lend.worth_splitting(20, 100_000, 33)
     finally:
         lender.close()
 
@@ -230,3 +234,20 @@ def test_several_serving_processes_do_not_lend():
     assert not for_processes(config, 2, False).http.lend_idle_core      # uvicorn workers share the cores
     assert not for_processes(config, 1, True).http.lend_idle_core       # so do Ray Serve replicas
     assert for_processes(config, 2, False).http.port == 1234            # nothing else changes
+
+
+def test_the_lent_thread_runs_off_the_callers_cpu(split_all):
+    import os
+
+    cpus = os.sched_getaffinity(0)
+    here = min(cpus)
+    lender = CoreLender(cores=2)
+    q, x = torch.randn(8, 16), torch.randn(1_000, 16)
+    try:
+        os.sched_setaffinity(0, {here})                      # this thread on one CPU for the test
+        with lender.scoring():
+            assert lender.search(q, x, 1_000, 8, None) is not None
+        assert os.sched_getaffinity(lender._lent_tid) == (cpus - {here} if len(cpus) > 1 else cpus)
+    finally:
+        os.sched_setaffinity(0, cpus)
+        lender.close()
