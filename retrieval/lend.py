@@ -3,8 +3,7 @@
 A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
 cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
 serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
-borrows one idle core. The history is cut into consecutive parts (2 at 10k events, 6 at 100k, 16 from 262k
-on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
+borrows one idle core. The history is cut into consecutive parts (3 at 100k events, 16 from 524k on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
 the forward is split: the search is most of it at long histories.
 
 Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
@@ -37,17 +36,18 @@ import torch
 from kernels.topk_attention import cpu as fused
 from kernels.topk_attention.reference import topk_reference
 
-# Where a lent search pays (benchmarks/lend_search.py, Zen 3 VM, one torch thread, d = 33, whole / lent search):
-# C = 200: 1k 0.46-0.55x (waking the lent thread costs ~0.3-0.5 ms on this VM), 10k 0.98-1.14x, 30k 0.86-0.93x
-# (its two parts of 15k events are too short for the int8 pass 1 that the whole history runs), 100k 1.12-1.23x;
-# C = 20, 100k: 0.84-0.96x. So: at least two parts of PART_EVENTS, and enough work for the wake-up to pay.
+# Where a lent search pays (benchmarks/lend_search.py, results/lend_search_zen3.json: Zen 3 VM, quiet, one torch
+# thread, d = 33; whole / lent search): C = 200: 1k-4k 0.45-0.64x (waking the lent thread costs ~0.5-0.8 ms on this
+# VM), 10k 0.86-0.94x, 30k 0.93-1.14x, 100k 1.17x with 16,384-event parts and 1.29x with 32,768 (lent core busy
+# with another process: 1.05x and 1.23x); C = 20: 0.27-0.93x everywhere. So: at least two parts of PART_EVENTS,
+# and enough work for the wake-up to pay.
 SPLIT_MIN_WORK = 1 << 27   # rows x events x d (C = 200, d = 33: 20k events)
-# A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and a part this long runs
-# the int8 pass 1 (its shortest history: 16384 events on AVX2, 4096 with AVX-512; cpu.c INT8_MIN_LEN).
-PART_EVENTS = 16384
-SPLIT_MIN_EVENTS = 2 * PART_EVENTS
-MAX_PARTS = 16             # ... and this thread waits at most for the one part the lent thread is in
+MAX_PARTS = 16             # a slow lent thread holds up a search by at most one part
 ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
+# A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and from 16,384 events on
+# a part runs the int8 pass 1 (its shortest history on AVX2, 4,096 with AVX-512; cpu.c INT8_MIN_LEN).
+PART_EVENTS = 32768
+SPLIT_MIN_EVENTS = 2 * PART_EVENTS
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
 

@@ -118,13 +118,13 @@ def test_the_split_needs_a_free_core(split_all):
 
 
 def test_small_searches_run_whole():
-    q, x = torch.randn(200, 33), torch.randn(20_000, 33)
+    q, x = torch.randn(200, 33), torch.randn(40_000, 33)
     lender = CoreLender(cores=2)
     try:
         with lender.scoring():
             assert lender.search(q, x, 2_000, 20, None) is None          # too little work
-            assert lender.search(q, x, 20_000, 20, None) is None         # parts too short for the int8 pass
-            assert lender.search(q[:20], x, 20_000, 20, None) is None
+            assert lender.search(q, x, 40_000, 20, None) is None         # fewer than two parts
+            assert lender.search(q[:20], x, 40_000, 20, None) is None
         assert not lend.worth_splitting(200, lend.SPLIT_MIN_EVENTS - 1, 33)
         assert lend.worth_splitting(200, lend.SPLIT_MIN_EVENTS, 33) and not lend.worth_splitting(20, 100_000, 33)
     finally:
