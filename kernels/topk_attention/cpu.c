@@ -23,7 +23,8 @@
 
    Threads (torch's OpenMP team, see topk_search): with one shared history the workers split its blocks for pass 1
    (each transposes only its part; all rows score it), meet at a barrier, then split the rows for
-   pass 2, which visits (block, row) pairs block by block. With one history per row they split the rows.
+   pass 2, which visits (block, row) pairs block by block; both in chunks the workers take in turn (run_part).
+   With one history per row they split the rows.
 
    Score of an event: sum over j of q[j] * x[j], accumulated in fp32 in order j = 0..d-1 (fused
    multiply-add where the target has it), the same chain in both passes, both layouts and every vector
@@ -202,6 +203,8 @@ typedef struct {
     float c_k;               /* int8: E2 = fl(K1 c_k + e2_r) (the header) */
     float xmax[MAX_THREADS]; /* per worker: max |key| of its part, and whether it was finite */
     int x_ok[MAX_THREADS];
+    int64_t next_tile;       /* shared history: the first tile of pass 1's next chunk (workers take chunks in turn) */
+    int next_row;            /* shared history: the first row of pass 2's next chunk */
 } call_t;
 
 static inline uint32_t mask8(v8i a) {   /* lane e of a comparison -> bit e */
@@ -1734,28 +1737,35 @@ static void run_part(call_t *c, int t) {
     v8 check = (v8){0}, amax = (v8){0};
     if (c->key_row_stride == 0) {
         /* One shared history: the workers split its blocks for pass 1 (each transposes only its own
-           part, all rows score it), then split the rows for pass 2, which reads the whole T. */
+           part, all rows score it), then split the rows for pass 2, which reads the whole T. Both in chunks
+           taken in turn (about 8 per worker), not a fixed share each: a worker that another process
+           preempts holds the others up at the barrier by its chunk, not by its whole share (Zen 3 VM, two threads,
+           L = 100k, C = 200, d = 33, another process spinning on the second core: 22.5 ms with halves, 15.1 with
+           chunks, 13.8 on one thread; idle: 8.5 and 8.3 against 13.7-14.8). */
         const int64_t n = c->n[0], nb = blocks_of(n), nbp = c->nbp, tile = tile_blocks(d);
-        const int64_t tiles = (nb + tile - 1) / tile;
-        int64_t b0 = tiles * t / nt * tile, b1 = tiles * (t + 1) / nt * tile;
-        b1 = b1 < nb ? b1 : nb;
+        const int64_t tiles = (nb + tile - 1) / tile, tchunk = nt == 1 ? tiles : (tiles + 8 * nt - 1) / (8 * nt);
         if (t == nt - 1 && !c->lowp)
             for (int r = 0; r < c->R; r++) pad_maxima(c->M + (int64_t)r * nbp, c->S + (int64_t)r * nbp * NS, nb, nbp);
         char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
 #if LOWP || INT8
         uint32_t *kb = (uint32_t *)(bufs + (c->keep_T ? 0 : (size_t)c->tile_floats * 4));   /* lowp: a block's converted keys */
-        if (c->lowp) {
+#endif
+        for (int64_t first; tiles > 0 && (first = __atomic_fetch_add(&c->next_tile, tchunk, __ATOMIC_RELAXED)) < tiles;) {
+            const int64_t b0 = first * tile, b1 = (first + tchunk) * tile < nb ? (first + tchunk) * tile : nb;
+#if LOWP || INT8
+            if (c->lowp) {
 #if INT8
-            if (c->lowp == 8 && b0 < b1) pass1_int8(c, c->keys, n, b0, b1, (uint8_t *)kb, &check, &amax);
+                if (c->lowp == 8) pass1_int8(c, c->keys, n, b0, b1, (uint8_t *)kb, &check, &amax);
 #endif
 #if LOWP
-            if (c->lowp == 16 && b0 < b1)
-                pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, (float *)(kb + SUB * ((d + 1) / 2)), &check, &amax);
+                if (c->lowp == 16)
+                    pass1_lowp(c, c->keys, n, b0, b1, c->keep_T ? c->T : NULL, kb, (float *)(kb + SUB * ((d + 1) / 2)), &check, &amax);
 #endif
-        } else
+            } else
 #endif
-        if (b0 < b1) pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
+            pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
+        }
         reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
 #pragma omp barrier
         int x_ok = 1;
@@ -1764,15 +1774,17 @@ static void run_part(call_t *c, int t) {
             x_ok &= c->x_ok[u];
             xmax = c->xmax[u] > xmax ? c->xmax[u] : xmax;
         }
-        /* this worker's rows index the shared tau and pairs, so their size does not depend on the team's */
-        const int r0 = c->R * t / nt, r1 = c->R * (t + 1) / nt;
+        /* a chunk's rows index the shared tau and pairs, so their size does not depend on the team's */
         const int64_t cap = c->cap;
         float *kth = (float *)mine;
         int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
-        if (r0 < r1)
+        const int rchunk = nt == 1 ? c->R : (c->R + 8 * nt - 1) / (8 * nt);
+        for (int r0; (r0 = __atomic_fetch_add(&c->next_row, rchunk, __ATOMIC_RELAXED)) < c->R;) {
+            const int r1 = r0 + rchunk < c->R ? r0 + rchunk : c->R;
             pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * NS, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
-        for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
+            for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
+        }
     } else {
         /* One history per row: the workers split the rows; each transposes and scans its rows'
            histories one by one in its own scratch. */
