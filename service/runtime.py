@@ -69,13 +69,9 @@ class Runtime:
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
         if cfg.http.lend_idle_core:
-            parts = self.metrics.search_parts
-
-            def count(lent: int, here: int) -> None:
-                parts.labels("lent").inc(lent)
-                parts.labels("batch").inc(here)
-
-            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(), on_split=count)
+            searches = self.metrics.lent_searches
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(),
+                                     on_search=lambda team: searches.labels("team" if team else "alone").inc())
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)
