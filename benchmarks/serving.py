@@ -147,7 +147,6 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
                 fn()
                 if i >= 2:
                     times[name].append(time.perf_counter() - t)
-    lender.close()
     return times
 
 

@@ -138,8 +138,6 @@ class Runtime:
             await asyncio.to_thread(self.worker_thread.join)
         if self.batcher is not None:
             await self.batcher.stop()
-        if self.lender is not None:
-            self.lender.close()
         if self.request_redis is not None:
             self.request_redis.close()
         if self.redis is not None:
