@@ -1,14 +1,13 @@
-"""The served search alone, on the kernel's threads over an idle core, and as the lender chooses (retrieval.lend),
-measured in one run.
+"""The served search with and without an idle core lent to it (retrieval.lend), measured in one run.
 
 Serving layout, DARE's serving width (d = 33: 32 semantic dims and the folded position column), k = 20, one
 torch thread (the benchmark server's), C candidates against one history of L events. For each point, in
-interleaved rounds so that load from other processes hits every way alike: the fused kernel on one thread
-(`alone`, what a batch runs when no core is free), on two (`team`: the kernel's threads take chunks of its
-blocks and rows in turn; the same result bit for bit, checked here) and `CoreLender.search` (`lender`: team or
-alone by the time per unit of work it measured lately). Each point twice: with the second core idle, and with
-another process spinning on it (`busy`: what the lender's count of batches cannot see), where the team waits
-for a member kept off its core and the lender should learn to search alone.
+interleaved rounds so that load from other processes hits both alike: the fused kernel on the whole history
+(`whole`, what a batch runs when no core is free) and `CoreLender.search` (`lent`: the history's parts taken
+in turn by this thread and the lent one, the same result bit for bit; checked here). Reports medians, the ratio whole / lent, and where the split is on
+(the size rule lend.worth_splitting), so the rule can be read against the crossover on this machine. Also the
+same with the lent core busy (`busy`: another process spinning, so the lent thread shares a core with it and
+this thread takes the parts it does not): what a batch pays when the lender's count of idle cores is wrong.
 
     .venv/bin/python benchmarks/lend_search.py [--quick] [--out results/lend_search.json]
 """
@@ -17,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
+import subprocess
 import time
 from pathlib import Path
 
@@ -34,62 +33,69 @@ from _machine import add_out_arg, emit  # noqa: E402
 K, D, SEGMENTS = 20, 33, [32, 1]
 
 
-def point(C: int, L: int, reps: int, busy: bool) -> dict:
+def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
     gen = torch.Generator().manual_seed(C * 7 + L)
     q, x = torch.randn(C, D, generator=gen), torch.randn(L, D, generator=gen)
-    alone = lambda: fused.topk_fused(q, x, L, K, SEGMENTS, threads=1)  # noqa: E731
-    team = lambda: fused.topk_fused(q, x, L, K, SEGMENTS, threads=2)   # noqa: E731
     lender = lend.CoreLender(cores=2)
-
-    def lent():   # what dispatch.topk does: the lender's search, or the kernel as before where it does not lend
-        with lender.scoring():
-            out = lender.search(q, x, L, K, SEGMENTS)
-        return alone() if out is None else out
-
-    want, got = alone(), team()
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    saved = lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS
+    split_by_rule = lend.worth_splitting(C, L, D)
+    lend.SPLIT_MIN_WORK = lend.SPLIT_MIN_EVENTS = 0   # measure the split wherever it can run; the rule beside it
+    lend.PART_EVENTS = part_events
+    parts = len(lend.parts(L)) - 1
     spinner = None
     try:
-        if busy:   # another process on the machine: the lender counts the core free, the OS shares it
+        want = fused.topk_fused(q, x, L, K, SEGMENTS)
+        with lender.scoring():
+            got = lender.search(q, x, L, K, SEGMENTS)
+        assert got is not None and torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        if busy:   # another process on the machine: the lender counts the core idle, the OS shares it
             spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
             time.sleep(0.2)
-        times = {"alone": [], "team": [], "lender": []}
+        whole, lent = [], []
         for _ in range(reps):
-            for name, fn in (("alone", alone), ("team", team), ("lender", lent)):
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            fused.topk_fused(q, x, L, K, SEGMENTS)
+            whole.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            with lender.scoring():
+                lender.search(q, x, L, K, SEGMENTS)
+            lent.append(time.perf_counter() - t)
     finally:
         if spinner:
             spinner.kill()
             spinner.wait()
-    med = {name: statistics.median(v) for name, v in times.items()}
-    return {"C": C, "L": L, "second_core_busy": busy, "reps": reps,
-            **{f"{name}_ms": round(s * 1e3, 4) for name, s in med.items()},
-            "ratio_alone_to_team": round(med["alone"] / med["team"], 3),
-            "ratio_alone_to_lender": round(med["alone"] / med["lender"], 3),
-            "lender_searches": {"team": lender.searches[True], "alone": lender.searches[False]},
-            "lends_by_rule": C * L * D >= lend.SPLIT_MIN_WORK}
+        lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS = saved
+        lender.close()
+    w, s = statistics.median(whole), statistics.median(lent)
+    return {"C": C, "L": L, "lent_core_busy": busy, "part_events": part_events, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
+            "ratio_whole_to_lent": round(w / s, 3), "splits": lender.splits,
+            "parts_lent": lender.parts_lent, "parts_here": lender.parts_here,
+            "split_by_rule": split_by_rule, "reps": reps, "parts": parts}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and repetitions")
+    ap.add_argument("--part-events", type=int, nargs="+", default=[lend.PART_EVENTS],
+                    help="lend.PART_EVENTS values to compare (events per part)")
     add_out_arg(ap, "lend_search")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    Ls = [10_000, 100_000] if args.quick else [1_000, 4_000, 10_000, 30_000, 100_000]
+    Ls = [1_000, 10_000, 100_000] if args.quick else [1_000, 2_000, 4_000, 10_000, 30_000, 100_000]
     Cs = [200] if args.quick else [20, 200]
     rows = []
     for busy in (False, True):
         for C in Cs:
             for L in Ls:
-                reps = max(2 * lend.EXPLORE, min(200, int(2e9 / (C * L * D))))
-                rows.append(point(C, L, reps // (2 if args.quick else 1), busy))
-                print(rows[-1], file=sys.stderr)
+                for part_events in args.part_events:
+                    reps = max(5, min(200, int(2e9 / (C * L * D))))
+                    rows.append(point(C, L, reps // (4 if args.quick else 1) or 3, busy, part_events))
+                    print(rows[-1], file=sys.stderr)
     emit({"benchmark": "lend_search",
           "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "split_min_work": lend.SPLIT_MIN_WORK,
-                     "explore": lend.EXPLORE, "weight": lend.WEIGHT, "pass1_bits_C200_L100k": fused.pass1_bits(200, D, length=100_000)},
+                     "split_min_events": lend.SPLIT_MIN_EVENTS,
+                     "part_events_default": lend.PART_EVENTS, "max_parts": lend.MAX_PARTS,
+                     "pass1_bits_C200": fused.pass1_bits(200, D)},
           "results": rows}, args.out)
 
 

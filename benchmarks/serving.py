@@ -29,7 +29,7 @@ serve ("index_forced") and without it (whole-sequence read), interleaved on the 
 Redis bytes and blocks read per request, and the choice's p50 against the faster forced path's.
 
 `--lend on off` runs one server with `http.lend_idle_core` on and one with it off (retrieval.lend: while a
-core is idle, a long history's search may run on the kernel's threads over it) on the same users; the first value gives
+core is idle, a long history's search runs its two halves at once) on the same users; the first value gives
 the targets.
 
 The bare forward is timed on three paths, interleaved: the served one (`ServingModel.score`, DARE's
@@ -147,6 +147,7 @@ def forward_only(bundle: str, store, C: int, reps: int) -> dict[str, list[float]
                 fn()
                 if i >= 2:
                     times[name].append(time.perf_counter() - t)
+    lender.close()
     return times
 
 

@@ -1,41 +1,55 @@
-"""An idle core lent to a serving search: the fused kernel run on two threads while a core sits idle, when that
-measured faster than one.
+"""An idle core lent to a serving search: the history searched in parts by two threads, the results merged.
 
-A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has cores
-(one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a serving-layout
-search by the fused kernel (`retrieval.dispatch.topk`) large enough to share may borrow the idle cores and run
-the kernel's own threads over them (the kernel splits pass 1's blocks and pass 2's rows into chunks its threads
-take in turn: kernels/topk_attention/cpu.c, run_part). The result is the one-thread kernel's bit for bit.
+A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
+cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
+serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
+borrows one idle core. The history is cut into consecutive parts (3 at 100k events, 16 from 524k on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
+the forward is split: the search is most of it at long histories.
 
-Only the search is shared (most of a long history's forward): not torch's OpenMP team for every op
-(torch_threads = 2), whose threads spin between the forward's many small parallel regions, taking the CPU the
-event loop, Redis and the client need (Zen 3, L = 10k: HTTP p50 9.88 ms with two threads against 7.94 with one).
+Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
+the event loop, Redis and the client need between and beside the forward's many small ops, and a team
+member preempted by them holds the others at the kernel's barrier (Zen 3, L = 10k, C = 200: HTTP p50 9.88
+ms with two threads against 7.94 with one, README). Here the lent thread sleeps until a search arrives, and
+when it is slow or busy elsewhere this thread takes the parts it has not: a search waits at most for the one
+part the lent thread is in, never for a core that has not started.
 
-Whether to share is measured, not assumed: the lender counts batches, not other processes, and a kernel
-team waits for a member that another process keeps off its core (two threads, C = 200, d = 33 on the Zen 3 VM,
-the other core idle / taken by a spinning process: 10k 1.24 / 5.03 ms against 1.97 / 2.14 on one thread; 100k
-8.33 / 15.1 against 13.7 / 13.8). So each search that finds a core free runs on the team or alone, whichever
-took less time per unit of work (rows x events x d) in recent searches that found a core free (exponential
-averages), trying the other way every EXPLORE-th time so that a change (a neighbour starting or stopping) is
-seen.
+Exact: the fused kernel scores each event by the same fp32 chain wherever it sits in the history, and the k
+best of the whole are among the k best of their parts, so the merge by (score desc, index asc) is the
+unsplit search's result bit for bit (tests/test_lend.py). Rows that the kernel hands to the reference
+(non-finite or near-overflow inputs) in any part are searched again whole by the reference, as the unsplit
+call does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import itertools
+import os
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import torch
 
 from kernels.topk_attention import cpu as fused
+from kernels.topk_attention.reference import topk_reference
 
-SPLIT_MIN_WORK = 1 << 24   # rows x events x d below which the team's start costs more than it saves (C = 200,
-                           # d = 33: 2.5k events; the kernel itself asks ~2M multiply-adds per thread)
-EXPLORE = 16               # every EXPLORE-th search that finds a core free runs the way that looked slower
-WEIGHT = 0.2               # of the newest timing in each average
+# Where a lent search pays (benchmarks/lend_search.py, results/lend_search_zen3.json: Zen 3 VM, quiet, one torch
+# thread, d = 33; whole / lent search): C = 200: 1k-4k 0.45-0.64x, 10k 0.86-0.94x, 30k 0.93-1.14x, 100k 1.17x with
+# 16,384-event parts and 1.29x with 32,768 (lent core busy with another process: 1.05x and 1.23x); C = 20:
+# 0.27-0.93x everywhere. Each part pays the kernel's per-call cost (per-row selection and pass 2: a whole search
+# of 1k events at C = 200 takes 0.58 ms, of 4k 1.0 ms, yet a 2k part 1.1-1.4 ms beside the other), and on this VM
+# two threads of one process slow each other (~1.2-1.4x a part); the hand-off itself is ~75 us (p50). So: at least
+# two parts of PART_EVENTS, and enough work per part.
+SPLIT_MIN_WORK = 1 << 27   # rows x events x d (C = 200, d = 33: 20k events)
+MAX_PARTS = 16             # a slow lent thread holds up a search by at most one part
+ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
+# A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and from 16,384 events on
+# a part runs the int8 pass 1 (its shortest history on AVX2, 4,096 with AVX-512; cpu.c INT8_MIN_LEN).
+PART_EVENTS = 32768
+SPLIT_MIN_EVENTS = 2 * PART_EVENTS
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
 
@@ -46,23 +60,25 @@ def current() -> CoreLender | None:
 
 
 class CoreLender:
-    """Cores the process may use, `cores`, of which each batch in `scoring()` takes `threads_per_batch`; one search
-    at a time may borrow the rest. `on_search(team)`: after each search that found a core free, whether it ran on
-    the team."""
+    """Cores the process may use, `cores`, of which each batch in `scoring()` takes `threads_per_batch`;
+    while at least one more is free, one search at a time may borrow it."""
 
-    def __init__(self, cores: int, threads_per_batch: int = 1, on_search: Callable[[bool], None] | None = None):
+    def __init__(self, cores: int, threads_per_batch: int = 1, on_split: Callable[[int, int], None] | None = None):
         self.cores, self.threads_per_batch = cores, threads_per_batch
-        self._on_search = on_search
+        self._on_split = on_split   # after each split search: (parts the lent thread searched, parts searched here)
         self._lock = threading.Lock()
         self._batches = 0
         self._lent = False
-        self.rate: dict[bool, float | None] = {True: None, False: None}   # seconds per unit of work: team, alone
-        self.searches = {True: 0, False: 0}                               # searches run each way
-        self._seen = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="lent-core")
+        self._lent_tid = self._pool.submit(threading.get_native_id).result()
+        self._cpus = os.sched_getaffinity(0)
+        self.splits = 0      # searches that ran in parts
+        self.parts_lent = 0  # parts the lent thread searched
+        self.parts_here = 0  # parts the batches' own threads searched
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
-        """A batch scoring in this thread: it occupies its threads, and its searches may borrow the idle cores."""
+        """A batch scoring in this thread: it occupies its threads, and its searches may borrow an idle core."""
         with self._lock:
             self._batches += 1
         token = _current.set(self)
@@ -73,53 +89,123 @@ class CoreLender:
             with self._lock:
                 self._batches -= 1
 
-    def _borrow(self) -> int:
-        """Cores lent to this search (0: none free, or lent already)."""
+    def _borrow(self) -> bool:
         with self._lock:
-            free = self.cores - self._batches * self.threads_per_batch
-            if self._lent or free < 1:
-                return 0
+            if self._lent or self._batches * self.threads_per_batch + 1 > self.cores:
+                return False
             self._lent = True
-            return free
+            return True
 
     def _give_back(self) -> None:
         with self._lock:
             self._lent = False
 
-    def _team_next(self) -> bool:
-        """Whether the next search with a core free runs on the team: each way once first, then the one with the
-        lower average, but the other every EXPLORE-th time."""
-        with self._lock:
-            self._seen += 1
-            team, alone = self.rate[True], self.rate[False]
-            if team is None or alone is None:
-                return team is None
-            faster = team <= alone
-            return (not faster) if self._seen % EXPLORE == 0 else faster
-
     def search(self, query: torch.Tensor, keys: torch.Tensor, n: int, k: int,
                segments) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n), on the kernel's threads
-        over the free cores or alone as measured best; None when no core is free or the search is too small to
-        share (the caller then runs it as it would have)."""
-        rows, d = query.shape
-        work = rows * n * d
-        if work < SPLIT_MIN_WORK:
+        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n) with an idle core helping,
+        or None when no core is free or the search is too small to split (the caller then runs it whole). The
+        history is cut into `parts(n)` consecutive parts that this thread and the lent one take in turn, oldest
+        first: if the lent core is slow or busy elsewhere, this thread searches the rest, and waits at most for
+        the one part the lent thread is in."""
+        bounds = parts(n)
+        if len(bounds) < 3 or not worth_splitting(query.shape[0], n, query.shape[1]) or not self._borrow():
             return None
-        free = self._borrow()
-        if not free:
-            return None
+        m = len(bounds) - 1
+        found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * m
+        bad = torch.zeros(m, query.shape[0], dtype=torch.bool)
+        taken = itertools.count()   # next() is atomic under the GIL: each part goes to one thread
+
+        def work() -> int:
+            done = 0
+            while (i := next(taken)) < m:
+                a, b = bounds[i], bounds[i + 1]
+                found[i] = fused.topk_fused(query, keys[a:b], b - a, k, segments, bad_rows=bad[i])
+                done += 1
+            return done
+
+        inference = torch.is_inference_mode_enabled()   # thread-local: the lent thread takes the caller's
+
+        def lent_work() -> int:
+            try:
+                with torch.inference_mode(inference):
+                    return work()
+            finally:
+                self._give_back()
+
+        self._elsewhere()
         try:
-            team = self._team_next()
-            started = time.perf_counter()
-            out = fused.topk_fused(query, keys, n, k, segments, threads=1 + free if team else 1)
-            rate = (time.perf_counter() - started) / work
-        finally:
+            lent = self._pool.submit(lent_work)
+        except BaseException:
             self._give_back()
+            raise
+        here = work()
+        if lent.cancel():   # never started (the lent core is busy elsewhere): this thread searched every part
+            self._give_back()
+            there = 0
+        else:
+            there = lent.result()
         with self._lock:
-            old = self.rate[team]
-            self.rate[team] = rate if old is None else old + WEIGHT * (rate - old)
-            self.searches[team] += 1
-        if self._on_search is not None:
-            self._on_search(team)
-        return out
+            self.splits += 1
+            self.parts_lent += there
+            self.parts_here += here
+        if self._on_split is not None:
+            self._on_split(there, here)
+        return merge(found, bounds, bad.any(0), query, keys[:n], n, k, segments)
+
+    def _elsewhere(self) -> None:
+        """Keep the lent thread off this thread's CPU. Woken by this thread, the scheduler would queue it on this
+        CPU (wake-affine), behind this thread's own part, until a balance moved it: two threads of one process
+        searching at once took 3.0 and 4.0 ms a part where pinned apart they took 2.7 and 2.8 (Zen 3 VM; two
+        processes were not affected)."""
+        cpu = _sched_getcpu()
+        if cpu in self._cpus and len(self._cpus) > 1:
+            try:
+                os.sched_setaffinity(self._lent_tid, self._cpus - {cpu})
+            except OSError:   # a CPU set changed under us (cgroup): leave the placement to the scheduler
+                pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _load_sched_getcpu() -> Callable[[], int]:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sched_getcpu
+        fn.restype = ctypes.c_int
+        return fn
+    except (OSError, AttributeError):   # not glibc / not Linux: no placement
+        return lambda: -1
+
+
+_sched_getcpu = _load_sched_getcpu()
+
+
+def worth_splitting(rows: int, n: int, d: int) -> bool:
+    """Whether a search of `rows` queries over n events of d dims pays for a lent core (see SPLIT_MIN_WORK)."""
+    return n >= SPLIT_MIN_EVENTS and rows * n * d >= SPLIT_MIN_WORK
+
+
+def parts(n: int) -> list[int]:
+    """Bounds of the parts a lent search cuts a history of n events into: n // PART_EVENTS of them, at least 2
+    and at most MAX_PARTS, on the kernel's block boundaries; [0, n] where two block-aligned parts do not fit."""
+    m = max(2, min(MAX_PARTS, n // PART_EVENTS))
+    bounds = sorted({min(n, round(i * n / m / ALIGN) * ALIGN) for i in range(m)} | {n})
+    return bounds if len(bounds) >= 3 and bounds[1] > 0 else [0, n]
+
+
+def merge(found: list[tuple[torch.Tensor, torch.Tensor]], bounds: list[int], bad: torch.Tensor, query: torch.Tensor,
+          keys: torch.Tensor, n: int, k: int, segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's top-k of each part [bounds[i], bounds[i + 1]) (indices relative to the part) -> its top-k
+    of [0, n): all kept sorted by score, stably, so that equal scores keep the order of the parts (lower indices
+    first), each part's already index-ascending; empty slots (index -1, score -inf) sort after every kept score,
+    which is finite in a row the kernel searched. Rows any part handed to the reference (`bad` [C]: the kernel
+    flags a row by its query and the largest and non-finite keys, so the whole history flags exactly the rows
+    some part does) are searched again whole by the reference, as the kernel does."""
+    s = torch.cat([f[0] for f in found], 1)                                                 # [C, parts k]
+    idx = torch.cat([torch.where(f[1] >= 0, f[1] + a, f[1]) for f, a in zip(found, bounds)], 1)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+    scores, idx = s.gather(1, order), idx.gather(1, order)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        scores[rows], idx[rows] = topk_reference(query[rows], keys, n, k, segments)
+    return scores, idx

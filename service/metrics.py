@@ -145,10 +145,9 @@ class ServiceMetrics(WorkerMetrics):
         self.score_batch_requests = Histogram(
             "recsys_score_batch_requests", "requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.scores_served = Counter("recsys_scores_served", "candidates scored", registry=r)
-        self.lent_searches = Counter(
-            "recsys_score_lent_searches", "searches that found a core free (http.lend_idle_core), by how they ran: "
-            "on the kernel's threads over the free cores (team) or alone, whichever measured faster lately",
-            ["how"], registry=r)
+        self.search_parts = Counter(
+            "recsys_score_search_parts", "parts of the searches an idle core was lent to (http.lend_idle_core), by "
+            "the thread that searched them: the lent core, or the batch's own", ["by"], registry=r)
         self.cold_users = Counter("recsys_score_cold_users", "score requests for users with no history", registry=r)
         self.memory_source = Counter(
             "recsys_score_memory", "score requests of a memory model by where the user's memory came from "

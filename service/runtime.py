@@ -69,9 +69,13 @@ class Runtime:
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
         if cfg.http.lend_idle_core:
-            searches = self.metrics.lent_searches
-            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(),
-                                     on_search=lambda team: searches.labels("team" if team else "alone").inc())
+            parts = self.metrics.search_parts
+
+            def count(lent: int, here: int) -> None:
+                parts.labels("lent").inc(lent)
+                parts.labels("batch").inc(here)
+
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(), on_split=count)
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)
@@ -138,6 +142,8 @@ class Runtime:
             await asyncio.to_thread(self.worker_thread.join)
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.lender is not None:
+            self.lender.close()
         if self.request_redis is not None:
             self.request_redis.close()
         if self.redis is not None:

@@ -116,14 +116,15 @@ def topk_fused(
     segments: Sequence[int] | None = None,
     *,
     build: tuple[str, ...] = (),
-    threads: int | None = None,
+    bad_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
     Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k].
     `build`: extra flags of the build to run (`load`), e.g. ("-mno-avx512vnni",) for the bf16 pass 1 where the
-    default build runs int8: benchmarks compare them (the results are the same bit for bit). `threads`: the
-    kernel's threads (default: torch's thread count, fewer for small searches; retrieval.lend runs it on idle
-    cores); the result does not depend on them."""
+    default build runs int8: benchmarks compare them (the results are the same bit for bit). `bad_rows`: a [rows]
+    bool tensor that receives which rows the reference searched instead (a non-finite query or history, or
+    d max|q| max|x| near fp32's range): a search split over parts of one history (retrieval.lend) searches
+    those rows again whole, as the kernel would have."""
     lib = load(build) if build else _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log); use retrieval.topk")
@@ -160,12 +161,14 @@ def topk_fused(
         n_bad = lib.topk_search(
             q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
             n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr(),
-            threads or _threads(R, R * L * d),
+            _threads(R, R * L * d),
         )
         if n_bad == -2:
             raise ValueError(f"topk_fused takes histories shorter than 2^31 - 128 events, got {int(n.max())}")
         if n_bad < 0:
             raise MemoryError("topk_search: out of memory")
+    if bad_rows is not None:
+        bad_rows.copy_(bad.bool())
     if n_bad:  # non-finite inputs (rare): the reference's stable sort decides where they go
         rows = bad.nonzero().flatten()
         sub_keys = keys if serving else keys[rows]
