@@ -3,7 +3,8 @@
 A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
 cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
 serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
-borrows one idle core. The history is cut into consecutive parts (3 at 100k events, 16 from 524k on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
+borrows one idle core. The history is cut into an even number of consecutive parts (4 at 100k events, 16
+from 393k on), which this thread and the lent one take in turn; the parts' top-k lists are merged. Nothing else of
 the forward is split: the search is most of it at long histories.
 
 Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
@@ -47,8 +48,10 @@ SPLIT_MIN_WORK = 1 << 27   # rows x events x d (C = 200, d = 33: 20k events)
 MAX_PARTS = 16             # a slow lent thread holds up a search by at most one part
 ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
 # A part's events: each part costs a kernel call and its own pass 2 (~k sub-blocks a row), and from 16,384 events on
-# a part runs the int8 pass 1 (its shortest history on AVX2, 4,096 with AVX-512; cpu.c INT8_MIN_LEN).
-PART_EVENTS = 32768
+# a part runs the int8 pass 1 (its shortest history on AVX2, 4,096 with AVX-512; cpu.c INT8_MIN_LEN). An even
+# number of parts, so that two threads end together: at 100k events, C = 200, whole / lent 1.41x with 4 parts of
+# 25k, 1.20-1.22x with 3 of 33k, 1.08-1.31x with 6 of 16.7k (two runs of 20 each, Zen 3 VM, quiet).
+PART_EVENTS = 24576
 SPLIT_MIN_EVENTS = 2 * PART_EVENTS
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
@@ -186,9 +189,10 @@ def worth_splitting(rows: int, n: int, d: int) -> bool:
 
 
 def parts(n: int) -> list[int]:
-    """Bounds of the parts a lent search cuts a history of n events into: n // PART_EVENTS of them, at least 2
-    and at most MAX_PARTS, on the kernel's block boundaries; [0, n] where two block-aligned parts do not fit."""
-    m = max(2, min(MAX_PARTS, n // PART_EVENTS))
+    """Bounds of the parts a lent search cuts a history of n events into: n // PART_EVENTS of them rounded down to
+    an even number, at least 2 and at most MAX_PARTS, on the kernel's block boundaries; [0, n] where two
+    block-aligned parts do not fit."""
+    m = max(2, min(MAX_PARTS, n // PART_EVENTS) // 2 * 2)
     bounds = sorted({min(n, round(i * n / m / ALIGN) * ALIGN) for i in range(m)} | {n})
     return bounds if len(bounds) >= 3 and bounds[1] > 0 else [0, n]
 

@@ -92,7 +92,8 @@ def test_parts_cover_the_history_on_block_boundaries(n):
     assert b[0] == 0 and b[-1] == n and (n == 0 or all(x < y for x, y in zip(b, b[1:])))
     assert all(x % lend.ALIGN == 0 for x in b[:-1])
     if len(b) > 2:
-        assert len(b) - 1 == max(2, min(lend.MAX_PARTS, n // lend.PART_EVENTS))
+        assert len(b) - 1 == max(2, min(lend.MAX_PARTS, n // lend.PART_EVENTS) // 2 * 2)
+        assert (len(b) - 1) % 2 == 0                       # two threads end together
     assert (len(b) > 2) == (n > lend.ALIGN)   # two parts whenever a block-aligned first part leaves events
 
 
