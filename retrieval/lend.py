@@ -38,12 +38,12 @@ from kernels.topk_attention import cpu as fused
 from kernels.topk_attention.reference import topk_reference
 
 # Where a lent search pays (benchmarks/lend_search.py --part-events 16384 32768 at 8f14fca, `git show
-# eb76296:results/lend_search_zen3.json`: Zen 3 VM, quiet, one torch thread, d = 33; whole / lent search): C = 200: 1k-4k 0.56-0.77x, 10k 0.95-1.15x, 30k 1.06-1.15x, 100k 0.99x with
-# 16,384-event parts and 1.22x with 32,768 (lent core busy with another process: 0.93x and 1.27x); C = 20:
-# 0.25-0.98x everywhere. Each part pays the kernel's per-call cost (per-row selection and pass 2: a whole search
-# of 1k events at C = 200 takes ~0.5 ms, yet a 2k part 1.1-1.4 ms beside the other), and on this VM two threads
-# of one process slow each other (~1.2-1.4x a part); the hand-off itself is ~75 us (p50). So: at least two parts
-# of PART_EVENTS, and enough work per part.
+# eb76296:results/lend_search_zen3.json`: Zen 3 VM, quiet, one torch thread, d = 33; whole / lent search):
+# C = 200: 1k-4k 0.56-0.77x, 10k 0.95-1.15x, 30k 1.06-1.15x, 100k 0.99x with 16,384-event parts and 1.22x with
+# 32,768 (lent core busy with another process: 0.93x and 1.27x); C = 20: 0.25-0.98x everywhere. Each part pays
+# the kernel's per-call cost (per-row selection and pass 2: a whole search of 1k events at C = 200 takes ~0.5 ms,
+# yet a 2k part 1.1-1.4 ms beside the other), and on this VM two threads of one process slow each other (~1.2-1.4x
+# a part); the hand-off itself is ~75 us (p50). So: at least two parts of PART_EVENTS, and enough work per part.
 SPLIT_MIN_WORK = 1 << 27   # rows x events x d (C = 200, d = 33: 20k events)
 MAX_PARTS = 16             # a slow lent thread holds up a search by at most one part
 ALIGN = 64                 # parts start on the kernel's block boundaries: no block is cut in two
