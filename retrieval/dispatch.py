@@ -76,8 +76,13 @@ FUSED_MIN_ROWS = 8          # fixed rule: the fused kernel for >= 8 queries on o
 FUSED_MAX_FEW = 2**18       # ... and for fewer while L * d <= FUSED_MAX_FEW (its transpose is cheap there)
 
 
+def _serving_length(keys, lengths) -> int:
+    """The shared history's events to search: its one length, within [0, L]."""
+    return max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))
+
+
 def _serving_shared(query, keys, lengths, k, segments=None):
-    return topk_shared(query, keys[: max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))], k, segments)
+    return topk_shared(query, keys[: _serving_length(keys, lengths)], k, segments)
 
 
 def _serving_blocked(query, keys, lengths, k, segments=None):
@@ -392,8 +397,7 @@ def topk(
     name = choose(query, keys, lengths, k)
     lender = lend.current()
     if lender is not None and shared and name == "fused":   # a service batch with a core to spare (retrieval.lend)
-        n = max(0, min(int(torch.as_tensor(lengths)), keys.shape[0]))
-        split = lender.search(query, keys, n, k, segments)
+        split = lender.search(query, keys, _serving_length(keys, lengths), k, segments)
         if split is not None:
             return split
     return CANDIDATES[layout][name](query, keys, lengths, k, segments)

@@ -110,8 +110,10 @@ class CoreLender:
         history is cut into `parts(n)` consecutive parts that this thread and the lent one take in turn, oldest
         first: if the lent core is slow or busy elsewhere, this thread searches the rest, and waits at most for
         the one part the lent thread is in."""
+        if not worth_splitting(query.shape[0], n, query.shape[1]):
+            return None
         bounds = parts(n)
-        if len(bounds) < 3 or not worth_splitting(query.shape[0], n, query.shape[1]) or not self._borrow():
+        if len(bounds) < 3 or not self._borrow():
             return None
         m = len(bounds) - 1
         found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * m
