@@ -2,12 +2,13 @@
 
 Serving layout, DARE's serving width (d = 33: 32 semantic dims and the folded position column), k = 20, one
 torch thread (the benchmark server's), C candidates against one history of L events. For each point, in
-interleaved rounds so that load from other processes hits both alike: the fused kernel on the whole history
-(`whole`, what a batch runs when no core is free) and `CoreLender.search` (`lent`: the history's parts taken
-in turn by this thread and the lent one, the same result bit for bit; checked here). Reports medians, the ratio whole / lent, and where the split is on
-(the size rule lend.worth_splitting), so the rule can be read against the crossover on this machine. Also the
-same with the lent core busy (`busy`: another process spinning, so the lent thread shares a core with it and
-this thread takes the parts it does not): what a batch pays when the lender's count of idle cores is wrong.
+interleaved rounds so that load from other processes hits both alike: the fused kernel on this thread alone
+(`whole`, what a batch runs when no core is free) and `CoreLender.search` (`lent`: the kernel's chunks taken
+in turn by this thread and the lent one, the same result bit for bit; checked here). Reports medians, the ratio
+whole / lent, how often the lent thread got into the search, and whether the size rule (lend.worth_lending)
+lends there, so the rule can be read against the crossover on this machine. Also the same with the lent core
+busy (`busy`: another process spinning, so the lent thread shares a core with it and this thread takes the
+chunks it does not): what a batch pays when the lender's count of idle cores is wrong.
 
     .venv/bin/python benchmarks/lend_search.py [--quick] [--out results/lend_search.json]
 """
@@ -33,15 +34,13 @@ from _machine import add_out_arg, emit  # noqa: E402
 K, D, SEGMENTS = 20, 33, [32, 1]
 
 
-def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
+def point(C: int, L: int, reps: int, busy: bool) -> dict:
     gen = torch.Generator().manual_seed(C * 7 + L)
     q, x = torch.randn(C, D, generator=gen), torch.randn(L, D, generator=gen)
     lender = lend.CoreLender(cores=2)
-    saved = lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS
-    split_by_rule = lend.worth_splitting(C, L, D)
-    lend.SPLIT_MIN_WORK = lend.SPLIT_MIN_EVENTS = 0   # measure the split wherever it can run; the rule beside it
-    lend.PART_EVENTS = part_events
-    parts = len(lend.parts(L)) - 1
+    saved = lend.LEND_MIN_WORK
+    by_rule = lend.worth_lending(C, L, D)
+    lend.LEND_MIN_WORK = 0   # measure the lent search wherever it can run; the rule beside it
     spinner = None
     try:
         want = fused.topk_fused(q, x, L, K, SEGMENTS)
@@ -64,38 +63,33 @@ def point(C: int, L: int, reps: int, busy: bool, part_events: int) -> dict:
         if spinner:
             spinner.kill()
             spinner.wait()
-        lend.SPLIT_MIN_WORK, lend.SPLIT_MIN_EVENTS, lend.PART_EVENTS = saved
+        lend.LEND_MIN_WORK = saved
         lender.close()
     w, s = statistics.median(whole), statistics.median(lent)
-    return {"C": C, "L": L, "lent_core_busy": busy, "part_events": part_events, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
-            "ratio_whole_to_lent": round(w / s, 3), "splits": lender.splits,
-            "parts_lent": lender.parts_lent, "parts_here": lender.parts_here,
-            "split_by_rule": split_by_rule, "reps": reps, "parts": parts}
+    return {"C": C, "L": L, "lent_core_busy": busy, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4),
+            "ratio_whole_to_lent": round(w / s, 3), "searches": lender.searches, "lent_thread_joined": lender.joined,
+            "chunks_lent": lender.chunks_lent, "chunks_here": lender.chunks_here, "lent_by_rule": by_rule,
+            "work": C * L * D, "reps": reps}
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and repetitions")
-    ap.add_argument("--part-events", type=int, nargs="+", default=[lend.PART_EVENTS],
-                    help="lend.PART_EVENTS values to compare (events per part)")
     add_out_arg(ap, "lend_search")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    Ls = [1_000, 10_000, 100_000] if args.quick else [1_000, 2_000, 4_000, 10_000, 30_000, 100_000]
+    Ls = [1_000, 10_000, 100_000] if args.quick else [500, 1_000, 2_000, 4_000, 10_000, 30_000, 100_000, 300_000]
     Cs = [200] if args.quick else [20, 200]
     rows = []
     for busy in (False, True):
         for C in Cs:
             for L in Ls:
-                for part_events in args.part_events:
-                    reps = max(5, min(200, int(2e9 / (C * L * D))))
-                    rows.append(point(C, L, reps // (4 if args.quick else 1) or 3, busy, part_events))
-                    print(rows[-1], file=sys.stderr)
+                reps = max(20, min(400, int(8e9 / (C * L * D))))
+                rows.append(point(C, L, reps // (4 if args.quick else 1), busy))
+                print(rows[-1], file=sys.stderr)
     emit({"benchmark": "lend_search",
-          "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "split_min_work": lend.SPLIT_MIN_WORK,
-                     "split_min_events": lend.SPLIT_MIN_EVENTS,
-                     "part_events_default": lend.PART_EVENTS, "max_parts": lend.MAX_PARTS,
-                     "pass1_bits_C200": fused.pass1_bits(200, D)},
+          "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "lend_min_work": lend.LEND_MIN_WORK,
+                     "pass1_bits_C200": fused.pass1_bits(200, D), "pass1_bits_C20": fused.pass1_bits(20, D)},
           "results": rows}, args.out)
 
 

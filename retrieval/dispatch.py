@@ -397,7 +397,7 @@ def topk(
     name = choose(query, keys, lengths, k)
     lender = lend.current()
     if lender is not None and shared and name == "fused":   # a service batch with a core to spare (retrieval.lend)
-        split = lender.search(query, keys, _serving_length(keys, lengths), k, segments)
-        if split is not None:
-            return split
+        found = lender.search(query, keys, _serving_length(keys, lengths), k, segments)
+        if found is not None:
+            return found
     return CANDIDATES[layout][name](query, keys, lengths, k, segments)

@@ -145,9 +145,9 @@ class ServiceMetrics(WorkerMetrics):
         self.score_batch_requests = Histogram(
             "recsys_score_batch_requests", "requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.scores_served = Counter("recsys_scores_served", "candidates scored", registry=r)
-        self.search_parts = Counter(
-            "recsys_score_search_parts", "parts of the searches an idle core was lent to (http.lend_idle_core), by "
-            "the thread that searched them: the lent core, or the batch's own", ["by"], registry=r)
+        self.search_chunks = Counter(
+            "recsys_score_search_chunks", "chunks of the searches an idle core was lent to (http.lend_idle_core), by "
+            "the thread that took them: the lent core, or the batch's own", ["by"], registry=r)
         self.cold_users = Counter("recsys_score_cold_users", "score requests for users with no history", registry=r)
         self.memory_source = Counter(
             "recsys_score_memory", "score requests of a memory model by where the user's memory came from "

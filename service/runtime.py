@@ -69,13 +69,13 @@ class Runtime:
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
         if cfg.http.lend_idle_core:
-            parts = self.metrics.search_parts
+            chunks = self.metrics.search_chunks
 
             def count(lent: int, here: int) -> None:
-                parts.labels("lent").inc(lent)
-                parts.labels("batch").inc(here)
+                chunks.labels("lent").inc(lent)
+                chunks.labels("batch").inc(here)
 
-            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(), on_split=count)
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(), on_search=count)
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)

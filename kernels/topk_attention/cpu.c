@@ -205,6 +205,9 @@ typedef struct {
     int x_ok[MAX_THREADS];
     int64_t next_tile;       /* shared history: the first tile of pass 1's next chunk (workers take chunks in turn) */
     int next_row;            /* shared history: the first row of pass 2's next chunk */
+    int64_t done_tiles;      /* shared history: pass 1's tiles finished (pass 2 starts when all are) */
+    int done_rows;           /* shared history: pass 2's rows finished (the call returns when all are) */
+    int chunks[MAX_THREADS]; /* shared history: chunks of either pass each worker took */
 } call_t;
 
 static inline uint32_t mask8(v8i a) {   /* lane e of a comparison -> bit e */
@@ -1699,6 +1702,14 @@ static void flag_row(const call_t *c, int r, int x_ok, float xmax) {
     c->bad[r] = !(x_ok && q_check == 0.0f && (double)c->d * qmax * xmax < 0.5 * FLT_MAX);
 }
 
+static inline void cpu_relax(void) {   /* in a spin wait: let the sibling hyperthread run, save power */
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 static void reduce_check(v8 check, v8 amax, int *x_ok, float *xmax) {
     *x_ok = 1;
     *xmax = 0.0f;
@@ -1744,8 +1755,6 @@ static void run_part(call_t *c, int t) {
            chunks, 13.8 on one thread; idle: 8.5 and 8.3 against 13.7-14.8). */
         const int64_t n = c->n[0], nb = blocks_of(n), nbp = c->nbp, tile = tile_blocks(d);
         const int64_t tiles = (nb + tile - 1) / tile, tchunk = nt == 1 ? tiles : (tiles + 8 * nt - 1) / (8 * nt);
-        if (t == nt - 1 && !c->lowp)
-            for (int r = 0; r < c->R; r++) pad_maxima(c->M + (int64_t)r * nbp, c->S + (int64_t)r * nbp * NS, nb, nbp);
         char *bufs = mine + align64((size_t)(c->sel + align8(nbp + 1) + c->cap) * 4);
         float *tile_buf = c->keep_T ? NULL : (float *)bufs;
 #if LOWP || INT8
@@ -1765,9 +1774,13 @@ static void run_part(call_t *c, int t) {
             } else
 #endif
             pass1(c, c->keys, n, b0, b1, 0, c->R, c->T, tile_buf, c->M, c->S, nbp, &check, &amax);
+            reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);   /* this worker's chunks so far, before they count as done */
+            c->chunks[t]++;
+            __atomic_fetch_add(&c->done_tiles, (first + tchunk < tiles ? first + tchunk : tiles) - first, __ATOMIC_RELEASE);
         }
-        reduce_check(check, amax, &c->x_ok[t], &c->xmax[t]);
-#pragma omp barrier
+        /* The barrier: every tile scored, by whichever worker took it. A worker that took none, or never came
+           (a lent thread that arrives late, run_team), holds nobody up: only a chunk in progress is waited for. */
+        while (__atomic_load_n(&c->done_tiles, __ATOMIC_ACQUIRE) < tiles) cpu_relax();
         int x_ok = 1;
         float xmax = 0.0f;
         for (int u = 0; u < nt; u++) {
@@ -1784,7 +1797,10 @@ static void run_part(call_t *c, int t) {
             pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * NS, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
                   c->cs + r0 * cap, c->ci + r0 * cap, c->cnt + r0, rank);
             for (int r = r0; r < r1; r++) flag_row(c, r, x_ok, xmax);
+            c->chunks[t]++;
+            __atomic_fetch_add(&c->done_rows, r1 - r0, __ATOMIC_RELEASE);
         }
+        while (__atomic_load_n(&c->done_rows, __ATOMIC_ACQUIRE) < c->R) cpu_relax();   /* the rows others are finishing */
     } else {
         /* One history per row: the workers split the rows; each transposes and scans its rows'
            histories one by one in its own scratch. */
@@ -1981,13 +1997,55 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
 
 /* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
    for a history of 2^31 - 128 events or more. */
-int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
-                const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
+/* A team of two threads for one serving-layout call, without OpenMP: the caller (topk_search_team, worker 0) and a
+   thread that joins it (topk_team_join, worker 1) whenever it gets there. Both take pass 1's and pass 2's chunks in
+   turn (run_part), so a member that comes late or never takes fewer chunks, and nobody waits for it; the caller
+   returns only once the member has left. state moves WAITING -> OPEN (the call is set up) -> JOINED (a member is in)
+   -> LEFT, or to CLOSED where no member got in (closed before it came). The caller resets a team to WAITING
+   before each call (retrieval.lend). */
+typedef struct {
+    int state;
+    int chunks[2];   /* after the call: chunks of either pass the caller and the member took */
+    call_t *c;
+} topk_team_t;
+enum { TEAM_WAITING, TEAM_OPEN, TEAM_JOINED, TEAM_CLOSED, TEAM_LEFT };
+
+/* Worker 1 of the team's call, once it is open; 1 when it took part, 0 when the call was closed first. */
+int topk_team_join(topk_team_t *team) {
+    for (;;) {
+        int s = __atomic_load_n(&team->state, __ATOMIC_ACQUIRE);
+        if (s == TEAM_WAITING) {   /* the caller is setting up: microseconds */
+            cpu_relax();
+            continue;
+        }
+        if (s != TEAM_OPEN) return 0;
+        if (__atomic_compare_exchange_n(&team->state, &s, TEAM_JOINED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) break;
+    }
+    run_part(team->c, 1);
+    __atomic_store_n(&team->state, TEAM_LEFT, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* No member may join after this returns, and a member that joined has left (its chunks are done). */
+void topk_team_close(topk_team_t *team) {
+    int s = TEAM_WAITING;
+    if (__atomic_compare_exchange_n(&team->state, &s, TEAM_CLOSED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+    s = TEAM_OPEN;
+    if (__atomic_compare_exchange_n(&team->state, &s, TEAM_CLOSED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
+    while (__atomic_load_n(&team->state, __ATOMIC_ACQUIRE) == TEAM_JOINED) cpu_relax();
+}
+
+static int search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
+                  const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads,
+                  topk_team_t *team) {
     if (R <= 0) return 0;
-    if (n_threads > R) n_threads = R;
+    if (key_row_stride != 0) team = NULL;   /* rows go to workers by a fixed share there: every member must come */
+    if (team != NULL) n_threads = 2;
+    if (n_threads > R && team == NULL) n_threads = R;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads < 1) n_threads = 1;
     call_t c = {q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads};
+    for (int t = 0; t < MAX_THREADS; t++) c.x_ok[t] = 1;   /* a worker that scores no tile leaves its check clean */
     int64_t n_max = 0;
     for (int r = 0; r < (key_row_stride == 0 ? 1 : R); r++) n_max = n[r] > n_max ? n[r] : n_max;
     if (n_max > INT32_MAX - 2 * SUB) return -2;   /* candidate indices are int32 */
@@ -2071,9 +2129,18 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
         c.a_eps = (float)(8.0 * (d + 2)) * 0x1p-126f;
     }
 #endif
+    if (key_row_stride == 0 && !c.lowp)   /* before any worker starts: pass 2 reads every row's padding */
+        for (int r = 0; r < R; r++) pad_maxima(c.M + (int64_t)r * nbp, c.S + (int64_t)r * nbp * NS, nb, nbp);
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */
-    if (forked || n_threads == 1) {
+    if (team != NULL) {
+        team->c = &c;
+        __atomic_store_n(&team->state, TEAM_OPEN, __ATOMIC_RELEASE);
+        run_part(&c, 0);
+        topk_team_close(team);
+        team->chunks[0] = c.chunks[0];
+        team->chunks[1] = c.chunks[1];
+    } else if (forked || n_threads == 1) {
         c.n_threads = 1;
         run_part(&c, 0);
     } else {
@@ -2088,4 +2155,18 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
     int n_bad = 0;
     for (int r = 0; r < R; r++) n_bad += bad[r];
     return n_bad;
+}
+
+int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
+                const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
+    return search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads, NULL);
+}
+
+/* topk_search on the caller's thread with `team`'s member helping where it joins (topk_team_join). The team is
+   closed when this returns, on every path. */
+int topk_search_team(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
+                     const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, topk_team_t *team) {
+    const int ret = search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, 1, team);
+    topk_team_close(team);
+    return ret;
 }

@@ -62,11 +62,53 @@ def load(extra_flags: tuple[str, ...] = ()):
     lib.topk_search.restype = i32
     lib.topk_pass1_bits.argtypes = [i32, i32, i64, i64]
     lib.topk_pass1_bits.restype = i32
+    lib.topk_search_team.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, p]
+    lib.topk_search_team.restype = i32
+    lib.topk_team_join.argtypes = [p]
+    lib.topk_team_join.restype = i32
+    lib.topk_team_close.argtypes = [p]
+    lib.topk_team_close.restype = None
     return lib
 
 
 def _lib():
     return load()
+
+
+class _TeamState(ctypes.Structure):   # cpu.c's topk_team_t
+    _fields_ = [("state", ctypes.c_int), ("chunks", ctypes.c_int * 2), ("call", ctypes.c_void_p)]
+
+
+class Team:
+    """Two threads on one serving-layout search (cpu.c's topk_team_t): the thread calling `topk_fused(...,
+    team=team)` and one calling `team.join()` from another thread, whenever it gets there. Both take the kernel's
+    chunks in turn, so a member that comes late or not at all slows nobody down; the result is the one-thread
+    search's bit for bit (the same scoring chain per event; each row's candidates ranked once). One search at a
+    time: `reset()` before each, and `close()` after it on every path (a member waiting to join returns then)."""
+
+    def __init__(self, build: tuple[str, ...] = ()):
+        self.build = build
+        self._lib = load(build) if build else _lib()
+        if self._lib is None:
+            raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
+        self._state = _TeamState()
+        self.ref = ctypes.addressof(self._state)
+
+    def reset(self) -> None:
+        ctypes.memset(self.ref, 0, ctypes.sizeof(_TeamState))
+
+    def join(self) -> bool:
+        """Work on the open search until it is done (True), or return False at once if it was closed first."""
+        return bool(self._lib.topk_team_join(self.ref))
+
+    def close(self) -> None:
+        """No member joins after this; one that joined has finished."""
+        self._lib.topk_team_close(self.ref)
+
+    @property
+    def chunks(self) -> tuple[int, int]:
+        """Chunks of the last search taken by its caller and by the member."""
+        return self._state.chunks[0], self._state.chunks[1]
 
 
 def available() -> bool:
@@ -117,14 +159,18 @@ def topk_fused(
     *,
     build: tuple[str, ...] = (),
     bad_rows: torch.Tensor | None = None,
+    team: Team | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
     Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k].
     `build`: extra flags of the build to run (`load`), e.g. ("-mno-avx512vnni",) for the bf16 pass 1 where the
     default build runs int8: benchmarks compare them (the results are the same bit for bit). `bad_rows`: a [rows]
     bool tensor that receives which rows the reference searched instead (a non-finite query or history, or
-    d max|q| max|x| near fp32's range): a search split over parts of one history (retrieval.lend) searches
-    those rows again whole, as the kernel would have."""
+    d max|q| max|x| near fp32's range). `team`: a serving-layout search on this thread and the team's member
+    (`Team`, of the same build; retrieval.lend), else on torch's threads. The kernel closes the team when it
+    returns; the caller closes it again whatever happened (an error raised here before the kernel leaves it open)."""
+    if team is not None and team.build != build:
+        raise ValueError(f"the team runs build {team.build}, the search {build}")
     lib = load(build) if build else _lib()
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log); use retrieval.topk")
@@ -158,11 +204,12 @@ def topk_fused(
     bad = torch.empty(R, dtype=torch.uint8)  # every row's flag is written
     n_bad = 0
     if R:
-        n_bad = lib.topk_search(
-            q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
-            n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr(),
-            _threads(R, R * L * d),
-        )
+        args = (q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
+                n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr())
+        if team is not None:
+            n_bad = lib.topk_search_team(*args, team.ref)
+        else:
+            n_bad = lib.topk_search(*args, _threads(R, R * L * d))
         if n_bad == -2:
             raise ValueError(f"topk_fused takes histories shorter than 2^31 - 128 events, got {int(n.max())}")
         if n_bad < 0:
