@@ -8,9 +8,7 @@ in turn by this thread and the lent one, the same result bit for bit; checked he
 whole / lent, how often the lent thread got into the search, and whether the size rule (lend.worth_lending)
 lends there, so the rule can be read against the crossover on this machine. Also the same with the lent core
 busy (`busy`: another process spinning, so the lent thread shares a core with it and this thread takes the
-chunks it does not): what a batch pays when the lender's count of idle cores is wrong. Then the key gather
-before the search (`gather`: CoreLender.gather, events in chunks) alone and lent, where lend.GATHER_MIN_EVENTS
-is read.
+chunks it does not): what a batch pays when the lender's count of idle cores is wrong.
 
     .venv/bin/python benchmarks/lend_search.py [--quick] [--out results/lend_search.json]
 """
@@ -74,38 +72,6 @@ def point(C: int, L: int, reps: int, busy: bool) -> dict:
             "work": C * L * D, "reps": reps}
 
 
-def gather_point(n: int, reps: int) -> dict:
-    """The stage-1 key gather before the search (DARE's folded layout: item and category rows of 16 dims and the
-    position number), alone and with the lent core (CoreLender.gather), the same bits checked."""
-    from kernels.gather_keys import cpu as gather_cpu
-
-    gen = torch.Generator().manual_seed(n)
-    tables = [torch.randn(100_001, 16, generator=gen), torch.randn(1_001, 16, generator=gen), torch.randn(n + 1, generator=gen)]
-    ids = [torch.randint(1, 100_001, (n,), generator=gen), torch.randint(1, 1_001, (n,), generator=gen),
-           torch.arange(1, n + 1)]
-    lender = lend.CoreLender(cores=2)
-    saved, by_rule = lend.GATHER_MIN_EVENTS, n >= lend.GATHER_MIN_EVENTS
-    lend.GATHER_MIN_EVENTS = 0
-    try:
-        with lender.scoring():
-            assert torch.equal(lender.gather(tables, ids), gather_cpu.gather_keys(tables, ids))
-        whole, lent = [], []
-        for _ in range(reps):
-            t = time.perf_counter()
-            gather_cpu.gather_keys(tables, ids)
-            whole.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            with lender.scoring():
-                lender.gather(tables, ids)
-            lent.append(time.perf_counter() - t)
-    finally:
-        lend.GATHER_MIN_EVENTS = saved
-        lender.close()
-    w, s = statistics.median(whole), statistics.median(lent)
-    return {"L": n, "whole_ms": round(w * 1e3, 4), "lent_ms": round(s * 1e3, 4), "ratio_whole_to_lent": round(w / s, 3),
-            "lent_by_rule": by_rule, "chunk_events": lend.GATHER_CHUNK, "reps": reps}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer points and repetitions")
@@ -121,14 +87,10 @@ def main(argv=None) -> None:
                 reps = max(20, min(400, int(8e9 / (C * L * D))))
                 rows.append(point(C, L, reps // (4 if args.quick else 1), busy))
                 print(rows[-1], file=sys.stderr)
-    gathers = []
-    for n in ([32_768, 100_000] if args.quick else [8_192, 16_384, 32_768, 65_536, 100_000, 300_000, 1_000_000]):
-        gathers.append(gather_point(n, max(10, min(300, int(3e7 / n)))))
-        print(gathers[-1], file=sys.stderr)
     emit({"benchmark": "lend_search",
-          "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "lend_min_work": lend.LEND_MIN_WORK, "gather_min_events": lend.GATHER_MIN_EVENTS,
+          "inputs": {"d": D, "k": K, "segments": SEGMENTS, "torch_threads": 1, "lend_min_work": lend.LEND_MIN_WORK,
                      "pass1_bits_C200": fused.pass1_bits(200, D), "pass1_bits_C20": fused.pass1_bits(20, D)},
-          "results": rows, "gather": gathers}, args.out)
+          "results": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,6 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
-from kernels.gather_keys import cpu as gather_cpu
 from kernels.topk_attention import cpu as fused
 
 # Where a lent search pays (`python benchmarks/lend_search.py`, AMD EPYC Zen 4 VM, quiet, one torch thread, d = 33,
@@ -46,9 +44,6 @@ from kernels.topk_attention import cpu as fused
 # is what sets the work, 2^24 the point above which every measured search gained (C = 20 from ~25k events, C = 200
 # from ~2.5k). With the lent core busy in another process: 0.98-1.28x at C = 200 from 30k events.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
-# The key gather before it (benchmarks/lend_search.py --gather; measured below).
-GATHER_MIN_EVENTS = 32768
-GATHER_CHUNK = 8192
 
 T = TypeVar("T")
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
@@ -76,7 +71,6 @@ class CoreLender:
         self.joined = 0       # of which the lent thread took chunks in
         self.chunks_lent = 0  # chunks the lent thread took
         self.chunks_here = 0  # chunks the batches' own threads took
-        self.gathers = 0      # key gathers the lent core helped with
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
@@ -128,43 +122,9 @@ class CoreLender:
             self._on_search(there, here)
         return found
 
-    def gather(self, tables: list[torch.Tensor], ids: list[torch.Tensor]) -> torch.Tensor | None:
-        """`kernels.gather_keys.cpu.gather_keys(tables, ids)` with an idle core helping: the events in chunks that
-        this thread and the lent one take in turn (a copy: the same bits whoever writes a row), or None when no
-        core is free or the history is too short to pay for the hand-off. Waits at most for the one chunk the lent
-        thread is in. An id out of range: the whole gather runs again here, to raise the one-call error."""
-        n = ids[0].shape[0] if ids else 0
-        if n < GATHER_MIN_EVENTS or not gather_cpu.supports(tables, ids) or not self._borrow():
-            return None
-        out = gather_cpu.empty_out(n, sum(1 if t.dim() == 1 else t.shape[1] for t in tables))
-        m = -(-n // GATHER_CHUNK)
-        taken = itertools.count()   # next() is atomic under the GIL: each chunk goes to one thread
-        left, failed, lock, finished = [m], [], threading.Lock(), threading.Event()
-
-        def work() -> None:
-            while (i := next(taken)) < m:
-                a, b = i * GATHER_CHUNK, min(n, (i + 1) * GATHER_CHUNK)
-                try:
-                    gather_cpu.gather_keys(tables, [x[a:b] for x in ids], out=out[a:b])
-                except Exception:   # noqa: BLE001 - named again by the whole gather below
-                    failed.append(i)
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        finished.set()
-
-        def gather_here() -> None:
-            work()
-            finished.wait()   # the chunk the lent thread is in, if any
-
-        self._lend(work, gather_here)
-        with self._lock:
-            self.gathers += 1
-        return gather_cpu.gather_keys(tables, ids) if failed else out
-
     def _lend(self, lent: Callable[[], object], here: Callable[[], T]) -> T:
         """here() on this thread while the borrowed core runs lent(), then the core given back. here() must return
-        only once lent() can touch nothing of the call (the team closed; every chunk done): this thread does not
+        only once lent() can touch nothing of the call (the team closed): this thread does not
         wait for the lent thread to return, as a thread woken late would add its wake-up (~50 us) to the call, and
         the next call's work queues behind it on the lent thread for the microseconds it needs to return."""
         self._elsewhere()

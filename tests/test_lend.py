@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import retrieval
-from kernels.gather_keys import cpu as gather_cpu
 from kernels.topk_attention import cpu as fused
 from retrieval import dispatch, lend
 from retrieval.lend import CoreLender
@@ -26,8 +25,6 @@ from retrieval.lend import CoreLender
 def lend_all(monkeypatch):
     """Every search is lent, however small (the size rule is a speed rule, not a correctness one)."""
     monkeypatch.setattr(lend, "LEND_MIN_WORK", 0)
-    monkeypatch.setattr(lend, "GATHER_MIN_EVENTS", 0)
-    monkeypatch.setattr(lend, "GATHER_CHUNK", 100)   # several chunks, the last one short
 
 
 def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,70 +240,6 @@ def test_a_failing_search_gives_the_core_back(lend_all):
         lender.close()
 
 
-def _tables(gen):
-    return [torch.randn(500, 8, generator=gen), torch.randn(30, 8, generator=gen), torch.randn(2_000, generator=gen)]
-
-
-@pytest.mark.parametrize("n", [1, 99, 100, 101, 1_234])
-def test_a_lent_gather_writes_what_one_call_writes(lend_all, n):
-    gen = torch.Generator().manual_seed(n)
-    tables = _tables(gen)
-    tables[0][7, 3] = float("nan")   # copied as bits
-    ids = [torch.randint(0, 500, (n,), generator=gen), torch.randint(0, 30, (n,), generator=gen),
-           torch.randperm(2_000, generator=gen)[:n]]
-    ids[0][0] = 7
-    want = gather_cpu.gather_keys(tables, ids)
-    lender = CoreLender(cores=2)
-    try:
-        for _ in range(5):
-            with lender.scoring():
-                got = lender.gather(tables, ids)
-            assert torch.equal(got.view(torch.int32), want.view(torch.int32))
-        assert lender.gathers == 5
-        with lender.scoring():                   # the lent core was given back each time
-            assert lender._borrow()
-            lender._give_back()
-    finally:
-        lender.close()
-
-
-def test_a_lent_gather_names_a_bad_id_as_one_call_does(lend_all):
-    gen = torch.Generator().manual_seed(0)
-    tables = _tables(gen)
-    ids = [torch.randint(0, 500, (1_000,), generator=gen), torch.randint(0, 30, (1_000,), generator=gen),
-           torch.arange(1_000)]
-    ids[1][777] = 30
-    with pytest.raises(IndexError) as one:
-        gather_cpu.gather_keys(tables, ids)
-    lender = CoreLender(cores=2)
-    try:
-        with lender.scoring(), pytest.raises(IndexError) as lent:
-            lender.gather(tables, ids)
-        assert str(lent.value) == str(one.value) and "[777]" in str(one.value)
-    finally:
-        lender.close()
-
-
-def test_a_gather_is_lent_only_when_it_pays_and_a_core_is_free(monkeypatch):
-    gen = torch.Generator().manual_seed(1)
-    tables = _tables(gen)
-    ids = [torch.randint(0, 500, (300,), generator=gen), torch.randint(0, 30, (300,), generator=gen), torch.arange(300)]
-    lender = CoreLender(cores=2)
-    busy = CoreLender(cores=1)
-    try:
-        with lender.scoring():
-            assert lender.gather(tables, ids) is None            # 300 events: below GATHER_MIN_EVENTS
-        monkeypatch.setattr(lend, "GATHER_MIN_EVENTS", 300)
-        with busy.scoring():
-            assert busy.gather(tables, ids) is None              # the batch holds the only core
-        with lender.scoring():
-            assert lender.gather(tables, ids) is not None
-            assert lender.gather([t.double() for t in tables], ids) is None   # not the kernel's input: the caller's path
-    finally:
-        lender.close()
-        busy.close()
-
-
 def test_retrieval_topk_lends_inside_a_scoring_batch(lend_all, monkeypatch):
     monkeypatch.setenv(dispatch.AUTOTUNE_ENV, "0")   # the fixed rule: the fused kernel for >= 8 queries
     gen = torch.Generator().manual_seed(2)
@@ -363,7 +296,7 @@ def test_a_scorer_with_a_lender_scores_as_one_without(lend_all, monkeypatch, red
                              np.array([rng.randrange(1, 9) for _ in range(40)]), False)]
             plain = Scorer(serving, store, ServiceMetrics()).run(jobs)[0]
             lent = Scorer(serving, store, ServiceMetrics(), lender=lender).run(jobs)[0]
-        assert lender.searches == 1 and lender.gathers == 1
+        assert lender.searches == 1
         assert lent.scores == plain.scores and lent.history_length == plain.history_length == 1_500
     finally:
         lender.close()

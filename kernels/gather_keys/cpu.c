@@ -81,12 +81,6 @@ gather(int64_t n, const int64_t nf, const uint32_t *const *tables, const int64_t
     return -1;
 }
 
-/* advise_huge for an output that several calls fill in parts (retrieval.lend): each part alone may be too small. */
-void gather_keys_advise(void *out, int64_t bytes)
-{
-    advise_huge(out, (uintptr_t)bytes);
-}
-
 /* n events; fields tables[f] [rows[f], dims[f]] (row-major, contiguous) with ids[f] [n]; out [n, width],
  * width = sum of dims. -> -1, or the first field (in event order) whose id is out of range, with that
  * event in *bad_event (the rows before it are written, the rest not). */

@@ -43,8 +43,6 @@ def load():
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gather_keys_f32.argtypes = [i64, i64, p, p, p, p, p, i64, i64, p]
     lib.gather_keys_f32.restype = i64
-    lib.gather_keys_advise.argtypes = [p, i64]
-    lib.gather_keys_advise.restype = None
     return lib
 
 
@@ -63,17 +61,6 @@ def supports(tables: list[torch.Tensor], ids: list[torch.Tensor]) -> bool:
             and all(i.device.type == "cpu" and i.dtype == torch.int64 and i.dim() == 1 and i.shape[0] == n
                     for i in ids)
             and load() is not None)
-
-
-def empty_out(n: int, width: int) -> torch.Tensor:
-    """A [n, width] float32 output for gather_keys calls that each fill a part of it (`out=` a slice): backed by huge
-    pages where it is large, as one call's own output is (an output faulted in 4 KiB pages by two threads cost more
-    than the gather: 0.7x at 300k events)."""
-    out = torch.empty(n, width, dtype=torch.float32)
-    lib = load()
-    if lib is not None:
-        lib.gather_keys_advise(out.data_ptr(), out.numel() * 4)
-    return out
 
 
 def gather_keys(tables: list[torch.Tensor], ids: list[torch.Tensor], ahead: int = AHEAD,
