@@ -29,8 +29,9 @@ serve ("index_forced") and without it (whole-sequence read), interleaved on the 
 Redis bytes and blocks read per request, and the choice's p50 against the faster forced path's.
 
 `--lend on off` runs one server with `http.lend_idle_core` on and one with it off (retrieval.lend: while a
-core is idle, a long history's search runs its two halves at once) on the same users; the first value gives
-the targets.
+core is idle, a long history's search runs on it too) on the same users; the first value gives the targets.
+Every configuration of a length (`--lend`, `--index-blocks`) has its server up at once, and each of the
+`--runs` loads goes to each server in turn, so the machine's drift over minutes falls on all alike.
 
 The bare forward is timed on three paths, interleaved: the served one (`ServingModel.score`, DARE's
 `shared_history_heads`), the same with an idle core lent to its search (`forward_lent_core_p50_ms`) and the
@@ -450,39 +451,47 @@ def main() -> None:
                     {"item_id": int(i), "category_id": int(c)}
                     for i, c in zip(rng.integers(1, N_ITEMS, C), rng.integers(1, N_CATES, C))]}).encode()
                     for u in range(1, USERS + 1)] for C in Cs}
-                for index_block, lend in itertools.product(args.index_blocks, args.lend):
-                    port = free_port()
-                    config = ServiceConfig(
-                        http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
-                                        score_concurrency=args.score_concurrency, lend_idle_core=lend == "on"),
-                        serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url, "index_block": index_block})),
-                        bundle=bundle, embedded_worker=False)
-                    proc = start_server(config, tmp / f"server-{L}-{index_block}-{lend}.log")
-                    try:
-                        for C in Cs:
-                            bodies = bodies_of[C]
-                            if memory:  # every user's memory must come from its stored state, not a rebuild
+                # Every configuration's server at once, idle but for its turn, and each run of a point taken from
+                # each server in turn: this VM's speed drifts over minutes, which config-after-config runs read
+                # as a difference between the configurations.
+                configs = list(itertools.product(args.index_blocks, args.lend))
+                procs, ports = {}, {}
+                try:
+                    for index_block, lend in configs:
+                        port = ports[(index_block, lend)] = free_port()
+                        config = ServiceConfig(
+                            http=HttpConfig(port=port, torch_threads=args.torch_threads, max_body_bytes=4_194_304,
+                                            score_concurrency=args.score_concurrency, lend_idle_core=lend == "on"),
+                            serve=ServeConfig(state=state.model_copy(update={"redis_url": handle.url, "index_block": index_block})),
+                            bundle=bundle, embedded_worker=False)
+                        procs[(index_block, lend)] = start_server(config, tmp / f"server-{L}-{index_block}-{lend}.log")
+                    for C in Cs:
+                        bodies = bodies_of[C]
+                        if memory:  # every user's memory must come from its stored state, not a rebuild
+                            for port in ports.values():
                                 conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
                                 for body in bodies:
                                     conn.request("POST", "/v1/score", body=body, headers={"Content-Type": "application/json"})
                                     source = json.loads(conn.getresponse().read())["memory"]
                                     assert source == "stored", f"memory source {source!r}, expected the stored state"
                                 conn.close()
-                            # the bare forward, right before and after this point's load (the server idle);
-                            # once per point: it does not read the index
-                            timed = index_block == args.index_blocks[0] and lend == args.lend[0]
-                            before = forward_only(bundle, store, C, 10) if timed else None
-                            for clients in (1, 8):
-                                runs = [load(port, bodies, clients, seconds) for _ in range(args.runs)]
+                        # the bare forward, right before and after this point's load (the servers idle); once per
+                        # point: it does not read the index
+                        before = forward_only(bundle, store, C, 10)
+                        for clients in (1, 8):
+                            runs = {cfg: [] for cfg in configs}
+                            for _ in range(args.runs):
+                                for cfg in configs:
+                                    runs[cfg].append(load(ports[cfg], bodies, clients, seconds))
+                            for (index_block, lend), rs in runs.items():
                                 results.append({"L": L, "C": C, "index_block": index_block, "lend_idle_core": lend == "on",
-                                                **median_of(runs), "runs": runs})
+                                                **median_of(rs), "runs": rs})
                                 print(json.dumps(results[-1]), file=sys.stderr)
-                            if not timed:
-                                continue
-                            after = forward_only(bundle, store, C, 10)
-                            forward.append({"L": L, "C": C, **{f"{name}_p50_ms": round(float(np.median(before[name] + after[name])) * 1e3, 2)
-                                                              for name in before}})
-                    finally:
+                        after = forward_only(bundle, store, C, 10)
+                        forward.append({"L": L, "C": C, **{f"{name}_p50_ms": round(float(np.median(before[name] + after[name])) * 1e3, 2)
+                                                          for name in before}})
+                finally:
+                    for proc in procs.values():
                         stop_server(proc)
             finally:
                 handle.close()

@@ -37,12 +37,13 @@ import torch
 
 from kernels.topk_attention import cpu as fused
 
-# Where a lent search pays (`python benchmarks/lend_search.py`, AMD EPYC Zen 4 VM, quiet, one torch thread, d = 33,
-# int8 pass 1 at C = 200; whole / lent): C = 20: 500-4k events 0.49-0.58x, 10k 0.96x, 30k 1.35x, 100k 1.61x, 300k
-# 1.78x; C = 200: 500-2k 1.06-1.13x, 4k 1.11x, 10k 1.15x, 30k 1.33x, 100k 1.61x, 300k 1.62x. A small search pays
-# the hand-off (the pool's wake-up, the pinning) and two threads' chunks of a few blocks each; rows x events x d
-# is what sets the work, 2^24 the point above which every measured search gained (C = 20 from ~25k events, C = 200
-# from ~2.5k). With the lent core busy in another process: 0.98-1.28x at C = 200 from 30k events.
+# Where a lent search pays (`python benchmarks/lend_search.py --out results/lend_search_zen4.json`, b7f0890: AMD
+# EPYC Zen 4 VM, quiet, one torch thread, d = 33, int8 pass 1 at C = 200; whole / lent): C = 20: 500-4k events
+# 0.50-0.77x, 10k 1.02x, 30k 1.35x, 100k 1.68x, 300k 1.79x; C = 200: 500-2k 1.01-1.05x, 4k 1.12x, 10k 1.17x, 30k
+# 1.37x, 100k 1.61x, 300k 1.75x. A small search pays the hand-off (the pool's wake-up, the pinning) and two threads'
+# chunks of a few blocks each; rows x events x d is what sets the work, and from 2^24 on every measured search
+# gained (C = 20 from ~25k events, C = 200 from ~2.5k). With the lent core busy in another process: 1.03-1.33x
+# where the rule lends at C = 200, 1.26-1.51x at C = 20.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
 
 T = TypeVar("T")
