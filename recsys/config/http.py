@@ -67,7 +67,7 @@ class HttpConfig(StrictModel):
                                       "default)")
     lend_idle_core: bool = Field(True, description="while fewer micro-batches score than the process has cores "
                                  "for (score_concurrency x torch_threads below them), a long history's top-k search "
-                                 "borrows an idle core: its parts searched by two threads in turn, the same "
+                                 "borrows an idle core: the kernel's chunks taken by two threads in turn, the same "
                                  "result (retrieval.lend); off in each process of `recsys serve --workers N` (N > 1) "
                                  "and of Ray Serve replicas, which cannot see each other's idle cores")
 
