@@ -1779,7 +1779,7 @@ static void run_part(call_t *c, int t) {
             __atomic_fetch_add(&c->done_tiles, (first + tchunk < tiles ? first + tchunk : tiles) - first, __ATOMIC_RELEASE);
         }
         /* The barrier: every tile scored, by whichever worker took it. A worker that took none, or never came
-           (a lent thread that arrives late, run_team), holds nobody up: only a chunk in progress is waited for. */
+           (a lent thread that arrives late, topk_team_join), holds nobody up: only a chunk in progress is waited for. */
         while (__atomic_load_n(&c->done_tiles, __ATOMIC_ACQUIRE) < tiles) cpu_relax();
         int x_ok = 1;
         float xmax = 0.0f;
@@ -1995,14 +1995,12 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
 }
 #endif
 
-/* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
-   for a history of 2^31 - 128 events or more. */
 /* A team of two threads for one serving-layout call, without OpenMP: the caller (topk_search_team, worker 0) and a
    thread that joins it (topk_team_join, worker 1) whenever it gets there. Both take pass 1's and pass 2's chunks in
    turn (run_part), so a member that comes late or never takes fewer chunks, and nobody waits for it; the caller
    returns only once the member has left. state moves WAITING -> OPEN (the call is set up) -> JOINED (a member is in)
-   -> LEFT, or to CLOSED where no member got in (closed before it came). The caller resets a team to WAITING
-   before each call (retrieval.lend). */
+   -> LEFT, or to CLOSED where no member got in (closed before it came). A team serves one call and starts zeroed
+   (WAITING): retrieval.lend makes one per search, so a member still on its way from the last call joins nothing. */
 typedef struct {
     int state;
     int chunks[2];   /* after the call: chunks of either pass the caller and the member took */
@@ -2157,6 +2155,8 @@ static int search(const float *q, const float *keys, int64_t key_row_stride, int
     return n_bad;
 }
 
+/* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
+   for a history of 2^31 - 128 events or more. */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                 const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
     return search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads, NULL);

@@ -13,7 +13,8 @@ any length without AVX512_BF16) scores in int8, else where it has AVX512_BF16 (>
 no AVX-512 (>= 128 queries and >= 16384 events) in int8 with queries within +-63 (vpmaddubsw's int16 pairs must not
 saturate). Each has a proven error bound, and pass 2 rescores in fp32, so the result is the fp32 kernel's bit for bit
 (`pass1_bits`, cpu.c's header).
-`available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not.
+`available()` says whether the kernel loaded; `retrieval.dispatch` falls back to torch when it did not. `Team` lets a
+second thread join one serving call as it runs (retrieval.lend), without OpenMP.
 ctypes releases the GIL for the call, so concurrent requests score in parallel.
 """
 
@@ -158,17 +159,15 @@ def topk_fused(
     segments: Sequence[int] | None = None,
     *,
     build: tuple[str, ...] = (),
-    bad_rows: torch.Tensor | None = None,
     team: Team | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
     Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k].
     `build`: extra flags of the build to run (`load`), e.g. ("-mno-avx512vnni",) for the bf16 pass 1 where the
-    default build runs int8: benchmarks compare them (the results are the same bit for bit). `bad_rows`: a [rows]
-    bool tensor that receives which rows the reference searched instead (a non-finite query or history, or
-    d max|q| max|x| near fp32's range). `team`: a serving-layout search on this thread and the team's member
-    (`Team`, of the same build; retrieval.lend), else on torch's threads. The kernel closes the team when it
-    returns; the caller closes it again whatever happened (an error raised here before the kernel leaves it open)."""
+    default build runs int8: benchmarks compare them (the results are the same bit for bit). `team`: a
+    serving-layout search on this thread and the team's member (`Team`, of the same build; retrieval.lend), else
+    on torch's threads. The kernel closes the team when it returns; the caller closes it again whatever happened
+    (an error raised here before the kernel leaves it open)."""
     if team is not None and team.build != build:
         raise ValueError(f"the team runs build {team.build}, the search {build}")
     lib = load(build) if build else _lib()
@@ -214,8 +213,6 @@ def topk_fused(
             raise ValueError(f"topk_fused takes histories shorter than 2^31 - 128 events, got {int(n.max())}")
         if n_bad < 0:
             raise MemoryError("topk_search: out of memory")
-    if bad_rows is not None:
-        bad_rows.copy_(bad.bool())
     if n_bad:  # non-finite inputs (rare): the reference's stable sort decides where they go
         rows = bad.nonzero().flatten()
         sub_keys = keys if serving else keys[rows]
