@@ -7,7 +7,9 @@ CPU, written atomically, so concurrent processes and workers share one build.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -15,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 from typing import Sequence
+
+log = logging.getLogger(__name__)
 
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-ffp-contract=fast", "-fPIC", "-shared", "-fopenmp"]
 LIBS = ["-lm"]
@@ -62,3 +66,20 @@ def build(source: Path, name: str, extra_flags: Sequence[str] = (), includes: Se
             raise RuntimeError(f"compiling {source} failed:\n{res.stderr[-2000:]}")
         os.replace(so, out)  # atomic: a concurrent builder's identical file is replaced whole
     return out
+
+
+def open_library(source: Path, name: str, fallback: str, extra_flags: Sequence[str] = (),
+                 includes: Sequence[Path] = ()) -> ctypes.CDLL | None:
+    """`build` and load the library; None, with a warning naming the kernel and the path used instead
+    (`fallback`), where it cannot be built or loaded here (the callers cache the answer, so it is logged once)."""
+    try:
+        return ctypes.CDLL(str(build(source, name, extra_flags, includes)))
+    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the fallback path
+        log.warning("C kernel %s unavailable, using %s: %s", name, fallback, e)
+        return None
+
+
+def switch_on(env: str) -> bool:
+    """Whether the environment variable `env` leaves a kernel (or a tuning step) on: unset, or anything but
+    0 / false / no / off. Read per call, so tests and A/B runs can flip it."""
+    return os.environ.get(env, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -102,7 +102,7 @@ CANDIDATES: dict[str, dict[str, PathFn]] = {
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return cbuild.switch_on(AUTOTUNE_ENV)
 
 
 def _bucket(x: int, base: int) -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from pathlib import Path
 
 import torch
@@ -24,7 +22,6 @@ import torch
 from kernels import cbuild
 from kernels.gather_keys import reference
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 SWITCH_ENV = "RECSYS_GATHER_KEYS_KERNEL"
@@ -35,10 +32,8 @@ AHEAD = 16
 @functools.cache
 def load():
     """The built library, or None (logged once) when it cannot be built here."""
-    try:
-        lib = ctypes.CDLL(str(cbuild.build(SOURCE, "gather_keys")))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
-        log.warning("key gather kernel unavailable, using the torch path: %s", e)
+    lib = cbuild.open_library(SOURCE, "gather_keys", "the torch path")
+    if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gather_keys_f32.argtypes = [i64, i64, p, p, p, p, p, i64, i64, p]
@@ -47,7 +42,7 @@ def load():
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return cbuild.switch_on(SWITCH_ENV)
 
 
 def supports(tables: list[torch.Tensor], ids: list[torch.Tensor]) -> bool:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,6 @@ import numpy as np
 from kernels import cbuild
 from kernels.id_lookup import reference
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 SWITCH_ENV = "RECSYS_ID_LOOKUP_KERNEL"
@@ -24,10 +21,8 @@ SWITCH_ENV = "RECSYS_ID_LOOKUP_KERNEL"
 @functools.cache
 def load():
     """The built library, or None (logged once) when it cannot be built here."""
-    try:
-        lib = ctypes.CDLL(str(cbuild.build(SOURCE, "id_lookup")))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the numpy path
-        log.warning("id lookup kernel unavailable, using the numpy path: %s", e)
+    lib = cbuild.open_library(SOURCE, "id_lookup", "the numpy path")
+    if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.id_lookup.argtypes = [p, i64, i64, p, p, i32, i64, p]
@@ -38,7 +33,7 @@ def load():
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return cbuild.switch_on(SWITCH_ENV)
 
 
 def _ids(raw: np.ndarray) -> np.ndarray:

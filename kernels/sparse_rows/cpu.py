@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 
 import torch
 
 from kernels import cbuild
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 # no fused multiply-add (it would round differently from torch's separate ops); errno is never read, so
@@ -34,10 +32,8 @@ FLAGS = ["-ffp-contract=off", "-fno-math-errno"]
 @functools.cache
 def load():
     """The built library, or None (logged once) when it cannot be built here."""
-    try:
-        lib = ctypes.CDLL(str(cbuild.build(SOURCE, "sparse_rows", FLAGS)))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
-        log.warning("sparse row kernels unavailable, using the torch path: %s", e)
+    lib = cbuild.open_library(SOURCE, "sparse_rows", "the torch path", FLAGS)
+    if lib is None:
         return None
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.sparse_adam_rows_f32.argtypes = [i64, i64, p, p, p, p, p, f32, f32, f32, f32, ctypes.c_int]

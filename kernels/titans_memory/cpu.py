@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,6 @@ import torch
 
 from kernels import cbuild
 
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
 INCLUDES = [Path(__file__).with_name("update.inc")]
@@ -31,10 +29,8 @@ FLAGS = ["-fno-math-errno"]
 @functools.lru_cache(maxsize=None)
 def load():
     """The built library, or None (logged once) when it cannot be built here."""
-    try:
-        lib = ctypes.CDLL(str(cbuild.build(SOURCE, "titans", FLAGS, includes=INCLUDES)))
-    except Exception as e:  # noqa: BLE001 - any build/load failure means: use the torch path
-        log.warning("Titans C kernel unavailable, using the torch path: %s", e)
+    lib = cbuild.open_library(SOURCE, "titans", "the torch path", FLAGS, INCLUDES)
+    if lib is None:
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suf, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
