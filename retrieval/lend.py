@@ -142,7 +142,7 @@ class CoreLender:
 
     def _elsewhere(self) -> None:
         """Keep the lent thread off this thread's CPU. Woken by this thread, the scheduler would queue it on this
-        CPU (wake-affine), behind this thread's own part, until a balance moved it: two threads of one process
+        CPU (wake-affine), behind this thread's own work, until a balance moved it: two threads of one process
         searching at once took 3.0 and 4.0 ms a 25k-event search where pinned apart they took 2.7 and 2.8 (Zen 3 VM; two
         processes were not affected)."""
         cpu = _sched_getcpu()

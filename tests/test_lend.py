@@ -29,9 +29,9 @@ def lend_all(monkeypatch):
 
 def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     q, x = torch.randn(rows, d, generator=gen), torch.randn(L, d, generator=gen)
-    if kind == "all_equal":            # every score ties: the k lowest indices, all in the first part
+    if kind == "all_equal":            # every score ties: the k lowest indices, all in the first chunk
         x[:] = x[0]
-    elif kind == "mirrored":           # the second half repeats the first: each tie spans two parts
+    elif kind == "mirrored":           # the second half repeats the first: each tie spans two chunks
         h = L // 2
         x[h: 2 * h] = x[:h]
     elif kind == "signed_zeros":       # +0 and -0 scores tie
