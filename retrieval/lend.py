@@ -31,7 +31,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator
 
 import torch
 
@@ -46,7 +46,6 @@ from kernels.topk_attention import cpu as fused
 # where the rule lends at C = 200, 1.26-1.51x at C = 20.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
 
-T = TypeVar("T")
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
 
 
@@ -105,14 +104,22 @@ class CoreLender:
         if not worth_lending(query.shape[0], n, query.shape[1]) or not self._borrow():
             return None
         team = fused.Team()   # its own per search: a lent thread still finishing the last one joins nothing here
-
-        def search_here():
-            try:
-                return fused.topk_fused(query, keys, n, k, segments, team=team)
-            finally:
-                team.close()   # a raise before the kernel ran leaves the team open: this sends a waiting thread back
-
-        found = self._lend(team.join, search_here)
+        self._elsewhere()
+        try:
+            job = self._pool.submit(team.join)
+        except BaseException:
+            self._give_back()
+            raise
+        try:
+            found = fused.topk_fused(query, keys, n, k, segments, team=team)
+        finally:
+            # Once the team is closed the lent thread cannot join, and if it did it has left: no waiting for it to
+            # return (a thread woken late would add its wake-up, ~50 us, to the search; the next search's work
+            # queues behind it for the microseconds it needs). A raise before the kernel ran leaves the team open:
+            # closing it sends a waiting thread back.
+            team.close()
+            job.cancel()   # never started (the lent core is busy elsewhere): it never will
+            self._give_back()
         here, there = team.chunks
         with self._lock:
             self.searches += 1
@@ -122,23 +129,6 @@ class CoreLender:
         if self._on_search is not None:
             self._on_search(there, here)
         return found
-
-    def _lend(self, lent: Callable[[], object], here: Callable[[], T]) -> T:
-        """here() on this thread while the borrowed core runs lent(), then the core given back. here() must return
-        only once lent() can touch nothing of the call (the team closed): this thread does not
-        wait for the lent thread to return, as a thread woken late would add its wake-up (~50 us) to the call, and
-        the next call's work queues behind it on the lent thread for the microseconds it needs to return."""
-        self._elsewhere()
-        try:
-            job = self._pool.submit(lent)
-        except BaseException:
-            self._give_back()
-            raise
-        try:
-            return here()
-        finally:
-            job.cancel()   # never started (the lent core is busy elsewhere): it never will
-            self._give_back()
 
     def _elsewhere(self) -> None:
         """Keep the lent thread off this thread's CPU. Woken by this thread, the scheduler would queue it on this

@@ -84,8 +84,9 @@ class Team:
     """Two threads on one serving-layout search (cpu.c's topk_team_t): the thread calling `topk_fused(...,
     team=team)` and one calling `team.join()` from another thread, whenever it gets there. Both take the kernel's
     chunks in turn, so a member that comes late or not at all slows nobody down; the result is the one-thread
-    search's bit for bit (the same scoring chain per event; each row's candidates ranked once). One search at a
-    time: `reset()` before each, and `close()` after it on every path (a member waiting to join returns then)."""
+    search's bit for bit (the same scoring chain per event; each row's candidates ranked once). One search per team:
+    a new team is ready (`reset()` readies a used one), and `close()` follows its search on every path (a member
+    waiting to join returns then)."""
 
     def __init__(self, build: tuple[str, ...] = ()):
         self.build = build
