@@ -1,11 +1,12 @@
-"""An idle core lent to a serving search: the fused kernel's chunks taken in turn by two threads.
+"""An idle core lent to a serving request's long kernels: their chunks taken in turn by two threads.
 
 A service scoring on one thread per micro-batch leaves a core idle while fewer batches run than it has
 cores (one client; any quiet moment). `CoreLender` knows how many batches run: inside `scoring()`, a
-serving-layout search by the fused kernel (`retrieval.dispatch.topk`) large enough to pay for the hand-off
-borrows one idle core. The kernel runs on this thread with a lent thread as its team's second member
-(`kernels.topk_attention.cpu.Team`): both take pass 1's blocks and pass 2's rows in chunks, from the same
-counters. Nothing else of the forward is shared out: the search is most of it at long histories.
+serving-layout search by the fused kernel (`retrieval.dispatch.topk`) and the gather of its keys
+(`recsys.models.attention.stage1_from_tables`), each when large enough to pay for the hand-off, borrow one idle
+core. The kernel runs on this thread with a lent thread as its team's second member (`kernels.team`): the
+search's pass 1 blocks and pass 2 rows, the gather's events, taken in chunks from the same counters. At long
+histories these two are most of the forward (L = 100k, C = 200: ~7.5 and ~1.7 of ~11 ms on one thread, Zen 4).
 
 Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
 the event loop, Redis and the client need between and beside the forward's many small ops, and a team
@@ -31,11 +32,16 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from kernels.gather_keys import cpu as gather
+from kernels.team import Team
 from kernels.topk_attention import cpu as fused
+
+T = TypeVar("T")
 
 # Where a lent search pays (`python benchmarks/lend_search.py --out results/lend_search_zen4.json`, b7f0890: AMD
 # EPYC Zen 4 VM, quiet, one torch thread, d = 33, int8 pass 1 at C = 200; whole / lent): C = 20: 500-4k events
@@ -45,6 +51,8 @@ from kernels.topk_attention import cpu as fused
 # gained (C = 20 from ~25k events, C = 200 from ~2.5k). With the lent core busy in another process: 1.03-1.33x
 # where the rule lends at C = 200, 1.26-1.51x at C = 20.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
+# Where a lent key gather pays (`python benchmarks/lend_gather.py`, see GATHER_MIN_WORDS' measurement below).
+GATHER_MIN_WORDS = 1 << 21   # events x key width
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
 
@@ -54,23 +62,32 @@ def current() -> CoreLender | None:
     return _current.get()
 
 
+@dataclass
+class Lent:
+    """One kernel's calls that were offered the lent core."""
+
+    calls: int = 0        # calls the lent core was offered to
+    joined: int = 0       # of which the lent thread took chunks in
+    chunks_lent: int = 0  # chunks the lent thread took
+    chunks_here: int = 0  # chunks the batches' own threads took
+
+
 class CoreLender:
     """Cores the process may use, `cores`, of which each batch in `scoring()` takes `threads_per_batch`;
-    while at least one more is free, one search at a time may borrow it."""
+    while at least one more is free, one call at a time (a search, a key gather) may borrow it. `on_call`: after
+    each lent call, (kernel, chunks the lent thread took, chunks taken here), kernel "search" or "gather"."""
 
-    def __init__(self, cores: int, threads_per_batch: int = 1, on_search: Callable[[int, int], None] | None = None):
+    def __init__(self, cores: int, threads_per_batch: int = 1,
+                 on_call: Callable[[str, int, int], None] | None = None):
         self.cores, self.threads_per_batch = cores, threads_per_batch
-        self._on_search = on_search   # after each lent search: (chunks the lent thread took, chunks taken here)
+        self._on_call = on_call
         self._lock = threading.Lock()
         self._batches = 0
         self._lent = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="lent-core")
         self._lent_tid = self._pool.submit(threading.get_native_id).result()
         self._cpus = os.sched_getaffinity(0)
-        self.searches = 0     # searches the lent core was offered to
-        self.joined = 0       # of which the lent thread took chunks in
-        self.chunks_lent = 0  # chunks the lent thread took
-        self.chunks_here = 0  # chunks the batches' own threads took
+        self.lent = {"search": Lent(), "gather": Lent()}
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
@@ -101,33 +118,50 @@ class CoreLender:
         """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n) with an idle core helping,
         or None when no core is free or the search is too small to pay for the hand-off (the caller then runs it
         alone). If the lent core is slow or busy elsewhere, this thread takes the chunks it has not."""
-        if not worth_lending(query.shape[0], n, query.shape[1]) or not self._borrow():
+        if not worth_lending(query.shape[0], n, query.shape[1]):
             return None
-        team = fused.Team()   # its own per search: a lent thread still finishing the last one joins nothing here
-        self._elsewhere()
+        # its own team per search: a lent thread still finishing the last one joins nothing here
+        return self._lend("search", fused.Team, lambda team: fused.topk_fused(query, keys, n, k, segments, team=team))
+
+    def gather(self, tables: list[torch.Tensor], ids: list[torch.Tensor]) -> torch.Tensor | None:
+        """The search's keys gathered (`kernels.gather_keys`: [L, sum of widths]) with an idle core taking chunks
+        of the events, or None when no core is free, the gather is too small to pay for the hand-off or the C
+        gather does not run these tensors (the caller then gathers alone)."""
+        width = sum(1 if t.dim() == 1 else t.shape[1] for t in tables)
+        if not (worth_lending_gather(ids[0].shape[0], width) and gather.supports(tables, ids)):
+            return None
+        return self._lend("gather", gather.Team, lambda team: gather.gather_keys(tables, ids, team=team))
+
+    def _lend(self, kernel: str, make_team: Callable[[], Team], run: Callable[[Team], T]) -> T | None:
+        """run(team) on this thread with the lent core as the team's member; None when no core is free."""
+        if not self._borrow():
+            return None
         try:
+            team = make_team()
+            self._elsewhere()
             job = self._pool.submit(team.join)
         except BaseException:
             self._give_back()
             raise
         try:
-            found = fused.topk_fused(query, keys, n, k, segments, team=team)
+            found = run(team)
         finally:
             # Once the team is closed the lent thread cannot join, and if it did it has left: no waiting for it to
-            # return (a thread woken late would add its wake-up, ~50 us, to the search; the next search's work
-            # queues behind it for the microseconds it needs). A raise before the kernel ran leaves the team open:
+            # return (a thread woken late would add its wake-up, ~50 us, to the call; the next call's work queues
+            # behind it for the microseconds it needs). A raise before the kernel ran leaves the team open:
             # closing it sends a waiting thread back.
             team.close()
             job.cancel()   # never started (the lent core is busy elsewhere): it never will
             self._give_back()
         here, there = team.chunks
         with self._lock:
-            self.searches += 1
-            self.joined += there > 0
-            self.chunks_lent += there
-            self.chunks_here += here
-        if self._on_search is not None:
-            self._on_search(there, here)
+            lent = self.lent[kernel]
+            lent.calls += 1
+            lent.joined += there > 0
+            lent.chunks_lent += there
+            lent.chunks_here += here
+        if self._on_call is not None:
+            self._on_call(kernel, there, here)
         return found
 
     def _elsewhere(self) -> None:
@@ -161,3 +195,8 @@ _sched_getcpu = _load_sched_getcpu()
 def worth_lending(rows: int, n: int, d: int) -> bool:
     """Whether a search of `rows` queries over n events of d dims pays for a lent core (see LEND_MIN_WORK)."""
     return rows * n * d >= LEND_MIN_WORK
+
+
+def worth_lending_gather(n: int, width: int) -> bool:
+    """Whether gathering n events' keys of `width` words pays for a lent core (see GATHER_MIN_WORDS)."""
+    return n * width >= GATHER_MIN_WORDS

@@ -77,6 +77,11 @@ class WorkerMetrics:
             self.model_info.remove(previous)
         self.model_info.labels(version).set(1)
 
+    def count_lent(self, kernel: str, lent: int, here: int) -> None:
+        """`CoreLender(on_call=...)`: the chunks of one call an idle core was lent to, by the thread that took them."""
+        self.lent_chunks.labels(kernel, "lent").inc(lent)
+        self.lent_chunks.labels(kernel, "batch").inc(here)
+
     def count_batch(self, stats) -> None:
         """`StreamWorker(on_batch=...)`: one completed read (service.stream.WorkerStats)."""
         self.events_applied.inc(stats.applied)
@@ -145,9 +150,10 @@ class ServiceMetrics(WorkerMetrics):
         self.score_batch_requests = Histogram(
             "recsys_score_batch_requests", "requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.scores_served = Counter("recsys_scores_served", "candidates scored", registry=r)
-        self.search_chunks = Counter(
-            "recsys_score_search_chunks", "chunks of the searches an idle core was lent to (http.lend_idle_core), by "
-            "the thread that took them: the lent core, or the batch's own", ["by"], registry=r)
+        self.lent_chunks = Counter(
+            "recsys_score_lent_chunks", "chunks of the calls an idle core was lent to (http.lend_idle_core), by "
+            "kernel (search, gather) and by the thread that took them: the lent core, or the batch's own",
+            ["kernel", "by"], registry=r)
         self.cold_users = Counter("recsys_score_cold_users", "score requests for users with no history", registry=r)
         self.memory_source = Counter(
             "recsys_score_memory", "score requests of a memory model by where the user's memory came from "

@@ -69,13 +69,8 @@ class Runtime:
         # while a background thread measures them (retrieval.dispatch)
         dispatch.defer_tuning()
         if cfg.http.lend_idle_core:
-            chunks = self.metrics.search_chunks
-
-            def count(lent: int, here: int) -> None:
-                chunks.labels("lent").inc(lent)
-                chunks.labels("batch").inc(here)
-
-            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(), on_search=count)
+            self.lender = CoreLender(len(os.sched_getaffinity(0)), torch.get_num_threads(),
+                                     on_call=self.metrics.count_lent)
         self.redis = connect(cfg.serve.state)
         warn_if_evicting(self.redis.client, log)
         self.request_redis = request_client(self.redis, cfg.serve.state)

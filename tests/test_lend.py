@@ -16,6 +16,8 @@ import pytest
 import torch
 
 import retrieval
+from kernels.gather_keys import cpu as gather
+from kernels.team import Team
 from kernels.topk_attention import cpu as fused
 from retrieval import dispatch, lend
 from retrieval.lend import CoreLender
@@ -23,8 +25,9 @@ from retrieval.lend import CoreLender
 
 @pytest.fixture
 def lend_all(monkeypatch):
-    """Every search is lent, however small (the size rule is a speed rule, not a correctness one)."""
+    """Every search and gather is lent, however small (the size rules are speed rules, not correctness ones)."""
     monkeypatch.setattr(lend, "LEND_MIN_WORK", 0)
+    monkeypatch.setattr(lend, "GATHER_MIN_WORDS", 0)
 
 
 def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,17 +55,13 @@ def _case(kind: str, L: int, rows: int, d: int, gen: torch.Generator) -> tuple[t
     return q, x
 
 
-KINDS = ["normal", "all_equal", "mirrored", "signed_zeros", "integers", "outlier", "nan_second_half", "inf_query",
-         "near_overflow"]
-
-
 
 
 KINDS = ["normal", "all_equal", "mirrored", "signed_zeros", "integers", "outlier", "nan_second_half", "inf_query",
          "near_overflow"]
 
 
-def _with_member(team: fused.Team, search):
+def _with_member(team: Team, search):
     """search() run with the team's member already waiting on another thread (it spins until the call opens), so
     that it takes chunks from the start -> (search's result, whether the member took part)."""
     team.reset()
@@ -160,14 +159,15 @@ def test_a_lent_search_equals_the_kernels(lend_all):
     q, x = torch.randn(200, 33, generator=gen), torch.randn(30_000, 33, generator=gen)
     want = fused.topk_fused(q, x, 29_000, 20, [32, 1])
     seen = []
-    lender = CoreLender(cores=2, on_search=lambda lent, here: seen.append((lent, here)))
+    lender = CoreLender(cores=2, on_call=lambda kernel, lent, here: seen.append((kernel, lent, here)))
     try:
         for _ in range(3):
             with lender.scoring():
                 _same(lender.search(q, x, 29_000, 20, [32, 1]), want)
-        assert lender.searches == 3 and len(seen) == 3 and all(h > 0 for _, h in seen)
-        assert lender.chunks_lent == sum(t for t, _ in seen) and lender.chunks_here == sum(h for _, h in seen)
-        assert (lender.chunks_lent > 0) == (lender.joined > 0)
+        got = lender.lent["search"]
+        assert got.calls == 3 and len(seen) == 3 and all(k == "search" and h > 0 for k, _, h in seen)
+        assert got.chunks_lent == sum(t for _, t, _ in seen) and got.chunks_here == sum(h for _, _, h in seen)
+        assert (got.chunks_lent > 0) == (got.joined > 0) and lender.lent["gather"].calls == 0
     finally:
         lender.close()
 
@@ -209,13 +209,14 @@ def test_a_busy_lent_core_leaves_the_search_here(lend_all):
     gen = torch.Generator().manual_seed(1)
     q, x = torch.randn(16, 16, generator=gen), torch.randn(30_000, 16, generator=gen)
     seen = []
-    lender = CoreLender(cores=2, on_search=lambda lent, here: seen.append((lent, here)))
+    lender = CoreLender(cores=2, on_call=lambda kernel, lent, here: seen.append((lent, here)))
     release = threading.Event()
     blocker = lender._pool.submit(release.wait)   # the lent thread is busy elsewhere
     try:
         with lender.scoring():
             got = lender.search(q, x, 30_000, 20, None)
-        assert lender.searches == 1 and lender.joined == 0 and seen[0][0] == 0 and seen[0][1] > 0
+        assert lender.lent["search"].calls == 1 and lender.lent["search"].joined == 0
+        assert seen[0][0] == 0 and seen[0][1] > 0
         _same(got, fused.topk_fused(q, x, 30_000, 20))
         with lender.scoring():                   # the borrowed core was given back
             assert lender._borrow()
@@ -249,7 +250,7 @@ def test_retrieval_topk_lends_inside_a_scoring_batch(lend_all, monkeypatch):
     try:
         with lender.scoring():
             got = retrieval.topk(q, x, 3_900, 20, [32, 1])
-        assert lender.searches == 1
+        assert lender.lent["search"].calls == 1
         _same(got, want)
         assert lend.current() is None            # the batch's lender does not outlive it
         # one history per query (a cold user's batch forward in the service): the lender stays out of it
@@ -258,7 +259,7 @@ def test_retrieval_topk_lends_inside_a_scoring_batch(lend_all, monkeypatch):
         want = retrieval.topk(qt, xt, n, 8)
         with lender.scoring():
             got = retrieval.topk(qt, xt, n, 8)
-        assert lender.searches == 1
+        assert lender.lent["search"].calls == 1
         _same(got, want)
     finally:
         lender.close()
@@ -296,7 +297,7 @@ def test_a_scorer_with_a_lender_scores_as_one_without(lend_all, monkeypatch, red
                              np.array([rng.randrange(1, 9) for _ in range(40)]), False)]
             plain = Scorer(serving, store, ServiceMetrics()).run(jobs)[0]
             lent = Scorer(serving, store, ServiceMetrics(), lender=lender).run(jobs)[0]
-        assert lender.searches == 1
+        assert lender.lent["search"].calls == 1 and lender.lent["gather"].calls == 1   # the search's keys
         assert lent.scores == plain.scores and lent.history_length == plain.history_length == 1_500
     finally:
         lender.close()
@@ -328,3 +329,128 @@ def test_the_lent_thread_runs_off_the_callers_cpu(lend_all):
     finally:
         os.sched_setaffinity(0, cpus)
         lender.close()
+
+
+def _fields(L: int, widths: list[int], gen: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Tables of the given widths (1: a per-row number) and L ids into each."""
+    tables = [torch.randn(997 + 13 * f, w, generator=gen) if w > 1 else torch.randn(997 + 13 * f, generator=gen)
+              for f, w in enumerate(widths)]
+    return tables, [torch.randint(0, t.shape[0], (L,), generator=gen) for t in tables]
+
+
+@pytest.mark.parametrize("widths", [[16, 16, 1], [32, 1], [8, 16, 1], [5, 3]])   # fixed layouts, then the general loop
+@pytest.mark.parametrize("L", [1, 2_047, 2_049, 30_001])                            # around the chunk of 2048 events
+def test_the_gather_team_copies_what_one_thread_copies(widths, L):
+    gen = torch.Generator().manual_seed(L + sum(widths))
+    tables, ids = _fields(L, widths, gen)
+    tables[0][3, 0] = float("nan")   # copied as bits, whichever thread copies it
+    ids[0][L // 2] = 3
+    want = gather.gather_keys(tables, ids)
+    team = gather.Team()
+    got, joined = _with_member(team, lambda: gather.gather_keys(tables, ids, team=team))
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert len(joined) == 1 and sum(team.chunks) == -(-L // 2048) and (team.chunks[1] > 0) <= joined[0]
+
+
+def test_both_threads_take_gather_chunks():
+    gen = torch.Generator().manual_seed(8)
+    tables, ids = _fields(400_000, [16, 16, 1], gen)
+    want = gather.gather_keys(tables, ids)
+    team = gather.Team()
+    shares = []
+    for _ in range(5):   # the OS may keep the member off its core for a whole gather: a few tries
+        got, _ = _with_member(team, lambda: gather.gather_keys(tables, ids, team=team))
+        assert torch.equal(got, want)
+        shares.append(team.chunks)
+        if min(team.chunks) > 0:
+            break
+    assert min(shares[-1]) > 0, shares
+
+
+def test_a_team_gather_names_the_first_bad_id():
+    # bad ids in several chunks, whichever thread reaches its chunk first: the earliest (event, field) is named
+    gen = torch.Generator().manual_seed(9)
+    tables, ids = _fields(20_000, [16, 16, 1], gen)
+    ids[2][15_000] = -1
+    ids[1][9_000] = tables[1].shape[0]
+    ids[0][9_000 + 1] = 10**9
+    team = gather.Team()
+    for _ in range(3):
+        with pytest.raises(IndexError, match=r"ids\[1\]\[9000\]"):
+            _with_member(team, lambda: gather.gather_keys(tables, ids, team=team))
+    with pytest.raises(IndexError, match=r"ids\[1\]\[9000\]"):
+        gather.gather_keys(tables, ids)
+
+
+def test_a_gather_member_that_comes_late_or_never_changes_nothing():
+    gen = torch.Generator().manual_seed(10)
+    tables, ids = _fields(9_000, [16, 16, 1], gen)
+    want = gather.gather_keys(tables, ids)
+    team = gather.Team()
+    assert torch.equal(gather.gather_keys(tables, ids, team=team), want)   # nobody joined: the caller took all
+    assert team.chunks == (5, 0)
+    assert team.join() is False                                            # too late: returns at once
+    team.reset()
+    team.close()
+    assert team.join() is False
+    with pytest.raises(ValueError):   # fails before the kernel: the waiting member returns once the team closes
+        _with_member(team, lambda: gather.gather_keys(tables, ids, out=torch.empty(3, 3), team=team))
+
+
+def test_the_lender_gathers_only_what_pays(monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    tables, ids = _fields(70_000, [16, 16, 1], gen)
+    lender = CoreLender(cores=2)
+    small = lend.GATHER_MIN_WORDS // 33
+    try:
+        with lender.scoring():
+            assert lender.gather(tables, [i[:small - 1] for i in ids]) is None                # too little work
+            got = lender.gather(tables, [i[:small + 1] for i in ids])
+            assert torch.equal(got, gather.gather_keys(tables, [i[:small + 1] for i in ids]))
+            monkeypatch.setenv(gather.SWITCH_ENV, "0")                                       # no C gather: no team
+            assert lender.gather(tables, ids) is None
+        assert lender.lent["gather"].calls == 1 and lender.lent["search"].calls == 0
+    finally:
+        lender.close()
+
+
+def test_stage1_keys_gathered_with_a_lent_core_are_the_same(lend_all):
+    from recsys.models.attention import stage1_from_tables
+
+    gen = torch.Generator().manual_seed(12)
+    tables, ids = _fields(5_000, [16, 16, 16], gen)
+    target = [torch.randn(40, 16, generator=gen), torch.randn(40, 16, generator=gen),
+              torch.randn(1, 16, generator=gen).expand(40, 16)]   # DARE: every target at one position row
+    want = stage1_from_tables(target, tables, ids, [32, 16])
+    lender = CoreLender(cores=2)
+    try:
+        with lender.scoring():
+            got = stage1_from_tables(target, tables, ids, [32, 16])
+        assert lender.lent["gather"].calls == 1
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2] == [32, 1]
+    finally:
+        lender.close()
+
+
+def test_the_services_metrics_count_the_lent_chunks(lend_all):
+    from prometheus_client import generate_latest
+
+    from service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    gen = torch.Generator().manual_seed(13)
+    tables, ids = _fields(9_000, [16, 16, 1], gen)
+    q, x = torch.randn(40, 33, generator=gen), torch.randn(9_000, 33, generator=gen)
+    lender = CoreLender(cores=2, on_call=metrics.count_lent)
+    try:
+        with lender.scoring():
+            lender.search(q, x, 9_000, 20, [32, 1])
+            lender.gather(tables, ids)
+    finally:
+        lender.close()
+    text = generate_latest(metrics.registry).decode()
+    for kernel in ("search", "gather"):
+        stats = lender.lent[kernel]
+        for by, n in (("lent", stats.chunks_lent), ("batch", stats.chunks_here)):
+            assert f'recsys_score_lent_chunks_total{{by="{by}",kernel="{kernel}"}} {float(n)}' in text
+        assert stats.calls == 1 and stats.chunks_lent + stats.chunks_here > 0

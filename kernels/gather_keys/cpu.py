@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, team
 from kernels.gather_keys import reference
 
 
 SOURCE = Path(__file__).with_name("cpu.c")
+TEAM_HEADER = Path(__file__).parents[1] / "team.h"
 SWITCH_ENV = "RECSYS_GATHER_KEYS_KERNEL"
 # Events ahead whose rows are prefetched (benchmarks/gather_keys.py measures the distance): see docs/kernels.md.
 AHEAD = 16
@@ -32,13 +33,30 @@ AHEAD = 16
 @functools.cache
 def load():
     """The built library, or None (logged once) when it cannot be built here."""
-    lib = cbuild.open_library(SOURCE, "gather_keys", "the torch path")
+    lib = cbuild.open_library(SOURCE, "gather_keys", "the torch path", includes=[TEAM_HEADER])
     if lib is None:
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gather_keys_f32.argtypes = [i64, i64, p, p, p, p, p, i64, i64, p]
     lib.gather_keys_f32.restype = i64
+    lib.gather_keys_team.argtypes = [i64, i64, p, p, p, p, p, i64, i64, p, p]
+    lib.gather_keys_team.restype = i64
+    lib.gather_team_join.argtypes = [p]
+    lib.gather_team_join.restype = ctypes.c_int
+    lib.gather_team_close.argtypes = [p]
+    lib.gather_team_close.restype = None
     return lib
+
+
+class Team(team.Team):
+    """Two threads on one gather (`kernels.team`): the thread calling `gather_keys(..., team=team)` and the
+    member, taking chunks of events in turn. The same bits as one thread (a gather is a copy)."""
+
+    def __init__(self):
+        lib = load()
+        if lib is None:
+            raise RuntimeError("C key gather unavailable (see the log)")
+        super().__init__(lib.gather_team_join, lib.gather_team_close)
 
 
 def enabled() -> bool:
@@ -59,9 +77,11 @@ def supports(tables: list[torch.Tensor], ids: list[torch.Tensor]) -> bool:
 
 
 def gather_keys(tables: list[torch.Tensor], ids: list[torch.Tensor], ahead: int = AHEAD,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, team: Team | None = None) -> torch.Tensor:
     """`reference.gather_keys`' contract: field f's table rows at ids[f] side by side, [L, sum d]; into
-    `out` (contiguous, that shape) when given (the benchmark's gather without the allocation's page faults)."""
+    `out` (contiguous, that shape) when given (the benchmark's gather without the allocation's page faults).
+    `team`: the team's member takes chunks of the events too (retrieval.lend); the kernel closes it when it
+    returns, and the caller closes it again whatever happened."""
     if not supports(tables, ids):
         return reference.gather_keys(tables, ids, out)
     ids = [i.contiguous() for i in ids]
@@ -73,10 +93,11 @@ def gather_keys(tables: list[torch.Tensor], ids: list[torch.Tensor], ahead: int 
         raise ValueError(f"gather_keys: out must be contiguous float32 [{ids[0].shape[0]}, {sum(dims)}]")
     arr = lambda ctype, xs: (ctype * fields)(*xs)  # noqa: E731
     bad = ctypes.c_int64(-1)
-    f = load().gather_keys_f32(out.shape[0], fields, arr(ctypes.c_void_p, [t.data_ptr() for t in tables]),
-                               arr(ctypes.c_int64, [t.shape[0] for t in tables]), arr(ctypes.c_int64, dims),
-                               arr(ctypes.c_void_p, [i.data_ptr() for i in ids]), out.data_ptr(), out.shape[1],
-                               max(0, ahead), ctypes.byref(bad))
+    args = (out.shape[0], fields, arr(ctypes.c_void_p, [t.data_ptr() for t in tables]),
+            arr(ctypes.c_int64, [t.shape[0] for t in tables]), arr(ctypes.c_int64, dims),
+            arr(ctypes.c_void_p, [i.data_ptr() for i in ids]), out.data_ptr(), out.shape[1], max(0, ahead),
+            ctypes.byref(bad))
+    f = load().gather_keys_f32(*args) if team is None else load().gather_keys_team(*args, team.ref)
     if f >= 0:
         j = bad.value
         raise IndexError(f"gather_keys: ids[{f}][{j}] = {int(ids[f][j])} is out of range for field {f}'s "

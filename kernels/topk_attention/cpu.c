@@ -138,6 +138,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "../team.h"
 #ifdef __AVX__
 #include <immintrin.h>
 #endif
@@ -1702,14 +1703,6 @@ static void flag_row(const call_t *c, int r, int x_ok, float xmax) {
     c->bad[r] = !(x_ok && q_check == 0.0f && (double)c->d * qmax * xmax < 0.5 * FLT_MAX);
 }
 
-static inline void cpu_relax(void) {   /* in a spin wait: let the sibling hyperthread run, save power */
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ volatile("yield");
-#endif
-}
-
 static void reduce_check(v8 check, v8 amax, int *x_ok, float *xmax) {
     *x_ok = 1;
     *xmax = 0.0f;
@@ -1995,47 +1988,22 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
 }
 #endif
 
-/* A team of two threads for one serving-layout call, without OpenMP: the caller (topk_search_team, worker 0) and a
-   thread that joins it (topk_team_join, worker 1) whenever it gets there. Both take pass 1's and pass 2's chunks in
-   turn (run_part), so a member that comes late or never takes fewer chunks, and nobody waits for it; the caller
-   returns only once the member has left. state moves WAITING -> OPEN (the call is set up) -> JOINED (a member is in)
-   -> LEFT, or to CLOSED where no member got in (closed before it came). A team serves one call and starts zeroed
-   (WAITING): retrieval.lend makes one per search, so a member still on its way from the last call joins nothing. */
-typedef struct {
-    int state;
-    int chunks[2];   /* after the call: chunks of either pass the caller and the member took */
-    call_t *c;
-} topk_team_t;
-enum { TEAM_WAITING, TEAM_OPEN, TEAM_JOINED, TEAM_CLOSED, TEAM_LEFT };
+/* A team for one serving-layout call (../team.h): the caller is worker 0, the member worker 1 of run_part. */
 
 /* Worker 1 of the team's call, once it is open; 1 when it took part, 0 when the call was closed first. */
-int topk_team_join(topk_team_t *team) {
-    for (;;) {
-        int s = __atomic_load_n(&team->state, __ATOMIC_ACQUIRE);
-        if (s == TEAM_WAITING) {   /* the caller is setting up: microseconds */
-            cpu_relax();
-            continue;
-        }
-        if (s != TEAM_OPEN) return 0;
-        if (__atomic_compare_exchange_n(&team->state, &s, TEAM_JOINED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) break;
-    }
-    run_part(team->c, 1);
-    __atomic_store_n(&team->state, TEAM_LEFT, __ATOMIC_RELEASE);
+int topk_team_join(team_t *team) {
+    call_t *c = team_enter(team);
+    if (c == NULL) return 0;
+    run_part(c, 1);
+    team_leave(team);
     return 1;
 }
 
-/* No member may join after this returns, and a member that joined has left (its chunks are done). */
-void topk_team_close(topk_team_t *team) {
-    int s = TEAM_WAITING;
-    if (__atomic_compare_exchange_n(&team->state, &s, TEAM_CLOSED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-    s = TEAM_OPEN;
-    if (__atomic_compare_exchange_n(&team->state, &s, TEAM_CLOSED, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-    while (__atomic_load_n(&team->state, __ATOMIC_ACQUIRE) == TEAM_JOINED) cpu_relax();
-}
+void topk_team_close(team_t *team) { team_close(team); }
 
 static int search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                   const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads,
-                  topk_team_t *team) {
+                  team_t *team) {
     if (R <= 0) return 0;
     if (key_row_stride != 0) team = NULL;   /* rows go to workers by a fixed share there: every member must come */
     if (team != NULL) n_threads = 2;
@@ -2132,10 +2100,9 @@ static int search(const float *q, const float *keys, int64_t key_row_stride, int
     /* torch's OpenMP runtime (the process loads one libgomp.so.1: torch's): its worker threads, still
        spinning after the model's last op, run the parts instead of competing with threads of ours */
     if (team != NULL) {
-        team->c = &c;
-        __atomic_store_n(&team->state, TEAM_OPEN, __ATOMIC_RELEASE);
+        team_open(team, &c);
         run_part(&c, 0);
-        topk_team_close(team);
+        team_close(team);
         team->chunks[0] = c.chunks[0];
         team->chunks[1] = c.chunks[1];
     } else if (forked || n_threads == 1) {
@@ -2165,8 +2132,8 @@ int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64
 /* topk_search on the caller's thread with `team`'s member helping where it joins (topk_team_join). The team is
    closed when this returns, on every path. */
 int topk_search_team(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
-                     const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, topk_team_t *team) {
+                     const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, team_t *team) {
     const int ret = search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, 1, team);
-    topk_team_close(team);
+    team_close(team);
     return ret;
 }

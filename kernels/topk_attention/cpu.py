@@ -29,12 +29,13 @@ from typing import Sequence
 
 import torch
 
-from kernels import cbuild
+from kernels import cbuild, team
 from kernels.topk_attention.reference import segment_scale, topk_reference
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu.c")
+TEAM_HEADER = Path(__file__).parents[1] / "team.h"
 MAX_K = 4096  # the kept lists live in the workspace, so any k works; this bounds a mistaken argument
 
 
@@ -42,7 +43,7 @@ def build(extra_flags: Sequence[str] = ()) -> Path:
     """Compile cpu.c for this machine (or find the cached build, `kernels.cbuild`) -> the shared library's
     path. `extra_flags` narrow the target for tests (`-mno-avx512f` builds the 8-lane variant that CPUs
     without AVX-512 run)."""
-    return cbuild.build(SOURCE, "topk", extra_flags)
+    return cbuild.build(SOURCE, "topk", extra_flags, [TEAM_HEADER])
 
 
 _loaded: dict[tuple[str, ...], Path] = {}
@@ -76,41 +77,17 @@ def _lib():
     return load()
 
 
-class _TeamState(ctypes.Structure):   # cpu.c's topk_team_t
-    _fields_ = [("state", ctypes.c_int), ("chunks", ctypes.c_int * 2), ("call", ctypes.c_void_p)]
-
-
-class Team:
-    """Two threads on one serving-layout search (cpu.c's topk_team_t): the thread calling `topk_fused(...,
-    team=team)` and one calling `team.join()` from another thread, whenever it gets there. Both take the kernel's
-    chunks in turn, so a member that comes late or not at all slows nobody down; the result is the one-thread
-    search's bit for bit (the same scoring chain per event; each row's candidates ranked once). One search per team:
-    a new team is ready (`reset()` readies a used one), and `close()` follows its search on every path (a member
-    waiting to join returns then)."""
+class Team(team.Team):
+    """Two threads on one serving-layout search (`kernels.team`): the thread calling `topk_fused(..., team=team)`
+    and the member. Both take pass 1's blocks and pass 2's rows in chunks; the result is the one-thread search's
+    bit for bit (the same scoring chain per event; each row's candidates ranked once)."""
 
     def __init__(self, build: tuple[str, ...] = ()):
         self.build = build
-        self._lib = load(build) if build else _lib()
-        if self._lib is None:
+        lib = load(build) if build else _lib()
+        if lib is None:
             raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
-        self._state = _TeamState()
-        self.ref = ctypes.addressof(self._state)
-
-    def reset(self) -> None:
-        ctypes.memset(self.ref, 0, ctypes.sizeof(_TeamState))
-
-    def join(self) -> bool:
-        """Work on the open search until it is done (True), or return False at once if it was closed first."""
-        return bool(self._lib.topk_team_join(self.ref))
-
-    def close(self) -> None:
-        """No member joins after this; one that joined has finished."""
-        self._lib.topk_team_close(self.ref)
-
-    @property
-    def chunks(self) -> tuple[int, int]:
-        """Chunks of the last search taken by its caller and by the member."""
-        return self._state.chunks[0], self._state.chunks[1]
+        super().__init__(lib.topk_team_join, lib.topk_team_close)
 
 
 def available() -> bool:

@@ -18,6 +18,7 @@ import torch
 
 import retrieval
 from kernels.gather_keys.cpu import gather_keys
+from retrieval import lend
 
 NEG_INF = float("-inf")
 
@@ -120,8 +121,10 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     if not _foldable(qp, segments):
         return stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], segments)
     query, w = _folded_query(target, segments)
-    keys = gather_keys([*tables[:-1], (row_bias or _row_bias)(tables[-1], w)], ids)
-    return query, keys, [segments[0], 1]
+    fields = [*tables[:-1], (row_bias or _row_bias)(tables[-1], w)]
+    lender = lend.current()   # a service batch with a core to spare (retrieval.lend)
+    keys = lender.gather(fields, ids) if lender is not None else None
+    return query, gather_keys(fields, ids) if keys is None else keys, [segments[0], 1]
 
 
 def folded_kept_weights(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
