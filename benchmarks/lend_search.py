@@ -12,7 +12,8 @@ chunks it does not): what a batch pays when the lender's count of idle cores is 
 
 `--gather`: the same for the search's key gather instead (`CoreLender.gather`, kernels.gather_keys: L events'
 keys of width 33 from a 100k-row item table, a 1k-row category table and a per-row position number, the
-serving benchmark's tables), against lend.worth_lending_gather's rule.
+serving benchmark's tables), against lend.worth_lending_gather's rule; 32 MB written before each call, so the
+tables come from memory as in a request (after its Redis read and the last request's search).
 
     .venv/bin/python benchmarks/lend_search.py [--quick] [--gather] [--out results/lend_search.json]
 """
@@ -51,13 +52,16 @@ def gather_point(L: int, reps: int, busy: bool) -> dict:
     gen = torch.Generator().manual_seed(L)
     tables = [torch.randn(100_001, 16, generator=gen), torch.randn(1_001, 16, generator=gen), torch.randn(L + 1, generator=gen)]
     ids = [torch.randint(1, 100_001, (L,), generator=gen), torch.randint(1, 1_001, (L,), generator=gen), torch.arange(1, L + 1)]
-    row = timed(lambda: gather.gather_keys(tables, ids), lambda lender: lender.gather(tables, ids), "gather", reps, busy)
+    evict = torch.empty(32 << 20, dtype=torch.uint8)   # served, the gather follows the Redis read and the last
+    row = timed(lambda: gather.gather_keys(tables, ids), lambda lender: lender.gather(tables, ids), "gather",
+                reps, busy, before=lambda: evict.add_(1))   # request's search: its tables are out of the caches
     return {"L": L, **row, "lent_by_rule": lend.worth_lending_gather(L, D), "words": L * D}
 
 
-def timed(alone, with_lender, kernel: str, reps: int, busy: bool) -> dict:
-    """alone() against with_lender(lender) in interleaved rounds (the same result checked) -> the row's figures.
-    The size rules are off meanwhile: the lent call is measured wherever it can run, the rule beside it."""
+def timed(alone, with_lender, kernel: str, reps: int, busy: bool, before=lambda: None) -> dict:
+    """alone() against with_lender(lender) in interleaved rounds (the same result checked), before() untimed ahead
+    of each -> the row's figures. The size rules are off meanwhile: the lent call is measured wherever it can
+    run, the rule beside it."""
     lender = lend.CoreLender(cores=2)
     saved = lend.LEND_MIN_WORK, lend.GATHER_MIN_WORDS
     lend.LEND_MIN_WORK = lend.GATHER_MIN_WORDS = 0
@@ -74,9 +78,11 @@ def timed(alone, with_lender, kernel: str, reps: int, busy: bool) -> dict:
             time.sleep(0.2)
         whole, lent = [], []
         for _ in range(reps):
+            before()
             t = time.perf_counter()
             alone()
             whole.append(time.perf_counter() - t)
+            before()
             t = time.perf_counter()
             with lender.scoring():
                 with_lender(lender)
