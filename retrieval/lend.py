@@ -51,7 +51,11 @@ T = TypeVar("T")
 # gained (C = 20 from ~25k events, C = 200 from ~2.5k). With the lent core busy in another process: 1.03-1.33x
 # where the rule lends at C = 200, 1.26-1.51x at C = 20.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
-# Where a lent key gather pays (`python benchmarks/lend_gather.py`, see GATHER_MIN_WORDS' measurement below).
+# Where a lent key gather pays (`python benchmarks/lend_search.py --gather --out results/lend_gather_zen4.json`,
+# 5651add: AMD EPYC Zen 4 VM, quiet, width 33 from a 100k-row item table, caches evicted before each call as in a
+# request; whole / lent): 10k 0.48x, 30k 0.78x, 50k 0.99x, 70k 1.13x, 100k 1.23x, 300k 1.33x, 1M 1.18x; with the
+# lent core busy in another process 0.58-1.09x below 2^21, 0.90-1.16x from it. A gather is a few random reads per
+# event: the hand-off (~0.2 ms: the pool's wake-up, the pinning) pays from ~60k events.
 GATHER_MIN_WORDS = 1 << 21   # events x key width
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
