@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from sklearn.metrics import log_loss, roc_auc_score
 
+from dist_support import leave_group
 from recsys.config.model import ModelConfig
 from recsys.data.sequences import iterate_batches, load_dataset
 import recsys.metrics
@@ -278,8 +279,10 @@ def _gloo_rank(rank, world, port, out):
         ctx = GroupContext(rank, world)
         sizes = [len(p["group"]) for p in ctx.all_to_all([{"group": np.arange(rank * 10 + d)} for d in range(world)])]
         torch.save({"metrics": merge_ctr(part, ctx), "sizes": sizes}, f"{out}/{rank}.pt")
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()
 
 
 def test_merge_on_gloo_processes_equals_one_process(tmp_path):

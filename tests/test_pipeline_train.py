@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_support import leave_group
 from pipelines.evaluate import run_evaluate
 from pipelines.runtime import init_ray
 from pipelines.train import run_train
@@ -326,7 +327,7 @@ def _ddp_worker(rank: int, port: int, cfg, bench_dir, plan, out: str) -> None:
     got = _one_step(cfg, shard, _first_rows(plan, rank, 2, cfg.train.seed), 2, Path(out).parent / "tables2", rank)
     if rank == 0:
         torch.save(got, out)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("backend", ["sparse", "fused"])

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_support import leave_group
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,14 +72,14 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     if job.get("init"):
         save_weights(model, out / "init", rank)
     if job.get("init_only"):
-        _leave()
+        leave_group()
         return
     start = 0
     if job.get("resume"):
         start = restore_checkpoint(job["resume"], model, opt)["step"]
         if job.get("save_loaded"):
             save_checkpoint(str(out / "loaded"), model, opt, {"step": start}, rank)
-            _leave()
+            leave_group()
             return
     for step in range(start, STEPS):
         if step == CKPT + 1 and job.get("kill") and rank == 1:
@@ -101,15 +102,7 @@ def _worker(rank: int, world: int, port: int, job: dict) -> None:
     if not job.get("kill"):
         (out / "final").mkdir(exist_ok=True)
         save_checkpoint(str(out / "final"), model, opt, {"step": STEPS}, rank)
-    _leave()
-
-
-def _leave() -> None:
-    """Every rank done before any tears its group down: rank 0 hosts the group's TCP store, and a rank still
-    talking to it when rank 0's process exited died in a gloo thread ("terminate called without an active
-    exception", SIGABRT; 2 of 4 runs on a Zen 4 VM)."""
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 def _run(world: int, out: Path, **job) -> Path:

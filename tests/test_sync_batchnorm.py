@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from dist_support import leave_group
 from recsys.models.layers import MLP
 from recsys.net import free_port
 from recsys.models.sync_batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
@@ -69,7 +70,7 @@ def _worker(rank: int, port: int, out: list) -> None:
         steps.append({"eval": bn(x[part]).detach()})
         results.append(steps)
     torch.save(results, out[rank])
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_two_process_sync_bn_equals_batchnorm_on_the_whole_batch(tmp_path):
