@@ -6,7 +6,8 @@ serving-layout search by the fused kernel (`retrieval.dispatch.topk`) and the ga
 (`recsys.models.attention.stage1_from_tables`), each when large enough to pay for the hand-off, borrow one idle
 core. The kernel runs on this thread with a lent thread as its team's second member (`kernels.team`): the
 search's pass 1 blocks and pass 2 rows, the gather's events, taken in chunks from the same counters. At long
-histories these two are most of the forward (L = 100k, C = 200: ~7.5 and ~1.7 of ~11 ms on one thread, Zen 4).
+histories these two are most of the forward (L = 100k, C = 200, one thread: the int8 top-k ~7.5 and the gather
+~1.2 of a 13 ms forward, Zen 4 VM, README).
 
 Why not the OpenMP team (torch_threads = 2): its threads spin between parallel regions, taking the CPU that
 the event loop, Redis and the client need between and beside the forward's many small ops, and a team
