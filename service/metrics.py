@@ -77,11 +77,6 @@ class WorkerMetrics:
             self.model_info.remove(previous)
         self.model_info.labels(version).set(1)
 
-    def count_lent(self, kernel: str, lent: int, here: int) -> None:
-        """`CoreLender(on_call=...)`: the chunks of one call an idle core was lent to, by the thread that took them."""
-        self.lent_chunks.labels(kernel, "lent").inc(lent)
-        self.lent_chunks.labels(kernel, "batch").inc(here)
-
     def count_batch(self, stats) -> None:
         """`StreamWorker(on_batch=...)`: one completed read (service.stream.WorkerStats)."""
         self.events_applied.inc(stats.applied)
@@ -167,3 +162,8 @@ class ServiceMetrics(WorkerMetrics):
             "stream.max_backlog", registry=r)
         self.users_erased = Counter("recsys_users_erased", "DELETE /v1/users/{id} answered (idempotent: repeats "
                                     "count)", registry=r)
+
+    def count_lent(self, kernel: str, lent: int, here: int) -> None:
+        """`CoreLender(on_call=...)`: the chunks of one call an idle core was lent to, by the thread that took them."""
+        self.lent_chunks.labels(kernel, "lent").inc(lent)
+        self.lent_chunks.labels(kernel, "batch").inc(here)
