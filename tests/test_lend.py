@@ -116,10 +116,16 @@ def test_both_threads_take_chunks():
     q, x = torch.randn(200, 33, generator=gen), torch.randn(100_000, 33, generator=gen)
     want = fused.topk_fused(q, x, 100_000, 20, [32, 1])
     team = fused.Team()
+    _both_take_chunks(team, lambda: fused.topk_fused(q, x, 100_000, 20, [32, 1], team=team), lambda got: _same(got, want))
+
+
+def _both_take_chunks(team: Team, call, check) -> None:
+    """call() with a member until both threads took chunks (the OS may keep the member off its core for a whole
+    call: a few tries), check(result) each time."""
     shares = []
-    for _ in range(5):   # the OS may keep the member off its core for a whole search: a few tries
-        got, _ = _with_member(team, lambda: fused.topk_fused(q, x, 100_000, 20, [32, 1], team=team))
-        _same(got, want)
+    for _ in range(5):
+        got, _ = _with_member(team, call)
+        check(got)
         shares.append(team.chunks)
         if min(team.chunks) > 0:
             break
@@ -357,14 +363,11 @@ def test_both_threads_take_gather_chunks():
     tables, ids = _fields(400_000, [16, 16, 1], gen)
     want = gather.gather_keys(tables, ids)
     team = gather.Team()
-    shares = []
-    for _ in range(5):   # the OS may keep the member off its core for a whole gather: a few tries
-        got, _ = _with_member(team, lambda: gather.gather_keys(tables, ids, team=team))
+
+    def same(got):
         assert torch.equal(got, want)
-        shares.append(team.chunks)
-        if min(team.chunks) > 0:
-            break
-    assert min(shares[-1]) > 0, shares
+
+    _both_take_chunks(team, lambda: gather.gather_keys(tables, ids, team=team), same)
 
 
 def test_a_team_gather_names_the_first_bad_id():
