@@ -1988,9 +1988,8 @@ static void int8_setup(call_t *c, const float *q, int64_t n) {
 }
 #endif
 
-/* A team for one serving-layout call (../team.h): the caller is worker 0, the member worker 1 of run_part. */
-
-/* Worker 1 of the team's call, once it is open; 1 when it took part, 0 when the call was closed first. */
+/* A team for one serving-layout call (../team.h): the caller (topk_search_team) is worker 0 of run_part, and this,
+   called from another thread, worker 1 once the call is open; 1 when it took part, 0 when it was closed first. */
 int topk_team_join(team_t *team) {
     call_t *c = team_enter(team);
     if (c == NULL) return 0;
