@@ -8,8 +8,9 @@ fixed time. Reports p50/p99 latency and QPS for 1 and 8 concurrent clients, and,
 the bare in-process forward on the same history (ratio = HTTP p50 / forward p50, and overhead_p50_ms =
 HTTP p50 - forward p50: what the service adds). Each load also reads the server's own histograms before
 and after (`server_mean`: the app's mean time per request, the scoring thread's per micro-batch (Redis
-reads + forward), requests per batch, and the client's mean outside the app: HTTP and loopback), so the
-overhead splits without instrumenting the server. Also Redis bytes per user at each L; the machine (CPU
+reads + forward), requests per batch, and the client's mean outside the app: HTTP and loopback; and the
+share of requests the block index answered, with the Redis kB each read), so the overhead splits without
+instrumenting the server. Also Redis bytes per user at each L; the machine (CPU
 model, cores, torch threads, load average at the start and end) is in the JSON's `machine`, the load
 average at the start of each point in its row.
 
@@ -183,30 +184,43 @@ SERVER_TIMERS = {  # the server's own histograms (service.metrics): sum and coun
 }
 
 
+SERVER_COUNTERS = {  # requests by the path that answered, and the bytes they read from Redis
+    "path_index": 'recsys_score_path_total{path="index"}',
+    "path_whole": 'recsys_score_path_total{path="whole"}',
+    "redis_bytes": "recsys_score_redis_bytes_total",
+}
+
+
 def server_timers(port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each SERVER_TIMERS histogram, scraped from the server's /metrics."""
+    """(sum, count) of each SERVER_TIMERS histogram and (value, 0) of each SERVER_COUNTERS counter, scraped from
+    the server's /metrics."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
     values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
     return {name: (float(values.get(key.format("sum"), 0.0)), float(values.get(key.format("count"), 0.0)))
-            for name, key in SERVER_TIMERS.items()}
+            for name, key in SERVER_TIMERS.items()} | {name: (float(values.get(key, 0.0)), 0.0)
+                                                       for name, key in SERVER_COUNTERS.items()}
 
 
 def server_split(before: dict, after: dict, client_mean_s: float) -> dict:
     """Where a request's mean time went, from the server's histograms over one load: `request_ms` is the
     app's time (request id middleware in to out: routing, validation, queue, scoring, response); of it
     `score_batch_ms` is the scoring thread's (Redis reads + id mapping + forward, per micro-batch);
-    `outside_app_ms` is the client's mean minus the app's (HTTP parsing and writing, loopback, client)."""
+    `outside_app_ms` is the client's mean minus the app's (HTTP parsing and writing, loopback, client);
+    `index_share` the share of requests the block index answered, `redis_kb_per_request` what they read."""
     d = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
     if not d["request"][1] or not d["score_batch"][1]:
         return {}
     request = d["request"][0] / d["request"][1]
+    answered = d["path_index"][0] + d["path_whole"][0]
     return {"request_ms": round(request * 1e3, 2),
             "score_batch_ms": round(d["score_batch"][0] / d["score_batch"][1] * 1e3, 2),
             "requests_per_batch": round(d["batch_requests"][0] / d["batch_requests"][1], 2),
-            "outside_app_ms": round((client_mean_s - request) * 1e3, 2)}
+            "outside_app_ms": round((client_mean_s - request) * 1e3, 2),
+            "index_share": round(d["path_index"][0] / answered, 4) if answered else None,
+            "redis_kb_per_request": round(d["redis_bytes"][0] / answered / 1e3, 1) if answered else None}
 
 
 def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
@@ -243,7 +257,8 @@ def median_of(runs: list[dict]) -> dict:
         vals = [r[key] for r in runs if r[key] is not None]
         out[key] = round(float(np.median(vals)), 2) if vals else None
     splits = [r["server_mean"] for r in runs if r["server_mean"]]
-    out["server_mean"] = {k: round(float(np.median([s[k] for s in splits])), 2) for k in splits[0]} if splits else {}
+    out["server_mean"] = {k: None if None in (v := [s[k] for s in splits]) else round(float(np.median(v)), 4 if k == "index_share" else 2)
+                          for k in splits[0]} if splits else {}
     return out
 
 

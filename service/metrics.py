@@ -150,6 +150,11 @@ class ServiceMetrics(WorkerMetrics):
             "kernel (search, gather) and by the thread that took them: the lent core, or the batch's own",
             ["kernel", "by"], registry=r)
         self.cold_users = Counter("recsys_score_cold_users", "score requests for users with no history", registry=r)
+        self.score_path = Counter(
+            "recsys_score_path", "score requests by the path that answered them: index (the block index's summaries "
+            "and the blocks they left) or whole (the whole stored sequence)", ["path"], registry=r)
+        self.score_redis_bytes = Counter(
+            "recsys_score_redis_bytes", "bytes score requests read from Redis (sequence, index, state)", registry=r)
         self.memory_source = Counter(
             "recsys_score_memory", "score requests of a memory model by where the user's memory came from "
             "(stored, rebuilt in the request, empty)", ["source"], registry=r)

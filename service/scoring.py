@@ -241,6 +241,10 @@ class Scorer:
                     out[i] = e
         self.metrics.score_seconds.observe(time.perf_counter() - t0)
         self.metrics.score_batch_requests.observe(len(jobs))
+        for r in out:
+            if isinstance(r, ScoreResult):
+                self.metrics.score_path.labels("whole" if r.blocks_read is None else "index").inc()
+                self.metrics.score_redis_bytes.inc(r.bytes_read)
         return out
 
     def _run_indexed(self, model: ServingModel, indexer, costs: PathCosts, jobs: Sequence[ScoreJob],

@@ -142,8 +142,15 @@ def test_prefer_index_ranks_by_cost_and_explores_only_a_path_within_the_factor()
 def test_either_forced_path_gives_the_same_scores(users):
     serving, handle, store = users
     jobs = _jobs(6)
-    index = Scorer(serving, store, ServiceMetrics(), costs=lambda: PathCosts.forced("index")).run(jobs)
-    whole = Scorer(serving, store, ServiceMetrics(), costs=lambda: PathCosts.forced("whole")).run(jobs)
+    metrics = {"index": ServiceMetrics(), "whole": ServiceMetrics()}
+    index = Scorer(serving, store, metrics["index"], costs=lambda: PathCosts.forced("index")).run(jobs)
+    whole = Scorer(serving, store, metrics["whole"], costs=lambda: PathCosts.forced("whole")).run(jobs)
+    for path, out in (("index", index), ("whole", whole)):   # each request counted under the path that answered
+        m = metrics[path].registry.get_sample_value
+        assert m("recsys_score_path_total", {"path": path}) == len(jobs)
+        assert m("recsys_score_path_total", {"path": "whole" if path == "index" else "index"}) is None
+        assert m("recsys_score_redis_bytes_total") == sum(r.bytes_read for r in out) > 0
+    assert sum(r.bytes_read for r in index) < sum(r.bytes_read for r in whole)
     for a, b in zip(index, whole):
         assert a.blocks_read is not None and b.blocks_read is None
         assert a.blocks_read < -(-a.history_length // BLOCK) - 1, "nothing pruned: a weak test of the index"
