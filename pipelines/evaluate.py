@@ -60,7 +60,12 @@ class _Scorer:
             return merge_split(part, GroupContext(0, 1)), held
         dist.init_process_group("gloo", init_method=endpoint, rank=rank, world_size=plan.world, timeout=timedelta(minutes=30))
         try:
-            return merge_split(part, GroupContext(rank, plan.world)), held
+            metrics = merge_split(part, GroupContext(rank, plan.world))
+            # rank 0 hosts the group's store: a rank tearing down while another still talks to it can abort
+            # that process (seen in the spawned test ranks, tests/dist_support.leave_group); after an error
+            # the others may never get here, so only the normal end waits
+            dist.barrier()
+            return metrics, held
         finally:
             dist.destroy_process_group()
 
