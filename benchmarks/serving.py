@@ -257,8 +257,10 @@ def median_of(runs: list[dict]) -> dict:
         vals = [r[key] for r in runs if r[key] is not None]
         out[key] = round(float(np.median(vals)), 2) if vals else None
     splits = [r["server_mean"] for r in runs if r["server_mean"]]
-    out["server_mean"] = {k: None if None in (v := [s[k] for s in splits]) else round(float(np.median(v)), 4 if k == "index_share" else 2)
-                          for k in splits[0]} if splits else {}
+    out["server_mean"] = {}
+    for k in splits[0] if splits else []:   # index_share is None where a load answered nothing
+        v = [s[k] for s in splits]
+        out["server_mean"][k] = None if None in v else round(float(np.median(v)), 4 if k == "index_share" else 2)
     return out
 
 
