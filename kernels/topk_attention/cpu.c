@@ -1741,7 +1741,7 @@ static void run_part(call_t *c, int t) {
     v8 check = (v8){0}, amax = (v8){0};
     if (c->key_row_stride == 0) {
         /* One shared history: the workers split its blocks for pass 1 (each transposes only its own
-           part, all rows score it), then split the rows for pass 2, which reads the whole T. Both in chunks
+           part, all rows score it), then split the rows for pass 2, which reads the whole T. Pass 1 in chunks
            taken in turn (about 8 per worker), not a fixed share each: a worker that another process
            preempts holds the others up at the barrier by its chunk, not by its whole share (Zen 3 VM, two threads,
            L = 100k, C = 200, d = 33, another process spinning on the second core: 22.5 ms with halves, 15.1 with
@@ -1780,11 +1780,19 @@ static void run_part(call_t *c, int t) {
             x_ok &= c->x_ok[u];
             xmax = c->xmax[u] > xmax ? c->xmax[u] : xmax;
         }
-        /* a chunk's rows index the shared tau and pairs, so their size does not depend on the team's */
+        /* a chunk's rows index the shared tau and pairs, so their size does not depend on the team's. Pass 2 takes one
+           chunk per worker, not 8: every chunk walks all blocks and transposes again the sub-blocks its rows rescore,
+           in groups of four items that a few rows fill only in part (Intel Xeon with AVX512-VNNI, two threads, C = 200:
+           L = 10k, d = 16 pass 2 300 -> 228 us of a 454 -> 377 us search; L = 100k, d = 33 4.12 -> 3.75 ms). Chunks
+           start at multiples of 16 rows: two workers' rows in one cache line of cnt and tau (written per rescored
+           sub-block) made pass 2 at L = 10k, d = 16 take 351 instead of 303 us with chunks of 13 rows. Still taken in
+           turn, so a member that arrives late (retrieval.lend) finds the second chunk done, or takes it; the price is
+           that a worker preempted in pass 2 holds the other up by up to half of it (pass 1, most of a long search,
+           keeps its 8 chunks). */
         const int64_t cap = c->cap;
         float *kth = (float *)mine;
         int32_t *start = (int32_t *)(kth + c->sel), *rank = start + align8(nbp + 1);
-        const int rchunk = nt == 1 ? c->R : (c->R + 8 * nt - 1) / (8 * nt);
+        const int rchunk = nt == 1 ? c->R : ((c->R + nt - 1) / nt + 15) / 16 * 16;
         for (int r0; (r0 = __atomic_fetch_add(&c->next_row, rchunk, __ATOMIC_RELAXED)) < c->R;) {
             const int r1 = r0 + rchunk < c->R ? r0 + rchunk : c->R;
             pass2(c, r0, r1, n, c->T, c->keys, tile_buf, c->M + (int64_t)r0 * nbp, c->S + (int64_t)r0 * nbp * NS, nbp, c->tau + r0, start, c->pairs + (int64_t)r0 * nbp, kth,
