@@ -2,7 +2,7 @@
 with AVX2 and queries within +-63): its pruning bound must never drop an event of the top k, so it returns the
 fp32-pass1 build's indices and scores bit for bit, on random and adversarial data. The comparisons run each int8 build
 this CPU can run with INT8_MIN_LEN = 0 (int8 on short histories too: tail blocks, k > L): the AVX2 one everywhere (built
-without AVX-512 where the CPU has it), the VNNI one where the CPU has VNNI."""
+without AVX-512 where the CPU has it), the VNNI one where the CPU has VNNI, the AMX one where it has AMX-INT8."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from test_topk_cpu_fused import VARIANTS, _adversarial, _both_pass1s, assert_sam
 ROWS = 64   # the fewest rows the VNNI pass takes where bf16 is there too (cpu.c's INT8_MIN_ROWS)
 # int8 whatever the history's length; the AVX2 pass from 16 rows (LOWP_MIN_ROWS) so that ROWS rows run it too
 INT8_BUILDS = {"avx2": ("-mno-avx512f", "-DINT8_MIN_LEN=0", "-DINT8_MIN_ROWS=16")}
-if cpu_has("avx512_vnni"):
-    INT8_BUILDS["vnni"] = ("-DINT8_MIN_LEN=0",)
+if cpu_has("avx512_vnni"):   # vpdpbusd (without AMX tiles where the CPU has them too)
+    INT8_BUILDS["vnni"] = ("-DINT8_MIN_LEN=0", "-DINT8_AMX=0")
+if cpu_has("amx_int8"):      # the same dots on AMX tiles (d <= 64)
+    INT8_BUILDS["amx"] = ("-DINT8_MIN_LEN=0",)
 FP32 = VARIANTS["fp32-pass1"]
 AVX2_MIN_ROWS, AVX2_MIN_LEN = 128, 16_384   # cpu.c's INT8_MIN_ROWS and INT8_MIN_LEN for the AVX2 pass
 
@@ -61,6 +63,14 @@ def test_int8_pass1_runs_where_the_cpu_has_it():
         assert cpu.pass1_bits(200, 33) == bf16
     for build in INT8_BUILDS.values():
         assert cpu.load(build).topk_pass1_bits(ROWS, 33, 0, 1) == 8
+
+
+def test_amx_tiles_run_where_the_cpu_has_them():
+    """The native build multiplies pass 1's int8 dots on AMX tiles where the CPU has AMX-INT8 (and Linux grants the
+    tile state); the vnni build never; the results are the same bit for bit (the other tests, every build)."""
+    assert cpu.int8_amx() == cpu_has("amx_int8")
+    assert not cpu.int8_amx(("-DINT8_AMX=0",))
+    assert cpu.int8_amx(INT8_BUILDS["amx"]) if "amx" in INT8_BUILDS else True
 
 
 def _int8_case(kind, L, gen, rows=ROWS, d=33):

@@ -64,6 +64,8 @@ def load(extra_flags: tuple[str, ...] = ()):
     lib.topk_search.restype = i32
     lib.topk_pass1_bits.argtypes = [i32, i32, i64, i64]
     lib.topk_pass1_bits.restype = i32
+    lib.topk_int8_amx.argtypes = []
+    lib.topk_int8_amx.restype = i32
     lib.topk_search_team.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, p]
     lib.topk_search_team.restype = i32
     lib.topk_team_join.argtypes = [p]
@@ -109,6 +111,13 @@ def pass1_bits(rows: int, d: int, serving: bool = True, length: int = 1 << 20) -
     if lib is None:
         raise RuntimeError("fused CPU top-k kernel unavailable (see the log)")
     return int(lib.topk_pass1_bits(rows, d, 0 if serving else 1, length))
+
+
+def int8_amx(build: tuple[str, ...] = ()) -> bool:
+    """Whether that build's int8 pass 1 multiplies on AMX tiles here (AMX-INT8 CPUs, d <= 64; the scores it keeps are
+    vpdpbusd's to the bit)."""
+    lib = load(build) if build else _lib()
+    return lib is not None and bool(lib.topk_int8_amx())
 
 
 def cpu_model() -> str:
