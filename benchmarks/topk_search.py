@@ -11,7 +11,8 @@ scores its pruning pass in bf16 (fused_c.pass1_bits = 16), half the instructions
 AVX512_VNNI, or AVX2 without AVX-512 from 128 queries and 16384 events (pass1_bits = 8), a quarter, so its fraction
 of the fp32 peak can pass what the same FLOPs in fp32 could reach. --pass1-variants adds the same kernel built
 without VNNI (fused_c_bf16_pass1) and without VNNI and bf16 (fused_c_fp32_pass1), both without the AVX2 int8 pass
-(-DINT8_AVX2=0): the pass-1 variants measured side by side. d = 33 is DARE's serving search (32 semantic
+(-DINT8_AVX2=0), and where the int8 pass runs on AMX tiles the same without them (fused_c_vnni_pass1): the pass-1
+variants measured side by side. d = 33 is DARE's serving search (32 semantic
 dims and the folded position column). Without --quick, also the training layout (one history per query), which
 retrieval.dispatch sends to the torch paths.
 
@@ -116,6 +117,8 @@ def cpu_backends(quick, pass1_variants=False):
         backends["fused_c"] = fused.topk_fused  # kernels/topk_attention/cpu.c: what retrieval.topk runs
         if pass1_variants:
             backends.update({name: fused_build(flags) for name, flags in PASS1_VARIANTS.items()})
+            if fused.int8_amx():   # the int8 pass's dots on AMX tiles: vpdpbusd's beside them
+                backends["fused_c_vnni_pass1"] = fused_build(("-DINT8_AMX=0",))
     if not quick:
         # The int() of the serving length graph-breaks; torch.compile then runs the pieces eagerly.
         backends["compiled_packed"] = torch.compile(PATHS["packed"], dynamic=True)
@@ -126,7 +129,7 @@ def cpu_backends(quick, pass1_variants=False):
 
 
 # Not exact (torch's tie order) or not a path of ours: left out of "best exact torch path".
-NOT_EXACT_TORCH = ("fused_c", *PASS1_VARIANTS, "matmul_topk", "bf16_matmul_topk", "dispatch")
+NOT_EXACT_TORCH = ("fused_c", *PASS1_VARIANTS, "fused_c_vnni_pass1", "matmul_topk", "bf16_matmul_topk", "dispatch")
 
 
 def compare(row):
