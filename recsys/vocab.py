@@ -92,15 +92,13 @@ class Vocabulary:
         ids = self.item_ids if field == "item" else self.cate_ids
         raw = np.asarray(raw, dtype=np.int64)
         if self._identity[field != "item"]:
-            known = (raw >= 1) & (raw <= len(ids))
-            out = np.where(known, raw, OOV)
+            out = id_lookup.lookup_range(len(ids), raw, OOV)
         else:
             index = self._index.get(field)
             if index is None:
                 index = self._index[field] = RawIndex(ids)
             out = index.dense(raw)
-            known = out != OOV
-        return out, int(len(raw) - known.sum())
+        return out, int(len(raw) - np.count_nonzero(out))   # OOV is 0: the nonzero ones are known
 
     def raw(self, dense: np.ndarray, field: str) -> np.ndarray:
         """Dense ids [N] (>= 1) -> the raw ids they stand for: what a client of the service sends."""

@@ -1,4 +1,5 @@
-"""kernels.id_lookup: the C probe of recsys.vocab's hash table, and its direct table, equal their numpy forms and a
+"""kernels.id_lookup: the C probe of recsys.vocab's hash table, its direct table and its range (an identity vocabulary)
+equal their numpy forms and a
 binary search on the sorted ids, for known, unknown, negative and colliding ids, contiguous or read in place from a column of the
 stored records; it really runs (the numpy form is made to fail); the switch keeps calls on the numpy form."""
 
@@ -43,6 +44,7 @@ def kernel_only(monkeypatch):
 
     monkeypatch.setattr(reference, "lookup", fail)
     monkeypatch.setattr(reference, "lookup_table", fail)
+    monkeypatch.setattr(reference, "lookup_range", fail)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -116,3 +118,23 @@ def test_the_numpy_direct_table_equals_a_binary_search():
     raw = np.concatenate([ids[rng.integers(0, len(ids), 3_000)], rng.integers(-5, 60_000, 3_000)])
     assert np.array_equal(reference.lookup_table(index.table, raw), _oracle(ids, raw))
     assert np.array_equal(reference.lookup_table(np.zeros(0, np.int32), raw), np.zeros(len(raw), np.int64))
+
+
+@pytest.mark.parametrize("top", [0, 1, 100_000])
+def test_the_range_in_c_equals_the_numpy_form_and_the_vocabulary_meaning(top, kernel_only):
+    """Ids 1..top are their own dense id (an identity vocabulary), every other id `missing`; in place from the records."""
+    rng = np.random.default_rng(7)
+    raw = np.concatenate([rng.integers(-3, top + 4, 5_000), np.array([-2**63, -1, 0, 1, top, top + 1, 2**62])])
+    seq = np.zeros(len(raw), SEQ_DTYPE)
+    seq["item"] = raw
+    want = np.where((raw >= 1) & (raw <= top), raw, -5)
+    assert np.array_equal(cpu.lookup_range(top, raw, missing=-5), want)
+    assert np.array_equal(cpu.lookup_range(top, seq[::-1]["item"], missing=-5), want[::-1])
+    assert len(cpu.lookup_range(top, raw[:0])) == 0
+
+
+def test_the_numpy_range_equals_a_binary_search():
+    rng = np.random.default_rng(8)
+    ids = np.arange(1, 1_001, dtype=np.int64)
+    raw = rng.integers(-5, 1_100, 3_000)
+    assert np.array_equal(reference.lookup_range(len(ids), raw), _oracle(ids, raw))

@@ -1,5 +1,5 @@
-"""Raw id -> dense id in C (`cpu.c`) for recsys.vocab's tables: `lookup` (the hash table) and `lookup_table` (the
-direct table) run it where it loaded, else the numpy form (`reference.py`). The same result either way (tests/test_id_lookup.py). RECSYS_ID_LOOKUP_KERNEL=0 in the
+"""Raw id -> dense id in C (`cpu.c`) for recsys.vocab's tables: `lookup` (the hash table), `lookup_table` (the
+direct table) and `lookup_range` (ids that are their own dense id) run it where it loaded, else the numpy form (`reference.py`). The same result either way (tests/test_id_lookup.py). RECSYS_ID_LOOKUP_KERNEL=0 in the
 environment (read per call) keeps every call on the reference."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def load():
     lib.id_lookup.restype = None
     lib.id_lookup_table.argtypes = [p, i64, i64, p, i64, i64, p]
     lib.id_lookup_table.restype = None
+    lib.id_lookup_range.argtypes = [p, i64, i64, i64, i64, p]
+    lib.id_lookup_range.restype = None
     return lib
 
 
@@ -65,4 +67,17 @@ def lookup(keys: np.ndarray, vals: np.ndarray, bits: int, raw: np.ndarray, missi
     if len(raw):
         lib.id_lookup(raw.ctypes.data, len(raw), raw.strides[0], keys.ctypes.data, vals.ctypes.data, bits, missing,
                       out.ctypes.data)
+    return out
+
+
+def lookup_range(top: int, raw: np.ndarray, missing: int = 0) -> np.ndarray:
+    """`reference.lookup_range`'s contract (a vocabulary of ids 1..top). raw: any 1-D int64 array, strided views
+    included."""
+    raw = _ids(raw)
+    lib = load() if enabled() else None
+    if lib is None:
+        return reference.lookup_range(top, raw, missing)
+    out = np.empty(len(raw), np.int64)
+    if len(raw):
+        lib.id_lookup_range(raw.ctypes.data, len(raw), raw.strides[0], top, missing, out.ctypes.data)
     return out

@@ -38,3 +38,9 @@ def lookup_table(table: np.ndarray, raw: np.ndarray, missing: int = 0) -> np.nda
     if not len(table):
         return np.full(len(raw), missing, np.int64)
     return np.where(inside, table[np.where(inside, raw, 0)], missing).astype(np.int64)
+
+
+def lookup_range(top: int, raw: np.ndarray, missing: int = 0) -> np.ndarray:
+    """Ids that are their own dense id: raw [N] int64 -> [N] int64, the id for 1 <= id <= top, else `missing`."""
+    raw = np.asarray(raw, np.int64)
+    return np.where((raw >= 1) & (raw <= top), raw, missing).astype(np.int64)
