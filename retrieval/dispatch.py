@@ -22,6 +22,12 @@ Candidates, each exact against `kernels/topk_attention/reference.py`:
 - `fused`: `kernels/topk_attention/cpu.c` (`topk_fused`), scores and selects without writing the score
   matrix; on the AMD EPYC Zen 4 VM it won at every serving point but one (2x to 7x the best torch path at
   C = 200) and in the training layout at d = 16 and 32;
+- `fused_int8`, `fused_bf16` (serving layout): the same kernel with its pass 1 forced to int8 or bf16 (the same
+  result bit for bit), candidates where the build can run that pass and its own rule picks another for the class:
+  the rule's thresholds (int8 from 64 queries and 4,096 events where bf16 is there too) were measured on a Zen 4
+  VM, and on an Intel Xeon with VNNI int8 measured 1.1-1.5x faster below them (this module's tune, one thread,
+  d = 33, the classes' synthetic shapes: C = 192, L = 640 0.44 against 0.49 ms, L = 2,560 0.55 against 0.80; C = 24,
+  L = 164k 4.5 against 6.9);
 - `shared` (serving layout): `retrieval.serving.topk_shared`, one matmul per history chunk + strided-block
   pruning; the fastest torch path at C = 200 (and the winner on an Intel Xeon at d = 64);
 - `blocked` (serving layout): `retrieval.cpu.topk_blocked`, one matmul + block pruning; won for one query
@@ -93,12 +99,27 @@ def _fused(query, keys, lengths, k, segments=None):
     return fused.topk_fused(query, keys, lengths, k, segments)
 
 
+def _fused_int8(query, keys, lengths, k, segments=None):
+    return fused.topk_fused(query, keys, lengths, k, segments, bits=8)
+
+
+def _fused_bf16(query, keys, lengths, k, segments=None):
+    return fused.topk_fused(query, keys, lengths, k, segments, bits=16)
+
+
 PathFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # Timed in this order: the usual winner first, so the others can be left out after a probe (see `measure`).
 CANDIDATES: dict[str, dict[str, PathFn]] = {
-    "serving": {"fused": _fused, "shared": _serving_shared, "blocked": _serving_blocked},
+    "serving": {"fused": _fused, "fused_int8": _fused_int8, "fused_bf16": _fused_bf16, "shared": _serving_shared,
+                "blocked": _serving_blocked},
     "training": {"fused": _fused, "chunked": topk_chunked},
 }
+# The fused kernel with its pass 1 forced to these bits (same results bit for bit): its own rule's thresholds were
+# measured on a Zen 4 VM, and on an Intel Xeon with VNNI the int8 pass measured 1.2-1.8x faster than the bf16 pass the
+# rule runs below 4,096 events or 64 queries (C = 200, d = 33, one thread: L = 1k 0.32 / 0.37 ms, 2k 0.41 / 0.55,
+# 4k 0.56 / 0.92; L = 100k: C = 32 2.68 / 4.19, C = 16 2.38 / 2.70). So where the build can run another pass 1 than
+# its rule picks for a class, that variant is a candidate too.
+FUSED_BITS = {"fused_int8": 8, "fused_bf16": 16}
 
 
 def autotune_enabled() -> bool:
@@ -133,8 +154,12 @@ def _inputs(layout: str, rows: int, L: int, d: int):
     return q, torch.randn(rows, L, d, generator=gen), torch.randint(L // 2, L + 1, (rows,), generator=gen)
 
 
-def candidates(layout: str, rows: int, L: int) -> dict[str, PathFn]:
+def candidates(layout: str, rows: int, L: int, d: int) -> dict[str, PathFn]:
     paths = dict(CANDIDATES[layout])
+    for name, bits in FUSED_BITS.items():   # a variant only where it differs from the rule's pass 1 and can run
+        if name in paths and not (fused.available() and fused.pass1_can(rows, d, bits)
+                                  and fused.pass1_bits(rows, d, length=L) != bits):
+            paths.pop(name)
     if not fused.available():
         paths.pop("fused")
     if layout == "serving" and rows * L * 4 > FULL_MATRIX_BYTES:
@@ -171,7 +196,7 @@ def measure(cls: str) -> dict:
         rows = max(1, min(rows, SYNTHETIC_BYTES // (4 * L * d)))
     q, keys, lengths = _inputs(layout, rows, L, d)
     args = (q, keys, lengths, k)
-    paths = candidates(layout, rows, L)
+    paths = candidates(layout, rows, L, d)
     times: dict[str, list[float]] = {}
     out: dict[str, float] = {}   # paths left out: their (estimated) seconds
     results, best = {}, math.inf
@@ -188,7 +213,7 @@ def measure(cls: str) -> dict:
         results[name] = fn(*args)[1]
         best = min(best, time.perf_counter() - t0)
         times[name] = []
-    exact = next((idx for name, idx in results.items() if name != "fused"), None)   # torch: the reference's
+    exact = next((idx for name, idx in results.items() if not name.startswith("fused")), None)   # torch: the reference's
     for name, idx in results.items():
         if exact is not None and not _agrees(idx, exact):
             log.warning("top-k path %s disagrees with the torch paths on class %s: not a candidate", name, cls)
@@ -359,7 +384,7 @@ def choose(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | int,
     name = _cache.choose_now(cls) if _cache.defer else _cache.choose(cls)
     if name is None:
         return fixed_choice(serving, rows, L, d)
-    return name if name in candidates("serving" if serving else "training", rows, L) else fixed_choice(serving, rows, L, d)
+    return name if name in candidates("serving" if serving else "training", rows, L, d) else fixed_choice(serving, rows, L, d)
 
 
 @torch.no_grad()
@@ -396,8 +421,8 @@ def topk(
     layout = "serving" if shared else "training"
     name = choose(query, keys, lengths, k)
     lender = lend.current()
-    if lender is not None and shared and name == "fused":   # a service batch with a core to spare (retrieval.lend)
-        found = lender.search(query, keys, _serving_length(keys, lengths), k, segments)
+    if lender is not None and shared and name.startswith("fused"):   # a service batch with a core to spare (retrieval.lend)
+        found = lender.search(query, keys, _serving_length(keys, lengths), k, segments, FUSED_BITS.get(name, 0))
         if found is not None:
             return found
     return CANDIDATES[layout][name](query, keys, lengths, k, segments)

@@ -124,14 +124,16 @@ class CoreLender:
             self._lent = False
 
     def search(self, query: torch.Tensor, keys: torch.Tensor, n: int, k: int,
-               segments) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n) with an idle core helping,
-        or None when no core is free or the search is too small to pay for the hand-off (the caller then runs it
-        alone). If the lent core is slow or busy elsewhere, this thread takes the chunks it has not."""
+               segments, bits: int = 0) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The fused kernel's serving-layout top-k (query [C, d], keys [L, d], length n; pass 1 in `bits`, 0: the
+        build's rule) with an idle core helping, or None when no core is free or the search is too small to pay for
+        the hand-off (the caller then runs it alone). If the lent core is slow or busy elsewhere, this thread takes
+        the chunks it has not."""
         if not worth_lending(query.shape[0], n, query.shape[1]):
             return None
         # its own team per search: a lent thread still finishing the last one joins nothing here
-        return self._lend("search", fused.Team, lambda team: fused.topk_fused(query, keys, n, k, segments, team=team))
+        return self._lend("search", fused.Team,
+                          lambda team: fused.topk_fused(query, keys, n, k, segments, team=team, bits=bits))
 
     def gather(self, tables: list[torch.Tensor], ids: list[torch.Tensor]) -> torch.Tensor | None:
         """The search's keys gathered (`kernels.gather_keys`: [L, sum of widths]) with an idle core taking chunks

@@ -43,8 +43,17 @@ def _integers(gen, *shape):
 CASES = [("serving", 37, 3_000, 16), ("serving", 2, 9_000, 4), ("training", 5, 1_500, 16)]
 
 
+def _winners(case) -> list[str]:
+    """The paths the tune may pick for the case: candidates at its class's synthetic shape and at its own (the
+    fused kernel's pass-1 variants only where this build runs another pass 1 than its rule there)."""
+    layout, rows, L, d = case
+    _, r, n, _, _ = dispatch._representative(dispatch.shape_class(layout == "serving", rows, L, d, 20))
+    return [w for w in dispatch.CANDIDATES[layout] if w in dispatch.candidates(layout, r, n, d)
+            and w in dispatch.candidates(layout, rows, L, d)]
+
+
 # every path the tune may pick for each layout (a path of the other layout is never a candidate: no skips)
-@pytest.mark.parametrize("case,winner", [(c, w) for c in CASES for w in dispatch.CANDIDATES[c[0]]],
+@pytest.mark.parametrize("case,winner", [(c, w) for c in CASES for w in _winners(c)],
                          ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_every_forced_choice_equals_the_reference(case, winner, cache, monkeypatch):
     layout, rows, L, d = case
@@ -80,7 +89,7 @@ def test_real_measurement_picks_an_exact_path(cache):
     scores, idx = retrieval.topk(q, keys, 4_990, 20)
     cls = dispatch.shape_class(True, 24, 5_000, 16, 20)
     result = cache.choices[cls]
-    assert result["path"] in dispatch.candidates("serving", 24, 5_000)
+    assert result["path"] in dispatch.candidates("serving", 24, 5_000, 16)
     assert result["path"] == min(result["median_s"], key=result["median_s"].get)
     assert all(t < 5 for t in result["median_s"].values())
     ref_scores, ref_idx = topk_reference(q, keys, 4_990, 20)
@@ -183,3 +192,28 @@ def test_deferred_tuning_never_measures_inside_a_call(cache, monkeypatch):
     assert dispatch.choose(q, keys, 3_000, 20) == ("shared" if fixed != "shared" else "blocked")
     want = topk_reference(q, keys, 3_000, 20)[1]
     assert int((retrieval.topk(q, keys, 3_000, 20)[1] != want).sum()) == 0
+
+
+def test_the_fused_pass1_variants_are_candidates_where_they_differ_from_the_rule():
+    """A pass-1 variant is measured only where the build can run it and its rule picks another pass 1; a forced
+    variant returns the rule's result bit for bit; one the build cannot run is refused, not run in another."""
+    for rows, L, d in [(200, 2_000, 33), (32, 100_000, 33), (200, 20_000, 33), (8, 5_000, 16), (200, 2_000, 2_000)]:
+        paths = dispatch.candidates("serving", rows, L, d)
+        for name, bits in dispatch.FUSED_BITS.items():
+            want = fused.available() and fused.pass1_can(rows, d, bits) and fused.pass1_bits(rows, d, length=L) != bits
+            assert (name in paths) == want
+    assert "fused_int8" not in dispatch.candidates("training", 200, 2_000, 33)
+    if not fused.available():
+        return
+    gen = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(40, 33, generator=gen), torch.randn(3_000, 33, generator=gen)
+    want = fused.topk_fused(q, keys, 2_990, 20)
+    for bits in (8, 16, 32):
+        if fused.pass1_can(40, 33, bits):
+            got = fused.topk_fused(q, keys, 2_990, 20, bits=bits)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        else:
+            with pytest.raises(ValueError, match="cannot run pass 1"):
+                fused.topk_fused(q, keys, 2_990, 20, bits=bits)
+    with pytest.raises(ValueError, match="cannot run pass 1"):
+        fused.topk_fused(q[:8], keys, 2_990, 20, bits=8)   # lowp passes take 16 rows or more

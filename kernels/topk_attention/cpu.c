@@ -2003,6 +2003,17 @@ int topk_pass1_bits(int R, int d, int64_t key_row_stride, int64_t n) {
     return LOWP && d <= LOWP_MAX_D ? 16 : 32;
 }
 
+/* Whether this build can run pass 1 of such a call in `bits` (8, 16, 32) when asked to (topk_search's `bits`),
+   whatever topk_pass1_bits would choose: the thresholds above were measured on one CPU (Zen 4), and the
+   dispatch measures the variants where it runs (retrieval/dispatch.py). */
+int topk_pass1_can(int R, int d, int64_t key_row_stride, int bits) {
+    if (bits == 32) return 1;
+    if (key_row_stride != 0 || R < LOWP_MIN_ROWS) return 0;
+    if (bits == 8) return INT8 && d <= INT8_MAX_D;
+    if (bits == 16) return LOWP && d <= LOWP_MAX_D;
+    return 0;
+}
+
 #if INT8
 static int cmp_int(const void *a, const void *b) { return (*(const int *)a > *(const int *)b) - (*(const int *)a < *(const int *)b); }
 
@@ -2152,7 +2163,7 @@ void topk_team_close(team_t *team) { team_close(team); }
 
 static int search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
                   const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads,
-                  team_t *team) {
+                  team_t *team, int bits) {
     if (R <= 0) return 0;
     if (key_row_stride != 0) team = NULL;   /* rows go to workers by a fixed share there: every member must come */
     if (team != NULL) n_threads = 2;
@@ -2168,7 +2179,8 @@ static int search(const float *q, const float *keys, int64_t key_row_stride, int
     c.nbp = nbp;
     c.cap = (int)cap;
     c.sel = kth_floats(nbp > cap ? nbp : cap);
-    c.lowp = topk_pass1_bits(R, d, key_row_stride, n_max);
+    if (bits != 0 && !topk_pass1_can(R, d, key_row_stride, bits)) return -3;
+    c.lowp = bits != 0 ? bits : topk_pass1_bits(R, d, key_row_stride, n_max);
     if (c.lowp == 32) c.lowp = 0;
     /* the bf16 pass reads the keys untransposed: pass 2 transposes the sub-blocks it rescores (sub_block_of) */
     c.keep_T = key_row_stride != 0 || (!c.lowp && !few_rows_skip_T(R, k, nb));
@@ -2275,17 +2287,20 @@ static int search(const float *q, const float *keys, int64_t key_row_stride, int
 }
 
 /* Returns the number of rows flagged bad (the caller redoes them), -1 when memory could not be had, -2
-   for a history of 2^31 - 128 events or more. */
+   for a history of 2^31 - 128 events or more, -3 for a pass-1 `bits` this build cannot run here (topk_pass1_can;
+   0: topk_pass1_bits decides). */
 int topk_search(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
-                const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads) {
-    return search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads, NULL);
+                const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, int n_threads,
+                int bits) {
+    return search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, n_threads, NULL, bits);
 }
 
 /* topk_search on the caller's thread with `team`'s member helping where it joins (topk_team_join). The team is
    closed when this returns, on every path. */
 int topk_search_team(const float *q, const float *keys, int64_t key_row_stride, int64_t stride_l, int64_t stride_d,
-                     const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, team_t *team) {
-    const int ret = search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, 1, team);
+                     const int64_t *n, int R, int d, int k, float *out_s, int64_t *out_i, uint8_t *bad, team_t *team,
+                     int bits) {
+    const int ret = search(q, keys, key_row_stride, stride_l, stride_d, n, R, d, k, out_s, out_i, bad, 1, team, bits);
     team_close(team);
     return ret;
 }

@@ -60,13 +60,15 @@ def load(extra_flags: tuple[str, ...] = ()):
         log.warning("fused CPU top-k kernel unavailable, using the torch path: %s", e)
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.topk_search.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, i32]
+    lib.topk_search.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, i32, i32]
     lib.topk_search.restype = i32
     lib.topk_pass1_bits.argtypes = [i32, i32, i64, i64]
     lib.topk_pass1_bits.restype = i32
+    lib.topk_pass1_can.argtypes = [i32, i32, i64, i32]
+    lib.topk_pass1_can.restype = i32
     lib.topk_int8_amx.argtypes = []
     lib.topk_int8_amx.restype = i32
-    lib.topk_search_team.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, p]
+    lib.topk_search_team.argtypes = [p, p, i64, i64, i64, p, i32, i32, i32, p, p, p, p, i32]
     lib.topk_search_team.restype = i32
     lib.topk_team_join.argtypes = [p]
     lib.topk_team_join.restype = i32
@@ -113,6 +115,14 @@ def pass1_bits(rows: int, d: int, serving: bool = True, length: int = 1 << 20) -
     return int(lib.topk_pass1_bits(rows, d, 0 if serving else 1, length))
 
 
+def pass1_can(rows: int, d: int, bits: int, serving: bool = True) -> bool:
+    """Whether the loaded build can run pass 1 of such a call in `bits` (8, 16 or 32) when `topk_fused(..., bits=...)`
+    asks for it, whatever `pass1_bits` would choose (its thresholds were measured on one CPU; retrieval.dispatch
+    measures the variants where it runs)."""
+    lib = _lib()
+    return lib is not None and bool(lib.topk_pass1_can(rows, d, 0 if serving else 1, bits))
+
+
 def int8_amx(build: tuple[str, ...] = ()) -> bool:
     """Whether that build's int8 pass 1 multiplies on AMX tiles here (AMX-INT8 CPUs, d <= 64; the scores it keeps are
     vpdpbusd's to the bit)."""
@@ -147,6 +157,7 @@ def topk_fused(
     *,
     build: tuple[str, ...] = (),
     team: Team | None = None,
+    bits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training layout: query [B, d], keys [B, L, d], lengths [B] -> scores, indices [B, k].
     Serving layout:  query [C, d], keys [L, d],    lengths int -> scores, indices [C, k].
@@ -154,7 +165,8 @@ def topk_fused(
     default build runs int8: benchmarks compare them (the results are the same bit for bit). `team`: a
     serving-layout search on this thread and the team's member (`Team`, of the same build; retrieval.lend), else
     on torch's threads. The kernel closes the team when it returns; the caller closes it again whatever happened
-    (an error raised here before the kernel leaves it open)."""
+    (an error raised here before the kernel leaves it open). `bits`: pass 1 in 8 (int8), 16 (bf16) or 32 bits where
+    the build can (`pass1_can`; the result is the same bit for bit), 0: the build's rule (`pass1_bits`)."""
     if team is not None and team.build != build:
         raise ValueError(f"the team runs build {team.build}, the search {build}")
     lib = load(build) if build else _lib()
@@ -193,11 +205,14 @@ def topk_fused(
         args = (q.data_ptr(), x.data_ptr(), 0 if serving else x.stride(0), x.stride(-2), x.stride(-1),
                 n.data_ptr(), R, d, k, scores.data_ptr(), idx.data_ptr(), bad.data_ptr())
         if team is not None:
-            n_bad = lib.topk_search_team(*args, team.ref)
+            n_bad = lib.topk_search_team(*args, team.ref, bits)
         else:
-            n_bad = lib.topk_search(*args, _threads(R, R * L * d))
+            n_bad = lib.topk_search(*args, _threads(R, R * L * d), bits)
         if n_bad == -2:
             raise ValueError(f"topk_fused takes histories shorter than 2^31 - 128 events, got {int(n.max())}")
+        if n_bad == -3:
+            raise ValueError(f"this kernel build cannot run pass 1 in {bits} bits for {R} rows of width {d} "
+                             f"({'serving' if serving else 'training'} layout): see pass1_can")
         if n_bad < 0:
             raise MemoryError("topk_search: out of memory")
     if n_bad:  # non-finite inputs (rare): the reference's stable sort decides where they go
