@@ -114,12 +114,7 @@ CANDIDATES: dict[str, dict[str, PathFn]] = {
                 "blocked": _serving_blocked},
     "training": {"fused": _fused, "chunked": topk_chunked},
 }
-# The fused kernel with its pass 1 forced to these bits (same results bit for bit): its own rule's thresholds were
-# measured on a Zen 4 VM, and on an Intel Xeon with VNNI the int8 pass measured 1.2-1.8x faster than the bf16 pass the
-# rule runs below 4,096 events or 64 queries (C = 200, d = 33, one thread: L = 1k 0.32 / 0.37 ms, 2k 0.41 / 0.55,
-# 4k 0.56 / 0.92; L = 100k: C = 32 2.68 / 4.19, C = 16 2.38 / 2.70). So where the build can run another pass 1 than
-# its rule picks for a class, that variant is a candidate too.
-FUSED_BITS = {"fused_int8": 8, "fused_bf16": 16}
+FUSED_BITS = {"fused_int8": 8, "fused_bf16": 16}   # the fused kernel's pass-1 variants (Candidates, above)
 
 
 def autotune_enabled() -> bool:
@@ -154,17 +149,18 @@ def _inputs(layout: str, rows: int, L: int, d: int):
     return q, torch.randn(rows, L, d, generator=gen), torch.randint(L // 2, L + 1, (rows,), generator=gen)
 
 
+def runnable(name: str, rows: int, L: int, d: int) -> bool:
+    """Whether path `name` can run a call of this shape here (what a cached choice is checked against per call)."""
+    if name.startswith("fused"):
+        return fused.available() and (name not in FUSED_BITS or fused.pass1_can(rows, d, FUSED_BITS[name]))
+    # blocked writes the whole score matrix: slower there anyway, and the memory is real
+    return not (name == "blocked" and rows * L * 4 > FULL_MATRIX_BYTES)
+
+
 def candidates(layout: str, rows: int, L: int, d: int) -> dict[str, PathFn]:
-    paths = dict(CANDIDATES[layout])
-    for name, bits in FUSED_BITS.items():   # a variant only where it differs from the rule's pass 1 and can run
-        if name in paths and not (fused.available() and fused.pass1_can(rows, d, bits)
-                                  and fused.pass1_bits(rows, d, length=L) != bits):
-            paths.pop(name)
-    if not fused.available():
-        paths.pop("fused")
-    if layout == "serving" and rows * L * 4 > FULL_MATRIX_BYTES:
-        paths.pop("blocked")   # writes the whole score matrix: slower there anyway, and the memory is real
-    return paths
+    """The paths a class's tune times: those that can run, less a pass-1 variant that is the kernel's own rule there."""
+    return {name: fn for name, fn in CANDIDATES[layout].items() if runnable(name, rows, L, d)
+            and not (name in FUSED_BITS and fused.pass1_bits(rows, d, length=L) == FUSED_BITS[name])}
 
 
 def fixed_choice(serving: bool, rows: int, L: int, d: int) -> str:
@@ -384,7 +380,8 @@ def choose(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor | int,
     name = _cache.choose_now(cls) if _cache.defer else _cache.choose(cls)
     if name is None:
         return fixed_choice(serving, rows, L, d)
-    return name if name in candidates("serving" if serving else "training", rows, L, d) else fixed_choice(serving, rows, L, d)
+    layout = "serving" if serving else "training"
+    return name if name in CANDIDATES[layout] and runnable(name, rows, L, d) else fixed_choice(serving, rows, L, d)
 
 
 @torch.no_grad()
