@@ -1986,8 +1986,6 @@ static void mark_forked(void) {
 }
 __attribute__((constructor)) static void register_fork_handler(void) { pthread_atfork(NULL, NULL, mark_forked); }
 
-/* 8 when a call with these sizes (n: the longest history) runs pass 1 in int8, 16 in bf16 (see the header), else
-   32: what a measurement ran. */
 /* 1 when this build's int8 pass 1 runs on AMX tiles here (d <= 64): built for AMX-INT8 and granted the tile state. */
 int topk_int8_amx(void) {
 #if INT8_AMX
@@ -1997,6 +1995,8 @@ int topk_int8_amx(void) {
 #endif
 }
 
+/* 8 when a call with these sizes (n: the longest history) runs pass 1 in int8, 16 in bf16 (see the header), else
+   32: what a measurement ran. */
 int topk_pass1_bits(int R, int d, int64_t key_row_stride, int64_t n) {
     if (key_row_stride != 0 || R < LOWP_MIN_ROWS) return 32;
     if (INT8 && d <= INT8_MAX_D && R >= INT8_MIN_ROWS && n >= INT8_MIN_LEN) return 8;
