@@ -53,7 +53,10 @@ T = TypeVar("T")
 # where the rule lends at C = 200, 1.26-1.51x at C = 20. The same on an AMD EPYC Zen 3 VM (AVX2 only; 6ef71a5,
 # results/lend_search_zen3_6ef71a5.json): C = 20: 500-4k 0.56-0.84x, 10k 0.93x, 30k 1.22x, 100k 1.49x; C = 200:
 # 500-2k 1.00-1.11x, 4k 1.22x, 10k 1.38x, 100k 1.39x, 300k 1.06x (one run each; that VM's run-to-run spread at
-# 100k-300k was larger than the ratios' differences): the same crossover, so the same rule.
+# 100k-300k was larger than the ratios' differences): the same crossover, so the same rule. An Intel Xeon VM (AMX;
+# 9be7f52, results/lend_search_intel_9be7f52.json): C = 20: 500-4k 0.42-0.80x, 10k 0.98x, 30k 1.36x, 100k 1.66x; C =
+# 200: 500 1.05x, 1k 1.11x, 2k 1.20x, 4k 1.28x, 100k 1.57x: the rule leaves 1.1-1.2x (0.04-0.1 ms) at 1k-2k events
+# there; kept, one rule for every CPU measured.
 LEND_MIN_WORK = 1 << 24   # rows x events x d
 # Where a lent key gather pays (`python benchmarks/lend_search.py --gather --out results/lend_gather_zen4.json`,
 # 5651add: AMD EPYC Zen 4 VM, quiet, width 33 from a 100k-row item table, caches evicted before each call as in a
@@ -61,7 +64,9 @@ LEND_MIN_WORK = 1 << 24   # rows x events x d
 # lent core busy in another process 0.58-1.09x below 2^21, 0.90-1.16x from it. A gather is a few random reads per
 # event: the hand-off (~0.2 ms: the pool's wake-up, the pinning) pays from ~60k events. Zen 3 VM (6ef71a5,
 # results/lend_gather_zen3_6ef71a5.json): 10k 0.65x, 30k 1.02x, 50k 0.99x, 70k 1.15x, 100k 1.28x, 1M 1.34x; busy
-# 0.64-1.07x below 2^21, 1.10-1.27x from it: the same crossover.
+# 0.64-1.07x below 2^21, 1.10-1.27x from it: the same crossover. Intel Xeon VM (9be7f52,
+# results/lend_gather_intel_9be7f52.json): 10k 0.85x, 30k 0.94x, 50k 1.22x, 70k 1.44x, 100k 1.55x, 1M 1.25x: 50k
+# (1.65M words, 0.16 ms) would pay there too; kept.
 GATHER_MIN_WORDS = 1 << 21   # events x key width
 
 _current: contextvars.ContextVar[CoreLender | None] = contextvars.ContextVar("core_lender", default=None)
