@@ -18,6 +18,7 @@ import torch
 
 import retrieval
 from kernels.gather_keys.cpu import gather_keys
+from kernels.kept_attention import cpu as kept_attention
 from retrieval import lend
 
 NEG_INF = float("-inf")
@@ -127,19 +128,22 @@ def stage1_from_tables(target: list[torch.Tensor], tables: list[torch.Tensor], i
     return query, gather_keys(fields, ids) if keys is None else keys, [segments[0], 1]
 
 
-def folded_kept_weights(target: list[torch.Tensor], tables: list[torch.Tensor], ids: list[torch.Tensor],
-                        idx: torch.Tensor, segments: list[int], row_bias: RowBias | None = None) -> torch.Tensor:
-    """`kept_weights` for one served history's kept events given as table rows (tables per field [rows, d],
-    ids per field [C k], idx [C, k]): each kept event's key gathered in stage1_from_tables' folded layout
-    and scored by one product and sum over its width (kept_weights sums three per-field batched products:
-    the same function, another summation order). Every served target reads position row 0, so the
-    position field folds (stage1_inputs)."""
+def folded_kept_attention(target: list[torch.Tensor], tables: list[torch.Tensor], rep: list[torch.Tensor],
+                          ids: list[torch.Tensor], idx: torch.Tensor, segments: list[int],
+                          row_bias: RowBias | None = None) -> torch.Tensor:
+    """Stage 2's attention for one served history's kept events given as table rows (attention tables per
+    field [rows, d], representation tables per field [rows, d_r], ids per field [C k], idx [C, k]): each kept
+    event's key in stage1_from_tables' folded layout scored against its target, softmax over the target's
+    kept slots, and the representation rows summed with those weights -> [C, sum d_r]. `kept_weights` and
+    `aggregate`'s function (per-field batched products there: another summation order), in one pass over the
+    kept rows (`kernels.kept_attention`, C where it runs these tensors). Every served target reads position
+    row 0, so the position field folds (stage1_inputs)."""
     if not _foldable(target[-1], segments):
-        raise ValueError(f"folded_kept_weights: segments {segments} with per-target position rows do not fold")
+        raise ValueError(f"folded_kept_attention: segments {segments} with per-target position rows do not fold")
     query, w = _folded_query(target, segments)                                        # [C, d_sem + 1]
-    keys = gather_keys([*tables[:-1], (row_bias or _row_bias)(tables[-1], w)], ids)    # [C k, d_sem + 1]
     q = query * retrieval.segment_scale(query.shape[1], [segments[0], 1])
-    return masked_softmax((keys.view(*idx.shape, -1) * q.unsqueeze(1)).sum(-1), idx >= 0)
+    att = [*tables[:-1], (row_bias or _row_bias)(tables[-1], w)]
+    return kept_attention.attend(q, att, rep, ids, idx >= 0)
 
 
 def search(att: Fields, lengths: torch.Tensor | int, k: int, segments: list[int]) -> torch.Tensor:

@@ -34,7 +34,7 @@ from recsys.config.model import ModelConfig
 from recsys.data.batch import HistoryBatch
 from recsys.embeddings import TableSet, TableSpec
 from kernels.gather_keys.cpu import gather_keys
-from recsys.models.attention import (Fields, RowBias, aggregate, folded_kept_weights, gather_ids, kept_weights, search,
+from recsys.models.attention import (Fields, RowBias, aggregate, folded_kept_attention, gather_ids, kept_weights, search,
                                      soft_attention, stage1_from_tables)
 from recsys.models.layers import MLP, by_length_groups, ctr_input, init_weights
 from recsys.models.output import ModelOutput
@@ -298,19 +298,16 @@ class DARE(nn.Module):
         index's (kept_heads) both end, so the two paths give the same bits. target: table rows [C] per field
         (position rows); kept: table rows [C k] per field of the kept events (holes: column 0's, weight 0);
         idx [C, k]. stage2()'s function (tests/test_models.py compares the served and batch logits) in fewer
-        operations: each kept event's attention key gathered in the search's folded layout (item and category
-        rows, then its one position number, as stage1_from_tables builds the keys) and scored by one product
-        and sum, and the representation rows gathered side by side into [C, k, D_r], where stage2() takes
-        per field lookups, scores and sums (C = 200, k = 20, one thread, with the tower: 0.9-1.25 -> 0.81-0.84 ms
-        on a Zen 4 VM at load ~2-3, of a ~3 ms forward at L = 10k)."""
+        operations: each kept event's attention key read in the search's folded layout (item and category
+        rows, then its one position number, as stage1_from_tables builds the keys), scored, and its
+        representation rows summed with the softmax weights, in one pass over the kept rows
+        (`folded_kept_attention`), where stage2() takes per field lookups, scores and sums."""
         (att_set, att_prefix), (rep_set, rep_prefix) = self.role_tables()
         named = lambda tables, prefix: [tables.weights()[f"{prefix}_{f}" if prefix else f] for f in FIELDS]  # noqa: E731
         att, rep = named(att_set, att_prefix), named(rep_set, rep_prefix)
-        C, k = idx.shape
         att_t = [t.index_select(0, target[f]) for t, f in zip(att, FIELDS)]                # [C, d] per field
-        weights = folded_kept_weights(att_t, att, [kept[f] for f in FIELDS], idx, self.segments, self.position_bias)
-        r = gather_keys(rep, [kept[f] for f in FIELDS]).view(C, k, -1)                    # [C, k, D_r]
-        h = (weights.unsqueeze(-1) * r).sum(-2)                                           # [C, D_r]
+        h = folded_kept_attention(att_t, att, rep, [kept[f] for f in FIELDS], idx, self.segments,
+                                  self.position_bias)                                     # [C, D_r]
         v_t = gather_keys(rep, [target[f] for f in FIELDS])                               # [C, D_r]
         if self.has_memory and memory is None:
             raise ValueError("a model with memory branches needs the rows' memory reads")
