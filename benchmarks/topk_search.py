@@ -2,7 +2,8 @@
 
 Serving layout (C candidates sharing one history of L events, d dims, k = 20). For each backend:
 median seconds, the roofline bound max(FLOPs / peak FLOP/s, bytes / peak bytes/s) from this run's own
-large-matmul and large-copy peaks, the fraction bound / median, the speedup over plain matmul + topk,
+large-matmul and large-copy peaks (each measured before and after the points, the larger taken), the fraction
+bound / median, the speedup over plain matmul + topk,
 and whether its indices equal the exact (reference-tie-order) result. On CPU also the bound against the
 CPU's own fused multiply-add peak at its widest vectors (benchmarks/_fma_peak.c, compiled here): a BLAS
 matmul does not always reach it (MKL runs AVX2 kernels on AMD CPUs with AVX-512), and a kernel can then
@@ -149,9 +150,10 @@ def cuda_backends():
 
 
 def run(device, quick, reps, pass1_variants=False):
-    flops_peak, bw_peak = peaks(device, quick)
-    fma = fma_peak(torch.get_num_threads()) if device == "cpu" else None
-    vector_peak = max(flops_peak, fma) if fma else None
+    # Peaks measured before and after the points, the larger taken: on a 2-vCPU VM the host sometimes gives both
+    # vCPUs one core's vector units for seconds (a Zen 4 VM measured a two-thread FMA peak of 117 GFLOP/s in one run
+    # and 232-234 in the runs around it), and a halved peak would put kernels above 100% of it.
+    start = peaks(device, quick), fma_peak(torch.get_num_threads()) if device == "cpu" else None
     backends = cpu_backends(quick, pass1_variants) if device == "cpu" else cuda_backends()
     Ls = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
     ds = [16] if quick else [16, 33, 64]
@@ -165,10 +167,7 @@ def run(device, quick, reps, pass1_variants=False):
                 exact_idx = PATHS["packed"](q.cpu(), keys.cpu(), L, K)[1]
                 flops = 2 * C * L * d  # fp32-equivalent: the fused kernel's bf16 pass 1 does half the instructions
                 nbytes = (L * d + C * d) * 4 + C * K * 12  # keys and queries read once, scores + indices written
-                bound = max(flops / flops_peak, nbytes / bw_peak)
-                fma_bound = max(flops / vector_peak, nbytes / bw_peak) if vector_peak else None
-                row = {"L": L, "C": C, "d": d, "k": K, "flops": flops, "bytes": nbytes, "roofline_bound_s": bound,
-                       "fma_roofline_bound_s": fma_bound}
+                row = {"L": L, "C": C, "d": d, "k": K, "flops": flops, "bytes": nbytes}
                 base = None
                 for name, fn in backends.items():
                     try:
@@ -178,13 +177,8 @@ def run(device, quick, reps, pass1_variants=False):
                         row[name] = {"error": repr(e)[:300]}
                         continue
                     base = secs if name == "matmul_topk" else base
-                    row[name] = {
-                        "median_s": secs,
-                        "roofline_fraction": bound / secs,
-                        "fma_roofline_fraction": fma_bound / secs if fma_bound else None,
-                        "speedup_vs_matmul_topk": (base / secs) if base else None,
-                        "exact": bool(torch.equal(idx, exact_idx)),
-                    }
+                    row[name] = {"median_s": secs, "speedup_vs_matmul_topk": (base / secs) if base else None,
+                                 "exact": bool(torch.equal(idx, exact_idx))}
                 if "median_s" in row.get("fused_c", {}):   # 16: pass 1 in bf16, 8 int8 (FLOP fractions count fp32 FLOPs)
                     row["fused_c"]["pass1_bits"] = fused.pass1_bits(C, d, length=L)
                 if "dispatch" in row and device == "cpu":
@@ -192,9 +186,22 @@ def run(device, quick, reps, pass1_variants=False):
                 compare(row)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    out = {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows}
+    end = peaks(device, quick), fma_peak(torch.get_num_threads()) if device == "cpu" else None
+    flops_peak, bw_peak = max(start[0][0], end[0][0]), max(start[0][1], end[0][1])
+    fma = max(start[1], end[1]) if start[1] and end[1] else None
+    vector_peak = max(flops_peak, fma) if fma else None
+    for row in rows:   # the roofline bounds: max(FLOPs / peak FLOP/s, bytes / peak bytes/s)
+        bound = row["roofline_bound_s"] = max(row["flops"] / flops_peak, row["bytes"] / bw_peak)
+        fma_bound = row["fma_roofline_bound_s"] = max(row["flops"] / vector_peak, row["bytes"] / bw_peak) if vector_peak else None
+        for v in row.values():
+            if isinstance(v, dict) and "median_s" in v:
+                v["roofline_fraction"] = bound / v["median_s"]
+                v["fma_roofline_fraction"] = fma_bound / v["median_s"] if fma_bound else None
+    out = {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows,
+           "peaks_start_end": {"flops": [start[0][0], end[0][0]], "bytes_per_s": [start[0][1], end[0][1]]}}
     if device == "cpu":
         out["fma_peak_flops"] = fma
+        out["peaks_start_end"]["fma_flops"] = [start[1], end[1]]
         if not quick:
             out["training_rows"] = training_layout(reps)
         # what the dispatch measured per shape class (this run's tunes and those read from its cache)
