@@ -136,6 +136,45 @@ def fp_scaling() -> dict:
             "slowdown_two_vs_one": round(sum(two) / len(two) / one, 2)}
 
 
+def _spin_windows(args: tuple[int, float]) -> list[int]:
+    """Pinned to one CPU: iterations of a fixed integer loop in each 10 ms window for `seconds`."""
+    cpu, seconds = args
+    os.sched_setaffinity(0, {cpu})
+    counts, end = [], time.perf_counter() + seconds
+    while (t0 := time.perf_counter()) < end:
+        n = 0
+        while time.perf_counter() - t0 < 0.01:
+            for _ in range(100):
+                pass
+            n += 1
+        counts.append(n)
+    return counts
+
+
+def cpu_steadiness(seconds: float = 2.0) -> dict:
+    """How steady each CPU's speed is right now: a process pinned to each CPU, all at once, counting a fixed
+    loop's iterations per 10 ms window. On a shared VM a vCPU's speed can halve for 100 ms at a time (a Zen 4 VM:
+    10% of the windows of one vCPU below 70% of its median, in runs of ~10 windows): requests that fall there
+    take up to twice as long, which is what a p99 over a few seconds then measures. -> per CPU the share of
+    slow windows (below 70% of that CPU's median) and the longest run of them in ms."""
+    import multiprocessing as mp
+
+    cpus = sorted(os.sched_getaffinity(0))
+    with mp.get_context("spawn").Pool(len(cpus)) as pool:
+        counts = pool.map(_spin_windows, [(c, seconds) for c in cpus])
+    out = {"seconds": seconds, "window_ms": 10, "per_cpu": {}}
+    for cpu, c in zip(cpus, counts):
+        med = sorted(c)[len(c) // 2] if c else 0
+        slow = [x < 0.7 * med for x in c]
+        run = longest = 0
+        for s in slow:
+            run = run + 1 if s else 0
+            longest = max(longest, run)
+        out["per_cpu"][str(cpu)] = {"windows": len(c), "slow_share": round(sum(slow) / max(len(c), 1), 3),
+                                    "longest_slow_run_ms": 10 * longest}
+    return out
+
+
 def add_out_arg(parser, name: str) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help=f"also write the JSON here (the README's figures: results/{name}.json)")

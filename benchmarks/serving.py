@@ -11,8 +11,9 @@ and after (`server_mean`: the app's mean time per request, the scoring thread's 
 reads + forward), requests per batch, and the client's mean outside the app: HTTP and loopback; and the
 share of requests the block index answered, with the Redis kB each read), so the overhead splits without
 instrumenting the server. Also Redis bytes per user at each L; the machine (CPU
-model, cores, torch threads, load average at the start and end) is in the JSON's `machine`, the load
-average at the start of each point in its row.
+model, cores, torch threads, load average at the start and end, and each CPU's steadiness at the start and
+the end: the share of 10 ms windows in which it ran below 70% of its median speed, `_machine.cpu_steadiness`)
+is in the JSON's `machine`, the load average at the start of each point in its row.
 
 `--memory titans` (or `aaren+titans`) serves DARE with memory branches: each request also reads the
 user's stored memory state and queries it with the candidates. `--lifetime N` gives each user N events in
@@ -57,7 +58,7 @@ import numpy as np
 
 _HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(_HERE))
-from _machine import add_out_arg, emit, fp_scaling  # noqa: E402
+from _machine import add_out_arg, cpu_steadiness, emit, fp_scaling  # noqa: E402
 
 from recsys.net import free_port  # noqa: E402
 
@@ -449,6 +450,7 @@ def main() -> None:
 
     memory = {} if args.memory == "none" else {b: True for b in args.memory.split("+")}
     scaling = fp_scaling()  # before any server: what the 8-client figures can gain from the second core
+    steadiness = [cpu_steadiness()]  # and at the end: how much of the run's tail the VM's own speed explains
     results, forward, redis_bytes = [], [], {}
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -545,7 +547,7 @@ def main() -> None:
         "results": results,
         "redis_bytes_per_user": {str(k): v for k, v in redis_bytes.items()},
         "targets": targets,
-        "machine": {"fp_scaling": scaling},
+        "machine": {"fp_scaling": scaling, "cpu_steadiness_start_end": steadiness + [cpu_steadiness()]},
     }, args.out)
 
 
