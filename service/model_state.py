@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from recsys.data.batch import HistoryBatch
+from recsys.models.layers import MLP, fold_batchnorm
 from recsys.modules import state_codec
 from recsys.modules.aaren import Aaren
 from recsys.modules.titans import NeuralMemory
@@ -71,6 +72,8 @@ class ServingModel:
         # main head, so skip its O(C x L) pass. (Until score_candidates offers this itself.)
         if getattr(self.model, "aux_mlp", None) is not None:
             self.model.aux_mlp = None
+        for tower in [m for m in self.model.modules() if isinstance(m, MLP)]:
+            fold_batchnorm(tower)
         zero_oov_rows(self.model)
 
     def block_indexer(self, block: int):

@@ -308,3 +308,43 @@ def test_stage1_from_tables_equals_stage1_inputs_on_the_gathered_rows():
         want = stage1_inputs(target, [t.index_select(0, i) for t, i in zip(tables, ids)], [2 * d, d])
         assert got[2] == want[2] == ([2 * d, 1] if shared else [2 * d, d])
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_serving_folds_the_towers_batchnorm_into_its_linears():
+    """ServingModel's towers: BatchNorm folded into the Linear before it, the same function within float32
+    rounding of the tower with BatchNorm (running statistics far from 0 / 1, so a wrong fold shows)."""
+    import copy
+
+    from recsys.models.layers import MLP, fold_batchnorm
+    from service.model_state import ServingModel
+
+    torch.manual_seed(3)
+    tower = MLP(10, [16, 8])
+    for bn in [m for m in tower.net if isinstance(m, torch.nn.BatchNorm1d)]:
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.1, 4)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    with pytest.raises(ValueError, match="training mode"):
+        fold_batchnorm(tower)
+    tower.eval()
+    x = torch.randn(64, 10)
+    want = tower(x)
+    folded = copy.deepcopy(tower)
+    assert fold_batchnorm(folded) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), want, rtol=1e-5, atol=1e-6)
+
+    model = build_model(ModelConfig(name="dare", aux_loss=False, **SMALL), 50, 6).eval()
+    g = torch.Generator().manual_seed(0)
+    hist_item, hist_cate = torch.randint(1, 50, (30,), generator=g), torch.randint(1, 6, (30,), generator=g)
+    cand_item, cand_cate = torch.randint(1, 50, (9,), generator=g), torch.randint(1, 6, (9,), generator=g)
+    for bn in [m for m in model.mlp.net if isinstance(m, torch.nn.BatchNorm1d)]:
+        bn.running_mean.uniform_(-1, 1, generator=g)
+        bn.running_var.uniform_(0.5, 2, generator=g)
+    want = model.score_candidates(hist_item, hist_cate, cand_item, cand_cate)
+    served = ServingModel(copy.deepcopy(model), "fold-v1", 50, 6, 30).model
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in served.modules())
+    got = served.score_candidates(hist_item, hist_cate, cand_item, cand_cate)
+    assert torch.equal(got.indices, want.indices)
+    torch.testing.assert_close(got.logit, want.logit, rtol=1e-5, atol=1e-6)
