@@ -40,6 +40,8 @@ def _exact(query, att, rep, ids, valid) -> torch.Tensor:
 
 SHAPES = [
     ([(3_000, 16), (50, 16), (9_000,)], [(3_000, 16), (50, 16), (9_000, 16)]),   # DARE's folded keys
+    ([(300, 32), (50, 32), (900,)], [(300, 16), (50, 16), (900, 16)]),           # another unrolled layout
+    ([(300, 16), (50, 8), (900,)], [(300, 16), (50, 16), (900, 16)]),            # DARE's but for one width
     ([(400, 32), (40,)], [(400, 8), (40, 24)]),
     ([(30, 20), (7, 3), (11,)], [(30, 1), (7, 5), (11, 17)]),                     # widths off the 16 lanes
 ]
@@ -76,7 +78,7 @@ def test_holes_weigh_nothing_whatever_their_rows():
 @pytest.mark.parametrize("bad", [-1, 10**9])
 def test_a_bad_id_raises_naming_the_table_and_the_slot(table, bad):
     g = torch.Generator().manual_seed(9)
-    query, att, rep, ids, valid = _inputs(g, 4, 5, *SHAPES[1])
+    query, att, rep, ids, valid = _inputs(g, 4, 5, *SHAPES[3])
     if table == "representation":   # a representation table shorter than the attention one; the id in range
         rep = [rep[0][:100].contiguous(), rep[1]]   # of the attention table only (-1 is out of both: attention's)
         ids[0] %= 100

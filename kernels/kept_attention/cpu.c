@@ -45,34 +45,35 @@ static inline void prefetch_row(const float *row, int64_t d)
         __builtin_prefetch((const char *)row + b);
 }
 
-/* C targets x k kept slots (event e = c k + j); fields tables att[f] [att_rows[f], att_dims[f]] and
- * rep[f] [rep_rows[f], rep_dims[f]], both read at ids[f][e]; valid [C k] (1: an event, 0: a hole); q [C, sum
- * att_dims]; out [C, sum rep_dims]. -> -1, or the first table (att f: f, rep f: fields + f, in event order)
- * whose id is out of range, with that event in *bad_event (nothing of its row is read; out is undefined). */
-int64_t kept_attention_f32(int64_t C, int64_t k, int64_t fields, const float *const *att, const int64_t *att_rows,
-                           const int64_t *att_dims, const float *const *rep, const int64_t *rep_rows,
-                           const int64_t *rep_dims, const int64_t *const *ids, const uint8_t *valid,
-                           const float *q, float *restrict out, int64_t ahead, int64_t *bad_event)
+/* The attention for nf fields; wa, wr: the fields' common attention and representation widths with the last
+ * attention field one number (the folded position), or 0: each field its own width (att_dims, rep_dims).
+ * Inlined with constant nf, wa and wr for DARE's layouts, so the loops over the fields and the rows unroll into
+ * fixed vector operations (the runtime-width loops took ~2x the time per kept event on cached rows). */
+static inline __attribute__((always_inline)) int64_t
+attend(int64_t C, int64_t k, const int64_t nf, const float *const *att, const int64_t *att_rows, const int64_t *att_dims,
+       const float *const *rep, const int64_t *rep_rows, const int64_t *rep_dims, const int64_t *const *ids,
+       const uint8_t *valid, const float *q, float *restrict out, int64_t ahead, int64_t *bad_event,
+       const int64_t wa, const int64_t wr)
 {
+#define ADIM(f) (wa ? ((f) == nf - 1 ? 1 : wa) : att_dims[f])
+#define RDIM(f) (wr ? wr : rep_dims[f])
     int64_t dq = 0, dr = 0;
-    for (int64_t f = 0; f < fields; f++) {
-        dq += att_dims[f];
-        dr += rep_dims[f];
+    for (int64_t f = 0; f < nf; f++) {
+        dq += ADIM(f);
+        dr += RDIM(f);
     }
     const int64_t n = C * k;
-    if (ahead < 1)
-        ahead = 1;
     /* event a's ids checked and its rows prefetched: the first `ahead` here, the rest `ahead` events early */
     int64_t checked = 0;
 #define CHECK_AND_PREFETCH(a)                                                                       \
-    for (int64_t f = 0; f < fields; f++) {                                                          \
+    for (int64_t f = 0; f < nf; f++) {                                                              \
         const int64_t id = ids[f][a];                                                               \
         if ((uint64_t)id >= (uint64_t)att_rows[f] || (uint64_t)id >= (uint64_t)rep_rows[f]) {       \
             *bad_event = (a);                                                                       \
-            return (uint64_t)id >= (uint64_t)att_rows[f] ? f : fields + f;                          \
+            return (uint64_t)id >= (uint64_t)att_rows[f] ? f : nf + f;                              \
         }                                                                                           \
-        prefetch_row(att[f] + id * att_dims[f], att_dims[f]);                                       \
-        prefetch_row(rep[f] + id * rep_dims[f], rep_dims[f]);                                       \
+        prefetch_row(att[f] + id * ADIM(f), ADIM(f));                                               \
+        prefetch_row(rep[f] + id * RDIM(f), RDIM(f));                                               \
     }
     for (; checked < (ahead < n ? ahead : n); checked++)
         CHECK_AND_PREFETCH(checked)
@@ -93,9 +94,9 @@ int64_t kept_attention_f32(int64_t C, int64_t k, int64_t fields, const float *co
             }
             float lanes[LANES] = {0}, tail = 0.0f;
             const float *qf = qc;
-            for (int64_t f = 0; f < fields; f++) {
-                tail = dot_into(att[f] + ids[f][e] * att_dims[f], qf, att_dims[f], lanes, tail);
-                qf += att_dims[f];
+            for (int64_t f = 0; f < nf; f++) {
+                tail = dot_into(att[f] + ids[f][e] * ADIM(f), qf, ADIM(f), lanes, tail);
+                qf += ADIM(f);
             }
             s[j] = reduce(lanes) + tail;
             if (!any || s[j] > m)
@@ -118,14 +119,47 @@ int64_t kept_attention_f32(int64_t C, int64_t k, int64_t fields, const float *co
                 continue;
             const float w = s[j] * inv;
             float *restrict of = o;
-            for (int64_t f = 0; f < fields; f++) {
-                const float *restrict r = rep[f] + ids[f][e] * rep_dims[f];
-                for (int64_t t = 0; t < rep_dims[f]; t++)
+            for (int64_t f = 0; f < nf; f++) {
+                const float *restrict r = rep[f] + ids[f][e] * RDIM(f);
+                for (int64_t t = 0; t < RDIM(f); t++)
                     of[t] += w * r[t];
-                of += rep_dims[f];
+                of += RDIM(f);
             }
         }
     }
 #undef CHECK_AND_PREFETCH
+#undef ADIM
+#undef RDIM
     return -1;
+}
+
+/* C targets x k kept slots (event e = c k + j); fields tables att[f] [att_rows[f], att_dims[f]] and
+ * rep[f] [rep_rows[f], rep_dims[f]], both read at ids[f][e]; valid [C k] (1: an event, 0: a hole); q [C, sum
+ * att_dims]; out [C, sum rep_dims]. -> -1, or the first table (att f: f, rep f: fields + f, in event order)
+ * whose id is out of range, with that event in *bad_event (nothing of its row is read; out is undefined). */
+int64_t kept_attention_f32(int64_t C, int64_t k, int64_t fields, const float *const *att, const int64_t *att_rows,
+                           const int64_t *att_dims, const float *const *rep, const int64_t *rep_rows,
+                           const int64_t *rep_dims, const int64_t *const *ids, const uint8_t *valid,
+                           const float *q, float *restrict out, int64_t ahead, int64_t *bad_event)
+{
+    if (ahead < 1)
+        ahead = 1;
+    int64_t wa = att_dims[0], wr = rep_dims[0];
+    const int last1 = fields > 1 && att_dims[fields - 1] == 1;
+    for (int64_t f = 1; f < fields; f++) {
+        if (f < fields - last1 && att_dims[f] != wa)
+            wa = 0;
+        if (rep_dims[f] != wr)
+            wr = 0;
+    }
+    /* DARE's: item and category rows of the attention width and the folded position number; representation
+       rows of one width */
+#define LAYOUT(NF, WA, WR)                                                                                  \
+    if (last1 && fields == NF && wa == WA && wr == WR)                                                      \
+        return attend(C, k, NF, att, att_rows, att_dims, rep, rep_rows, rep_dims, ids, valid, q, out, ahead, \
+                      bad_event, WA, WR);
+    LAYOUT(3, 16, 16) LAYOUT(3, 32, 32) LAYOUT(3, 64, 64) LAYOUT(3, 16, 32) LAYOUT(3, 32, 16)
+#undef LAYOUT
+    return attend(C, k, fields, att, att_rows, att_dims, rep, rep_rows, rep_dims, ids, valid, q, out, ahead,
+                  bad_event, 0, 0);
 }
