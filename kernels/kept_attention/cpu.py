@@ -81,8 +81,7 @@ def attend(query: torch.Tensor, att: list[torch.Tensor], rep: list[torch.Tensor]
     if not supports(query, att, rep, ids, valid):
         return reference.attend(query, att, rep, ids, valid)
     C, k = valid.shape
-    query, valid = query.contiguous(), valid.contiguous()
-    ids = [i.contiguous() for i in ids]
+    valid, ids = valid.contiguous(), [i.contiguous() for i in ids]   # the tables and query are (supports)
     fields = len(att)
     dims = lambda ts: [1 if t.dim() == 1 else t.shape[1] for t in ts]  # noqa: E731
     out = torch.empty(C, sum(dims(rep)), dtype=torch.float32)
