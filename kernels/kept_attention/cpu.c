@@ -48,7 +48,7 @@ static inline void prefetch_row(const float *row, int64_t d)
 /* The attention for nf fields; wa, wr: the fields' common attention and representation widths with the last
  * attention field one number (the folded position), or 0: each field its own width (att_dims, rep_dims).
  * Inlined with constant nf, wa and wr for DARE's layouts, so the loops over the fields and the rows unroll into
- * fixed vector operations (the runtime-width loops took ~2x the time per kept event on cached rows). */
+ * fixed vector operations (C = 200 x k = 20 on cached rows: ~170 -> ~130 us a call, Zen 4 VM). */
 static inline __attribute__((always_inline)) int64_t
 attend(int64_t C, int64_t k, const int64_t nf, const float *const *att, const int64_t *att_rows, const int64_t *att_dims,
        const float *const *rep, const int64_t *rep_rows, const int64_t *rep_dims, const int64_t *const *ids,
