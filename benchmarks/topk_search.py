@@ -153,7 +153,10 @@ def run(device, quick, reps, pass1_variants=False):
     # Peaks measured before and after the points, the larger taken: on a 2-vCPU VM the host sometimes gives both
     # vCPUs one core's vector units for seconds (a Zen 4 VM measured a two-thread FMA peak of 117 GFLOP/s in one run
     # and 232-234 in the runs around it), and a halved peak would put kernels above 100% of it.
-    start = peaks(device, quick), fma_peak(torch.get_num_threads()) if device == "cpu" else None
+    def measured():   # (matmul FLOP/s, copy bytes/s, FMA FLOP/s or None)
+        return peaks(device, quick) + (fma_peak(torch.get_num_threads()) if device == "cpu" else None,)
+
+    start = measured()
     backends = cpu_backends(quick, pass1_variants) if device == "cpu" else cuda_backends()
     Ls = [1_000, 10_000] if quick else [1_000, 10_000, 100_000]
     ds = [16] if quick else [16, 33, 64]
@@ -186,9 +189,9 @@ def run(device, quick, reps, pass1_variants=False):
                 compare(row)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
-    end = peaks(device, quick), fma_peak(torch.get_num_threads()) if device == "cpu" else None
-    flops_peak, bw_peak = max(start[0][0], end[0][0]), max(start[0][1], end[0][1])
-    fma = max(start[1], end[1]) if start[1] and end[1] else None
+    end = measured()
+    flops_peak, bw_peak = max(start[0], end[0]), max(start[1], end[1])
+    fma = max(start[2], end[2]) if start[2] and end[2] else None
     vector_peak = max(flops_peak, fma) if fma else None
     for row in rows:   # the roofline bounds: max(FLOPs / peak FLOP/s, bytes / peak bytes/s)
         bound = row["roofline_bound_s"] = max(row["flops"] / flops_peak, row["bytes"] / bw_peak)
@@ -198,10 +201,10 @@ def run(device, quick, reps, pass1_variants=False):
                 v["roofline_fraction"] = bound / v["median_s"]
                 v["fma_roofline_fraction"] = fma_bound / v["median_s"] if fma_bound else None
     out = {"peak_flops": flops_peak, "peak_bytes_per_s": bw_peak, "rows": rows,
-           "peaks_start_end": {"flops": [start[0][0], end[0][0]], "bytes_per_s": [start[0][1], end[0][1]]}}
+           "peaks_start_end": {"flops": [start[0], end[0]], "bytes_per_s": [start[1], end[1]]}}
     if device == "cpu":
         out["fma_peak_flops"] = fma
-        out["peaks_start_end"]["fma_flops"] = [start[1], end[1]]
+        out["peaks_start_end"]["fma_flops"] = [start[2], end[2]]
         if not quick:
             out["training_rows"] = training_layout(reps)
         # what the dispatch measured per shape class (this run's tunes and those read from its cache)
