@@ -153,25 +153,29 @@ def window_blocks(n: int, window: int, block: int) -> np.ndarray:
     return np.arange((n - window) // block, (n - 1) // block + 1)
 
 
-def block_position_bounds(ids: np.ndarray, n: int, block: int, pos: PositionBound) -> np.ndarray:
-    """Max position term over each block's current recency range (its newest event has the smallest id)."""
-    return pos.over(n - (np.minimum((ids + 1) * block, n) - 1))
+def block_position_bounds(ids: np.ndarray, n: int, block: int, pos: PositionBound, end: int | None = None) -> np.ndarray:
+    """Max position term over each block's current recency range (its newest event has the smallest id), taken
+    over its events before abs index `end` (default n): from `end` on they are the seed's, searched already.
+    Bounded by its newest event, the block the seed starts in reached every k-th seed score where the position
+    term prefers recent events, so each such request read it and searched again."""
+    end = n if end is None else end
+    return pos.over(n - (np.minimum((ids + 1) * block, end) - 1))
 
 
 def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, window: int, block: int,
-              pos: PositionBound, kth: torch.Tensor) -> np.ndarray:
+              pos: PositionBound, kth: torch.Tensor, end: int | None = None) -> np.ndarray:
     """Before reading any block summary: the blocks of the window that can hold a top-k event by the
     position bound alone, with one summary `cap` [3D + 1] that bounds every key the user can have (the
     model's: every item row with every category row, `BlockIndexer.cap`). -> bool [nb] over
     window_blocks(n, window, block). With a position term that prefers recent events this leaves the newest
-    blocks, so a request reads those blocks' summaries only, not all of them."""
+    blocks, so a request reads those blocks' summaries only, not all of them. `end`: as block_position_bounds."""
     ids = window_blocks(n, window, block)
     q = q_scaled[:, :d_sem].double()
     e = torch.from_numpy(cap.astype(np.float64))
     D = d_sem
     box = q.clamp(max=0) @ e[:D] + q.clamp(min=0) @ e[D:2 * D]
     ball = q @ e[2 * D:3 * D] + q.norm(dim=1) * e[3 * D]
-    p = block_position_bounds(ids, n, block, pos)
+    p = block_position_bounds(ids, n, block, pos, end)
     kabs = float(e[:2 * D].abs().max())
     margin = MARGIN * (q.abs().sum(1) * kabs + pos.abs_sum + (float(np.abs(p).max()) if len(p) else 0.0)) + 1e-30
     tau = float((kth - margin - torch.minimum(box, ball)).min())
@@ -179,9 +183,10 @@ def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, windo
 
 
 def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ids: np.ndarray, entries: np.ndarray, n: int, window: int,
-                block: int, pos: PositionBound) -> BlockPlan:
+                block: int, pos: PositionBound, end: int | None = None) -> BlockPlan:
     """q_scaled [C, D] (segment scale applied, fp32: the reference's query), the summaries `entries` [m, 3D + 1]
-    of blocks `ids` (ascending, inside the window = the newest `window` of n events) -> their bounds.
+    of blocks `ids` (ascending, inside the window = the newest `window` of n events) -> their bounds over their
+    events before abs index `end` (default n; block_position_bounds).
 
     Two fp32 matmuls with the block's position bound folded in (at 1M events, C = 200: 3,907 blocks, where
     separate [C, nb] additions in float64 cost more than the products). Their rounding
@@ -195,7 +200,7 @@ def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ids: np.ndarray, entries: np
     e = torch.from_numpy(np.asarray(entries, dtype=np.float32).copy())                       # [nb, 3D + 1]
     D = d_sem
     q = q_scaled[:, :d_sem]
-    p = torch.from_numpy(block_position_bounds(ids, n, block, pos).astype(np.float32))[:, None]         # [nb, 1]
+    p = torch.from_numpy(block_position_bounds(ids, n, block, pos, end).astype(np.float32))[:, None]    # [nb, 1]
     # entries are [lo, hi, c, r]: the box is [q-, q+] . [lo, hi], the ball [q, |q|] . [c, r]; p rides along
     # as addmm's broadcast input; [nb, C], so "does some candidate need block b" reduces along contiguous memory
     box = torch.addmm(p, e[:, :2 * D], torch.cat([q.clamp(max=0), q.clamp(min=0)], 1).T)
@@ -283,8 +288,8 @@ def pruned_topk(query: torch.Tensor, keys: torch.Tensor, k: int, segments: Seque
     ids = window_blocks(L, L, block)
     cap = summaries(chrono[:, :d_sem], 0, max(L, 1))[1]                   # every key of the history in one
     if len(ids):
-        ids = ids[prefilter(q, d_sem, cap[0], L, L, block, pos, kth) & (ids * block < L - n_seed)]
-    plan = plan_blocks(q, d_sem, ids, entries[ids - ix0], L, L, block, pos)
+        ids = ids[prefilter(q, d_sem, cap[0], L, L, block, pos, kth, L - n_seed) & (ids * block < L - n_seed)]
+    plan = plan_blocks(q, d_sem, ids, entries[ids - ix0], L, L, block, pos, L - n_seed)
     need = needed(plan, kth, np.zeros(len(ids), bool))
     ranges = block_ranges(plan, need, block, L - n_seed)
     cols = np.concatenate([seed_cols] + [window_cols(L, lo, hi)[::-1] for lo, hi in reversed(ranges)])

@@ -180,6 +180,7 @@ class IndexedSearch:
     kth: torch.Tensor            # [C] each candidate's k-th score among the seed
     candidates: np.ndarray       # blocks the position bound leaves (before their summaries are read)
     entry_ranges: list[tuple[int, int]]   # those blocks as runs of block ids: the summaries to read
+    seed_top: tuple[torch.Tensor, torch.Tensor] = None   # the seed's exact top-k (scores, columns [C, k])
     ranges: list[tuple[int, int]] = None  # abs [lo, hi) of the blocks to read: set by select_blocks
     blocks: int = 0              # blocks read past the seed
 
@@ -215,15 +216,15 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     n, window = head.n, min(head.visible, max_len)
     seed = head.newest[len(head.newest) - min(len(head.newest), window):]
     seed_cols = np.arange(len(seed), dtype=np.int64)                          # newest = column 0
-    s_seed, _ = _search(ix, query, seed[::-1], seed_cols, k)
-    kth = kth_scores(s_seed, k)
+    seed_top = _search(ix, query, seed[::-1], seed_cols, k)
+    kth = kth_scores(seed_top[0], k)
     ids = window_blocks(n, window, B)
     if len(ids):
-        ids = ids[prefilter(q, ix.d_sem, ix.cap(), n, window, B, ix.position_bound(), kth)
+        ids = ids[prefilter(q, ix.d_sem, ix.cap(), n, window, B, ix.position_bound(), kth, n - len(seed))
                   & (ids * B < n - len(seed))]                                  # blocks wholly in the seed: done
     if len(ids) and ids[0] < head.ix0:
         raise ValueError(f"block index starts at block {head.ix0}, the window at {ids[0]}")
-    return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids))
+    return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids), seed_top)
 
 
 def surely_kept(ix: BlockIndexer, head, max_len: int, k: int) -> int:
@@ -241,14 +242,16 @@ def surely_kept(ix: BlockIndexer, head, max_len: int, k: int) -> int:
     ids = ids[ids * B < head.n - seed]
     if not len(ids):
         return 0
-    return int((block_position_bounds(ids, head.n, B, ix.position_bound()) >= ix.seed_kth_position(seed, k)).sum())
+    return int((block_position_bounds(ids, head.n, B, ix.position_bound(), head.n - seed)
+                >= ix.seed_kth_position(seed, k)).sum())
 
 
 def select_blocks(ix: BlockIndexer, s: IndexedSearch, entries: list[bytes]) -> None:
     """After the second read (the summaries of s.entry_ranges): the blocks whose own bound reaches some
     candidate's k-th score -> s.ranges (abs index runs to read)."""
     got = ix.decode(b"".join(entries))
-    plan = plan_blocks(s.q, ix.d_sem, s.candidates, got, s.head.n, s.window, ix.block, ix.position_bound())
+    plan = plan_blocks(s.q, ix.d_sem, s.candidates, got, s.head.n, s.window, ix.block, ix.position_bound(),
+                       s.head.n - len(s.seed))
     need = needed(plan, s.kth, np.zeros(len(s.candidates), bool))
     s.ranges = block_ranges(plan, need, ix.block, s.head.n - len(s.seed))
     s.blocks = int(need.sum())
@@ -256,8 +259,13 @@ def select_blocks(ix: BlockIndexer, s: IndexedSearch, entries: list[bytes]) -> N
 
 def finish_search(ix: BlockIndexer, s: IndexedSearch, fetched: list[np.ndarray], k: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """After the third read (the records of s.ranges): one exact top-k over the seed and the blocks read,
-    in column order. -> (scores [C, k], columns [C, k], the kept records [C, k] (holes: column 0's))."""
+    in column order. -> (scores [C, k], columns [C, k], the kept records [C, k] (holes: column 0's)). With no
+    block read past the seed, the seed's top-k is the answer: the same search on the same events, not run again."""
     n = s.head.n
+    if not s.ranges:
+        top, idx = s.seed_top
+        recs = s.seed[::-1]                                                     # newest first: column j = row j
+        return top, idx, recs[idx.clamp(min=0).numpy()]
     recs = np.concatenate([s.seed[::-1]] + [r[::-1] for r in reversed(fetched)])       # newest first
     cols = np.concatenate([np.arange(len(s.seed), dtype=np.int64)]
                           + [window_cols(n, lo, hi)[::-1] for lo, hi in reversed(s.ranges)])

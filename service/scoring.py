@@ -9,9 +9,11 @@ shared with the state updater and the block index), unknown ones to the out-of-v
 candidates in `recsys_score_oov_ids_total`; a candidate without a category takes its item's.
 
 With the block index (service.block_index; `state.index_block` > 0 and a DARE-like model) a request reads
-the user's block summaries and newest events first, then only the blocks whose score bound can still beat a
-candidate's k-th best (`StateStore.read_index_heads`, then `read_ranges`: two round trips per micro-batch),
-and runs stage 2 on the kept events (`DARE.kept_heads`): exactly the top-k of the whole-sequence search.
+the user's newest events first (the seed), then the summaries of the blocks the position bound leaves, then
+only the blocks whose score bound can still beat a candidate's k-th best (`StateStore.read_index_heads`,
+`read_index_entries`, `read_ranges`: up to three round trips per micro-batch; none after the first where
+nothing past the seed can hold a top-k event), and runs stage 2 on the kept events (`DARE.kept_heads`):
+exactly the top-k of the whole-sequence search.
 A user without a current index (a new version not yet rebuilt), with no events, or whose memory state is not
 current, or whose sequence changed between the two reads, takes the whole-sequence path; so does one for whom
 the index is expected to cost more, by the timings of both paths on this process's earlier requests
@@ -250,8 +252,8 @@ class Scorer:
     def _run_indexed(self, model: ServingModel, indexer, costs: PathCosts, jobs: Sequence[ScoreJob],
                      out: list) -> tuple[dict[int, int], dict[int, UserView]]:
         """The indexed path for the jobs it can serve and is expected to serve faster (the others stay None
-        in `out`): three pipelined reads for the whole micro-batch (heads; the summaries the position bound
-        leaves; the blocks their bounds leave). -> bytes read by the jobs that fall back to the
+        in `out`): up to three pipelined reads for the whole micro-batch (heads; the summaries the position
+        bound leaves; the blocks their bounds leave), each skipped by the jobs it has nothing to bring. -> bytes read by the jobs that fall back to the
         whole-sequence path, by job (beyond their view's), and the views of the users whose whole sequence
         the first read brought.
 
@@ -337,13 +339,18 @@ class Scorer:
             if tried:
                 share = self._fallback_share.get(model.version, 0.0)
                 self._fallback_share = {model.version: share + (fell_back / tried - share) * FALLBACK_SHARE_RATE}
+            # A search the position bound left no block is answered by its seed (read in the first round trip,
+            # one snapshot), and one whose summaries leave no block by the seed and those summaries: neither
+            # reads again.
             t = time.perf_counter()
-            entries = self.store.read_index_entries(
-                [(jobs[i].user_id, s.head, s.entry_ranges) for i, s in searches.items()], model.version,
-                indexer.entry_bytes)
-            for i in spent:
-                spent[i] += (time.perf_counter() - t) / len(spent)
-            for (i, s), got in list(zip(searches.items(), entries)):
+            asking = [i for i, s in searches.items() if len(s.candidates)]
+            entries = dict(zip(asking, self.store.read_index_entries(
+                [(jobs[i].user_id, searches[i].head, searches[i].entry_ranges) for i in asking], model.version,
+                indexer.entry_bytes)))
+            for i in asking:
+                spent[i] += (time.perf_counter() - t) / len(asking)
+            for i, s in list(searches.items()):
+                got = entries.get(i, [])
                 if got is None:  # the sequence moved between the reads: the whole-sequence path
                     give_up(i, s.head)
                     continue
@@ -356,10 +363,13 @@ class Scorer:
                     log.exception("user %s: block index unusable, reading the whole sequence", jobs[i].user_id)
                     give_up(i, s.head)
             t = time.perf_counter()
-            reads = self.store.read_ranges([(jobs[i].user_id, s.head, s.ranges) for i, s in searches.items()])
-            for i in searches:
-                spent[i] += (time.perf_counter() - t) / len(searches)
-            for (i, s), recs in zip(list(searches.items()), reads):
+            asking = [i for i, s in searches.items() if s.ranges]
+            reads = dict(zip(asking, self.store.read_ranges(
+                [(jobs[i].user_id, searches[i].head, searches[i].ranges) for i in asking])))
+            for i in asking:
+                spent[i] += (time.perf_counter() - t) / len(asking)
+            for i, s in list(searches.items()):
+                recs = reads.get(i, [])
                 if recs is None:
                     give_up(i, s.head)
                     continue

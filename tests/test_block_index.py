@@ -450,6 +450,43 @@ def test_a_model_whose_index_does_not_prune_scores_in_one_round_trip(store_cfg, 
         assert trips[:2] == [2, 2] and trips[-3:] == [1, 1, 1], trips
 
 
+@pytest.mark.parametrize("decay", [0.0, 40.0])
+def test_a_search_the_seed_answers_reads_once(store_cfg, monkeypatch, decay):
+    """Where no block past the seed can hold a top-k event (a window the seed covers; or, with a steep recency
+    preference, every older block's position bound below each candidate's k-th seed score) the request is
+    answered from the first round trip, by the seed's search, not run again; otherwise it reads the summaries,
+    then the blocks, and searches them with the seed. Either way the whole-sequence path's scores and kept events."""
+    import service.block_index
+    from service.scoring import PathCosts
+
+    serving = _serving(max_len=400, seed=2)
+    prefer_recent_positions(serving.model, decay)
+    searches = []
+    real = service.block_index._search
+    monkeypatch.setattr(service.block_index, "_search", lambda *a: searches.append(len(a[2])) or real(*a))
+    rng = random.Random(11)
+    with connect(store_cfg) as handle:
+        store = StateStore(handle.client, store_cfg)
+        for u, n in [(1, 6), (2, 90)]:
+            store.apply(ModelStateUpdater(serving), _events(u, n, rng))
+        g = np.random.default_rng(5)
+        jobs = [ScoreJob(u, g.integers(1, 70, 20), g.integers(1, 9, 20), True) for u in (1, 2)]
+        scorer = Scorer(serving, store, ServiceMetrics(), costs=lambda: PathCosts.forced("index"))
+        plain = Scorer(serving, StateStore(handle.client, store_cfg.model_copy(update={"index_block": 0})),
+                       ServiceMetrics())
+        for job in jobs:
+            searches.clear()
+            before = _exec_calls(handle.client)
+            got = scorer.run([job])[0]
+            trips = _exec_calls(handle.client) - before
+            want = plain.run([job])[0]
+            assert got.scores == want.scores and got.explanations == want.explanations
+            if job.user_id == 1 or decay:                   # nothing past the seed: one read, one search
+                assert (trips, searches, got.blocks_read) == (1, [6 if job.user_id == 1 else 8], 0)
+            else:                                           # no recency preference: summaries, blocks, a second search
+                assert trips == 3 and got.blocks_read > 0 and searches[0] == 8 and searches[1] > 8, (trips, searches)
+
+
 def test_indexed_requests_compute_the_position_term_once_per_model(store_cfg, monkeypatch):
     """The index's searches (seed and blocks) read the model's per-row position term from its cache
     (`DARE.position_bias`), as the forward does: recomputed per search it cost ~50 ms at a 1M-row position

@@ -263,12 +263,14 @@ def test_fallbacks_chosen_by_cost_make_the_first_read_bring_the_whole_sequence(u
         assert got.bytes_read == want.bytes_read + (head.bytes_read if trips[-1] == 2 else 0)
     # the share of fallbacks (EWMA, 1/8 a request) passes one half at the 6th request
     assert trips == [2] * 6 + [1] * 3, trips
-    # where the index is cheaper, nothing falls back: heads, summaries and blocks each time
+    # where the index is cheaper, nothing falls back: the heads, then the summaries where the position bound
+    # leaves blocks past the seed, and the blocks where the summaries leave any
     scorer = Scorer(serving, store, ServiceMetrics(), costs=_costs(0.010, 0.001, (0.001, 0.0)))
     for job in _jobs(8, users=(2,)):
         before = _exec_calls(handle.client)
-        assert scorer.run([job])[0].blocks_read is not None
-        assert _exec_calls(handle.client) - before == 3
+        blocks = scorer.run([job])[0].blocks_read
+        assert blocks is not None
+        assert _exec_calls(handle.client) - before in ((3,) if blocks else (1, 2))
 
 
 def test_a_whole_read_brought_by_the_first_read_does_not_keep_itself_on(users):
