@@ -271,7 +271,7 @@ class Scorer:
         # (the same snapshot): a fallback then costs no second round trip, and the choice below counts the
         # whole path's read as paid (but not the share: see `unpaid_s`).
         whole = self._fallback_share.get(model.version, 0.0) > 0.5
-        heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, indexer.block,
+        heads = dict(zip(users, self.store.read_index_heads(users, model.version, indexer.fmt, self.store.cfg.index_seed,
                                                             model.has_memory, whole=whole)))
         views = {u: h.view for u, h in heads.items() if h.view is not None}
         searches = {}

@@ -106,7 +106,9 @@ def index_always(monkeypatch):
 @pytest.fixture
 def store_cfg(redis_server):
     prefix = f"t{uuid.uuid4().hex[:10]}:"
-    yield StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=150, seq_slack=20, index_block=8)
+    # a seed of one block, so that these short histories have blocks past it to bound and read
+    yield StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=150, seq_slack=20, index_block=8,
+                           index_seed=8)
     cleanup_server_keys(redis_server, prefix)
 
 
@@ -485,6 +487,14 @@ def test_a_search_the_seed_answers_reads_once(store_cfg, monkeypatch, decay):
                 assert (trips, searches, got.blocks_read) == (1, [6 if job.user_id == 1 else 8], 0)
             else:                                           # no recency preference: summaries, blocks, a second search
                 assert trips == 3 and got.blocks_read > 0 and searches[0] == 8 and searches[1] > 8, (trips, searches)
+        # `index_seed` sets what the first read brings: a seed holding user 2's 90 events answers alone
+        wide = Scorer(serving, StateStore(handle.client, store_cfg.model_copy(update={"index_seed": 96})),
+                      ServiceMetrics(), costs=lambda: PathCosts.forced("index"))
+        searches.clear()
+        before = _exec_calls(handle.client)
+        got = wide.run([jobs[1]])[0]
+        assert (_exec_calls(handle.client) - before, searches, got.blocks_read) == (1, [90], 0)
+        assert got.scores == plain.run([jobs[1]])[0].scores
 
 
 def test_indexed_requests_compute_the_position_term_once_per_model(store_cfg, monkeypatch):

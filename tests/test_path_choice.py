@@ -40,7 +40,8 @@ def _serving(decay: float = 1.0) -> ServingModel:
 @pytest.fixture
 def store_cfg(redis_server):
     prefix = f"t{uuid.uuid4().hex[:10]}:"
-    yield StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=300, seq_slack=20, index_block=BLOCK)
+    yield StateStoreConfig(redis_url=redis_server, key_prefix=prefix, seq_cap=300, seq_slack=20, index_block=BLOCK,
+                           index_seed=BLOCK)
     cleanup_server_keys(redis_server, prefix)
 
 
