@@ -18,6 +18,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The code measured is this checkout's. A script's own folder (benchmarks/) is on sys.path, its checkout is
+# not, so `import service` went through the virtual environment's editable install, i.e. the checkout the
+# environment was made from: a benchmark run from a worktree of another commit (a linked .venv) measured
+# the code of the main checkout in process (only its HTTP servers, started in the worktree, ran its own).
+if sys.path[:1] != [str(REPO)]:
+    sys.path.insert(0, str(REPO))
 
 # Load average when the benchmark imported this module: the start of its run.
 LOAD_AT_START = os.getloadavg()
@@ -61,6 +67,12 @@ def _git(*args: str) -> str:
 COMMIT_AT_START = _git("rev-parse", "--short", "HEAD")
 
 
+def _code_from() -> str | None:
+    """The checkout the project's modules were imported from (None if none was): REPO, or the JSON says not."""
+    mod = sys.modules.get("recsys")
+    return str(Path(mod.__file__).resolve().parent.parent) if mod is not None and mod.__file__ else None
+
+
 def machine() -> dict:
     import torch
 
@@ -80,6 +92,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "commit": COMMIT_AT_START,
+        "code_from": _code_from(),
         "commit_at_end": _git("rev-parse", "--short", "HEAD"),
         # Other engineers edit the same tree: 'dirty' says some tracked file outside results/ (which the
         # benchmarks themselves write) differed from the commit.
@@ -92,7 +105,6 @@ def machine() -> dict:
 def fma_peak(threads: int) -> float | None:
     """fp32 FLOP/s of independent FMA chains at the widest vectors on `threads` threads
     (benchmarks/_fma_peak.c, compiled here with -march=native), or None without a C compiler."""
-    sys.path.insert(0, str(REPO))
     from kernels import cbuild
 
     cc = cbuild.c_compiler()

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig
-from service.redis_conn import start_embedded
-from service.state import RECORD_BYTES, Event, StateStore, to_records
-from service.stream import FIELD, EventStream, StreamWorker, encode_event
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import add_out_arg, emit  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402 - first: puts this checkout on sys.path
+from recsys.config.serve import ServeConfig, StateStoreConfig, StreamConfig  # noqa: E402
+from service.redis_conn import start_embedded  # noqa: E402
+from service.state import RECORD_BYTES, Event, StateStore, to_records  # noqa: E402
+from service.stream import FIELD, EventStream, StreamWorker, encode_event  # noqa: E402
 
 
 class Chain:

@@ -28,20 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import retrieval
-from recsys.config.model import ModelConfig
-from recsys.config.train import TrainConfig
-from recsys.data.batch import HistoryBatch
-from recsys.data.sequences import assemble, load_dataset
-from recsys.models import build_model
-from recsys.embeddings import table_sets
-from recsys.models.attention import masked_softmax
-from recsys.models.layers import MLP, init_weights
-from recsys.paths import benchmark_dir
-from recsys.train.step import make_optimizers, train_step
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import add_out_arg, emit  # noqa: E402
+from _machine import add_out_arg, emit  # noqa: E402 - first: puts this checkout on sys.path
+import retrieval  # noqa: E402
+from recsys.config.model import ModelConfig  # noqa: E402
+from recsys.config.train import TrainConfig  # noqa: E402
+from recsys.data.batch import HistoryBatch  # noqa: E402
+from recsys.data.sequences import assemble, load_dataset  # noqa: E402
+from recsys.models import build_model  # noqa: E402
+from recsys.embeddings import table_sets  # noqa: E402
+from recsys.models.attention import masked_softmax  # noqa: E402
+from recsys.models.layers import MLP, init_weights  # noqa: E402
+from recsys.paths import benchmark_dir  # noqa: E402
+from recsys.train.step import make_optimizers, train_step  # noqa: E402
+
 
 TAOBAO = {"n_items": 4_068_791, "n_cates": 9_408}
 
