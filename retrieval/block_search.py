@@ -16,11 +16,12 @@ which changes with every append: it is not stored but bounded at request time by
 maximum over the static position table; every target has position id 0, so q_pos, and the bound, are
 shared by all candidates).
 
-The search (`pruned_topk`; service.block_index runs the same steps around its two Redis reads): the seed
-(the newest block) is searched exactly, which gives each candidate a k-th score; every block whose bound
-reaches some candidate's k-th score is read; one exact top-k (`retrieval.topk`, the whole-sequence path's
-search) runs over the seed and those blocks, in column order, so its ties to the lower position are ties to
-the lower column. Exactness: a skipped block's bound plus a rounding margin is strictly below a k-th score
+The search (`pruned_topk`; service.block_index runs the same steps around its Redis reads): the seed (the
+newest events: one block here by default, `state.index_seed` in the service) is searched exactly, which gives
+each candidate a k-th score; every older block whose bound reaches some candidate's k-th score is read; one
+exact top-k (`retrieval.topk`, the whole-sequence path's search) runs over the seed and those blocks, in column
+order, so its ties to the lower position are ties to the lower column (with no block read, the seed's top-k is
+the answer). Exactness: a skipped block's bound plus a rounding margin is strictly below a k-th score
 of real events, so every event in it scores strictly below the final k-th score and can neither enter the
 top k nor tie with it. The margin (1e-4 of sum_j |q_j| max|k_j|) covers the fp32 rounding of the search's
 dot products and of the bound (~d * 2^-24 of that sum each, ~40x less). The result equals the whole-window

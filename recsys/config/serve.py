@@ -37,8 +37,9 @@ class StateStoreConfig(StrictModel):
                              "request reads the whole sequence")
     # 4096: on the recency-preferring benchmark model (L = 100k, C = 200) the blocks past a 256-event seed were
     # ~11.5 per request, past 4096 0.2, past 8192 none; p50 in process 9.95 / 8.50 / 8.15 ms (seeds interleaved,
-    # Zen 3 VM, 2f22962), for 119 KB read first instead of 7.4 KB (the 11 blocks' 82 KB and their summaries then
-    # not read); with a weak preference (nothing pruned) the seed size moved the path's cost by < 5%.
+    # Zen 3 VM, 2f22962), for a seed of 119 KB of records instead of 7.4 KB (the first read takes up to twice the
+    # seed: docs/serving.md) where the 11 blocks' 82 KB and their summaries were read after it; with a weak
+    # preference (nothing pruned) the seed size moved the path's cost by < 5%.
     index_seed: int = Field(4096, ge=1, description="with the block index: the newest events a request reads "
                             "first and searches exactly (the seed); only blocks older than it whose bound still "
                             "reaches a candidate's k-th seed score are read after it, and none where it answers")
