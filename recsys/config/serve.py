@@ -35,12 +35,16 @@ class StateStoreConfig(StrictModel):
                              "worker keeps per model version (service.block_index): a request reads the block "
                              "summaries and only the blocks that can hold a top-k event; 0: no index, every "
                              "request reads the whole sequence")
-    # 4096: on the recency-preferring benchmark model (L = 100k, C = 200) the blocks past a 256-event seed were
-    # ~11.5 per request, past 4096 0.2, past 8192 none; p50 in process 9.95 / 8.50 / 8.15 ms (seeds interleaved,
-    # Zen 3 VM, 2f22962), for a seed of 119 KB of records instead of 7.4 KB (the first read takes up to twice the
-    # seed: docs/serving.md) where the 11 blocks' 82 KB and their summaries were read after it; with a weak
-    # preference (nothing pruned) the seed size moved the path's cost by < 5%.
-    index_seed: int = Field(4096, ge=1, description="with the block index: the newest events a request reads "
+    # One block by default. On the recency-preferring benchmark model (L = 100k, C = 200; seeds interleaved per
+    # request in one process, Zen 3 VM, 90cc025) the blocks past a seed of 256 / 4,096 / 8,192 events were 11.5 /
+    # 0.25 / 0 per request, p50 9.92 / 9.11 / 8.27 ms, p99 13.7 / 16.8 / 11.7: a seed that covers what the
+    # position term needs ends most requests after the first read (no summaries, no blocks, one search), one that
+    # falls just short leaves a quarter of them paying a larger seed search, two more reads and a search of the
+    # seed again with the block, so the tail grows. What covers it depends on the model's recency profile, so the
+    # default keeps the old behaviour and a deployment raises it where its model needs more (with a weak preference,
+    # nothing pruned, the seed size moved the path's cost by < 5%). The first read takes up to twice the seed
+    # (docs/serving.md).
+    index_seed: int = Field(256, ge=1, description="with the block index: the newest events a request reads "
                             "first and searches exactly (the seed); only blocks older than it whose bound still "
                             "reaches a candidate's k-th seed score are read after it, and none where it answers")
     dedup_window_ms: int = Field(7 * 24 * 3600 * 1000, ge=0, description="applied event ids are remembered while "
