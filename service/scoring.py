@@ -253,9 +253,9 @@ class Scorer:
                      out: list) -> tuple[dict[int, int], dict[int, UserView]]:
         """The indexed path for the jobs it can serve and is expected to serve faster (the others stay None
         in `out`): up to three pipelined reads for the whole micro-batch (heads; the summaries the position
-        bound leaves; the blocks their bounds leave), each skipped by the jobs it has nothing to bring. -> bytes read by the jobs that fall back to the
-        whole-sequence path, by job (beyond their view's), and the views of the users whose whole sequence
-        the first read brought.
+        bound leaves; the blocks their bounds leave), each skipped by the jobs it has nothing to bring. ->
+        bytes read by the jobs that fall back to the whole-sequence path, by job (beyond their view's), and
+        the views of the users whose whole sequence the first read brought.
 
         The choice, per job, from `costs` (this process's timings of both paths, `PathCosts`), at two
         points, each with what is known there: after the first read, from the window's length and the
