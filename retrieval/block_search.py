@@ -169,7 +169,8 @@ def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, windo
     position bound alone, with one summary `cap` [3D + 1] that bounds every key the user can have (the
     model's: every item row with every category row, `BlockIndexer.cap`). -> bool [nb] over
     window_blocks(n, window, block). With a position term that prefers recent events this leaves the newest
-    blocks, so a request reads those blocks' summaries only, not all of them. `end`: as block_position_bounds."""
+    blocks, so a request reads those blocks' summaries only, not all of them. `end`: as block_position_bounds;
+    a block with no event before it (wholly in the seed, searched already) is not kept."""
     ids = window_blocks(n, window, block)
     q = q_scaled[:, :d_sem].double()
     e = torch.from_numpy(cap.astype(np.float64))
@@ -180,7 +181,7 @@ def prefilter(q_scaled: torch.Tensor, d_sem: int, cap: np.ndarray, n: int, windo
     kabs = float(e[:2 * D].abs().max())
     margin = MARGIN * (q.abs().sum(1) * kabs + pos.abs_sum + (float(np.abs(p).max()) if len(p) else 0.0)) + 1e-30
     tau = float((kth - margin - torch.minimum(box, ball)).min())
-    return p >= tau
+    return (p >= tau) & (ids * block < (n if end is None else end))
 
 
 def plan_blocks(q_scaled: torch.Tensor, d_sem: int, ids: np.ndarray, entries: np.ndarray, n: int, window: int,
@@ -289,7 +290,7 @@ def pruned_topk(query: torch.Tensor, keys: torch.Tensor, k: int, segments: Seque
     ids = window_blocks(L, L, block)
     cap = summaries(chrono[:, :d_sem], 0, max(L, 1))[1]                   # every key of the history in one
     if len(ids):
-        ids = ids[prefilter(q, d_sem, cap[0], L, L, block, pos, kth, L - n_seed) & (ids * block < L - n_seed)]
+        ids = ids[prefilter(q, d_sem, cap[0], L, L, block, pos, kth, L - n_seed)]
     plan = plan_blocks(q, d_sem, ids, entries[ids - ix0], L, L, block, pos, L - n_seed)
     need = needed(plan, kth, np.zeros(len(ids), bool))
     ranges = block_ranges(plan, need, block, L - n_seed)

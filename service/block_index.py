@@ -220,8 +220,7 @@ def begin_search(ix: BlockIndexer, head, items: torch.Tensor, cates: torch.Tenso
     kth = kth_scores(seed_top[0], k)
     ids = window_blocks(n, window, B)
     if len(ids):
-        ids = ids[prefilter(q, ix.d_sem, ix.cap(), n, window, B, ix.position_bound(), kth, n - len(seed))
-                  & (ids * B < n - len(seed))]                                  # blocks wholly in the seed: done
+        ids = ids[prefilter(q, ix.d_sem, ix.cap(), n, window, B, ix.position_bound(), kth, n - len(seed))]
     if len(ids) and ids[0] < head.ix0:
         raise ValueError(f"block index starts at block {head.ix0}, the window at {ids[0]}")
     return IndexedSearch(head, items, cates, query, q, window, seed, kth, ids, id_ranges(ids), seed_top)
